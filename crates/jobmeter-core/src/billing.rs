@@ -1,0 +1,335 @@
+//! Plan effects: how a charge or an in-flight accrual consumes credits,
+//! caps and quotas, what is due, which thresholds fire, and statements at
+//! period close.
+//!
+//! Inclusion is one formula for every capped limit. With `used` the list
+//! amount already charged against a cap `C` and a new amount `a`
+//! (negative for a downward adjustment):
+//!
+//! ```text
+//! included = clamp(used + a) − clamp(used),  clamp(x) = min(max(x, 0), C)
+//! due      = a − included
+//! ```
+//!
+//! so usage inside the cap is not due, the part beyond it is, and a
+//! downward adjustment gives back the due part first.
+
+use crate::event::JobKind;
+use crate::meter::{Context, Meter};
+use crate::money::{AccountId, Money, CURRENCY};
+use crate::output::{Charge, LimitAction, LimitEvent, LimitKind, Output, Statement, StatementLine};
+use crate::plans::{Plan, PlanTerms};
+use crate::state::{Accrual, Counter, FiredKey, Job, JobKey, StartRec, UsageKey};
+use crate::time::{Period, Timestamp};
+use rust_decimal::{Decimal, RoundingStrategy};
+
+/// One charge to emit for a slice of a job.
+#[derive(Debug)]
+pub(crate) struct SliceCharge {
+    pub(crate) charge_id: String,
+    pub(crate) service_period: Period,
+    pub(crate) from: Timestamp,
+    pub(crate) to: Timestamp,
+    pub(crate) ms: i64,
+    pub(crate) seconds: Decimal,
+    pub(crate) status: crate::event::JobStatus,
+    pub(crate) adjusts: Option<String>,
+    /// True when this slice adds the job to its statement line's job count.
+    pub(crate) new_job: bool,
+    /// Event time reported on limit events this charge triggers.
+    pub(crate) at: Timestamp,
+}
+
+/// A threshold of a limit.
+#[derive(Debug)]
+struct Threshold {
+    id: String,
+    pct: Option<u32>,
+    level: Money,
+}
+
+/// The limit a job's usage counts toward, for one period.
+#[derive(Debug)]
+struct LimitSpec {
+    key: UsageKey,
+    /// Usage up to this amount is included (not due); `None` for alerts.
+    cap: Option<Money>,
+    /// The value reported as `limit_value` for percentage thresholds.
+    limit_value: Money,
+    thresholds: Vec<Threshold>,
+    plan: Plan,
+}
+
+fn limit_spec(ctx: &Context<'_>, terms: &PlanTerms, kind: JobKind, account: &AccountId, period: Period) -> Option<LimitSpec> {
+    let pct = |cap: Money, pcts: &[u32]| -> Vec<Threshold> {
+        if cap <= Money::ZERO {
+            return Vec::new();
+        }
+        pcts.iter()
+            .map(|p| Threshold {
+                id: p.to_string(),
+                pct: Some(*p),
+                level: cap.percent(*p),
+            })
+            .collect()
+    };
+    let (limit, scope, cap, thresholds) = match (terms.plan, kind) {
+        (Plan::Free, _) => (
+            LimitKind::FreeCredits,
+            None,
+            Some(terms.free_credits),
+            pct(terms.free_credits, &ctx.plans.free_thresholds_pct),
+        ),
+        (Plan::Pro, JobKind::Inference) => (
+            LimitKind::ModelApiCap,
+            Some(period),
+            Some(terms.usage_cap),
+            pct(terms.usage_cap, &ctx.plans.pro_thresholds_pct),
+        ),
+        (Plan::Pro, JobKind::WorkflowStep) => (
+            LimitKind::WorkflowQuota,
+            Some(period),
+            Some(terms.workflow_quota),
+            pct(terms.workflow_quota, &ctx.plans.pro_thresholds_pct),
+        ),
+        (Plan::Enterprise, _) if !terms.alert_thresholds.is_empty() => (
+            LimitKind::Alert,
+            Some(period),
+            None,
+            terms
+                .alert_thresholds
+                .iter()
+                .filter(|a| **a > Money::ZERO)
+                .map(|a| Threshold {
+                    id: format!("${a}"),
+                    pct: None,
+                    level: *a,
+                })
+                .collect(),
+        ),
+        _ => return None,
+    };
+    Some(LimitSpec {
+        key: UsageKey {
+            account: account.clone(),
+            limit,
+            period: scope,
+        },
+        limit_value: cap.unwrap_or(Money::ZERO),
+        cap,
+        thresholds,
+        plan: terms.plan,
+    })
+}
+
+fn clamp(x: Money, cap: Money) -> Money {
+    x.max(Money::ZERO).min(cap)
+}
+
+impl Meter {
+    fn counter(&mut self, key: &UsageKey) -> &mut Counter {
+        if let Some(d) = self.dirty.as_mut() {
+            d.usage.insert(key.clone());
+        }
+        self.usage.entry(key.clone()).or_default()
+    }
+
+    /// Fires every threshold of `spec` the counter has reached, once ever.
+    fn check_thresholds(&mut self, spec: &LimitSpec, period: Period, job: &JobKey, at: Timestamp, out: &mut Vec<Output>) {
+        let value = self.usage.get(&spec.key).map_or(Money::ZERO, Counter::total);
+        if value <= Money::ZERO {
+            return;
+        }
+        for t in &spec.thresholds {
+            if value < t.level {
+                continue;
+            }
+            let fired = FiredKey {
+                usage: spec.key.clone(),
+                threshold: t.id.clone(),
+            };
+            if self.fired.contains(&fired) {
+                continue;
+            }
+            let scope = spec.key.period.map_or_else(|| "lifetime".to_owned(), |p| p.to_string());
+            let action = match (spec.key.limit, t.pct) {
+                (LimitKind::FreeCredits, Some(p)) if p >= 100 => LimitAction::Block,
+                (LimitKind::ModelApiCap | LimitKind::WorkflowQuota, Some(p)) if p >= 100 => LimitAction::UpgradeToEnterprise,
+                _ => LimitAction::Notify,
+            };
+            out.push(Output::Limit(LimitEvent {
+                event_id: format!("{}/{}/{}/{}", spec.key.account, spec.key.limit.as_str(), scope, t.id),
+                account_id: spec.key.account.clone(),
+                plan: spec.plan,
+                period,
+                limit: spec.key.limit,
+                threshold_pct: t.pct,
+                limit_value: if t.pct.is_some() { spec.limit_value } else { t.level },
+                usage_value: value,
+                unit: CURRENCY.to_owned(),
+                triggered_by_job: job.1.clone(),
+                at,
+                action,
+            }));
+            self.stats.limit_events += 1;
+            if let Some(d) = self.dirty.as_mut() {
+                d.fired.push(fired.clone());
+            }
+            self.fired.insert(fired);
+        }
+    }
+
+    /// Removes a job's in-flight accrual from its counter (the charge replaces it).
+    pub(crate) fn release_accrual(&mut self, job: &mut Job) {
+        if let Some(a) = job.accrual.take() {
+            self.counter(&a.counter).inflight -= a.amount;
+        }
+    }
+
+    /// Counts a running job's seconds so far (to its latest heartbeat, at
+    /// list price, in the heartbeat's period) toward its limit.
+    pub(crate) fn accrue(&mut self, ctx: &Context<'_>, jk: &JobKey, job: &mut Job, now: Timestamp, out: &mut Vec<Output>) {
+        let (Some(start), Some(hb)) = (job.start.as_ref(), job.last_heartbeat) else {
+            return;
+        };
+        if hb < start.time {
+            return;
+        }
+        let terms = ctx.accounts.terms_at(ctx.plans, &jk.0, start.time);
+        let mut period = hb.period();
+        if Meter::is_closed(ctx, period, now) {
+            period = now.period();
+        }
+        let Some(spec) = limit_spec(ctx, &terms, start.info.kind, &jk.0, period) else {
+            return;
+        };
+        let amount = start.rate * ctx.rates.policy.rounding.total_seconds(hb.0 - start.time.0);
+        self.release_accrual(job);
+        self.counter(&spec.key).inflight += amount;
+        job.accrual = Some(Accrual {
+            counter: spec.key.clone(),
+            amount,
+        });
+        self.check_thresholds(&spec, period, jk, hb, out);
+    }
+
+    /// Emits one charge: rates the slice, applies plan inclusion, updates
+    /// the statement, then emits the limit events it triggers.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn emit_charge(
+        &mut self,
+        ctx: &Context<'_>,
+        jk: &JobKey,
+        start: &StartRec,
+        terms: &PlanTerms,
+        s: SliceCharge,
+        now: Timestamp,
+        out: &mut Vec<Output>,
+    ) {
+        let period = if Meter::is_closed(ctx, s.service_period, now) {
+            self.stats.late_charges += 1;
+            now.period()
+        } else {
+            s.service_period
+        };
+        let amount = start.rate * s.seconds;
+        let spec = limit_spec(ctx, terms, start.info.kind, &jk.0, period);
+        let mut due = amount;
+        if let Some(spec) = &spec {
+            let counter = self.counter(&spec.key);
+            let before = counter.charged;
+            counter.charged += amount;
+            if let Some(cap) = spec.cap {
+                due = amount - (clamp(before + amount, cap) - clamp(before, cap));
+            }
+        }
+        let included = amount - due;
+        let acc = self.statements.entry(period).or_default().entry(jk.0.clone()).or_default();
+        let line = acc.lines.entry((start.info.kind, start.info.model.clone())).or_default();
+        line.jobs += u64::from(s.new_job);
+        line.seconds += s.seconds;
+        line.amount += amount;
+        acc.due += due;
+        match terms.plan {
+            Plan::Free => acc.credits_applied += included,
+            Plan::Pro => acc.included_usage += included,
+            Plan::Enterprise | Plan::Payg => {}
+        }
+        if let Some(d) = self.dirty.as_mut() {
+            d.statements.insert((period, jk.0.clone()));
+        }
+        self.stats.charges += 1;
+        if let Some(i) = JobKind::ALL.iter().position(|k| *k == start.info.kind) {
+            self.stats.amount_by_kind[i] += amount;
+        }
+        out.push(Output::Charge(Charge {
+            charge_id: s.charge_id,
+            account_id: jk.0.clone(),
+            job_id: jk.1.clone(),
+            kind: start.info.kind,
+            model: start.info.model.clone(),
+            workflow_run_id: start.info.workflow_run_id.clone(),
+            status: s.status,
+            started_at: s.from,
+            stopped_at: s.to,
+            duration_ms: s.ms,
+            billable_seconds: s.seconds,
+            rate_per_second: start.rate,
+            rate_card_version: start.version.clone(),
+            amount,
+            amount_due: due,
+            currency: CURRENCY.to_owned(),
+            period,
+            service_period: s.service_period,
+            adjusts: s.adjusts,
+        }));
+        if let Some(spec) = spec {
+            self.check_thresholds(&spec, period, jk, s.at, out);
+        }
+    }
+
+    /// Emits the statements of period `p` and forgets its accumulators.
+    pub(crate) fn close_period(&mut self, ctx: &Context<'_>, p: Period, _at: Timestamp, out: &mut Vec<Output>) {
+        let Some(accounts) = self.statements.remove(&p) else { return };
+        let last_instant = Timestamp(p.end().0 - 1);
+        for (account, acc) in accounts {
+            let plan = ctx.accounts.terms_at(ctx.plans, &account, last_instant).plan;
+            let fee = ctx.accounts.subscription_fee(ctx.plans, &account, p);
+            let lines = acc
+                .lines
+                .iter()
+                .map(|((kind, model), l)| StatementLine {
+                    kind: *kind,
+                    model: model.clone(),
+                    jobs: l.jobs,
+                    billable_seconds: l.seconds,
+                    average_duration_seconds: if l.jobs == 0 {
+                        Decimal::ZERO
+                    } else {
+                        {
+                        let mut avg = (l.seconds / Decimal::from(l.jobs)).round_dp_with_strategy(3, RoundingStrategy::MidpointNearestEven);
+                        avg.rescale(3);
+                        avg
+                    }
+                    },
+                    amount: l.amount,
+                })
+                .collect();
+            if let Some(d) = self.dirty.as_mut() {
+                d.statements.insert((p, account.clone()));
+            }
+            self.stats.statements += 1;
+            out.push(Output::Statement(Statement {
+                account_id: account,
+                period: p,
+                plan,
+                lines,
+                subscription_fee: fee,
+                credits_applied: acc.credits_applied,
+                included_usage: acc.included_usage,
+                total_due: (acc.due + fee).round_cents(),
+                currency: CURRENCY.to_owned(),
+            }));
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! # jobmeter-core: the billing domain, pure
+//!
+//! Job lifecycle events in, charges / limit events / statements / rejects
+//! out. This crate is the part finance audits: pairing of start and stop
+//! events under duplicates and any ordering, per-second rating against a
+//! versioned rate card, plan effects (free credits, pro caps, enterprise
+//! alerts), monthly periods with boundary splitting, orphans and late data.
+//!
+//! ## Invariants
+//! - **No I/O, no clock.** Time comes from events ("stream time": the
+//!   largest valid event time a partition has seen). The same input log
+//!   always yields byte-identical outputs; output ids derive from inputs.
+//! - **Exact money.** [`money::Money`] is a `rust_decimal::Decimal`; no
+//!   floats, no rounding of charges. Statement totals are rounded once, to
+//!   cents, half-even ([`money::Money::round_cents`]).
+//! - **State is data.** [`state`] defines every persisted record with key
+//!   and value codecs; [`meter::Meter::take_changes`] hands them to a store.
+//!
+//! ## Must never depend on
+//! tokio, rdkafka, rocksdb, prometheus, or anything that does I/O. CI checks
+//! this with `cargo tree -p jobmeter-core -e normal`.
+
+mod billing;
+mod config_error;
+pub mod event;
+pub mod meter;
+pub mod money;
+pub mod output;
+mod persist;
+pub mod plans;
+pub mod ratecard;
+pub mod rating;
+pub mod state;
+pub mod time;
+
+pub use config_error::{ConfigError, Problem};
+pub use event::{parse_job_event, JobEvent, JobKind, JobStatus, RejectReason};
+pub use meter::{Context, Meter, MeterConfig, Stats};
+pub use money::{AccountId, JobId, ModelId, Money};
+pub use output::{Charge, LimitEvent, Origin, Output, Rejected, Statement};
+pub use plans::{AccountBook, AccountRecord, Plan, PlanCatalog};
+pub use ratecard::RateCard;
+pub use time::{Period, Timestamp};

@@ -1,0 +1,212 @@
+//! Output events: charges, limit events, statements and rejects. Field
+//! order is the contract's; amounts are JSON strings.
+
+use crate::event::{JobKind, JobStatus, RejectReason};
+use crate::money::{AccountId, JobId, ModelId, Money};
+use crate::plans::Plan;
+use crate::time::{Period, Timestamp};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+/// One billed slice of a job (`jobmeter.charges`).
+///
+/// A job inside one period yields one charge; a job crossing a month
+/// boundary yields one per period; an orphaned job that later stops yields
+/// adjustment charges (`adjusts` names the charge they correct).
+/// `started_at`/`stopped_at`/`duration_ms` describe the slice billed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Charge {
+    /// Derived from account, job, service period and role; never random.
+    pub charge_id: String,
+    /// The account billed.
+    pub account_id: AccountId,
+    /// The job.
+    pub job_id: JobId,
+    /// The job's kind.
+    pub kind: JobKind,
+    /// The model (null for fine-tunes that name none).
+    pub model: Option<ModelId>,
+    /// The workflow run (workflow steps).
+    pub workflow_run_id: Option<String>,
+    /// How the job ended (`orphaned` when the meter closed it).
+    pub status: JobStatus,
+    /// Start of the slice billed.
+    pub started_at: Timestamp,
+    /// End of the slice billed.
+    pub stopped_at: Timestamp,
+    /// Milliseconds of the slice (for an adjustment, the difference).
+    pub duration_ms: i64,
+    /// Seconds billed (for an adjustment, the difference; may be negative).
+    #[serde(with = "rust_decimal::serde::str")]
+    pub billable_seconds: Decimal,
+    /// USD per second from the rate-card version in force at job start.
+    pub rate_per_second: Money,
+    /// That version's name.
+    pub rate_card_version: String,
+    /// billable_seconds × rate_per_second, exact.
+    pub amount: Money,
+    /// What the account owes after plan inclusion and credits.
+    pub amount_due: Money,
+    /// Always `USD`.
+    pub currency: String,
+    /// The period whose statement carries this charge.
+    pub period: Period,
+    /// The period the usage happened in (differs from `period` for late usage).
+    pub service_period: Period,
+    /// For an adjustment, the id of the charge it corrects.
+    pub adjusts: Option<String>,
+}
+
+/// Which limit a limit event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitKind {
+    /// Free credits, per account for its lifetime.
+    FreeCredits,
+    /// Pro model-API (inference) cap, per month.
+    ModelApiCap,
+    /// Pro workflow quota, per month.
+    WorkflowQuota,
+    /// Enterprise alert amount, per month.
+    Alert,
+}
+
+impl LimitKind {
+    /// The stable snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::FreeCredits => "free_credits",
+            LimitKind::ModelApiCap => "model_api_cap",
+            LimitKind::WorkflowQuota => "workflow_quota",
+            LimitKind::Alert => "alert",
+        }
+    }
+
+    /// Every limit kind, for metrics registries.
+    pub const ALL: [LimitKind; 4] = [
+        LimitKind::FreeCredits,
+        LimitKind::ModelApiCap,
+        LimitKind::WorkflowQuota,
+        LimitKind::Alert,
+    ];
+}
+
+/// What the notification service should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitAction {
+    /// Tell the user.
+    Notify,
+    /// Tell the user the pro cap is reached and point them to enterprise.
+    UpgradeToEnterprise,
+    /// Free credits spent: block further free usage.
+    Block,
+}
+
+/// A threshold crossed (`jobmeter.limits`); fires once per key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitEvent {
+    /// Derived from account, limit, period (or `lifetime`) and threshold.
+    pub event_id: String,
+    /// The account.
+    pub account_id: AccountId,
+    /// The plan whose limit it is.
+    pub plan: Plan,
+    /// The period in which the threshold was crossed.
+    pub period: Period,
+    /// Which limit.
+    pub limit: LimitKind,
+    /// 80, 100… (null for enterprise alerts).
+    pub threshold_pct: Option<u32>,
+    /// The limit (for alerts, the alert amount).
+    pub limit_value: Money,
+    /// Usage counted toward the limit when it fired (charged plus in-flight).
+    pub usage_value: Money,
+    /// Always `USD`.
+    pub unit: String,
+    /// The job whose charge or heartbeat crossed it.
+    pub triggered_by_job: JobId,
+    /// Event time of the crossing.
+    pub at: Timestamp,
+    /// What to do.
+    pub action: LimitAction,
+}
+
+/// One line of a statement: one (kind, model).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatementLine {
+    /// Job kind.
+    pub kind: JobKind,
+    /// Model (null for fine-tunes that name none).
+    pub model: Option<ModelId>,
+    /// Jobs with usage in the period (adjustments do not add jobs).
+    pub jobs: u64,
+    /// Seconds billed.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub billable_seconds: Decimal,
+    /// billable_seconds / jobs, to the millisecond (half-even).
+    #[serde(with = "rust_decimal::serde::str")]
+    pub average_duration_seconds: Decimal,
+    /// Sum of list amounts.
+    pub amount: Money,
+}
+
+/// An account's bill for a closed period (`jobmeter.statements`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Statement {
+    /// The account.
+    pub account_id: AccountId,
+    /// The period.
+    pub period: Period,
+    /// The plan in force at the period's last instant.
+    pub plan: Plan,
+    /// Per (kind, model) lines, ordered by kind then model.
+    pub lines: Vec<StatementLine>,
+    /// Pro fee (intro or regular) if the account was on pro in the period.
+    pub subscription_fee: Money,
+    /// Free credits drawn down by this period's charges.
+    pub credits_applied: Money,
+    /// Pro usage included in the cap and quota.
+    pub included_usage: Money,
+    /// Sum of amounts due plus the fee, rounded to cents half-even.
+    pub total_due: Money,
+    /// Always `USD`.
+    pub currency: String,
+}
+
+/// Where an input came from (for DLQ headers).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// Topic (or input file).
+    pub topic: String,
+    /// Partition (0 for files).
+    pub partition: i32,
+    /// Offset (line number for files).
+    pub offset: i64,
+}
+
+/// A refused input: original bytes, reason and origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// Machine-readable reason.
+    pub reason: RejectReason,
+    /// What was wrong.
+    pub detail: String,
+    /// The original bytes, untouched.
+    pub raw: Vec<u8>,
+    /// Where it came from.
+    pub origin: Option<Origin>,
+}
+
+/// Everything the meter emits, in the order it emits it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// A charge.
+    Charge(Charge),
+    /// A limit event.
+    Limit(LimitEvent),
+    /// A statement.
+    Statement(Statement),
+    /// A refused input.
+    Reject(Rejected),
+}

@@ -1,0 +1,154 @@
+//! Snapshot and restore of a meter's state as [`StateChange`] records.
+//!
+//! [`Meter::take_changes`] returns what changed since the last call (the
+//! unit a store writes atomically); [`Meter::restore`] rebuilds a meter,
+//! including its derived indexes, from the records a store holds.
+
+use crate::meter::{deadline, Dirty, Meter, MeterConfig};
+use crate::state::{keys, values, Counter, DecodeError, Job, StateChange, StatementAcc, Table};
+use crate::time::Timestamp;
+
+impl Meter {
+    /// The state records changed since the last call, deletions included.
+    /// Empty for a meter that does not track changes.
+    pub fn take_changes(&mut self) -> Result<Vec<StateChange>, DecodeError> {
+        let Some(d) = self.dirty.as_mut() else { return Ok(Vec::new()) };
+        let d = std::mem::take(d);
+        let Dirty {
+            jobs,
+            usage,
+            fired,
+            statements,
+            meta,
+        } = d;
+        let mut out = Vec::with_capacity(jobs.len() + usage.len() + fired.len() + statements.len() + 1);
+        let mut jobs: Vec<_> = jobs.into_iter().collect();
+        jobs.sort();
+        for k in jobs {
+            out.push(StateChange {
+                table: Table::Jobs,
+                key: keys::job(&k),
+                value: self.jobs.get(&k).map(|v| values::encode(Table::Jobs, v)).transpose()?,
+            });
+        }
+        let mut usage: Vec<_> = usage.into_iter().collect();
+        usage.sort();
+        for k in usage {
+            out.push(StateChange {
+                table: Table::Usage,
+                key: keys::usage(&k),
+                value: self.usage.get(&k).map(|v| values::encode(Table::Usage, v)).transpose()?,
+            });
+        }
+        for k in fired {
+            out.push(StateChange {
+                table: Table::Fired,
+                key: keys::fired(&k),
+                value: Some(Vec::new()),
+            });
+        }
+        let mut statements: Vec<_> = statements.into_iter().collect();
+        statements.sort();
+        for (p, a) in statements {
+            out.push(StateChange {
+                table: Table::Statements,
+                key: keys::statement(p, &a),
+                value: self
+                    .statements
+                    .get(&p)
+                    .and_then(|m| m.get(&a))
+                    .map(|v| values::encode(Table::Statements, v))
+                    .transpose()?,
+            });
+        }
+        if meta {
+            out.push(StateChange {
+                table: Table::Meta,
+                key: keys::STREAM_TIME.to_vec(),
+                value: self.stream_time.map(|t| t.0.to_be_bytes().to_vec()),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every state record, as if all had changed (for a full snapshot).
+    pub fn snapshot(&self) -> Result<Vec<StateChange>, DecodeError> {
+        let mut copy = Dirty {
+            jobs: self.jobs.keys().cloned().collect(),
+            usage: self.usage.keys().cloned().collect(),
+            fired: self.fired.iter().cloned().collect(),
+            statements: self
+                .statements
+                .iter()
+                .flat_map(|(p, m)| m.keys().map(move |a| (*p, a.clone())))
+                .collect(),
+            meta: true,
+        };
+        copy.fired.sort();
+        let mut view = Meter {
+            stream_time: self.stream_time,
+            dirty: Some(copy),
+            ..Meter::default()
+        };
+        view.jobs = self.jobs.clone();
+        view.usage = self.usage.clone();
+        view.statements = self.statements.clone();
+        view.take_changes()
+    }
+
+    /// Rebuilds a meter from stored records (`(table, key, value)`), with
+    /// change tracking on. Dedup keys and timers are derived from the jobs.
+    pub fn restore<I>(records: I, config: &MeterConfig) -> Result<Meter, DecodeError>
+    where
+        I: IntoIterator<Item = (Table, Vec<u8>, Vec<u8>)>,
+    {
+        let mut m = Meter::tracking_changes();
+        let bad_key = |table: Table| DecodeError {
+            table: table.name(),
+            why: "malformed key".to_owned(),
+        };
+        for (table, k, v) in records {
+            match table {
+                Table::Jobs => {
+                    let key = keys::decode_job(&k).ok_or_else(|| bad_key(table))?;
+                    let job: Job = values::decode(table, &v)?;
+                    m.jobs.insert(key, job);
+                }
+                Table::Usage => {
+                    let key = keys::decode_usage(&k).ok_or_else(|| bad_key(table))?;
+                    let c: Counter = values::decode(table, &v)?;
+                    m.usage.insert(key, c);
+                }
+                Table::Fired => {
+                    m.fired.insert(keys::decode_fired(&k).ok_or_else(|| bad_key(table))?);
+                }
+                Table::Statements => {
+                    let (p, a) = keys::decode_statement(&k).ok_or_else(|| bad_key(table))?;
+                    let acc: StatementAcc = values::decode(table, &v)?;
+                    m.statements.entry(p).or_default().insert(a, acc);
+                }
+                Table::Meta => {
+                    if k == keys::STREAM_TIME {
+                        let b: [u8; 8] = v.as_slice().try_into().map_err(|_| DecodeError {
+                            table: table.name(),
+                            why: "stream_time is not 8 bytes".to_owned(),
+                        })?;
+                        m.stream_time = Some(Timestamp(i64::from_be_bytes(b)));
+                    }
+                }
+            }
+        }
+        for (jk, job) in &m.jobs {
+            for k in &job.keys {
+                m.seen.insert(k.clone(), jk.clone());
+            }
+            if let Some(d) = deadline(job, config.orphan_timeout_ms) {
+                m.timers.insert((d, jk.clone()));
+            }
+            if let Some(e) = job.expires {
+                m.expiry.insert((e, jk.clone()));
+            }
+        }
+        Ok(m)
+    }
+}

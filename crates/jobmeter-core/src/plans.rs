@@ -1,0 +1,446 @@
+//! Plans: the catalog of plan terms (TOML, reviewed like the rate card), the
+//! account records that put accounts on plans from an instant on, and the
+//! terms that govern a job (the record in force at the job's start).
+
+use crate::config_error::{from_toml, ConfigError, Problems};
+use crate::event::{Invalid, RejectReason};
+use crate::money::{AccountId, Money};
+use crate::time::{Period, Timestamp};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// A plan an account can be on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Plan {
+    /// New users: a one-time grant of credits, then list price.
+    Free,
+    /// Monthly fee; model APIs and workflow steps included up to monthly caps.
+    Pro,
+    /// No caps; optional monthly alert thresholds.
+    Enterprise,
+    /// Post-paid at list price (unknown accounts).
+    Payg,
+}
+
+impl Plan {
+    /// The stable snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Plan::Free => "free",
+            Plan::Pro => "pro",
+            Plan::Enterprise => "enterprise",
+            Plan::Payg => "payg",
+        }
+    }
+}
+
+/// Default terms of each plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlanCatalog {
+    /// Free credits granted once to a free account.
+    pub free_credits: Money,
+    /// Threshold percentages for free credits.
+    pub free_thresholds_pct: Vec<u32>,
+    /// Pro monthly fee.
+    pub pro_fee: Money,
+    /// Introductory pro fee for the first subscribers.
+    pub pro_intro_fee: Money,
+    /// How many pro subscribers get the introductory fee.
+    pub pro_intro_subscribers: usize,
+    /// Included model-API (inference) usage per month, at list price.
+    pub pro_model_api_cap: Money,
+    /// Included workflow-step usage per month, at list price.
+    pub pro_workflow_quota: Money,
+    /// Threshold percentages for the pro cap and quota.
+    pub pro_thresholds_pct: Vec<u32>,
+    /// Default enterprise alert amounts (USD per month).
+    pub enterprise_alert_thresholds: Vec<Money>,
+}
+
+impl Default for PlanCatalog {
+    fn default() -> Self {
+        let m = |s| Money::parse(s).unwrap_or_default();
+        PlanCatalog {
+            free_credits: m("5.00"),
+            free_thresholds_pct: vec![80, 100],
+            pro_fee: m("49.00"),
+            pro_intro_fee: m("29.00"),
+            pro_intro_subscribers: 1000,
+            pro_model_api_cap: m("500.00"),
+            pro_workflow_quota: m("50.00"),
+            pro_thresholds_pct: vec![80, 100],
+            enterprise_alert_thresholds: Vec::new(),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCatalog {
+    #[serde(default)]
+    free: RawFree,
+    #[serde(default)]
+    pro: RawPro,
+    #[serde(default)]
+    enterprise: RawEnterprise,
+    #[serde(default)]
+    payg: RawPayg,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFree {
+    credits: Option<toml::Spanned<String>>,
+    thresholds_pct: Option<Vec<u32>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPro {
+    monthly_fee: Option<toml::Spanned<String>>,
+    intro_fee: Option<toml::Spanned<String>>,
+    intro_subscribers: Option<usize>,
+    model_api_cap: Option<toml::Spanned<String>>,
+    workflow_quota: Option<toml::Spanned<String>>,
+    thresholds_pct: Option<Vec<u32>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEnterprise {
+    alert_thresholds: Option<Vec<toml::Spanned<String>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPayg {}
+
+fn amount(p: &mut Problems<'_>, v: &Option<toml::Spanned<String>>, field: &str, default: Money) -> Money {
+    match v {
+        None => default,
+        Some(s) => match Money::parse(s.get_ref()) {
+            Some(m) if m >= Money::ZERO => m,
+            _ => {
+                p.at(s.span(), field, format!("{:?} is not a non-negative decimal amount", s.get_ref()));
+                default
+            }
+        },
+    }
+}
+
+fn pcts(p: &mut Problems<'_>, v: &Option<Vec<u32>>, field: &str, default: &[u32]) -> Vec<u32> {
+    let v = v.clone().unwrap_or_else(|| default.to_vec());
+    if v.iter().any(|x| *x == 0 || *x > 1000) || v.windows(2).any(|w| w[0] >= w[1]) {
+        p.field(field, "percentages must be ascending, distinct, between 1 and 1000");
+    }
+    v
+}
+
+impl PlanCatalog {
+    /// Parses and validates a TOML plan catalog; omitted values take the defaults.
+    pub fn from_toml(text: &str) -> Result<PlanCatalog, ConfigError> {
+        let raw: RawCatalog = toml::from_str(text).map_err(|e| from_toml("plan catalog", text, &e))?;
+        let d = PlanCatalog::default();
+        let mut p = Problems::new(text);
+        let mut alerts = Vec::new();
+        for (i, s) in raw.enterprise.alert_thresholds.iter().flatten().enumerate() {
+            alerts.push(amount(&mut p, &Some(s.clone()), &format!("enterprise.alert_thresholds[{i}]"), Money::ZERO));
+        }
+        let c = PlanCatalog {
+            free_credits: amount(&mut p, &raw.free.credits, "free.credits", d.free_credits),
+            free_thresholds_pct: pcts(&mut p, &raw.free.thresholds_pct, "free.thresholds_pct", &d.free_thresholds_pct),
+            pro_fee: amount(&mut p, &raw.pro.monthly_fee, "pro.monthly_fee", d.pro_fee),
+            pro_intro_fee: amount(&mut p, &raw.pro.intro_fee, "pro.intro_fee", d.pro_intro_fee),
+            pro_intro_subscribers: raw.pro.intro_subscribers.unwrap_or(d.pro_intro_subscribers),
+            pro_model_api_cap: amount(&mut p, &raw.pro.model_api_cap, "pro.model_api_cap", d.pro_model_api_cap),
+            pro_workflow_quota: amount(&mut p, &raw.pro.workflow_quota, "pro.workflow_quota", d.pro_workflow_quota),
+            pro_thresholds_pct: pcts(&mut p, &raw.pro.thresholds_pct, "pro.thresholds_pct", &d.pro_thresholds_pct),
+            enterprise_alert_thresholds: alerts,
+        };
+        let _ = raw.payg;
+        p.finish("plan catalog")?;
+        Ok(c)
+    }
+}
+
+fn money_in<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Money>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum In {
+        S(String),
+        I(i64),
+    }
+    match Option::<In>::deserialize(d)? {
+        None => Ok(None),
+        Some(In::I(i)) => Ok(Some(Money(i.into()))),
+        Some(In::S(s)) => Money::parse(&s)
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom(format!("{s:?} is not a decimal amount"))),
+    }
+}
+
+fn money_list_in<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Money>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum In {
+        S(String),
+        I(i64),
+    }
+    let Some(list) = Option::<Vec<In>>::deserialize(d)? else {
+        return Ok(None);
+    };
+    list.into_iter()
+        .map(|x| match x {
+            In::I(i) => Ok(Money(i.into())),
+            In::S(s) => Money::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("{s:?} is not a decimal amount"))),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+/// An account/plan record from the accounts topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountRecord {
+    /// The account.
+    pub account_id: AccountId,
+    /// Its plan from `effective_from` on.
+    pub plan: Plan,
+    /// When the record takes effect.
+    pub effective_from: Timestamp,
+    /// Override of the free credits grant.
+    #[serde(default, deserialize_with = "money_in", skip_serializing_if = "Option::is_none")]
+    pub free_credits: Option<Money>,
+    /// Override of the pro model-API cap.
+    #[serde(default, deserialize_with = "money_in", skip_serializing_if = "Option::is_none")]
+    pub usage_cap: Option<Money>,
+    /// Override of the pro workflow quota.
+    #[serde(default, deserialize_with = "money_in", skip_serializing_if = "Option::is_none")]
+    pub workflow_quota: Option<Money>,
+    /// Enterprise alert amounts (USD per month).
+    #[serde(default, deserialize_with = "money_list_in", skip_serializing_if = "Option::is_none")]
+    pub alert_thresholds: Option<Vec<Money>>,
+}
+
+impl AccountRecord {
+    /// Parses one record, with a machine-readable reason when it is refused.
+    pub fn parse(bytes: &[u8]) -> Result<AccountRecord, Invalid> {
+        let r: AccountRecord = serde_json::from_slice(bytes).map_err(|e| {
+            let reason = match e.classify() {
+                serde_json::error::Category::Data => RejectReason::SchemaViolation,
+                _ => RejectReason::NotJson,
+            };
+            Invalid::new(reason, e.to_string())
+        })?;
+        if r.account_id.0.trim().is_empty() {
+            return Err(Invalid::new(RejectReason::SchemaViolation, "`account_id` is empty"));
+        }
+        let negative = |m: &Option<Money>| m.is_some_and(|m| m < Money::ZERO);
+        if negative(&r.free_credits) || negative(&r.usage_cap) || negative(&r.workflow_quota) {
+            return Err(Invalid::new(RejectReason::SchemaViolation, "amounts must not be negative"));
+        }
+        Ok(r)
+    }
+}
+
+/// The terms that govern a job: resolved from the record in force at its start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanTerms {
+    /// The plan.
+    pub plan: Plan,
+    /// Free credits (free plan).
+    pub free_credits: Money,
+    /// Pro model-API cap.
+    pub usage_cap: Money,
+    /// Pro workflow quota.
+    pub workflow_quota: Money,
+    /// Enterprise alert amounts.
+    pub alert_thresholds: Vec<Money>,
+}
+
+/// Every account's records, ordered by `effective_from`: the accounts table.
+#[derive(Debug, Clone, Default)]
+pub struct AccountBook {
+    records: HashMap<AccountId, Vec<AccountRecord>>,
+    first_pro: BTreeSet<(Timestamp, AccountId)>,
+    first_pro_of: HashMap<AccountId, Timestamp>,
+    intro: BTreeSet<AccountId>,
+    intro_limit: usize,
+}
+
+impl AccountBook {
+    /// An empty book; `catalog` sets how many pro subscribers get the intro fee.
+    pub fn new(catalog: &PlanCatalog) -> Self {
+        AccountBook {
+            intro_limit: catalog.pro_intro_subscribers,
+            ..AccountBook::default()
+        }
+    }
+
+    /// Adds a record. A record with the same `effective_from` as an existing
+    /// one replaces it. Returns true if the book changed.
+    pub fn insert(&mut self, r: AccountRecord) -> bool {
+        let list = self.records.entry(r.account_id.clone()).or_default();
+        let pos = list.partition_point(|x| x.effective_from < r.effective_from);
+        if list.get(pos).is_some_and(|x| x.effective_from == r.effective_from) {
+            if list[pos] == r {
+                return false;
+            }
+            list[pos] = r.clone();
+        } else {
+            list.insert(pos, r.clone());
+        }
+        let first = list.iter().find(|x| x.plan == Plan::Pro).map(|x| x.effective_from);
+        let old = self.first_pro_of.get(&r.account_id).copied();
+        if first != old {
+            if let Some(o) = old {
+                self.first_pro.remove(&(o, r.account_id.clone()));
+                self.first_pro_of.remove(&r.account_id);
+            }
+            if let Some(f) = first {
+                self.first_pro.insert((f, r.account_id.clone()));
+                self.first_pro_of.insert(r.account_id.clone(), f);
+            }
+            self.intro = self.first_pro.iter().take(self.intro_limit).map(|(_, a)| a.clone()).collect();
+        }
+        true
+    }
+
+    /// The record in force at `t`, if any.
+    pub fn record_at(&self, account: &AccountId, t: Timestamp) -> Option<&AccountRecord> {
+        let list = self.records.get(account)?;
+        let idx = list.partition_point(|x| x.effective_from <= t);
+        idx.checked_sub(1).and_then(|i| list.get(i))
+    }
+
+    /// The terms in force for `account` at `t` (payg for unknown accounts).
+    pub fn terms_at(&self, catalog: &PlanCatalog, account: &AccountId, t: Timestamp) -> PlanTerms {
+        let rec = self.record_at(account, t);
+        PlanTerms {
+            plan: rec.map_or(Plan::Payg, |r| r.plan),
+            free_credits: rec.and_then(|r| r.free_credits).unwrap_or(catalog.free_credits),
+            usage_cap: rec.and_then(|r| r.usage_cap).unwrap_or(catalog.pro_model_api_cap),
+            workflow_quota: rec.and_then(|r| r.workflow_quota).unwrap_or(catalog.pro_workflow_quota),
+            alert_thresholds: rec
+                .and_then(|r| r.alert_thresholds.clone())
+                .unwrap_or_else(|| catalog.enterprise_alert_thresholds.clone()),
+        }
+    }
+
+    /// True when the account is among the first subscribers to pro (by the
+    /// `effective_from` of its first pro record, ties by account id).
+    pub fn has_intro_price(&self, account: &AccountId) -> bool {
+        self.intro.contains(account)
+    }
+
+    /// True when the account was on pro at any instant of `period`.
+    pub fn pro_during(&self, account: &AccountId, period: Period) -> bool {
+        let Some(list) = self.records.get(account) else {
+            return false;
+        };
+        let (start, end) = (period.start(), period.end());
+        self.record_at(account, start).is_some_and(|r| r.plan == Plan::Pro)
+            || list
+                .iter()
+                .any(|r| r.plan == Plan::Pro && r.effective_from >= start && r.effective_from < end)
+    }
+
+    /// The subscription fee an account owes for `period` (zero unless on pro).
+    pub fn subscription_fee(&self, catalog: &PlanCatalog, account: &AccountId, period: Period) -> Money {
+        if !self.pro_during(account, period) {
+            Money::ZERO
+        } else if self.has_intro_price(account) {
+            catalog.pro_intro_fee
+        } else {
+            catalog.pro_fee
+        }
+    }
+
+    /// Every record, ordered by account then `effective_from` (for snapshots).
+    pub fn records(&self) -> BTreeMap<&AccountId, &[AccountRecord]> {
+        self.records.iter().map(|(k, v)| (k, v.as_slice())).collect()
+    }
+
+    /// How many accounts the book knows.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// True when no account is known.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(a: &str, plan: Plan, from: &str) -> AccountRecord {
+        AccountRecord {
+            account_id: AccountId::from(a),
+            plan,
+            effective_from: Timestamp::parse(from).unwrap_or_default(),
+            free_credits: None,
+            usage_cap: None,
+            workflow_quota: None,
+            alert_thresholds: None,
+        }
+    }
+
+    #[test]
+    fn intro_price_goes_to_the_first_subscribers_ties_by_id() {
+        let catalog = PlanCatalog {
+            pro_intro_subscribers: 2,
+            ..PlanCatalog::default()
+        };
+        let mut book = AccountBook::new(&catalog);
+        book.insert(rec("b", Plan::Pro, "2024-01-01T00:00:00Z"));
+        book.insert(rec("a", Plan::Pro, "2024-01-01T00:00:00Z"));
+        book.insert(rec("c", Plan::Free, "2023-01-01T00:00:00Z"));
+        book.insert(rec("c", Plan::Pro, "2024-02-01T00:00:00Z"));
+        assert!(book.has_intro_price(&"a".into()));
+        assert!(book.has_intro_price(&"b".into()));
+        assert!(!book.has_intro_price(&"c".into()));
+        book.insert(rec("c", Plan::Pro, "2023-06-01T00:00:00Z"));
+        assert!(book.has_intro_price(&"c".into()));
+        assert!(!book.has_intro_price(&"b".into()));
+    }
+
+    #[test]
+    fn record_in_force_and_defaults() {
+        let catalog = PlanCatalog::default();
+        let mut book = AccountBook::new(&catalog);
+        book.insert(rec("a", Plan::Free, "2024-01-01T00:00:00Z"));
+        book.insert(rec("a", Plan::Pro, "2024-03-15T00:00:00Z"));
+        let t = |s| Timestamp::parse(s).unwrap_or_default();
+        let a = AccountId::from("a");
+        assert_eq!(book.terms_at(&catalog, &a, t("2024-03-14T23:59:59Z")).plan, Plan::Free);
+        assert_eq!(book.terms_at(&catalog, &a, t("2024-03-15T00:00:00Z")).plan, Plan::Pro);
+        assert_eq!(book.terms_at(&catalog, &a, t("2023-03-15T00:00:00Z")).plan, Plan::Payg);
+        assert_eq!(book.terms_at(&catalog, &"zz".into(), t("2024-03-15T00:00:00Z")).plan, Plan::Payg);
+        assert!(book.pro_during(&a, Period::new(2024, 3)));
+        assert!(!book.pro_during(&a, Period::new(2024, 2)));
+        assert_eq!(book.subscription_fee(&catalog, &a, Period::new(2024, 4)).to_string(), "29.00");
+    }
+
+    #[test]
+    fn parses_records_with_string_or_integer_amounts() {
+        let r = AccountRecord::parse(br#"{"account_id":"a","plan":"pro","effective_from":"2024-01-01T00:00:00Z","usage_cap":"100.50","workflow_quota":20}"#);
+        let r = r.ok();
+        assert_eq!(r.as_ref().and_then(|r| r.usage_cap).map(|m| m.to_string()), Some("100.50".into()));
+        assert_eq!(r.and_then(|r| r.workflow_quota).map(|m| m.to_string()), Some("20".into()));
+        assert!(AccountRecord::parse(br#"{"account_id":"a","plan":"gold","effective_from":"2024-01-01T00:00:00Z"}"#).is_err());
+        assert!(AccountRecord::parse(br#"{"account_id":"a","plan":"pro","effective_from":"2024-01-01T00:00:00Z","usage_cap":1.5}"#).is_err());
+    }
+
+    #[test]
+    fn catalog_defaults_and_errors() {
+        let c = PlanCatalog::from_toml("[pro]\nmonthly_fee = \"59.00\"\n").unwrap_or_default();
+        assert_eq!(c.pro_fee.to_string(), "59.00");
+        assert_eq!(c.free_credits.to_string(), "5.00");
+        let e = PlanCatalog::from_toml("[free]\ncredits = \"lots\"\n[pro]\nthresholds_pct = [100, 80]\n");
+        let msg = e.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("line 2, free.credits") && msg.contains("pro.thresholds_pct"), "{msg}");
+    }
+}

@@ -1,0 +1,90 @@
+//! Turning a job's interval into billed slices: billable seconds per
+//! calendar month, with the split rule of the contract (earlier slices get
+//! floor(ms / 1000) seconds, the last one the rest, so the slices always sum
+//! to what the whole job would have had in one period).
+
+use crate::ratecard::Rounding;
+use crate::time::{Period, Timestamp};
+use rust_decimal::Decimal;
+
+/// One period's slice of a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slice {
+    /// The period the slice lies in.
+    pub period: Period,
+    /// Slice start.
+    pub from: Timestamp,
+    /// Slice end.
+    pub to: Timestamp,
+    /// Slice length.
+    pub ms: i64,
+    /// Seconds billed for the slice.
+    pub seconds: Decimal,
+}
+
+/// Splits `[from, to]` (with `to ≥ from`) at month boundaries.
+pub fn split(from: Timestamp, to: Timestamp, rounding: Rounding) -> Vec<Slice> {
+    let total = rounding.total_seconds(to.0 - from.0);
+    let mut out = Vec::with_capacity(1);
+    let mut cur = from;
+    let mut period = from.period();
+    let mut given = Decimal::ZERO;
+    loop {
+        let end = period.end();
+        if end >= to {
+            out.push(Slice {
+                period,
+                from: cur,
+                to,
+                ms: to.0 - cur.0,
+                seconds: total - given,
+            });
+            return out;
+        }
+        let ms = end.0 - cur.0;
+        let seconds = rounding.part_seconds(ms);
+        given += seconds;
+        out.push(Slice {
+            period,
+            from: cur,
+            to: end,
+            ms,
+            seconds,
+        });
+        cur = end;
+        period = period.next();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> Timestamp {
+        Timestamp::parse(s).unwrap_or_default()
+    }
+
+    #[test]
+    fn rule_6_month_boundary_split_sums_to_the_whole() {
+        let s = split(t("2024-04-30T23:59:58.600Z"), t("2024-05-01T00:00:03.100Z"), Rounding::CeilSeconds);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].seconds, Decimal::from(1));
+        assert_eq!(s[1].seconds, Decimal::from(4)); // ceil(4.5) - 1
+        assert_eq!(s[0].period.to_string(), "2024-04");
+    }
+
+    #[test]
+    fn a_job_ending_exactly_at_the_boundary_stays_in_its_month() {
+        let s = split(t("2024-04-30T23:59:00Z"), t("2024-05-01T00:00:00Z"), Rounding::CeilSeconds);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].seconds, Decimal::from(60));
+    }
+
+    #[test]
+    fn spans_several_months() {
+        let s = split(t("2024-01-31T12:00:00Z"), t("2024-03-01T00:00:00.500Z"), Rounding::ExactMs);
+        assert_eq!(s.len(), 3);
+        let sum: Decimal = s.iter().map(|x| x.seconds).sum();
+        assert_eq!(sum, Rounding::ExactMs.total_seconds(t("2024-03-01T00:00:00.500Z").0 - t("2024-01-31T12:00:00Z").0));
+    }
+}

@@ -1,0 +1,439 @@
+//! The meter's state, as data.
+//!
+//! Everything a partition's meter knows lives in these types: open and
+//! recently closed jobs, usage counters per limit, thresholds already fired,
+//! and statement accumulators of open periods. Each record kind has a key
+//! codec and a value codec here; where the records are kept (memory, RocksDB,
+//! a Kafka changelog) is the caller's business. Indexes (dedup keys, timers)
+//! are derived from the jobs on restore and never stored.
+//!
+//! Key layouts (all strings are length-prefixed with a big-endian u16, so
+//! keys sort by their fields and never collide):
+//!
+//! ```text
+//! jobs     : len|account  len|job_id
+//! usage    : len|account  limit:u8  period:u32 BE (0xFFFFFFFF = lifetime)
+//! fired    : len|account  limit:u8  period:u32 BE  len|threshold
+//! stmts    : period:u32 BE  len|account
+//! meta     : "stream_time"
+//! ```
+
+use crate::event::{EventKey, JobStatus, StartInfo};
+use crate::money::{AccountId, JobId, ModelId, Money};
+use crate::output::{LimitKind, Origin};
+use crate::time::{Period, Timestamp};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A job's identity within a partition.
+pub type JobKey = (AccountId, JobId);
+
+/// The accepted start of a job, with the rate fixed at that instant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartRec {
+    /// Idempotency key of the start event.
+    pub key: EventKey,
+    /// Start time.
+    pub time: Timestamp,
+    /// Kind, model, workflow run.
+    pub info: StartInfo,
+    /// USD per second from the version in force at `time`.
+    pub rate: Money,
+    /// That version's name.
+    pub version: String,
+}
+
+/// A job's stop: applied, or pending while its start has not arrived.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopRec {
+    /// Idempotency key of the stop event.
+    pub key: EventKey,
+    /// Stop time.
+    pub time: Timestamp,
+    /// How it ended.
+    pub status: JobStatus,
+    /// The original bytes while pending (kept so a DLQ record is exact).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_raw: Option<String>,
+    /// Where the pending stop came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+}
+
+/// The in-flight usage a running job has contributed to a limit counter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accrual {
+    /// Counter it was added to.
+    pub counter: UsageKey,
+    /// Amount added.
+    pub amount: Money,
+}
+
+/// One billed slice of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BilledPart {
+    /// The period the usage belongs to.
+    pub service_period: Period,
+    /// Slice start.
+    pub from: Timestamp,
+    /// Slice end.
+    pub to: Timestamp,
+    /// Seconds billed.
+    pub seconds: Decimal,
+    /// The charge that billed it.
+    pub charge_id: String,
+}
+
+/// What was charged for a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Billed {
+    /// True when the meter closed the job after the orphan timeout.
+    pub orphan: bool,
+    /// Slices charged, in time order.
+    pub parts: Vec<BilledPart>,
+    /// True once a late stop has adjusted an orphan charge.
+    pub adjusted: bool,
+}
+
+/// Everything known about one job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    /// The accepted start.
+    pub start: Option<StartRec>,
+    /// The accepted (or pending) stop.
+    pub stop: Option<StopRec>,
+    /// Latest heartbeat time.
+    pub last_heartbeat: Option<Timestamp>,
+    /// In-flight usage counted toward a limit.
+    pub accrual: Option<Accrual>,
+    /// What has been charged.
+    pub billed: Option<Billed>,
+    /// Idempotency keys of every event applied to this job.
+    pub keys: Vec<EventKey>,
+    /// Stream time after which an inert job is forgotten.
+    pub expires: Option<Timestamp>,
+}
+
+/// Identity of a usage counter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct UsageKey {
+    /// The account.
+    pub account: AccountId,
+    /// Which limit.
+    pub limit: LimitKind,
+    /// The month, or `None` for lifetime limits (free credits).
+    pub period: Option<Period>,
+}
+
+/// Usage counted toward one limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counter {
+    /// List amount of charges emitted.
+    pub charged: Money,
+    /// List amount accrued by running jobs' heartbeats.
+    pub inflight: Money,
+}
+
+impl Counter {
+    /// What thresholds compare against.
+    pub fn total(&self) -> Money {
+        self.charged + self.inflight
+    }
+}
+
+/// A threshold that has fired (one per key, ever).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FiredKey {
+    /// The counter.
+    pub usage: UsageKey,
+    /// `80`, `100`, or an alert amount such as `$250.00`.
+    pub threshold: String,
+}
+
+/// One (kind, model) line being accumulated.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineAcc {
+    /// Jobs with usage in the period.
+    pub jobs: u64,
+    /// Seconds billed.
+    pub seconds: Decimal,
+    /// List amount.
+    pub amount: Money,
+}
+
+/// A statement being accumulated for (period, account).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatementAcc {
+    /// Lines by (kind, model). Stored as a list of entries, since JSON map
+    /// keys must be strings.
+    #[serde(with = "line_entries")]
+    pub lines: BTreeMap<(crate::event::JobKind, Option<ModelId>), LineAcc>,
+    /// Free credits drawn.
+    pub credits_applied: Money,
+    /// Pro usage included.
+    pub included_usage: Money,
+    /// Sum of amounts due.
+    pub due: Money,
+}
+
+mod line_entries {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    type Lines = BTreeMap<(crate::event::JobKind, Option<ModelId>), LineAcc>;
+
+    pub(super) fn serialize<S: Serializer>(m: &Lines, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.iter())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Lines, D::Error> {
+        let v: Vec<((crate::event::JobKind, Option<ModelId>), LineAcc)> = Vec::deserialize(d)?;
+        Ok(v.into_iter().collect())
+    }
+}
+
+/// The record kinds of persisted state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    /// [`Job`] by (account, job).
+    Jobs,
+    /// [`Counter`] by [`UsageKey`].
+    Usage,
+    /// Fired thresholds (value is empty).
+    Fired,
+    /// [`StatementAcc`] by (period, account).
+    Statements,
+    /// Partition metadata (stream time).
+    Meta,
+}
+
+impl Table {
+    /// Every table, in a fixed order.
+    pub const ALL: [Table; 5] = [Table::Jobs, Table::Usage, Table::Fired, Table::Statements, Table::Meta];
+
+    /// Stable name (RocksDB column family, changelog key prefix).
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Jobs => "jobs",
+            Table::Usage => "usage",
+            Table::Fired => "fired",
+            Table::Statements => "statements",
+            Table::Meta => "meta",
+        }
+    }
+
+    /// One-byte tag used where several tables share one keyspace (changelog).
+    pub fn tag(self) -> u8 {
+        match self {
+            Table::Jobs => 1,
+            Table::Usage => 2,
+            Table::Fired => 3,
+            Table::Statements => 4,
+            Table::Meta => 5,
+        }
+    }
+
+    /// Inverse of [`Table::tag`].
+    pub fn from_tag(t: u8) -> Option<Table> {
+        Table::ALL.into_iter().find(|x| x.tag() == t)
+    }
+}
+
+/// One state record written or deleted (`value: None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateChange {
+    /// Which record kind.
+    pub table: Table,
+    /// Encoded key.
+    pub key: Vec<u8>,
+    /// Encoded value, or `None` to delete.
+    pub value: Option<Vec<u8>>,
+}
+
+/// Why a state record could not be encoded or decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot encode or decode {table} record: {why}")]
+pub struct DecodeError {
+    /// The table.
+    pub table: &'static str,
+    /// What was wrong.
+    pub why: String,
+}
+
+/// Key codecs. Strings longer than 65 535 bytes are truncated in keys (ids
+/// that long are refused upstream in practice).
+pub mod keys {
+    use super::*;
+
+    const LIFETIME: u32 = u32::MAX;
+
+    fn put_str(out: &mut Vec<u8>, s: &str) {
+        let b = s.as_bytes();
+        let n = b.len().min(u16::MAX as usize);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+        out.extend_from_slice(&b[..n]);
+    }
+
+    fn take_str<'a>(b: &mut &'a [u8]) -> Option<&'a str> {
+        if b.len() < 2 {
+            return None;
+        }
+        let n = u16::from_be_bytes([b[0], b[1]]) as usize;
+        let s = b.get(2..2 + n)?;
+        *b = &b[2 + n..];
+        std::str::from_utf8(s).ok()
+    }
+
+    fn take_u32(b: &mut &[u8]) -> Option<u32> {
+        let v = b.get(..4)?;
+        let n = u32::from_be_bytes([v[0], v[1], v[2], v[3]]);
+        *b = &b[4..];
+        Some(n)
+    }
+
+    fn limit_tag(l: LimitKind) -> u8 {
+        match l {
+            LimitKind::FreeCredits => 1,
+            LimitKind::ModelApiCap => 2,
+            LimitKind::WorkflowQuota => 3,
+            LimitKind::Alert => 4,
+        }
+    }
+
+    fn limit_from(t: u8) -> Option<LimitKind> {
+        LimitKind::ALL.into_iter().find(|l| limit_tag(*l) == t)
+    }
+
+    /// Encodes a job key.
+    pub fn job(k: &JobKey) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + k.0 .0.len() + k.1 .0.len());
+        put_str(&mut out, &k.0 .0);
+        put_str(&mut out, &k.1 .0);
+        out
+    }
+
+    /// Decodes a job key.
+    pub fn decode_job(mut b: &[u8]) -> Option<JobKey> {
+        let a = take_str(&mut b)?;
+        let j = take_str(&mut b)?;
+        b.is_empty().then(|| (AccountId(a.to_owned()), JobId(j.to_owned())))
+    }
+
+    /// Encodes a usage key.
+    pub fn usage(k: &UsageKey) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + k.account.0.len());
+        put_str(&mut out, &k.account.0);
+        out.push(limit_tag(k.limit));
+        out.extend_from_slice(&k.period.map_or(LIFETIME, Period::ordinal).to_be_bytes());
+        out
+    }
+
+    fn take_usage(b: &mut &[u8]) -> Option<UsageKey> {
+        let account = AccountId(take_str(b)?.to_owned());
+        let limit = limit_from(*b.first()?)?;
+        *b = &b[1..];
+        let p = take_u32(b)?;
+        Some(UsageKey {
+            account,
+            limit,
+            period: (p != LIFETIME).then(|| Period::from_ordinal(p)),
+        })
+    }
+
+    /// Decodes a usage key.
+    pub fn decode_usage(mut b: &[u8]) -> Option<UsageKey> {
+        let k = take_usage(&mut b)?;
+        b.is_empty().then_some(k)
+    }
+
+    /// Encodes a fired-threshold key.
+    pub fn fired(k: &FiredKey) -> Vec<u8> {
+        let mut out = usage(&k.usage);
+        put_str(&mut out, &k.threshold);
+        out
+    }
+
+    /// Decodes a fired-threshold key.
+    pub fn decode_fired(mut b: &[u8]) -> Option<FiredKey> {
+        let usage = take_usage(&mut b)?;
+        let threshold = take_str(&mut b)?.to_owned();
+        b.is_empty().then_some(FiredKey { usage, threshold })
+    }
+
+    /// Encodes a statement key.
+    pub fn statement(p: Period, a: &AccountId) -> Vec<u8> {
+        let mut out = p.ordinal().to_be_bytes().to_vec();
+        put_str(&mut out, &a.0);
+        out
+    }
+
+    /// Decodes a statement key.
+    pub fn decode_statement(mut b: &[u8]) -> Option<(Period, AccountId)> {
+        let p = Period::from_ordinal(take_u32(&mut b)?);
+        let a = AccountId(take_str(&mut b)?.to_owned());
+        b.is_empty().then_some((p, a))
+    }
+
+    /// The key of the stream-time record.
+    pub const STREAM_TIME: &[u8] = b"stream_time";
+}
+
+/// Value codec: JSON, so records stay readable with `ldb` and across versions.
+pub mod values {
+    use super::*;
+
+    /// Encodes a state value of `table`.
+    pub fn encode<T: Serialize>(table: Table, v: &T) -> Result<Vec<u8>, DecodeError> {
+        serde_json::to_vec(v).map_err(|e| DecodeError {
+            table: table.name(),
+            why: e.to_string(),
+        })
+    }
+
+    /// Decodes a state value of `table`.
+    pub fn decode<T: serde::de::DeserializeOwned>(table: Table, b: &[u8]) -> Result<T, DecodeError> {
+        serde_json::from_slice(b).map_err(|e| DecodeError {
+            table: table.name(),
+            why: e.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn job_keys_round_trip(a in ".{0,40}", j in ".{0,40}") {
+            let k = (AccountId(a), JobId(j));
+            prop_assert_eq!(keys::decode_job(&keys::job(&k)), Some(k));
+        }
+
+        #[test]
+        fn usage_and_fired_keys_round_trip(a in ".{0,20}", l in 0usize..4, p in proptest::option::of(0u32..40_000), t in ".{0,10}") {
+            let usage = UsageKey { account: AccountId(a), limit: LimitKind::ALL[l], period: p.map(Period::from_ordinal) };
+            prop_assert_eq!(keys::decode_usage(&keys::usage(&usage)), Some(usage.clone()));
+            let f = FiredKey { usage, threshold: t };
+            prop_assert_eq!(keys::decode_fired(&keys::fired(&f)), Some(f));
+        }
+
+        #[test]
+        fn statement_keys_sort_by_period(a in ".{0,20}", p1 in 0u32..40_000, p2 in 0u32..40_000) {
+            let (k1, k2) = (keys::statement(Period::from_ordinal(p1), &AccountId(a.clone())), keys::statement(Period::from_ordinal(p2), &AccountId(a.clone())));
+            prop_assert_eq!(p1.cmp(&p2), k1.cmp(&k2));
+            prop_assert_eq!(keys::decode_statement(&k1), Some((Period::from_ordinal(p1), AccountId(a))));
+        }
+
+        #[test]
+        fn key_decoders_never_panic(b in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = keys::decode_job(&b);
+            let _ = keys::decode_usage(&b);
+            let _ = keys::decode_fired(&b);
+            let _ = keys::decode_statement(&b);
+            let _ = values::decode::<Job>(Table::Jobs, &b);
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Shared helpers for the core's tests: a small world with a rate card,
+//! plans, accounts and one meter, and builders for lifecycle events.
+#![allow(dead_code, unreachable_pub)]
+
+use jobmeter_core::*;
+
+pub const CARD: &str = r#"
+[policy]
+rounding = "ceil_seconds"
+
+[[versions]]
+version = "v1"
+effective_from = "2024-01-01T00:00:00Z"
+fine_tune_per_second = "0.001"
+models."img" = { per_second = "0.0005" }
+models."llm" = { per_second = "0.002" }
+
+[[versions]]
+version = "v2"
+effective_from = "2024-06-01T00:00:00Z"
+fine_tune_per_second = "0.001"
+models."img" = { per_second = "0.0004" }
+models."llm" = { per_second = "0.002" }
+"#;
+
+#[derive(Debug)]
+pub struct World {
+    pub rates: RateCard,
+    pub plans: PlanCatalog,
+    pub book: AccountBook,
+    pub config: MeterConfig,
+    pub meter: Meter,
+    pub out: Vec<Output>,
+    seq: u64,
+}
+
+pub fn ts(s: &str) -> Timestamp {
+    Timestamp::parse(s).expect("test timestamp")
+}
+
+impl World {
+    pub fn new() -> World {
+        World::with_card(CARD)
+    }
+
+    pub fn with_card(card: &str) -> World {
+        let plans = PlanCatalog::default();
+        World {
+            rates: RateCard::from_toml(card).expect("test rate card"),
+            book: AccountBook::new(&plans),
+            plans,
+            config: MeterConfig::default(),
+            meter: Meter::tracking_changes(),
+            out: Vec::new(),
+            seq: 0,
+        }
+    }
+
+    pub fn account(&mut self, json: &str) {
+        let r = AccountRecord::parse(json.as_bytes()).expect("test account record");
+        self.book.insert(r);
+    }
+
+    pub fn apply(&mut self, raw: &str) {
+        let ctx = Context {
+            rates: &self.rates,
+            plans: &self.plans,
+            accounts: &self.book,
+            config: &self.config,
+        };
+        self.meter.apply(&ctx, raw.as_bytes(), None, &mut self.out);
+    }
+
+    pub fn flush(&mut self) {
+        let ctx = Context {
+            rates: &self.rates,
+            plans: &self.plans,
+            accounts: &self.book,
+            config: &self.config,
+        };
+        self.meter.flush(&ctx, &mut self.out);
+    }
+
+    fn next_id(&mut self) -> String {
+        self.seq += 1;
+        format!("e{}", self.seq)
+    }
+
+    pub fn start(&mut self, acct: &str, job: &str, time: &str, kind: &str, model: Option<&str>) -> String {
+        let id = self.next_id();
+        let mut data = format!(r#""account_id":"{acct}","kind":"{kind}""#);
+        if let Some(m) = model {
+            data.push_str(&format!(r#","model":"{m}""#));
+        }
+        if kind == "workflow_step" {
+            data.push_str(r#","workflow_run_id":"run-1""#);
+        }
+        event(&id, "job.started", job, time, &data)
+    }
+
+    pub fn heartbeat(&mut self, acct: &str, job: &str, time: &str) -> String {
+        let id = self.next_id();
+        event(&id, "job.heartbeat", job, time, &format!(r#""account_id":"{acct}""#))
+    }
+
+    pub fn stop(&mut self, acct: &str, job: &str, time: &str, status: &str) -> String {
+        let id = self.next_id();
+        event(&id, "job.stopped", job, time, &format!(r#""account_id":"{acct}","status":"{status}""#))
+    }
+
+    pub fn charges(&self) -> Vec<&Charge> {
+        self.out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Charge(c) => Some(c),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn limits(&self) -> Vec<&LimitEvent> {
+        self.out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Limit(l) => Some(l),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn statements(&self) -> Vec<&Statement> {
+        self.out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Statement(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn rejects(&self) -> Vec<RejectReason> {
+        self.out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Reject(r) => Some(r.reason),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+pub fn event(id: &str, ty: &str, job: &str, time: &str, data: &str) -> String {
+    format!(
+        r#"{{"specversion":"1.0","id":"{id}","source":"gpu-worker/test","type":"{ty}","time":"{time}","subject":"{job}","data":{{{data}}}}}"#
+    )
+}
+
+pub fn money(s: &str) -> Money {
+    Money::parse(s).expect("test amount")
+}
