@@ -1,0 +1,265 @@
+//! The `jobmeter` command line: argument parsing and dispatch only.
+
+use crate::replay::{load_plans, load_rate_card, replay, ReplayArgs};
+use crate::simulate::{accounts, events, FleetOptions};
+use crate::sinks::Format;
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use jobmeter_core::{MeterConfig, Timestamp};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+/// jobmeter: an exactly-once, per-second usage meter for GPU jobs.
+#[derive(Debug, Parser)]
+#[command(name = "jobmeter", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the billing core over files (no Kafka): reproduce any bill.
+    Replay(ReplayCmd),
+    /// Generate a deterministic simulated fleet's accounts and events.
+    Simulate(SimulateCmd),
+    /// Validate a rate card and a plan catalog, reporting every problem.
+    CheckConfig(CheckConfigCmd),
+    /// Run the streaming meter against Kafka.
+    Run(crate::service::RunCmd),
+}
+
+/// Timeouts shared by replay and run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TimeoutArgs {
+    /// Orphan timeout (event time), e.g. "10m".
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub orphan_timeout: i64,
+    /// Grace after a period's end before it closes, e.g. "1h".
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub period_grace: i64,
+    /// Longest accepted job, e.g. "7d".
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    pub max_duration: i64,
+    /// How long finished jobs are remembered for duplicate detection.
+    #[arg(long, default_value = "35d", value_parser = parse_duration)]
+    pub retention: i64,
+}
+
+impl TimeoutArgs {
+    /// As the core's config.
+    pub fn meter_config(&self) -> MeterConfig {
+        MeterConfig {
+            orphan_timeout_ms: self.orphan_timeout,
+            period_grace_ms: self.period_grace,
+            max_duration_ms: self.max_duration,
+            retention_ms: self.retention,
+        }
+    }
+}
+
+/// Parses "10m", "1h", "30s", "7d", "250ms".
+pub fn parse_duration(s: &str) -> Result<i64, String> {
+    jobmeter_core::time::parse_duration_ms(s).ok_or_else(|| format!("{s:?} is not a duration (examples: 250ms, 30s, 10m, 1h, 7d)"))
+}
+
+/// `jobmeter replay`.
+#[derive(Debug, clap::Args)]
+pub struct ReplayCmd {
+    /// Lifecycle events, one CloudEvent JSON per line.
+    #[arg(long)]
+    pub events: PathBuf,
+    /// Account records, one JSON per line.
+    #[arg(long)]
+    pub accounts: Option<PathBuf>,
+    /// Rate card (TOML).
+    #[arg(long, default_value = "config/rate-card.toml")]
+    pub rate_card: PathBuf,
+    /// Plan catalog (TOML); built-in defaults when omitted.
+    #[arg(long)]
+    pub plans: Option<PathBuf>,
+    /// Output directory (charges, limits, statements, rejects).
+    #[arg(long, default_value = "jobmeter-out")]
+    pub out: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Jsonl)]
+    pub format: Format,
+    /// At the end, close open jobs as orphans and emit every open period's statements.
+    #[arg(long)]
+    pub flush: bool,
+    /// Timeouts.
+    #[command(flatten)]
+    pub timeouts: TimeoutArgs,
+}
+
+/// `jobmeter simulate`.
+#[derive(Debug, clap::Args)]
+pub struct SimulateCmd {
+    /// Seed: the same seed gives the same fleet.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Accounts.
+    #[arg(long, default_value_t = 200)]
+    pub accounts: usize,
+    /// Jobs.
+    #[arg(long, default_value_t = 10_000)]
+    pub jobs: usize,
+    /// Event time of the first job (RFC 3339).
+    #[arg(long, default_value = "2024-05-01T00:00:00Z")]
+    pub start: String,
+    /// Mean gap between job starts, e.g. "200ms".
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    pub mean_gap: i64,
+    /// Heartbeat interval.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub heartbeat: i64,
+    /// Per-mille of events delivered twice.
+    #[arg(long, default_value_t = 50)]
+    pub duplicates: u32,
+    /// Per-mille of events swapped with a neighbour.
+    #[arg(long, default_value_t = 20)]
+    pub reorder: u32,
+    /// Per-mille of jobs whose stop is lost.
+    #[arg(long, default_value_t = 5)]
+    pub lost_stops: u32,
+    /// Per-mille of extra malformed events.
+    #[arg(long, default_value_t = 2)]
+    pub bad: u32,
+    /// Largest worker clock skew.
+    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    pub max_skew: i64,
+    /// Write events (JSON lines) here.
+    #[arg(long)]
+    pub events_out: PathBuf,
+    /// Write account records (JSON lines) here.
+    #[arg(long)]
+    pub accounts_out: Option<PathBuf>,
+}
+
+impl SimulateCmd {
+    /// As fleet options.
+    pub fn options(&self) -> anyhow::Result<FleetOptions> {
+        Ok(FleetOptions {
+            seed: self.seed,
+            accounts: self.accounts.max(1),
+            jobs: self.jobs,
+            start: Timestamp::parse(&self.start).map_err(|e| anyhow::anyhow!("--start: {e}"))?,
+            mean_gap_ms: self.mean_gap,
+            heartbeat_interval_ms: self.heartbeat.max(1),
+            duplicate_permille: self.duplicates,
+            reorder_permille: self.reorder,
+            lost_stop_permille: self.lost_stops,
+            bad_permille: self.bad,
+            max_skew_ms: self.max_skew,
+            ..FleetOptions::default()
+        })
+    }
+}
+
+/// `jobmeter check-config`.
+#[derive(Debug, clap::Args)]
+pub struct CheckConfigCmd {
+    /// Rate card (TOML).
+    #[arg(long, default_value = "config/rate-card.toml")]
+    pub rate_card: PathBuf,
+    /// Plan catalog (TOML).
+    #[arg(long)]
+    pub plans: Option<PathBuf>,
+}
+
+/// Runs the command line; the binary's `main` calls this.
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Replay(cmd) => run_replay(cmd),
+        Command::Simulate(cmd) => run_simulate(cmd),
+        Command::CheckConfig(cmd) => {
+            let card = load_rate_card(&cmd.rate_card)?;
+            let plans = load_plans(cmd.plans.as_deref())?;
+            let models: usize = card.versions.last().map_or(0, |v| v.models.len());
+            println!(
+                "ok: {} rate-card version(s), {} model(s) in the latest; pro fee {} (intro {} for the first {})",
+                card.versions.len(),
+                models,
+                plans.pro_fee,
+                plans.pro_intro_fee,
+                plans.pro_intro_subscribers
+            );
+            Ok(())
+        }
+        Command::Run(cmd) => crate::service::main(cmd),
+    }
+}
+
+fn run_replay(cmd: ReplayCmd) -> anyhow::Result<()> {
+    let args = ReplayArgs {
+        events: cmd.events,
+        accounts: cmd.accounts,
+        rate_card: cmd.rate_card,
+        plans: cmd.plans,
+        out: cmd.out.clone(),
+        format: cmd.format,
+        flush: cmd.flush,
+        meter: cmd.timeouts.meter_config(),
+    };
+    let tty = std::io::stderr().is_terminal();
+    let started = std::time::Instant::now();
+    let summary = replay(&args, |done, total| {
+        if tty && total > 0 {
+            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            let rate = done as f64 / secs;
+            let eta = (total.saturating_sub(done)) as f64 / rate.max(1.0);
+            eprint!(
+                "\r{:5.1}%  {:7.1} MB/s  ETA {:4.0}s ",
+                100.0 * done as f64 / total as f64,
+                rate / 1e6,
+                eta
+            );
+            let _ = std::io::stderr().flush();
+        }
+    })?;
+    if tty {
+        eprintln!();
+    }
+    let s = &summary.stats;
+    let rejected: u64 = s.rejected.iter().sum();
+    eprintln!(
+        "replayed {} lines ({} accounts) in {:.2}s: {} events, {} duplicates, {} rejected, {} charges ({} adjustments, {} late), {} orphans, {} limit events, {} statements, {} jobs still open",
+        summary.lines,
+        summary.accounts,
+        started.elapsed().as_secs_f64(),
+        s.events,
+        s.duplicates,
+        rejected,
+        s.charges,
+        s.adjustments,
+        s.late_charges,
+        s.orphans,
+        s.limit_events,
+        s.statements,
+        summary.open_jobs
+    );
+    eprintln!("outputs in {}", cmd.out.display());
+    Ok(())
+}
+
+fn run_simulate(cmd: SimulateCmd) -> anyhow::Result<()> {
+    let opts = cmd.options()?;
+    let evs = events(&opts);
+    let mut w = std::io::BufWriter::new(std::fs::File::create(&cmd.events_out).with_context(|| format!("creating {}", cmd.events_out.display()))?);
+    for e in &evs {
+        writeln!(w, "{}", e.json)?;
+    }
+    w.flush()?;
+    if let Some(path) = &cmd.accounts_out {
+        let mut w = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);
+        for (_, rec) in accounts(&opts) {
+            writeln!(w, "{rec}")?;
+        }
+        w.flush()?;
+    }
+    eprintln!("wrote {} events to {}", evs.len(), cmd.events_out.display());
+    Ok(())
+}
