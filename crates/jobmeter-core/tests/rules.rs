@@ -403,3 +403,23 @@ fn state_restored_from_changes_continues_identically() {
         assert_eq!(format!("{:?}", b.out), format!("{:?}", c.out), "after event {i}");
     }
 }
+
+#[test]
+fn finished_jobs_are_remembered_for_the_retention_then_forgotten() {
+    let mut w = World::new();
+    w.config.retention_ms = 86_400_000; // one day
+    let s = w.start("acct", "a", "2024-05-01T00:00:00Z", "inference", Some("img"));
+    let e = w.stop("acct", "a", "2024-05-01T00:00:10Z", "succeeded");
+    w.apply(&s);
+    w.apply(&e);
+    w.apply(&s); // a duplicate within the retention is ignored
+    assert_eq!(w.meter.stats().duplicates, 1);
+    assert_eq!(w.meter.known_jobs(), 1);
+    let later = w.start("acct", "b", "2024-05-02T00:00:11Z", "inference", Some("img"));
+    w.apply(&later);
+    assert_eq!(w.meter.known_jobs(), 1, "job a is forgotten after a day of stream time");
+    // Past the retention, the same start is a new event (documented trade-off
+    // that bounds the state).
+    w.apply(&s);
+    assert_eq!(w.meter.stats().duplicates, 1);
+}
