@@ -19,7 +19,7 @@ use crate::meter::{Context, Meter};
 use crate::money::{AccountId, Money, CURRENCY};
 use crate::output::{Charge, LimitAction, LimitEvent, LimitKind, Output, Statement, StatementLine};
 use crate::plans::{Plan, PlanTerms};
-use crate::state::{Accrual, Counter, FiredKey, Job, JobKey, StartRec, UsageKey};
+use crate::state::{Accrual, Counter, FiredKey, Job, JobKey, StartRec, ThresholdId, UsageKey};
 use crate::time::{Period, Timestamp};
 use rust_decimal::{Decimal, RoundingStrategy};
 
@@ -43,7 +43,7 @@ pub(crate) struct SliceCharge {
 /// A threshold of a limit.
 #[derive(Debug)]
 struct Threshold {
-    id: String,
+    id: ThresholdId,
     pct: Option<u32>,
     level: Money,
 }
@@ -67,7 +67,7 @@ fn limit_spec(ctx: &Context<'_>, terms: &PlanTerms, kind: JobKind, account: &Acc
         }
         pcts.iter()
             .map(|p| Threshold {
-                id: p.to_string(),
+                id: ThresholdId::Pct(*p),
                 pct: Some(*p),
                 level: cap.percent(*p),
             })
@@ -101,7 +101,7 @@ fn limit_spec(ctx: &Context<'_>, terms: &PlanTerms, kind: JobKind, account: &Acc
                 .iter()
                 .filter(|a| **a > Money::ZERO)
                 .map(|a| Threshold {
-                    id: format!("${a}"),
+                    id: ThresholdId::Amount(*a),
                     pct: None,
                     level: *a,
                 })
@@ -146,7 +146,7 @@ impl Meter {
             }
             let fired = FiredKey {
                 usage: spec.key.clone(),
-                threshold: t.id.clone(),
+                threshold: t.id,
             };
             if self.fired.contains(&fired) {
                 continue;

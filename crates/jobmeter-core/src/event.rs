@@ -131,9 +131,9 @@ pub enum JobStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct EventKey {
     /// CloudEvents `source`.
-    pub source: String,
+    pub source: std::sync::Arc<str>,
     /// CloudEvents `id`.
-    pub id: String,
+    pub id: std::sync::Arc<str>,
 }
 
 /// The fields of a `job.started` event.
@@ -268,8 +268,8 @@ pub fn parse_job_event(bytes: &[u8]) -> Result<JobEvent, Invalid> {
                 }
             };
             let model = match kind {
-                JobKind::FineTune => optional(&data.model).map(ModelId),
-                _ => Some(ModelId(required(&data.model, "data.model")?.to_owned())),
+                JobKind::FineTune => optional(&data.model).map(ModelId::from),
+                _ => Some(ModelId::from(required(&data.model, "data.model")?)),
             };
             let workflow_run_id = match kind {
                 JobKind::WorkflowStep => Some(required(&data.workflow_run_id, "data.workflow_run_id")?.to_owned()),
@@ -303,12 +303,12 @@ pub fn parse_job_event(bytes: &[u8]) -> Result<JobEvent, Invalid> {
     };
     Ok(JobEvent {
         key: EventKey {
-            source: source.to_owned(),
-            id: id.to_owned(),
+            source: source.into(),
+            id: id.into(),
         },
         time,
-        job: JobId(subject.to_owned()),
-        account: AccountId(account.to_owned()),
+        job: JobId::from(subject),
+        account: AccountId::from(account),
         body,
     })
 }

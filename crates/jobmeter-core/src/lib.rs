@@ -23,6 +23,7 @@
 mod billing;
 mod config_error;
 pub mod event;
+pub mod fasthash;
 pub mod meter;
 pub mod money;
 pub mod output;

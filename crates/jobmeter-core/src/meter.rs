@@ -13,7 +13,8 @@ use crate::ratecard::RateCard;
 use crate::rating::split;
 use crate::state::{Billed, BilledPart, Counter, FiredKey, Job, JobKey, StartRec, StatementAcc, StopRec, UsageKey};
 use crate::time::{Period, Timestamp};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use crate::fasthash::{FastMap, FastSet};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Timeouts and retention, in milliseconds of event time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,10 +85,10 @@ pub struct Stats {
 /// Keys changed since the last [`Meter::take_changes`].
 #[derive(Debug, Default)]
 pub(crate) struct Dirty {
-    pub(crate) jobs: HashSet<JobKey>,
-    pub(crate) usage: HashSet<UsageKey>,
+    pub(crate) jobs: FastSet<JobKey>,
+    pub(crate) usage: FastSet<UsageKey>,
     pub(crate) fired: Vec<FiredKey>,
-    pub(crate) statements: HashSet<(Period, crate::money::AccountId)>,
+    pub(crate) statements: FastSet<(Period, crate::money::AccountId)>,
     pub(crate) meta: bool,
 }
 
@@ -95,15 +96,17 @@ pub(crate) struct Dirty {
 #[derive(Debug, Default)]
 pub struct Meter {
     pub(crate) stream_time: Option<Timestamp>,
-    pub(crate) jobs: HashMap<JobKey, Job>,
-    pub(crate) seen: HashMap<EventKey, JobKey>,
-    pub(crate) usage: HashMap<UsageKey, Counter>,
-    pub(crate) fired: HashSet<FiredKey>,
+    pub(crate) jobs: FastMap<JobKey, Box<Job>>,
+    pub(crate) seen: FastSet<EventKey>,
+    pub(crate) usage: FastMap<UsageKey, Counter>,
+    pub(crate) fired: FastSet<FiredKey>,
     pub(crate) statements: BTreeMap<Period, BTreeMap<crate::money::AccountId, StatementAcc>>,
     pub(crate) timers: BTreeSet<(Timestamp, JobKey)>,
     pub(crate) expiry: BTreeSet<(Timestamp, JobKey)>,
     pub(crate) dirty: Option<Dirty>,
     pub(crate) stats: Stats,
+    /// Jobs with a deadline (running, or a stop waiting for its start).
+    pub(crate) open: usize,
 }
 
 /// When a job must be looked at again: its orphan deadline, or the deadline
@@ -144,9 +147,9 @@ impl Meter {
         &self.stats
     }
 
-    /// Jobs started and not yet charged.
+    /// Jobs started and not yet charged, plus stops waiting for their start.
     pub fn open_jobs(&self) -> usize {
-        self.timers.len()
+        self.open
     }
 
     /// Jobs remembered (open, pending, and finished within retention).
@@ -165,19 +168,18 @@ impl Meter {
 
     /// Applies an already parsed event (`raw` is kept for DLQ records).
     pub fn apply_event(&mut self, ctx: &Context<'_>, ev: JobEvent, raw: &[u8], origin: Option<&Origin>, out: &mut Vec<Output>) {
-        if self.seen.contains_key(&ev.key) {
+        if !self.seen.insert(ev.key.clone()) {
             self.stats.duplicates += 1;
             return;
         }
         self.stats.events += 1;
         let jk: JobKey = (ev.account, ev.job);
-        self.seen.insert(ev.key.clone(), jk.clone());
         // Stream time moves only for events that are accepted: a rejected
         // event (a conflict, an unknown model, an impossible duration) must
         // not orphan jobs or close periods with a time nobody vouches for.
         let now = self.stream_time.map_or(ev.time, |t| t.max(ev.time));
         let mut job = self.take_job(&jk);
-        let old = (deadline(&job, ctx.config.orphan_timeout_ms), job.expires);
+        let old = (deadline(&job, ctx.config.orphan_timeout_ms).is_some(), job.expires);
         job.keys.push(ev.key.clone());
         let accepted = match ev.body {
             EventBody::Started(info) => self.on_start(ctx, &jk, &mut job, ev.key, ev.time, info, raw, origin, now, out),
@@ -335,7 +337,7 @@ impl Meter {
     /// A deadline came due at stream time `at`.
     fn on_deadline(&mut self, ctx: &Context<'_>, jk: JobKey, at: Timestamp, out: &mut Vec<Output>) {
         let mut job = self.take_job(&jk);
-        let old = (deadline(&job, ctx.config.orphan_timeout_ms), job.expires);
+        let old = (deadline(&job, ctx.config.orphan_timeout_ms).is_some(), job.expires);
         if let Some(s) = job.start.as_ref().filter(|_| job.billed.is_none()) {
             let close = job.last_heartbeat.map_or(s.time, |h| h.max(s.time));
             self.stats.orphans += 1;
@@ -369,7 +371,7 @@ impl Meter {
             };
             if timer_first {
                 if let Some((d, jk)) = self.timers.pop_first() {
-                    self.on_deadline(ctx, jk, d, out);
+                    self.timer_due(ctx, jk, d, out);
                 }
             } else if let Some((t, p)) = close {
                 self.close_period(ctx, p, t, out);
@@ -395,19 +397,44 @@ impl Meter {
         }
     }
 
-    fn take_job(&mut self, jk: &JobKey) -> Job {
+    /// A timer entry came due: fire it, or move it to the job's real
+    /// deadline if heartbeats pushed that out (or drop it if stale).
+    fn timer_due(&mut self, ctx: &Context<'_>, jk: JobKey, d: Timestamp, out: &mut Vec<Output>) {
+        let Some(job) = self.jobs.get_mut(&jk) else { return };
+        if job.timer != Some(d) {
+            return;
+        }
+        job.timer = None;
+        match deadline(job, ctx.config.orphan_timeout_ms) {
+            None => {}
+            Some(actual) if actual > d => {
+                job.timer = Some(actual);
+                self.timers.insert((actual, jk));
+            }
+            Some(_) => self.on_deadline(ctx, jk, d, out),
+        }
+    }
+
+    fn take_job(&mut self, jk: &JobKey) -> Box<Job> {
         self.jobs.remove(jk).unwrap_or_default()
     }
 
-    /// Puts a job back, moving its timer and expiry entries if they changed.
-    fn put_job(&mut self, ctx: &Context<'_>, jk: JobKey, mut job: Job, old: (Option<Timestamp>, Option<Timestamp>), now: Timestamp) {
+    /// Puts a job back, updating its timer and expiry entries. `old` is
+    /// (had a deadline, expiry) from when it was taken.
+    fn put_job(&mut self, ctx: &Context<'_>, jk: JobKey, mut job: Box<Job>, old: (bool, Option<Timestamp>), now: Timestamp) {
         let new_deadline = deadline(&job, ctx.config.orphan_timeout_ms);
-        if new_deadline != old.0 {
-            if let Some(d) = old.0 {
-                self.timers.remove(&(d, jk.clone()));
-            }
-            if let Some(d) = new_deadline {
+        match (old.0, new_deadline.is_some()) {
+            (false, true) => self.open += 1,
+            (true, false) => self.open -= 1,
+            _ => {}
+        }
+        if let Some(d) = new_deadline {
+            if job.timer.is_none_or(|t| d < t) {
+                if let Some(t) = job.timer {
+                    self.timers.remove(&(t, jk.clone()));
+                }
                 self.timers.insert((d, jk.clone()));
+                job.timer = Some(d);
             }
         }
         job.expires = match new_deadline {

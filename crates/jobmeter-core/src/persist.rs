@@ -28,7 +28,7 @@ impl Meter {
             out.push(StateChange {
                 table: Table::Jobs,
                 key: keys::job(&k),
-                value: self.jobs.get(&k).map(|v| values::encode(Table::Jobs, v)).transpose()?,
+                value: self.jobs.get(&k).map(|v| values::encode(Table::Jobs, &**v)).transpose()?,
             });
         }
         let mut usage: Vec<_> = usage.into_iter().collect();
@@ -112,7 +112,7 @@ impl Meter {
                 Table::Jobs => {
                     let key = keys::decode_job(&k).ok_or_else(|| bad_key(table))?;
                     let job: Job = values::decode(table, &v)?;
-                    m.jobs.insert(key, job);
+                    m.jobs.insert(key, Box::new(job));
                 }
                 Table::Usage => {
                     let key = keys::decode_usage(&k).ok_or_else(|| bad_key(table))?;
@@ -138,12 +138,14 @@ impl Meter {
                 }
             }
         }
-        for (jk, job) in &m.jobs {
+        for (jk, job) in m.jobs.iter_mut() {
             for k in &job.keys {
-                m.seen.insert(k.clone(), jk.clone());
+                m.seen.insert(k.clone());
             }
             if let Some(d) = deadline(job, config.orphan_timeout_ms) {
                 m.timers.insert((d, jk.clone()));
+                job.timer = Some(d);
+                m.open += 1;
             }
             if let Some(e) = job.expires {
                 m.expiry.insert((e, jk.clone()));

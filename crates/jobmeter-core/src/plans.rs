@@ -55,7 +55,7 @@ pub struct PlanCatalog {
     /// Threshold percentages for the pro cap and quota.
     pub pro_thresholds_pct: Vec<u32>,
     /// Default enterprise alert amounts (USD per month).
-    pub enterprise_alert_thresholds: Vec<Money>,
+    pub enterprise_alert_thresholds: std::sync::Arc<[Money]>,
 }
 
 impl Default for PlanCatalog {
@@ -70,7 +70,7 @@ impl Default for PlanCatalog {
             pro_model_api_cap: m("500.00"),
             pro_workflow_quota: m("50.00"),
             pro_thresholds_pct: vec![80, 100],
-            enterprise_alert_thresholds: Vec::new(),
+            enterprise_alert_thresholds: Vec::new().into(),
         }
     }
 }
@@ -156,7 +156,7 @@ impl PlanCatalog {
             pro_model_api_cap: amount(&mut p, &raw.pro.model_api_cap, "pro.model_api_cap", d.pro_model_api_cap),
             pro_workflow_quota: amount(&mut p, &raw.pro.workflow_quota, "pro.workflow_quota", d.pro_workflow_quota),
             pro_thresholds_pct: pcts(&mut p, &raw.pro.thresholds_pct, "pro.thresholds_pct", &d.pro_thresholds_pct),
-            enterprise_alert_thresholds: alerts,
+            enterprise_alert_thresholds: alerts.into(),
         };
         let _ = raw.payg;
         p.finish("plan catalog")?;
@@ -180,7 +180,7 @@ fn money_in<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Money>, D::Error> 
     }
 }
 
-fn money_list_in<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Money>>, D::Error> {
+fn money_list_in<'de, D: Deserializer<'de>>(d: D) -> Result<Option<std::sync::Arc<[Money]>>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum In {
@@ -196,7 +196,7 @@ fn money_list_in<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Money>>, 
             In::S(s) => Money::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("{s:?} is not a decimal amount"))),
         })
         .collect::<Result<Vec<_>, _>>()
-        .map(Some)
+        .map(|v| Some(v.into()))
 }
 
 /// An account/plan record from the accounts topic.
@@ -219,7 +219,7 @@ pub struct AccountRecord {
     pub workflow_quota: Option<Money>,
     /// Enterprise alert amounts (USD per month).
     #[serde(default, deserialize_with = "money_list_in", skip_serializing_if = "Option::is_none")]
-    pub alert_thresholds: Option<Vec<Money>>,
+    pub alert_thresholds: Option<std::sync::Arc<[Money]>>,
 }
 
 impl AccountRecord {
@@ -254,8 +254,8 @@ pub struct PlanTerms {
     pub usage_cap: Money,
     /// Pro workflow quota.
     pub workflow_quota: Money,
-    /// Enterprise alert amounts.
-    pub alert_thresholds: Vec<Money>,
+    /// Enterprise alert amounts (shared, so resolving terms never copies them).
+    pub alert_thresholds: std::sync::Arc<[Money]>,
 }
 
 /// Every account's records, ordered by `effective_from`: the accounts table.

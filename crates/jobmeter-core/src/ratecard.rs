@@ -201,7 +201,7 @@ impl RateCard {
                 let field = format!("{at}.models.{name:?}.per_second");
                 let per_second = price(&mut p, &m.get_ref().per_second, &field);
                 models.insert(
-                    ModelId(name.clone()),
+                    ModelId::from(name.as_str()),
                     ModelPrice {
                         per_second,
                         gpu: m.get_ref().gpu.clone(),

@@ -113,6 +113,12 @@ pub struct Job {
     pub keys: Vec<EventKey>,
     /// Stream time after which an inert job is forgotten.
     pub expires: Option<Timestamp>,
+    /// The time of this job's entry in the meter's timer index (derived,
+    /// never stored). Always at or before the job's real deadline: a
+    /// heartbeat that pushes the deadline out does not touch the index; the
+    /// entry is moved when it comes due.
+    #[serde(skip)]
+    pub timer: Option<Timestamp>,
 }
 
 /// Identity of a usage counter.
@@ -142,13 +148,42 @@ impl Counter {
     }
 }
 
+/// Which threshold of a limit: a percentage of it, or an alert amount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ThresholdId {
+    /// A percentage of the limit (80, 100).
+    Pct(u32),
+    /// An enterprise alert amount.
+    Amount(Money),
+}
+
+impl std::fmt::Display for ThresholdId {
+    /// `80`, `100`, or `$250.00`: the last segment of a limit event id.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ThresholdId::Pct(p) => write!(f, "{p}"),
+            ThresholdId::Amount(a) => write!(f, "${a}"),
+        }
+    }
+}
+
+impl ThresholdId {
+    /// Inverse of `Display`.
+    pub fn parse(s: &str) -> Option<ThresholdId> {
+        match s.strip_prefix('$') {
+            Some(a) => Money::parse(a).map(ThresholdId::Amount),
+            None => s.parse().ok().map(ThresholdId::Pct),
+        }
+    }
+}
+
 /// A threshold that has fired (one per key, ever).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct FiredKey {
     /// The counter.
     pub usage: UsageKey,
-    /// `80`, `100`, or an alert amount such as `$250.00`.
-    pub threshold: String,
+    /// Which threshold.
+    pub threshold: ThresholdId,
 }
 
 /// One (kind, model) line being accumulated.
@@ -317,7 +352,7 @@ pub mod keys {
     pub fn decode_job(mut b: &[u8]) -> Option<JobKey> {
         let a = take_str(&mut b)?;
         let j = take_str(&mut b)?;
-        b.is_empty().then(|| (AccountId(a.to_owned()), JobId(j.to_owned())))
+        b.is_empty().then(|| (AccountId::from(a), JobId::from(j)))
     }
 
     /// Encodes a usage key.
@@ -330,7 +365,7 @@ pub mod keys {
     }
 
     fn take_usage(b: &mut &[u8]) -> Option<UsageKey> {
-        let account = AccountId(take_str(b)?.to_owned());
+        let account = AccountId::from(take_str(b)?);
         let limit = limit_from(*b.first()?)?;
         *b = &b[1..];
         let p = take_u32(b)?;
@@ -350,14 +385,14 @@ pub mod keys {
     /// Encodes a fired-threshold key.
     pub fn fired(k: &FiredKey) -> Vec<u8> {
         let mut out = usage(&k.usage);
-        put_str(&mut out, &k.threshold);
+        put_str(&mut out, &k.threshold.to_string());
         out
     }
 
     /// Decodes a fired-threshold key.
     pub fn decode_fired(mut b: &[u8]) -> Option<FiredKey> {
         let usage = take_usage(&mut b)?;
-        let threshold = take_str(&mut b)?.to_owned();
+        let threshold = ThresholdId::parse(take_str(&mut b)?)?;
         b.is_empty().then_some(FiredKey { usage, threshold })
     }
 
@@ -371,7 +406,7 @@ pub mod keys {
     /// Decodes a statement key.
     pub fn decode_statement(mut b: &[u8]) -> Option<(Period, AccountId)> {
         let p = Period::from_ordinal(take_u32(&mut b)?);
-        let a = AccountId(take_str(&mut b)?.to_owned());
+        let a = AccountId::from(take_str(&mut b)?);
         b.is_empty().then_some((p, a))
     }
 
@@ -408,23 +443,24 @@ mod tests {
     proptest! {
         #[test]
         fn job_keys_round_trip(a in ".{0,40}", j in ".{0,40}") {
-            let k = (AccountId(a), JobId(j));
+            let k = (AccountId::from(a), JobId::from(j));
             prop_assert_eq!(keys::decode_job(&keys::job(&k)), Some(k));
         }
 
         #[test]
-        fn usage_and_fired_keys_round_trip(a in ".{0,20}", l in 0usize..4, p in proptest::option::of(0u32..40_000), t in ".{0,10}") {
-            let usage = UsageKey { account: AccountId(a), limit: LimitKind::ALL[l], period: p.map(Period::from_ordinal) };
+        fn usage_and_fired_keys_round_trip(a in ".{0,20}", l in 0usize..4, p in proptest::option::of(0u32..40_000), t in 0u32..2000, amount in proptest::option::of(0i64..1_000_000)) {
+            let usage = UsageKey { account: AccountId::from(a), limit: LimitKind::ALL[l], period: p.map(Period::from_ordinal) };
             prop_assert_eq!(keys::decode_usage(&keys::usage(&usage)), Some(usage.clone()));
-            let f = FiredKey { usage, threshold: t };
+            let threshold = match amount { Some(a) => ThresholdId::Amount(Money(rust_decimal::Decimal::new(a, 2))), None => ThresholdId::Pct(t) };
+            let f = FiredKey { usage, threshold };
             prop_assert_eq!(keys::decode_fired(&keys::fired(&f)), Some(f));
         }
 
         #[test]
         fn statement_keys_sort_by_period(a in ".{0,20}", p1 in 0u32..40_000, p2 in 0u32..40_000) {
-            let (k1, k2) = (keys::statement(Period::from_ordinal(p1), &AccountId(a.clone())), keys::statement(Period::from_ordinal(p2), &AccountId(a.clone())));
+            let (k1, k2) = (keys::statement(Period::from_ordinal(p1), &AccountId::from(a.as_str())), keys::statement(Period::from_ordinal(p2), &AccountId::from(a.as_str())));
             prop_assert_eq!(p1.cmp(&p2), k1.cmp(&k2));
-            prop_assert_eq!(keys::decode_statement(&k1), Some((Period::from_ordinal(p1), AccountId(a))));
+            prop_assert_eq!(keys::decode_statement(&k1), Some((Period::from_ordinal(p1), AccountId::from(a))));
         }
 
         #[test]
