@@ -11,7 +11,10 @@ use std::hint::black_box;
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 33
     }
     fn below(&mut self, n: u64) -> u64 {
@@ -19,7 +22,16 @@ impl Lcg {
     }
 }
 
-const MODELS: [&str; 8] = ["sdxl-1.0", "sdxl-turbo", "flux-dev", "esrgan-4x", "llama-3-8b", "llama-3-70b", "whisper-large-v3", "faceswap-v2"];
+const MODELS: [&str; 8] = [
+    "sdxl-1.0",
+    "sdxl-turbo",
+    "flux-dev",
+    "esrgan-4x",
+    "llama-3-8b",
+    "llama-3-70b",
+    "whisper-large-v3",
+    "faceswap-v2",
+];
 
 fn workload(jobs: usize) -> Vec<String> {
     let mut rng = Lcg(7);
@@ -42,12 +54,24 @@ fn workload(jobs: usize) -> Vec<String> {
         let roll = rng.below(100);
         let (data, dur) = if roll < 90 {
             let m = MODELS[rng.below(MODELS.len() as u64) as usize];
-            (format!(r#","kind":"inference","model":"{m}","gpu":"A100-80GB""#), 500 + rng.below(30_000) as i64)
+            (
+                format!(r#","kind":"inference","model":"{m}","gpu":"A100-80GB""#),
+                500 + rng.below(30_000) as i64,
+            )
         } else if roll < 99 {
             let m = MODELS[rng.below(MODELS.len() as u64) as usize];
-            (format!(r#","kind":"workflow_step","model":"{m}","workflow_run_id":"run-{}""#, j / 3), 500 + rng.below(20_000) as i64)
+            (
+                format!(
+                    r#","kind":"workflow_step","model":"{m}","workflow_run_id":"run-{}""#,
+                    j / 3
+                ),
+                500 + rng.below(20_000) as i64,
+            )
         } else {
-            (r#","kind":"fine_tune""#.to_owned(), 600_000 + rng.below(3_000_000) as i64)
+            (
+                r#","kind":"fine_tune""#.to_owned(),
+                600_000 + rng.below(3_000_000) as i64,
+            )
         };
         push(&mut evs, "job.started", &job, t, &acct, &data);
         let mut hb = t + 10_000;
@@ -55,7 +79,14 @@ fn workload(jobs: usize) -> Vec<String> {
             push(&mut evs, "job.heartbeat", &job, hb, &acct, "");
             hb += 10_000;
         }
-        push(&mut evs, "job.stopped", &job, t + dur, &acct, r#","status":"succeeded""#);
+        push(
+            &mut evs,
+            "job.stopped",
+            &job,
+            t + dur,
+            &acct,
+            r#","status":"succeeded""#,
+        );
     }
     evs.sort_by_key(|(t, s, _)| (*t, *s));
     let mut out = Vec::with_capacity(evs.len() * 21 / 20);
@@ -74,7 +105,9 @@ fn bench(c: &mut Criterion) {
     let mut book = AccountBook::new(&plans);
     for i in 0..300 {
         let plan = ["free", "pro", "enterprise", "payg"][i % 4];
-        let rec = format!(r#"{{"account_id":"acct-{i:04}","plan":"{plan}","effective_from":"2024-01-01T00:00:00Z","alert_thresholds":["100"]}}"#);
+        let rec = format!(
+            r#"{{"account_id":"acct-{i:04}","plan":"{plan}","effective_from":"2024-01-01T00:00:00Z","alert_thresholds":["100"]}}"#
+        );
         book.insert(AccountRecord::parse(rec.as_bytes()).expect("record"));
     }
     let config = MeterConfig::default();

@@ -60,7 +60,13 @@ struct LimitSpec {
     plan: Plan,
 }
 
-fn limit_spec(ctx: &Context<'_>, terms: &PlanTerms, kind: JobKind, account: &AccountId, period: Period) -> Option<LimitSpec> {
+fn limit_spec(
+    ctx: &Context<'_>,
+    terms: &PlanTerms,
+    kind: JobKind,
+    account: &AccountId,
+    period: Period,
+) -> Option<LimitSpec> {
     let pct = |cap: Money, pcts: &[u32]| -> Vec<Threshold> {
         if cap <= Money::ZERO {
             return Vec::new();
@@ -135,7 +141,14 @@ impl Meter {
     }
 
     /// Fires every threshold of `spec` the counter has reached, once ever.
-    fn check_thresholds(&mut self, spec: &LimitSpec, period: Period, job: &JobKey, at: Timestamp, out: &mut Vec<Output>) {
+    fn check_thresholds(
+        &mut self,
+        spec: &LimitSpec,
+        period: Period,
+        job: &JobKey,
+        at: Timestamp,
+        out: &mut Vec<Output>,
+    ) {
         let value = self.usage.get(&spec.key).map_or(Money::ZERO, Counter::total);
         if value <= Money::ZERO {
             return;
@@ -154,7 +167,9 @@ impl Meter {
             let scope = spec.key.period.map_or_else(|| "lifetime".to_owned(), |p| p.to_string());
             let action = match (spec.key.limit, t.pct) {
                 (LimitKind::FreeCredits, Some(p)) if p >= 100 => LimitAction::Block,
-                (LimitKind::ModelApiCap | LimitKind::WorkflowQuota, Some(p)) if p >= 100 => LimitAction::UpgradeToEnterprise,
+                (LimitKind::ModelApiCap | LimitKind::WorkflowQuota, Some(p)) if p >= 100 => {
+                    LimitAction::UpgradeToEnterprise
+                }
                 _ => LimitAction::Notify,
             };
             out.push(Output::Limit(LimitEvent {
@@ -188,7 +203,14 @@ impl Meter {
 
     /// Counts a running job's seconds so far (to its latest heartbeat, at
     /// list price, in the heartbeat's period) toward its limit.
-    pub(crate) fn accrue(&mut self, ctx: &Context<'_>, jk: &JobKey, job: &mut Job, now: Timestamp, out: &mut Vec<Output>) {
+    pub(crate) fn accrue(
+        &mut self,
+        ctx: &Context<'_>,
+        jk: &JobKey,
+        job: &mut Job,
+        now: Timestamp,
+        out: &mut Vec<Output>,
+    ) {
         let (Some(start), Some(hb)) = (job.start.as_ref(), job.last_heartbeat) else {
             return;
         };
@@ -244,8 +266,16 @@ impl Meter {
             }
         }
         let included = amount - due;
-        let acc = self.statements.entry(period).or_default().entry(jk.0.clone()).or_default();
-        let line = acc.lines.entry((start.info.kind, start.info.model.clone())).or_default();
+        let acc = self
+            .statements
+            .entry(period)
+            .or_default()
+            .entry(jk.0.clone())
+            .or_default();
+        let line = acc
+            .lines
+            .entry((start.info.kind, start.info.model.clone()))
+            .or_default();
         line.jobs += u64::from(s.new_job);
         line.seconds += s.seconds;
         line.amount += amount;
@@ -290,7 +320,9 @@ impl Meter {
 
     /// Emits the statements of period `p` and forgets its accumulators.
     pub(crate) fn close_period(&mut self, ctx: &Context<'_>, p: Period, _at: Timestamp, out: &mut Vec<Output>) {
-        let Some(accounts) = self.statements.remove(&p) else { return };
+        let Some(accounts) = self.statements.remove(&p) else {
+            return;
+        };
         let last_instant = Timestamp(p.end().0 - 1);
         for (account, acc) in accounts {
             let plan = ctx.accounts.terms_at(ctx.plans, &account, last_instant).plan;
@@ -307,10 +339,11 @@ impl Meter {
                         Decimal::ZERO
                     } else {
                         {
-                        let mut avg = (l.seconds / Decimal::from(l.jobs)).round_dp_with_strategy(3, RoundingStrategy::MidpointNearestEven);
-                        avg.rescale(3);
-                        avg
-                    }
+                            let mut avg = (l.seconds / Decimal::from(l.jobs))
+                                .round_dp_with_strategy(3, RoundingStrategy::MidpointNearestEven);
+                            avg.rescale(3);
+                            avg
+                        }
                     },
                     amount: l.amount,
                 })

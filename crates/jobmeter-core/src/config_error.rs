@@ -23,7 +23,11 @@ pub struct ConfigError {
 
 /// The 1-based line of byte offset `pos` in `text`.
 pub(crate) fn line_of(text: &str, pos: usize) -> usize {
-    text.as_bytes()[..pos.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1
+    text.as_bytes()[..pos.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
 }
 
 /// Collects problems while a document is checked.

@@ -212,8 +212,14 @@ struct RawData<'a> {
 fn required<'a>(v: &'a Option<Cow<'a, str>>, field: &str) -> Result<&'a str, Invalid> {
     match v.as_deref() {
         Some(s) if !s.trim().is_empty() => Ok(s),
-        Some(_) => Err(Invalid::new(RejectReason::SchemaViolation, format!("`{field}` is empty"))),
-        None => Err(Invalid::new(RejectReason::SchemaViolation, format!("`{field}` is missing"))),
+        Some(_) => Err(Invalid::new(
+            RejectReason::SchemaViolation,
+            format!("`{field}` is empty"),
+        )),
+        None => Err(Invalid::new(
+            RejectReason::SchemaViolation,
+            format!("`{field}` is missing"),
+        )),
     }
 }
 
@@ -247,7 +253,8 @@ pub fn parse_job_event(bytes: &[u8]) -> Result<JobEvent, Invalid> {
     let source = required(&raw.source, "source")?;
     let ty = required(&raw.ty, "type")?;
     let time = required(&raw.time, "time")?;
-    let time = Timestamp::parse(time).map_err(|e| Invalid::new(RejectReason::SchemaViolation, format!("`time`: {e}")))?;
+    let time =
+        Timestamp::parse(time).map_err(|e| Invalid::new(RejectReason::SchemaViolation, format!("`time`: {e}")))?;
     let subject = required(&raw.subject, "subject")?;
     let data = raw
         .data
@@ -343,12 +350,30 @@ mod tests {
         assert_eq!(reason("{not json"), Some(RejectReason::NotJson));
         assert_eq!(reason(""), Some(RejectReason::NotJson));
         assert_eq!(reason("[1,2]"), Some(RejectReason::SchemaViolation));
-        assert_eq!(reason(&EXAMPLE.replace("job.started", "job.paused")), Some(RejectReason::UnknownType));
-        assert_eq!(reason(&EXAMPLE.replace("\"inference\"", "\"training\"")), Some(RejectReason::UnknownKind));
-        assert_eq!(reason(&EXAMPLE.replace("\"subject\":\"job-123\",", "")), Some(RejectReason::SchemaViolation));
-        assert_eq!(reason(&EXAMPLE.replace("2024-05-01T12", "2024-05-01X12")), Some(RejectReason::SchemaViolation));
-        assert_eq!(reason(&EXAMPLE.replace("\"1.0\"", "\"0.3\"")), Some(RejectReason::SchemaViolation));
-        assert_eq!(reason(&EXAMPLE.replace("\"acct-42\"", "42")), Some(RejectReason::SchemaViolation));
+        assert_eq!(
+            reason(&EXAMPLE.replace("job.started", "job.paused")),
+            Some(RejectReason::UnknownType)
+        );
+        assert_eq!(
+            reason(&EXAMPLE.replace("\"inference\"", "\"training\"")),
+            Some(RejectReason::UnknownKind)
+        );
+        assert_eq!(
+            reason(&EXAMPLE.replace("\"subject\":\"job-123\",", "")),
+            Some(RejectReason::SchemaViolation)
+        );
+        assert_eq!(
+            reason(&EXAMPLE.replace("2024-05-01T12", "2024-05-01X12")),
+            Some(RejectReason::SchemaViolation)
+        );
+        assert_eq!(
+            reason(&EXAMPLE.replace("\"1.0\"", "\"0.3\"")),
+            Some(RejectReason::SchemaViolation)
+        );
+        assert_eq!(
+            reason(&EXAMPLE.replace("\"acct-42\"", "42")),
+            Some(RejectReason::SchemaViolation)
+        );
         let step = EXAMPLE.replace("\"inference\"", "\"workflow_step\"");
         assert_eq!(reason(&step), Some(RejectReason::SchemaViolation));
         let ft = EXAMPLE.replace("\"inference\",\"model\":\"sdxl-1.0\"", "\"fine_tune\"");

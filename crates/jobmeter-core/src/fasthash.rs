@@ -89,9 +89,7 @@ mod tests {
     use std::hash::Hash;
 
     fn h<T: Hash>(t: &T) -> u64 {
-        let mut s = FastBuild.build_hasher();
-        t.hash(&mut s);
-        s.finish()
+        FastBuild.hash_one(t)
     }
 
     #[test]

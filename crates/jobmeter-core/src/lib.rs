@@ -20,6 +20,9 @@
 //! tokio, rdkafka, rocksdb, prometheus, or anything that does I/O. CI checks
 //! this with `cargo tree -p jobmeter-core -e normal`.
 
+// Money is exact: no float arithmetic anywhere in the billing domain.
+#![deny(clippy::float_arithmetic)]
+
 mod billing;
 mod config_error;
 pub mod event;

@@ -6,6 +6,7 @@
 //! owned by exactly one meter.
 
 use crate::event::{parse_job_event, EventBody, EventKey, Invalid, JobEvent, JobStatus, RejectReason, StartInfo};
+use crate::fasthash::{FastMap, FastSet};
 use crate::money::Money;
 use crate::output::{Origin, Output, Rejected};
 use crate::plans::{AccountBook, PlanCatalog};
@@ -13,7 +14,6 @@ use crate::ratecard::RateCard;
 use crate::rating::split;
 use crate::state::{Billed, BilledPart, Counter, FiredKey, Job, JobKey, StartRec, StatementAcc, StopRec, UsageKey};
 use crate::time::{Period, Timestamp};
-use crate::fasthash::{FastMap, FastSet};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Timeouts and retention, in milliseconds of event time.
@@ -167,7 +167,14 @@ impl Meter {
     }
 
     /// Applies an already parsed event (`raw` is kept for DLQ records).
-    pub fn apply_event(&mut self, ctx: &Context<'_>, ev: JobEvent, raw: &[u8], origin: Option<&Origin>, out: &mut Vec<Output>) {
+    pub fn apply_event(
+        &mut self,
+        ctx: &Context<'_>,
+        ev: JobEvent,
+        raw: &[u8],
+        origin: Option<&Origin>,
+        out: &mut Vec<Output>,
+    ) {
         if !self.seen.insert(ev.key.clone()) {
             self.stats.duplicates += 1;
             return;
@@ -236,7 +243,12 @@ impl Meter {
                 first.key.source,
                 first.key.id
             );
-            self.reject(Invalid::new(RejectReason::Conflict, detail), raw.to_vec(), origin.cloned(), out);
+            self.reject(
+                Invalid::new(RejectReason::Conflict, detail),
+                raw.to_vec(),
+                origin.cloned(),
+                out,
+            );
             return false;
         }
         let rate = match ctx.rates.rate_at(time, info.kind, info.model.as_ref()) {
@@ -262,7 +274,15 @@ impl Meter {
     }
 
     /// A start has met a stop that was waiting for it.
-    fn pair(&mut self, ctx: &Context<'_>, jk: &JobKey, job: &mut Job, mut stop: StopRec, now: Timestamp, out: &mut Vec<Output>) {
+    fn pair(
+        &mut self,
+        ctx: &Context<'_>,
+        jk: &JobKey,
+        job: &mut Job,
+        mut stop: StopRec,
+        now: Timestamp,
+        out: &mut Vec<Output>,
+    ) {
         let Some(start_time) = job.start.as_ref().map(|s| s.time) else {
             return;
         };
@@ -282,7 +302,15 @@ impl Meter {
         self.charge(ctx, jk, job, time, status, false, now, out);
     }
 
-    fn on_heartbeat(&mut self, ctx: &Context<'_>, jk: &JobKey, job: &mut Job, time: Timestamp, now: Timestamp, out: &mut Vec<Output>) {
+    fn on_heartbeat(
+        &mut self,
+        ctx: &Context<'_>,
+        jk: &JobKey,
+        job: &mut Job,
+        time: Timestamp,
+        now: Timestamp,
+        out: &mut Vec<Output>,
+    ) {
         if job.last_heartbeat.is_some_and(|h| h >= time) {
             return;
         }
@@ -311,7 +339,12 @@ impl Meter {
                 first.key.source,
                 first.key.id
             );
-            self.reject(Invalid::new(RejectReason::Conflict, detail), raw.to_vec(), origin.cloned(), out);
+            self.reject(
+                Invalid::new(RejectReason::Conflict, detail),
+                raw.to_vec(),
+                origin.cloned(),
+                out,
+            );
             return false;
         }
         let Some(start_time) = job.start.as_ref().map(|s| s.time) else {
@@ -346,7 +379,12 @@ impl Meter {
             if let Some(mut stop) = job.stop.take() {
                 let raw = stop.pending_raw.take().unwrap_or_default().into_bytes();
                 let detail = format!("no start for job {:?} within the orphan timeout", jk.1.as_str());
-                self.reject(Invalid::new(RejectReason::StopWithoutStart, detail), raw, stop.origin.take(), out);
+                self.reject(
+                    Invalid::new(RejectReason::StopWithoutStart, detail),
+                    raw,
+                    stop.origin.take(),
+                    out,
+                );
             }
         }
         self.put_job(ctx, jk, job, old, at);
@@ -421,7 +459,14 @@ impl Meter {
 
     /// Puts a job back, updating its timer and expiry entries. `old` is
     /// (had a deadline, expiry) from when it was taken.
-    fn put_job(&mut self, ctx: &Context<'_>, jk: JobKey, mut job: Box<Job>, old: (bool, Option<Timestamp>), now: Timestamp) {
+    fn put_job(
+        &mut self,
+        ctx: &Context<'_>,
+        jk: JobKey,
+        mut job: Box<Job>,
+        old: (bool, Option<Timestamp>),
+        now: Timestamp,
+    ) {
         let new_deadline = deadline(&job, ctx.config.orphan_timeout_ms);
         match (old.0, new_deadline.is_some()) {
             (false, true) => self.open += 1,
@@ -565,7 +610,8 @@ impl Meter {
         for p in periods {
             let f = full.iter().find(|s| s.period == p);
             let o = old.iter().find(|x| x.service_period == p);
-            let delta = f.map_or(rust_decimal::Decimal::ZERO, |s| s.seconds) - o.map_or(rust_decimal::Decimal::ZERO, |x| x.seconds);
+            let delta = f.map_or(rust_decimal::Decimal::ZERO, |s| s.seconds)
+                - o.map_or(rust_decimal::Decimal::ZERO, |x| x.seconds);
             if delta.is_zero() {
                 continue;
             }

@@ -12,7 +12,9 @@ impl Meter {
     /// The state records changed since the last call, deletions included.
     /// Empty for a meter that does not track changes.
     pub fn take_changes(&mut self) -> Result<Vec<StateChange>, DecodeError> {
-        let Some(d) = self.dirty.as_mut() else { return Ok(Vec::new()) };
+        let Some(d) = self.dirty.as_mut() else {
+            return Ok(Vec::new());
+        };
         let d = std::mem::take(d);
         let Dirty {
             jobs,
@@ -28,7 +30,11 @@ impl Meter {
             out.push(StateChange {
                 table: Table::Jobs,
                 key: keys::job(&k),
-                value: self.jobs.get(&k).map(|v| values::encode(Table::Jobs, &**v)).transpose()?,
+                value: self
+                    .jobs
+                    .get(&k)
+                    .map(|v| values::encode(Table::Jobs, &**v))
+                    .transpose()?,
             });
         }
         let mut usage: Vec<_> = usage.into_iter().collect();
@@ -37,7 +43,11 @@ impl Meter {
             out.push(StateChange {
                 table: Table::Usage,
                 key: keys::usage(&k),
-                value: self.usage.get(&k).map(|v| values::encode(Table::Usage, v)).transpose()?,
+                value: self
+                    .usage
+                    .get(&k)
+                    .map(|v| values::encode(Table::Usage, v))
+                    .transpose()?,
             });
         }
         for k in fired {

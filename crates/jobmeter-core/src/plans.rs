@@ -122,7 +122,11 @@ fn amount(p: &mut Problems<'_>, v: &Option<toml::Spanned<String>>, field: &str, 
         Some(s) => match Money::parse(s.get_ref()) {
             Some(m) if m >= Money::ZERO => m,
             _ => {
-                p.at(s.span(), field, format!("{:?} is not a non-negative decimal amount", s.get_ref()));
+                p.at(
+                    s.span(),
+                    field,
+                    format!("{:?} is not a non-negative decimal amount", s.get_ref()),
+                );
                 default
             }
         },
@@ -145,17 +149,37 @@ impl PlanCatalog {
         let mut p = Problems::new(text);
         let mut alerts = Vec::new();
         for (i, s) in raw.enterprise.alert_thresholds.iter().flatten().enumerate() {
-            alerts.push(amount(&mut p, &Some(s.clone()), &format!("enterprise.alert_thresholds[{i}]"), Money::ZERO));
+            alerts.push(amount(
+                &mut p,
+                &Some(s.clone()),
+                &format!("enterprise.alert_thresholds[{i}]"),
+                Money::ZERO,
+            ));
         }
         let c = PlanCatalog {
             free_credits: amount(&mut p, &raw.free.credits, "free.credits", d.free_credits),
-            free_thresholds_pct: pcts(&mut p, &raw.free.thresholds_pct, "free.thresholds_pct", &d.free_thresholds_pct),
+            free_thresholds_pct: pcts(
+                &mut p,
+                &raw.free.thresholds_pct,
+                "free.thresholds_pct",
+                &d.free_thresholds_pct,
+            ),
             pro_fee: amount(&mut p, &raw.pro.monthly_fee, "pro.monthly_fee", d.pro_fee),
             pro_intro_fee: amount(&mut p, &raw.pro.intro_fee, "pro.intro_fee", d.pro_intro_fee),
             pro_intro_subscribers: raw.pro.intro_subscribers.unwrap_or(d.pro_intro_subscribers),
             pro_model_api_cap: amount(&mut p, &raw.pro.model_api_cap, "pro.model_api_cap", d.pro_model_api_cap),
-            pro_workflow_quota: amount(&mut p, &raw.pro.workflow_quota, "pro.workflow_quota", d.pro_workflow_quota),
-            pro_thresholds_pct: pcts(&mut p, &raw.pro.thresholds_pct, "pro.thresholds_pct", &d.pro_thresholds_pct),
+            pro_workflow_quota: amount(
+                &mut p,
+                &raw.pro.workflow_quota,
+                "pro.workflow_quota",
+                d.pro_workflow_quota,
+            ),
+            pro_thresholds_pct: pcts(
+                &mut p,
+                &raw.pro.thresholds_pct,
+                "pro.thresholds_pct",
+                &d.pro_thresholds_pct,
+            ),
             enterprise_alert_thresholds: alerts.into(),
         };
         let _ = raw.payg;
@@ -193,7 +217,9 @@ fn money_list_in<'de, D: Deserializer<'de>>(d: D) -> Result<Option<std::sync::Ar
     list.into_iter()
         .map(|x| match x {
             In::I(i) => Ok(Money(i.into())),
-            In::S(s) => Money::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("{s:?} is not a decimal amount"))),
+            In::S(s) => {
+                Money::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("{s:?} is not a decimal amount")))
+            }
         })
         .collect::<Result<Vec<_>, _>>()
         .map(|v| Some(v.into()))
@@ -237,7 +263,10 @@ impl AccountRecord {
         }
         let negative = |m: &Option<Money>| m.is_some_and(|m| m < Money::ZERO);
         if negative(&r.free_credits) || negative(&r.usage_cap) || negative(&r.workflow_quota) {
-            return Err(Invalid::new(RejectReason::SchemaViolation, "amounts must not be negative"));
+            return Err(Invalid::new(
+                RejectReason::SchemaViolation,
+                "amounts must not be negative",
+            ));
         }
         Ok(r)
     }
@@ -301,7 +330,12 @@ impl AccountBook {
                 self.first_pro.insert((f, r.account_id.clone()));
                 self.first_pro_of.insert(r.account_id.clone(), f);
             }
-            self.intro = self.first_pro.iter().take(self.intro_limit).map(|(_, a)| a.clone()).collect();
+            self.intro = self
+                .first_pro
+                .iter()
+                .take(self.intro_limit)
+                .map(|(_, a)| a.clone())
+                .collect();
         }
         true
     }
@@ -418,20 +452,38 @@ mod tests {
         assert_eq!(book.terms_at(&catalog, &a, t("2024-03-14T23:59:59Z")).plan, Plan::Free);
         assert_eq!(book.terms_at(&catalog, &a, t("2024-03-15T00:00:00Z")).plan, Plan::Pro);
         assert_eq!(book.terms_at(&catalog, &a, t("2023-03-15T00:00:00Z")).plan, Plan::Payg);
-        assert_eq!(book.terms_at(&catalog, &"zz".into(), t("2024-03-15T00:00:00Z")).plan, Plan::Payg);
+        assert_eq!(
+            book.terms_at(&catalog, &"zz".into(), t("2024-03-15T00:00:00Z")).plan,
+            Plan::Payg
+        );
         assert!(book.pro_during(&a, Period::new(2024, 3)));
         assert!(!book.pro_during(&a, Period::new(2024, 2)));
-        assert_eq!(book.subscription_fee(&catalog, &a, Period::new(2024, 4)).to_string(), "29.00");
+        assert_eq!(
+            book.subscription_fee(&catalog, &a, Period::new(2024, 4)).to_string(),
+            "29.00"
+        );
     }
 
     #[test]
     fn parses_records_with_string_or_integer_amounts() {
         let r = AccountRecord::parse(br#"{"account_id":"a","plan":"pro","effective_from":"2024-01-01T00:00:00Z","usage_cap":"100.50","workflow_quota":20}"#);
         let r = r.ok();
-        assert_eq!(r.as_ref().and_then(|r| r.usage_cap).map(|m| m.to_string()), Some("100.50".into()));
-        assert_eq!(r.and_then(|r| r.workflow_quota).map(|m| m.to_string()), Some("20".into()));
-        assert!(AccountRecord::parse(br#"{"account_id":"a","plan":"gold","effective_from":"2024-01-01T00:00:00Z"}"#).is_err());
-        assert!(AccountRecord::parse(br#"{"account_id":"a","plan":"pro","effective_from":"2024-01-01T00:00:00Z","usage_cap":1.5}"#).is_err());
+        assert_eq!(
+            r.as_ref().and_then(|r| r.usage_cap).map(|m| m.to_string()),
+            Some("100.50".into())
+        );
+        assert_eq!(
+            r.and_then(|r| r.workflow_quota).map(|m| m.to_string()),
+            Some("20".into())
+        );
+        assert!(
+            AccountRecord::parse(br#"{"account_id":"a","plan":"gold","effective_from":"2024-01-01T00:00:00Z"}"#)
+                .is_err()
+        );
+        assert!(AccountRecord::parse(
+            br#"{"account_id":"a","plan":"pro","effective_from":"2024-01-01T00:00:00Z","usage_cap":1.5}"#
+        )
+        .is_err());
     }
 
     #[test]
@@ -441,6 +493,9 @@ mod tests {
         assert_eq!(c.free_credits.to_string(), "5.00");
         let e = PlanCatalog::from_toml("[free]\ncredits = \"lots\"\n[pro]\nthresholds_pct = [100, 80]\n");
         let msg = e.err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(msg.contains("line 2, free.credits") && msg.contains("pro.thresholds_pct"), "{msg}");
+        assert!(
+            msg.contains("line 2, free.credits") && msg.contains("pro.thresholds_pct"),
+            "{msg}"
+        );
     }
 }

@@ -112,11 +112,16 @@ impl RateVersion {
         match kind {
             JobKind::FineTune => Ok(self.fine_tune_per_second),
             JobKind::Inference | JobKind::WorkflowStep => {
-                let model = model.ok_or_else(|| Invalid::new(RejectReason::SchemaViolation, "`data.model` is missing"))?;
+                let model =
+                    model.ok_or_else(|| Invalid::new(RejectReason::SchemaViolation, "`data.model` is missing"))?;
                 self.models.get(model).map(|p| p.per_second).ok_or_else(|| {
                     Invalid::new(
                         RejectReason::UnknownModel,
-                        format!("model {:?} is not in rate-card version {:?}", model.as_str(), self.version),
+                        format!(
+                            "model {:?} is not in rate-card version {:?}",
+                            model.as_str(),
+                            self.version
+                        ),
                     )
                 })
             }
@@ -168,7 +173,14 @@ fn price(p: &mut Problems<'_>, s: &Spanned<String>, field: &str) -> Money {
             Money::ZERO
         }
         None => {
-            p.at(s.span(), field, format!("{:?} is not a decimal amount (write it as a string, e.g. \"0.00025\")", s.get_ref()));
+            p.at(
+                s.span(),
+                field,
+                format!(
+                    "{:?} is not a decimal amount (write it as a string, e.g. \"0.00025\")",
+                    s.get_ref()
+                ),
+            );
             Money::ZERO
         }
     }
@@ -219,13 +231,21 @@ impl RateCard {
         let mut names = std::collections::BTreeSet::new();
         for (i, v) in raw.versions.iter().enumerate() {
             if !names.insert(v.version.get_ref().clone()) {
-                p.at(v.version.span(), &format!("versions[{i}].version"), "duplicate version name");
+                p.at(
+                    v.version.span(),
+                    &format!("versions[{i}].version"),
+                    "duplicate version name",
+                );
             }
         }
         for (i, w) in versions.windows(2).enumerate() {
             if w[1].effective_from <= w[0].effective_from {
                 let span = raw.versions[i + 1].effective_from.span();
-                p.at(span, &format!("versions[{}].effective_from", i + 1), "versions must be listed oldest first, with distinct effective_from");
+                p.at(
+                    span,
+                    &format!("versions[{}].effective_from", i + 1),
+                    "versions must be listed oldest first, with distinct effective_from",
+                );
             }
         }
         p.finish("rate card")?;
@@ -285,22 +305,42 @@ models."sdxl-1.0" = { per_second = "0.0003" }
         let t = |s| Timestamp::parse(s).unwrap_or_default();
         let m = ModelId::from("sdxl-1.0");
         let r = card.rate_at(t("2024-05-31T23:59:59.999Z"), JobKind::Inference, Some(&m));
-        assert_eq!(r.map(|r| (r.per_second.to_string(), r.version.to_owned())).ok(), Some(("0.0004".into(), "v1".into())));
+        assert_eq!(
+            r.map(|r| (r.per_second.to_string(), r.version.to_owned())).ok(),
+            Some(("0.0004".into(), "v1".into()))
+        );
         let r = card.rate_at(t("2024-06-01T00:00:00Z"), JobKind::Inference, Some(&m));
         assert_eq!(r.map(|r| r.version.to_owned()).ok(), Some("v2".into()));
-        let unknown = card.rate_at(t("2024-06-01T00:00:00Z"), JobKind::Inference, Some(&ModelId::from("nope")));
+        let unknown = card.rate_at(
+            t("2024-06-01T00:00:00Z"),
+            JobKind::Inference,
+            Some(&ModelId::from("nope")),
+        );
         assert_eq!(unknown.err().map(|e| e.reason), Some(RejectReason::UnknownModel));
-        assert!(card.rate_at(t("2023-01-01T00:00:00Z"), JobKind::FineTune, None).is_err());
+        assert!(card
+            .rate_at(t("2023-01-01T00:00:00Z"), JobKind::FineTune, None)
+            .is_err());
     }
 
     #[test]
     fn reports_every_problem_with_its_line() {
-        let bad = CARD.replace("\"0.0004\"", "\"-1\"").replace("2024-06-01T00:00:00Z", "yesterday");
-        let err = RateCard::from_toml(&bad).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.contains("line 9, versions[0].models.\"sdxl-1.0\".per_second"), "{err}");
+        let bad = CARD
+            .replace("\"0.0004\"", "\"-1\"")
+            .replace("2024-06-01T00:00:00Z", "yesterday");
+        let err = RateCard::from_toml(&bad)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("line 9, versions[0].models.\"sdxl-1.0\".per_second"),
+            "{err}"
+        );
         assert!(err.contains("line 13, versions[1].effective_from"), "{err}");
         let unknown_field = CARD.replace("rounding", "roundin");
-        let err = RateCard::from_toml(&unknown_field).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = RateCard::from_toml(&unknown_field)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("line 3"), "{err}");
     }
 

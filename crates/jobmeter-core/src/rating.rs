@@ -66,7 +66,11 @@ mod tests {
 
     #[test]
     fn rule_6_month_boundary_split_sums_to_the_whole() {
-        let s = split(t("2024-04-30T23:59:58.600Z"), t("2024-05-01T00:00:03.100Z"), Rounding::CeilSeconds);
+        let s = split(
+            t("2024-04-30T23:59:58.600Z"),
+            t("2024-05-01T00:00:03.100Z"),
+            Rounding::CeilSeconds,
+        );
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].seconds, Decimal::from(1));
         assert_eq!(s[1].seconds, Decimal::from(4)); // ceil(4.5) - 1
@@ -75,16 +79,27 @@ mod tests {
 
     #[test]
     fn a_job_ending_exactly_at_the_boundary_stays_in_its_month() {
-        let s = split(t("2024-04-30T23:59:00Z"), t("2024-05-01T00:00:00Z"), Rounding::CeilSeconds);
+        let s = split(
+            t("2024-04-30T23:59:00Z"),
+            t("2024-05-01T00:00:00Z"),
+            Rounding::CeilSeconds,
+        );
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].seconds, Decimal::from(60));
     }
 
     #[test]
     fn spans_several_months() {
-        let s = split(t("2024-01-31T12:00:00Z"), t("2024-03-01T00:00:00.500Z"), Rounding::ExactMs);
+        let s = split(
+            t("2024-01-31T12:00:00Z"),
+            t("2024-03-01T00:00:00.500Z"),
+            Rounding::ExactMs,
+        );
         assert_eq!(s.len(), 3);
         let sum: Decimal = s.iter().map(|x| x.seconds).sum();
-        assert_eq!(sum, Rounding::ExactMs.total_seconds(t("2024-03-01T00:00:00.500Z").0 - t("2024-01-31T12:00:00Z").0));
+        assert_eq!(
+            sum,
+            Rounding::ExactMs.total_seconds(t("2024-03-01T00:00:00.500Z").0 - t("2024-01-31T12:00:00Z").0)
+        );
     }
 }

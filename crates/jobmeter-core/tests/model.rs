@@ -77,9 +77,21 @@ fn events_of(jobs: &[GenJob]) -> Vec<String> {
         if j.kind == 1 {
             data.push_str(&format!(r#","workflow_run_id":"run{}""#, i / 3));
         }
-        out.push(event(&format!("s{i}"), "job.started", &job, &Timestamp(j.start).to_string(), &data));
+        out.push(event(
+            &format!("s{i}"),
+            "job.started",
+            &job,
+            &Timestamp(j.start).to_string(),
+            &data,
+        ));
         for (h, t) in j.heartbeats.iter().enumerate() {
-            out.push(event(&format!("h{i}.{h}"), "job.heartbeat", &job, &Timestamp(*t).to_string(), &format!(r#""account_id":"{acct}""#)));
+            out.push(event(
+                &format!("h{i}.{h}"),
+                "job.heartbeat",
+                &job,
+                &Timestamp(*t).to_string(),
+                &format!(r#""account_id":"{acct}""#),
+            ));
         }
         out.push(event(
             &format!("p{i}"),
@@ -144,7 +156,11 @@ fn reference(jobs: &[GenJob]) -> (Vec<RefCharge>, BTreeMap<&'static str, Money>,
         let mut given = Decimal::ZERO;
         for w in 0..bounds.len() - 1 {
             let last = w == bounds.len() - 2;
-            let secs = if last { total - given } else { Decimal::from((bounds[w + 1] - bounds[w]) / 1000) };
+            let secs = if last {
+                total - given
+            } else {
+                Decimal::from((bounds[w + 1] - bounds[w]) / 1000)
+            };
             given += secs;
             if secs.is_zero() {
                 continue;
@@ -174,10 +190,22 @@ fn reference(jobs: &[GenJob]) -> (Vec<RefCharge>, BTreeMap<&'static str, Money>,
     let mut fired = BTreeSet::new();
     for ((acct, limit, p), used) in &counters {
         let (cap, levels): (Option<Money>, Vec<(String, Money)>) = match *limit {
-            "free_credits" => (Some(money("2.50")), vec![("80".into(), money("2.00")), ("100".into(), money("2.50"))]),
-            "model_api_cap" => (Some(money("3.00")), vec![("80".into(), money("2.40")), ("100".into(), money("3.00"))]),
-            "workflow_quota" => (Some(money("1.00")), vec![("80".into(), money("0.80")), ("100".into(), money("1.00"))]),
-            _ => (None, vec![("$1.00".into(), money("1.00")), ("$4.00".into(), money("4.00"))]),
+            "free_credits" => (
+                Some(money("2.50")),
+                vec![("80".into(), money("2.00")), ("100".into(), money("2.50"))],
+            ),
+            "model_api_cap" => (
+                Some(money("3.00")),
+                vec![("80".into(), money("2.40")), ("100".into(), money("3.00"))],
+            ),
+            "workflow_quota" => (
+                Some(money("1.00")),
+                vec![("80".into(), money("0.80")), ("100".into(), money("1.00"))],
+            ),
+            _ => (
+                None,
+                vec![("$1.00".into(), money("1.00")), ("$4.00".into(), money("4.00"))],
+            ),
         };
         let owed = match cap {
             Some(c) => (*used - c).max(Money::ZERO),
@@ -218,14 +246,20 @@ fn observed(w: &World) -> (Vec<RefCharge>, BTreeMap<&'static str, Money>, BTreeS
     charges.sort();
     let mut due: BTreeMap<&'static str, Money> = BTreeMap::new();
     for c in w.charges() {
-        let key = ACCOUNTS.iter().find(|a| **a == c.account_id.as_str()).copied().unwrap_or("payg");
+        let key = ACCOUNTS
+            .iter()
+            .find(|a| **a == c.account_id.as_str())
+            .copied()
+            .unwrap_or("payg");
         *due.entry(key).or_default() += c.amount_due;
     }
     let fired = w.limits().iter().map(|l| l.event_id.clone()).collect();
     (charges, due, fired)
 }
 
-fn normalize(mut r: (Vec<RefCharge>, BTreeMap<&'static str, Money>, BTreeSet<String>)) -> (Vec<RefCharge>, BTreeMap<&'static str, Money>, BTreeSet<String>) {
+fn normalize(
+    mut r: (Vec<RefCharge>, BTreeMap<&'static str, Money>, BTreeSet<String>),
+) -> (Vec<RefCharge>, BTreeMap<&'static str, Money>, BTreeSet<String>) {
     r.0.sort();
     r.1.retain(|_, v| !v.is_zero());
     r

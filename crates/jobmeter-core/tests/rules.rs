@@ -44,7 +44,11 @@ fn rule_2_duplicates_are_ignored_and_conflicts_go_to_the_dlq() {
 #[test]
 fn rule_3_billable_seconds_round_up_with_a_minimum_of_one() {
     let mut w = World::new();
-    for (job, stop) in [("a", "2024-05-01T12:00:00.000Z"), ("b", "2024-05-01T12:00:01.001Z"), ("c", "2024-05-01T12:00:59.999Z")] {
+    for (job, stop) in [
+        ("a", "2024-05-01T12:00:00.000Z"),
+        ("b", "2024-05-01T12:00:01.001Z"),
+        ("c", "2024-05-01T12:00:59.999Z"),
+    ] {
         let s = w.start("acct", job, "2024-05-01T12:00:00Z", "inference", Some("img"));
         let p = w.stop("acct", job, stop, "succeeded");
         w.apply(&s);
@@ -75,7 +79,9 @@ fn rule_4_the_rate_card_version_at_job_start_applies() {
     w.apply(&p);
     let c = w.charges();
     assert_eq!(c.len(), 2, "split at the month boundary");
-    assert!(c.iter().all(|c| c.rate_card_version == "v1" && c.rate_per_second == money("0.0005")));
+    assert!(c
+        .iter()
+        .all(|c| c.rate_card_version == "v1" && c.rate_per_second == money("0.0005")));
     let unknown = w.start("acct", "k", "2024-05-01T00:00:00Z", "inference", Some("nope"));
     w.apply(&unknown);
     assert_eq!(w.rejects(), vec![RejectReason::UnknownModel]);
@@ -96,7 +102,10 @@ fn rule_5_amount_is_exact_and_failed_jobs_are_billed_by_default() {
     assert_eq!(w.charges()[0].amount, money("0.014"));
     assert_eq!(w.charges()[0].status, JobStatus::Failed);
 
-    let mut w = World::with_card(&CARD.replace("rounding = \"ceil_seconds\"", "rounding = \"ceil_seconds\"\nbill_failed = false"));
+    let mut w = World::with_card(&CARD.replace(
+        "rounding = \"ceil_seconds\"",
+        "rounding = \"ceil_seconds\"\nbill_failed = false",
+    ));
     let s = w.start("acct", "j", "2024-05-01T12:00:00Z", "inference", Some("llm"));
     let p = w.stop("acct", "j", "2024-05-01T12:00:07Z", "failed");
     w.apply(&s);
@@ -114,8 +123,14 @@ fn rule_6_a_job_crossing_a_month_yields_one_charge_per_period() {
     w.apply(&p);
     let c = w.charges();
     assert_eq!(c.len(), 2);
-    assert_eq!((c[0].period.to_string(), c[0].billable_seconds), ("2024-04".into(), Decimal::from(1)));
-    assert_eq!((c[1].period.to_string(), c[1].billable_seconds), ("2024-05".into(), Decimal::from(4)));
+    assert_eq!(
+        (c[0].period.to_string(), c[0].billable_seconds),
+        ("2024-04".into(), Decimal::from(1))
+    );
+    assert_eq!(
+        (c[1].period.to_string(), c[1].billable_seconds),
+        ("2024-05".into(), Decimal::from(4))
+    );
     assert_ne!(c[0].charge_id, c[1].charge_id);
 }
 
@@ -124,7 +139,10 @@ fn rule_7_pro_usage_inside_the_cap_is_not_due() {
     let mut w = World::new();
     w.account(r#"{"account_id":"p","plan":"pro","effective_from":"2024-01-01T00:00:00Z","usage_cap":"1.00"}"#);
     // 400 s of llm = $0.80, then 200 s = $0.40: 0.20 included, 0.20 due.
-    for (job, start, stop) in [("a", "2024-05-01T00:00:00Z", "2024-05-01T00:06:40Z"), ("b", "2024-05-01T01:00:00Z", "2024-05-01T01:03:20Z")] {
+    for (job, start, stop) in [
+        ("a", "2024-05-01T00:00:00Z", "2024-05-01T00:06:40Z"),
+        ("b", "2024-05-01T01:00:00Z", "2024-05-01T01:03:20Z"),
+    ] {
         let s = w.start("p", job, start, "inference", Some("llm"));
         let e = w.stop("p", job, stop, "succeeded");
         w.apply(&s);
@@ -191,7 +209,13 @@ fn rule_8_pro_caps_fire_per_period_and_enterprise_alerts_once() {
     for (acct, job, start, stop, kind) in [
         ("p", "a", "2024-05-01T00:00:00Z", "2024-05-01T00:10:00Z", "inference"),
         ("p", "b", "2024-06-01T00:00:00Z", "2024-06-01T00:10:00Z", "inference"),
-        ("p", "w", "2024-06-01T00:00:00Z", "2024-06-01T00:01:00Z", "workflow_step"),
+        (
+            "p",
+            "w",
+            "2024-06-01T00:00:00Z",
+            "2024-06-01T00:01:00Z",
+            "workflow_step",
+        ),
         ("e", "x", "2024-05-01T00:00:00Z", "2024-05-01T00:05:00Z", "inference"),
         ("e", "y", "2024-05-02T00:00:00Z", "2024-05-02T00:05:00Z", "inference"),
     ] {
@@ -289,7 +313,10 @@ fn rule_11_late_usage_is_charged_in_the_open_period() {
     w.apply(&le);
     let c = w.charges();
     let late = c.last().expect("late charge");
-    assert_eq!((late.period.to_string(), late.service_period.to_string()), ("2024-06".into(), "2024-05".into()));
+    assert_eq!(
+        (late.period.to_string(), late.service_period.to_string()),
+        ("2024-06".into(), "2024-05".into())
+    );
     assert_eq!(w.meter.stats().late_charges, 1);
 }
 
@@ -320,8 +347,18 @@ fn rule_12_bad_input_goes_to_the_dlq_and_the_partition_goes_on() {
     assert!(w.charges().is_empty());
     let later = w.heartbeat("acct", "other", "2024-05-01T00:10:11Z");
     w.apply(&later);
-    let orphans: Vec<_> = w.charges().iter().map(|c| (c.job_id.as_str().to_owned(), c.status)).collect();
-    assert_eq!(orphans, vec![("long".to_owned(), JobStatus::Orphaned), ("neg".to_owned(), JobStatus::Orphaned)]);
+    let orphans: Vec<_> = w
+        .charges()
+        .iter()
+        .map(|c| (c.job_id.as_str().to_owned(), c.status))
+        .collect();
+    assert_eq!(
+        orphans,
+        vec![
+            ("long".to_owned(), JobStatus::Orphaned),
+            ("neg".to_owned(), JobStatus::Orphaned)
+        ]
+    );
 }
 
 #[test]
@@ -358,7 +395,11 @@ fn statements_carry_lines_with_average_duration_and_the_pro_fee() {
     assert_eq!(st[0].lines.len(), 1);
     assert_eq!(st[0].lines[0].jobs, 2);
     assert_eq!(st[0].lines[0].average_duration_seconds.to_string(), "15.500");
-    assert_eq!(st[0].subscription_fee, money("29.00"), "first pro subscriber gets the intro fee");
+    assert_eq!(
+        st[0].subscription_fee,
+        money("29.00"),
+        "first pro subscriber gets the intro fee"
+    );
     assert_eq!(st[0].total_due, money("29.00"));
     assert_eq!(st[0].included_usage, money("0.0155"));
 }
@@ -388,7 +429,8 @@ fn state_restored_from_changes_continues_identically() {
         // Restore at every step and check the rest of the run is the same.
         let rest = &events[i + 1..];
         let mut b = World::new();
-        b.meter = Meter::restore(store.iter().map(|((t, k), v)| (*t, k.clone(), v.clone())), &b.config).expect("restore");
+        b.meter =
+            Meter::restore(store.iter().map(|((t, k), v)| (*t, k.clone(), v.clone())), &b.config).expect("restore");
         let mut c = World::new();
         for e in &events[..=i] {
             c.apply(e);

@@ -62,7 +62,8 @@ impl TimeoutArgs {
 
 /// Parses "10m", "1h", "30s", "7d", "250ms".
 pub fn parse_duration(s: &str) -> Result<i64, String> {
-    jobmeter_core::time::parse_duration_ms(s).ok_or_else(|| format!("{s:?} is not a duration (examples: 250ms, 30s, 10m, 1h, 7d)"))
+    jobmeter_core::time::parse_duration_ms(s)
+        .ok_or_else(|| format!("{s:?} is not a duration (examples: 250ms, 30s, 10m, 1h, 7d)"))
 }
 
 /// `jobmeter replay`.
@@ -248,13 +249,17 @@ fn run_replay(cmd: ReplayCmd) -> anyhow::Result<()> {
 fn run_simulate(cmd: SimulateCmd) -> anyhow::Result<()> {
     let opts = cmd.options()?;
     let evs = events(&opts);
-    let mut w = std::io::BufWriter::new(std::fs::File::create(&cmd.events_out).with_context(|| format!("creating {}", cmd.events_out.display()))?);
+    let mut w = std::io::BufWriter::new(
+        std::fs::File::create(&cmd.events_out).with_context(|| format!("creating {}", cmd.events_out.display()))?,
+    );
     for e in &evs {
         writeln!(w, "{}", e.json)?;
     }
     w.flush()?;
     if let Some(path) = &cmd.accounts_out {
-        let mut w = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);
+        let mut w = std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        );
         for (_, rec) in accounts(&opts) {
             writeln!(w, "{rec}")?;
         }

@@ -6,7 +6,9 @@
 //! output: this is how a bill is reproduced.
 
 use crate::sinks::{Format, OutputFiles};
-use jobmeter_core::{AccountBook, AccountRecord, Context, Meter, MeterConfig, Origin, Output, PlanCatalog, RateCard, Stats};
+use jobmeter_core::{
+    AccountBook, AccountRecord, Context, Meter, MeterConfig, Origin, Output, PlanCatalog, RateCard, Stats,
+};
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -114,18 +114,78 @@ struct ModelSpec {
 }
 
 const INFERENCE: &[ModelSpec] = &[
-    ModelSpec { name: "sdxl-1.0", min_ms: 2_000, max_ms: 12_000, weight: 30 },
-    ModelSpec { name: "sdxl-turbo", min_ms: 300, max_ms: 2_500, weight: 15 },
-    ModelSpec { name: "flux-dev", min_ms: 4_000, max_ms: 25_000, weight: 10 },
-    ModelSpec { name: "esrgan-4x", min_ms: 500, max_ms: 6_000, weight: 8 },
-    ModelSpec { name: "faceswap-v2", min_ms: 1_000, max_ms: 8_000, weight: 6 },
-    ModelSpec { name: "whisper-large-v3", min_ms: 3_000, max_ms: 90_000, weight: 6 },
-    ModelSpec { name: "llama-3-8b", min_ms: 400, max_ms: 20_000, weight: 10 },
-    ModelSpec { name: "llama-3-70b", min_ms: 1_000, max_ms: 60_000, weight: 6 },
-    ModelSpec { name: "mixtral-8x7b", min_ms: 800, max_ms: 40_000, weight: 4 },
-    ModelSpec { name: "qwen2-72b", min_ms: 1_000, max_ms: 60_000, weight: 2 },
-    ModelSpec { name: "svd-xt", min_ms: 60_000, max_ms: 300_000, weight: 2 },
-    ModelSpec { name: "musicgen-large", min_ms: 10_000, max_ms: 120_000, weight: 1 },
+    ModelSpec {
+        name: "sdxl-1.0",
+        min_ms: 2_000,
+        max_ms: 12_000,
+        weight: 30,
+    },
+    ModelSpec {
+        name: "sdxl-turbo",
+        min_ms: 300,
+        max_ms: 2_500,
+        weight: 15,
+    },
+    ModelSpec {
+        name: "flux-dev",
+        min_ms: 4_000,
+        max_ms: 25_000,
+        weight: 10,
+    },
+    ModelSpec {
+        name: "esrgan-4x",
+        min_ms: 500,
+        max_ms: 6_000,
+        weight: 8,
+    },
+    ModelSpec {
+        name: "faceswap-v2",
+        min_ms: 1_000,
+        max_ms: 8_000,
+        weight: 6,
+    },
+    ModelSpec {
+        name: "whisper-large-v3",
+        min_ms: 3_000,
+        max_ms: 90_000,
+        weight: 6,
+    },
+    ModelSpec {
+        name: "llama-3-8b",
+        min_ms: 400,
+        max_ms: 20_000,
+        weight: 10,
+    },
+    ModelSpec {
+        name: "llama-3-70b",
+        min_ms: 1_000,
+        max_ms: 60_000,
+        weight: 6,
+    },
+    ModelSpec {
+        name: "mixtral-8x7b",
+        min_ms: 800,
+        max_ms: 40_000,
+        weight: 4,
+    },
+    ModelSpec {
+        name: "qwen2-72b",
+        min_ms: 1_000,
+        max_ms: 60_000,
+        weight: 2,
+    },
+    ModelSpec {
+        name: "svd-xt",
+        min_ms: 60_000,
+        max_ms: 300_000,
+        weight: 2,
+    },
+    ModelSpec {
+        name: "musicgen-large",
+        min_ms: 10_000,
+        max_ms: 120_000,
+        weight: 1,
+    },
 ];
 
 fn pick_model(rng: &mut Rng) -> &'static ModelSpec {
@@ -160,10 +220,17 @@ pub fn accounts(opts: &FleetOptions) -> Vec<(String, String)> {
                 out.push((id.clone(), rec("pro", at, "")));
             }
         } else if roll < 85 {
-            let cap = if rng.chance(300) { r#","usage_cap":"20.00","workflow_quota":"2.00""# } else { "" };
+            let cap = if rng.chance(300) {
+                r#","usage_cap":"20.00","workflow_quota":"2.00""#
+            } else {
+                ""
+            };
             out.push((id.clone(), rec("pro", from, cap)));
         } else if roll < 90 {
-            out.push((id.clone(), rec("enterprise", from, r#","alert_thresholds":["25.00","100.00"]"#)));
+            out.push((
+                id.clone(),
+                rec("enterprise", from, r#","alert_thresholds":["25.00","100.00"]"#),
+            ));
         }
     }
     out
@@ -192,7 +259,13 @@ pub fn events(opts: &FleetOptions) -> Vec<SimEvent> {
     let mut seq = 0u64;
     let mut t = opts.start.0;
     let mut job_no = 0usize;
-    let mut emit = |evs: &mut Vec<(Timestamp, u64, SimEvent)>, worker: usize, ty: &str, job: &str, time: i64, acct: &str, data: &str| {
+    let mut emit = |evs: &mut Vec<(Timestamp, u64, SimEvent)>,
+                    worker: usize,
+                    ty: &str,
+                    job: &str,
+                    time: i64,
+                    acct: &str,
+                    data: &str| {
         seq += 1;
         let time = Timestamp(time + skew[worker]);
         let mut json = String::with_capacity(256);
@@ -200,19 +273,33 @@ pub fn events(opts: &FleetOptions) -> Vec<SimEvent> {
             json,
             r#"{{"specversion":"1.0","id":"w{worker}-{seq:08}","source":"gpu-worker/sim/node-{worker}","type":"{ty}","time":"{time}","subject":"{job}","data":{{"account_id":"{acct}"{data}}}}}"#
         );
-        evs.push((time, seq, SimEvent { time, key: acct.to_owned(), json }));
+        evs.push((
+            time,
+            seq,
+            SimEvent {
+                time,
+                key: acct.to_owned(),
+                json,
+            },
+        ));
     };
     while job_no < opts.jobs {
         t += rng.range(0, 2 * opts.mean_gap_ms);
         // Skewed popularity: low account numbers are busier.
-        let a = (rng.below(opts.accounts as u64) * rng.below(opts.accounts as u64) / opts.accounts.max(1) as u64) as usize;
+        let a =
+            (rng.below(opts.accounts as u64) * rng.below(opts.accounts as u64) / opts.accounts.max(1) as u64) as usize;
         let acct = account_id(a);
         let roll = rng.below(1000);
         let mut jobs: Vec<(String, String, i64, i64)> = Vec::new(); // (job, data, start, duration)
         if roll < 880 {
             let m = pick_model(&mut rng);
             let d = rng.range(m.min_ms, m.max_ms);
-            jobs.push((format!("job-{job_no:08}"), format!(r#","kind":"inference","model":"{}","gpu":"A100-80GB""#, m.name), t, d));
+            jobs.push((
+                format!("job-{job_no:08}"),
+                format!(r#","kind":"inference","model":"{}","gpu":"A100-80GB""#, m.name),
+                t,
+                d,
+            ));
         } else if roll < 985 {
             let steps = rng.range(2, 4);
             let run = format!("run-{job_no:08}");
@@ -220,12 +307,25 @@ pub fn events(opts: &FleetOptions) -> Vec<SimEvent> {
             for s in 0..steps {
                 let m = pick_model(&mut rng);
                 let d = rng.range(m.min_ms, m.max_ms.min(30_000));
-                jobs.push((format!("job-{job_no:08}-s{s}"), format!(r#","kind":"workflow_step","model":"{}","workflow_run_id":"{run}""#, m.name), st, d));
+                jobs.push((
+                    format!("job-{job_no:08}-s{s}"),
+                    format!(
+                        r#","kind":"workflow_step","model":"{}","workflow_run_id":"{run}""#,
+                        m.name
+                    ),
+                    st,
+                    d,
+                ));
                 st += d + rng.range(50, 500);
             }
         } else {
             let d = rng.range(10 * 60_000, 3 * 3_600_000);
-            jobs.push((format!("job-{job_no:08}"), r#","kind":"fine_tune","model":"llama-3-8b""#.to_owned(), t, d));
+            jobs.push((
+                format!("job-{job_no:08}"),
+                r#","kind":"fine_tune","model":"llama-3-8b""#.to_owned(),
+                t,
+                d,
+            ));
         }
         for (job, data, start, d) in jobs {
             job_no += 1;
@@ -242,7 +342,15 @@ pub fn events(opts: &FleetOptions) -> Vec<SimEvent> {
                     3 => "cancelled",
                     _ => "succeeded",
                 };
-                emit(&mut evs, worker, "job.stopped", &job, start + d, &acct, &format!(r#","status":"{status}""#));
+                emit(
+                    &mut evs,
+                    worker,
+                    "job.stopped",
+                    &job,
+                    start + d,
+                    &acct,
+                    &format!(r#","status":"{status}""#),
+                );
             }
         }
     }

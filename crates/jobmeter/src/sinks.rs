@@ -82,7 +82,8 @@ impl OutputFiles {
             Format::Jsonl => "jsonl",
             Format::Csv => "csv",
         };
-        let open = |name: &str| File::create(dir.join(format!("{name}.{ext}"))).map(|f| BufWriter::with_capacity(1 << 20, f));
+        let open =
+            |name: &str| File::create(dir.join(format!("{name}.{ext}"))).map(|f| BufWriter::with_capacity(1 << 20, f));
         let mut files = OutputFiles {
             format,
             charges: open("charges")?,
@@ -95,7 +96,10 @@ impl OutputFiles {
             csv_row(&mut files.charges, &h("charge_id,account_id,job_id,kind,model,workflow_run_id,status,started_at,stopped_at,duration_ms,billable_seconds,rate_per_second,rate_card_version,amount,amount_due,currency,period,service_period,adjusts"))?;
             csv_row(&mut files.limits, &h("event_id,account_id,plan,period,limit,threshold_pct,limit_value,usage_value,unit,triggered_by_job,at,action"))?;
             csv_row(&mut files.statements, &h("account_id,period,plan,kind,model,jobs,billable_seconds,average_duration_seconds,amount,subscription_fee,credits_applied,included_usage,total_due,currency"))?;
-            csv_row(&mut files.rejects, &h("reason,detail,origin_topic,origin_partition,origin_offset,raw"))?;
+            csv_row(
+                &mut files.rejects,
+                &h("reason,detail,origin_topic,origin_partition,origin_offset,raw"),
+            )?;
         }
         Ok(files)
     }
@@ -196,9 +200,18 @@ fn csv_statement(w: &mut impl Write, s: &Statement) -> std::io::Result<()> {
         s.total_due.to_string(),
         s.currency.clone(),
     ];
-    let head = [s.account_id.to_string(), s.period.to_string(), s.plan.as_str().to_owned()];
+    let head = [
+        s.account_id.to_string(),
+        s.period.to_string(),
+        s.plan.as_str().to_owned(),
+    ];
     if s.lines.is_empty() {
-        let row: Vec<String> = head.iter().cloned().chain(std::iter::repeat_n(String::new(), 6)).chain(tail.iter().cloned()).collect();
+        let row: Vec<String> = head
+            .iter()
+            .cloned()
+            .chain(std::iter::repeat_n(String::new(), 6))
+            .chain(tail.iter().cloned())
+            .collect();
         return csv_row(w, &row);
     }
     for l in &s.lines {

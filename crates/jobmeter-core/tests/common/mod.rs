@@ -105,7 +105,13 @@ impl World {
 
     pub fn stop(&mut self, acct: &str, job: &str, time: &str, status: &str) -> String {
         let id = self.next_id();
-        event(&id, "job.stopped", job, time, &format!(r#""account_id":"{acct}","status":"{status}""#))
+        event(
+            &id,
+            "job.stopped",
+            job,
+            time,
+            &format!(r#""account_id":"{acct}","status":"{status}""#),
+        )
     }
 
     pub fn charges(&self) -> Vec<&Charge> {
