@@ -1,1 +1,62 @@
-//! jobmeter-kafka
+//! # jobmeter-kafka: the Kafka adapter
+//!
+//! Everything jobmeter does with Kafka, behind small types: topic names and
+//! creation ([`topics`]), client configuration ([`client`]), the
+//! transactional producer with librdkafka's error classes ([`txn`]), reading
+//! a partition to its end for restores and global tables ([`reader`]), and
+//! dead-letter records ([`dlq`]).
+//!
+//! Blocking librdkafka calls (transactions, flush, poll) are made from
+//! dedicated threads by the caller, never from async worker threads.
+//!
+//! ## Must never depend on
+//! RocksDB or HTTP; billing rules stay in `jobmeter-core`.
+
+pub mod client;
+pub mod dlq;
+pub mod reader;
+pub mod topics;
+pub mod txn;
+
+/// Errors of the Kafka adapter, each saying what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaAdapterError {
+    /// A client could not be created (bad settings).
+    #[error("creating the Kafka {what}: {source}")]
+    Client {
+        /// Which client.
+        what: &'static str,
+        /// librdkafka's error.
+        source: rdkafka::error::KafkaError,
+    },
+    /// A topic could not be created or has the wrong shape.
+    #[error("topic {topic}: {message}")]
+    Topic {
+        /// The topic.
+        topic: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A Kafka operation failed.
+    #[error("{op}: {source}")]
+    Op {
+        /// What was being done.
+        op: &'static str,
+        /// librdkafka's error.
+        source: rdkafka::error::KafkaError,
+    },
+    /// A wait ran out.
+    #[error("{op}: timed out after {seconds}s")]
+    Timeout {
+        /// What was being waited for.
+        op: &'static str,
+        /// How long.
+        seconds: u64,
+    },
+}
+
+impl KafkaAdapterError {
+    pub(crate) fn op(op: &'static str) -> impl FnOnce(rdkafka::error::KafkaError) -> KafkaAdapterError {
+        move |source| KafkaAdapterError::Op { op, source }
+    }
+}

@@ -15,7 +15,7 @@
 //! cf fired       : partition:u32 BE | core fired key      -> (empty)
 //! cf statements  : partition:u32 BE | core statement key  -> core statement value
 //! cf meta        : partition:u32 BE | "stream_time"       -> i64 BE
-//! cf progress    : partition:u32 BE                       -> changelog offset:i64 BE
+//! cf progress    : partition:u32 BE                       -> changelog offset:i64 BE | written_at_ms:i64 BE
 //! ```
 //!
 //! The partition prefix is fixed-width big-endian, so one partition's
@@ -106,6 +106,9 @@ pub struct PartitionState {
     pub records: Vec<(Table, Vec<u8>, Vec<u8>)>,
     /// The last changelog offset the records reflect (`None`: nothing stored).
     pub changelog_offset: Option<i64>,
+    /// Wall-clock time (Unix ms) of the last write, to judge whether local
+    /// state is recent enough to be caught up from the changelog.
+    pub written_at_ms: Option<i64>,
 }
 
 impl Store {
@@ -154,7 +157,12 @@ impl Store {
 
     /// Writes one step atomically: `changes` of `partition` and the
     /// changelog offset they bring the stored state up to.
-    pub fn commit(&self, partition: i32, changes: &[StateChange], changelog_offset: Option<i64>) -> Result<(), StoreError> {
+    pub fn commit(
+        &self,
+        partition: i32,
+        changes: &[StateChange],
+        changelog_offset: Option<i64>,
+    ) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         for ch in changes {
             let cf = self.cf(ch.table.name())?;
@@ -165,9 +173,17 @@ impl Store {
             }
         }
         if let Some(o) = changelog_offset {
-            batch.put_cf(self.cf(PROGRESS_CF)?, prefix(partition), o.to_be_bytes());
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let mut v = [0u8; 16];
+            v[..8].copy_from_slice(&o.to_be_bytes());
+            v[8..].copy_from_slice(&now.to_be_bytes());
+            batch.put_cf(self.cf(PROGRESS_CF)?, prefix(partition), v);
         }
-        self.db.write_opt(batch, &write_options()).map_err(self.rocks("write batch"))
+        self.db
+            .write_opt(batch, &write_options())
+            .map_err(self.rocks("write batch"))
     }
 
     /// Loads everything stored for `partition`.
@@ -184,28 +200,35 @@ impl Store {
                 records.push((table, k[4..].to_vec(), v.to_vec()));
             }
         }
+        let progress = self.progress(partition)?;
         Ok(PartitionState {
             records,
-            changelog_offset: self.changelog_offset(partition)?,
+            changelog_offset: progress.map(|p| p.0),
+            written_at_ms: progress.map(|p| p.1),
         })
     }
 
-    /// The changelog offset `partition`'s stored state reflects.
-    pub fn changelog_offset(&self, partition: i32) -> Result<Option<i64>, StoreError> {
+    /// The changelog offset `partition`'s stored state reflects, and when it
+    /// was written.
+    pub fn progress(&self, partition: i32) -> Result<Option<(i64, i64)>, StoreError> {
         let v = self
             .db
             .get_cf(self.cf(PROGRESS_CF)?, prefix(partition))
             .map_err(self.rocks("get progress"))?;
         match v {
             None => Ok(None),
-            Some(b) => {
-                let arr: [u8; 8] = b.as_slice().try_into().map_err(|_| StoreError::Corrupt {
-                    path: self.path.clone(),
-                    what: "progress offset",
-                    partition,
-                })?;
-                Ok(Some(i64::from_be_bytes(arr)))
+            Some(b) if b.len() == 16 => {
+                let mut o = [0u8; 8];
+                let mut t = [0u8; 8];
+                o.copy_from_slice(&b[..8]);
+                t.copy_from_slice(&b[8..]);
+                Ok(Some((i64::from_be_bytes(o), i64::from_be_bytes(t))))
             }
+            Some(_) => Err(StoreError::Corrupt {
+                path: self.path.clone(),
+                what: "progress record",
+                partition,
+            }),
         }
     }
 
@@ -223,7 +246,9 @@ impl Store {
             let cf = self.cf(name)?;
             batch.delete_range_cf(cf, &from, &to);
         }
-        self.db.write_opt(batch, &write_options()).map_err(self.rocks("drop partition"))
+        self.db
+            .write_opt(batch, &write_options())
+            .map_err(self.rocks("drop partition"))
     }
 
     /// Approximate bytes on disk (SST files), for metrics.
@@ -231,7 +256,12 @@ impl Store {
         Table::ALL
             .iter()
             .filter_map(|t| self.db.cf_handle(t.name()))
-            .filter_map(|cf| self.db.property_int_value_cf(cf, "rocksdb.total-sst-files-size").ok().flatten())
+            .filter_map(|cf| {
+                self.db
+                    .property_int_value_cf(cf, "rocksdb.total-sst-files-size")
+                    .ok()
+                    .flatten()
+            })
             .sum()
     }
 }
@@ -252,14 +282,28 @@ mod tests {
     fn commit_load_and_drop_per_partition() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let store = Store::open(dir.path())?;
-        store.commit(3, &[change(Table::Jobs, b"a", Some(b"1")), change(Table::Usage, b"u", Some(b"2"))], Some(10))?;
+        store.commit(
+            3,
+            &[
+                change(Table::Jobs, b"a", Some(b"1")),
+                change(Table::Usage, b"u", Some(b"2")),
+            ],
+            Some(10),
+        )?;
         store.commit(4, &[change(Table::Jobs, b"a", Some(b"other"))], Some(5))?;
-        store.commit(3, &[change(Table::Jobs, b"a", None), change(Table::Jobs, b"b", Some(b"3"))], Some(12))?;
+        store.commit(
+            3,
+            &[change(Table::Jobs, b"a", None), change(Table::Jobs, b"b", Some(b"3"))],
+            Some(12),
+        )?;
         let s = store.load(3)?;
         assert_eq!(s.changelog_offset, Some(12));
         assert_eq!(
             s.records,
-            vec![(Table::Jobs, b"b".to_vec(), b"3".to_vec()), (Table::Usage, b"u".to_vec(), b"2".to_vec())]
+            vec![
+                (Table::Jobs, b"b".to_vec(), b"3".to_vec()),
+                (Table::Usage, b"u".to_vec(), b"2".to_vec())
+            ]
         );
         store.drop_partition(3)?;
         assert!(store.load(3)?.records.is_empty());
@@ -285,11 +329,24 @@ mod tests {
             config: &config,
         };
         let ev = |ty: &str, id: &str, t: &str, data: &str| {
-            format!(r#"{{"specversion":"1.0","id":"{id}","source":"s","type":"{ty}","time":"{t}","subject":"j","data":{{"account_id":"a"{data}}}}}"#)
+            format!(
+                r#"{{"specversion":"1.0","id":"{id}","source":"s","type":"{ty}","time":"{t}","subject":"j","data":{{"account_id":"a"{data}}}}}"#
+            )
         };
         let mut meter = Meter::tracking_changes();
         let mut out = Vec::new();
-        meter.apply(&ctx, ev("job.started", "1", "2024-05-01T00:00:00Z", r#","kind":"inference","model":"m""#).as_bytes(), None, &mut out);
+        meter.apply(
+            &ctx,
+            ev(
+                "job.started",
+                "1",
+                "2024-05-01T00:00:00Z",
+                r#","kind":"inference","model":"m""#,
+            )
+            .as_bytes(),
+            None,
+            &mut out,
+        );
         {
             let store = Store::open(dir.path())?;
             store.commit(0, &meter.take_changes()?, Some(1))?;
@@ -297,7 +354,12 @@ mod tests {
         let store = Store::open(dir.path())?;
         let loaded = store.load(0)?;
         let mut restored = Meter::restore(loaded.records, &config)?;
-        restored.apply(&ctx, ev("job.stopped", "2", "2024-05-01T00:00:09Z", r#","status":"succeeded""#).as_bytes(), None, &mut out);
+        restored.apply(
+            &ctx,
+            ev("job.stopped", "2", "2024-05-01T00:00:09Z", r#","status":"succeeded""#).as_bytes(),
+            None,
+            &mut out,
+        );
         let charges: Vec<_> = out.iter().filter(|o| matches!(o, Output::Charge(_))).collect();
         assert_eq!(charges.len(), 1);
         Ok(())

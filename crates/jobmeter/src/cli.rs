@@ -29,6 +29,22 @@ pub enum Command {
     CheckConfig(CheckConfigCmd),
     /// Run the streaming meter against Kafka.
     Run(crate::service::RunCmd),
+    /// Print a topic's committed records (read_committed) as JSON lines.
+    Dump(DumpCmd),
+}
+
+/// `jobmeter dump`.
+#[derive(Debug, clap::Args)]
+pub struct DumpCmd {
+    /// Topic to read.
+    #[arg(long)]
+    pub topic: String,
+    /// Brokers.
+    #[arg(long, env = "JOBMETER_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Print only the last N records.
+    #[arg(long)]
+    pub last: Option<usize>,
 }
 
 /// Timeouts shared by replay and run.
@@ -133,7 +149,16 @@ pub struct SimulateCmd {
     pub max_skew: i64,
     /// Write events (JSON lines) here.
     #[arg(long)]
-    pub events_out: PathBuf,
+    pub events_out: Option<PathBuf>,
+    /// Produce to Kafka instead (accounts first, then events, keyed by account).
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Topic prefix when producing to Kafka.
+    #[arg(long, default_value = "jobmeter")]
+    pub topic_prefix: String,
+    /// Target events per second when producing to Kafka (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
     /// Write account records (JSON lines) here.
     #[arg(long)]
     pub accounts_out: Option<PathBuf>,
@@ -191,6 +216,7 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(cmd) => crate::service::main(cmd),
+        Command::Dump(cmd) => crate::tools::dump(&cmd.brokers, &cmd.topic, cmd.last),
     }
 }
 
@@ -249,22 +275,31 @@ fn run_replay(cmd: ReplayCmd) -> anyhow::Result<()> {
 fn run_simulate(cmd: SimulateCmd) -> anyhow::Result<()> {
     let opts = cmd.options()?;
     let evs = events(&opts);
-    let mut w = std::io::BufWriter::new(
-        std::fs::File::create(&cmd.events_out).with_context(|| format!("creating {}", cmd.events_out.display()))?,
-    );
-    for e in &evs {
-        writeln!(w, "{}", e.json)?;
+    let accs = accounts(&opts);
+    if let Some(path) = &cmd.events_out {
+        let mut w = std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        );
+        for e in &evs {
+            writeln!(w, "{}", e.json)?;
+        }
+        w.flush()?;
+        eprintln!("wrote {} events to {}", evs.len(), path.display());
     }
-    w.flush()?;
     if let Some(path) = &cmd.accounts_out {
         let mut w = std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
         );
-        for (_, rec) in accounts(&opts) {
+        for (_, rec) in &accs {
             writeln!(w, "{rec}")?;
         }
         w.flush()?;
     }
-    eprintln!("wrote {} events to {}", evs.len(), cmd.events_out.display());
+    if let Some(brokers) = &cmd.brokers {
+        let topics = jobmeter_kafka::topics::Topics::with_prefix(&cmd.topic_prefix);
+        crate::tools::produce_fleet(brokers, &topics, &accs, &evs, cmd.rate)?;
+    } else if cmd.events_out.is_none() {
+        anyhow::bail!("say where the fleet goes: --events-out FILE and/or --brokers HOST:PORT");
+    }
     Ok(())
 }

@@ -13,3 +13,4 @@ pub mod replay;
 pub mod service;
 pub mod simulate;
 pub mod sinks;
+pub mod tools;

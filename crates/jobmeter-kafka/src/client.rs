@@ -1,0 +1,109 @@
+//! Client configuration: one place that turns jobmeter's Kafka settings
+//! into librdkafka configurations for each kind of client.
+
+use rdkafka::config::ClientConfig;
+use std::collections::BTreeMap;
+
+/// Connection settings shared by every client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaSettings {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Extra librdkafka properties passed through verbatim (SASL, SSL,
+    /// timeouts…); they override jobmeter's defaults.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl KafkaSettings {
+    /// Settings for `brokers` with no extra properties.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        KafkaSettings {
+            brokers: brokers.into(),
+            properties: BTreeMap::new(),
+        }
+    }
+
+    /// A base configuration: brokers, then the pass-through properties.
+    pub fn base(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        c
+    }
+
+    fn finish(&self, mut c: ClientConfig) -> ClientConfig {
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// A consumer in `group`: read_committed, no auto commit, starts at the
+    /// earliest offset when the group has none.
+    pub fn group_consumer(&self, group: &str, instance: &str) -> ClientConfig {
+        let mut c = self.base();
+        c.set("group.id", group)
+            .set("client.id", instance)
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("max.poll.interval.ms", "300000")
+            .set("queued.max.messages.kbytes", "65536");
+        self.finish(c)
+    }
+
+    /// A consumer with no group, for reading partitions by assignment
+    /// (changelog restores, the accounts table): read_committed, EOF events on.
+    pub fn reader(&self, client_id: &str) -> ClientConfig {
+        let mut c = self.base();
+        c.set("group.id", format!("{client_id}-reader"))
+            .set("client.id", client_id)
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest");
+        self.finish(c)
+    }
+
+    /// The transactional producer of instance `transactional_id`.
+    pub fn transactional_producer(&self, transactional_id: &str, transaction_timeout_ms: u64) -> ClientConfig {
+        let mut c = self.base();
+        c.set("transactional.id", transactional_id)
+            .set("client.id", transactional_id)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("transaction.timeout.ms", transaction_timeout_ms.to_string())
+            .set("linger.ms", "5")
+            .set("compression.type", "lz4")
+            .set("queue.buffering.max.messages", "200000")
+            .set("queue.buffering.max.kbytes", "262144")
+            .set("message.timeout.ms", transaction_timeout_ms.to_string());
+        self.finish(c)
+    }
+
+    /// A plain idempotent producer (tools, tests, the simulator).
+    pub fn producer(&self) -> ClientConfig {
+        let mut c = self.base();
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("compression.type", "lz4")
+            .set("partitioner", "murmur2_random");
+        self.finish(c)
+    }
+
+    /// An admin client.
+    pub fn admin(&self) -> ClientConfig {
+        self.finish(self.base())
+    }
+}
+
+/// The broker address tests and tools use: `JOBMETER_KAFKA_BROKERS`, else
+/// `127.0.0.1:9092`.
+pub fn brokers_from_env() -> String {
+    std::env::var("JOBMETER_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}

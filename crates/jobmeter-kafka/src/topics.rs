@@ -1,0 +1,148 @@
+//! Topic names and their creation.
+//!
+//! Every topic is named under one prefix (default `jobmeter`), so a
+//! deployment can run several meters on one cluster.
+
+use crate::client::KafkaSettings;
+use crate::KafkaAdapterError;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+use std::time::Duration;
+
+/// The names of jobmeter's topics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    /// Lifecycle events in.
+    pub job_events: String,
+    /// Account records in (compacted).
+    pub accounts: String,
+    /// Charges out.
+    pub charges: String,
+    /// Limit events out.
+    pub limits: String,
+    /// Statements out.
+    pub statements: String,
+    /// Dead letters out.
+    pub dlq: String,
+    /// State changelog (internal, compacted, one partition per input partition).
+    pub changelog: String,
+}
+
+impl Topics {
+    /// The default names under `prefix` (`jobmeter` → `jobmeter.job-events`…).
+    pub fn with_prefix(prefix: &str) -> Topics {
+        let t = |s: &str| format!("{prefix}.{s}");
+        Topics {
+            job_events: t("job-events"),
+            accounts: t("accounts"),
+            charges: t("charges"),
+            limits: t("limits"),
+            statements: t("statements"),
+            dlq: t("dlq"),
+            changelog: t("changelog"),
+        }
+    }
+}
+
+/// How to create missing topics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicLayout {
+    /// Partitions of the input and changelog topics (they must match).
+    pub partitions: i32,
+    /// Partitions of the output topics.
+    pub output_partitions: i32,
+    /// Replication factor.
+    pub replication: i32,
+}
+
+/// Creates the topics that do not exist yet and checks that the changelog
+/// has as many partitions as the input (the meter maps one onto the other).
+pub async fn ensure_topics(
+    settings: &KafkaSettings,
+    topics: &Topics,
+    layout: &TopicLayout,
+) -> Result<(), KafkaAdapterError> {
+    let admin: AdminClient<DefaultClientContext> =
+        settings.admin().create().map_err(|source| KafkaAdapterError::Client {
+            what: "admin client",
+            source,
+        })?;
+    // Compacted topics keep the latest value per key; the changelog keeps
+    // tombstones for 3 days so a restore from older local state sees deletes.
+    let compacted = [
+        ("cleanup.policy", "compact"),
+        ("delete.retention.ms", "259200000"),
+        ("min.insync.replicas", "1"),
+    ];
+    let plain: [(&str, &str); 0] = [];
+    type Spec<'a> = (&'a str, i32, &'a [(&'a str, &'a str)]);
+    let specs: Vec<Spec<'_>> = vec![
+        (&topics.job_events, layout.partitions, &plain),
+        (&topics.changelog, layout.partitions, &compacted),
+        (&topics.accounts, 1, &compacted[..1]),
+        (&topics.charges, layout.output_partitions, &plain),
+        (&topics.limits, layout.output_partitions, &plain),
+        (&topics.statements, layout.output_partitions, &plain),
+        (&topics.dlq, layout.output_partitions, &plain),
+    ];
+    let new: Vec<NewTopic<'_>> = specs
+        .iter()
+        .map(|(name, parts, cfg)| {
+            let mut t = NewTopic::new(name, *parts, TopicReplication::Fixed(layout.replication));
+            for (k, v) in cfg.iter() {
+                t = t.set(k, v);
+            }
+            t
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(new.iter(), &opts)
+        .await
+        .map_err(KafkaAdapterError::op("create topics"))?;
+    for r in results {
+        if let Err((topic, code)) = r {
+            if code != RDKafkaErrorCode::TopicAlreadyExists {
+                return Err(KafkaAdapterError::Topic {
+                    topic,
+                    message: format!("cannot create: {code}"),
+                });
+            }
+        }
+    }
+    let consumer: BaseConsumer = settings.admin().create().map_err(|source| KafkaAdapterError::Client {
+        what: "metadata client",
+        source,
+    })?;
+    let count = |topic: &str| -> Result<i32, KafkaAdapterError> {
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .map_err(KafkaAdapterError::op("fetch metadata"))?;
+        Ok(md.topics().first().map_or(0, |t| t.partitions().len() as i32))
+    };
+    let (inp, chg) = (count(&topics.job_events)?, count(&topics.changelog)?);
+    if inp != chg {
+        return Err(KafkaAdapterError::Topic {
+            topic: topics.changelog.clone(),
+            message: format!(
+                "has {chg} partitions but {} has {inp}; they must match",
+                topics.job_events
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Partitions of `topic` (0 when it does not exist).
+pub fn partition_count(settings: &KafkaSettings, topic: &str) -> Result<i32, KafkaAdapterError> {
+    let consumer: BaseConsumer = settings.admin().create().map_err(|source| KafkaAdapterError::Client {
+        what: "metadata client",
+        source,
+    })?;
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(KafkaAdapterError::op("fetch metadata"))?;
+    Ok(md.topics().first().map_or(0, |t| t.partitions().len() as i32))
+}

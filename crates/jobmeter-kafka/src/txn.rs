@@ -1,0 +1,229 @@
+//! The transactional producer: one per meter instance, carrying outputs,
+//! state changelog records and input offsets in one transaction per batch.
+//!
+//! Error handling follows librdkafka's classes ("Transactional Producer →
+//! Error handling" in its INTRODUCTION.md): a *retriable* error is retried
+//! here a few times; an *abortable* error means the transaction must be
+//! aborted and the input rewound to the last committed position; a *fatal*
+//! error (or one with none of the three flags, such as a flush timeout)
+//! means the producer must be destroyed. The caller decides how to recover;
+//! jobmeter rebuilds its pipeline from durable state in both cases.
+
+use crate::client::KafkaSettings;
+use crate::KafkaAdapterError;
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, TopicPartitionList};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// What a failed transactional call requires of the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum TxnError {
+    /// Abort the transaction, rewind the input, begin again.
+    #[error("transaction must be aborted: {0}")]
+    Abortable(KafkaError),
+    /// Destroy the producer (fenced by a newer instance, or unrecoverable).
+    #[error("fatal producer error: {0}")]
+    Fatal(KafkaError),
+}
+
+impl TxnError {
+    /// The class of `e` after retries: abortable or fatal.
+    pub fn classify(e: KafkaError) -> TxnError {
+        match &e {
+            KafkaError::Transaction(rd) if rd.is_fatal() => TxnError::Fatal(e),
+            KafkaError::Transaction(rd) if rd.txn_requires_abort() || rd.is_retriable() => TxnError::Abortable(e),
+            // A flush timeout inside commit, a delivery failure, a full
+            // queue that never drained: the transaction cannot commit.
+            KafkaError::Flush(_) | KafkaError::MessageProduction(_) => TxnError::Abortable(e),
+            _ => TxnError::Fatal(e),
+        }
+    }
+
+    fn retriable(e: &KafkaError) -> bool {
+        matches!(e, KafkaError::Transaction(rd) if rd.is_retriable() && !rd.txn_requires_abort() && !rd.is_fatal())
+    }
+}
+
+/// Records delivery results: the highest offset written to each changelog
+/// partition, and the first delivery failure.
+#[derive(Debug, Default)]
+pub struct DeliveryTracker {
+    changelog: Mutex<HashMap<i32, i64>>,
+    failure: Mutex<Option<String>>,
+}
+
+/// Delivery tag of an output record.
+pub const TAG_OUTPUT: usize = 0;
+
+/// Delivery tag of a changelog record for `partition`.
+pub fn tag_changelog(partition: i32) -> usize {
+    partition as usize + 1
+}
+
+impl ClientContext for DeliveryTracker {}
+
+impl ProducerContext for DeliveryTracker {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, tag: usize) {
+        match result {
+            Ok(m) if tag > TAG_OUTPUT => {
+                if let Ok(mut map) = self.changelog.lock() {
+                    let e = map.entry(m.partition()).or_insert(-1);
+                    *e = (*e).max(m.offset());
+                }
+            }
+            Ok(_) => {}
+            Err((e, _)) => {
+                if let Ok(mut f) = self.failure.lock() {
+                    f.get_or_insert_with(|| e.to_string());
+                }
+            }
+        }
+    }
+}
+
+/// A transactional producer.
+pub struct TxnProducer {
+    producer: ThreadedProducer<DeliveryTracker>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for TxnProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TxnProducer").field("timeout", &self.timeout).finish()
+    }
+}
+
+fn with_retries<T>(mut f: impl FnMut() -> Result<T, KafkaError>) -> Result<T, TxnError> {
+    let mut attempt = 0;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if TxnError::retriable(&e) && attempt < 5 => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(100 * attempt));
+            }
+            Err(e) => return Err(TxnError::classify(e)),
+        }
+    }
+}
+
+impl TxnProducer {
+    /// Creates the producer of `transactional_id` and initialises
+    /// transactions, which fences any older producer with the same id and
+    /// aborts its open transaction.
+    pub fn new(
+        settings: &KafkaSettings,
+        transactional_id: &str,
+        transaction_timeout: Duration,
+    ) -> Result<Self, KafkaAdapterError> {
+        let producer: ThreadedProducer<DeliveryTracker> = settings
+            .transactional_producer(transactional_id, transaction_timeout.as_millis() as u64)
+            .create_with_context(DeliveryTracker::default())
+            .map_err(|source| KafkaAdapterError::Client {
+                what: "transactional producer",
+                source,
+            })?;
+        let p = TxnProducer {
+            producer,
+            timeout: transaction_timeout,
+        };
+        with_retries(|| p.producer.init_transactions(p.timeout)).map_err(|e| KafkaAdapterError::Op {
+            op: "init transactions",
+            source: match e {
+                TxnError::Abortable(k) | TxnError::Fatal(k) => k,
+            },
+        })?;
+        Ok(p)
+    }
+
+    /// Begins a transaction.
+    pub fn begin(&self) -> Result<(), TxnError> {
+        if let Ok(mut f) = self.producer.context().failure.lock() {
+            *f = None;
+        }
+        if let Ok(mut m) = self.producer.context().changelog.lock() {
+            m.clear();
+        }
+        self.producer.begin_transaction().map_err(TxnError::classify)
+    }
+
+    /// Produces one record in the open transaction. When the local queue is
+    /// full this waits for it to drain (backpressure), up to the
+    /// transaction timeout.
+    pub fn send(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: Option<&[u8]>,
+        headers: Option<OwnedHeaders>,
+        partition: Option<i32>,
+        tag: usize,
+    ) -> Result<(), TxnError> {
+        let started = std::time::Instant::now();
+        let mut record = BaseRecord::with_opaque_to(topic, tag).key(key);
+        if let Some(p) = payload {
+            record = record.payload(p);
+        }
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
+                    if started.elapsed() < self.timeout =>
+                {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(TxnError::classify(e)),
+            }
+        }
+    }
+
+    /// Adds the consumer offsets to the transaction and commits it. On
+    /// success returns the highest changelog offset written per partition.
+    pub fn commit(
+        &self,
+        offsets: &TopicPartitionList,
+        group: &ConsumerGroupMetadata,
+    ) -> Result<HashMap<i32, i64>, TxnError> {
+        if offsets.count() > 0 {
+            with_retries(|| self.producer.send_offsets_to_transaction(offsets, group, self.timeout))?;
+        }
+        with_retries(|| self.producer.commit_transaction(self.timeout))?;
+        if let Some(f) = self.producer.context().failure.lock().ok().and_then(|mut f| f.take()) {
+            // A delivery failed yet the commit succeeded: cannot happen with
+            // idempotence on, but never ignore it silently.
+            tracing::error!(failure = %f, "delivery failed inside a committed transaction");
+            return Err(TxnError::Fatal(KafkaError::MessageProduction(RDKafkaErrorCode::Fail)));
+        }
+        Ok(self
+            .producer
+            .context()
+            .changelog
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default())
+    }
+
+    /// Aborts the open transaction.
+    pub fn abort(&self) -> Result<(), TxnError> {
+        with_retries(|| self.producer.abort_transaction(self.timeout))
+    }
+
+    /// Messages waiting in the local queue (for the queue-depth metric).
+    pub fn in_flight(&self) -> i32 {
+        self.producer.in_flight_count()
+    }
+}

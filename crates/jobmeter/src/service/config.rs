@@ -1,0 +1,475 @@
+//! The service's configuration: one typed tree, defaults in one place,
+//! layered default → file → environment → flags, validated at start with
+//! every problem reported at once.
+//!
+//! Environment overrides use `JOBMETER__SECTION__KEY` (double underscores
+//! between levels), e.g. `JOBMETER__BATCH__MAX_EVENTS=2000`;
+//! `JOBMETER_KAFKA_BROKERS` is also honoured for `kafka.brokers`.
+
+use jobmeter_core::time::parse_duration_ms;
+use jobmeter_core::MeterConfig;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Stable name of this instance; the transactional id is derived from
+    /// it, so a restarted instance fences its own zombie. Must be unique in
+    /// the group (a StatefulSet's pod name is a good choice).
+    pub instance_id: String,
+    /// Kafka connection.
+    pub kafka: KafkaConfig,
+    /// Topic names and layout.
+    pub topics: TopicsConfig,
+    /// Local state.
+    pub state: StateConfig,
+    /// Transaction batching.
+    pub batch: BatchConfig,
+    /// Event-time timeouts.
+    pub meter: MeterTimeouts,
+    /// Rate card and plans.
+    pub billing: BillingConfig,
+    /// HTTP (metrics, health).
+    pub http: HttpConfig,
+    /// Shutdown.
+    pub shutdown: ShutdownConfig,
+}
+
+/// `[kafka]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Consumer group of the meter instances.
+    pub group_id: String,
+    /// Transaction timeout (also the longest a crashed instance's open
+    /// transaction blocks `read_committed` readers).
+    pub transaction_timeout: String,
+    /// librdkafka properties passed through verbatim (SASL/SSL settings…).
+    pub properties: BTreeMap<String, String>,
+}
+
+/// `[topics]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicsConfig {
+    /// Prefix of every topic name.
+    pub prefix: String,
+    /// Create missing topics at start.
+    pub create: bool,
+    /// Partitions of the input (and changelog) topics when created.
+    pub partitions: i32,
+    /// Partitions of output topics when created.
+    pub output_partitions: i32,
+    /// Replication factor when created.
+    pub replication: i32,
+}
+
+/// `[state]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// RocksDB directory.
+    pub dir: PathBuf,
+    /// Local state older than this (wall clock since its last write) is
+    /// discarded and restored from the changelog in full, because the
+    /// changelog's tombstones are only kept for 3 days.
+    pub max_local_age: String,
+}
+
+/// `[batch]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Commit after this many input events…
+    pub max_events: usize,
+    /// …or this long after the batch's first event, whichever is first.
+    pub interval: String,
+}
+
+/// `[meter]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeterTimeouts {
+    /// Orphan timeout.
+    pub orphan_timeout: String,
+    /// Period close grace.
+    pub period_grace: String,
+    /// Longest accepted job.
+    pub max_duration: String,
+    /// How long finished jobs are remembered for duplicate detection.
+    pub retention: String,
+}
+
+/// `[billing]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BillingConfig {
+    /// Rate card (TOML).
+    pub rate_card: PathBuf,
+    /// Plan catalog (TOML); built-in defaults when empty.
+    pub plans: Option<PathBuf>,
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Listen address of `/metrics`, `/healthz`, `/readyz`.
+    pub listen: String,
+}
+
+/// `[shutdown]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// After SIGTERM/SIGINT, exit by force if the last batch has not been
+    /// committed within this time (a second signal forces it at once).
+    pub deadline: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            instance_id: "jobmeter-0".into(),
+            kafka: KafkaConfig::default(),
+            topics: TopicsConfig::default(),
+            state: StateConfig::default(),
+            batch: BatchConfig::default(),
+            meter: MeterTimeouts::default(),
+            billing: BillingConfig::default(),
+            http: HttpConfig::default(),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "jobmeter".into(),
+            transaction_timeout: "30s".into(),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        TopicsConfig {
+            prefix: "jobmeter".into(),
+            create: true,
+            partitions: 6,
+            output_partitions: 6,
+            replication: 1,
+        }
+    }
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            dir: PathBuf::from("data/jobmeter"),
+            max_local_age: "48h".into(),
+        }
+    }
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_events: 5000,
+            interval: "100ms".into(),
+        }
+    }
+}
+
+impl Default for MeterTimeouts {
+    fn default() -> Self {
+        MeterTimeouts {
+            orphan_timeout: "10m".into(),
+            period_grace: "1h".into(),
+            max_duration: "7d".into(),
+            retention: "35d".into(),
+        }
+    }
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        BillingConfig {
+            rate_card: PathBuf::from("config/rate-card.toml"),
+            plans: None,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig { deadline: "30s".into() }
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors(pub Vec<String>);
+
+fn env_value(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        toml::Value::Integer(i)
+    } else if let Ok(b) = raw.parse::<bool>() {
+        toml::Value::Boolean(b)
+    } else {
+        toml::Value::String(raw.to_owned())
+    }
+}
+
+fn set_path(root: &mut toml::Table, path: &[String], value: toml::Value) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut t = root;
+    for p in parents {
+        let entry = t
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        let toml::Value::Table(next) = entry else { return };
+        t = next;
+    }
+    t.insert(last.clone(), value);
+}
+
+/// Settings given on the command line (the last layer).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `key.path=value` pairs.
+    pub sets: Vec<(String, String)>,
+}
+
+impl Config {
+    /// Loads: defaults, then `file`, then environment (`env`), then
+    /// `overrides`; then validates everything.
+    pub fn load(file: Option<&Path>, env: &[(String, String)], overrides: &Overrides) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut table = match toml::Table::try_from(Config::default()) {
+            Ok(t) => t,
+            Err(e) => return Err(ConfigErrors(vec![format!("defaults: {e}")])),
+        };
+        if let Some(path) = file {
+            match std::fs::read_to_string(path) {
+                Ok(text) => match text.parse::<toml::Table>() {
+                    Ok(t) => merge(&mut table, t),
+                    Err(e) => errors.push(format!("{}: {e}", path.display())),
+                },
+                Err(e) => errors.push(format!("{}: {e}", path.display())),
+            }
+        }
+        for (k, v) in env {
+            if k == "JOBMETER_KAFKA_BROKERS" {
+                set_path(
+                    &mut table,
+                    &["kafka".into(), "brokers".into()],
+                    toml::Value::String(v.clone()),
+                );
+            } else if let Some(rest) = k.strip_prefix("JOBMETER__") {
+                let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+                set_path(&mut table, &path, env_value(v));
+            }
+        }
+        for (k, v) in &overrides.sets {
+            let path: Vec<String> = k.split('.').map(str::to_owned).collect();
+            set_path(&mut table, &path, env_value(v));
+        }
+        let cfg: Config = match toml::Value::Table(table).try_into() {
+            Ok(c) => c,
+            Err(e) => {
+                errors.push(e.to_string().trim().to_owned());
+                return Err(ConfigErrors(errors));
+            }
+        };
+        errors.extend(cfg.problems());
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Every semantic problem.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let dur = |p: &mut Vec<String>, field: &str, v: &str| {
+            if parse_duration_ms(v).is_none_or(|ms| ms <= 0) {
+                p.push(format!(
+                    "{field}: {v:?} is not a positive duration (examples: 250ms, 30s, 10m, 1h, 7d)"
+                ));
+            }
+        };
+        if self.instance_id.is_empty()
+            || !self
+                .instance_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            p.push(format!(
+                "instance_id: {:?} must be non-empty letters, digits, '-', '_' or '.'",
+                self.instance_id
+            ));
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            p.push("kafka.brokers: must not be empty".into());
+        }
+        if self.kafka.group_id.trim().is_empty() {
+            p.push("kafka.group_id: must not be empty".into());
+        }
+        dur(&mut p, "kafka.transaction_timeout", &self.kafka.transaction_timeout);
+        if self.topics.prefix.is_empty() {
+            p.push("topics.prefix: must not be empty".into());
+        }
+        if self.topics.partitions < 1 || self.topics.output_partitions < 1 || self.topics.replication < 1 {
+            p.push("topics.partitions, output_partitions and replication must be at least 1".into());
+        }
+        dur(&mut p, "state.max_local_age", &self.state.max_local_age);
+        if self.batch.max_events == 0 {
+            p.push("batch.max_events: must be at least 1".into());
+        }
+        dur(&mut p, "batch.interval", &self.batch.interval);
+        dur(&mut p, "meter.orphan_timeout", &self.meter.orphan_timeout);
+        dur(&mut p, "meter.period_grace", &self.meter.period_grace);
+        dur(&mut p, "meter.max_duration", &self.meter.max_duration);
+        dur(&mut p, "meter.retention", &self.meter.retention);
+        dur(&mut p, "shutdown.deadline", &self.shutdown.deadline);
+        if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            p.push(format!(
+                "http.listen: {:?} is not an address such as 127.0.0.1:9464",
+                self.http.listen
+            ));
+        }
+        if let Err(e) = crate::replay::load_rate_card(&self.billing.rate_card) {
+            p.push(format!("billing.rate_card: {e}"));
+        }
+        if let Err(e) = crate::replay::load_plans(self.billing.plans.as_deref()) {
+            p.push(format!("billing.plans: {e}"));
+        }
+        p
+    }
+
+    /// A duration field in milliseconds (validated at load).
+    pub fn ms(v: &str) -> i64 {
+        parse_duration_ms(v).unwrap_or(0)
+    }
+
+    /// The core's timeouts.
+    pub fn meter_config(&self) -> MeterConfig {
+        MeterConfig {
+            orphan_timeout_ms: Config::ms(&self.meter.orphan_timeout),
+            period_grace_ms: Config::ms(&self.meter.period_grace),
+            max_duration_ms: Config::ms(&self.meter.max_duration),
+            retention_ms: Config::ms(&self.meter.retention),
+        }
+    }
+
+    /// The transactional id: `<prefix>-<instance_id>`.
+    pub fn transactional_id(&self) -> String {
+        format!("{}-{}", self.topics.prefix, self.instance_id)
+    }
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate_card_path() -> String {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/rate-card.toml").to_owned()
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "instance_id = \"a\"\n[batch]\nmax_events = 10\n[billing]\nrate_card = {:?}\n",
+                rate_card_path()
+            ),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let env = vec![
+            ("JOBMETER__BATCH__MAX_EVENTS".to_owned(), "20".to_owned()),
+            ("JOBMETER_KAFKA_BROKERS".to_owned(), "b:1".to_owned()),
+        ];
+        let over = Overrides {
+            sets: vec![("instance_id".into(), "c".into())],
+        };
+        let c = Config::load(Some(&file), &env, &over).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (c.instance_id.as_str(), c.batch.max_events, c.kafka.brokers.as_str()),
+            ("c", 20, "b:1")
+        );
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let env = vec![
+            ("JOBMETER__BATCH__INTERVAL".to_owned(), "soon".to_owned()),
+            ("JOBMETER__TOPICS__PARTITIONS".to_owned(), "0".to_owned()),
+        ];
+        let over = Overrides {
+            sets: vec![
+                ("http.listen".into(), "nowhere".into()),
+                ("billing.rate_card".into(), "/nope.toml".into()),
+            ],
+        };
+        let err = Config::load(None, &env, &over)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        for needle in [
+            "batch.interval",
+            "topics.partitions",
+            "http.listen",
+            "billing.rate_card",
+        ] {
+            assert!(err.contains(needle), "{needle} missing from: {err}");
+        }
+        let unknown = Config::load(
+            None,
+            &[("JOBMETER__BATCH__SIZE".into(), "1".into())],
+            &Overrides::default(),
+        );
+        assert!(unknown
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+            .contains("unknown field"));
+    }
+}

@@ -1,0 +1,242 @@
+//! The meter's Prometheus metrics, registered into an explicit registry
+//! created by the caller. Label sets are bounded: reasons, kinds, limits
+//! and input partitions (bounded by configuration) only, never an account
+//! or job id.
+
+use jobmeter_core::output::LimitKind;
+use jobmeter_core::{JobKind, RejectReason, Stats};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+use rust_decimal::prelude::ToPrimitive;
+
+/// All metrics of the streaming meter.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Input records consumed, by outcome.
+    pub events: IntCounterVec,
+    /// Rejected inputs by reason.
+    pub rejected: IntCounterVec,
+    /// Charges by kind.
+    pub charges: IntCounterVec,
+    /// Charged list amount by kind, in USD (for dashboards; the charges
+    /// topic is the exact record).
+    pub charged_usd: prometheus::CounterVec,
+    /// Adjustment charges.
+    pub adjustments: IntCounter,
+    /// Orphaned jobs closed.
+    pub orphans: IntCounter,
+    /// Late charges (billed in a later period).
+    pub late_charges: IntCounter,
+    /// Limit events.
+    pub limit_events: IntCounter,
+    /// Statements.
+    pub statements: IntCounter,
+    /// Open jobs per partition.
+    pub open_jobs: IntGaugeVec,
+    /// Consumer lag per partition (high watermark − position).
+    pub lag: IntGaugeVec,
+    /// Events per committed batch.
+    pub batch_events: Histogram,
+    /// Time to commit a batch (Kafka transaction + RocksDB write).
+    pub commit_seconds: HistogramVec,
+    /// Time to restore a partition's state.
+    pub restore_seconds: Histogram,
+    /// Changelog records replayed during restores.
+    pub restored_records: IntCounter,
+    /// Pipeline restarts after errors.
+    pub restarts: IntCounter,
+    /// Records waiting in the producer's local queue.
+    pub producer_queue: IntGauge,
+    /// RocksDB SST bytes.
+    pub store_bytes: IntGauge,
+    /// Partitions assigned to this instance.
+    pub assigned_partitions: IntGauge,
+    /// Account records known.
+    pub accounts: IntGauge,
+    /// 1 when state is restored and partitions assigned.
+    pub ready: IntGauge,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> Result<T, prometheus::Error> {
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them into `r`.
+    pub fn new(r: &Registry) -> Result<Metrics, prometheus::Error> {
+        let m = Metrics {
+            events: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "jobmeter_events_total",
+                        "Input records consumed, by outcome (applied, duplicate, rejected)",
+                    ),
+                    &["outcome"],
+                )?,
+            )?,
+            rejected: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("jobmeter_rejected_total", "Inputs sent to the DLQ, by reason"),
+                    &["reason"],
+                )?,
+            )?,
+            charges: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("jobmeter_charges_total", "Charges emitted, by job kind"),
+                    &["kind"],
+                )?,
+            )?,
+            charged_usd: reg(
+                r,
+                prometheus::CounterVec::new(
+                    Opts::new("jobmeter_charged_usd_total", "List amount charged, USD, by job kind"),
+                    &["kind"],
+                )?,
+            )?,
+            adjustments: reg(
+                r,
+                IntCounter::new("jobmeter_adjustments_total", "Adjustment charges after late stops")?,
+            )?,
+            orphans: reg(r, IntCounter::new("jobmeter_orphans_total", "Jobs closed as orphaned")?)?,
+            late_charges: reg(
+                r,
+                IntCounter::new(
+                    "jobmeter_late_charges_total",
+                    "Charges billed in a later period than their usage",
+                )?,
+            )?,
+            limit_events: reg(
+                r,
+                IntCounter::new("jobmeter_limit_events_total", "Limit events emitted")?,
+            )?,
+            statements: reg(r, IntCounter::new("jobmeter_statements_total", "Statements emitted")?)?,
+            open_jobs: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "jobmeter_open_jobs",
+                        "Running jobs not yet charged, per input partition",
+                    ),
+                    &["partition"],
+                )?,
+            )?,
+            lag: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new("jobmeter_consumer_lag", "Input records not yet consumed, per partition"),
+                    &["partition"],
+                )?,
+            )?,
+            batch_events: reg(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new("jobmeter_batch_events", "Input events per committed batch")
+                        .buckets(vec![1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 50000.0]),
+                )?,
+            )?,
+            commit_seconds: reg(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "jobmeter_commit_seconds",
+                        "Time to commit a batch, by step (kafka, store)",
+                    )
+                    .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]),
+                    &["step"],
+                )?,
+            )?,
+            restore_seconds: reg(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new("jobmeter_restore_seconds", "Time to restore a partition's state")
+                        .buckets(vec![0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0]),
+                )?,
+            )?,
+            restored_records: reg(
+                r,
+                IntCounter::new(
+                    "jobmeter_restored_records_total",
+                    "Changelog records replayed during restores",
+                )?,
+            )?,
+            restarts: reg(
+                r,
+                IntCounter::new("jobmeter_pipeline_restarts_total", "Pipeline restarts after errors")?,
+            )?,
+            producer_queue: reg(
+                r,
+                IntGauge::new(
+                    "jobmeter_producer_queue_depth",
+                    "Records waiting in the producer's local queue",
+                )?,
+            )?,
+            store_bytes: reg(r, IntGauge::new("jobmeter_state_store_bytes", "RocksDB SST bytes")?)?,
+            assigned_partitions: reg(
+                r,
+                IntGauge::new(
+                    "jobmeter_assigned_partitions",
+                    "Input partitions assigned to this instance",
+                )?,
+            )?,
+            accounts: reg(r, IntGauge::new("jobmeter_accounts", "Accounts in the accounts table")?)?,
+            ready: reg(
+                r,
+                IntGauge::new("jobmeter_ready", "1 when state is restored and partitions are assigned")?,
+            )?,
+        };
+        // Create every bounded label up front so dashboards see zeros.
+        for reason in RejectReason::ALL {
+            m.rejected.with_label_values(&[reason.as_str()]);
+        }
+        for kind in JobKind::ALL {
+            m.charges.with_label_values(&[kind.as_str()]);
+            m.charged_usd.with_label_values(&[kind.as_str()]);
+        }
+        for outcome in ["applied", "duplicate", "rejected"] {
+            m.events.with_label_values(&[outcome]);
+        }
+        let _ = LimitKind::ALL;
+        Ok(m)
+    }
+
+    /// Adds the difference between two snapshots of a meter's stats.
+    pub fn add_stats(&self, before: &Stats, after: &Stats) {
+        let d = |a: u64, b: u64| b.saturating_sub(a);
+        self.events
+            .with_label_values(&["applied"])
+            .inc_by(d(before.events, after.events));
+        self.events
+            .with_label_values(&["duplicate"])
+            .inc_by(d(before.duplicates, after.duplicates));
+        let rej: u64 = after
+            .rejected
+            .iter()
+            .sum::<u64>()
+            .saturating_sub(before.rejected.iter().sum());
+        self.events.with_label_values(&["rejected"]).inc_by(rej);
+        for (i, reason) in RejectReason::ALL.iter().enumerate() {
+            self.rejected
+                .with_label_values(&[reason.as_str()])
+                .inc_by(d(before.rejected[i], after.rejected[i]));
+        }
+        for (i, kind) in JobKind::ALL.iter().enumerate() {
+            let amount = (after.amount_by_kind[i] - before.amount_by_kind[i])
+                .0
+                .to_f64()
+                .unwrap_or(0.0);
+            if amount > 0.0 {
+                self.charged_usd.with_label_values(&[kind.as_str()]).inc_by(amount);
+            }
+        }
+        self.adjustments.inc_by(d(before.adjustments, after.adjustments));
+        self.orphans.inc_by(d(before.orphans, after.orphans));
+        self.late_charges.inc_by(d(before.late_charges, after.late_charges));
+        self.limit_events.inc_by(d(before.limit_events, after.limit_events));
+        self.statements.inc_by(d(before.statements, after.statements));
+    }
+}

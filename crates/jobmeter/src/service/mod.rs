@@ -1,0 +1,355 @@
+//! The streaming meter (`jobmeter run`): Kafka in, RocksDB state, Kafka
+//! out, exactly once. See [`engine`] for the transaction design and its
+//! crash argument.
+//!
+//! Threads: the meter pipeline runs on one dedicated thread (librdkafka's
+//! transactional calls and RocksDB writes block); the accounts tailer on
+//! another; tokio serves HTTP and signals. Every queue is bounded: the
+//! producer's local queue (when full, the pipeline stops consuming until it
+//! drains) and librdkafka's fetch queue (`queued.max.messages.kbytes`).
+
+pub mod accounts;
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod metrics;
+
+use accounts::{AccountsMetrics, AccountsTable};
+use config::{Config, Overrides};
+use engine::{Billing, Engine, EngineConfig, EngineError, MeterContext};
+use jobmeter_core::AccountBook;
+use jobmeter_kafka::client::KafkaSettings;
+use jobmeter_kafka::topics::{ensure_topics, partition_count, TopicLayout, Topics};
+use jobmeter_kafka::txn::TxnProducer;
+use jobmeter_store::Store;
+use metrics::Metrics;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// `jobmeter run`.
+#[derive(Debug, clap::Args)]
+pub struct RunCmd {
+    /// Configuration file (TOML); see `config/jobmeter.toml`.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override `kafka.brokers`.
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Override `instance_id`.
+    #[arg(long)]
+    pub instance_id: Option<String>,
+    /// Override `state.dir`.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Override `http.listen`.
+    #[arg(long)]
+    pub http_listen: Option<String>,
+    /// Override any setting: `--set batch.max_events=2000` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Print the effective configuration and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl RunCmd {
+    /// The configuration this command describes.
+    pub fn load_config(&self) -> anyhow::Result<Config> {
+        let mut over = Overrides::default();
+        for s in &self.sets {
+            let (k, v) = s
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--set {s:?}: expected KEY=VALUE"))?;
+            over.sets.push((k.trim().to_owned(), v.trim().to_owned()));
+        }
+        if let Some(b) = &self.brokers {
+            over.sets.push(("kafka.brokers".into(), b.clone()));
+        }
+        if let Some(i) = &self.instance_id {
+            over.sets.push(("instance_id".into(), i.clone()));
+        }
+        if let Some(d) = &self.state_dir {
+            over.sets.push(("state.dir".into(), d.display().to_string()));
+        }
+        if let Some(h) = &self.http_listen {
+            over.sets.push(("http.listen".into(), h.clone()));
+        }
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Ok(Config::load(self.config.as_deref(), &env, &over)?)
+    }
+}
+
+/// Runs `jobmeter run` until SIGTERM/SIGINT.
+pub fn main(cmd: RunCmd) -> anyhow::Result<()> {
+    init_tracing();
+    let cfg = cmd.load_config()?;
+    if cmd.print_config {
+        println!("{}", toml::to_string_pretty(&cfg)?);
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("jobmeter-io")
+        .build()?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let signals = shutdown.clone();
+    let deadline = Duration::from_millis(Config::ms(&cfg.shutdown.deadline) as u64);
+    rt.spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested: finishing the current batch");
+        signals.cancel();
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    let guard = shutdown.clone();
+    rt.spawn(async move {
+        guard.cancelled().await;
+        tokio::time::sleep(deadline).await;
+        tracing::error!(
+            seconds = deadline.as_secs(),
+            "shutdown deadline passed: exiting by force"
+        );
+        std::process::exit(1);
+    });
+    rt.block_on(run(cfg, shutdown))
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("JOBMETER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! {
+                    _ = t.recv() => {},
+                    _ = i.recv() => {},
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Everything the pipeline thread needs.
+#[derive(Debug, Clone)]
+struct Deps {
+    cfg: Config,
+    settings: KafkaSettings,
+    topics: Topics,
+    billing: Billing,
+    store: Arc<Store>,
+    metrics: Metrics,
+}
+
+/// Runs the meter until `shutdown` is cancelled: topics, accounts table,
+/// HTTP, then the pipeline. Returns after the last batch is committed and
+/// the store is closed.
+pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    let registry = prometheus::Registry::new();
+    #[cfg(target_os = "linux")]
+    registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+    let metrics = Metrics::new(&registry)?;
+    let accounts_metrics = AccountsMetrics::new(&registry)?;
+    let rates = Arc::new(crate::replay::load_rate_card(&cfg.billing.rate_card)?);
+    let plans = Arc::new(crate::replay::load_plans(cfg.billing.plans.as_deref())?);
+    let mut settings = KafkaSettings::new(cfg.kafka.brokers.clone());
+    settings.properties = cfg.kafka.properties.clone();
+    let topics = Topics::with_prefix(&cfg.topics.prefix);
+    if cfg.topics.create {
+        let layout = TopicLayout {
+            partitions: cfg.topics.partitions,
+            output_partitions: cfg.topics.output_partitions,
+            replication: cfg.topics.replication,
+        };
+        ensure_topics(&settings, &topics, &layout).await?;
+    }
+    std::fs::create_dir_all(&cfg.state.dir)?;
+    let store = Arc::new(Store::open(&cfg.state.dir)?);
+    let ready = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind(&cfg.http.listen).await?;
+    tracing::info!(listen = %cfg.http.listen, "serving /metrics, /healthz, /readyz");
+    let http_shutdown = shutdown.clone();
+    let http = tokio::spawn(http::serve(listener, registry.clone(), ready.clone(), http_shutdown));
+
+    let table = AccountsTable::new(AccountBook::new(&plans), accounts_metrics);
+    let acc_parts = partition_count(&settings, &topics.accounts)?;
+    let (t2, s2, tp) = (table.clone(), settings.clone(), topics.accounts.clone());
+    let client = format!("{}-accounts", cfg.instance_id);
+    let next = tokio::task::spawn_blocking(move || t2.load(&s2, &client, &tp, acc_parts)).await??;
+    metrics
+        .accounts
+        .set(table.book.read().map(|b| b.len() as i64).unwrap_or(0));
+    tracing::info!(accounts = metrics.accounts.get(), "accounts table loaded");
+    let stop = Arc::new(AtomicBool::new(false));
+    let tail = {
+        let (t, s, tp, st) = (table.clone(), settings.clone(), topics.accounts.clone(), stop.clone());
+        let client = format!("{}-accounts-tail", cfg.instance_id);
+        std::thread::Builder::new()
+            .name("jobmeter-accounts".into())
+            .spawn(move || t.tail(&s, &client, &tp, acc_parts, next, st))?
+    };
+
+    let deps = Deps {
+        cfg: cfg.clone(),
+        settings,
+        topics,
+        billing: Billing {
+            rates,
+            plans,
+            accounts: table.book.clone(),
+            newest_event_ms: table.newest_event_ms.clone(),
+        },
+        store: store.clone(),
+        metrics: metrics.clone(),
+    };
+    let (pstop, pready) = (stop.clone(), ready.clone());
+    let pipeline = std::thread::Builder::new()
+        .name("jobmeter-pipeline".into())
+        .spawn(move || pipeline_loop(&deps, &pstop, &pready))?;
+    let watcher_stop = stop.clone();
+    let done = shutdown.clone();
+    tokio::spawn(async move {
+        done.cancelled().await;
+        watcher_stop.store(true, Ordering::SeqCst);
+    });
+    let accounts_gauge = metrics.accounts.clone();
+    let book = table.book.clone();
+    while !pipeline.is_finished() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        accounts_gauge.set(book.read().map(|b| b.len() as i64).unwrap_or(0));
+    }
+    let result = pipeline
+        .join()
+        .map_err(|_| anyhow::anyhow!("the pipeline thread panicked"))?;
+    stop.store(true, Ordering::SeqCst);
+    let _ = tail.join();
+    shutdown.cancel();
+    let _ = http.await;
+    drop(store);
+    tracing::info!("stopped cleanly");
+    result
+}
+
+fn pipeline_loop(deps: &Deps, stop: &Arc<AtomicBool>, ready: &Arc<AtomicBool>) -> anyhow::Result<()> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match run_pipeline(deps, stop, ready) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                ready.store(false, Ordering::SeqCst);
+                deps.metrics.restarts.inc();
+                tracing::error!(error = %e, backoff_ms = backoff.as_millis() as u64, "pipeline failed; rebuilding it from durable state");
+                let until = Instant::now() + backoff;
+                while Instant::now() < until {
+                    if stop.load(Ordering::SeqCst) {
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(15));
+            }
+        }
+    }
+}
+
+fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<(), EngineError> {
+    let cfg = &deps.cfg;
+    let txn_timeout = Duration::from_millis(Config::ms(&cfg.kafka.transaction_timeout) as u64);
+    let producer = TxnProducer::new(&deps.settings, &cfg.transactional_id(), txn_timeout)?;
+    let ecfg = EngineConfig {
+        topics: deps.topics.clone(),
+        settings: deps.settings.clone(),
+        instance_id: cfg.instance_id.clone(),
+        batch_max_events: cfg.batch.max_events,
+        batch_interval: Duration::from_millis(Config::ms(&cfg.batch.interval) as u64),
+        meter: cfg.meter_config(),
+        max_local_age: Duration::from_millis(Config::ms(&cfg.state.max_local_age) as u64),
+        restore_deadline: txn_timeout * 4,
+    };
+    let engine = Arc::new(Mutex::new(Engine::new(
+        ecfg,
+        deps.billing.clone(),
+        producer,
+        deps.store.clone(),
+        deps.metrics.clone(),
+    )));
+    let consumer: BaseConsumer<MeterContext> = deps
+        .settings
+        .group_consumer(&cfg.kafka.group_id, &cfg.instance_id)
+        .create_with_context(MeterContext { engine: engine.clone() })
+        .map_err(|source| jobmeter_kafka::KafkaAdapterError::Client {
+            what: "consumer",
+            source,
+        })?;
+    consumer
+        .subscribe(&[&deps.topics.job_events])
+        .map_err(|source| jobmeter_kafka::KafkaAdapterError::Op {
+            op: "subscribe",
+            source,
+        })?;
+    let lock = || engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut last_report = Instant::now();
+    let result = loop {
+        if stop.load(Ordering::SeqCst) {
+            let r = lock().commit(&consumer);
+            if r.is_ok() {
+                tracing::info!("last batch committed");
+            }
+            break r;
+        }
+        let msg = consumer.poll(Duration::from_millis(20));
+        let mut e = lock();
+        if let Some(err) = e.failed.take() {
+            break Err(err);
+        }
+        if let Err(err) = e.restore_pending() {
+            break Err(err);
+        }
+        ready.store(e.ready(), Ordering::SeqCst);
+        match msg {
+            Some(Ok(m)) => {
+                if let Err(err) = e.process(&m) {
+                    break Err(err);
+                }
+            }
+            Some(Err(err)) => tracing::warn!(error = %err, "consumer error"),
+            None => {}
+        }
+        if e.batch_due() {
+            if let Err(err) = e.commit(&consumer) {
+                break Err(err);
+            }
+        }
+        if last_report.elapsed() > Duration::from_secs(5) {
+            e.report_lag(&consumer);
+            last_report = Instant::now();
+        }
+    };
+    if result.is_err() {
+        lock().abort();
+    }
+    ready.store(false, Ordering::SeqCst);
+    consumer.unsubscribe();
+    drop(consumer);
+    result
+}

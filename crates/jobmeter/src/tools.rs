@@ -1,0 +1,117 @@
+//! Small Kafka tools for demos and operators: producing a simulated fleet,
+//! dumping a topic's committed records.
+
+use crate::simulate::SimEvent;
+use anyhow::Context as _;
+use jobmeter_kafka::client::KafkaSettings;
+use jobmeter_kafka::reader::read_to_end;
+use jobmeter_kafka::topics::{partition_count, Topics};
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+/// Produces account records, then events (keyed by account), at `rate`
+/// events per second (0: as fast as possible). The topics must exist
+/// (`jobmeter run` creates them).
+pub fn produce_fleet(
+    brokers: &str,
+    topics: &Topics,
+    accounts: &[(String, String)],
+    events: &[SimEvent],
+    rate: u64,
+) -> anyhow::Result<()> {
+    let settings = KafkaSettings::new(brokers);
+    for t in [&topics.accounts, &topics.job_events] {
+        if partition_count(&settings, t)? == 0 {
+            anyhow::bail!("topic {t} does not exist on {brokers}: start `jobmeter run` first (it creates its topics)");
+        }
+    }
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        settings.producer().create().context("creating the producer")?;
+    let send = |topic: &str, key: &str, payload: &str| -> anyhow::Result<()> {
+        let mut rec = BaseRecord::to(topic).key(key).payload(payload);
+        loop {
+            match producer.send(rec) {
+                Ok(()) => return Ok(()),
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    r,
+                )) => {
+                    rec = r;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    };
+    for (key, rec) in accounts {
+        send(&topics.accounts, key, rec)?;
+    }
+    producer.flush(Duration::from_secs(30))?;
+    let started = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    for (i, e) in events.iter().enumerate() {
+        send(&topics.job_events, &e.key, &e.json)?;
+        if rate > 0 {
+            let due = Duration::from_secs_f64(i as f64 / rate as f64);
+            let el = started.elapsed();
+            if due > el {
+                std::thread::sleep(due - el);
+            }
+        }
+        if tty && i % 10_000 == 0 {
+            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            let r = i as f64 / secs;
+            let eta = (events.len() - i) as f64 / r.max(1.0);
+            eprint!("\r{i}/{} events, {r:.0}/s, ETA {eta:.0}s   ", events.len());
+            let _ = std::io::stderr().flush();
+        }
+    }
+    producer.flush(Duration::from_secs(60))?;
+    if tty {
+        eprintln!();
+    }
+    eprintln!(
+        "produced {} account records and {} events to {} in {:.1}s",
+        accounts.len(),
+        events.len(),
+        brokers,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Prints every committed record of `topic` as one JSON document per line
+/// (the value as is when it is JSON; DLQ records with their headers).
+pub fn dump(brokers: &str, topic: &str, last: Option<usize>) -> anyhow::Result<()> {
+    let settings = KafkaSettings::new(brokers);
+    let n = partition_count(&settings, topic)?;
+    if n == 0 {
+        anyhow::bail!("topic {topic} does not exist on {brokers}");
+    }
+    let parts: Vec<(i32, Option<i64>)> = (0..n).map(|p| (p, None)).collect();
+    let mut lines = Vec::new();
+    read_to_end(
+        &settings,
+        "jobmeter-dump",
+        topic,
+        &parts,
+        Duration::from_secs(60),
+        |r| {
+            let v = r
+                .value
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default()
+                .into_owned();
+            lines.push(v);
+        },
+    )?;
+    let skip = last.map_or(0, |l| lines.len().saturating_sub(l));
+    let mut out = std::io::stdout().lock();
+    for l in &lines[skip..] {
+        writeln!(out, "{l}")?;
+    }
+    Ok(())
+}
