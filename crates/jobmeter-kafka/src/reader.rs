@@ -10,6 +10,21 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
 
+/// Client context of readers: end-of-partition events are expected (they
+/// are how a reader knows it is done), so they are not logged as errors.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ReaderContext;
+
+impl rdkafka::ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::error!(%error, reason, "librdkafka reader error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ReaderContext {}
+
 /// One record read.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -37,9 +52,9 @@ pub fn read_to_end(
     if partitions.is_empty() {
         return Ok(0);
     }
-    let consumer: BaseConsumer = settings
+    let consumer: BaseConsumer<ReaderContext> = settings
         .reader(client_id)
-        .create()
+        .create_with_context(ReaderContext)
         .map_err(|source| KafkaAdapterError::Client { what: "reader", source })?;
     let mut tpl = TopicPartitionList::new();
     let mut remaining = std::collections::HashSet::new();

@@ -114,7 +114,10 @@ impl AccountsTable {
         next: HashMap<i32, i64>,
         stop: Arc<AtomicBool>,
     ) {
-        let consumer: BaseConsumer = match settings.reader(client_id).create() {
+        let consumer: BaseConsumer<jobmeter_kafka::reader::ReaderContext> = match settings
+            .reader(client_id)
+            .create_with_context(jobmeter_kafka::reader::ReaderContext)
+        {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "cannot create the accounts tailer");

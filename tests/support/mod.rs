@@ -1,0 +1,365 @@
+//! Helpers for the end-to-end tests: a fresh topic prefix per test, the
+//! `jobmeter` binary as a child process, producing a simulated fleet to
+//! explicit partitions, reading committed outputs, and the expected outputs
+//! computed offline by the same core, one meter per partition.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use jobmeter::simulate::{accounts, events, FleetOptions, SimEvent};
+use jobmeter_core::{AccountBook, AccountRecord, Context, Meter, MeterConfig, Output, PlanCatalog, RateCard};
+use jobmeter_kafka::client::{brokers_from_env, KafkaSettings};
+use jobmeter_kafka::reader::read_to_end;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn brokers() -> String {
+    brokers_from_env()
+}
+
+/// A prefix no other test (or run) uses.
+pub fn fresh_prefix(name: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("it-{name}-{}-{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+pub fn bin() -> PathBuf {
+    if let Ok(p) = std::env::var("JOBMETER_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
+    let p = dir.join("jobmeter");
+    assert!(p.exists(), "{} is missing: build it first (cargo build --bin jobmeter)", p.display());
+    p
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `jobmeter run` child process.
+pub struct MeterProc {
+    pub child: Child,
+    pub http: String,
+    pub log: PathBuf,
+}
+
+pub struct MeterSpec {
+    pub prefix: String,
+    pub instance: String,
+    pub state: PathBuf,
+    pub partitions: i32,
+    pub brokers: String,
+    pub extra: Vec<String>,
+}
+
+impl MeterSpec {
+    pub fn new(prefix: &str, instance: &str, state: PathBuf, partitions: i32) -> Self {
+        MeterSpec {
+            prefix: prefix.to_owned(),
+            instance: instance.to_owned(),
+            state,
+            partitions,
+            brokers: brokers(),
+            extra: Vec::new(),
+        }
+    }
+
+    pub fn start(&self) -> MeterProc {
+        let port = free_port();
+        let log = self.state.with_extension(format!("{}.log", self.instance));
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.current_dir(root())
+            .arg("run")
+            .arg("--brokers")
+            .arg(&self.brokers)
+            .arg("--instance-id")
+            .arg(&self.instance)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--http-listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["--set", &format!("topics.prefix={}", self.prefix)])
+            .args(["--set", &format!("topics.partitions={}", self.partitions)])
+            .args(["--set", "topics.output_partitions=2"])
+            .args(["--set", "kafka.group_id=jobmeter"])
+            .args(["--set", "kafka.transaction_timeout=10s"])
+            .args(["--set", "batch.max_events=500"])
+            .args(["--set", "batch.interval=50ms"])
+            .args(["--set", "billing.plans=config/plans.toml"])
+            .args(&self.extra)
+            .env("JOBMETER_LOG", "info,librdkafka=warn,rdkafka=warn")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf);
+        let child = cmd.spawn().unwrap();
+        MeterProc {
+            child,
+            http: format!("http://127.0.0.1:{port}"),
+            log,
+        }
+    }
+}
+
+impl MeterProc {
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                self.kill9();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The value of a metric line (first match, summed over label sets).
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let text = http_get(&self.http, "/metrics")?;
+        let mut total = None;
+        for line in text.lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            let (key, value) = line.rsplit_once(' ')?;
+            let metric = key.split('{').next()?;
+            if metric == name {
+                *total.get_or_insert(0.0) += value.parse::<f64>().ok()?;
+            }
+        }
+        total
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for MeterProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.1 GET (no client dependency needed in tests).
+pub fn http_get(base: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr = base.strip_prefix("http://")?;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+/// A fleet and where each event goes.
+pub struct Workload {
+    pub accounts: Vec<(String, String)>,
+    pub events: Vec<SimEvent>,
+    pub partitions: i32,
+}
+
+/// The partition an account's events go to (explicit, so the offline
+/// expectation can use the same split).
+pub fn partition_of(key: &str, partitions: i32) -> i32 {
+    let h = key.bytes().fold(2166136261u32, |h, b| (h ^ u32::from(b)).wrapping_mul(16777619));
+    (h % partitions as u32) as i32
+}
+
+pub fn workload(opts: &FleetOptions, partitions: i32) -> Workload {
+    Workload {
+        accounts: accounts(opts),
+        events: events(opts),
+        partitions,
+    }
+}
+
+pub fn producer() -> ThreadedProducer<DefaultProducerContext> {
+    KafkaSettings::new(brokers()).producer().create().unwrap()
+}
+
+pub fn send(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, key: &str, payload: Option<&[u8]>, partition: Option<i32>) {
+    let mut rec = BaseRecord::to(topic).key(key);
+    if let Some(b) = payload {
+        rec = rec.payload(b);
+    }
+    if let Some(part) = partition {
+        rec = rec.partition(part);
+    }
+    loop {
+        match p.send(rec) {
+            Ok(()) => return,
+            Err((_, r)) => {
+                rec = r;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+pub fn produce_accounts(prefix: &str, w: &Workload) {
+    let p = producer();
+    for (k, v) in &w.accounts {
+        send(&p, &format!("{prefix}.accounts"), k, Some(v.as_bytes()), Some(0));
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+}
+
+pub fn produce_events(prefix: &str, w: &Workload, range: std::ops::Range<usize>, per_second: u64) {
+    let p = producer();
+    let started = Instant::now();
+    for (n, e) in w.events[range].iter().enumerate() {
+        send(&p, &format!("{prefix}.job-events"), &e.key, Some(e.json.as_bytes()), Some(partition_of(&e.key, w.partitions)));
+        if per_second > 0 {
+            let due = Duration::from_micros(n as u64 * 1_000_000 / per_second);
+            if due > started.elapsed() {
+                std::thread::sleep(due - started.elapsed());
+            }
+        }
+    }
+    p.flush(Duration::from_secs(60)).unwrap();
+}
+
+/// Waits until the topics exist (the meter creates them at start).
+pub fn wait_for_topics(prefix: &str) {
+    let settings = KafkaSettings::new(brokers());
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        if jobmeter_kafka::topics::partition_count(&settings, &format!("{prefix}.changelog")).unwrap_or(0) > 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("topics of {prefix} were not created");
+}
+
+/// Every committed record of `topic` (values).
+pub fn read_all(topic: &str) -> Vec<String> {
+    let settings = KafkaSettings::new(brokers());
+    let n = jobmeter_kafka::topics::partition_count(&settings, topic).unwrap();
+    let parts: Vec<(i32, Option<i64>)> = (0..n).map(|p| (p, None)).collect();
+    let mut out = Vec::new();
+    read_to_end(&settings, "it-reader", topic, &parts, Duration::from_secs(120), |r| {
+        out.push(String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned());
+    })
+    .unwrap();
+    out
+}
+
+/// Output documents keyed by id, as the Kafka topics carry them.
+#[derive(Debug, Default, PartialEq)]
+pub struct Outputs {
+    pub charges: BTreeMap<String, String>,
+    pub limits: BTreeMap<String, String>,
+    pub statements: BTreeMap<String, String>,
+    pub rejects: usize,
+}
+
+fn id_of(json: &str, field: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    v[field].as_str().unwrap_or_default().to_owned()
+}
+
+/// Reads the outputs; panics on any id seen twice (a double effect).
+pub fn read_outputs(prefix: &str) -> Outputs {
+    let mut o = Outputs::default();
+    for c in read_all(&format!("{prefix}.charges")) {
+        let id = id_of(&c, "charge_id");
+        assert!(o.charges.insert(id.clone(), c).is_none(), "charge {id} emitted twice");
+    }
+    for l in read_all(&format!("{prefix}.limits")) {
+        let id = id_of(&l, "event_id");
+        assert!(o.limits.insert(id.clone(), l).is_none(), "limit event {id} emitted twice");
+    }
+    for s in read_all(&format!("{prefix}.statements")) {
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        let id = format!("{}/{}", v["account_id"].as_str().unwrap_or_default(), v["period"].as_str().unwrap_or_default());
+        assert!(o.statements.insert(id.clone(), s).is_none(), "statement {id} emitted twice");
+    }
+    o.rejects = read_all(&format!("{prefix}.dlq")).len();
+    o
+}
+
+/// The outputs computed offline: one meter per partition, events in the
+/// order they were produced to it, same rate card, plans and timeouts.
+pub fn expected(w: &Workload, upto: usize) -> Outputs {
+    let rates = RateCard::from_toml(&std::fs::read_to_string(root().join("config/rate-card.toml")).unwrap()).unwrap();
+    let plans = PlanCatalog::from_toml(&std::fs::read_to_string(root().join("config/plans.toml")).unwrap()).unwrap();
+    let mut book = AccountBook::new(&plans);
+    for (_, r) in &w.accounts {
+        book.insert(AccountRecord::parse(r.as_bytes()).unwrap());
+    }
+    let config = MeterConfig::default();
+    let ctx = Context {
+        rates: &rates,
+        plans: &plans,
+        accounts: &book,
+        config: &config,
+    };
+    let mut meters: BTreeMap<i32, Meter> = BTreeMap::new();
+    let mut out = Vec::new();
+    for e in &w.events[..upto] {
+        let p = partition_of(&e.key, w.partitions);
+        meters.entry(p).or_default().apply(&ctx, e.json.as_bytes(), None, &mut out);
+    }
+    let mut o = Outputs::default();
+    for x in out {
+        match x {
+            Output::Charge(c) => {
+                o.charges.insert(c.charge_id.clone(), serde_json::to_string(&c).unwrap());
+            }
+            Output::Limit(l) => {
+                o.limits.insert(l.event_id.clone(), serde_json::to_string(&l).unwrap());
+            }
+            Output::Statement(s) => {
+                o.statements.insert(format!("{}/{}", s.account_id, s.period), serde_json::to_string(&s).unwrap());
+            }
+            Output::Reject(_) => o.rejects += 1,
+        }
+    }
+    o
+}
+
+/// Waits until `f` holds, or panics with `what` and the meter logs.
+pub fn wait_until(what: &str, timeout: Duration, logs: &[&MeterProc], mut f: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let tails: Vec<String> = logs.iter().map(|m| m.log_tail()).collect();
+    panic!("timed out waiting for {what}\n--- meter logs ---\n{}", tails.join("\n---\n"));
+}
+
+pub fn assert_same(got: &Outputs, want: &Outputs) {
+    assert_eq!(got.charges.len(), want.charges.len(), "number of charges");
+    for (id, c) in &want.charges {
+        assert_eq!(got.charges.get(id), Some(c), "charge {id}");
+    }
+    assert_eq!(got.limits, want.limits, "limit events");
+    assert_eq!(got.statements, want.statements, "statements");
+    assert_eq!(got.rejects, want.rejects, "dead letters");
+}
