@@ -233,8 +233,9 @@ pub fn produce_events(prefix: &str, w: &Workload, range: std::ops::Range<usize>,
         send(&p, &format!("{prefix}.job-events"), &e.key, Some(e.json.as_bytes()), Some(partition_of(&e.key, w.partitions)));
         if per_second > 0 {
             let due = Duration::from_micros(n as u64 * 1_000_000 / per_second);
-            if due > started.elapsed() {
-                std::thread::sleep(due - started.elapsed());
+            let elapsed = started.elapsed();
+            if due > elapsed {
+                std::thread::sleep(due - elapsed);
             }
         }
     }
