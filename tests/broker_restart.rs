@@ -1,0 +1,58 @@
+//! The broker stops and starts in the middle of a run; the meter recovers
+//! by itself and the outputs are still exact. Uses its own broker (on
+//! `JOBMETER_TEST_RESTART_PORT`, default 19092) so that restarting it does
+//! not disturb the other tests.
+
+mod support;
+
+use jobmeter::simulate::FleetOptions;
+use std::process::Command;
+use std::time::Duration;
+use support::*;
+
+fn kafka(cmd: &str, port: &str) {
+    let st = Command::new("bash")
+        .arg(root().join("deploy/local/kafka.sh"))
+        .arg(cmd)
+        .env("JOBMETER_KAFKA_PORT", port)
+        .status()
+        .expect("deploy/local/kafka.sh");
+    assert!(st.success(), "kafka.sh {cmd} failed");
+}
+
+#[test]
+fn survives_broker_restart() {
+    let port = std::env::var("JOBMETER_TEST_RESTART_PORT").unwrap_or_else(|_| "19092".into());
+    kafka("wipe", &port);
+    kafka("start", &port);
+    // This test binary holds one test: the override is process-wide.
+    std::env::set_var("JOBMETER_KAFKA_BROKERS", format!("127.0.0.1:{port}"));
+    let prefix = fresh_prefix("brokerrestart");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = MeterSpec::new(&prefix, "br-0", dir.path().join("state"), 2);
+    let mut meter = spec.start();
+    wait_for_topics(&prefix);
+    let fleet = FleetOptions {
+        seed: 5,
+        jobs: 1_500,
+        accounts: 40,
+        mean_gap_ms: 2_000,
+        ..FleetOptions::default()
+    };
+    let w = workload(&fleet, 2);
+    produce_accounts(&prefix, &w);
+    let want = expected(&w, w.events.len());
+    let n = w.events.len();
+    produce_events(&prefix, &w, 0..n / 2, 10_000);
+    std::thread::sleep(Duration::from_secs(1));
+    kafka("restart", &port);
+    produce_events(&prefix, &w, n / 2..n, 10_000);
+    wait_until("all charges after the broker restart", Duration::from_secs(300), &[&meter], || {
+        read_all(&format!("{prefix}.charges")).len() >= want.charges.len()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let got = read_outputs(&prefix);
+    assert_eq!(meter.terminate(), Some(0));
+    kafka("stop", &port);
+    assert_same(&got, &want);
+}
