@@ -47,9 +47,12 @@ fn survives_broker_restart() {
     std::thread::sleep(Duration::from_secs(1));
     kafka("restart", &port);
     produce_events(&prefix, &w, n / 2..n, 10_000);
-    wait_until("all charges after the broker restart", Duration::from_secs(300), &[&meter], || {
-        read_all(&format!("{prefix}.charges")).len() >= want.charges.len()
-    });
+    wait_until(
+        "all charges after the broker restart",
+        Duration::from_secs(300),
+        &[&meter],
+        || read_all(&format!("{prefix}.charges")).len() >= want.charges.len(),
+    );
     std::thread::sleep(Duration::from_secs(2));
     let got = read_outputs(&prefix);
     assert_eq!(meter.terminate(), Some(0));

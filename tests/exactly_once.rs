@@ -53,13 +53,22 @@ fn survives_kill_at_any_point() {
         meter = spec.start();
     }
     producer.join().expect("producer thread");
-    wait_until("all charges", Duration::from_secs(240), &[&meter], charges_reach(&prefix, want.charges.len()));
+    wait_until(
+        "all charges",
+        Duration::from_secs(240),
+        &[&meter],
+        charges_reach(&prefix, want.charges.len()),
+    );
     // Let any last batch land, then compare everything.
     std::thread::sleep(Duration::from_secs(2));
     let got = read_outputs(&prefix);
     assert_eq!(meter.terminate(), Some(0), "clean exit after SIGTERM");
     assert_same(&got, &want);
-    assert!(want.limits.len() > 5, "the workload fires limit events ({})", want.limits.len());
+    assert!(
+        want.limits.len() > 5,
+        "the workload fires limit events ({})",
+        want.limits.len()
+    );
 }
 
 #[test]
@@ -78,13 +87,21 @@ fn handles_rebalance() {
     // A second instance joins mid-run: partitions move to it with their state.
     let mut mb = b.start();
     produce_events(&prefix, &w, n / 3..2 * n / 3, 10_000);
-    wait_until("instance b to own partitions", Duration::from_secs(60), &[&ma, &mb], || {
-        mb.metric("jobmeter_assigned_partitions").unwrap_or(0.0) > 0.0
-    });
+    wait_until(
+        "instance b to own partitions",
+        Duration::from_secs(60),
+        &[&ma, &mb],
+        || mb.metric("jobmeter_assigned_partitions").unwrap_or(0.0) > 0.0,
+    );
     // …and leaves: its partitions move back.
     assert_eq!(mb.terminate(), Some(0));
     produce_events(&prefix, &w, 2 * n / 3..n, 10_000);
-    wait_until("all charges", Duration::from_secs(240), &[&ma], charges_reach(&prefix, want.charges.len()));
+    wait_until(
+        "all charges",
+        Duration::from_secs(240),
+        &[&ma],
+        charges_reach(&prefix, want.charges.len()),
+    );
     std::thread::sleep(Duration::from_secs(2));
     let got = read_outputs(&prefix);
     assert_eq!(ma.terminate(), Some(0));
@@ -105,17 +122,36 @@ fn advances_offset_past_poison_messages() {
     send(&p, &topic, "a", Some(b"\xff\xfe not json at all"), Some(0));
     send(&p, &topic, "a", None, Some(0));
     send(&p, &topic, "a", Some(good_start.as_bytes()), Some(0));
-    send(&p, &topic, "a", Some(good_start.replace("job.started", "job.exploded").replace("\"id\":\"1\"", "\"id\":\"3\"").as_bytes()), Some(0));
+    send(
+        &p,
+        &topic,
+        "a",
+        Some(
+            good_start
+                .replace("job.started", "job.exploded")
+                .replace("\"id\":\"1\"", "\"id\":\"3\"")
+                .as_bytes(),
+        ),
+        Some(0),
+    );
     send(&p, &topic, "a", Some(good_stop.as_bytes()), Some(0));
     rdkafka::producer::Producer::flush(&p, Duration::from_secs(10)).expect("flush");
-    wait_until("the charge after the poison", Duration::from_secs(60), &[&meter], charges_reach(&prefix, 1));
-    wait_until("three dead letters", Duration::from_secs(30), &[&meter], || read_all(&format!("{prefix}.dlq")).len() == 3);
+    wait_until(
+        "the charge after the poison",
+        Duration::from_secs(60),
+        &[&meter],
+        charges_reach(&prefix, 1),
+    );
+    wait_until("three dead letters", Duration::from_secs(30), &[&meter], || {
+        read_all(&format!("{prefix}.dlq")).len() == 3
+    });
     // The dead letters keep the original bytes and carry reason and origin.
     let settings = jobmeter_kafka::client::KafkaSettings::new(brokers());
     let consumer: rdkafka::consumer::BaseConsumer = settings.reader("it-dlq").create().expect("reader");
     let mut tpl = rdkafka::TopicPartitionList::new();
     for part in 0..2 {
-        tpl.add_partition_offset(&format!("{prefix}.dlq"), part, rdkafka::Offset::Beginning).expect("tpl");
+        tpl.add_partition_offset(&format!("{prefix}.dlq"), part, rdkafka::Offset::Beginning)
+            .expect("tpl");
     }
     rdkafka::consumer::Consumer::assign(&consumer, &tpl).expect("assign");
     let mut reasons = Vec::new();
@@ -125,7 +161,12 @@ fn advances_offset_past_poison_messages() {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
             use rdkafka::message::{Headers, Message};
             let h = m.headers().expect("headers");
-            let get = |k: &str| h.iter().find(|x| x.key == k).and_then(|x| x.value).map(|v| String::from_utf8_lossy(v).into_owned());
+            let get = |k: &str| {
+                h.iter()
+                    .find(|x| x.key == k)
+                    .and_then(|x| x.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            };
             reasons.push(get("jobmeter.reason").unwrap_or_default());
             assert_eq!(get("jobmeter.source.topic").as_deref(), Some(topic.as_str()));
             assert!(get("jobmeter.source.offset").is_some());
@@ -134,7 +175,10 @@ fn advances_offset_past_poison_messages() {
     }
     reasons.sort();
     assert_eq!(reasons, vec!["not_json", "not_json", "unknown_type"]);
-    assert!(raw.contains(&Some(b"\xff\xfe not json at all".to_vec())), "original bytes kept");
+    assert!(
+        raw.contains(&Some(b"\xff\xfe not json at all".to_vec())),
+        "original bytes kept"
+    );
     assert_eq!(meter.terminate(), Some(0));
 }
 
@@ -144,15 +188,25 @@ fn shutdown_commits_in_flight_work() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut spec = MeterSpec::new(&prefix, "sd-0", dir.path().join("state"), 2);
     // Nothing would be committed for 10 minutes but for the shutdown.
-    spec.extra = vec!["--set".into(), "batch.interval=10m".into(), "--set".into(), "batch.max_events=10000000".into()];
+    spec.extra = vec![
+        "--set".into(),
+        "batch.interval=10m".into(),
+        "--set".into(),
+        "batch.max_events=10000000".into(),
+    ];
     let mut meter = spec.start();
     wait_for_topics(&prefix);
     let w = workload(&fleet(300, 3), 2);
     produce_accounts(&prefix, &w);
     produce_events(&prefix, &w, 0..w.events.len(), 0);
     let want = expected(&w, w.events.len());
-    wait_until("all events consumed", Duration::from_secs(60), &[&meter], || all_consumed(&meter));
-    assert!(read_all(&format!("{prefix}.charges")).is_empty(), "nothing is visible before the commit");
+    wait_until("all events consumed", Duration::from_secs(60), &[&meter], || {
+        all_consumed(&meter)
+    });
+    assert!(
+        read_all(&format!("{prefix}.charges")).is_empty(),
+        "nothing is visible before the commit"
+    );
     assert_eq!(meter.terminate(), Some(0), "SIGTERM exits 0 after committing");
     let got = read_outputs(&prefix);
     assert_same(&got, &want);

@@ -14,7 +14,10 @@ async fn produces_and_consumes_through_the_real_broker() {
     let topic = fresh_prefix("roundtrip");
     let admin: AdminClient<DefaultClientContext> = settings.admin().create().expect("admin client");
     let res = admin
-        .create_topics(&[NewTopic::new(&topic, 2, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .create_topics(
+            &[NewTopic::new(&topic, 2, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
         .await
         .expect("create topic");
     assert!(res.iter().all(Result::is_ok), "{res:?}");

@@ -24,7 +24,10 @@ pub fn brokers() -> String {
 
 /// A prefix no other test (or run) uses.
 pub fn fresh_prefix(name: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     format!("it-{name}-{}-{}", std::process::id(), nanos % 1_000_000_000)
 }
 
@@ -35,12 +38,20 @@ pub fn bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
     let p = dir.join("jobmeter");
-    assert!(p.exists(), "{} is missing: build it first (cargo build --bin jobmeter)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (cargo build --bin jobmeter)",
+        p.display()
+    );
     p
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A `jobmeter run` child process.
@@ -74,7 +85,11 @@ impl MeterSpec {
     pub fn start(&self) -> MeterProc {
         let port = free_port();
         let log = self.state.with_extension(format!("{}.log", self.instance));
-        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let mut cmd = Command::new(bin());
         cmd.current_dir(root())
             .arg("run")
@@ -115,7 +130,10 @@ impl MeterProc {
     }
 
     pub fn terminate(&mut self) -> Option<i32> {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let started = Instant::now();
         loop {
             if let Ok(Some(st)) = self.child.try_wait() {
@@ -183,7 +201,9 @@ pub struct Workload {
 /// The partition an account's events go to (explicit, so the offline
 /// expectation can use the same split).
 pub fn partition_of(key: &str, partitions: i32) -> i32 {
-    let h = key.bytes().fold(2166136261u32, |h, b| (h ^ u32::from(b)).wrapping_mul(16777619));
+    let h = key
+        .bytes()
+        .fold(2166136261u32, |h, b| (h ^ u32::from(b)).wrapping_mul(16777619));
     (h % partitions as u32) as i32
 }
 
@@ -199,7 +219,13 @@ pub fn producer() -> ThreadedProducer<DefaultProducerContext> {
     KafkaSettings::new(brokers()).producer().create().unwrap()
 }
 
-pub fn send(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, key: &str, payload: Option<&[u8]>, partition: Option<i32>) {
+pub fn send(
+    p: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    key: &str,
+    payload: Option<&[u8]>,
+    partition: Option<i32>,
+) {
     let mut rec = BaseRecord::to(topic).key(key);
     if let Some(b) = payload {
         rec = rec.payload(b);
@@ -230,7 +256,13 @@ pub fn produce_events(prefix: &str, w: &Workload, range: std::ops::Range<usize>,
     let p = producer();
     let started = Instant::now();
     for (n, e) in w.events[range].iter().enumerate() {
-        send(&p, &format!("{prefix}.job-events"), &e.key, Some(e.json.as_bytes()), Some(partition_of(&e.key, w.partitions)));
+        send(
+            &p,
+            &format!("{prefix}.job-events"),
+            &e.key,
+            Some(e.json.as_bytes()),
+            Some(partition_of(&e.key, w.partitions)),
+        );
         if per_second > 0 {
             let due = Duration::from_micros(n as u64 * 1_000_000 / per_second);
             let elapsed = started.elapsed();
@@ -291,12 +323,22 @@ pub fn read_outputs(prefix: &str) -> Outputs {
     }
     for l in read_all(&format!("{prefix}.limits")) {
         let id = id_of(&l, "event_id");
-        assert!(o.limits.insert(id.clone(), l).is_none(), "limit event {id} emitted twice");
+        assert!(
+            o.limits.insert(id.clone(), l).is_none(),
+            "limit event {id} emitted twice"
+        );
     }
     for s in read_all(&format!("{prefix}.statements")) {
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
-        let id = format!("{}/{}", v["account_id"].as_str().unwrap_or_default(), v["period"].as_str().unwrap_or_default());
-        assert!(o.statements.insert(id.clone(), s).is_none(), "statement {id} emitted twice");
+        let id = format!(
+            "{}/{}",
+            v["account_id"].as_str().unwrap_or_default(),
+            v["period"].as_str().unwrap_or_default()
+        );
+        assert!(
+            o.statements.insert(id.clone(), s).is_none(),
+            "statement {id} emitted twice"
+        );
     }
     o.rejects = read_all(&format!("{prefix}.dlq")).len();
     o
@@ -322,19 +364,26 @@ pub fn expected(w: &Workload, upto: usize) -> Outputs {
     let mut out = Vec::new();
     for e in &w.events[..upto] {
         let p = partition_of(&e.key, w.partitions);
-        meters.entry(p).or_default().apply(&ctx, e.json.as_bytes(), None, &mut out);
+        meters
+            .entry(p)
+            .or_default()
+            .apply(&ctx, e.json.as_bytes(), None, &mut out);
     }
     let mut o = Outputs::default();
     for x in out {
         match x {
             Output::Charge(c) => {
-                o.charges.insert(c.charge_id.clone(), serde_json::to_string(&c).unwrap());
+                o.charges
+                    .insert(c.charge_id.clone(), serde_json::to_string(&c).unwrap());
             }
             Output::Limit(l) => {
                 o.limits.insert(l.event_id.clone(), serde_json::to_string(&l).unwrap());
             }
             Output::Statement(s) => {
-                o.statements.insert(format!("{}/{}", s.account_id, s.period), serde_json::to_string(&s).unwrap());
+                o.statements.insert(
+                    format!("{}/{}", s.account_id, s.period),
+                    serde_json::to_string(&s).unwrap(),
+                );
             }
             Output::Reject(_) => o.rejects += 1,
         }
@@ -352,7 +401,10 @@ pub fn wait_until(what: &str, timeout: Duration, logs: &[&MeterProc], mut f: imp
         std::thread::sleep(Duration::from_millis(250));
     }
     let tails: Vec<String> = logs.iter().map(|m| m.log_tail()).collect();
-    panic!("timed out waiting for {what}\n--- meter logs ---\n{}", tails.join("\n---\n"));
+    panic!(
+        "timed out waiting for {what}\n--- meter logs ---\n{}",
+        tails.join("\n---\n")
+    );
 }
 
 pub fn assert_same(got: &Outputs, want: &Outputs) {

@@ -382,7 +382,7 @@ impl AccountBook {
     /// The subscription fee an account owes for `period` (zero unless on pro).
     pub fn subscription_fee(&self, catalog: &PlanCatalog, account: &AccountId, period: Period) -> Money {
         if !self.pro_during(account, period) {
-            Money::ZERO
+            Money(rust_decimal::Decimal::new(0, 2))
         } else if self.has_intro_price(account) {
             catalog.pro_intro_fee
         } else {

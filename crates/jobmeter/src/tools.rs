@@ -111,7 +111,12 @@ pub fn dump(brokers: &str, topic: &str, last: Option<usize>) -> anyhow::Result<(
     let skip = last.map_or(0, |l| lines.len().saturating_sub(l));
     let mut out = std::io::stdout().lock();
     for l in &lines[skip..] {
-        writeln!(out, "{l}")?;
+        match writeln!(out, "{l}") {
+            Ok(()) => {}
+            // `jobmeter dump … | head` closes the pipe early: not an error.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }
