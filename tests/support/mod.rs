@@ -263,8 +263,8 @@ pub fn produce_events(prefix: &str, w: &Workload, range: std::ops::Range<usize>,
             Some(e.json.as_bytes()),
             Some(partition_of(&e.key, w.partitions)),
         );
-        if per_second > 0 {
-            let due = Duration::from_micros(n as u64 * 1_000_000 / per_second);
+        if let Some(us) = (n as u64 * 1_000_000).checked_div(per_second) {
+            let due = Duration::from_micros(us);
             let elapsed = started.elapsed();
             if due > elapsed {
                 std::thread::sleep(due - elapsed);

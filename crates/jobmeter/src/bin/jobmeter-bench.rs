@@ -1,0 +1,337 @@
+//! End-to-end benchmark harness of the streaming meter against a real
+//! Kafka broker. Not a test: it measures and prints.
+//!
+//! ```text
+//! cargo build --release --bins
+//! target/release/jobmeter-bench --jobs 40000 --rate 10000 --latency-seconds 30
+//! ```
+//!
+//! 1. **Ceiling**: N simulated events are produced to a fresh input topic;
+//!    a plain rdkafka consumer reads them all, doing nothing: events/s.
+//! 2. **Throughput**: `jobmeter run` (exactly-once on) is started on that
+//!    backlog; the time until every input record is committed gives
+//!    sustained events/s. Peak resident memory (VmHWM) is reported.
+//! 3. **Latency**: on a fresh prefix with a running meter, events are
+//!    produced at a steady rate; for every job stop, the time from its
+//!    produce call to its charge being visible to a `read_committed`
+//!    consumer is recorded: p50, p99, max.
+
+use jobmeter::simulate::{accounts, events, FleetOptions};
+use jobmeter_kafka::client::{brokers_from_env, KafkaSettings};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, clap::Parser)]
+struct Args {
+    /// Jobs in the throughput backlog (about 12 events per job).
+    #[arg(long, default_value_t = 40_000)]
+    jobs: usize,
+    /// Steady input rate for the latency run, events/s.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// Length of the latency run.
+    #[arg(long, default_value_t = 30)]
+    latency_seconds: u64,
+    /// Input partitions.
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
+    /// The jobmeter binary (default: next to this one).
+    #[arg(long)]
+    jobmeter: Option<PathBuf>,
+    /// Extra `--set key=value` for the meter.
+    #[arg(long = "set")]
+    sets: Vec<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = <Args as clap::Parser>::parse();
+    let brokers = brokers_from_env();
+    let settings = KafkaSettings::new(&brokers);
+    let bin = match &args.jobmeter {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?.with_file_name("jobmeter"),
+    };
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    println!("machine: {} cores, {}", num_cores(), cpu_model());
+    println!("broker: {brokers}; partitions: {}", args.partitions);
+
+    // 1 + 2: backlog, ceiling, throughput.
+    let prefix = format!("bench-{stamp}-tp");
+    let dir = tempdir()?;
+    let mut meter = start_meter(&bin, &prefix, &dir.join("tp"), args.partitions, &args.sets, 19464)?;
+    wait_ready(19464)?;
+    let opts = FleetOptions {
+        jobs: args.jobs,
+        accounts: 2_000,
+        mean_gap_ms: 50,
+        ..FleetOptions::default()
+    };
+    let evs = events(&opts);
+    let accs = accounts(&opts);
+    // Stop the meter while the backlog is produced, so it starts on a full topic.
+    terminate(&mut meter);
+    let topics = jobmeter_kafka::topics::Topics::with_prefix(&prefix);
+    let t0 = Instant::now();
+    jobmeter::tools::produce_fleet(&brokers, &topics, &accs, &evs, 0)?;
+    println!("produced {} events in {:.1}s", evs.len(), t0.elapsed().as_secs_f64());
+    let ceiling = raw_consume_rate(&settings, &topics.job_events, args.partitions, evs.len())?;
+    println!(
+        "(c) ceiling: plain consumer read {} events at {:.0} events/s",
+        evs.len(),
+        ceiling
+    );
+    let t1 = Instant::now();
+    let mut meter = start_meter(&bin, &prefix, &dir.join("tp"), args.partitions, &args.sets, 19464)?;
+    let total = evs.len() as f64;
+    loop {
+        let consumed = metric(19464, "jobmeter_events_total").unwrap_or(0.0);
+        if consumed >= total {
+            break;
+        }
+        if t1.elapsed() > Duration::from_secs(1800) {
+            anyhow::bail!("the meter did not finish the backlog in 30 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let secs = t1.elapsed().as_secs_f64();
+    let rss = peak_rss_kib(meter.id());
+    println!(
+        "(a) throughput: {} events metered exactly-once in {:.2}s = {:.0} events/s ({:.0} % of the ceiling); peak RSS {} MiB",
+        evs.len(),
+        secs,
+        total / secs,
+        100.0 * total / secs / ceiling,
+        rss / 1024
+    );
+    terminate(&mut meter);
+
+    // 3: latency at a steady rate.
+    let prefix = format!("bench-{stamp}-lat");
+    let mut meter = start_meter(&bin, &prefix, &dir.join("lat"), args.partitions, &args.sets, 19465)?;
+    wait_ready(19465)?;
+    let topics = jobmeter_kafka::topics::Topics::with_prefix(&prefix);
+    let n_events = (args.rate * args.latency_seconds) as usize;
+    let lat_opts = FleetOptions {
+        seed: 9,
+        jobs: n_events / 12 + 1,
+        accounts: 2_000,
+        mean_gap_ms: 50,
+        duplicate_permille: 0,
+        reorder_permille: 0,
+        lost_stop_permille: 0,
+        bad_permille: 0,
+        ..FleetOptions::default()
+    };
+    let evs = events(&lat_opts);
+    let evs = &evs[..n_events.min(evs.len())];
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let seen: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (settings, topic, sent, seen, stop) = (
+            settings.clone(),
+            topics.charges.clone(),
+            sent.clone(),
+            seen.clone(),
+            stop.clone(),
+        );
+        let parts = jobmeter_kafka::topics::partition_count(&settings, &topic)?;
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            let consumer: BaseConsumer = settings.reader("bench-latency").create()?;
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..parts {
+                tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
+            }
+            consumer.assign(&tpl)?;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+                    let now = Instant::now();
+                    let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
+                    let job = v["job_id"].as_str().unwrap_or_default().to_owned();
+                    if let Some(t) = sent.lock().map_err(|_| anyhow::anyhow!("lock"))?.remove(&job) {
+                        seen.lock().map_err(|_| anyhow::anyhow!("lock"))?.push(now - t);
+                    }
+                }
+            }
+            Ok(())
+        })
+    };
+    let producer: ThreadedProducer<DefaultProducerContext> = settings.producer().set("linger.ms", "1").create()?;
+    for (k, r) in &accounts(&lat_opts) {
+        producer
+            .send(BaseRecord::to(&topics.accounts).key(k).payload(r))
+            .map_err(|(e, _)| e)?;
+    }
+    producer.flush(Duration::from_secs(10))?;
+    let t2 = Instant::now();
+    for (i, e) in evs.iter().enumerate() {
+        let due = Duration::from_micros(i as u64 * 1_000_000 / args.rate);
+        let el = t2.elapsed();
+        if due > el {
+            std::thread::sleep(due - el);
+        }
+        if e.json.contains("\"job.stopped\"") {
+            let job = serde_json::from_str::<serde_json::Value>(&e.json)?["subject"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            sent.lock()
+                .map_err(|_| anyhow::anyhow!("lock"))?
+                .insert(job, Instant::now());
+        }
+        let mut rec = BaseRecord::to(&topics.job_events).key(&e.key).payload(&e.json);
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    rec = r;
+                    producer.poll(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(30))?;
+    let achieved = evs.len() as f64 / t2.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    let mut lat = seen.lock().map_err(|_| anyhow::anyhow!("lock"))?.clone();
+    lat.sort();
+    let pct = |q: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * q).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    println!(
+        "(b) latency at {:.0} events/s for {}s: {} stops measured; stop produced -> charge visible (read_committed): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; peak RSS {} MiB",
+        achieved,
+        args.latency_seconds,
+        lat.len(),
+        pct(0.5),
+        pct(0.99),
+        lat.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+        peak_rss_kib(meter.id()) / 1024
+    );
+    terminate(&mut meter);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn tempdir() -> anyhow::Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("jobmeter-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+fn start_meter(
+    bin: &PathBuf,
+    prefix: &str,
+    state: &std::path::Path,
+    partitions: i32,
+    sets: &[String],
+    port: u16,
+) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(state.with_extension("log"))?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("run")
+        .args(["--state-dir", &state.display().to_string()])
+        .args(["--http-listen", &format!("127.0.0.1:{port}")])
+        .args(["--instance-id", prefix])
+        .args(["--set", &format!("topics.prefix={prefix}")])
+        .args(["--set", &format!("topics.partitions={partitions}")])
+        .args(["--set", "billing.plans=config/plans.toml"]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    Ok(cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?)
+}
+
+fn terminate(c: &mut Child) {
+    let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+    let _ = c.wait();
+}
+
+fn wait_ready(port: u16) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(120) {
+        if metric(port, "jobmeter_ready") == Some(1.0) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    anyhow::bail!("the meter on port {port} did not become ready")
+}
+
+fn metric(port: u16, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let mut total = None;
+    for line in buf.lines().filter(|l| !l.starts_with('#')) {
+        let (k, v) = line.rsplit_once(' ')?;
+        if k.split('{').next() == Some(name) {
+            *total.get_or_insert(0.0) += v.parse::<f64>().ok()?;
+        }
+    }
+    total
+}
+
+fn raw_consume_rate(settings: &KafkaSettings, topic: &str, partitions: i32, n: usize) -> anyhow::Result<f64> {
+    let consumer: BaseConsumer = settings
+        .reader("bench-ceiling")
+        .set("enable.partition.eof", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let t = Instant::now();
+    let mut got = 0usize;
+    while got < n {
+        if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
+            got += 1;
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            anyhow::bail!("plain consumer read only {got} of {n}");
+        }
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn num_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
