@@ -82,17 +82,11 @@ impl MeterSpec {
         }
     }
 
-    pub fn start(&self) -> MeterProc {
-        let port = free_port();
-        let log = self.state.with_extension(format!("{}.log", self.instance));
-        let logf = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
+    /// `jobmeter <sub>` with this instance's settings.
+    pub fn command(&self, sub: &str, http_port: u16) -> Command {
         let mut cmd = Command::new(bin());
         cmd.current_dir(root())
-            .arg("run")
+            .arg(sub)
             .arg("--brokers")
             .arg(&self.brokers)
             .arg("--instance-id")
@@ -100,7 +94,7 @@ impl MeterSpec {
             .arg("--state-dir")
             .arg(&self.state)
             .arg("--http-listen")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(format!("127.0.0.1:{http_port}"))
             .args(["--set", &format!("topics.prefix={}", self.prefix)])
             .args(["--set", &format!("topics.partitions={}", self.partitions)])
             .args(["--set", "topics.output_partitions=2"])
@@ -111,9 +105,20 @@ impl MeterSpec {
             .args(["--set", "billing.plans=config/plans.toml"])
             .args(&self.extra)
             .env("JOBMETER_LOG", "info,librdkafka=warn,rdkafka=warn")
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().unwrap())
-            .stderr(logf);
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn start(&self) -> MeterProc {
+        let port = free_port();
+        let log = self.state.with_extension(format!("{}.log", self.instance));
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut cmd = self.command("run", port);
+        cmd.stdout(logf.try_clone().unwrap()).stderr(logf);
         let child = cmd.spawn().unwrap();
         MeterProc {
             child,

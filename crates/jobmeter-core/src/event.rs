@@ -127,13 +127,68 @@ pub enum JobStatus {
     Orphaned,
 }
 
-/// The idempotency key of an input event: CloudEvents `(source, id)`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct EventKey {
-    /// CloudEvents `source`.
-    pub source: std::sync::Arc<str>,
-    /// CloudEvents `id`.
-    pub id: std::sync::Arc<str>,
+/// The idempotency key of an input event: a 128-bit fingerprint of its
+/// CloudEvents `(source, id)`.
+///
+/// Stored instead of the strings to keep the dedup index and the state
+/// small and allocation-free. The function is fixed here (not `std`'s
+/// unspecified hasher), so stored keys stay valid across releases; with 128
+/// bits the chance that two distinct ids collide is negligible (about
+/// n²/2¹²⁹ for n ids).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventKey(pub u128);
+
+impl EventKey {
+    /// The fingerprint of `(source, id)`.
+    pub fn of(source: &str, id: &str) -> EventKey {
+        // Two independent 64-bit lanes over the length-prefixed fields,
+        // each word mixed with a multiply-xorshift and finished with the
+        // MurmurHash3 avalanche (fmix64).
+        let mut a: u64 = 0x243f_6a88_85a3_08d3;
+        let mut b: u64 = 0x1319_8a2e_0370_7344;
+        let mut feed = |w: u64| {
+            a = (a ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            a ^= a >> 29;
+            b = (b ^ w.rotate_left(31)).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+            b ^= b >> 32;
+        };
+        for field in [source.as_bytes(), id.as_bytes()] {
+            feed(field.len() as u64);
+            let mut chunks = field.chunks_exact(8);
+            for c in &mut chunks {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(c);
+                feed(u64::from_le_bytes(w));
+            }
+            let rest = chunks.remainder();
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            feed(u64::from_le_bytes(w) ^ 0xff);
+        }
+        let fmix = |mut k: u64| {
+            k ^= k >> 33;
+            k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+            k ^= k >> 33;
+            k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+            k ^ (k >> 33)
+        };
+        EventKey((u128::from(fmix(a)) << 64) | u128::from(fmix(b ^ a.rotate_left(17))))
+    }
+}
+
+impl Serialize for EventKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{:032x}", self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for EventKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <Cow<'de, str>>::deserialize(d)?;
+        u128::from_str_radix(&s, 16)
+            .map(EventKey)
+            .map_err(|_| serde::de::Error::custom(format!("invalid event key {s:?}")))
+    }
 }
 
 /// The fields of a `job.started` event.
@@ -309,10 +364,7 @@ pub fn parse_job_event(bytes: &[u8]) -> Result<JobEvent, Invalid> {
         }
     };
     Ok(JobEvent {
-        key: EventKey {
-            source: source.into(),
-            id: id.into(),
-        },
+        key: EventKey::of(source, id),
         time,
         job: JobId::from(subject),
         account: AccountId::from(account),
@@ -343,6 +395,18 @@ mod tests {
         assert_eq!(e.account.as_str(), "acct-42");
         assert_eq!(e.time.to_string(), "2024-05-01T12:00:00.250Z");
         assert!(matches!(e.body, EventBody::Started(ref s) if s.kind == JobKind::Inference));
+    }
+
+    #[test]
+    fn event_keys_separate_fields_and_round_trip() {
+        assert_ne!(EventKey::of("ab", "c"), EventKey::of("a", "bc"));
+        assert_ne!(EventKey::of("w-1", "000000001"), EventKey::of("w-1", "000000002"));
+        assert_eq!(EventKey::of("s", "i"), EventKey::of("s", "i"));
+        let k = EventKey::of("gpu-worker/us-east-1/node-17", "w17-000042");
+        let json = serde_json::to_string(&k).unwrap_or_default();
+        assert_eq!(serde_json::from_str::<EventKey>(&json).ok(), Some(k));
+        // Pinned: stored state depends on this function never changing.
+        assert_eq!(json, "\"ad50c30be537aeb6ccf44f1363902865\"");
     }
 
     #[test]

@@ -175,7 +175,7 @@ impl Meter {
         origin: Option<&Origin>,
         out: &mut Vec<Output>,
     ) {
-        if !self.seen.insert(ev.key.clone()) {
+        if !self.seen.insert(ev.key) {
             self.stats.duplicates += 1;
             return;
         }
@@ -187,7 +187,7 @@ impl Meter {
         let now = self.stream_time.map_or(ev.time, |t| t.max(ev.time));
         let mut job = self.take_job(&jk);
         let old = (deadline(&job, ctx.config.orphan_timeout_ms).is_some(), job.expires);
-        job.keys.push(ev.key.clone());
+        job.keys.push(ev.key);
         let accepted = match ev.body {
             EventBody::Started(info) => self.on_start(ctx, &jk, &mut job, ev.key, ev.time, info, raw, origin, now, out),
             EventBody::Heartbeat => {
@@ -238,10 +238,9 @@ impl Meter {
     ) -> bool {
         if let Some(first) = &job.start {
             let detail = format!(
-                "job {:?} already has a start ({:?}, {:?})",
+                "job {:?} already has a start (started at {}); this start has another id",
                 jk.1.as_str(),
-                first.key.source,
-                first.key.id
+                first.time
             );
             self.reject(
                 Invalid::new(RejectReason::Conflict, detail),
@@ -334,10 +333,9 @@ impl Meter {
     ) -> bool {
         if let Some(first) = &job.stop {
             let detail = format!(
-                "job {:?} already has a stop ({:?}, {:?})",
+                "job {:?} already has a stop (stopped at {}); this stop has another id",
                 jk.1.as_str(),
-                first.key.source,
-                first.key.id
+                first.time
             );
             self.reject(
                 Invalid::new(RejectReason::Conflict, detail),

@@ -150,7 +150,7 @@ impl Meter {
         }
         for (jk, job) in m.jobs.iter_mut() {
             for k in &job.keys {
-                m.seen.insert(k.clone());
+                m.seen.insert(*k);
             }
             if let Some(d) = deadline(job, config.orphan_timeout_ms) {
                 m.timers.insert((d, jk.clone()));

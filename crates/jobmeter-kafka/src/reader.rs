@@ -47,6 +47,20 @@ pub fn read_to_end(
     topic: &str,
     partitions: &[(i32, Option<i64>)],
     deadline: Duration,
+    f: impl FnMut(Record),
+) -> Result<u64, KafkaAdapterError> {
+    let parts: Vec<(i32, Option<i64>, Option<i64>)> = partitions.iter().map(|(p, o)| (*p, *o, None)).collect();
+    read_range(settings, client_id, topic, &parts, deadline, f)
+}
+
+/// Like [`read_to_end`], but each partition stops before `until` (an
+/// exclusive offset, e.g. a consumer group's committed position) when given.
+pub fn read_range(
+    settings: &KafkaSettings,
+    client_id: &str,
+    topic: &str,
+    partitions: &[(i32, Option<i64>, Option<i64>)],
+    deadline: Duration,
     mut f: impl FnMut(Record),
 ) -> Result<u64, KafkaAdapterError> {
     if partitions.is_empty() {
@@ -57,18 +71,19 @@ pub fn read_to_end(
         .create_with_context(ReaderContext)
         .map_err(|source| KafkaAdapterError::Client { what: "reader", source })?;
     let mut tpl = TopicPartitionList::new();
-    let mut remaining = std::collections::HashSet::new();
-    for (p, from) in partitions {
+    let mut remaining = std::collections::HashMap::new();
+    for (p, from, until) in partitions {
         let (low, high) = consumer
             .fetch_watermarks(topic, *p, Duration::from_secs(10))
             .map_err(KafkaAdapterError::op("fetch watermarks"))?;
         let start = from.map_or(low, |o| o.max(low));
-        if start >= high {
+        let end = until.map_or(high, |u| u.min(high));
+        if start >= end {
             continue;
         }
         tpl.add_partition_offset(topic, *p, Offset::Offset(start))
             .map_err(KafkaAdapterError::op("assign reader"))?;
-        remaining.insert(*p);
+        remaining.insert(*p, end);
     }
     if remaining.is_empty() {
         return Ok(0);
@@ -86,6 +101,15 @@ pub fn read_to_end(
         match consumer.poll(Duration::from_millis(200)) {
             None => {}
             Some(Ok(m)) => {
+                let end = remaining.get(&m.partition()).copied();
+                let Some(end) = end else { continue };
+                if m.offset() >= end {
+                    remaining.remove(&m.partition());
+                    continue;
+                }
+                if m.offset() + 1 >= end {
+                    remaining.remove(&m.partition());
+                }
                 n += 1;
                 f(Record {
                     partition: m.partition(),
@@ -106,7 +130,8 @@ pub fn read_to_end(
                     .ok()
                     .and_then(|t| t.find_partition(topic, p).and_then(|e| e.offset().to_raw()))
                     .unwrap_or(-1);
-                if pos >= high {
+                let end = remaining.get(&p).copied().unwrap_or(high).min(high);
+                if pos >= end {
                     remaining.remove(&p);
                 }
             }

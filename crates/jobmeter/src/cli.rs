@@ -31,6 +31,9 @@ pub enum Command {
     Run(crate::service::RunCmd),
     /// Print a topic's committed records (read_committed) as JSON lines.
     Dump(DumpCmd),
+    /// Rebuild state and outputs from the input topics and check them
+    /// against the changelog and the published topics (meter stopped).
+    Rebuild(crate::service::rebuild::RebuildCmd),
 }
 
 /// `jobmeter dump`.
@@ -217,6 +220,7 @@ pub fn main() -> anyhow::Result<()> {
         }
         Command::Run(cmd) => crate::service::main(cmd),
         Command::Dump(cmd) => crate::tools::dump(&cmd.brokers, &cmd.topic, cmd.last),
+        Command::Rebuild(cmd) => crate::service::rebuild::main(cmd),
     }
 }
 

@@ -13,6 +13,7 @@ pub mod config;
 pub mod engine;
 pub mod http;
 pub mod metrics;
+pub mod rebuild;
 
 use accounts::{AccountsMetrics, AccountsTable};
 use config::{Config, Overrides};
@@ -119,7 +120,7 @@ pub fn main(cmd: RunCmd) -> anyhow::Result<()> {
     rt.block_on(run(cfg, shutdown))
 }
 
-fn init_tracing() {
+pub(crate) fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("JOBMETER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
