@@ -67,7 +67,7 @@ fn main() -> anyhow::Result<()> {
     // 1 + 2: backlog, ceiling, throughput.
     let prefix = format!("bench-{stamp}-tp");
     let dir = tempdir()?;
-    let mut meter = start_meter(&bin, &prefix, &dir.join("tp"), args.partitions, &args.sets, 19464)?;
+    let meter = start_meter(&bin, &prefix, &dir.join("tp"), args.partitions, &args.sets, 19464)?;
     wait_ready(19464)?;
     let opts = FleetOptions {
         jobs: args.jobs,
@@ -78,7 +78,7 @@ fn main() -> anyhow::Result<()> {
     let evs = events(&opts);
     let accs = accounts(&opts);
     // Stop the meter while the backlog is produced, so it starts on a full topic.
-    terminate(&mut meter);
+    drop(meter);
     let topics = jobmeter_kafka::topics::Topics::with_prefix(&prefix);
     let t0 = Instant::now();
     jobmeter::tools::produce_fleet(&brokers, &topics, &accs, &evs, 0)?;
@@ -90,7 +90,7 @@ fn main() -> anyhow::Result<()> {
         ceiling
     );
     let t1 = Instant::now();
-    let mut meter = start_meter(&bin, &prefix, &dir.join("tp"), args.partitions, &args.sets, 19464)?;
+    let meter = start_meter(&bin, &prefix, &dir.join("tp"), args.partitions, &args.sets, 19464)?;
     let total = evs.len() as f64;
     loop {
         let consumed = metric(19464, "jobmeter_events_total").unwrap_or(0.0);
@@ -112,11 +112,11 @@ fn main() -> anyhow::Result<()> {
         100.0 * total / secs / ceiling,
         rss / 1024
     );
-    terminate(&mut meter);
+    drop(meter);
 
     // 3: latency at a steady rate.
     let prefix = format!("bench-{stamp}-lat");
-    let mut meter = start_meter(&bin, &prefix, &dir.join("lat"), args.partitions, &args.sets, 19465)?;
+    let meter = start_meter(&bin, &prefix, &dir.join("lat"), args.partitions, &args.sets, 19465)?;
     wait_ready(19465)?;
     let topics = jobmeter_kafka::topics::Topics::with_prefix(&prefix);
     let n_events = (args.rate * args.latency_seconds) as usize;
@@ -220,7 +220,7 @@ fn main() -> anyhow::Result<()> {
         lat.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
         peak_rss_kib(meter.id()) / 1024
     );
-    terminate(&mut meter);
+    drop(meter);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -231,6 +231,21 @@ fn tempdir() -> anyhow::Result<PathBuf> {
     Ok(d)
 }
 
+/// A meter child process, terminated when dropped (also on errors).
+struct MeterChild(Child);
+
+impl MeterChild {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for MeterChild {
+    fn drop(&mut self) {
+        terminate(&mut self.0);
+    }
+}
+
 fn start_meter(
     bin: &PathBuf,
     prefix: &str,
@@ -238,7 +253,7 @@ fn start_meter(
     partitions: i32,
     sets: &[String],
     port: u16,
-) -> anyhow::Result<Child> {
+) -> anyhow::Result<MeterChild> {
     let log = std::fs::File::create(state.with_extension("log"))?;
     let mut cmd = Command::new(bin);
     cmd.arg("run")
@@ -251,7 +266,9 @@ fn start_meter(
     for s in sets {
         cmd.args(["--set", s]);
     }
-    Ok(cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?)
+    Ok(MeterChild(
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?,
+    ))
 }
 
 fn terminate(c: &mut Child) {

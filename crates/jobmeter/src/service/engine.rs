@@ -312,6 +312,7 @@ impl Engine {
         self.out = out;
         self.next_offsets.insert(p, msg.offset() + 1);
         self.batch_events += 1;
+        self.metrics.consumed.inc();
         Ok(())
     }
 
@@ -488,19 +489,10 @@ impl Engine {
         tracing::info!(revoked = tpl.count(), remaining = ?self.assigned, "partitions revoked");
     }
 
-    /// Updates the lag gauges from the consumer's positions.
-    pub fn report_lag<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
-        let Ok(pos) = consumer.position() else { return };
-        for e in pos.elements() {
-            let Some(position) = e.offset().to_raw() else { continue };
-            if let Ok((_, high)) = consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_millis(500)) {
-                self.metrics
-                    .lag
-                    .with_label_values(&[&e.partition().to_string()])
-                    .set((high - position.max(0)).max(0));
-            }
-        }
+    /// Updates the gauges that need no network call.
+    pub fn report_local(&self) {
         self.metrics.store_bytes.set(self.store.size_bytes() as i64);
+        self.metrics.producer_queue.set(i64::from(self.producer.in_flight()));
     }
 }
 

@@ -13,8 +13,10 @@ use rust_decimal::prelude::ToPrimitive;
 /// All metrics of the streaming meter.
 #[derive(Debug, Clone)]
 pub struct Metrics {
-    /// Input records consumed, by outcome.
+    /// Input records consumed, by outcome (counted when committed).
     pub events: IntCounterVec,
+    /// Input records read and applied, committed or not yet.
+    pub consumed: IntCounter,
     /// Rejected inputs by reason.
     pub rejected: IntCounterVec,
     /// Charges by kind.
@@ -75,6 +77,13 @@ impl Metrics {
                         "Input records consumed, by outcome (applied, duplicate, rejected)",
                     ),
                     &["outcome"],
+                )?,
+            )?,
+            consumed: reg(
+                r,
+                IntCounter::new(
+                    "jobmeter_records_consumed_total",
+                    "Input records read and applied, including the batch not yet committed",
                 )?,
             )?,
             rejected: reg(

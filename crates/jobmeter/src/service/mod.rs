@@ -223,6 +223,18 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
         store: store.clone(),
         metrics: metrics.clone(),
     };
+    let lag = {
+        let (settings, topic, group, st, m) = (
+            deps.settings.clone(),
+            deps.topics.job_events.clone(),
+            cfg.kafka.group_id.clone(),
+            stop.clone(),
+            metrics.clone(),
+        );
+        std::thread::Builder::new()
+            .name("jobmeter-lag".into())
+            .spawn(move || lag_monitor(&settings, &topic, &group, &st, &m))?
+    };
     let (pstop, pready) = (stop.clone(), ready.clone());
     let pipeline = std::thread::Builder::new()
         .name("jobmeter-pipeline".into())
@@ -244,11 +256,57 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
         .map_err(|_| anyhow::anyhow!("the pipeline thread panicked"))?;
     stop.store(true, Ordering::SeqCst);
     let _ = tail.join();
+    let _ = lag.join();
     shutdown.cancel();
     let _ = http.await;
     drop(store);
     tracing::info!("stopped cleanly");
     result
+}
+
+/// Every 5 s: consumer lag per input partition, as the high watermark minus
+/// the group's committed offset (what has been metered exactly once). Runs
+/// on its own thread so broker round trips never delay the pipeline.
+fn lag_monitor(settings: &KafkaSettings, topic: &str, group: &str, stop: &AtomicBool, metrics: &Metrics) {
+    let consumer: BaseConsumer<jobmeter_kafka::reader::ReaderContext> = match settings
+        .group_consumer(group, "jobmeter-lag-monitor")
+        .create_with_context(jobmeter_kafka::reader::ReaderContext)
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "lag monitor disabled");
+            return;
+        }
+    };
+    let mut next = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        if Instant::now() < next {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        next = Instant::now() + Duration::from_secs(5);
+        let parts = match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+            Ok(md) => md.topics().first().map_or(0, |t| t.partitions().len() as i32),
+            Err(_) => continue,
+        };
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..parts {
+            tpl.add_partition(topic, p);
+        }
+        let Ok(committed) = consumer.committed_offsets(tpl, Duration::from_secs(5)) else {
+            continue;
+        };
+        for e in committed.elements() {
+            let Ok((low, high)) = consumer.fetch_watermarks(topic, e.partition(), Duration::from_secs(5)) else {
+                continue;
+            };
+            let done = e.offset().to_raw().filter(|o| *o >= 0).unwrap_or(low);
+            metrics
+                .lag
+                .with_label_values(&[&e.partition().to_string()])
+                .set((high - done).max(0));
+        }
+    }
 }
 
 fn pipeline_loop(deps: &Deps, stop: &Arc<AtomicBool>, ready: &Arc<AtomicBool>) -> anyhow::Result<()> {
@@ -342,7 +400,7 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
             }
         }
         if last_report.elapsed() > Duration::from_secs(5) {
-            e.report_lag(&consumer);
+            e.report_local();
             last_report = Instant::now();
         }
     };
