@@ -175,19 +175,34 @@ impl Meter {
         origin: Option<&Origin>,
         out: &mut Vec<Output>,
     ) {
-        if !self.seen.insert(ev.key) {
+        let jk: JobKey = (ev.account, ev.job);
+        // Starts and stops are deduplicated by their (source, id). Heartbeats
+        // are idempotent by time instead: one that does not move its job's
+        // last heartbeat forward changes nothing and is counted as a
+        // duplicate. Their ids are not remembered — a long job sends
+        // thousands.
+        let heartbeat = matches!(ev.body, EventBody::Heartbeat);
+        let duplicate = if heartbeat {
+            self.jobs
+                .get(&jk)
+                .is_some_and(|j| j.last_heartbeat.is_some_and(|h| h >= ev.time))
+        } else {
+            !self.seen.insert(ev.key)
+        };
+        if duplicate {
             self.stats.duplicates += 1;
             return;
         }
         self.stats.events += 1;
-        let jk: JobKey = (ev.account, ev.job);
         // Stream time moves only for events that are accepted: a rejected
         // event (a conflict, an unknown model, an impossible duration) must
         // not orphan jobs or close periods with a time nobody vouches for.
         let now = self.stream_time.map_or(ev.time, |t| t.max(ev.time));
         let mut job = self.take_job(&jk);
         let old = (deadline(&job, ctx.config.orphan_timeout_ms).is_some(), job.expires);
-        job.keys.push(ev.key);
+        if !heartbeat {
+            job.keys.push(ev.key);
+        }
         let accepted = match ev.body {
             EventBody::Started(info) => self.on_start(ctx, &jk, &mut job, ev.key, ev.time, info, raw, origin, now, out),
             EventBody::Heartbeat => {
@@ -301,20 +316,14 @@ impl Meter {
         self.charge(ctx, jk, job, time, status, false, now, out);
     }
 
-    fn on_heartbeat(
-        &mut self,
-        ctx: &Context<'_>,
-        jk: &JobKey,
-        job: &mut Job,
-        time: Timestamp,
-        now: Timestamp,
-        out: &mut Vec<Output>,
-    ) {
-        if job.last_heartbeat.is_some_and(|h| h >= time) {
+    fn on_heartbeat(&mut self, ctx: &Context<'_>, jk: &JobKey, job: &mut Job, time: Timestamp, now: Timestamp, out: &mut Vec<Output>) {
+        // A charged job's heartbeats change nothing (a late stop of an
+        // orphan is adjusted from its stop, not its heartbeats).
+        if job.billed.is_some() || job.last_heartbeat.is_some_and(|h| h >= time) {
             return;
         }
         job.last_heartbeat = Some(time);
-        if job.start.is_some() && job.billed.is_none() && job.stop.is_none() {
+        if job.start.is_some() && job.stop.is_none() {
             self.accrue(ctx, jk, job, now, out);
         }
     }
@@ -480,9 +489,11 @@ impl Meter {
                 job.timer = Some(d);
             }
         }
+        // An inert job is forgotten `retention` after it became inert;
+        // later events that change nothing do not extend that.
         job.expires = match new_deadline {
             Some(_) => None,
-            None => Some(now.plus_ms(ctx.config.retention_ms)),
+            None => job.expires.or(Some(now.plus_ms(ctx.config.retention_ms))),
         };
         if job.expires != old.1 {
             if let Some(e) = old.1 {

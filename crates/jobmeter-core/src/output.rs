@@ -177,8 +177,9 @@ pub struct Statement {
 /// Where an input came from (for DLQ headers).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Origin {
-    /// Topic (or input file).
-    pub topic: String,
+    /// Topic (or input file). Shared: every record of a partition names
+    /// the same topic.
+    pub topic: std::sync::Arc<str>,
     /// Partition (0 for files).
     pub partition: i32,
     /// Offset (line number for files).

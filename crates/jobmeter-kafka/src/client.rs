@@ -78,6 +78,12 @@ impl KafkaSettings {
             .set("acks", "all")
             .set("transaction.timeout.ms", transaction_timeout_ms.to_string())
             .set("linger.ms", "5")
+            // After a commit, the coordinator is still writing the previous
+            // transaction's markers; the next AddPartitionsToTxn is answered
+            // CONCURRENT_TRANSACTIONS and retried after this backoff. The
+            // default (100 ms) put a 100 ms floor under every batch.
+            .set("retry.backoff.ms", "5")
+            .set("retry.backoff.max.ms", "100")
             .set("compression.type", "lz4")
             .set("queue.buffering.max.messages", "200000")
             .set("queue.buffering.max.kbytes", "262144")

@@ -191,15 +191,29 @@ impl TxnProducer {
         }
     }
 
-    /// Adds the consumer offsets to the transaction and commits it. On
-    /// success returns the highest changelog offset written per partition.
-    pub fn commit(
-        &self,
-        offsets: &TopicPartitionList,
-        group: &ConsumerGroupMetadata,
-    ) -> Result<HashMap<i32, i64>, TxnError> {
+    /// Adds the consumer offsets to the open transaction.
+    pub fn send_offsets(&self, offsets: &TopicPartitionList, group: &ConsumerGroupMetadata) -> Result<(), TxnError> {
         if offsets.count() > 0 {
             with_retries(|| self.producer.send_offsets_to_transaction(offsets, group, self.timeout))?;
+        }
+        Ok(())
+    }
+
+    /// Commits the open transaction. On success returns the highest
+    /// changelog offset written per partition.
+    pub fn commit(&self) -> Result<HashMap<i32, i64>, TxnError> {
+        // rust-rdkafka's commit_transaction first flushes by polling the
+        // event queue for up to 100 ms at a time; with a ThreadedProducer
+        // the background thread serves that queue, so that poll always
+        // waited its full 100 ms. Wait for the queue to drain here instead
+        // (the background thread delivers the reports), so the flush inside
+        // commit_transaction finds nothing to wait for.
+        let started = std::time::Instant::now();
+        while self.producer.in_flight_count() > 0 {
+            if started.elapsed() > self.timeout {
+                return Err(TxnError::Abortable(KafkaError::Flush(RDKafkaErrorCode::RequestTimedOut)));
+            }
+            std::thread::sleep(Duration::from_micros(500));
         }
         with_retries(|| self.producer.commit_transaction(self.timeout))?;
         if let Some(f) = self.producer.context().failure.lock().ok().and_then(|mut f| f.take()) {

@@ -138,6 +138,7 @@ pub fn replay(args: &ReplayArgs, mut progress: impl FnMut(u64, u64)) -> Result<R
     let f = File::open(&args.events).map_err(io(&args.events))?;
     let total = f.metadata().map(|m| m.len()).unwrap_or(0);
     let mut reader = BufReader::with_capacity(1 << 20, f);
+    let events_topic: std::sync::Arc<str> = args.events.display().to_string().into();
     let mut line = Vec::with_capacity(1024);
     let (mut n, mut read) = (0u64, 0u64);
     loop {
@@ -154,7 +155,11 @@ pub fn replay(args: &ReplayArgs, mut progress: impl FnMut(u64, u64)) -> Result<R
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let o = origin(&args.events, (n - 1) as usize);
+        let o = Origin {
+            topic: events_topic.clone(),
+            partition: 0,
+            offset: n as i64,
+        };
         meter.apply(&ctx, &line, Some(&o), &mut out);
         if !out.is_empty() {
             sinks.write_all(&out).map_err(io(&args.out))?;
@@ -180,7 +185,7 @@ pub fn replay(args: &ReplayArgs, mut progress: impl FnMut(u64, u64)) -> Result<R
 
 fn origin(path: &Path, line_index: usize) -> Origin {
     Origin {
-        topic: path.display().to_string(),
+        topic: path.display().to_string().into(),
         partition: 0,
         offset: line_index as i64 + 1,
     }

@@ -295,9 +295,9 @@ fn metric(port: u16, name: &str) -> Option<f64> {
     s.read_to_string(&mut buf).ok()?;
     let mut total = None;
     for line in buf.lines().filter(|l| !l.starts_with('#')) {
-        let (k, v) = line.rsplit_once(' ')?;
+        let Some((k, v)) = line.rsplit_once(' ') else { continue };
         if k.split('{').next() == Some(name) {
-            *total.get_or_insert(0.0) += v.parse::<f64>().ok()?;
+            *total.get_or_insert(0.0) += v.parse::<f64>().unwrap_or(0.0);
         }
     }
     total

@@ -124,6 +124,7 @@ pub struct Engine {
     batch_events: usize,
     next_offsets: BTreeMap<i32, i64>,
     out: Vec<Output>,
+    input_topic: Arc<str>,
     /// An error raised inside a rebalance callback, surfaced by the loop.
     pub failed: Option<EngineError>,
 }
@@ -148,6 +149,7 @@ impl Engine {
         metrics: Metrics,
     ) -> Engine {
         Engine {
+            input_topic: cfg.topics.job_events.as_str().into(),
             cfg,
             billing,
             producer,
@@ -279,7 +281,7 @@ impl Engine {
             self.batch_started = Instant::now();
         }
         let origin = Origin {
-            topic: self.cfg.topics.job_events.clone(),
+            topic: self.input_topic.clone(),
             partition: p,
             offset: msg.offset(),
         };
@@ -356,7 +358,7 @@ impl Engine {
             }
             Output::Reject(r) => {
                 let (topic, partition, offset) = r.origin.as_ref().map_or((t.job_events.as_str(), -1, -1), |o| {
-                    (o.topic.as_str(), o.partition, o.offset)
+                    (&*o.topic, o.partition, o.offset)
                 });
                 let headers = jobmeter_kafka::dlq::headers(r.reason.as_str(), &r.detail, topic, partition, offset);
                 self.producer.send(
@@ -416,16 +418,23 @@ impl Engine {
                 })?;
         }
         let group = consumer.group_metadata().ok_or(EngineError::NoGroup)?;
-        let changelog_offsets = self.producer.commit(&tpl, &group)?;
+        let t_off = Instant::now();
+        self.producer.send_offsets(&tpl, &group)?;
+        let t_commit = Instant::now();
+        let changelog_offsets = self.producer.commit()?;
         self.in_txn = false;
         let t1 = Instant::now();
-        for (p, ch) in &changes {
-            self.store.commit(*p, ch, changelog_offsets.get(p).copied())?;
-        }
+        self.metrics.commit_seconds.with_label_values(&["produce"]).observe((t_off - t0).as_secs_f64());
+        self.metrics.commit_seconds.with_label_values(&["offsets"]).observe((t_commit - t_off).as_secs_f64());
+        let steps: Vec<(i32, &[StateChange], Option<i64>)> = changes
+            .iter()
+            .map(|(p, ch)| (*p, ch.as_slice(), changelog_offsets.get(p).copied()))
+            .collect();
+        self.store.commit_many(&steps)?;
         self.metrics
             .commit_seconds
-            .with_label_values(&["kafka"])
-            .observe((t1 - t0).as_secs_f64());
+            .with_label_values(&["commit"])
+            .observe((t1 - t_commit).as_secs_f64());
         self.metrics
             .commit_seconds
             .with_label_values(&["store"])

@@ -113,7 +113,7 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
             Duration::from_secs(3600),
             |r| {
                 let origin = Origin {
-                    topic: topics.job_events.clone(),
+                    topic: topics.job_events.as_str().into(),
                     partition: p,
                     offset: r.offset,
                 };
