@@ -12,11 +12,18 @@ fuzz_target!(|data: &[u8]| {
     let Ok(rates) = RateCard::from_toml(CARD) else { return };
     let plans = PlanCatalog::default();
     let mut book = AccountBook::new(&plans);
-    if let Ok(r) = AccountRecord::parse(br#"{"account_id":"a","plan":"free","effective_from":"2024-01-01T00:00:00Z","free_credits":"0.05"}"#) {
+    if let Ok(r) = AccountRecord::parse(
+        br#"{"account_id":"a","plan":"free","effective_from":"2024-01-01T00:00:00Z","free_credits":"0.05"}"#,
+    ) {
         book.insert(r);
     }
     let config = MeterConfig::default();
-    let ctx = Context { rates: &rates, plans: &plans, accounts: &book, config: &config };
+    let ctx = Context {
+        rates: &rates,
+        plans: &plans,
+        accounts: &book,
+        config: &config,
+    };
     let mut meter = Meter::tracking_changes();
     let mut out = Vec::new();
     for (i, line) in data.split(|b| *b == b'\n').enumerate() {

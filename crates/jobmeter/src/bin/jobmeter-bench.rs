@@ -146,7 +146,9 @@ fn main() -> anyhow::Result<()> {
         );
         let parts = jobmeter_kafka::topics::partition_count(&settings, &topic)?;
         std::thread::spawn(move || -> anyhow::Result<()> {
-            let consumer: BaseConsumer = settings.reader("bench-latency").create()?;
+            // Measures visibility, so the reader itself must not wait long
+            // per fetch (librdkafka's default fetch.wait.max.ms is 500 ms).
+            let consumer: BaseConsumer = settings.reader("bench-latency").set("fetch.wait.max.ms", "10").create()?;
             let mut tpl = TopicPartitionList::new();
             for p in 0..parts {
                 tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
