@@ -316,7 +316,15 @@ impl Meter {
         self.charge(ctx, jk, job, time, status, false, now, out);
     }
 
-    fn on_heartbeat(&mut self, ctx: &Context<'_>, jk: &JobKey, job: &mut Job, time: Timestamp, now: Timestamp, out: &mut Vec<Output>) {
+    fn on_heartbeat(
+        &mut self,
+        ctx: &Context<'_>,
+        jk: &JobKey,
+        job: &mut Job,
+        time: Timestamp,
+        now: Timestamp,
+        out: &mut Vec<Output>,
+    ) {
         // A charged job's heartbeats change nothing (a late stop of an
         // orphan is adjusted from its stop, not its heartbeats).
         if job.billed.is_some() || job.last_heartbeat.is_some_and(|h| h >= time) {

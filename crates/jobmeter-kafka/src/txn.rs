@@ -211,7 +211,9 @@ impl TxnProducer {
         let started = std::time::Instant::now();
         while self.producer.in_flight_count() > 0 {
             if started.elapsed() > self.timeout {
-                return Err(TxnError::Abortable(KafkaError::Flush(RDKafkaErrorCode::RequestTimedOut)));
+                return Err(TxnError::Abortable(KafkaError::Flush(
+                    RDKafkaErrorCode::RequestTimedOut,
+                )));
             }
             std::thread::sleep(Duration::from_micros(500));
         }

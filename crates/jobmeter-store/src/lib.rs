@@ -157,7 +157,12 @@ impl Store {
 
     /// Writes one step atomically: `changes` of `partition` and the
     /// changelog offset they bring the stored state up to.
-    pub fn commit(&self, partition: i32, changes: &[StateChange], changelog_offset: Option<i64>) -> Result<(), StoreError> {
+    pub fn commit(
+        &self,
+        partition: i32,
+        changes: &[StateChange],
+        changelog_offset: Option<i64>,
+    ) -> Result<(), StoreError> {
         self.commit_many(&[(partition, changes, changelog_offset)])
     }
 
@@ -184,7 +189,9 @@ impl Store {
                 batch.put_cf(self.cf(PROGRESS_CF)?, prefix(*partition), v);
             }
         }
-        self.db.write_opt(batch, &write_options()).map_err(self.rocks("write batch"))
+        self.db
+            .write_opt(batch, &write_options())
+            .map_err(self.rocks("write batch"))
     }
 
     /// Loads everything stored for `partition`.

@@ -148,7 +148,10 @@ fn main() -> anyhow::Result<()> {
         std::thread::spawn(move || -> anyhow::Result<()> {
             // Measures visibility, so the reader itself must not wait long
             // per fetch (librdkafka's default fetch.wait.max.ms is 500 ms).
-            let consumer: BaseConsumer = settings.reader("bench-latency").set("fetch.wait.max.ms", "10").create()?;
+            let consumer: BaseConsumer = settings
+                .reader("bench-latency")
+                .set("fetch.wait.max.ms", "10")
+                .create()?;
             let mut tpl = TopicPartitionList::new();
             for p in 0..parts {
                 tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
@@ -206,6 +209,14 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_secs(3));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    if std::env::var_os("JOBMETER_BENCH_VERBOSE").is_some() {
+        for line in metrics_text(19465)
+            .lines()
+            .filter(|l| l.starts_with("jobmeter_commit_seconds_bucket"))
+        {
+            println!("  {line}");
+        }
+    }
     let mut lat = seen.lock().map_err(|_| anyhow::anyhow!("lock"))?.clone();
     lat.sort();
     let pct = |q: f64| {
@@ -289,12 +300,21 @@ fn wait_ready(port: u16) -> anyhow::Result<()> {
     anyhow::bail!("the meter on port {port} did not become ready")
 }
 
-fn metric(port: u16, name: &str) -> Option<f64> {
+fn metrics_text(port: u16) -> String {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    if write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").is_err() {
+        return String::new();
+    }
     let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
+    let _ = s.read_to_string(&mut buf);
+    buf
+}
+
+fn metric(port: u16, name: &str) -> Option<f64> {
+    let buf = metrics_text(port);
     let mut total = None;
     for line in buf.lines().filter(|l| !l.starts_with('#')) {
         let Some((k, v)) = line.rsplit_once(' ') else { continue };

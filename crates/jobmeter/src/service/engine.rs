@@ -357,9 +357,10 @@ impl Engine {
                 )?;
             }
             Output::Reject(r) => {
-                let (topic, partition, offset) = r.origin.as_ref().map_or((t.job_events.as_str(), -1, -1), |o| {
-                    (&*o.topic, o.partition, o.offset)
-                });
+                let (topic, partition, offset) = r
+                    .origin
+                    .as_ref()
+                    .map_or((t.job_events.as_str(), -1, -1), |o| (&*o.topic, o.partition, o.offset));
                 let headers = jobmeter_kafka::dlq::headers(r.reason.as_str(), &r.detail, topic, partition, offset);
                 self.producer.send(
                     &t.dlq,
@@ -424,8 +425,14 @@ impl Engine {
         let changelog_offsets = self.producer.commit()?;
         self.in_txn = false;
         let t1 = Instant::now();
-        self.metrics.commit_seconds.with_label_values(&["produce"]).observe((t_off - t0).as_secs_f64());
-        self.metrics.commit_seconds.with_label_values(&["offsets"]).observe((t_commit - t_off).as_secs_f64());
+        self.metrics
+            .commit_seconds
+            .with_label_values(&["produce"])
+            .observe((t_off - t0).as_secs_f64());
+        self.metrics
+            .commit_seconds
+            .with_label_values(&["offsets"])
+            .observe((t_commit - t_off).as_secs_f64());
         let steps: Vec<(i32, &[StateChange], Option<i64>)> = changes
             .iter()
             .map(|(p, ch)| (*p, ch.as_slice(), changelog_offsets.get(p).copied()))
