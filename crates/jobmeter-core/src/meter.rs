@@ -252,17 +252,7 @@ impl Meter {
         out: &mut Vec<Output>,
     ) -> bool {
         if let Some(first) = &job.start {
-            let detail = format!(
-                "job {:?} already has a start (started at {}); this start has another id",
-                jk.1.as_str(),
-                first.time
-            );
-            self.reject(
-                Invalid::new(RejectReason::Conflict, detail),
-                raw.to_vec(),
-                origin.cloned(),
-                out,
-            );
+            self.reject_conflict(jk, "start", first.time, raw, origin, out);
             return false;
         }
         let rate = match ctx.rates.rate_at(time, info.kind, info.model.as_ref()) {
@@ -349,17 +339,7 @@ impl Meter {
         out: &mut Vec<Output>,
     ) -> bool {
         if let Some(first) = &job.stop {
-            let detail = format!(
-                "job {:?} already has a stop (stopped at {}); this stop has another id",
-                jk.1.as_str(),
-                first.time
-            );
-            self.reject(
-                Invalid::new(RejectReason::Conflict, detail),
-                raw.to_vec(),
-                origin.cloned(),
-                out,
-            );
+            self.reject_conflict(jk, "stop", first.time, raw, origin, out);
             return false;
         }
         let Some(start_time) = job.start.as_ref().map(|s| s.time) else {
@@ -515,6 +495,28 @@ impl Meter {
             d.jobs.insert(jk.clone());
         }
         self.jobs.insert(jk, job);
+    }
+
+    /// A second, different start or stop: the first one wins.
+    fn reject_conflict(
+        &mut self,
+        jk: &JobKey,
+        what: &str,
+        first: Timestamp,
+        raw: &[u8],
+        origin: Option<&Origin>,
+        out: &mut Vec<Output>,
+    ) {
+        let detail = format!(
+            "job {:?} already has a {what} (at {first}); this {what} has another id",
+            jk.1.as_str()
+        );
+        self.reject(
+            Invalid::new(RejectReason::Conflict, detail),
+            raw.to_vec(),
+            origin.cloned(),
+            out,
+        );
     }
 
     pub(crate) fn reject(&mut self, inv: Invalid, raw: Vec<u8>, origin: Option<Origin>, out: &mut Vec<Output>) {

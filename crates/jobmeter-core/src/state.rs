@@ -296,6 +296,26 @@ pub struct DecodeError {
     pub why: String,
 }
 
+/// Keys of the state changelog: the records of every table share one
+/// compacted topic, so each key starts with its table's tag.
+pub mod changelog {
+    use super::Table;
+
+    /// The changelog key of `key` in `table`.
+    pub fn key(table: Table, key: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(1 + key.len());
+        k.push(table.tag());
+        k.extend_from_slice(key);
+        k
+    }
+
+    /// The table and state key of a changelog key (`None` if malformed).
+    pub fn split(key: &[u8]) -> Option<(Table, &[u8])> {
+        let (tag, rest) = key.split_first()?;
+        Some((Table::from_tag(*tag)?, rest))
+    }
+}
+
 /// Key codecs. Strings longer than 65 535 bytes are truncated in keys (ids
 /// that long are refused upstream in practice).
 pub mod keys {

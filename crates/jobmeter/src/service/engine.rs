@@ -209,8 +209,7 @@ impl Engine {
             st = Default::default();
         }
         let from_store = st.records.len();
-        let mut map: BTreeMap<(Table, Vec<u8>), Vec<u8>> =
-            st.records.into_iter().map(|(t, k, v)| ((t, k), v)).collect();
+        let mut map: StateMap = st.records.into_iter().map(|(t, k, v)| ((t, k), v)).collect();
         let mut replayed: Vec<StateChange> = Vec::new();
         let mut last = st.changelog_offset;
         let n = read_to_end(
@@ -221,27 +220,7 @@ impl Engine {
             self.cfg.restore_deadline,
             |rec| {
                 last = Some(rec.offset);
-                let Some(key) = rec.key else { return };
-                let Some((tag, k)) = key.split_first() else { return };
-                let Some(table) = Table::from_tag(*tag) else { return };
-                match rec.value {
-                    Some(v) => {
-                        map.insert((table, k.to_vec()), v.clone());
-                        replayed.push(StateChange {
-                            table,
-                            key: k.to_vec(),
-                            value: Some(v),
-                        });
-                    }
-                    None => {
-                        map.remove(&(table, k.to_vec()));
-                        replayed.push(StateChange {
-                            table,
-                            key: k.to_vec(),
-                            value: None,
-                        });
-                    }
-                }
+                replayed.extend(overlay(&mut map, rec));
             },
         )?;
         if n > 0 {
@@ -394,9 +373,7 @@ impl Engine {
             let Some(pm) = self.meters.get_mut(&p) else { continue };
             let ch = pm.meter.take_changes()?;
             for c in &ch {
-                let mut key = Vec::with_capacity(1 + c.key.len());
-                key.push(c.table.tag());
-                key.extend_from_slice(&c.key);
+                let key = jobmeter_core::state::changelog::key(c.table, &c.key);
                 self.producer.send(
                     &self.cfg.topics.changelog,
                     &key,
@@ -510,6 +487,30 @@ impl Engine {
         self.metrics.store_bytes.set(self.store.size_bytes() as i64);
         self.metrics.producer_queue.set(i64::from(self.producer.in_flight()));
     }
+}
+
+/// State records by (table, key), as restored.
+pub(crate) type StateMap = BTreeMap<(Table, Vec<u8>), Vec<u8>>;
+
+/// Applies one changelog record to `map` (an upsert, or a delete for a
+/// tombstone) and returns it as a state change; `None` for a malformed key.
+pub(crate) fn overlay(map: &mut StateMap, rec: jobmeter_kafka::reader::Record) -> Option<StateChange> {
+    let key = rec.key?;
+    let (table, k) = jobmeter_core::state::changelog::split(&key)?;
+    let entry = (table, k.to_vec());
+    match &rec.value {
+        Some(v) => {
+            map.insert(entry, v.clone());
+        }
+        None => {
+            map.remove(&entry);
+        }
+    }
+    Some(StateChange {
+        table,
+        key: k.to_vec(),
+        value: rec.value,
+    })
 }
 
 /// JSON encoding of outputs without naming each type.

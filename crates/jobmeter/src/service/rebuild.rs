@@ -15,7 +15,6 @@ use super::accounts::{AccountsMetrics, AccountsTable};
 use super::config::Config;
 use super::RunCmd;
 use crate::sinks::{Format, OutputFiles};
-use jobmeter_core::state::Table;
 use jobmeter_core::{AccountBook, Context, Meter, Origin, Output};
 use jobmeter_kafka::client::KafkaSettings;
 use jobmeter_kafka::reader::{read_range, read_to_end};
@@ -41,7 +40,7 @@ pub struct RebuildCmd {
     pub dry_run: bool,
 }
 
-type StateMap = BTreeMap<(Table, Vec<u8>), Vec<u8>>;
+use super::engine::StateMap;
 
 /// Runs the rebuild; returns whether everything matched.
 pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
@@ -135,17 +134,7 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
             Duration::from_secs(3600),
             |r| {
                 last_offset = Some(r.offset);
-                let Some(key) = r.key else { return };
-                let Some((tag, k)) = key.split_first() else { return };
-                let Some(table) = Table::from_tag(*tag) else { return };
-                match r.value {
-                    Some(v) => {
-                        from_changelog.insert((table, k.to_vec()), v);
-                    }
-                    None => {
-                        from_changelog.remove(&(table, k.to_vec()));
-                    }
-                }
+                let _ = super::engine::overlay(&mut from_changelog, r);
             },
         )?;
         let keys: BTreeSet<_> = rebuilt.keys().chain(from_changelog.keys()).collect();
