@@ -48,37 +48,61 @@ struct Threshold {
     level: Money,
 }
 
+/// The thresholds of a limit, borrowed from the plan terms (computed on
+/// demand: this runs for every heartbeat, so it allocates nothing).
+#[derive(Debug)]
+enum Thresholds<'a> {
+    /// Percentages of a cap (none when the cap is zero).
+    Pct(Money, &'a [u32]),
+    /// Alert amounts.
+    Amounts(&'a [Money]),
+}
+
+impl Thresholds<'_> {
+    fn iter(&self) -> impl Iterator<Item = Threshold> + '_ {
+        let (pcts, amounts): (&[u32], &[Money]) = match self {
+            Thresholds::Pct(cap, p) if *cap > Money::ZERO => (p, &[]),
+            Thresholds::Pct(..) => (&[], &[]),
+            Thresholds::Amounts(a) => (&[], a),
+        };
+        let cap = match self {
+            Thresholds::Pct(c, _) => *c,
+            Thresholds::Amounts(_) => Money::ZERO,
+        };
+        pcts.iter()
+            .map(move |p| Threshold {
+                id: ThresholdId::Pct(*p),
+                pct: Some(*p),
+                level: cap.percent(*p),
+            })
+            .chain(amounts.iter().filter(|a| **a > Money::ZERO).map(|a| Threshold {
+                id: ThresholdId::Amount(*a),
+                pct: None,
+                level: *a,
+            }))
+    }
+}
+
 /// The limit a job's usage counts toward, for one period.
 #[derive(Debug)]
-struct LimitSpec {
+struct LimitSpec<'a> {
     key: UsageKey,
     /// Usage up to this amount is included (not due); `None` for alerts.
     cap: Option<Money>,
     /// The value reported as `limit_value` for percentage thresholds.
     limit_value: Money,
-    thresholds: Vec<Threshold>,
+    thresholds: Thresholds<'a>,
     plan: Plan,
 }
 
-fn limit_spec(
-    ctx: &Context<'_>,
-    terms: &PlanTerms,
+fn limit_spec<'a>(
+    ctx: &Context<'a>,
+    terms: &'a PlanTerms,
     kind: JobKind,
     account: &AccountId,
     period: Period,
-) -> Option<LimitSpec> {
-    let pct = |cap: Money, pcts: &[u32]| -> Vec<Threshold> {
-        if cap <= Money::ZERO {
-            return Vec::new();
-        }
-        pcts.iter()
-            .map(|p| Threshold {
-                id: ThresholdId::Pct(*p),
-                pct: Some(*p),
-                level: cap.percent(*p),
-            })
-            .collect()
-    };
+) -> Option<LimitSpec<'a>> {
+    let pct = |cap: Money, pcts: &'a [u32]| Thresholds::Pct(cap, pcts);
     let (limit, scope, cap, thresholds) = match (terms.plan, kind) {
         (Plan::Free, _) => (
             LimitKind::FreeCredits,
@@ -102,16 +126,7 @@ fn limit_spec(
             LimitKind::Alert,
             Some(period),
             None,
-            terms
-                .alert_thresholds
-                .iter()
-                .filter(|a| **a > Money::ZERO)
-                .map(|a| Threshold {
-                    id: ThresholdId::Amount(*a),
-                    pct: None,
-                    level: *a,
-                })
-                .collect(),
+            Thresholds::Amounts(&terms.alert_thresholds),
         ),
         _ => return None,
     };
@@ -143,7 +158,7 @@ impl Meter {
     /// Fires every threshold of `spec` the counter has reached, once ever.
     fn check_thresholds(
         &mut self,
-        spec: &LimitSpec,
+        spec: &LimitSpec<'_>,
         period: Period,
         job: &JobKey,
         at: Timestamp,
@@ -153,7 +168,7 @@ impl Meter {
         if value <= Money::ZERO {
             return;
         }
-        for t in &spec.thresholds {
+        for t in spec.thresholds.iter() {
             if value < t.level {
                 continue;
             }

@@ -287,6 +287,30 @@ fn optional(v: &Option<Cow<'_, str>>) -> Option<String> {
 /// Never panics, whatever the bytes. Checks everything that can be checked
 /// without state (`unknown_model` needs the rate card, so the meter checks it).
 pub fn parse_job_event(bytes: &[u8]) -> Result<JobEvent, Invalid> {
+    match crate::fastjson::scan(bytes) {
+        Some(f) => validate(RawEvent {
+            specversion: f.specversion,
+            id: f.id,
+            source: f.source,
+            ty: f.ty,
+            time: f.time,
+            subject: f.subject,
+            data: f.data.map(|d| RawData {
+                account_id: d.account_id,
+                kind: d.kind,
+                model: d.model,
+                workflow_run_id: d.workflow_run_id,
+                gpu: d.gpu,
+                status: d.status,
+            }),
+        }),
+        None => parse_job_event_reference(bytes),
+    }
+}
+
+/// [`parse_job_event`] through serde_json only: the reference the fast path
+/// is checked against.
+pub fn parse_job_event_reference(bytes: &[u8]) -> Result<JobEvent, Invalid> {
     let raw: RawEvent<'_> = serde_json::from_slice(bytes).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {
@@ -294,6 +318,10 @@ pub fn parse_job_event(bytes: &[u8]) -> Result<JobEvent, Invalid> {
             _ => Invalid::new(RejectReason::NotJson, e.to_string()),
         }
     })?;
+    validate(raw)
+}
+
+fn validate(raw: RawEvent<'_>) -> Result<JobEvent, Invalid> {
     match raw.specversion.as_deref() {
         Some("1.0") => {}
         Some(v) => {

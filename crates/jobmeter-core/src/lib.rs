@@ -27,6 +27,7 @@ mod billing;
 mod config_error;
 pub mod event;
 pub mod fasthash;
+mod fastjson;
 pub mod meter;
 pub mod money;
 pub mod output;

@@ -465,3 +465,68 @@ fn finished_jobs_are_remembered_for_the_retention_then_forgotten() {
     w.apply(&s);
     assert_eq!(w.meter.stats().duplicates, 1);
 }
+
+mod fast_parse {
+    use jobmeter_core::event::{parse_job_event, parse_job_event_reference};
+    use proptest::prelude::*;
+
+    const BASE: &str = r#"{"specversion":"1.0","id":"w17-000042","source":"gpu-worker/us-east-1/node-17","type":"job.started","time":"2024-05-01T12:00:00.250Z","subject":"job-123","datacontenttype":"application/json","seq":42,"data":{"account_id":"acct-42","kind":"inference","model":"sdxl-1.0","gpu":"A100-80GB","prio":-1.5e3,"ok":true,"x":null}}"#;
+
+    fn agree(bytes: &[u8]) -> Result<(), TestCaseError> {
+        let fast = parse_job_event(bytes);
+        let reference = parse_job_event_reference(bytes);
+        prop_assert_eq!(fast, reference, "input: {:?}", String::from_utf8_lossy(bytes));
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+
+        /// The fast path and serde_json agree on mutations of a real event:
+        /// bytes replaced, inserted or deleted anywhere.
+        #[test]
+        fn fast_path_agrees_with_serde_on_mutated_events(
+            edits in proptest::collection::vec((0usize..400, 0u8..3, proptest::sample::select(b" \t\n{}[]\":,\\0123456789.-+eEtrufalsn\x01\xffabc".to_vec())), 1..4)
+        ) {
+            let mut b = BASE.as_bytes().to_vec();
+            for (pos, op, byte) in edits {
+                let pos = pos % (b.len() + 1);
+                match op {
+                    0 if pos < b.len() => b[pos] = byte,
+                    1 => b.insert(pos, byte),
+                    _ if pos < b.len() => { b.remove(pos); }
+                    _ => {}
+                }
+            }
+            agree(&b)?;
+        }
+
+        #[test]
+        fn fast_path_agrees_with_serde_on_arbitrary_bytes(b in proptest::collection::vec(any::<u8>(), 0..200)) {
+            agree(&b)?;
+        }
+    }
+
+    #[test]
+    fn fast_path_agrees_on_tricky_shapes() {
+        for s in [
+            BASE,
+            r#"{}"#,
+            r#" { "specversion" : "1.0" } "#,
+            r#"{"specversion":"1.0","specversion":"1.0"}"#,
+            r#"{"id":"a\"b"}"#,
+            r#"{"data":{"account_id":"a","account_id":"b"}}"#,
+            r#"{"seq":007}"#,
+            r#"{"seq":-0.5E+3}"#,
+            r#"{"seq":1.}"#,
+            r#"{"data":null}"#,
+            r#"{"id":null}"#,
+            r#"{"ext":{"nested":1}}"#,
+            r#"{"id":"x"} trailing"#,
+            "{\"id\":\"tab\there\"}",
+        ] {
+            let (fast, reference) = (parse_job_event(s.as_bytes()), parse_job_event_reference(s.as_bytes()));
+            assert_eq!(fast, reference, "{s}");
+        }
+    }
+}
