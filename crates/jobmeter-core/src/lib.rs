@@ -28,6 +28,7 @@ mod config_error;
 pub mod event;
 pub mod fasthash;
 mod fastjson;
+mod jobs;
 pub mod meter;
 pub mod money;
 pub mod output;

@@ -96,7 +96,7 @@ pub(crate) struct Dirty {
 #[derive(Debug, Default)]
 pub struct Meter {
     pub(crate) stream_time: Option<Timestamp>,
-    pub(crate) jobs: FastMap<JobKey, Box<Job>>,
+    pub(crate) jobs: crate::jobs::JobTable,
     pub(crate) seen: FastSet<EventKey>,
     pub(crate) usage: FastMap<UsageKey, Counter>,
     pub(crate) fired: FastSet<FiredKey>,
@@ -182,9 +182,9 @@ impl Meter {
         // duplicate. Their ids are not remembered — a long job sends
         // thousands.
         let heartbeat = matches!(ev.body, EventBody::Heartbeat);
+        let slot = self.jobs.slot(&jk);
         let duplicate = if heartbeat {
-            self.jobs
-                .get(&jk)
+            slot.and_then(|s| self.jobs.at(s))
                 .is_some_and(|j| j.last_heartbeat.is_some_and(|h| h >= ev.time))
         } else {
             !self.seen.insert(ev.key)
@@ -198,7 +198,7 @@ impl Meter {
         // event (a conflict, an unknown model, an impossible duration) must
         // not orphan jobs or close periods with a time nobody vouches for.
         let now = self.stream_time.map_or(ev.time, |t| t.max(ev.time));
-        let mut job = self.take_job(&jk);
+        let (idx, mut job) = self.jobs.take(slot, &jk);
         let old = (deadline(&job, ctx.config.orphan_timeout_ms).is_some(), job.expires);
         if !heartbeat {
             job.keys.push(ev.key);
@@ -220,7 +220,7 @@ impl Meter {
                 self.on_stop(ctx, &jk, &mut job, stop, raw, origin, now, out)
             }
         };
-        self.put_job(ctx, jk, job, old, now);
+        self.put_job(ctx, jk, idx, job, old, now);
         if accepted && self.stream_time != Some(now) {
             self.stream_time = Some(now);
             self.mark_meta();
@@ -364,7 +364,8 @@ impl Meter {
 
     /// A deadline came due at stream time `at`.
     fn on_deadline(&mut self, ctx: &Context<'_>, jk: JobKey, at: Timestamp, out: &mut Vec<Output>) {
-        let mut job = self.take_job(&jk);
+        let slot = self.jobs.slot(&jk);
+        let (idx, mut job) = self.jobs.take(slot, &jk);
         let old = (deadline(&job, ctx.config.orphan_timeout_ms).is_some(), job.expires);
         if let Some(s) = job.start.as_ref().filter(|_| job.billed.is_none()) {
             let close = job.last_heartbeat.map_or(s.time, |h| h.max(s.time));
@@ -382,7 +383,7 @@ impl Meter {
                 );
             }
         }
-        self.put_job(ctx, jk, job, old, at);
+        self.put_job(ctx, jk, idx, job, old, at);
     }
 
     /// Processes, in event-time order, every deadline and period close that
@@ -448,16 +449,13 @@ impl Meter {
         }
     }
 
-    fn take_job(&mut self, jk: &JobKey) -> Box<Job> {
-        self.jobs.remove(jk).unwrap_or_default()
-    }
-
     /// Puts a job back, updating its timer and expiry entries. `old` is
     /// (had a deadline, expiry) from when it was taken.
     fn put_job(
         &mut self,
         ctx: &Context<'_>,
         jk: JobKey,
+        idx: u32,
         mut job: Box<Job>,
         old: (bool, Option<Timestamp>),
         now: Timestamp,
@@ -494,7 +492,7 @@ impl Meter {
         if let Some(d) = self.dirty.as_mut() {
             d.jobs.insert(jk.clone());
         }
-        self.jobs.insert(jk, job);
+        self.jobs.put(idx, job);
     }
 
     /// A second, different start or stop: the first one wins.

@@ -30,11 +30,7 @@ impl Meter {
             out.push(StateChange {
                 table: Table::Jobs,
                 key: keys::job(&k),
-                value: self
-                    .jobs
-                    .get(&k)
-                    .map(|v| values::encode(Table::Jobs, &**v))
-                    .transpose()?,
+                value: self.jobs.get(&k).map(|v| values::encode(Table::Jobs, v)).transpose()?,
             });
         }
         let mut usage: Vec<_> = usage.into_iter().collect();
