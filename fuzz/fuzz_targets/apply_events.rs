@@ -18,12 +18,7 @@ fuzz_target!(|data: &[u8]| {
         book.insert(r);
     }
     let config = MeterConfig::default();
-    let ctx = Context {
-        rates: &rates,
-        plans: &plans,
-        accounts: &book,
-        config: &config,
-    };
+    let ctx = Context::new(&rates, &plans, &book, &config);
     let mut meter = Meter::tracking_changes();
     let mut out = Vec::new();
     for (i, line) in data.split(|b| *b == b'\n').enumerate() {

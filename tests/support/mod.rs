@@ -359,12 +359,7 @@ pub fn expected(w: &Workload, upto: usize) -> Outputs {
         book.insert(AccountRecord::parse(r.as_bytes()).unwrap());
     }
     let config = MeterConfig::default();
-    let ctx = Context {
-        rates: &rates,
-        plans: &plans,
-        accounts: &book,
-        config: &config,
-    };
+    let ctx = Context::new(&rates, &plans, &book, &config);
     let mut meters: BTreeMap<i32, Meter> = BTreeMap::new();
     let mut out = Vec::new();
     for e in &w.events[..upto] {

@@ -111,12 +111,7 @@ fn bench(c: &mut Criterion) {
         book.insert(AccountRecord::parse(rec.as_bytes()).expect("record"));
     }
     let config = MeterConfig::default();
-    let ctx = Context {
-        rates: &rates,
-        plans: &plans,
-        accounts: &book,
-        config: &config,
-    };
+    let ctx = Context::new(&rates, &plans, &book, &config);
     let events = workload(50_000);
     let mut g = c.benchmark_group("core");
     g.throughput(Throughput::Elements(events.len() as u64));

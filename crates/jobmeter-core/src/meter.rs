@@ -55,6 +55,23 @@ pub struct Context<'a> {
     pub config: &'a MeterConfig,
 }
 
+impl<'a> Context<'a> {
+    /// Everything a meter consults, together.
+    pub fn new(
+        rates: &'a RateCard,
+        plans: &'a PlanCatalog,
+        accounts: &'a AccountBook,
+        config: &'a MeterConfig,
+    ) -> Self {
+        Context {
+            rates,
+            plans,
+            accounts,
+            config,
+        }
+    }
+}
+
 /// Counters of what the meter did, for metrics. Not persisted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {

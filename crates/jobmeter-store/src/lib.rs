@@ -330,12 +330,7 @@ mod tests {
         let plans = PlanCatalog::default();
         let book = AccountBook::new(&plans);
         let config = MeterConfig::default();
-        let ctx = Context {
-            rates: &rates,
-            plans: &plans,
-            accounts: &book,
-            config: &config,
-        };
+        let ctx = Context::new(&rates, &plans, &book, &config);
         let ev = |ty: &str, id: &str, t: &str, data: &str| {
             format!(
                 r#"{{"specversion":"1.0","id":"{id}","source":"s","type":"{ty}","time":"{t}","subject":"j","data":{{"account_id":"a"{data}}}}}"#

@@ -128,12 +128,7 @@ pub fn replay(args: &ReplayArgs, mut progress: impl FnMut(u64, u64)) -> Result<R
     }
     sinks.write_all(&out).map_err(io(&args.out))?;
     out.clear();
-    let ctx = Context {
-        rates: &rates,
-        plans: &plans,
-        accounts: &book,
-        config: &args.meter,
-    };
+    let ctx = Context::new(&rates, &plans, &book, &args.meter);
     let mut meter = Meter::new();
     let f = File::open(&args.events).map_err(io(&args.events))?;
     let total = f.metadata().map(|m| m.len()).unwrap_or(0);

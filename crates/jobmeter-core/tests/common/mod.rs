@@ -62,22 +62,12 @@ impl World {
     }
 
     pub fn apply(&mut self, raw: &str) {
-        let ctx = Context {
-            rates: &self.rates,
-            plans: &self.plans,
-            accounts: &self.book,
-            config: &self.config,
-        };
+        let ctx = Context::new(&self.rates, &self.plans, &self.book, &self.config);
         self.meter.apply(&ctx, raw.as_bytes(), None, &mut self.out);
     }
 
     pub fn flush(&mut self) {
-        let ctx = Context {
-            rates: &self.rates,
-            plans: &self.plans,
-            accounts: &self.book,
-            config: &self.config,
-        };
+        let ctx = Context::new(&self.rates, &self.plans, &self.book, &self.config);
         self.meter.flush(&ctx, &mut self.out);
     }
 

@@ -271,12 +271,7 @@ impl Engine {
                 .accounts
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let ctx = Context {
-                rates: &self.billing.rates,
-                plans: &self.billing.plans,
-                accounts: &book,
-                config: &self.cfg.meter,
-            };
+            let ctx = Context::new(&self.billing.rates, &self.billing.plans, &book, &self.cfg.meter);
             if let Some(pm) = self.meters.get_mut(&p) {
                 pm.meter.apply(&ctx, payload, Some(&origin), &mut self.out);
                 if let Some(t) = pm.meter.stream_time() {

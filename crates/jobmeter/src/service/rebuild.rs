@@ -79,12 +79,7 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
     }
     let committed = group.committed_offsets(tpl, Duration::from_secs(10))?;
     let meter_cfg = cfg.meter_config();
-    let ctx = Context {
-        rates: &rates,
-        plans: &plans,
-        accounts: &book,
-        config: &meter_cfg,
-    };
+    let ctx = Context::new(&rates, &plans, &book, &meter_cfg);
     let store = if cmd.dry_run {
         None
     } else {
