@@ -4,7 +4,19 @@ fn main() -> std::process::ExitCode {
     match jobmeter::cli::main() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // The error and its causes, each said once (library errors
+            // already name their cause in their own message).
+            let mut msg = String::new();
+            for cause in e.chain() {
+                let text = cause.to_string();
+                if msg.is_empty() {
+                    msg = text;
+                } else if !msg.contains(&text) {
+                    msg.push_str(": ");
+                    msg.push_str(&text);
+                }
+            }
+            eprintln!("error: {msg}");
             std::process::ExitCode::from(2)
         }
     }
