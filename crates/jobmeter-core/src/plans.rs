@@ -60,15 +60,15 @@ pub struct PlanCatalog {
 
 impl Default for PlanCatalog {
     fn default() -> Self {
-        let m = |s| Money::parse(s).unwrap_or_default();
+        let usd = |cents: i64| Money(rust_decimal::Decimal::new(cents, 2));
         PlanCatalog {
-            free_credits: m("5.00"),
+            free_credits: usd(500),
             free_thresholds_pct: vec![80, 100],
-            pro_fee: m("49.00"),
-            pro_intro_fee: m("29.00"),
+            pro_fee: usd(4900),
+            pro_intro_fee: usd(2900),
             pro_intro_subscribers: 1000,
-            pro_model_api_cap: m("500.00"),
-            pro_workflow_quota: m("50.00"),
+            pro_model_api_cap: usd(50000),
+            pro_workflow_quota: usd(5000),
             pro_thresholds_pct: vec![80, 100],
             enterprise_alert_thresholds: Vec::new().into(),
         }
@@ -182,7 +182,8 @@ impl PlanCatalog {
             ),
             enterprise_alert_thresholds: alerts.into(),
         };
-        let _ = raw.payg;
+        // `[payg]` has no terms; the table is accepted for symmetry.
+        let RawPayg {} = raw.payg;
         p.finish("plan catalog")?;
         Ok(c)
     }

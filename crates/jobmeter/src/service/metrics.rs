@@ -3,7 +3,6 @@
 //! and input partitions (bounded by configuration) only, never an account
 //! or job id.
 
-use jobmeter_core::output::LimitKind;
 use jobmeter_core::{JobKind, RejectReason, Stats};
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -209,7 +208,6 @@ impl Metrics {
         for outcome in ["applied", "duplicate", "rejected"] {
             m.events.with_label_values(&[outcome]);
         }
-        let _ = LimitKind::ALL;
         Ok(m)
     }
 
