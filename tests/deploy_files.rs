@@ -1,0 +1,85 @@
+//! The deployment files say true things: every metric the Grafana
+//! dashboard and the Prometheus alert rules query is one the meter exports,
+//! and the files parse.
+
+use std::collections::BTreeSet;
+
+fn root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Names of every series the meter exports (histograms with their suffixes).
+fn exported() -> BTreeSet<String> {
+    let r = prometheus::Registry::new();
+    let m = jobmeter::service::metrics::Metrics::new(&r).expect("metrics");
+    // Per-partition series exist once a partition is assigned.
+    m.lag.with_label_values(&["0"]);
+    m.open_jobs.with_label_values(&["0"]);
+    m.commit_seconds.with_label_values(&["commit"]);
+    let _a = jobmeter::service::accounts::AccountsMetrics::new(&r).expect("account metrics");
+    let mut names = BTreeSet::new();
+    for fam in r.gather() {
+        let n = fam.name().to_owned();
+        for suffix in ["", "_bucket", "_sum", "_count"] {
+            names.insert(format!("{n}{suffix}"));
+        }
+    }
+    // The process collector (registered by `jobmeter run` on Linux).
+    for n in ["process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"] {
+        names.insert(n.to_owned());
+    }
+    names
+}
+
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let b = expr.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if expr[i..].starts_with("jobmeter_") || expr[i..].starts_with("process_") {
+            let start = i;
+            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                i += 1;
+            }
+            out.push(expr[start..i].to_owned());
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+#[test]
+fn dashboard_queries_name_exported_metrics() {
+    let text = std::fs::read_to_string(root().join("deploy/grafana/dashboards/jobmeter.json")).expect("dashboard");
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
+    let names = exported();
+    let panels = dash["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 8);
+    let mut checked = 0;
+    for p in panels {
+        for t in p["targets"].as_array().expect("targets") {
+            let expr = t["expr"].as_str().expect("expr");
+            let used = metric_names(expr);
+            assert!(!used.is_empty(), "panel {:?} queries no jobmeter metric: {expr}", p["title"]);
+            for m in used {
+                assert!(names.contains(&m), "panel {:?} queries {m}, which the meter does not export", p["title"]);
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 10);
+}
+
+#[test]
+fn alert_rules_name_exported_metrics() {
+    let text = std::fs::read_to_string(root().join("deploy/prometheus/alerts.yml")).expect("alerts");
+    let names = exported();
+    let exprs: Vec<&str> = text.lines().filter_map(|l| l.trim().strip_prefix("expr:")).collect();
+    assert!(exprs.len() >= 5);
+    for e in exprs {
+        for m in metric_names(e) {
+            assert!(names.contains(&m), "alert expression uses {m}, which the meter does not export: {e}");
+        }
+    }
+}
