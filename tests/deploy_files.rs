@@ -25,7 +25,11 @@ fn exported() -> BTreeSet<String> {
         }
     }
     // The process collector (registered by `jobmeter run` on Linux).
-    for n in ["process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"] {
+    for n in [
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+    ] {
         names.insert(n.to_owned());
     }
     names
@@ -61,9 +65,17 @@ fn dashboard_queries_name_exported_metrics() {
         for t in p["targets"].as_array().expect("targets") {
             let expr = t["expr"].as_str().expect("expr");
             let used = metric_names(expr);
-            assert!(!used.is_empty(), "panel {:?} queries no jobmeter metric: {expr}", p["title"]);
+            assert!(
+                !used.is_empty(),
+                "panel {:?} queries no jobmeter metric: {expr}",
+                p["title"]
+            );
             for m in used {
-                assert!(names.contains(&m), "panel {:?} queries {m}, which the meter does not export", p["title"]);
+                assert!(
+                    names.contains(&m),
+                    "panel {:?} queries {m}, which the meter does not export",
+                    p["title"]
+                );
                 checked += 1;
             }
         }
@@ -79,7 +91,10 @@ fn alert_rules_name_exported_metrics() {
     assert!(exprs.len() >= 5);
     for e in exprs {
         for m in metric_names(e) {
-            assert!(names.contains(&m), "alert expression uses {m}, which the meter does not export: {e}");
+            assert!(
+                names.contains(&m),
+                "alert expression uses {m}, which the meter does not export: {e}"
+            );
         }
     }
 }
