@@ -29,6 +29,53 @@ impl rdkafka::ClientContext for ReaderContext {
 
 impl rdkafka::consumer::ConsumerContext for ReaderContext {}
 
+/// A partition's watermarks, retried while its leader is not known yet (a
+/// topic created a moment ago, a broker restarting) up to `deadline`.
+pub fn watermarks<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+    deadline: Duration,
+) -> Result<(i64, i64), KafkaAdapterError> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Ok(w) => return Ok(w),
+            Err(e) if started.elapsed() < deadline && transient(&e) => {
+                tracing::debug!(error = %e, topic, partition, "watermarks not available yet; retrying");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => {
+                return Err(KafkaAdapterError::Op {
+                    op: "fetch watermarks",
+                    source: e,
+                })
+            }
+        }
+    }
+}
+
+/// Errors that go away once leadership settles.
+fn transient(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::NotLeaderForPartition
+                | C::LeaderNotAvailable
+                | C::UnknownTopicOrPartition
+                | C::UnknownPartition
+                | C::UnknownTopic
+                | C::RequestTimedOut
+                | C::OperationTimedOut
+                | C::BrokerTransportFailure
+                | C::AllBrokersDown
+        )
+    )
+}
+
 /// One record read.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -77,9 +124,7 @@ pub fn read_range(
     let mut tpl = TopicPartitionList::new();
     let mut remaining = std::collections::HashMap::new();
     for (p, from, until) in partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, *p, Duration::from_secs(10))
-            .map_err(KafkaAdapterError::op("fetch watermarks"))?;
+        let (low, high) = watermarks(&consumer, topic, *p, deadline)?;
         let start = from.map_or(low, |o| o.max(low));
         let end = until.map_or(high, |u| u.min(high));
         if start >= end {
@@ -126,9 +171,7 @@ pub fn read_range(
                 // With read_committed, the end is the last stable offset; if
                 // a transaction is still open past it, keep waiting for it to
                 // end so that no committed record is missed.
-                let (_, high) = consumer
-                    .fetch_watermarks(topic, p, Duration::from_secs(10))
-                    .map_err(KafkaAdapterError::op("fetch watermarks"))?;
+                let (_, high) = watermarks(&consumer, topic, p, deadline)?;
                 let pos = consumer
                     .position()
                     .ok()

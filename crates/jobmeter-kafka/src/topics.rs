@@ -122,6 +122,42 @@ pub async fn ensure_topics(
             .map_err(KafkaAdapterError::op("fetch metadata"))?;
         Ok(md.topics().first().map_or(0, |t| t.partitions().len() as i32))
     };
+    // Wait until every partition of every topic has a leader: a topic
+    // created a moment ago is not usable before that.
+    let started = std::time::Instant::now();
+    for name in [
+        &topics.job_events,
+        &topics.changelog,
+        &topics.accounts,
+        &topics.charges,
+        &topics.limits,
+        &topics.statements,
+        &topics.dlq,
+    ] {
+        loop {
+            let ready = consumer
+                .fetch_metadata(Some(name), Duration::from_secs(10))
+                .ok()
+                .and_then(|md| {
+                    md.topics().first().map(|t| {
+                        t.error().is_none()
+                            && !t.partitions().is_empty()
+                            && t.partitions().iter().all(|p| p.leader() >= 0 && p.error().is_none())
+                    })
+                })
+                .unwrap_or(false);
+            if ready {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                return Err(KafkaAdapterError::Topic {
+                    topic: name.clone(),
+                    message: "partitions have no leader after 60 s".into(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let (inp, chg) = (count(&topics.job_events)?, count(&topics.changelog)?);
     if inp != chg {
         return Err(KafkaAdapterError::Topic {
