@@ -176,14 +176,6 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
     let mut settings = KafkaSettings::new(cfg.kafka.brokers.clone());
     settings.properties = cfg.kafka.properties.clone();
     let topics = Topics::with_prefix(&cfg.topics.prefix);
-    if cfg.topics.create {
-        let layout = TopicLayout {
-            partitions: cfg.topics.partitions,
-            output_partitions: cfg.topics.output_partitions,
-            replication: cfg.topics.replication,
-        };
-        ensure_topics(&settings, &topics, &layout).await?;
-    }
     std::fs::create_dir_all(&cfg.state.dir)?;
     let store = Arc::new(Store::open(&cfg.state.dir)?);
     let ready = Arc::new(AtomicBool::new(false));
@@ -192,11 +184,47 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
     let http_shutdown = shutdown.clone();
     let http = tokio::spawn(http::serve(listener, registry.clone(), ready.clone(), http_shutdown));
 
+    // Topics and the accounts table, retried until Kafka is usable (a
+    // broker still starting, a topic whose leader is not elected yet); a
+    // wrong topic layout is reported and ends the process.
     let table = AccountsTable::new(AccountBook::new(&plans), accounts_metrics);
-    let acc_parts = partition_count(&settings, &topics.accounts)?;
-    let (t2, s2, tp) = (table.clone(), settings.clone(), topics.accounts.clone());
-    let client = format!("{}-accounts", cfg.instance_id);
-    let next = tokio::task::spawn_blocking(move || t2.load(&s2, &client, &tp, acc_parts)).await??;
+    let mut backoff = Duration::from_millis(500);
+    let (acc_parts, next) = loop {
+        let attempt = async {
+            if cfg.topics.create {
+                let layout = TopicLayout {
+                    partitions: cfg.topics.partitions,
+                    output_partitions: cfg.topics.output_partitions,
+                    replication: cfg.topics.replication,
+                };
+                ensure_topics(&settings, &topics, &layout).await?;
+            }
+            let acc_parts = partition_count(&settings, &topics.accounts)?;
+            let (t2, s2, tp) = (table.clone(), settings.clone(), topics.accounts.clone());
+            let client = format!("{}-accounts", cfg.instance_id);
+            let next = tokio::task::spawn_blocking(move || t2.load(&s2, &client, &tp, acc_parts)).await??;
+            anyhow::Ok((acc_parts, next))
+        }
+        .await;
+        match attempt {
+            Ok(x) => break x,
+            Err(e) => {
+                let permanent = matches!(
+                    e.downcast_ref::<jobmeter_kafka::KafkaAdapterError>(),
+                    Some(jobmeter_kafka::KafkaAdapterError::Topic { .. })
+                );
+                if permanent || shutdown.is_cancelled() {
+                    return Err(e);
+                }
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "Kafka is not usable yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(15));
+            }
+        }
+    };
     metrics
         .accounts
         .set(table.book.read().map(|b| b.len() as i64).unwrap_or(0));
