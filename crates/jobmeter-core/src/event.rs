@@ -218,7 +218,8 @@ pub enum EventBody {
 /// A validated job lifecycle event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobEvent {
-    /// Idempotency key.
+    /// Idempotency key (zero for heartbeats, which the meter deduplicates
+    /// by time instead).
     pub key: EventKey,
     /// Event time.
     pub time: Timestamp,
@@ -392,7 +393,12 @@ fn validate(raw: RawEvent<'_>) -> Result<JobEvent, Invalid> {
         }
     };
     Ok(JobEvent {
-        key: EventKey::of(source, id),
+        // Heartbeats are deduplicated by time, not by id: skip the hash.
+        key: if matches!(body, EventBody::Heartbeat) {
+            EventKey(0)
+        } else {
+            EventKey::of(source, id)
+        },
         time,
         job: JobId::from(subject),
         account: AccountId::from(account),
