@@ -231,38 +231,38 @@ pub struct JobEvent {
     pub body: EventBody,
 }
 
-#[derive(Deserialize)]
-struct RawEvent<'a> {
+#[derive(Deserialize, Default)]
+pub(crate) struct RawEvent<'a> {
     #[serde(borrow, default)]
-    specversion: Option<Cow<'a, str>>,
+    pub(crate) specversion: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    id: Option<Cow<'a, str>>,
+    pub(crate) id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    source: Option<Cow<'a, str>>,
+    pub(crate) source: Option<Cow<'a, str>>,
     #[serde(borrow, default, rename = "type")]
-    ty: Option<Cow<'a, str>>,
+    pub(crate) ty: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    time: Option<Cow<'a, str>>,
+    pub(crate) time: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    subject: Option<Cow<'a, str>>,
+    pub(crate) subject: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    data: Option<RawData<'a>>,
+    pub(crate) data: Option<RawData<'a>>,
 }
 
-#[derive(Deserialize)]
-struct RawData<'a> {
+#[derive(Deserialize, Default)]
+pub(crate) struct RawData<'a> {
     #[serde(borrow, default)]
-    account_id: Option<Cow<'a, str>>,
+    pub(crate) account_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    kind: Option<Cow<'a, str>>,
+    pub(crate) kind: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    model: Option<Cow<'a, str>>,
+    pub(crate) model: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    workflow_run_id: Option<Cow<'a, str>>,
+    pub(crate) workflow_run_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    gpu: Option<Cow<'a, str>>,
+    pub(crate) gpu: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    status: Option<Cow<'a, str>>,
+    pub(crate) status: Option<Cow<'a, str>>,
 }
 
 fn required<'a>(v: &'a Option<Cow<'a, str>>, field: &str) -> Result<&'a str, Invalid> {
@@ -289,22 +289,7 @@ fn optional(v: &Option<Cow<'_, str>>) -> Option<String> {
 /// without state (`unknown_model` needs the rate card, so the meter checks it).
 pub fn parse_job_event(bytes: &[u8]) -> Result<JobEvent, Invalid> {
     match crate::fastjson::scan(bytes) {
-        Some(f) => validate(RawEvent {
-            specversion: f.specversion,
-            id: f.id,
-            source: f.source,
-            ty: f.ty,
-            time: f.time,
-            subject: f.subject,
-            data: f.data.map(|d| RawData {
-                account_id: d.account_id,
-                kind: d.kind,
-                model: d.model,
-                workflow_run_id: d.workflow_run_id,
-                gpu: d.gpu,
-                status: d.status,
-            }),
-        }),
+        Some(raw) => validate(raw),
         None => parse_job_event_reference(bytes),
     }
 }

@@ -8,30 +8,8 @@
 //! caller falls back to serde_json, which stays the reference. A property
 //! test checks that both paths agree on every input the fast path accepts.
 
+use crate::event::{RawData, RawEvent};
 use std::borrow::Cow;
-
-/// Fields of an event as the fast path found them.
-#[derive(Debug, Default)]
-pub(crate) struct Fields<'a> {
-    pub(crate) specversion: Option<Cow<'a, str>>,
-    pub(crate) id: Option<Cow<'a, str>>,
-    pub(crate) source: Option<Cow<'a, str>>,
-    pub(crate) ty: Option<Cow<'a, str>>,
-    pub(crate) time: Option<Cow<'a, str>>,
-    pub(crate) subject: Option<Cow<'a, str>>,
-    pub(crate) data: Option<DataFields<'a>>,
-}
-
-/// Fields of `data`.
-#[derive(Debug, Default)]
-pub(crate) struct DataFields<'a> {
-    pub(crate) account_id: Option<Cow<'a, str>>,
-    pub(crate) kind: Option<Cow<'a, str>>,
-    pub(crate) model: Option<Cow<'a, str>>,
-    pub(crate) workflow_run_id: Option<Cow<'a, str>>,
-    pub(crate) gpu: Option<Cow<'a, str>>,
-    pub(crate) status: Option<Cow<'a, str>>,
-}
 
 struct Scanner<'a> {
     s: &'a str,
@@ -169,10 +147,10 @@ fn set<'a>(slot: &mut Option<Cow<'a, str>>, sc: &mut Scanner<'a>) -> Option<()> 
 }
 
 /// Scans `bytes`; `None` means "not the common shape: use serde_json".
-pub(crate) fn scan(bytes: &[u8]) -> Option<Fields<'_>> {
+pub(crate) fn scan(bytes: &[u8]) -> Option<RawEvent<'_>> {
     let s = std::str::from_utf8(bytes).ok()?;
     let mut sc = Scanner { s, b: bytes, i: 0 };
-    let mut f = Fields::default();
+    let mut f = RawEvent::default();
     let mut seen_data = false;
     sc.object(|key, sc| match key {
         "specversion" => set(&mut f.specversion, sc),
@@ -186,7 +164,7 @@ pub(crate) fn scan(bytes: &[u8]) -> Option<Fields<'_>> {
                 return None;
             }
             seen_data = true;
-            let mut d = DataFields::default();
+            let mut d = RawData::default();
             sc.object(|k, sc| match k {
                 "account_id" => set(&mut d.account_id, sc),
                 "kind" => set(&mut d.kind, sc),
