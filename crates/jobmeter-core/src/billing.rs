@@ -18,8 +18,8 @@ use crate::event::JobKind;
 use crate::meter::{Context, Meter};
 use crate::money::{AccountId, Money, CURRENCY};
 use crate::output::{Charge, LimitAction, LimitEvent, LimitKind, Output, Statement, StatementLine};
-use crate::plans::{Plan, PlanTerms};
-use crate::state::{Accrual, Counter, FiredKey, Job, JobKey, StartRec, ThresholdId, UsageKey};
+use crate::plans::{Plan, PlanCatalog, PlanTerms};
+use crate::state::{Accrual, Counter, FiredKey, Job, JobKey, LineAcc, StartRec, ThresholdId, UsageKey};
 use crate::time::{Period, Timestamp};
 use rust_decimal::{Decimal, RoundingStrategy};
 
@@ -96,7 +96,7 @@ struct LimitSpec<'a> {
 }
 
 fn limit_spec<'a>(
-    ctx: &Context<'a>,
+    plans: &'a PlanCatalog,
     terms: &'a PlanTerms,
     kind: JobKind,
     account: &AccountId,
@@ -108,19 +108,19 @@ fn limit_spec<'a>(
             LimitKind::FreeCredits,
             None,
             Some(terms.free_credits),
-            pct(terms.free_credits, &ctx.plans.free_thresholds_pct),
+            pct(terms.free_credits, &plans.free_thresholds_pct),
         ),
         (Plan::Pro, JobKind::Inference) => (
             LimitKind::ModelApiCap,
             Some(period),
             Some(terms.usage_cap),
-            pct(terms.usage_cap, &ctx.plans.pro_thresholds_pct),
+            pct(terms.usage_cap, &plans.pro_thresholds_pct),
         ),
         (Plan::Pro, JobKind::WorkflowStep) => (
             LimitKind::WorkflowQuota,
             Some(period),
             Some(terms.workflow_quota),
-            pct(terms.workflow_quota, &ctx.plans.pro_thresholds_pct),
+            pct(terms.workflow_quota, &plans.pro_thresholds_pct),
         ),
         (Plan::Enterprise, _) if !terms.alert_thresholds.is_empty() => (
             LimitKind::Alert,
@@ -141,6 +141,71 @@ fn limit_spec<'a>(
         thresholds,
         plan: terms.plan,
     })
+}
+
+/// A statement line from its accumulator: the average duration is
+/// billable seconds per job, to the millisecond, half-even.
+pub(crate) fn statement_line(kind: JobKind, model: Option<&crate::money::ModelId>, l: &LineAcc) -> StatementLine {
+    let average_duration_seconds = if l.jobs == 0 {
+        Decimal::ZERO
+    } else {
+        let mut avg =
+            (l.seconds / Decimal::from(l.jobs)).round_dp_with_strategy(3, RoundingStrategy::MidpointNearestEven);
+        avg.rescale(3);
+        avg
+    };
+    StatementLine {
+        kind,
+        model: model.cloned(),
+        jobs: l.jobs,
+        billable_seconds: l.seconds,
+        average_duration_seconds,
+        amount: l.amount,
+    }
+}
+
+/// A limit an account's usage counts toward in a period, as the usage API
+/// shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LimitInfo {
+    /// The counter.
+    pub(crate) key: UsageKey,
+    /// The plan that sets it.
+    pub(crate) plan: Plan,
+    /// The job kinds whose usage counts toward it.
+    pub(crate) kinds: Vec<JobKind>,
+    /// Usage up to this amount is included (`None` for alert thresholds).
+    pub(crate) cap: Option<Money>,
+    /// Thresholds, each with the usage level at which it fires.
+    pub(crate) thresholds: Vec<(ThresholdId, Money)>,
+}
+
+/// The limits that govern `account` under `terms` for `period`, the same
+/// ones the meter counts charges against (one per counter).
+pub(crate) fn limits_for(
+    plans: &PlanCatalog,
+    terms: &PlanTerms,
+    account: &AccountId,
+    period: Period,
+) -> Vec<LimitInfo> {
+    let mut out: Vec<LimitInfo> = Vec::new();
+    for kind in JobKind::ALL {
+        let Some(spec) = limit_spec(plans, terms, kind, account, period) else {
+            continue;
+        };
+        if let Some(l) = out.iter_mut().find(|l| l.key == spec.key) {
+            l.kinds.push(kind);
+            continue;
+        }
+        out.push(LimitInfo {
+            thresholds: spec.thresholds.iter().map(|t| (t.id, t.level)).collect(),
+            key: spec.key,
+            plan: spec.plan,
+            kinds: vec![kind],
+            cap: spec.cap,
+        });
+    }
+    out
 }
 
 fn clamp(x: Money, cap: Money) -> Money {
@@ -237,7 +302,7 @@ impl Meter {
         if Meter::is_closed(ctx, period, now) {
             period = now.period();
         }
-        let Some(spec) = limit_spec(ctx, &terms, start.info.kind, &jk.0, period) else {
+        let Some(spec) = limit_spec(ctx.plans, &terms, start.info.kind, &jk.0, period) else {
             return;
         };
         let amount = start.rate * ctx.rates.policy.rounding.total_seconds(hb.0 - start.time.0);
@@ -270,7 +335,7 @@ impl Meter {
             s.service_period
         };
         let amount = start.rate * s.seconds;
-        let spec = limit_spec(ctx, terms, start.info.kind, &jk.0, period);
+        let spec = limit_spec(ctx.plans, terms, start.info.kind, &jk.0, period);
         let mut due = amount;
         if let Some(spec) = &spec {
             let counter = self.counter(&spec.key);
@@ -345,29 +410,13 @@ impl Meter {
             let lines = acc
                 .lines
                 .iter()
-                .map(|((kind, model), l)| StatementLine {
-                    kind: *kind,
-                    model: model.clone(),
-                    jobs: l.jobs,
-                    billable_seconds: l.seconds,
-                    average_duration_seconds: if l.jobs == 0 {
-                        Decimal::ZERO
-                    } else {
-                        {
-                            let mut avg = (l.seconds / Decimal::from(l.jobs))
-                                .round_dp_with_strategy(3, RoundingStrategy::MidpointNearestEven);
-                            avg.rescale(3);
-                            avg
-                        }
-                    },
-                    amount: l.amount,
-                })
+                .map(|((kind, model), l)| statement_line(*kind, model.as_ref(), l))
                 .collect();
             if let Some(d) = self.dirty.as_mut() {
                 d.statements.insert((p, account.clone()));
             }
             self.stats.statements += 1;
-            out.push(Output::Statement(Statement {
+            let statement = Statement {
                 account_id: account,
                 period: p,
                 plan,
@@ -377,7 +426,11 @@ impl Meter {
                 included_usage: acc.included_usage,
                 total_due: (acc.due + fee).round_cents(),
                 currency: CURRENCY.to_owned(),
-            }));
+            };
+            if let Some(d) = self.dirty.as_mut() {
+                d.closed.push(statement.clone());
+            }
+            out.push(Output::Statement(statement));
         }
     }
 }

@@ -38,6 +38,7 @@ pub mod ratecard;
 pub mod rating;
 pub mod state;
 pub mod time;
+pub mod view;
 
 pub use config_error::{ConfigError, Problem};
 pub use event::{parse_job_event, JobEvent, JobKind, JobStatus, RejectReason};

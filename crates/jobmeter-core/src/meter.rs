@@ -106,6 +106,7 @@ pub(crate) struct Dirty {
     pub(crate) usage: FastSet<UsageKey>,
     pub(crate) fired: Vec<FiredKey>,
     pub(crate) statements: FastSet<(Period, crate::money::AccountId)>,
+    pub(crate) closed: Vec<crate::output::Statement>,
     pub(crate) meta: bool,
 }
 
@@ -670,6 +671,20 @@ impl Meter {
             self.stats.adjustments += 1;
             self.emit_charge(ctx, jk, &start, &terms, slice, now, out);
         }
+        // The job is now billed as its full run (read by the usage API).
+        billed.parts = full
+            .iter()
+            .map(|s| BilledPart {
+                service_period: s.period,
+                from: s.from,
+                to: s.to,
+                seconds: s.seconds,
+                charge_id: old.iter().find(|x| x.service_period == s.period).map_or_else(
+                    || format!("{}/{}/{}/adj", jk.0, jk.1, s.period),
+                    |x| x.charge_id.clone(),
+                ),
+            })
+            .collect();
     }
 }
 

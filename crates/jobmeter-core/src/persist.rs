@@ -21,6 +21,7 @@ impl Meter {
             usage,
             fired,
             statements,
+            closed,
             meta,
         } = d;
         let mut out = Vec::with_capacity(jobs.len() + usage.len() + fired.len() + statements.len() + 1);
@@ -67,6 +68,13 @@ impl Meter {
                     .transpose()?,
             });
         }
+        for st in closed {
+            out.push(StateChange {
+                table: Table::Closed,
+                key: keys::statement(st.period, &st.account_id),
+                value: Some(values::encode(Table::Closed, &st)?),
+            });
+        }
         if meta {
             out.push(StateChange {
                 table: Table::Meta,
@@ -77,7 +85,8 @@ impl Meter {
         Ok(out)
     }
 
-    /// Every state record, as if all had changed (for a full snapshot).
+    /// Every state record the meter holds, as if all had changed. Closed
+    /// statements are written once and not held, so they are not part of it.
     pub fn snapshot(&self) -> Result<Vec<StateChange>, DecodeError> {
         let mut copy = Dirty {
             jobs: self.jobs.keys().cloned().collect(),
@@ -88,6 +97,7 @@ impl Meter {
                 .iter()
                 .flat_map(|(p, m)| m.keys().map(move |a| (*p, a.clone())))
                 .collect(),
+            closed: Vec::new(),
             meta: true,
         };
         copy.fired.sort();
@@ -133,6 +143,8 @@ impl Meter {
                     let acc: StatementAcc = values::decode(table, &v)?;
                     m.statements.entry(p).or_default().insert(a, acc);
                 }
+                // Written for readers; the meter never needs them again.
+                Table::Closed => {}
                 Table::Meta => {
                     if k == keys::STREAM_TIME {
                         let b: [u8; 8] = v.as_slice().try_into().map_err(|_| DecodeError {

@@ -15,8 +15,14 @@
 //! usage    : len|account  limit:u8  period:u32 BE (0xFFFFFFFF = lifetime)
 //! fired    : len|account  limit:u8  period:u32 BE  len|threshold
 //! stmts    : period:u32 BE  len|account
+//! closed   : period:u32 BE  len|account      (value: the emitted Statement)
 //! meta     : "stream_time"
 //! ```
+//!
+//! `closed` holds the statements of closed periods as they were emitted.
+//! The meter only writes them (it never needs them again); they are there
+//! so the usage API can answer for closed months, and they travel through
+//! the changelog like every other record.
 
 use crate::event::{EventKey, JobStatus, StartInfo};
 use crate::money::{AccountId, JobId, ModelId, Money};
@@ -241,11 +247,20 @@ pub enum Table {
     Statements,
     /// Partition metadata (stream time).
     Meta,
+    /// Emitted [`crate::output::Statement`]s by (period, account).
+    Closed,
 }
 
 impl Table {
     /// Every table, in a fixed order.
-    pub const ALL: [Table; 5] = [Table::Jobs, Table::Usage, Table::Fired, Table::Statements, Table::Meta];
+    pub const ALL: [Table; 6] = [
+        Table::Jobs,
+        Table::Usage,
+        Table::Fired,
+        Table::Statements,
+        Table::Meta,
+        Table::Closed,
+    ];
 
     /// Stable name (RocksDB column family, changelog key prefix).
     pub fn name(self) -> &'static str {
@@ -255,6 +270,7 @@ impl Table {
             Table::Fired => "fired",
             Table::Statements => "statements",
             Table::Meta => "meta",
+            Table::Closed => "closed_statements",
         }
     }
 
@@ -266,6 +282,7 @@ impl Table {
             Table::Fired => 3,
             Table::Statements => 4,
             Table::Meta => 5,
+            Table::Closed => 6,
         }
     }
 
@@ -365,6 +382,14 @@ pub mod keys {
         let mut out = Vec::with_capacity(4 + k.0 .0.len() + k.1 .0.len());
         put_str(&mut out, &k.0 .0);
         put_str(&mut out, &k.1 .0);
+        out
+    }
+
+    /// The prefix shared by every job, usage and fired key of `account`
+    /// (for reading one account's records with a prefix scan).
+    pub fn account_prefix(account: &AccountId) -> Vec<u8> {
+        let mut out = Vec::with_capacity(2 + account.0.len());
+        put_str(&mut out, &account.0);
         out
     }
 

@@ -114,9 +114,12 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
                 meter.apply(&ctx, r.value.as_deref().unwrap_or_default(), Some(&origin), &mut out);
             },
         )?;
-        let rebuilt: StateMap = meter
-            .snapshot()?
-            .into_iter()
+        // Every record the replay wrote (closed statements included), with
+        // deletions as `None`.
+        let changes = meter.take_changes()?;
+        let rebuilt: StateMap = changes
+            .iter()
+            .cloned()
             .filter_map(|c| c.value.map(|v| ((c.table, c.key), v)))
             .collect();
         let mut from_changelog: StateMap = BTreeMap::new();
@@ -145,7 +148,6 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
             differ
         );
         if let Some(store) = &store {
-            let changes: Vec<_> = meter.snapshot()?;
             store.drop_partition(p)?;
             store.commit(p, &changes, last_offset)?;
         }

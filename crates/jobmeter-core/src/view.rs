@@ -1,0 +1,620 @@
+//! Read views of an account's state: what the usage API answers.
+//!
+//! Built from the same records the meter persists (statement accumulators,
+//! emitted statements, jobs, usage counters, fired thresholds), so a usage
+//! page and the charges topic can never tell two stories: the per-model
+//! lines are the statement's lines, computed by the same function.
+
+use crate::billing::{limits_for, statement_line};
+use crate::event::JobKind;
+use crate::money::{AccountId, JobId, ModelId, Money, CURRENCY};
+use crate::output::{LimitKind, Statement, StatementLine};
+use crate::plans::{AccountBook, Plan, PlanCatalog};
+use crate::ratecard::Rounding;
+use crate::state::{Counter, FiredKey, Job, StatementAcc, UsageKey};
+use crate::time::{Period, Timestamp};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Whether a period's figures are final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeriodStatus {
+    /// Still accumulating; figures grow as jobs finish.
+    Open,
+    /// The statement has been emitted; these are its figures.
+    Closed,
+}
+
+/// Totals of a usage report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UsageTotals {
+    /// Jobs with usage in the period.
+    pub jobs: u64,
+    /// Seconds billed.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub billable_seconds: Decimal,
+    /// List amount of the usage.
+    pub amount: Money,
+    /// Free credits drawn.
+    pub credits_applied: Money,
+    /// Pro usage included in the cap and quota.
+    pub included_usage: Money,
+    /// Usage the account owes (exact; the statement rounds once, to cents).
+    pub usage_due: Money,
+    /// Pro fee (closed periods; `null` while open).
+    pub subscription_fee: Option<Money>,
+    /// The statement's total (closed periods; `null` while open).
+    pub total_due: Option<Money>,
+}
+
+/// One step of a workflow run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WorkflowStep {
+    /// The step's job id.
+    pub job_id: JobId,
+    /// The model the step ran.
+    pub model: Option<ModelId>,
+    /// Seconds billed in the period.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub billable_seconds: Decimal,
+    /// Amount billed in the period.
+    pub amount: Money,
+}
+
+/// A workflow run with usage in the period: the sum of its billed steps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WorkflowRun {
+    /// The run.
+    pub workflow_run_id: String,
+    /// Billed steps.
+    pub steps: Vec<WorkflowStep>,
+    /// Sum of the steps' seconds.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub billable_seconds: Decimal,
+    /// Sum of the steps' amounts.
+    pub amount: Money,
+    /// Steps still running (not in the sums yet).
+    pub running_steps: u64,
+}
+
+/// A job that has started and not been charged yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InFlightJob {
+    /// The job.
+    pub job_id: JobId,
+    /// Its kind.
+    pub kind: JobKind,
+    /// Its model.
+    pub model: Option<ModelId>,
+    /// Its workflow run.
+    pub workflow_run_id: Option<String>,
+    /// When it started.
+    pub started_at: Timestamp,
+    /// Its latest heartbeat.
+    pub last_heartbeat: Option<Timestamp>,
+    /// Seconds from start to the latest heartbeat (or to stream time when
+    /// none has arrived), rounded as the rate card rounds.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub running_seconds: Decimal,
+    /// The rate fixed at start.
+    pub rate_per_second: Money,
+    /// running_seconds × rate: what it would cost if it stopped now.
+    pub estimated_amount: Money,
+}
+
+/// An account's usage in one period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UsageReport {
+    /// The account.
+    pub account_id: AccountId,
+    /// The period.
+    pub period: Period,
+    /// Open or closed.
+    pub status: PeriodStatus,
+    /// The plan in force now (open) or at the period's last instant (closed).
+    pub plan: Plan,
+    /// The stream time the figures reflect.
+    pub as_of: Option<Timestamp>,
+    /// Always `USD`.
+    pub currency: &'static str,
+    /// Per (kind, model): jobs, billable seconds, average duration, amount.
+    pub lines: Vec<StatementLine>,
+    /// Sums.
+    pub totals: UsageTotals,
+    /// Workflow runs with usage in the period.
+    pub workflow_runs: Vec<WorkflowRun>,
+    /// Jobs running now (open periods only).
+    pub in_flight: Vec<InFlightJob>,
+}
+
+/// What a usage report is built from: one account's records.
+#[derive(Debug, Default)]
+pub struct AccountState {
+    /// The statement accumulator of the period, if open.
+    pub open: Option<StatementAcc>,
+    /// The emitted statement of the period, if closed.
+    pub closed: Option<Statement>,
+    /// The account's remembered jobs.
+    pub jobs: Vec<(JobId, Job)>,
+    /// The account's usage counters.
+    pub counters: BTreeMap<UsageKey, Counter>,
+    /// The account's fired thresholds.
+    pub fired: BTreeSet<FiredKey>,
+    /// The partition's stream time.
+    pub stream_time: Option<Timestamp>,
+}
+
+impl AccountState {
+    /// True when nothing at all is known of the account.
+    pub fn is_empty(&self) -> bool {
+        self.open.is_none() && self.closed.is_none() && self.jobs.is_empty() && self.counters.is_empty()
+    }
+}
+
+/// The usage report of `account` for `period`.
+pub fn usage_report(
+    account: &AccountId,
+    period: Period,
+    st: &AccountState,
+    plans: &PlanCatalog,
+    book: &AccountBook,
+    rounding: Rounding,
+) -> UsageReport {
+    let (status, lines, mut totals, plan) = match (&st.closed, &st.open) {
+        (Some(s), _) => {
+            let t = line_totals(&s.lines);
+            (
+                PeriodStatus::Closed,
+                s.lines.clone(),
+                UsageTotals {
+                    credits_applied: s.credits_applied,
+                    included_usage: s.included_usage,
+                    usage_due: s.total_due - s.subscription_fee,
+                    subscription_fee: Some(s.subscription_fee),
+                    total_due: Some(s.total_due),
+                    ..t
+                },
+                s.plan,
+            )
+        }
+        (None, acc) => {
+            let acc = acc.clone().unwrap_or_default();
+            let lines: Vec<StatementLine> = acc
+                .lines
+                .iter()
+                .map(|((kind, model), l)| statement_line(*kind, model.as_ref(), l))
+                .collect();
+            let t = line_totals(&lines);
+            let at = st.stream_time.unwrap_or(Timestamp(period.end().0 - 1));
+            (
+                PeriodStatus::Open,
+                lines,
+                UsageTotals {
+                    credits_applied: acc.credits_applied,
+                    included_usage: acc.included_usage,
+                    usage_due: acc.due,
+                    ..t
+                },
+                book.terms_at(plans, account, at).plan,
+            )
+        }
+    };
+    if status == PeriodStatus::Closed {
+        totals.usage_due = totals.usage_due.max(Money::ZERO);
+    }
+    let mut runs: BTreeMap<String, WorkflowRun> = BTreeMap::new();
+    let mut in_flight = Vec::new();
+    for (job_id, job) in &st.jobs {
+        let Some(start) = &job.start else { continue };
+        let run_id = start
+            .info
+            .workflow_run_id
+            .as_ref()
+            .filter(|_| start.info.kind == JobKind::WorkflowStep);
+        match &job.billed {
+            Some(b) => {
+                let (secs, amount) = b
+                    .parts
+                    .iter()
+                    .filter(|p| p.service_period == period)
+                    .fold((Decimal::ZERO, Money::ZERO), |(s, a), p| {
+                        (s + p.seconds, a + start.rate * p.seconds)
+                    });
+                if let (Some(r), false) = (run_id, secs.is_zero()) {
+                    let run = runs.entry(r.clone()).or_insert_with(|| empty_run(r));
+                    run.steps.push(WorkflowStep {
+                        job_id: job_id.clone(),
+                        model: start.info.model.clone(),
+                        billable_seconds: secs,
+                        amount,
+                    });
+                    run.billable_seconds += secs;
+                    run.amount += amount;
+                }
+            }
+            None if status == PeriodStatus::Open => {
+                let until = job
+                    .last_heartbeat
+                    .or(st.stream_time)
+                    .unwrap_or(start.time)
+                    .max(start.time);
+                let running_seconds = rounding.total_seconds(until.0 - start.time.0);
+                if let Some(r) = run_id {
+                    runs.entry(r.clone()).or_insert_with(|| empty_run(r)).running_steps += 1;
+                }
+                in_flight.push(InFlightJob {
+                    job_id: job_id.clone(),
+                    kind: start.info.kind,
+                    model: start.info.model.clone(),
+                    workflow_run_id: start.info.workflow_run_id.clone(),
+                    started_at: start.time,
+                    last_heartbeat: job.last_heartbeat,
+                    running_seconds,
+                    rate_per_second: start.rate,
+                    estimated_amount: start.rate * running_seconds,
+                });
+            }
+            None => {}
+        }
+    }
+    in_flight.sort_by(|a, b| (a.started_at, &a.job_id).cmp(&(b.started_at, &b.job_id)));
+    UsageReport {
+        account_id: account.clone(),
+        period,
+        status,
+        plan,
+        as_of: st.stream_time,
+        currency: CURRENCY,
+        lines,
+        totals,
+        workflow_runs: runs.into_values().collect(),
+        in_flight,
+    }
+}
+
+fn empty_run(id: &str) -> WorkflowRun {
+    WorkflowRun {
+        workflow_run_id: id.to_owned(),
+        steps: Vec::new(),
+        billable_seconds: Decimal::ZERO,
+        amount: Money::ZERO,
+        running_steps: 0,
+    }
+}
+
+fn line_totals(lines: &[StatementLine]) -> UsageTotals {
+    UsageTotals {
+        jobs: lines.iter().map(|l| l.jobs).sum(),
+        billable_seconds: lines.iter().map(|l| l.billable_seconds).sum(),
+        amount: lines.iter().fold(Money::ZERO, |a, l| a + l.amount),
+        credits_applied: Money::ZERO,
+        included_usage: Money::ZERO,
+        usage_due: Money::ZERO,
+        subscription_fee: None,
+        total_due: None,
+    }
+}
+
+/// One threshold of a limit and whether it has fired.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ThresholdView {
+    /// `80`, `100`, or `$250.00` (the last segment of the limit event id).
+    pub threshold: String,
+    /// The percentage, for percentage thresholds.
+    pub threshold_pct: Option<u32>,
+    /// The usage at which it fires.
+    pub level: Money,
+    /// True once its limit event has been emitted.
+    pub fired: bool,
+}
+
+/// One limit and how close the account is to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LimitView {
+    /// Which limit.
+    pub limit: LimitKind,
+    /// The month, or `lifetime`.
+    pub period: String,
+    /// The job kinds counted toward it.
+    pub kinds: Vec<JobKind>,
+    /// The cap (`null` for alert thresholds).
+    pub limit_value: Option<Money>,
+    /// List amount charged against it.
+    pub charged: Money,
+    /// List amount of running jobs, to their latest heartbeats.
+    pub in_flight: Money,
+    /// charged + in_flight: what thresholds compare against.
+    pub used: Money,
+    /// What is left of the cap (never negative; `null` without a cap).
+    pub remaining: Option<Money>,
+    /// used / cap in percent, two decimals (`null` without a cap).
+    pub used_pct: Option<Money>,
+    /// The next threshold that has not fired.
+    pub next_threshold: Option<String>,
+    /// Every threshold.
+    pub thresholds: Vec<ThresholdView>,
+}
+
+/// An account's limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LimitsReport {
+    /// The account.
+    pub account_id: AccountId,
+    /// The plan in force at `as_of`.
+    pub plan: Plan,
+    /// The period monthly limits are shown for.
+    pub period: Period,
+    /// The stream time the figures reflect.
+    pub as_of: Option<Timestamp>,
+    /// Always `USD`.
+    pub currency: &'static str,
+    /// The plan's limits (none for pay-as-you-go).
+    pub limits: Vec<LimitView>,
+}
+
+/// The limits of `account` in `period`, under the plan in force at the
+/// partition's stream time (or the period's last instant).
+pub fn limits_report(
+    account: &AccountId,
+    period: Period,
+    st: &AccountState,
+    plans: &PlanCatalog,
+    book: &AccountBook,
+) -> LimitsReport {
+    let at = st
+        .stream_time
+        .filter(|t| t.period() == period)
+        .unwrap_or(Timestamp(period.end().0 - 1));
+    let terms = book.terms_at(plans, account, at);
+    let limits = limits_for(plans, &terms, account, period)
+        .into_iter()
+        .map(|l| {
+            let c = st.counters.get(&l.key).copied().unwrap_or_default();
+            let used = c.total();
+            let thresholds: Vec<ThresholdView> = l
+                .thresholds
+                .iter()
+                .map(|(id, level)| ThresholdView {
+                    threshold: id.to_string(),
+                    threshold_pct: match id {
+                        crate::state::ThresholdId::Pct(p) => Some(*p),
+                        crate::state::ThresholdId::Amount(_) => None,
+                    },
+                    level: *level,
+                    fired: st.fired.contains(&FiredKey {
+                        usage: l.key.clone(),
+                        threshold: *id,
+                    }),
+                })
+                .collect();
+            LimitView {
+                limit: l.key.limit,
+                period: l.key.period.map_or_else(|| "lifetime".to_owned(), |p| p.to_string()),
+                kinds: l.kinds,
+                limit_value: l.cap,
+                charged: c.charged,
+                in_flight: c.inflight,
+                used,
+                remaining: l.cap.map(|cap| (cap - used).max(Money::ZERO)),
+                used_pct: l.cap.filter(|cap| *cap > Money::ZERO).map(|cap| {
+                    Money(
+                        (used.0 * Decimal::ONE_HUNDRED / cap.0)
+                            .round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointNearestEven),
+                    )
+                }),
+                next_threshold: thresholds.iter().find(|t| !t.fired).map(|t| t.threshold.clone()),
+                thresholds,
+            }
+        })
+        .collect();
+    LimitsReport {
+        account_id: account.clone(),
+        plan: terms.plan,
+        period,
+        as_of: st.stream_time,
+        currency: CURRENCY,
+        limits,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meter::{Context, Meter, MeterConfig};
+    use crate::output::Output;
+    use crate::ratecard::RateCard;
+    use crate::state::{keys, values, Table};
+
+    fn ev(ty: &str, id: &str, job: &str, t: &str, data: &str) -> String {
+        format!(
+            r#"{{"specversion":"1.0","id":"{id}","source":"s","type":"{ty}","time":"{t}","subject":"{job}","data":{{"account_id":"a"{data}}}}}"#
+        )
+    }
+
+    type Records = BTreeMap<(Table, Vec<u8>), Vec<u8>>;
+
+    /// Brings `store` up to date with the meter's changes, then builds the
+    /// account state of `a` from it, as a store-backed reader would.
+    fn state_of(store: &mut Records, meter: &mut Meter, period: Period) -> AccountState {
+        for c in meter.take_changes().unwrap_or_else(|e| panic!("{e}")) {
+            match c.value {
+                Some(v) => store.insert((c.table, c.key), v),
+                None => store.remove(&(c.table, c.key)),
+            };
+        }
+        let mut st = AccountState::default();
+        let account = AccountId::from("a");
+        for ((table, k), v) in store.iter() {
+            let (table, k, v) = (*table, k.as_slice(), v.as_slice());
+            match table {
+                Table::Jobs => {
+                    if let (Some((acc, job)), Ok(j)) = (keys::decode_job(k), values::decode::<Job>(table, v)) {
+                        if acc == account {
+                            st.jobs.push((job, j));
+                        }
+                    }
+                }
+                Table::Usage => {
+                    if let (Some(key), Ok(c)) = (keys::decode_usage(k), values::decode(table, v)) {
+                        st.counters.insert(key, c);
+                    }
+                }
+                Table::Fired => {
+                    st.fired.extend(keys::decode_fired(k));
+                }
+                Table::Statements => {
+                    if keys::decode_statement(k) == Some((period, account.clone())) {
+                        st.open = values::decode(table, v).ok();
+                    }
+                }
+                Table::Closed => {
+                    if keys::decode_statement(k) == Some((period, account.clone())) {
+                        st.closed = values::decode(table, v).ok();
+                    }
+                }
+                Table::Meta => {}
+            }
+        }
+        st.stream_time = meter.stream_time();
+        st
+    }
+
+    #[test]
+    fn usage_matches_charges_and_statement() {
+        let rates = RateCard::from_toml(
+            "[[versions]]\nversion='v'\neffective_from='2024-01-01T00:00:00Z'\nfine_tune_per_second='0.001'\nmodels.m={per_second='0.01'}\nmodels.n={per_second='0.02'}\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let plans = PlanCatalog::default();
+        let mut book = AccountBook::new(&plans);
+        book.insert(
+            crate::plans::AccountRecord::parse(
+                br#"{"account_id":"a","plan":"free","effective_from":"2024-01-01T00:00:00Z"}"#,
+            )
+            .unwrap_or_else(|e| panic!("{e:?}")),
+        );
+        let config = MeterConfig::default();
+        let ctx = Context::new(&rates, &plans, &book, &config);
+        let mut meter = Meter::tracking_changes();
+        let mut out = Vec::new();
+        let inf = r#","kind":"inference","model":"m""#;
+        let wf =
+            |run: &str, model: &str| format!(r#","kind":"workflow_step","model":"{model}","workflow_run_id":"{run}""#);
+        for e in [
+            ev("job.started", "1", "j1", "2024-05-01T00:00:00Z", inf),
+            ev(
+                "job.stopped",
+                "2",
+                "j1",
+                "2024-05-01T00:00:10Z",
+                r#","status":"succeeded""#,
+            ),
+            ev("job.started", "3", "j2", "2024-05-01T00:01:00Z", inf),
+            ev(
+                "job.stopped",
+                "4",
+                "j2",
+                "2024-05-01T00:01:21Z",
+                r#","status":"succeeded""#,
+            ),
+            ev("job.started", "5", "s1", "2024-05-01T00:02:00Z", &wf("r1", "m")),
+            ev(
+                "job.stopped",
+                "6",
+                "s1",
+                "2024-05-01T00:02:05Z",
+                r#","status":"succeeded""#,
+            ),
+            ev("job.started", "7", "s2", "2024-05-01T00:02:05Z", &wf("r1", "n")),
+            ev(
+                "job.stopped",
+                "8",
+                "s2",
+                "2024-05-01T00:02:15Z",
+                r#","status":"succeeded""#,
+            ),
+            ev("job.started", "9", "s3", "2024-05-01T00:02:15Z", &wf("r1", "m")),
+            ev("job.heartbeat", "10", "s3", "2024-05-01T00:02:45Z", ""),
+        ] {
+            meter.apply(&ctx, e.as_bytes(), None, &mut out);
+        }
+        let may = Period::new(2024, 5);
+        let mut store = Records::new();
+        let st = state_of(&mut store, &mut meter, may);
+        let r = usage_report(&AccountId::from("a"), may, &st, &plans, &book, rates.policy.rounding);
+        let charges: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Charge(c) => Some(c),
+                _ => None,
+            })
+            .collect();
+        let total: Money = charges.iter().fold(Money::ZERO, |a, c| a + c.amount);
+        assert_eq!(r.status, PeriodStatus::Open);
+        assert_eq!(r.plan, Plan::Free);
+        assert_eq!(r.totals.amount, total);
+        assert_eq!(r.totals.jobs, 4);
+        let m = r
+            .lines
+            .iter()
+            .find(|l| l.kind == JobKind::Inference)
+            .unwrap_or_else(|| panic!("no inference line"));
+        assert_eq!((m.jobs, m.billable_seconds), (2, Decimal::from(31)));
+        assert_eq!(m.average_duration_seconds.to_string(), "15.500");
+        assert_eq!(r.workflow_runs.len(), 1);
+        let run = &r.workflow_runs[0];
+        assert_eq!(run.steps.len(), 2);
+        assert_eq!(run.running_steps, 1);
+        assert_eq!(run.billable_seconds, Decimal::from(15));
+        assert_eq!(run.amount.to_string(), "0.25");
+        assert_eq!(r.in_flight.len(), 1);
+        assert_eq!(r.in_flight[0].running_seconds, Decimal::from(30));
+        assert_eq!(r.totals.credits_applied, total, "free credits cover it all");
+        assert_eq!(r.totals.usage_due, Money::ZERO);
+
+        let l = limits_report(&AccountId::from("a"), may, &st, &plans, &book);
+        assert_eq!(l.limits.len(), 1);
+        let fc = &l.limits[0];
+        assert_eq!(fc.limit, LimitKind::FreeCredits);
+        assert_eq!(fc.period, "lifetime");
+        assert_eq!(fc.charged, total);
+        assert_eq!(fc.used, total + fc.in_flight);
+        assert_eq!(fc.limit_value.map(|c| c - fc.used), fc.remaining);
+        assert_eq!(fc.next_threshold.as_deref(), Some("80"));
+
+        // Close May: the report becomes the statement's figures.
+        for e in [
+            ev(
+                "job.stopped",
+                "11",
+                "s3",
+                "2024-05-01T00:03:00Z",
+                r#","status":"succeeded""#,
+            ),
+            ev("job.started", "12", "j9", "2024-06-02T00:00:00Z", inf),
+        ] {
+            meter.apply(&ctx, e.as_bytes(), None, &mut out);
+        }
+        let st = state_of(&mut store, &mut meter, may);
+        assert!(
+            st.open.is_none() && st.closed.is_some(),
+            "{:?} {:?} {out:?}",
+            st.open,
+            st.closed
+        );
+        let r2 = usage_report(&AccountId::from("a"), may, &st, &plans, &book, rates.policy.rounding);
+        let statement = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Statement(s) => Some(s),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no statement"));
+        assert_eq!(r2.status, PeriodStatus::Closed);
+        assert_eq!(r2.lines, statement.lines);
+        assert_eq!(r2.totals.total_due, Some(statement.total_due));
+        assert!(r2.in_flight.is_empty());
+    }
+}
