@@ -14,6 +14,7 @@
 
 pub mod client;
 pub mod dlq;
+pub mod group;
 pub mod reader;
 pub mod topics;
 pub mod txn;

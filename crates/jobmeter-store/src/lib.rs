@@ -15,6 +15,7 @@
 //! cf fired       : partition:u32 BE | core fired key      -> (empty)
 //! cf statements  : partition:u32 BE | core statement key  -> core statement value
 //! cf meta        : partition:u32 BE | "stream_time"       -> i64 BE
+//! cf closed_statements : partition:u32 BE | core statement key -> emitted statement
 //! cf progress    : partition:u32 BE                       -> changelog offset:i64 BE | written_at_ms:i64 BE
 //! ```
 //!
@@ -34,6 +35,9 @@
 use jobmeter_core::state::{StateChange, Table};
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use std::path::{Path, PathBuf};
+
+/// A record's key (without the partition prefix) and value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
 
 /// Column family of the per-partition progress offsets.
 pub const PROGRESS_CF: &str = "progress";
@@ -216,6 +220,35 @@ impl Store {
         })
     }
 
+    /// One record of `partition` (readers such as the usage API).
+    pub fn get(&self, partition: i32, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db
+            .get_cf(self.cf(table.name())?, prefixed(partition, key))
+            .map_err(self.rocks("get"))
+    }
+
+    /// Every record of `partition` in `table` whose key starts with
+    /// `key_prefix`, in key order, at most `limit` of them.
+    pub fn scan(
+        &self,
+        partition: i32,
+        table: Table,
+        key_prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let cf = self.cf(table.name())?;
+        let from = prefixed(partition, key_prefix);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::From(&from, Direction::Forward)) {
+            let (k, v) = item.map_err(self.rocks("iterate"))?;
+            if !k.starts_with(&from) || out.len() >= limit {
+                break;
+            }
+            out.push((k[4..].to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
     /// The changelog offset `partition`'s stored state reflects, and when it
     /// was written.
     pub fn progress(&self, partition: i32) -> Result<Option<(i64, i64)>, StoreError> {
@@ -313,6 +346,22 @@ mod tests {
                 (Table::Usage, b"u".to_vec(), b"2".to_vec())
             ]
         );
+        assert_eq!(store.get(3, Table::Jobs, b"b")?, Some(b"3".to_vec()));
+        assert_eq!(store.get(4, Table::Jobs, b"b")?, None);
+        store.commit(
+            3,
+            &[
+                change(Table::Jobs, b"ba", Some(b"4")),
+                change(Table::Jobs, b"c", Some(b"5")),
+            ],
+            Some(13),
+        )?;
+        let scanned = store.scan(3, Table::Jobs, b"b", 10)?;
+        assert_eq!(
+            scanned,
+            vec![(b"b".to_vec(), b"3".to_vec()), (b"ba".to_vec(), b"4".to_vec())]
+        );
+        assert_eq!(store.scan(3, Table::Jobs, b"", 1)?.len(), 1, "limit honoured");
         store.drop_partition(3)?;
         assert!(store.load(3)?.records.is_empty());
         assert_eq!(store.load(3)?.changelog_offset, None);

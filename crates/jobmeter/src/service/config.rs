@@ -32,8 +32,10 @@ pub struct Config {
     pub meter: MeterTimeouts,
     /// Rate card and plans.
     pub billing: BillingConfig,
-    /// HTTP (metrics, health).
+    /// HTTP (metrics, health, usage API).
     pub http: HttpConfig,
+    /// Usage API tokens.
+    pub api: ApiConfig,
     /// Shutdown.
     pub shutdown: ShutdownConfig,
 }
@@ -119,8 +121,25 @@ pub struct BillingConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Listen address of `/metrics`, `/healthz`, `/readyz`.
+    /// Listen address of `/metrics`, `/healthz`, `/readyz` and `/v1`.
     pub listen: String,
+    /// The URL other instances and clients reach this one at (announced in
+    /// the consumer group, so a misdirected API call can name the owner).
+    /// Empty: `http://<listen>`, with the host name for a wildcard address.
+    pub advertise_url: String,
+}
+
+/// `[api]`: who may read the usage API.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Tokens that read every account and the rate card.
+    pub admin_tokens: Vec<String>,
+    /// Per account id, the tokens that read that account (and the rate card).
+    pub account_tokens: BTreeMap<String, Vec<String>>,
+    /// A file of `<token> <account_id|*>` lines (for secrets mounted from
+    /// elsewhere); read at start.
+    pub tokens_file: Option<PathBuf>,
 }
 
 /// `[shutdown]`.
@@ -143,6 +162,7 @@ impl Default for Config {
             meter: MeterTimeouts::default(),
             billing: BillingConfig::default(),
             http: HttpConfig::default(),
+            api: ApiConfig::default(),
             shutdown: ShutdownConfig::default(),
         }
     }
@@ -213,6 +233,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: "127.0.0.1:9464".into(),
+            advertise_url: String::new(),
         }
     }
 }
@@ -362,6 +383,30 @@ impl Config {
                 self.http.listen
             ));
         }
+        let url = &self.http.advertise_url;
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+            p.push(format!(
+                "http.advertise_url: {:?} must start with http:// or https://",
+                self.http.advertise_url
+            ));
+        }
+        match self.api_tokens() {
+            Ok(tokens) => {
+                let mut seen = std::collections::BTreeSet::new();
+                for (t, _) in &tokens {
+                    if t.len() < 16 || t.chars().any(char::is_whitespace) {
+                        p.push(format!(
+                            "api: a token of {} characters is too short or has spaces (at least 16, no spaces)",
+                            t.chars().count()
+                        ));
+                    }
+                    if !seen.insert(t.clone()) {
+                        p.push("api: the same token is configured twice".into());
+                    }
+                }
+            }
+            Err(e) => p.push(e),
+        }
         if let Err(e) = crate::replay::load_rate_card(&self.billing.rate_card) {
             p.push(format!("billing.rate_card: {e}"));
         }
@@ -369,6 +414,48 @@ impl Config {
             p.push(format!("billing.plans: {e}"));
         }
         p
+    }
+
+    /// Every API token with its scope (inline ones, then the tokens file).
+    pub fn api_tokens(&self) -> Result<Vec<(String, super::api::Scope)>, String> {
+        use super::api::{Scope, Tokens};
+        let mut out: Vec<(String, Scope)> = self
+            .api
+            .admin_tokens
+            .iter()
+            .map(|t| (t.clone(), Scope::Admin))
+            .collect();
+        for (account, tokens) in &self.api.account_tokens {
+            out.extend(tokens.iter().map(|t| (t.clone(), Scope::Account(account.clone()))));
+        }
+        if let Some(f) = &self.api.tokens_file {
+            let text = std::fs::read_to_string(f).map_err(|e| format!("api.tokens_file: {}: {e}", f.display()))?;
+            out.extend(Tokens::parse_file(&text).map_err(|e| format!("api.tokens_file: {}: {e}", f.display()))?);
+        }
+        Ok(out)
+    }
+
+    /// The URL announced to the group: `http.advertise_url`, or one derived
+    /// from `http.listen`.
+    pub fn advertised_url(&self) -> String {
+        if !self.http.advertise_url.is_empty() {
+            return self.http.advertise_url.trim_end_matches('/').to_owned();
+        }
+        match self.http.listen.parse::<std::net::SocketAddr>() {
+            Ok(a) if a.ip().is_unspecified() => {
+                let host = std::env::var("HOSTNAME")
+                    .ok()
+                    .filter(|h| !h.is_empty())
+                    .or_else(|| {
+                        std::fs::read_to_string("/etc/hostname")
+                            .ok()
+                            .map(|h| h.trim().to_owned())
+                    })
+                    .unwrap_or_else(|| "localhost".into());
+                format!("http://{host}:{}", a.port())
+            }
+            _ => format!("http://{}", self.http.listen),
+        }
     }
 
     /// A duration field in milliseconds (validated at load).

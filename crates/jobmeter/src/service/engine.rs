@@ -119,6 +119,8 @@ pub struct Engine {
     meters: HashMap<i32, PartitionMeter>,
     assigned: BTreeSet<i32>,
     to_restore: BTreeSet<i32>,
+    /// Partitions held and restored, shared with the usage API.
+    owned: Arc<std::sync::RwLock<BTreeSet<i32>>>,
     in_txn: bool,
     batch_started: Instant,
     batch_events: usize,
@@ -147,6 +149,7 @@ impl Engine {
         producer: TxnProducer,
         store: Arc<Store>,
         metrics: Metrics,
+        owned: Arc<std::sync::RwLock<BTreeSet<i32>>>,
     ) -> Engine {
         Engine {
             input_topic: cfg.topics.job_events.as_str().into(),
@@ -158,6 +161,7 @@ impl Engine {
             meters: HashMap::new(),
             assigned: BTreeSet::new(),
             to_restore: BTreeSet::new(),
+            owned,
             in_txn: false,
             batch_started: Instant::now(),
             batch_events: 0,
@@ -243,6 +247,10 @@ impl Engine {
         );
         let reported = meter.stats().clone();
         self.meters.insert(p, PartitionMeter { meter, reported });
+        self.owned
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(p);
         Ok(())
     }
 
@@ -471,6 +479,10 @@ impl Engine {
             self.assigned.remove(&p);
             self.to_restore.remove(&p);
             self.meters.remove(&p);
+            self.owned
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&p);
             self.metrics.open_jobs.with_label_values(&[&p.to_string()]).set(0);
         }
         self.metrics.assigned_partitions.set(self.assigned.len() as i64);

@@ -1,13 +1,15 @@
-//! HTTP: `/metrics` (Prometheus text format), `/healthz` (liveness) and
+//! HTTP: `/metrics` (Prometheus text format), `/healthz` (liveness),
 //! `/readyz` (ready when the accounts table is loaded, partitions are
-//! assigned and their state restored).
+//! assigned and their state restored) and the usage API under `/v1` (see
+//! [`super::api`]).
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use super::api::{AccountView, Answer, Api, OPENAPI};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use prometheus::{Encoder, Registry, TextEncoder};
+use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -15,6 +17,93 @@ use std::sync::Arc;
 struct AppState {
     registry: Registry,
     ready: Arc<AtomicBool>,
+    api: Arc<Api>,
+    requests: IntCounterVec,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct PeriodQuery {
+    period: Option<String>,
+}
+
+fn reply(s: &AppState, route: &str, a: Answer) -> Response {
+    s.requests.with_label_values(&[route, &a.status.to_string()]).inc();
+    let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = (status, axum::Json(a.body)).into_response();
+    if a.status == 401 {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
+fn authorization(h: &HeaderMap) -> Option<&str> {
+    h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+}
+
+async fn rate_card(State(s): State<AppState>, h: HeaderMap) -> Response {
+    let a = match s.api.authenticate(authorization(&h)) {
+        Ok(_) => s.api.rate_card(),
+        Err(a) => a,
+    };
+    reply(&s, "rate_card", a)
+}
+
+async fn model(State(s): State<AppState>, Path(m): Path<String>, h: HeaderMap) -> Response {
+    let a = match s.api.authenticate(authorization(&h)) {
+        Ok(_) => s.api.model(&m),
+        Err(a) => a,
+    };
+    reply(&s, "model", a)
+}
+
+async fn account(s: AppState, account: String, q: PeriodQuery, h: HeaderMap, what: AccountView) -> Response {
+    let route = match what {
+        AccountView::Usage => "usage",
+        AccountView::Limits => "limits",
+    };
+    let a = match s.api.authenticate(authorization(&h)) {
+        Ok(scope) => {
+            let api = s.api.clone();
+            tokio::task::spawn_blocking(move || api.account(&scope, &account, what, q.period.as_deref()))
+                .await
+                .unwrap_or_else(|e| Answer {
+                    status: 500,
+                    body: serde_json::json!({"error": "internal", "message": e.to_string()}),
+                })
+        }
+        Err(a) => a,
+    };
+    reply(&s, route, a)
+}
+
+async fn usage(
+    State(s): State<AppState>,
+    Path(a): Path<String>,
+    Query(q): Query<PeriodQuery>,
+    h: HeaderMap,
+) -> Response {
+    account(s, a, q, h, AccountView::Usage).await
+}
+
+async fn limits(
+    State(s): State<AppState>,
+    Path(a): Path<String>,
+    Query(q): Query<PeriodQuery>,
+    h: HeaderMap,
+) -> Response {
+    account(s, a, q, h, AccountView::Limits).await
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+async fn not_found() -> impl IntoResponse {
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(serde_json::json!({"error": "not_found", "message": "no such route; see /v1/openapi.json"})),
+    )
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
@@ -45,23 +134,33 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// The router.
-pub fn router(registry: Registry, ready: Arc<AtomicBool>) -> Router {
-    Router::new()
+/// The router. Its routes are [`super::api::ROUTES`].
+pub fn router(registry: Registry, ready: Arc<AtomicBool>, api: Arc<Api>) -> Result<Router, prometheus::Error> {
+    let requests = IntCounterVec::new(
+        Opts::new("jobmeter_api_requests_total", "Usage API requests by route and status"),
+        &["route", "status"],
+    )?;
+    registry.register(Box::new(requests.clone()))?;
+    Ok(Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(AppState { registry, ready })
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/rate-card", get(rate_card))
+        .route("/v1/models/{model}", get(model))
+        .route("/v1/accounts/{account_id}/usage", get(usage))
+        .route("/v1/accounts/{account_id}/limits", get(limits))
+        .fallback(not_found)
+        .with_state(AppState {
+            registry,
+            ready,
+            api,
+            requests,
+        }))
 }
 
 /// Serves until `shutdown` is cancelled.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    registry: Registry,
-    ready: Arc<AtomicBool>,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    let app = router(registry, ready);
+pub async fn serve(listener: tokio::net::TcpListener, app: Router, shutdown: tokio_util::sync::CancellationToken) {
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -9,6 +9,7 @@
 //! drains) and librdkafka's fetch queue (`queued.max.messages.kbytes`).
 
 pub mod accounts;
+pub mod api;
 pub mod config;
 pub mod engine;
 pub mod http;
@@ -160,6 +161,7 @@ struct Deps {
     billing: Billing,
     store: Arc<Store>,
     metrics: Metrics,
+    owned: Arc<std::sync::RwLock<std::collections::BTreeSet<i32>>>,
 }
 
 /// Runs the meter until `shutdown` is cancelled: topics, accounts table,
@@ -179,15 +181,37 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
     std::fs::create_dir_all(&cfg.state.dir)?;
     let store = Arc::new(Store::open(&cfg.state.dir)?);
     let ready = Arc::new(AtomicBool::new(false));
+    let table = AccountsTable::new(AccountBook::new(&plans), accounts_metrics);
+    let owned = Arc::new(std::sync::RwLock::new(std::collections::BTreeSet::new()));
+    let input_partitions = Arc::new(std::sync::atomic::AtomicI32::new(0));
+    let billing = Billing {
+        rates,
+        plans,
+        accounts: table.book.clone(),
+        newest_event_ms: table.newest_event_ms.clone(),
+    };
+    let tokens = cfg.api_tokens().map_err(|e| anyhow::anyhow!(e))?;
+    if tokens.is_empty() {
+        tracing::warn!("no API tokens configured (api.admin_tokens, api.account_tokens, api.tokens_file): every /v1 account call will answer 401");
+    }
+    let api = Arc::new(api::Api {
+        store: store.clone(),
+        billing: billing.clone(),
+        owned: owned.clone(),
+        input_partitions: input_partitions.clone(),
+        tokens: Arc::new(api::Tokens::new(tokens)),
+        group: Some((settings.clone(), cfg.kafka.group_id.clone(), topics.job_events.clone())),
+        instance_id: cfg.instance_id.clone(),
+    });
+    let app = http::router(registry.clone(), ready.clone(), api)?;
     let listener = tokio::net::TcpListener::bind(&cfg.http.listen).await?;
-    tracing::info!(listen = %cfg.http.listen, "serving /metrics, /healthz, /readyz");
+    tracing::info!(listen = %cfg.http.listen, advertised = %cfg.advertised_url(), "serving /metrics, /healthz, /readyz and the usage API under /v1");
     let http_shutdown = shutdown.clone();
-    let http = tokio::spawn(http::serve(listener, registry.clone(), ready.clone(), http_shutdown));
+    let http = tokio::spawn(http::serve(listener, app, http_shutdown));
 
     // Topics and the accounts table, retried until Kafka is usable (a
     // broker still starting, a topic whose leader is not elected yet); a
     // wrong topic layout is reported and ends the process.
-    let table = AccountsTable::new(AccountBook::new(&plans), accounts_metrics);
     let mut backoff = Duration::from_millis(500);
     let (acc_parts, next) = loop {
         let attempt = async {
@@ -200,6 +224,7 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
                 ensure_topics(&settings, &topics, &layout).await?;
             }
             let acc_parts = partition_count(&settings, &topics.accounts)?;
+            input_partitions.store(partition_count(&settings, &topics.job_events)?, Ordering::Relaxed);
             let (t2, s2, tp) = (table.clone(), settings.clone(), topics.accounts.clone());
             let client = format!("{}-accounts", cfg.instance_id);
             let next = tokio::task::spawn_blocking(move || t2.load(&s2, &client, &tp, acc_parts)).await??;
@@ -242,14 +267,10 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
         cfg: cfg.clone(),
         settings,
         topics,
-        billing: Billing {
-            rates,
-            plans,
-            accounts: table.book.clone(),
-            newest_event_ms: table.newest_event_ms.clone(),
-        },
+        billing,
         store: store.clone(),
         metrics: metrics.clone(),
+        owned,
     };
     let lag = {
         let (settings, topic, group, st, m) = (
@@ -379,10 +400,14 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
         producer,
         deps.store.clone(),
         deps.metrics.clone(),
+        deps.owned.clone(),
     )));
     let consumer: BaseConsumer<MeterContext> = deps
         .settings
-        .group_consumer(&cfg.kafka.group_id, &cfg.instance_id)
+        .group_consumer(
+            &cfg.kafka.group_id,
+            &jobmeter_kafka::group::member_client_id(&cfg.instance_id, &cfg.advertised_url()),
+        )
         .create_with_context(MeterContext { engine: engine.clone() })
         .map_err(|source| jobmeter_kafka::KafkaAdapterError::Client {
             what: "consumer",
@@ -436,6 +461,10 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
         lock().abort();
     }
     ready.store(false, Ordering::SeqCst);
+    deps.owned
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clear();
     consumer.unsubscribe();
     drop(consumer);
     result

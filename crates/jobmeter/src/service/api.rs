@@ -1,0 +1,482 @@
+//! The read-only usage API (`/v1/...`): an account's usage for a period,
+//! its limits, the rate card and model prices. The document of record is
+//! `openapi.json` beside this file, served at `/v1/openapi.json`.
+//!
+//! ## What the answers are read from
+//! The RocksDB state of the partitions this instance owns, as of the last
+//! committed batch: the same records the charges were computed from, so a
+//! usage page never disagrees with the charges topic (a batch's records are
+//! written after its transaction commits).
+//!
+//! ## Tokens
+//! `Authorization: Bearer <token>`. Admin tokens see every account; an
+//! account token sees its own account only (403 otherwise). No token or an
+//! unknown one: 401. Tokens come from `api.admin_tokens`,
+//! `api.account_tokens` and `api.tokens_file`; they are compared in
+//! constant time.
+//!
+//! ## Partition ownership
+//! An account's records live in the partition its events are keyed to. If
+//! this instance does not hold that partition, it answers `421 Misdirected
+//! Request` with the owner's instance id and advertised URL (from the
+//! consumer group's description) so the caller can ask there.
+
+use super::engine::Billing;
+use jobmeter_core::ratecard::{ModelPrice, RateVersion};
+use jobmeter_core::state::{keys, values, Counter, Job, Table};
+use jobmeter_core::time::{Period, Timestamp};
+use jobmeter_core::view::{self, AccountState};
+use jobmeter_core::AccountId;
+use jobmeter_kafka::client::KafkaSettings;
+use jobmeter_store::Store;
+use serde::Serialize;
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// The OpenAPI document of the HTTP API.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Every route the HTTP server answers: (method, path). The OpenAPI
+/// document must describe exactly these (checked by a test).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/metrics"),
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/v1/openapi.json"),
+    ("get", "/v1/rate-card"),
+    ("get", "/v1/models/{model}"),
+    ("get", "/v1/accounts/{account_id}/usage"),
+    ("get", "/v1/accounts/{account_id}/limits"),
+];
+
+/// Who a token lets in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every account.
+    Admin,
+    /// One account.
+    Account(String),
+}
+
+/// The configured tokens.
+#[derive(Debug, Clone, Default)]
+pub struct Tokens {
+    entries: Vec<(Vec<u8>, Scope)>,
+}
+
+impl Tokens {
+    /// Tokens from their scopes.
+    pub fn new(entries: impl IntoIterator<Item = (String, Scope)>) -> Self {
+        Tokens {
+            entries: entries.into_iter().map(|(t, s)| (t.into_bytes(), s)).collect(),
+        }
+    }
+
+    /// Parses a tokens file: one `<token> <account_id|*>` per line, `#`
+    /// comments and blank lines ignored.
+    pub fn parse_file(text: &str) -> Result<Vec<(String, Scope)>, String> {
+        let mut out = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut parts = line.split_whitespace();
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(t), Some("*"), None) => out.push((t.to_owned(), Scope::Admin)),
+                (Some(t), Some(a), None) => out.push((t.to_owned(), Scope::Account(a.to_owned()))),
+                _ => return Err(format!("line {}: expected `<token> <account_id|*>`", i + 1)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The scope of `token`, comparing every configured token in constant
+    /// time (no early exit that would leak how much of a token matched).
+    pub fn scope_of(&self, token: &str) -> Option<Scope> {
+        let t = token.as_bytes();
+        let mut found = None;
+        for (k, s) in &self.entries {
+            let mut diff = (k.len() ^ t.len()) as u8 | u8::from(k.len() != t.len());
+            for (i, b) in k.iter().enumerate() {
+                diff |= b ^ t.get(i).copied().unwrap_or(0);
+            }
+            if diff == 0 && found.is_none() {
+                found = Some(s.clone());
+            }
+        }
+        found
+    }
+
+    /// True when no token is configured (every API call is refused).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Where the API reads from and who it may answer.
+#[derive(Debug, Clone)]
+pub struct Api {
+    /// The state store.
+    pub store: Arc<Store>,
+    /// Rate card, plans, accounts table.
+    pub billing: Billing,
+    /// Input partitions this instance holds with their state restored.
+    pub owned: Arc<RwLock<BTreeSet<i32>>>,
+    /// Input partitions of the job-events topic (0 until known).
+    pub input_partitions: Arc<AtomicI32>,
+    /// Tokens.
+    pub tokens: Arc<Tokens>,
+    /// For naming a partition's owner: Kafka settings, group and topic.
+    pub group: Option<(KafkaSettings, String, String)>,
+    /// This instance's id.
+    pub instance_id: String,
+}
+
+/// An API answer: status and JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    /// HTTP status.
+    pub status: u16,
+    /// Body.
+    pub body: serde_json::Value,
+}
+
+impl Answer {
+    fn ok<T: Serialize>(v: &T) -> Answer {
+        match serde_json::to_value(v) {
+            Ok(body) => Answer { status: 200, body },
+            Err(e) => Answer::error(500, "internal", &e.to_string()),
+        }
+    }
+
+    fn error(status: u16, error: &str, message: &str) -> Answer {
+        Answer {
+            status,
+            body: json!({ "error": error, "message": message }),
+        }
+    }
+}
+
+fn now() -> Timestamp {
+    Timestamp(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64),
+    )
+}
+
+/// Which account route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountView {
+    /// `/usage`.
+    Usage,
+    /// `/limits`.
+    Limits,
+}
+
+impl Api {
+    /// Checks the bearer token: `Err` is the 401 answer.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Scope, Answer> {
+        let token = authorization
+            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .map(str::trim)
+            .filter(|t| !t.is_empty());
+        match token {
+            None => Err(Answer::error(
+                401,
+                "unauthorized",
+                "send `Authorization: Bearer <token>`",
+            )),
+            Some(t) => self
+                .tokens
+                .scope_of(t)
+                .ok_or_else(|| Answer::error(401, "unauthorized", "unknown token")),
+        }
+    }
+
+    /// `GET /v1/rate-card`.
+    pub fn rate_card(&self) -> Answer {
+        let rates = &self.billing.rates;
+        let current = rates.version_at(now()).map(|v| v.version.clone());
+        Answer::ok(&json!({
+            "currency": jobmeter_core::money::CURRENCY,
+            "current_version": current,
+            "policy": rates.policy,
+            "versions": rates.versions,
+        }))
+    }
+
+    /// `GET /v1/models/{model}`: what a model page shows.
+    pub fn model(&self, model: &str) -> Answer {
+        let rates = &self.billing.rates;
+        let t = now();
+        let history: Vec<_> = rates
+            .versions
+            .iter()
+            .filter_map(|v| {
+                v.models.iter().find(|(m, _)| m.as_str() == model).map(|(_, p)| {
+                    json!({
+                        "version": v.version,
+                        "effective_from": v.effective_from,
+                        "per_second": p.per_second,
+                    })
+                })
+            })
+            .collect();
+        if history.is_empty() {
+            return Answer::error(404, "not_found", &format!("model {model:?} is not on the rate card"));
+        }
+        fn price_in<'a>(v: Option<&'a RateVersion>, model: &str) -> Option<(&'a RateVersion, &'a ModelPrice)> {
+            v.and_then(|v| v.models.iter().find(|(m, _)| m.as_str() == model).map(|(_, p)| (v, p)))
+        }
+        let current = price_in(rates.version_at(t), model);
+        let next = price_in(rates.versions.iter().find(|v| v.effective_from > t), model);
+        let describe = |x: Option<(&RateVersion, &ModelPrice)>| {
+            x.map(|(v, p)| {
+                json!({
+                    "version": v.version,
+                    "effective_from": v.effective_from,
+                    "per_second": p.per_second,
+                    "per_hour": jobmeter_core::Money(p.per_second.0 * rust_decimal::Decimal::from(3600)),
+                })
+            })
+        };
+        let info = current.or_else(|| price_in(rates.versions.last(), model));
+        Answer::ok(&json!({
+            "model": model,
+            "gpu": info.and_then(|(_, p)| p.gpu.clone()),
+            "description": info.and_then(|(_, p)| p.description.clone()),
+            "currency": jobmeter_core::money::CURRENCY,
+            "rounding": rates.policy.rounding,
+            "current": describe(current),
+            "next": describe(next),
+            "history": history,
+        }))
+    }
+
+    /// `GET /v1/accounts/{account}/usage|limits[?period=YYYY-MM]`.
+    pub fn account(&self, scope: &Scope, account: &str, what: AccountView, period: Option<&str>) -> Answer {
+        if let Scope::Account(own) = scope {
+            if own != account {
+                return Answer::error(403, "forbidden", "this token may only read its own account");
+            }
+        }
+        let period = match period.map(Period::parse) {
+            Some(None) => return Answer::error(400, "bad_request", "period must look like 2024-05"),
+            Some(Some(p)) => Some(p),
+            None => None,
+        };
+        let owned: Vec<i32> = self
+            .owned
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .copied()
+            .collect();
+        if owned.is_empty() {
+            return Answer::error(
+                503,
+                "not_ready",
+                "no partition is assigned and restored yet; retry shortly",
+            );
+        }
+        let account_id = AccountId::from(account);
+        let (st, found_in) = match self.read_account(&account_id, &owned, period) {
+            Ok(x) => x,
+            Err(e) => return Answer::error(500, "store", &e),
+        };
+        let n = self.input_partitions.load(Ordering::Relaxed);
+        let home = jobmeter_kafka::group::partition_for_key(account.as_bytes(), n);
+        if found_in.is_empty() && n > 0 && !owned.contains(&home) {
+            return self.misdirected(home, account, what);
+        }
+        let book = self
+            .billing
+            .accounts
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if st.is_empty() && book.record_at(&account_id, Timestamp(i64::MAX)).is_none() {
+            return Answer::error(
+                404,
+                "not_found",
+                &format!("account {account:?} has no account record and no usage"),
+            );
+        }
+        let period = period.unwrap_or_else(|| st.stream_time.unwrap_or_else(now).period());
+        let mut body = match what {
+            AccountView::Usage => serde_json::to_value(view::usage_report(
+                &account_id,
+                period,
+                &st,
+                &self.billing.plans,
+                &book,
+                self.billing.rates.policy.rounding,
+            )),
+            AccountView::Limits => serde_json::to_value(view::limits_report(
+                &account_id,
+                period,
+                &st,
+                &self.billing.plans,
+                &book,
+            )),
+        }
+        .unwrap_or_default();
+        if let Some(o) = body.as_object_mut() {
+            o.insert("served_by".into(), json!(self.instance_id));
+            o.insert("partition".into(), json!(found_in.first().copied().unwrap_or(home)));
+        }
+        Answer { status: 200, body }
+    }
+
+    fn misdirected(&self, partition: i32, account: &str, what: AccountView) -> Answer {
+        let owner = self.group.as_ref().and_then(|(settings, group, topic)| {
+            jobmeter_kafka::group::members(settings, group, topic, Duration::from_secs(3))
+                .ok()?
+                .into_iter()
+                .find(|m| m.partitions.contains(&partition))
+        });
+        let path = match what {
+            AccountView::Usage => "usage",
+            AccountView::Limits => "limits",
+        };
+        Answer {
+            status: 421,
+            body: json!({
+                "error": "not_owner",
+                "message": format!("partition {partition} of account {account:?} is held by another instance; ask it"),
+                "partition": partition,
+                "owner": owner.as_ref().map(|m| json!({
+                    "instance_id": m.instance_id,
+                    "url": (!m.url.is_empty()).then(|| m.url.clone()),
+                    "host": m.host,
+                })),
+                "owner_url": owner
+                    .filter(|m| !m.url.is_empty())
+                    .map(|m| format!("{}/v1/accounts/{account}/{path}", m.url.trim_end_matches('/'))),
+            }),
+        }
+    }
+
+    /// The account's records in every owned partition (normally one).
+    fn read_account(
+        &self,
+        account: &AccountId,
+        owned: &[i32],
+        period: Option<Period>,
+    ) -> Result<(AccountState, Vec<i32>), String> {
+        let e = |e: &dyn std::fmt::Display| e.to_string();
+        let prefix = keys::account_prefix(account);
+        let mut st = AccountState::default();
+        let mut found = Vec::new();
+        let mut stream_times = BTreeMap::new();
+        for &p in owned {
+            let jobs = self.store.scan(p, Table::Jobs, &prefix, 100_000).map_err(|x| e(&x))?;
+            let usage = self.store.scan(p, Table::Usage, &prefix, 10_000).map_err(|x| e(&x))?;
+            let fired = self.store.scan(p, Table::Fired, &prefix, 10_000).map_err(|x| e(&x))?;
+            let meta = self.store.get(p, Table::Meta, keys::STREAM_TIME).map_err(|x| e(&x))?;
+            let stream_time = meta
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .map(|b| Timestamp(i64::from_be_bytes(b)));
+            let period = period.or(stream_time.map(Timestamp::period));
+            let (open, closed) = match period {
+                Some(per) => {
+                    let k = keys::statement(per, account);
+                    (
+                        self.store.get(p, Table::Statements, &k).map_err(|x| e(&x))?,
+                        self.store.get(p, Table::Closed, &k).map_err(|x| e(&x))?,
+                    )
+                }
+                None => (None, None),
+            };
+            if jobs.is_empty() && usage.is_empty() && open.is_none() && closed.is_none() {
+                continue;
+            }
+            found.push(p);
+            stream_times.insert(p, stream_time);
+            for (k, v) in jobs {
+                if let (Some((_, j)), Ok(job)) = (keys::decode_job(&k), values::decode::<Job>(Table::Jobs, &v)) {
+                    st.jobs.push((j, job));
+                }
+            }
+            for (k, v) in usage {
+                if let (Some(key), Ok(c)) = (keys::decode_usage(&k), values::decode::<Counter>(Table::Usage, &v)) {
+                    st.counters.insert(key, c);
+                }
+            }
+            st.fired.extend(fired.iter().filter_map(|(k, _)| keys::decode_fired(k)));
+            if st.open.is_none() {
+                st.open = open.and_then(|v| values::decode(Table::Statements, &v).ok());
+            }
+            if st.closed.is_none() {
+                st.closed = closed.and_then(|v| values::decode(Table::Closed, &v).ok());
+            }
+        }
+        st.stream_time = stream_times.values().flatten().max().copied();
+        if found.is_empty() {
+            // An account with no usage yet: report as of the newest stream
+            // time this instance has seen.
+            for &p in owned {
+                if let Some(b) = self.store.get(p, Table::Meta, keys::STREAM_TIME).map_err(|x| e(&x))? {
+                    if let Ok(b) = <[u8; 8]>::try_from(b.as_slice()) {
+                        st.stream_time = st.stream_time.max(Some(Timestamp(i64::from_be_bytes(b))));
+                    }
+                }
+            }
+        }
+        Ok((st, found))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_scope_and_compare() {
+        let t = Tokens::new([
+            ("admin-token-0123456789".to_owned(), Scope::Admin),
+            ("acct-token-0123456789".to_owned(), Scope::Account("a1".into())),
+        ]);
+        assert_eq!(t.scope_of("admin-token-0123456789"), Some(Scope::Admin));
+        assert_eq!(t.scope_of("acct-token-0123456789"), Some(Scope::Account("a1".into())));
+        assert_eq!(t.scope_of("acct-token-012345678"), None, "a prefix is not a match");
+        assert_eq!(
+            t.scope_of("acct-token-01234567890"),
+            None,
+            "an extension is not a match"
+        );
+        assert_eq!(t.scope_of(""), None);
+    }
+
+    #[test]
+    fn tokens_file_format() {
+        let parsed = Tokens::parse_file("# comment\n\nabc *\ndef acct-7\n").unwrap_or_default();
+        assert_eq!(
+            parsed,
+            vec![
+                ("abc".to_owned(), Scope::Admin),
+                ("def".to_owned(), Scope::Account("acct-7".into()))
+            ]
+        );
+        assert!(Tokens::parse_file("lonely\n").is_err());
+    }
+
+    #[test]
+    fn openapi_document_describes_exactly_the_routes() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap_or_else(|e| panic!("openapi.json: {e}"));
+        assert!(doc["openapi"].as_str().unwrap_or_default().starts_with("3."));
+        let mut documented = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+            for method in item.as_object().into_iter().flatten().map(|(m, _)| m) {
+                documented.insert((method.clone(), path.clone()));
+            }
+        }
+        let served: BTreeSet<(String, String)> =
+            ROUTES.iter().map(|(m, p)| ((*m).to_owned(), (*p).to_owned())).collect();
+        assert_eq!(documented, served);
+    }
+}
