@@ -160,7 +160,12 @@ fn usage_api_and_metrics_match_the_run() {
         assert_eq!(dec(&v["totals"]["amount"]), total);
         // Workflow runs are the sum of their steps.
         for run in v["workflow_runs"].as_array().expect("runs") {
-            let steps: Decimal = run["steps"].as_array().expect("present").iter().map(|s| dec(&s["amount"])).sum();
+            let steps: Decimal = run["steps"]
+                .as_array()
+                .expect("present")
+                .iter()
+                .map(|s| dec(&s["amount"]))
+                .sum();
             assert_eq!(dec(&run["amount"]), steps);
         }
         checked += 1;
@@ -170,7 +175,10 @@ fn usage_api_and_metrics_match_the_run() {
     // Limits: what the limit events say has fired is marked fired.
     for l in want.limits.values() {
         let l: Value = serde_json::from_str(l).expect("present");
-        let (account, period) = (l["account_id"].as_str().expect("present"), l["period"].as_str().expect("present"));
+        let (account, period) = (
+            l["account_id"].as_str().expect("present"),
+            l["period"].as_str().expect("present"),
+        );
         let (status, body) = http_call(
             &meter.http,
             &format!("/v1/accounts/{account}/limits?period={period}"),
@@ -184,7 +192,12 @@ fn usage_api_and_metrics_match_the_run() {
             .iter()
             .find(|x| x["limit"] == l["limit"])
             .unwrap_or_else(|| panic!("{} missing from {body}", l["limit"]));
-        let threshold = l["event_id"].as_str().expect("present").rsplit('/').next().expect("present");
+        let threshold = l["event_id"]
+            .as_str()
+            .expect("present")
+            .rsplit('/')
+            .next()
+            .expect("present");
         let t = limit["thresholds"]
             .as_array()
             .expect("present")

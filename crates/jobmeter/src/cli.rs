@@ -6,7 +6,7 @@ use crate::sinks::Format;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use jobmeter_core::{MeterConfig, Timestamp};
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 
 /// jobmeter: an exactly-once, per-second usage meter for GPU jobs.
@@ -34,6 +34,103 @@ pub enum Command {
     /// Rebuild state and outputs from the input topics and check them
     /// against the changelog and the published topics (meter stopped).
     Rebuild(crate::service::rebuild::RebuildCmd),
+    /// Bill impact of a rate-card change: every account's monthly bill
+    /// under the current and a proposed card, most affected first.
+    Reprice(RepriceCmd),
+}
+
+/// Output of `jobmeter reprice`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RepriceFormat {
+    /// A readable table: the most affected rows, totals per plan and model.
+    Table,
+    /// Every row, exact amounts.
+    Csv,
+}
+
+/// `jobmeter reprice`.
+#[derive(Debug, clap::Args)]
+pub struct RepriceCmd {
+    /// Lifecycle events, one CloudEvent JSON per line (a period's worth).
+    #[arg(long)]
+    pub events: PathBuf,
+    /// Account records, one JSON per line.
+    #[arg(long)]
+    pub accounts: Option<PathBuf>,
+    /// Plan catalog (TOML); built-in defaults when omitted.
+    #[arg(long)]
+    pub plans: Option<PathBuf>,
+    /// The rate card in force.
+    #[arg(long, default_value = "config/rate-card.toml")]
+    pub current: PathBuf,
+    /// The proposed rate card.
+    #[arg(long)]
+    pub proposed: PathBuf,
+    /// Only this month (YYYY-MM); every month with a statement otherwise.
+    #[arg(long, value_parser = parse_period)]
+    pub period: Option<jobmeter_core::Period>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = RepriceFormat::Table)]
+    pub format: RepriceFormat,
+    /// Rows shown in the table.
+    #[arg(long, default_value_t = 25)]
+    pub top: usize,
+    /// Write the report here instead of standard output.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also write an SVG chart of the distribution of changes here.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// Timeouts.
+    #[command(flatten)]
+    pub timeouts: TimeoutArgs,
+}
+
+fn parse_period(s: &str) -> Result<jobmeter_core::Period, String> {
+    jobmeter_core::Period::parse(s).ok_or_else(|| format!("{s:?} is not a month such as 2024-05"))
+}
+
+fn run_reprice(cmd: RepriceCmd) -> anyhow::Result<()> {
+    let args = crate::reprice::RepriceArgs {
+        events: cmd.events,
+        accounts: cmd.accounts,
+        plans: cmd.plans,
+        before: cmd.current.clone(),
+        after: cmd.proposed.clone(),
+        period: cmd.period,
+        meter: cmd.timeouts.meter_config(),
+    };
+    let mut bar = crate::progress::Progress::new("reprice", 0, crate::progress::Unit::Bytes);
+    let mut pass = String::new();
+    let report = crate::reprice::reprice(&args, |p, done, total| {
+        if pass != p {
+            bar.finish();
+            pass = p.to_owned();
+            bar = crate::progress::Progress::new(format!("reprice ({p})"), total, crate::progress::Unit::Bytes);
+        }
+        bar.set(done);
+    })?;
+    bar.finish();
+    let text = match cmd.format {
+        RepriceFormat::Table => crate::reprice::table(&report, cmd.top),
+        RepriceFormat::Csv => crate::reprice::csv(&report),
+    };
+    match &cmd.out {
+        Some(path) => std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?,
+        None => print!("{text}"),
+    }
+    if let Some(path) = &cmd.svg {
+        let title = format!(
+            "Bill impact: {} → {}{}",
+            cmd.current.display(),
+            cmd.proposed.display(),
+            cmd.period.map(|p| format!(", {p}")).unwrap_or_default()
+        );
+        std::fs::write(path, crate::reprice::svg(&report, &title))
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("chart written to {}", path.display());
+    }
+    Ok(())
 }
 
 /// `jobmeter dump`.
@@ -221,6 +318,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Run(cmd) => crate::service::main(cmd),
         Command::Dump(cmd) => crate::tools::dump(&cmd.brokers, &cmd.topic, cmd.last),
         Command::Rebuild(cmd) => crate::service::rebuild::main(cmd),
+        Command::Reprice(cmd) => run_reprice(cmd),
     }
 }
 
@@ -235,25 +333,13 @@ fn run_replay(cmd: ReplayCmd) -> anyhow::Result<()> {
         flush: cmd.flush,
         meter: cmd.timeouts.meter_config(),
     };
-    let tty = std::io::stderr().is_terminal();
     let started = std::time::Instant::now();
+    let mut bar = crate::progress::Progress::new("replay", 0, crate::progress::Unit::Bytes);
     let summary = replay(&args, |done, total| {
-        if tty && total > 0 {
-            let secs = started.elapsed().as_secs_f64().max(1e-3);
-            let rate = done as f64 / secs;
-            let eta = (total.saturating_sub(done)) as f64 / rate.max(1.0);
-            eprint!(
-                "\r{:5.1}%  {:7.1} MB/s  ETA {:4.0}s ",
-                100.0 * done as f64 / total as f64,
-                rate / 1e6,
-                eta
-            );
-            let _ = std::io::stderr().flush();
-        }
+        bar.set_total(total);
+        bar.set(done);
     })?;
-    if tty {
-        eprintln!();
-    }
+    bar.finish();
     let s = &summary.stats;
     let rejected: u64 = s.rejected.iter().sum();
     eprintln!(

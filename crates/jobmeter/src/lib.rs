@@ -9,7 +9,9 @@
 //! `jobmeter-core`, storage in `jobmeter-store`, Kafka in `jobmeter-kafka`.
 
 pub mod cli;
+pub mod progress;
 pub mod replay;
+pub mod reprice;
 pub mod service;
 pub mod simulate;
 pub mod sinks;

@@ -99,46 +99,57 @@ pub struct ReplaySummary {
     pub open_jobs: usize,
 }
 
-/// Runs a replay; `progress` is called every 65 536 lines with the byte offset.
-pub fn replay(args: &ReplayArgs, mut progress: impl FnMut(u64, u64)) -> Result<ReplaySummary, ReplayError> {
-    let rates = load_rate_card(&args.rate_card)?;
-    let plans = load_plans(args.plans.as_deref())?;
-    let mut sinks = OutputFiles::create(&args.out, args.format).map_err(io(&args.out))?;
-    let mut book = AccountBook::new(&plans);
-    let mut out = Vec::new();
-    if let Some(path) = &args.accounts {
-        let f = File::open(path).map_err(io(path))?;
-        for (i, line) in BufReader::new(f).split(b'\n').enumerate() {
-            let line = line.map_err(io(path))?;
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
+/// Loads account records (JSON lines) into a book; malformed lines come
+/// back as rejects naming the file and line.
+pub fn load_accounts(path: Option<&Path>, plans: &PlanCatalog) -> Result<(AccountBook, Vec<Output>), ReplayError> {
+    let mut book = AccountBook::new(plans);
+    let mut rejects = Vec::new();
+    let Some(path) = path else {
+        return Ok((book, rejects));
+    };
+    let f = File::open(path).map_err(io(path))?;
+    for (i, line) in BufReader::new(f).split(b'\n').enumerate() {
+        let line = line.map_err(io(path))?;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match AccountRecord::parse(&line) {
+            Ok(r) => {
+                book.insert(r);
             }
-            match AccountRecord::parse(&line) {
-                Ok(r) => {
-                    book.insert(r);
-                }
-                Err(inv) => out.push(Output::Reject(jobmeter_core::Rejected {
-                    reason: inv.reason,
-                    detail: format!("account record: {}", inv.detail),
-                    raw: line,
-                    origin: Some(origin(path, i)),
-                })),
-            }
+            Err(inv) => rejects.push(Output::Reject(jobmeter_core::Rejected {
+                reason: inv.reason,
+                detail: format!("account record: {}", inv.detail),
+                raw: line,
+                origin: Some(origin(path, i)),
+            })),
         }
     }
-    sinks.write_all(&out).map_err(io(&args.out))?;
-    out.clear();
-    let ctx = Context::new(&rates, &plans, &book, &args.meter);
-    let mut meter = Meter::new();
-    let f = File::open(&args.events).map_err(io(&args.events))?;
+    Ok((book, rejects))
+}
+
+/// Runs every line of `events` through `meter` in file order, handing
+/// outputs to `sink` as they come (and, with `flush`, closing every open
+/// job and period at the end). `progress` gets (bytes read, file size).
+/// Returns the number of lines read.
+pub fn meter_file(
+    events: &Path,
+    ctx: &Context<'_>,
+    meter: &mut Meter,
+    flush: bool,
+    mut sink: impl FnMut(&[Output]) -> Result<(), ReplayError>,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<u64, ReplayError> {
+    let f = File::open(events).map_err(io(events))?;
     let total = f.metadata().map(|m| m.len()).unwrap_or(0);
     let mut reader = BufReader::with_capacity(1 << 20, f);
-    let events_topic: std::sync::Arc<str> = args.events.display().to_string().into();
+    let events_topic: std::sync::Arc<str> = events.display().to_string().into();
     let mut line = Vec::with_capacity(1024);
+    let mut out = Vec::new();
     let (mut n, mut read) = (0u64, 0u64);
     loop {
         line.clear();
-        let got = reader.read_until(b'\n', &mut line).map_err(io(&args.events))?;
+        let got = reader.read_until(b'\n', &mut line).map_err(io(events))?;
         if got == 0 {
             break;
         }
@@ -155,21 +166,41 @@ pub fn replay(args: &ReplayArgs, mut progress: impl FnMut(u64, u64)) -> Result<R
             partition: 0,
             offset: n as i64,
         };
-        meter.apply(&ctx, &line, Some(&o), &mut out);
+        meter.apply(ctx, &line, Some(&o), &mut out);
         if !out.is_empty() {
-            sinks.write_all(&out).map_err(io(&args.out))?;
+            sink(&out)?;
             out.clear();
         }
-        if n % 65_536 == 0 {
+        if n % 16_384 == 0 {
             progress(read, total);
         }
     }
-    if args.flush {
-        meter.flush(&ctx, &mut out);
-        sinks.write_all(&out).map_err(io(&args.out))?;
+    if flush {
+        meter.flush(ctx, &mut out);
+        sink(&out)?;
     }
-    sinks.finish().map_err(io(&args.out))?;
     progress(read, total);
+    Ok(n)
+}
+
+/// Runs a replay; `progress` gets (bytes read, file size) now and then.
+pub fn replay(args: &ReplayArgs, progress: impl FnMut(u64, u64)) -> Result<ReplaySummary, ReplayError> {
+    let rates = load_rate_card(&args.rate_card)?;
+    let plans = load_plans(args.plans.as_deref())?;
+    let mut sinks = OutputFiles::create(&args.out, args.format).map_err(io(&args.out))?;
+    let (book, rejects) = load_accounts(args.accounts.as_deref(), &plans)?;
+    sinks.write_all(&rejects).map_err(io(&args.out))?;
+    let ctx = Context::new(&rates, &plans, &book, &args.meter);
+    let mut meter = Meter::new();
+    let n = meter_file(
+        &args.events,
+        &ctx,
+        &mut meter,
+        args.flush,
+        |out| sinks.write_all(out).map_err(io(&args.out)),
+        progress,
+    )?;
+    sinks.finish().map_err(io(&args.out))?;
     Ok(ReplaySummary {
         lines: n,
         accounts: book.len(),

@@ -8,7 +8,7 @@ use jobmeter_kafka::reader::read_to_end;
 use jobmeter_kafka::topics::{partition_count, Topics};
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 /// Produces account records, then events (keyed by account), at `rate`
@@ -50,7 +50,8 @@ pub fn produce_fleet(
     }
     producer.flush(Duration::from_secs(30))?;
     let started = Instant::now();
-    let tty = std::io::stderr().is_terminal();
+    let mut bar =
+        crate::progress::Progress::new("produce", events.len() as u64, crate::progress::Unit::Items("events"));
     for (i, e) in events.iter().enumerate() {
         send(&topics.job_events, &e.key, &e.json)?;
         if rate > 0 {
@@ -60,18 +61,13 @@ pub fn produce_fleet(
                 std::thread::sleep(due - el);
             }
         }
-        if tty && i % 10_000 == 0 {
-            let secs = started.elapsed().as_secs_f64().max(1e-3);
-            let r = i as f64 / secs;
-            let eta = (events.len() - i) as f64 / r.max(1.0);
-            eprint!("\r{i}/{} events, {r:.0}/s, ETA {eta:.0}s   ", events.len());
-            let _ = std::io::stderr().flush();
+        if i % 1024 == 0 {
+            bar.set(i as u64);
         }
     }
     producer.flush(Duration::from_secs(60))?;
-    if tty {
-        eprintln!();
-    }
+    bar.set(events.len() as u64);
+    bar.finish();
     eprintln!(
         "produced {} account records and {} events to {} in {:.1}s",
         accounts.len(),

@@ -1,0 +1,418 @@
+//! `jobmeter reprice`: the bill impact of a rate-card change.
+//!
+//! Replays the same events and account records twice through the billing
+//! core — once under the current rate card, once under the proposed one —
+//! and compares each account's monthly bill (the statement's `total_due`:
+//! usage after credits, caps and quotas, plus the pro fee). The two runs are
+//! ordinary replays with `--flush`, so "bill under the current card" is
+//! exactly what `jobmeter replay --flush` prints as that statement.
+
+use crate::replay::{load_accounts, load_plans, load_rate_card, meter_file, ReplayError};
+use jobmeter_core::{Context, Meter, MeterConfig, Money, Output, Period, Plan, RateCard};
+use rust_decimal::Decimal;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+/// What a reprice needs.
+#[derive(Debug, Clone)]
+pub struct RepriceArgs {
+    /// Lifecycle events (JSON lines).
+    pub events: PathBuf,
+    /// Account records (JSON lines).
+    pub accounts: Option<PathBuf>,
+    /// Plan catalog; defaults when absent.
+    pub plans: Option<PathBuf>,
+    /// The rate card in force.
+    pub before: PathBuf,
+    /// The proposed rate card.
+    pub after: PathBuf,
+    /// Only this month (every month with a statement when absent).
+    pub period: Option<Period>,
+    /// Timeouts.
+    pub meter: MeterConfig,
+}
+
+/// One account's bill for one month under both cards.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AccountImpact {
+    /// The account.
+    pub account_id: String,
+    /// The month.
+    pub period: Period,
+    /// Its plan on the statement.
+    pub plan: Plan,
+    /// Bill under the card in force.
+    pub before: Money,
+    /// Bill under the proposed card.
+    pub after: Money,
+    /// after − before.
+    pub change: Money,
+    /// change / before in percent, two decimals (`None` when before is 0).
+    pub change_pct: Option<Decimal>,
+}
+
+/// Totals of a group (a plan or a model).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct GroupTotals {
+    /// Accounts (plans) or jobs' charges (models) counted.
+    pub count: u64,
+    /// Sum under the card in force.
+    pub before: Money,
+    /// Sum under the proposed card.
+    pub after: Money,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Per (account, month), most affected first.
+    pub rows: Vec<AccountImpact>,
+    /// Bills per plan.
+    pub by_plan: BTreeMap<String, GroupTotals>,
+    /// List amount of usage per model (fine-tunes as one group).
+    pub by_model: BTreeMap<String, GroupTotals>,
+    /// Sum of all bills under each card.
+    pub total: GroupTotals,
+}
+
+#[derive(Default)]
+struct Run {
+    bills: BTreeMap<(String, Period), (Plan, Money)>,
+    models: BTreeMap<String, (u64, Money)>,
+}
+
+fn run_once(
+    args: &RepriceArgs,
+    rates: &RateCard,
+    pass: &str,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<Run, ReplayError> {
+    let plans = load_plans(args.plans.as_deref())?;
+    let (book, _) = load_accounts(args.accounts.as_deref(), &plans)?;
+    let ctx = Context::new(rates, &plans, &book, &args.meter);
+    let mut meter = Meter::new();
+    let mut run = Run::default();
+    let keep = |p: Period| args.period.is_none_or(|x| x == p);
+    meter_file(
+        &args.events,
+        &ctx,
+        &mut meter,
+        true,
+        |out| {
+            for o in out {
+                match o {
+                    Output::Statement(s) if keep(s.period) => {
+                        run.bills
+                            .insert((s.account_id.to_string(), s.period), (s.plan, s.total_due));
+                    }
+                    Output::Charge(c) if keep(c.period) => {
+                        // Fine-tunes are priced per second whatever the
+                        // model: one group of their own.
+                        let key = match (&c.kind, &c.model) {
+                            (jobmeter_core::JobKind::FineTune, _) | (_, None) => c.kind.as_str().to_owned(),
+                            (_, Some(m)) => m.to_string(),
+                        };
+                        let e = run.models.entry(key).or_default();
+                        e.0 += u64::from(c.adjusts.is_none());
+                        e.1 += c.amount;
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        },
+        |done, total| progress(pass, done, total),
+    )?;
+    Ok(run)
+}
+
+/// Computes the report. `progress` gets (pass, bytes read, file size).
+pub fn reprice(args: &RepriceArgs, mut progress: impl FnMut(&str, u64, u64)) -> Result<Report, ReplayError> {
+    let before_card = load_rate_card(&args.before)?;
+    let after_card = load_rate_card(&args.after)?;
+    let a = run_once(args, &before_card, "current card", &mut progress)?;
+    let b = run_once(args, &after_card, "proposed card", &mut progress)?;
+    let mut report = Report::default();
+    let keys: std::collections::BTreeSet<_> = a.bills.keys().chain(b.bills.keys()).cloned().collect();
+    for key in keys {
+        let (plan_a, before) = a.bills.get(&key).copied().unwrap_or((Plan::Payg, Money::ZERO));
+        let (plan_b, after) = b.bills.get(&key).copied().unwrap_or((plan_a, Money::ZERO));
+        let plan = if a.bills.contains_key(&key) { plan_a } else { plan_b };
+        let change = after - before;
+        let change_pct = (!before.is_zero()).then(|| {
+            (change.0 * Decimal::ONE_HUNDRED / before.0)
+                .round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointNearestEven)
+        });
+        let g = report.by_plan.entry(plan.as_str().to_owned()).or_default();
+        g.count += 1;
+        g.before += before;
+        g.after += after;
+        report.total.count += 1;
+        report.total.before += before;
+        report.total.after += after;
+        report.rows.push(AccountImpact {
+            account_id: key.0,
+            period: key.1,
+            plan,
+            before,
+            after,
+            change,
+            change_pct,
+        });
+    }
+    report.rows.sort_by(|x, y| {
+        y.change
+            .0
+            .abs()
+            .cmp(&x.change.0.abs())
+            .then(y.change.cmp(&x.change))
+            .then_with(|| (&x.account_id, x.period).cmp(&(&y.account_id, y.period)))
+    });
+    let models: std::collections::BTreeSet<_> = a.models.keys().chain(b.models.keys()).cloned().collect();
+    for m in models {
+        let (n, before) = a.models.get(&m).copied().unwrap_or_default();
+        let after = b.models.get(&m).map_or(Money::ZERO, |x| x.1);
+        report.by_model.insert(
+            m,
+            GroupTotals {
+                count: n,
+                before,
+                after,
+            },
+        );
+    }
+    Ok(report)
+}
+
+fn pct(before: Money, after: Money) -> String {
+    if before.is_zero() {
+        return if after.is_zero() { "0.00%".into() } else { "new".into() };
+    }
+    let p = ((after - before).0 * Decimal::ONE_HUNDRED / before.0)
+        .round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointNearestEven);
+    format!("{p:+.2}%")
+}
+
+fn signed(m: Money) -> String {
+    let r = m.round_cents();
+    if r.0.is_sign_negative() && !r.0.is_zero() {
+        format!("{r}")
+    } else {
+        format!("+{r}")
+    }
+}
+
+/// The report as a table for people: the `top` most affected rows, then
+/// totals per plan and per model.
+pub fn table(r: &Report, top: usize) -> String {
+    let mut s = String::new();
+    let up = r.rows.iter().filter(|x| x.change.0 > Decimal::ZERO).count();
+    let down = r.rows.iter().filter(|x| x.change.0 < Decimal::ZERO).count();
+    let _ = writeln!(
+        s,
+        "{} account-months: {} pay more, {} pay less, {} unchanged. Total {} -> {} ({}, {})\n",
+        r.rows.len(),
+        up,
+        down,
+        r.rows.len() - up - down,
+        r.total.before.round_cents(),
+        r.total.after.round_cents(),
+        signed(r.total.after - r.total.before),
+        pct(r.total.before, r.total.after)
+    );
+    let _ = writeln!(
+        s,
+        "{:<24} {:<8} {:<11} {:>12} {:>12} {:>11} {:>9}",
+        "account", "period", "plan", "bill now", "bill new", "change", "change %"
+    );
+    for x in r.rows.iter().take(top) {
+        let _ = writeln!(
+            s,
+            "{:<24} {:<8} {:<11} {:>12} {:>12} {:>11} {:>9}",
+            x.account_id,
+            x.period.to_string(),
+            x.plan.as_str(),
+            x.before.round_cents().to_string(),
+            x.after.round_cents().to_string(),
+            signed(x.change),
+            pct(x.before, x.after)
+        );
+    }
+    if r.rows.len() > top {
+        let _ = writeln!(s, "… {} more (use --top or --format csv)", r.rows.len() - top);
+    }
+    let _ = writeln!(s, "\nby plan");
+    let _ = writeln!(
+        s,
+        "{:<24} {:>8} {:>14} {:>14} {:>12} {:>9}",
+        "plan", "accounts", "bills now", "bills new", "change", "change %"
+    );
+    for (plan, g) in &r.by_plan {
+        let _ = writeln!(
+            s,
+            "{:<24} {:>8} {:>14} {:>14} {:>12} {:>9}",
+            plan,
+            g.count,
+            g.before.round_cents().to_string(),
+            g.after.round_cents().to_string(),
+            signed(g.after - g.before),
+            pct(g.before, g.after)
+        );
+    }
+    let _ = writeln!(s, "\nby model (list price of usage, before credits and caps)");
+    let _ = writeln!(
+        s,
+        "{:<24} {:>8} {:>14} {:>14} {:>12} {:>9}",
+        "model", "jobs", "usage now", "usage new", "change", "change %"
+    );
+    for (m, g) in &r.by_model {
+        let _ = writeln!(
+            s,
+            "{:<24} {:>8} {:>14} {:>14} {:>12} {:>9}",
+            m,
+            g.count,
+            g.before.round_cents().to_string(),
+            g.after.round_cents().to_string(),
+            signed(g.after - g.before),
+            pct(g.before, g.after)
+        );
+    }
+    s
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+/// Every row as CSV (exact amounts), most affected first.
+pub fn csv(r: &Report) -> String {
+    let mut s = String::from("account_id,period,plan,bill_before,bill_after,change,change_pct\n");
+    for x in &r.rows {
+        let _ = writeln!(
+            s,
+            "{},{},{},{},{},{},{}",
+            csv_field(&x.account_id),
+            x.period,
+            x.plan.as_str(),
+            x.before,
+            x.after,
+            x.change,
+            x.change_pct.map(|p| p.to_string()).unwrap_or_default()
+        );
+    }
+    s
+}
+
+/// Histogram buckets of the percentage change (upper bounds, exclusive).
+const BUCKETS: &[(&str, Option<i64>)] = &[
+    ("< -20%", Some(-20)),
+    ("-20..-10%", Some(-10)),
+    ("-10..-5%", Some(-5)),
+    ("-5..-1%", Some(-1)),
+    ("-1..+1%", Some(1)),
+    ("+1..+5%", Some(5)),
+    ("+5..+10%", Some(10)),
+    ("+10..+20%", Some(20)),
+    ("> +20%", None),
+];
+
+/// How many account-months fall in each bucket of change (plus bills that
+/// are new: nothing under the current card).
+pub fn histogram(r: &Report) -> Vec<(&'static str, usize)> {
+    let mut counts: Vec<(&'static str, usize)> = BUCKETS.iter().map(|(l, _)| (*l, 0)).collect();
+    counts.push(("new bill", 0));
+    for x in &r.rows {
+        let i = match x.change_pct {
+            None if x.after.is_zero() => 4,
+            None => BUCKETS.len(),
+            Some(p) => BUCKETS
+                .iter()
+                .position(|(_, hi)| hi.is_none_or(|h| p < Decimal::from(h)))
+                .unwrap_or(BUCKETS.len() - 1),
+        };
+        counts[i].1 += 1;
+    }
+    counts
+}
+
+/// An SVG bar chart of the distribution of changes.
+pub fn svg(r: &Report, title: &str) -> String {
+    let h = histogram(r);
+    let max = h.iter().map(|x| x.1).max().unwrap_or(0).max(1);
+    let (w, bar_w, gap, chart_h, top, left) = (820usize, 70usize, 10usize, 300usize, 60usize, 40usize);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{}" viewBox="0 0 {w} {}" font-family="sans-serif">"#,
+        top + chart_h + 70,
+        top + chart_h + 70
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="28" font-size="18" text-anchor="middle">{}</text>"#,
+        w / 2,
+        xml(title)
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="48" font-size="12" text-anchor="middle" fill="dimgray">account-months by change of the monthly bill ({} in all)</text>"#,
+        w / 2,
+        r.rows.len()
+    );
+    for (i, (label, n)) in h.iter().enumerate() {
+        let x = left + i * (bar_w + gap);
+        let bh = n * chart_h / max;
+        let y = top + chart_h - bh;
+        let color = match i {
+            0..=3 => "seagreen",
+            4 => "darkgray",
+            _ => "firebrick",
+        };
+        let _ = writeln!(
+            s,
+            r#"<rect x="{x}" y="{y}" width="{bar_w}" height="{bh}" fill="{color}"><title>{}: {n}</title></rect>"#,
+            xml(label)
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" font-size="12" text-anchor="middle">{n}</text>"#,
+            x + bar_w / 2,
+            y.saturating_sub(4)
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" font-size="11" text-anchor="middle">{}</text>"#,
+            x + bar_w / 2,
+            top + chart_h + 18,
+            xml(label)
+        );
+    }
+    let _ = writeln!(
+        s,
+        r#"<line x1="{left}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#,
+        top + chart_h,
+        w - 10,
+        top + chart_h
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" font-size="12" text-anchor="middle" fill="dimgray">total {} → {} ({})</text>"#,
+        w / 2,
+        top + chart_h + 50,
+        r.total.before.round_cents(),
+        r.total.after.round_cents(),
+        xml(&pct(r.total.before, r.total.after))
+    );
+    s.push_str("</svg>\n");
+    s
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
