@@ -37,6 +37,10 @@ pub enum Command {
     /// Bill impact of a rate-card change: every account's monthly bill
     /// under the current and a proposed card, most affected first.
     Reprice(RepriceCmd),
+    /// Publish job lifecycle events (or run a command as a job) for workers
+    /// that are scripts.
+    #[command(subcommand)]
+    Emit(crate::emit::EmitCmd),
 }
 
 /// Output of `jobmeter reprice`.
@@ -319,6 +323,13 @@ pub fn main() -> anyhow::Result<()> {
         Command::Dump(cmd) => crate::tools::dump(&cmd.brokers, &cmd.topic, cmd.last),
         Command::Rebuild(cmd) => crate::service::rebuild::main(cmd),
         Command::Reprice(cmd) => run_reprice(cmd),
+        Command::Emit(cmd) => {
+            let code = crate::emit::main(cmd)?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
+        }
     }
 }
 

@@ -9,6 +9,7 @@
 //! `jobmeter-core`, storage in `jobmeter-store`, Kafka in `jobmeter-kafka`.
 
 pub mod cli;
+pub mod emit;
 pub mod progress;
 pub mod replay;
 pub mod reprice;
