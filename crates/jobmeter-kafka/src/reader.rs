@@ -6,6 +6,7 @@ use crate::client::KafkaSettings;
 use crate::KafkaAdapterError;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
+use rdkafka::message::Headers;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
@@ -87,6 +88,8 @@ pub struct Record {
     pub key: Option<Vec<u8>>,
     /// Value bytes (`None`: a tombstone).
     pub value: Option<Vec<u8>>,
+    /// Headers (name, value as UTF-8, lossy).
+    pub headers: Vec<(String, String)>,
 }
 
 /// Reads `topic`'s `partitions` from their start offsets (`None`: the
@@ -165,6 +168,19 @@ pub fn read_range(
                     offset: m.offset(),
                     key: m.key().map(<[u8]>::to_vec),
                     value: m.payload().map(<[u8]>::to_vec),
+                    headers: m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|x| {
+                                    (
+                                        x.key.to_owned(),
+                                        String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                 });
             }
             Some(Err(KafkaError::PartitionEOF(p))) => {

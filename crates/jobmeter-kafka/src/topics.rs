@@ -57,40 +57,26 @@ pub struct TopicLayout {
     pub replication: i32,
 }
 
-/// Creates the topics that do not exist yet and checks that the changelog
-/// has as many partitions as the input (the meter maps one onto the other).
-pub async fn ensure_topics(
+/// A topic to create: name, partitions, configuration.
+type Spec<'a> = (&'a str, i32, &'a [(&'a str, &'a str)]);
+
+/// Creates the topics of `specs` that do not exist yet, then waits until
+/// every partition of each has a leader (a topic created a moment ago is
+/// not usable before that).
+async fn create_and_wait(
     settings: &KafkaSettings,
-    topics: &Topics,
-    layout: &TopicLayout,
+    specs: &[Spec<'_>],
+    replication: i32,
 ) -> Result<(), KafkaAdapterError> {
     let admin: AdminClient<DefaultClientContext> =
         settings.admin().create().map_err(|source| KafkaAdapterError::Client {
             what: "admin client",
             source,
         })?;
-    // Compacted topics keep the latest value per key; the changelog keeps
-    // tombstones for 3 days so a restore from older local state sees deletes.
-    let compacted = [
-        ("cleanup.policy", "compact"),
-        ("delete.retention.ms", "259200000"),
-        ("min.insync.replicas", "1"),
-    ];
-    let plain: [(&str, &str); 0] = [];
-    type Spec<'a> = (&'a str, i32, &'a [(&'a str, &'a str)]);
-    let specs: Vec<Spec<'_>> = vec![
-        (&topics.job_events, layout.partitions, &plain),
-        (&topics.changelog, layout.partitions, &compacted),
-        (&topics.accounts, 1, &compacted[..1]),
-        (&topics.charges, layout.output_partitions, &plain),
-        (&topics.limits, layout.output_partitions, &plain),
-        (&topics.statements, layout.output_partitions, &plain),
-        (&topics.dlq, layout.output_partitions, &plain),
-    ];
     let new: Vec<NewTopic<'_>> = specs
         .iter()
         .map(|(name, parts, cfg)| {
-            let mut t = NewTopic::new(name, *parts, TopicReplication::Fixed(layout.replication));
+            let mut t = NewTopic::new(name, *parts, TopicReplication::Fixed(replication));
             for (k, v) in cfg.iter() {
                 t = t.set(k, v);
             }
@@ -116,24 +102,8 @@ pub async fn ensure_topics(
         what: "metadata client",
         source,
     })?;
-    let count = |topic: &str| -> Result<i32, KafkaAdapterError> {
-        let md = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .map_err(KafkaAdapterError::op("fetch metadata"))?;
-        Ok(md.topics().first().map_or(0, |t| t.partitions().len() as i32))
-    };
-    // Wait until every partition of every topic has a leader: a topic
-    // created a moment ago is not usable before that.
     let started = std::time::Instant::now();
-    for name in [
-        &topics.job_events,
-        &topics.changelog,
-        &topics.accounts,
-        &topics.charges,
-        &topics.limits,
-        &topics.statements,
-        &topics.dlq,
-    ] {
+    for (name, _, _) in specs {
         loop {
             let ready = consumer
                 .fetch_metadata(Some(name), Duration::from_secs(10))
@@ -151,14 +121,56 @@ pub async fn ensure_topics(
             }
             if started.elapsed() > Duration::from_secs(60) {
                 return Err(KafkaAdapterError::Topic {
-                    topic: name.clone(),
+                    topic: (*name).to_owned(),
                     message: "partitions have no leader after 60 s".into(),
                 });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let (inp, chg) = (count(&topics.job_events)?, count(&topics.changelog)?);
+    Ok(())
+}
+
+/// Creates one plain topic if it does not exist (tools' own topics, such
+/// as the notifier's dead letters).
+pub async fn create_topic(
+    settings: &KafkaSettings,
+    name: &str,
+    partitions: i32,
+    replication: i32,
+) -> Result<(), KafkaAdapterError> {
+    create_and_wait(settings, &[(name, partitions, &[])], replication).await
+}
+
+/// Creates the topics that do not exist yet and checks that the changelog
+/// has as many partitions as the input (the meter maps one onto the other).
+pub async fn ensure_topics(
+    settings: &KafkaSettings,
+    topics: &Topics,
+    layout: &TopicLayout,
+) -> Result<(), KafkaAdapterError> {
+    // Compacted topics keep the latest value per key; the changelog keeps
+    // tombstones for 3 days so a restore from older local state sees deletes.
+    let compacted = [
+        ("cleanup.policy", "compact"),
+        ("delete.retention.ms", "259200000"),
+        ("min.insync.replicas", "1"),
+    ];
+    let plain: [(&str, &str); 0] = [];
+    let specs: Vec<Spec<'_>> = vec![
+        (&topics.job_events, layout.partitions, &plain),
+        (&topics.changelog, layout.partitions, &compacted),
+        (&topics.accounts, 1, &compacted[..1]),
+        (&topics.charges, layout.output_partitions, &plain),
+        (&topics.limits, layout.output_partitions, &plain),
+        (&topics.statements, layout.output_partitions, &plain),
+        (&topics.dlq, layout.output_partitions, &plain),
+    ];
+    create_and_wait(settings, &specs, layout.replication).await?;
+    let (inp, chg) = (
+        partition_count(settings, &topics.job_events)?,
+        partition_count(settings, &topics.changelog)?,
+    );
     if inp != chg {
         return Err(KafkaAdapterError::Topic {
             topic: topics.changelog.clone(),

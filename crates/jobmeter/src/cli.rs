@@ -41,6 +41,8 @@ pub enum Command {
     /// that are scripts.
     #[command(subcommand)]
     Emit(crate::emit::EmitCmd),
+    /// Deliver limit events to a webhook (signed, retried, dead-lettered).
+    Notify(crate::notify::NotifyCmd),
 }
 
 /// Output of `jobmeter reprice`.
@@ -323,6 +325,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Dump(cmd) => crate::tools::dump(&cmd.brokers, &cmd.topic, cmd.last),
         Command::Rebuild(cmd) => crate::service::rebuild::main(cmd),
         Command::Reprice(cmd) => run_reprice(cmd),
+        Command::Notify(cmd) => crate::notify::main(cmd),
         Command::Emit(cmd) => {
             let code = crate::emit::main(cmd)?;
             if code != 0 {

@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod emit;
+pub mod notify;
 pub mod progress;
 pub mod replay;
 pub mod reprice;
