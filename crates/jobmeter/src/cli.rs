@@ -253,6 +253,13 @@ pub struct SimulateCmd {
     /// Largest worker clock skew.
     #[arg(long, default_value = "300ms", value_parser = parse_duration)]
     pub max_skew: i64,
+    /// Per-mille of workers whose clock is skewed (by up to --max-skew).
+    #[arg(long, default_value_t = 100)]
+    pub skewed_workers: u32,
+    /// Per-mille of accounts that change plan mid-run (free to pro; half as
+    /// many pro to enterprise).
+    #[arg(long, default_value_t = 100)]
+    pub plan_changes: u32,
     /// Write events (JSON lines) here.
     #[arg(long)]
     pub events_out: Option<PathBuf>,
@@ -285,7 +292,8 @@ impl SimulateCmd {
             lost_stop_permille: self.lost_stops,
             bad_permille: self.bad,
             max_skew_ms: self.max_skew,
-            ..FleetOptions::default()
+            skewed_worker_permille: self.skewed_workers,
+            plan_change_permille: self.plan_changes,
         })
     }
 }
@@ -378,16 +386,34 @@ fn run_replay(cmd: ReplayCmd) -> anyhow::Result<()> {
 
 fn run_simulate(cmd: SimulateCmd) -> anyhow::Result<()> {
     let opts = cmd.options()?;
+    for (flag, v) in [
+        ("--duplicates", cmd.duplicates),
+        ("--reorder", cmd.reorder),
+        ("--lost-stops", cmd.lost_stops),
+        ("--bad", cmd.bad),
+        ("--skewed-workers", cmd.skewed_workers),
+        ("--plan-changes", cmd.plan_changes),
+    ] {
+        if v > 1000 {
+            anyhow::bail!("{flag} {v}: a per-mille rate is at most 1000");
+        }
+    }
     let evs = events(&opts);
     let accs = accounts(&opts);
     if let Some(path) = &cmd.events_out {
         let mut w = std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
         );
-        for e in &evs {
+        let mut bar = crate::progress::Progress::new("write", evs.len() as u64, crate::progress::Unit::Items("events"));
+        for (i, e) in evs.iter().enumerate() {
             writeln!(w, "{}", e.json)?;
+            if i % 8192 == 0 {
+                bar.set(i as u64);
+            }
         }
         w.flush()?;
+        bar.set(evs.len() as u64);
+        bar.finish();
         eprintln!("wrote {} events to {}", evs.len(), path.display());
     }
     if let Some(path) = &cmd.accounts_out {

@@ -74,6 +74,9 @@ pub struct FleetOptions {
     pub max_skew_ms: i64,
     /// Per-mille of workers whose clock is skewed.
     pub skewed_worker_permille: u32,
+    /// Per-mille of free accounts that upgrade to pro, and of pro accounts
+    /// that move to enterprise, during the run.
+    pub plan_change_permille: u32,
 }
 
 impl Default for FleetOptions {
@@ -91,6 +94,7 @@ impl Default for FleetOptions {
             bad_permille: 2,
             max_skew_ms: 300,
             skewed_worker_permille: 100,
+            plan_change_permille: 100,
         }
     }
 }
@@ -202,7 +206,8 @@ fn pick_model(rng: &mut Rng) -> &'static ModelSpec {
 
 /// Account records (JSON lines) of the simulated fleet: 60 % free, 25 %
 /// pro, 5 % enterprise with alerts, 10 % unknown (payg); some free
-/// accounts upgrade to pro in the middle of the run.
+/// accounts upgrade to pro and some pro accounts move to enterprise in the
+/// middle of the run (`plan_change_permille`).
 pub fn accounts(opts: &FleetOptions) -> Vec<(String, String)> {
     let mut rng = Rng::new(opts.seed.wrapping_add(1));
     let mut out = Vec::new();
@@ -215,7 +220,7 @@ pub fn accounts(opts: &FleetOptions) -> Vec<(String, String)> {
         };
         if roll < 60 {
             out.push((id.clone(), rec("free", from, "")));
-            if rng.chance(100) {
+            if rng.chance(opts.plan_change_permille) {
                 let at = Timestamp(opts.start.0 + rng.range(0, opts.mean_gap_ms * opts.jobs as i64));
                 out.push((id.clone(), rec("pro", at, "")));
             }
@@ -226,6 +231,11 @@ pub fn accounts(opts: &FleetOptions) -> Vec<(String, String)> {
                 ""
             };
             out.push((id.clone(), rec("pro", from, cap)));
+            // Outgrowing the pro cap: a move to enterprise mid-run.
+            if rng.chance(opts.plan_change_permille / 2) {
+                let at = Timestamp(opts.start.0 + rng.range(0, opts.mean_gap_ms * opts.jobs as i64));
+                out.push((id.clone(), rec("enterprise", at, r#","alert_thresholds":["50.00"]"#)));
+            }
         } else if roll < 90 {
             out.push((
                 id.clone(),
@@ -395,5 +405,74 @@ mod tests {
         assert_eq!(accounts(&o), accounts(&o));
         let other = FleetOptions { seed: 7, ..o.clone() };
         assert_ne!(events(&o), events(&other));
+    }
+
+    #[test]
+    fn plans_change_mid_run_at_the_configured_rate() {
+        let count = |permille| {
+            let o = FleetOptions {
+                accounts: 2_000,
+                plan_change_permille: permille,
+                ..FleetOptions::default()
+            };
+            let recs = accounts(&o);
+            let upgrades = recs
+                .iter()
+                .filter(|(_, r)| r.contains(r#""plan":"enterprise","effective_from":"2024-05"#))
+                .count();
+            let to_pro = recs
+                .iter()
+                .filter(|(_, r)| r.contains(r#""plan":"pro","effective_from":"2024-05"#))
+                .count();
+            (to_pro, upgrades)
+        };
+        assert_eq!(count(0), (0, 0));
+        let (to_pro, to_ent) = count(300);
+        assert!(
+            to_pro > 200 && to_ent > 30,
+            "{to_pro} free→pro, {to_ent} pro→enterprise"
+        );
+    }
+
+    #[test]
+    fn durations_follow_the_workload() {
+        let o = FleetOptions {
+            jobs: 3_000,
+            duplicate_permille: 0,
+            reorder_permille: 0,
+            lost_stop_permille: 0,
+            bad_permille: 0,
+            skewed_worker_permille: 0,
+            ..FleetOptions::default()
+        };
+        let mut starts = std::collections::HashMap::new();
+        let (mut fine_tune_min, mut image_max, mut video_min) = (i64::MAX, 0i64, i64::MAX);
+        for e in events(&o) {
+            let v: serde_json::Value = serde_json::from_str(&e.json).unwrap_or_default();
+            let job = v["subject"].as_str().unwrap_or_default().to_owned();
+            match v["type"].as_str() {
+                Some("job.started") => {
+                    starts.insert(job, (e.time, v["data"]["kind"].clone(), v["data"]["model"].clone()));
+                }
+                Some("job.stopped") => {
+                    if let Some((t0, kind, model)) = starts.get(&job) {
+                        let d = e.time.0 - t0.0;
+                        match (kind.as_str(), model.as_str()) {
+                            (Some("fine_tune"), _) => fine_tune_min = fine_tune_min.min(d),
+                            (Some("inference"), Some("sdxl-turbo" | "sdxl-1.0")) => image_max = image_max.max(d),
+                            (Some("inference"), Some("svd-xt")) => video_min = video_min.min(d),
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        assert!(image_max <= 12_000, "image jobs take seconds: {image_max} ms");
+        assert!(video_min >= 60_000, "video jobs take minutes: {video_min} ms");
+        assert!(
+            fine_tune_min >= 600_000,
+            "fine-tunes take ten minutes to hours: {fine_tune_min} ms"
+        );
     }
 }
