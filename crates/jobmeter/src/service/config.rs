@@ -259,6 +259,18 @@ fn env_value(raw: &str) -> toml::Value {
     }
 }
 
+/// librdkafka property names contain dots (`sasl.password`): below
+/// `kafka.properties` the rest of a path is one key, whether it was written
+/// `kafka.properties.sasl.password` or `JOBMETER__KAFKA__PROPERTIES__SASL__PASSWORD`.
+fn property_path(path: Vec<String>) -> Vec<String> {
+    match path.as_slice() {
+        [k, p, rest @ ..] if k == "kafka" && p == "properties" && rest.len() > 1 => {
+            vec![k.clone(), p.clone(), rest.join(".")]
+        }
+        _ => path,
+    }
+}
+
 fn set_path(root: &mut toml::Table, path: &[String], value: toml::Value) {
     let Some((last, parents)) = path.split_last() else {
         return;
@@ -311,12 +323,24 @@ impl Config {
                 );
             } else if let Some(rest) = k.strip_prefix("JOBMETER__") {
                 let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
-                set_path(&mut table, &path, env_value(v));
+                set_path(&mut table, &property_path(path), env_value(v));
             }
         }
         for (k, v) in &overrides.sets {
             let path: Vec<String> = k.split('.').map(str::to_owned).collect();
-            set_path(&mut table, &path, env_value(v));
+            set_path(&mut table, &property_path(path), env_value(v));
+        }
+        // librdkafka takes every property as a string.
+        if let Some(toml::Value::Table(props)) = table
+            .get_mut("kafka")
+            .and_then(|k| k.as_table_mut())
+            .and_then(|k| k.get_mut("properties"))
+        {
+            for (_, v) in props.iter_mut() {
+                if !v.is_str() {
+                    *v = toml::Value::String(v.to_string());
+                }
+            }
         }
         let cfg: Config = match toml::Value::Table(table).try_into() {
             Ok(c) => c,
@@ -521,6 +545,32 @@ mod tests {
         assert_eq!(
             (c.instance_id.as_str(), c.batch.max_events, c.kafka.brokers.as_str()),
             ("c", 20, "b:1")
+        );
+        let env = vec![(
+            "JOBMETER__KAFKA__PROPERTIES__SASL__USERNAME".to_owned(),
+            "meter".to_owned(),
+        )];
+        let over = Overrides {
+            sets: vec![
+                ("kafka.properties.compression.type".into(), "none".into()),
+                ("kafka.properties.linger.ms".into(), "10".into()),
+                ("billing.rate_card".into(), rate_card_path()),
+            ],
+        };
+        let c = Config::load(None, &env, &over).unwrap_or_else(|e| panic!("{e}"));
+        let props: Vec<(&str, &str)> = c
+            .kafka
+            .properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            props,
+            vec![
+                ("compression.type", "none"),
+                ("linger.ms", "10"),
+                ("sasl.username", "meter")
+            ]
         );
     }
 
