@@ -12,9 +12,9 @@
 //!    backlog; the time until every input record is committed gives
 //!    sustained events/s. Peak resident memory (VmHWM) is reported.
 //! 3. **Latency**: on a fresh prefix with a running meter, events are
-//!    produced at a steady rate; for every job stop, the time from its
-//!    produce call to its charge being visible to a `read_committed`
-//!    consumer is recorded: p50, p99, max.
+//!    produced at a steady rate; after a warm-up (not counted), for every
+//!    job stop, the time from its produce call to its charge being visible
+//!    to a `read_committed` consumer is recorded: p50, p99, max.
 
 use jobmeter::simulate::{accounts, events, FleetOptions};
 use jobmeter_kafka::client::{brokers_from_env, KafkaSettings};
@@ -39,6 +39,10 @@ struct Args {
     /// Length of the latency run.
     #[arg(long, default_value_t = 30)]
     latency_seconds: u64,
+    /// Steady input before the latency run whose stops are not counted
+    /// (first transactions, first writes to fresh partitions, connections).
+    #[arg(long, default_value_t = 5)]
+    warmup_seconds: u64,
     /// Input partitions.
     #[arg(long, default_value_t = 6)]
     partitions: i32,
@@ -119,7 +123,8 @@ fn main() -> anyhow::Result<()> {
     let meter = start_meter(&bin, &prefix, &dir.join("lat"), args.partitions, &args.sets, 19465)?;
     wait_ready(19465)?;
     let topics = jobmeter_kafka::topics::Topics::with_prefix(&prefix);
-    let n_events = (args.rate * args.latency_seconds) as usize;
+    let n_events = (args.rate * (args.warmup_seconds + args.latency_seconds)) as usize;
+    let warmup_events = (args.rate * args.warmup_seconds) as usize;
     let lat_opts = FleetOptions {
         seed: 9,
         jobs: n_events / 12 + 1,
@@ -134,7 +139,7 @@ fn main() -> anyhow::Result<()> {
     let evs = events(&lat_opts);
     let evs = &evs[..n_events.min(evs.len())];
     let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let seen: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let seen: Arc<Mutex<Vec<(Instant, Duration)>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
         let (settings, topic, sent, seen, stop) = (
@@ -163,7 +168,7 @@ fn main() -> anyhow::Result<()> {
                     let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
                     let job = v["job_id"].as_str().unwrap_or_default().to_owned();
                     if let Some(t) = sent.lock().map_err(|_| anyhow::anyhow!("lock"))?.remove(&job) {
-                        seen.lock().map_err(|_| anyhow::anyhow!("lock"))?.push(now - t);
+                        seen.lock().map_err(|_| anyhow::anyhow!("lock"))?.push((t, now - t));
                     }
                 }
             }
@@ -184,7 +189,7 @@ fn main() -> anyhow::Result<()> {
         if due > el {
             std::thread::sleep(due - el);
         }
-        if e.json.contains("\"job.stopped\"") {
+        if i >= warmup_events && e.json.contains("\"job.stopped\"") {
             let job = serde_json::from_str::<serde_json::Value>(&e.json)?["subject"]
                 .as_str()
                 .unwrap_or_default()
@@ -206,6 +211,7 @@ fn main() -> anyhow::Result<()> {
     }
     producer.flush(Duration::from_secs(30))?;
     let achieved = evs.len() as f64 / t2.elapsed().as_secs_f64();
+    let t2 = t2 + Duration::from_secs(args.warmup_seconds);
     std::thread::sleep(Duration::from_secs(3));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
@@ -217,16 +223,34 @@ fn main() -> anyhow::Result<()> {
             println!("  {line}");
         }
     }
-    let mut lat = seen.lock().map_err(|_| anyhow::anyhow!("lock"))?.clone();
+    let samples = seen.lock().map_err(|_| anyhow::anyhow!("lock"))?.clone();
+    let unmatched = sent.lock().map_err(|_| anyhow::anyhow!("lock"))?.len();
+    if unmatched > 0 {
+        println!("  {unmatched} stops sent after the warm-up had no charge visible (jobs whose start was never sent, or not billed)");
+    }
+    if std::env::var_os("JOBMETER_BENCH_VERBOSE").is_some() {
+        // When the slow ones were sent: clustered (a stall) or spread out?
+        let mut slow: std::collections::BTreeMap<u64, (usize, f64)> = std::collections::BTreeMap::new();
+        for (sent_at, d) in &samples {
+            if *d > Duration::from_millis(200) {
+                let e = slow.entry(sent_at.duration_since(t2).as_secs()).or_default();
+                e.0 += 1;
+                e.1 = e.1.max(d.as_secs_f64() * 1000.0);
+            }
+        }
+        println!("  stops over 200 ms by second of the run (count, max ms): {slow:?}");
+    }
+    let mut lat: Vec<Duration> = samples.iter().map(|x| x.1).collect();
     lat.sort();
     let pct = |q: f64| {
         lat.get(((lat.len() as f64 - 1.0) * q).round() as usize)
             .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
     println!(
-        "(b) latency at {:.0} events/s for {}s: {} stops measured; stop produced -> charge visible (read_committed): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; peak RSS {} MiB",
+        "(b) latency at {:.0} events/s for {}s after {}s of warm-up: {} stops measured; stop produced -> charge visible (read_committed): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; peak RSS {} MiB",
         achieved,
         args.latency_seconds,
+        args.warmup_seconds,
         lat.len(),
         pct(0.5),
         pct(0.99),
