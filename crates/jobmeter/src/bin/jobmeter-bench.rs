@@ -9,8 +9,10 @@
 //! 1. **Ceiling**: N simulated events are produced to a fresh input topic;
 //!    a plain rdkafka consumer reads them all, doing nothing: events/s.
 //! 2. **Throughput**: `jobmeter run` (exactly-once on) is started on that
-//!    backlog; the time until every input record is committed gives
-//!    sustained events/s. Peak resident memory (VmHWM) is reported.
+//!    backlog; sustained events/s is measured from its first committed
+//!    batch to the last (start-up — process, accounts table, group join —
+//!    is reported apart, and in the wall-clock figure). Peak resident
+//!    memory (VmHWM) is reported.
 //! 3. **Latency**: on a fresh prefix with a running meter, events are
 //!    produced at a steady rate; after a warm-up (not counted), for every
 //!    job stop, the time from its produce call to its charge being visible
@@ -96,24 +98,35 @@ fn main() -> anyhow::Result<()> {
     let t1 = Instant::now();
     let meter = start_meter(&bin, &prefix, &dir.join("tp"), args.partitions, &args.sets, 19464)?;
     let total = evs.len() as f64;
+    // The first committed batch: from here on the meter is at work (before
+    // it: process start, accounts table, group join, restore).
+    let mut first: Option<(Instant, f64)> = None;
     loop {
         let consumed = metric(19464, "jobmeter_events_total").unwrap_or(0.0);
+        if first.is_none() && consumed > 0.0 {
+            first = Some((Instant::now(), consumed));
+        }
         if consumed >= total {
             break;
         }
         if t1.elapsed() > Duration::from_secs(1800) {
             anyhow::bail!("the meter did not finish the backlog in 30 minutes");
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let secs = t1.elapsed().as_secs_f64();
+    let end = Instant::now();
+    let secs = (end - t1).as_secs_f64();
+    let (t_first, n_first) = first.unwrap_or((t1, 0.0));
+    let sustained = (total - n_first) / (end - t_first).as_secs_f64().max(1e-3);
     let rss = peak_rss_kib(meter.id());
     println!(
-        "(a) throughput: {} events metered exactly-once in {:.2}s = {:.0} events/s ({:.0} % of the ceiling); peak RSS {} MiB",
+        "(a) throughput: {:.0} events/s sustained ({:.0} % of the ceiling), from the first committed batch to the last; {} events in {:.2}s = {:.0} events/s counting start-up ({:.2}s to the first commit); peak RSS {} MiB",
+        sustained,
+        100.0 * sustained / ceiling,
         evs.len(),
         secs,
         total / secs,
-        100.0 * total / secs / ceiling,
+        (t_first - t1).as_secs_f64(),
         rss / 1024
     );
     drop(meter);

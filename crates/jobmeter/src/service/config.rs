@@ -204,7 +204,7 @@ impl Default for BatchConfig {
     fn default() -> Self {
         BatchConfig {
             max_events: 5000,
-            interval: "100ms".into(),
+            interval: "50ms".into(),
         }
     }
 }

@@ -28,9 +28,18 @@
 //! consumer group generation carried in `send_offsets_to_transaction`
 //! (KIP-447), so its commit fails and its outputs stay invisible.
 //!
-//! On a rebalance, the revoke callback commits the open batch before the
-//! partitions go; assigned partitions are restored before their first event
-//! is applied.
+//! On a rebalance, the revoke callback commits the open batch and waits for
+//! every batch in commit before the partitions go; assigned partitions are
+//! restored before their first event is applied.
+//!
+//! ## Pipelining
+//! The steps after "apply" run on a committer thread, one batch at a time
+//! and in order, while the pipeline thread applies the next batch's events
+//! to its in-memory meters. Each batch is still exactly one transaction
+//! followed by one RocksDB write, so the table above holds per batch. If a
+//! commit fails, the committer aborts it and refuses later batches; the
+//! pipeline then discards its in-memory meters (which may be ahead of what
+//! was committed) and is rebuilt from durable state, as after a crash.
 
 use super::metrics::Metrics;
 use jobmeter_core::state::{StateChange, Table};
@@ -65,6 +74,9 @@ pub enum EngineError {
     /// The consumer has no group metadata (not in a group yet).
     #[error("consumer group metadata unavailable")]
     NoGroup,
+    /// The committer thread is gone.
+    #[error("the committer thread stopped")]
+    CommitterGone,
     /// An output could not be encoded.
     #[error("encoding an output: {0}")]
     Encode(#[from] serde_json::Error),
@@ -113,7 +125,7 @@ struct PartitionMeter {
 pub struct Engine {
     cfg: EngineConfig,
     billing: Billing,
-    producer: TxnProducer,
+    committer: Committer,
     store: Arc<Store>,
     metrics: Metrics,
     meters: HashMap<i32, PartitionMeter>,
@@ -121,10 +133,11 @@ pub struct Engine {
     to_restore: BTreeSet<i32>,
     /// Partitions held and restored, shared with the usage API.
     owned: Arc<std::sync::RwLock<BTreeSet<i32>>>,
-    in_txn: bool,
     batch_started: Instant,
     batch_events: usize,
     next_offsets: BTreeMap<i32, i64>,
+    records: Vec<OutRecord>,
+    charges_by_kind: [u64; 3],
     out: Vec<Output>,
     input_topic: Arc<str>,
     /// An error raised inside a rebalance callback, surfaced by the loop.
@@ -135,7 +148,7 @@ impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
             .field("assigned", &self.assigned)
-            .field("in_txn", &self.in_txn)
+            .field("records", &self.records.len())
             .field("batch_events", &self.batch_events)
             .finish()
     }
@@ -151,21 +164,23 @@ impl Engine {
         metrics: Metrics,
         owned: Arc<std::sync::RwLock<BTreeSet<i32>>>,
     ) -> Engine {
+        let committer = Committer::start(producer, store.clone(), metrics.clone(), cfg.topics.changelog.clone());
         Engine {
             input_topic: cfg.topics.job_events.as_str().into(),
             cfg,
             billing,
-            producer,
+            committer,
             store,
             metrics,
             meters: HashMap::new(),
             assigned: BTreeSet::new(),
             to_restore: BTreeSet::new(),
             owned,
-            in_txn: false,
             batch_started: Instant::now(),
             batch_events: 0,
             next_offsets: BTreeMap::new(),
+            records: Vec::new(),
+            charges_by_kind: [0; 3],
             out: Vec::new(),
             failed: None,
         }
@@ -254,17 +269,14 @@ impl Engine {
         Ok(())
     }
 
-    /// Applies one input record, producing its outputs in the open
-    /// transaction (begun here if none is open).
+    /// Applies one input record, adding its outputs to the open batch.
     pub fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), EngineError> {
         let p = msg.partition();
         if !self.meters.contains_key(&p) {
             self.to_restore.remove(&p);
             self.restore(p)?;
         }
-        if !self.in_txn {
-            self.producer.begin()?;
-            self.in_txn = true;
+        if self.batch_events == 0 {
             self.batch_started = Instant::now();
         }
         let origin = Origin {
@@ -303,155 +315,96 @@ impl Engine {
     fn produce_output(&mut self, o: Output, input_key: Option<&[u8]>) -> Result<(), EngineError> {
         let t = &self.cfg.topics;
         let json = |v: &dyn erased::Json| v.to_vec();
-        match o {
+        let rec = |topic: &str, key: &[u8], payload: Vec<u8>| OutRecord {
+            topic: topic.to_owned(),
+            key: key.to_vec(),
+            payload: Some(payload),
+            headers: None,
+            partition: None,
+            tag: TAG_OUTPUT,
+        };
+        let r = match o {
             Output::Charge(c) => {
-                self.metrics.charges.with_label_values(&[c.kind.as_str()]).inc();
-                let v = json(&c)?;
-                self.producer.send(
-                    &t.charges,
-                    c.account_id.as_str().as_bytes(),
-                    Some(&v),
-                    None,
-                    None,
-                    TAG_OUTPUT,
-                )?;
+                if let Some(i) = jobmeter_core::JobKind::ALL.iter().position(|k| *k == c.kind) {
+                    self.charges_by_kind[i] += 1;
+                }
+                rec(&t.charges, c.account_id.as_str().as_bytes(), json(&c)?)
             }
-            Output::Limit(l) => {
-                let v = json(&l)?;
-                self.producer.send(
-                    &t.limits,
-                    l.account_id.as_str().as_bytes(),
-                    Some(&v),
-                    None,
-                    None,
-                    TAG_OUTPUT,
-                )?;
-            }
-            Output::Statement(s) => {
-                let v = json(&s)?;
-                self.producer.send(
-                    &t.statements,
-                    s.account_id.as_str().as_bytes(),
-                    Some(&v),
-                    None,
-                    None,
-                    TAG_OUTPUT,
-                )?;
-            }
+            Output::Limit(l) => rec(&t.limits, l.account_id.as_str().as_bytes(), json(&l)?),
+            Output::Statement(st) => rec(&t.statements, st.account_id.as_str().as_bytes(), json(&st)?),
             Output::Reject(r) => {
                 let (topic, partition, offset) = r
                     .origin
                     .as_ref()
                     .map_or((t.job_events.as_str(), -1, -1), |o| (&*o.topic, o.partition, o.offset));
                 let headers = jobmeter_kafka::dlq::headers(r.reason.as_str(), &r.detail, topic, partition, offset);
-                self.producer.send(
-                    &t.dlq,
-                    input_key.unwrap_or_default(),
-                    Some(&r.raw),
-                    Some(headers),
-                    None,
-                    TAG_OUTPUT,
-                )?;
+                OutRecord {
+                    headers: Some(headers),
+                    ..rec(&t.dlq, input_key.unwrap_or_default(), r.raw)
+                }
             }
-        }
+        };
+        self.records.push(r);
         Ok(())
     }
 
     /// True when the open batch should be committed.
     pub fn batch_due(&self) -> bool {
-        self.in_txn
+        self.batch_events > 0
             && (self.batch_events >= self.cfg.batch_max_events
                 || self.batch_started.elapsed() >= self.cfg.batch_interval)
     }
 
-    /// Commits the open batch: changelog records, offsets, transaction
-    /// commit, then RocksDB.
+    /// Hands the open batch to the committer, which commits it while the
+    /// pipeline goes on with the next one. Waits while the committer is
+    /// still busy with the previous batch (at most one batch in commit and
+    /// one being built). Returns an earlier batch's commit failure.
     pub fn commit<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> Result<(), EngineError> {
-        if !self.in_txn {
+        self.committer.check()?;
+        if self.batch_events == 0 {
             return Ok(());
         }
-        let t0 = Instant::now();
         let mut changes: Vec<(i32, Vec<StateChange>)> = Vec::new();
+        let mut stats = Vec::new();
         for p in self.next_offsets.keys().copied().collect::<Vec<_>>() {
             let Some(pm) = self.meters.get_mut(&p) else { continue };
-            let ch = pm.meter.take_changes()?;
-            for c in &ch {
-                let key = jobmeter_core::state::changelog::key(c.table, &c.key);
-                self.producer.send(
-                    &self.cfg.topics.changelog,
-                    &key,
-                    c.value.as_deref(),
-                    None,
-                    Some(p),
-                    tag_changelog(p),
-                )?;
-            }
-            changes.push((p, ch));
-        }
-        let mut tpl = TopicPartitionList::new();
-        for (p, o) in &self.next_offsets {
-            tpl.add_partition_offset(&self.cfg.topics.job_events, *p, Offset::Offset(*o))
-                .map_err(|e| {
-                    EngineError::Kafka(jobmeter_kafka::KafkaAdapterError::Op {
-                        op: "offsets",
-                        source: e,
-                    })
-                })?;
+            changes.push((p, pm.meter.take_changes()?));
+            let now = pm.meter.stats().clone();
+            stats.push((
+                p,
+                std::mem::replace(&mut pm.reported, now.clone()),
+                now,
+                pm.meter.open_jobs(),
+            ));
         }
         let group = consumer.group_metadata().ok_or(EngineError::NoGroup)?;
-        let t_off = Instant::now();
-        self.producer.send_offsets(&tpl, &group)?;
-        let t_commit = Instant::now();
-        let changelog_offsets = self.producer.commit()?;
-        self.in_txn = false;
-        let t1 = Instant::now();
-        self.metrics
-            .commit_seconds
-            .with_label_values(&["produce"])
-            .observe((t_off - t0).as_secs_f64());
-        self.metrics
-            .commit_seconds
-            .with_label_values(&["offsets"])
-            .observe((t_commit - t_off).as_secs_f64());
-        let steps: Vec<(i32, &[StateChange], Option<i64>)> = changes
-            .iter()
-            .map(|(p, ch)| (*p, ch.as_slice(), changelog_offsets.get(p).copied()))
-            .collect();
-        self.store.commit_many(&steps)?;
-        self.metrics
-            .commit_seconds
-            .with_label_values(&["commit"])
-            .observe((t1 - t_commit).as_secs_f64());
-        self.metrics
-            .commit_seconds
-            .with_label_values(&["store"])
-            .observe(t1.elapsed().as_secs_f64());
-        self.metrics.batch_events.observe(self.batch_events as f64);
-        for (p, pm) in self.meters.iter_mut() {
-            if self.next_offsets.contains_key(p) {
-                let now = pm.meter.stats().clone();
-                self.metrics.add_stats(&pm.reported, &now);
-                pm.reported = now;
-                self.metrics
-                    .open_jobs
-                    .with_label_values(&[&p.to_string()])
-                    .set(pm.meter.open_jobs() as i64);
-            }
-        }
-        self.metrics.producer_queue.set(i64::from(self.producer.in_flight()));
+        let batch = Batch {
+            records: std::mem::take(&mut self.records),
+            changes,
+            offsets: std::mem::take(&mut self.next_offsets),
+            input_topic: self.cfg.topics.job_events.clone(),
+            group,
+            events: self.batch_events,
+            stats,
+            charges_by_kind: std::mem::take(&mut self.charges_by_kind),
+        };
         self.batch_events = 0;
-        self.next_offsets.clear();
-        Ok(())
+        self.committer.submit(batch)
     }
 
-    /// Aborts the open transaction (best effort, before a rebuild).
+    /// Commits the open batch and waits until every batch handed over is
+    /// committed (shutdown, revoke).
+    pub fn commit_and_wait<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> Result<(), EngineError> {
+        self.commit(consumer)?;
+        self.committer.wait()
+    }
+
+    /// Drops the open batch (its transaction was never begun; a failed
+    /// commit is aborted by the committer).
     pub fn abort(&mut self) {
-        if self.in_txn {
-            if let Err(e) = self.producer.abort() {
-                tracing::warn!(error = %e, "abort failed; the transaction will time out");
-            }
-            self.in_txn = false;
-        }
+        self.records.clear();
+        self.next_offsets.clear();
+        self.batch_events = 0;
     }
 
     fn on_assign(&mut self, tpl: &TopicPartitionList) {
@@ -469,7 +422,7 @@ impl Engine {
     }
 
     fn on_revoke<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, tpl: &TopicPartitionList) {
-        if let Err(e) = self.commit(consumer) {
+        if let Err(e) = self.commit_and_wait(consumer) {
             tracing::error!(error = %e, "commit on revoke failed");
             self.abort();
             self.failed = Some(e);
@@ -492,8 +445,198 @@ impl Engine {
     /// Updates the gauges that need no network call.
     pub fn report_local(&self) {
         self.metrics.store_bytes.set(self.store.size_bytes() as i64);
-        self.metrics.producer_queue.set(i64::from(self.producer.in_flight()));
+        self.metrics.producer_queue.set(i64::from(self.committer.queue_depth()));
     }
+}
+
+/// One output or changelog record, encoded, waiting for its transaction.
+struct OutRecord {
+    topic: String,
+    key: Vec<u8>,
+    payload: Option<Vec<u8>>,
+    headers: Option<rdkafka::message::OwnedHeaders>,
+    partition: Option<i32>,
+    tag: usize,
+}
+
+/// Everything one transaction carries.
+struct Batch {
+    records: Vec<OutRecord>,
+    changes: Vec<(i32, Vec<StateChange>)>,
+    offsets: BTreeMap<i32, i64>,
+    input_topic: String,
+    group: rdkafka::consumer::ConsumerGroupMetadata,
+    events: usize,
+    /// Per partition: stats reported before, stats now, open jobs.
+    stats: Vec<(i32, Stats, Stats, usize)>,
+    charges_by_kind: [u64; 3],
+}
+
+enum ToCommitter {
+    Batch(Box<Batch>),
+    Wait(std::sync::mpsc::SyncSender<()>),
+}
+
+/// The committer: a thread that owns the transactional producer and runs
+/// each batch's transaction (begin, produce outputs and changelog records,
+/// add offsets, commit) and then the RocksDB write, one batch at a time and
+/// in order, while the pipeline builds the next batch. The crash argument
+/// above holds per batch unchanged; the overlap only hides the commit's
+/// round trips and the fsync behind the next batch's work.
+struct Committer {
+    tx: Option<std::sync::mpsc::SyncSender<ToCommitter>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    failed: Arc<Mutex<Option<EngineError>>>,
+    queue_depth: Arc<std::sync::atomic::AtomicI32>,
+}
+
+impl Committer {
+    fn start(producer: TxnProducer, store: Arc<Store>, metrics: Metrics, changelog: String) -> Committer {
+        // Capacity 0: a hand-over waits until the committer takes it, so at
+        // most one batch is being committed while one is being built.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<ToCommitter>(0);
+        let failed: Arc<Mutex<Option<EngineError>>> = Arc::default();
+        let queue_depth: Arc<std::sync::atomic::AtomicI32> = Arc::default();
+        let (f, q) = (failed.clone(), queue_depth.clone());
+        let thread = std::thread::Builder::new()
+            .name("jobmeter-commit".into())
+            .spawn(move || {
+                for msg in rx {
+                    match msg {
+                        ToCommitter::Batch(b) => {
+                            let ok = f.lock().map(|x| x.is_none()).unwrap_or(false);
+                            if !ok {
+                                continue;
+                            }
+                            if let Err(e) = commit_batch(&producer, &store, &metrics, &changelog, *b) {
+                                if let Err(a) = producer.abort() {
+                                    tracing::warn!(error = %a, "abort failed; the transaction will time out");
+                                }
+                                if let Ok(mut x) = f.lock() {
+                                    *x = Some(e);
+                                }
+                            }
+                            q.store(producer.in_flight(), std::sync::atomic::Ordering::Relaxed);
+                        }
+                        ToCommitter::Wait(reply) => {
+                            let _ = reply.send(());
+                        }
+                    }
+                }
+            })
+            .ok();
+        Committer {
+            tx: Some(tx),
+            thread,
+            failed,
+            queue_depth,
+        }
+    }
+
+    fn check(&self) -> Result<(), EngineError> {
+        match self.failed.lock().ok().and_then(|mut f| f.take()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn send(&self, m: ToCommitter) -> Result<(), EngineError> {
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.send(m).ok())
+            .ok_or(EngineError::CommitterGone)
+    }
+
+    fn submit(&self, b: Batch) -> Result<(), EngineError> {
+        self.send(ToCommitter::Batch(Box::new(b)))
+    }
+
+    /// Waits until every batch handed over is committed.
+    fn wait(&self) -> Result<(), EngineError> {
+        let (reply, done) = std::sync::mpsc::sync_channel(1);
+        self.send(ToCommitter::Wait(reply))?;
+        done.recv().map_err(|_| EngineError::CommitterGone)?;
+        self.check()
+    }
+
+    fn queue_depth(&self) -> i32 {
+        self.queue_depth.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One batch's transaction, then its RocksDB write.
+fn commit_batch(
+    producer: &TxnProducer,
+    store: &Store,
+    metrics: &Metrics,
+    changelog: &str,
+    b: Batch,
+) -> Result<(), EngineError> {
+    let t0 = Instant::now();
+    producer.begin()?;
+    for r in b.records {
+        producer.send(&r.topic, &r.key, r.payload.as_deref(), r.headers, r.partition, r.tag)?;
+    }
+    for (p, ch) in &b.changes {
+        for c in ch {
+            let key = jobmeter_core::state::changelog::key(c.table, &c.key);
+            producer.send(changelog, &key, c.value.as_deref(), None, Some(*p), tag_changelog(*p))?;
+        }
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in &b.offsets {
+        tpl.add_partition_offset(&b.input_topic, *p, Offset::Offset(*o))
+            .map_err(|e| {
+                EngineError::Kafka(jobmeter_kafka::KafkaAdapterError::Op {
+                    op: "offsets",
+                    source: e,
+                })
+            })?;
+    }
+    let t_off = Instant::now();
+    producer.send_offsets(&tpl, &b.group)?;
+    let t_commit = Instant::now();
+    let changelog_offsets = producer.commit()?;
+    let t1 = Instant::now();
+    let steps: Vec<(i32, &[StateChange], Option<i64>)> = b
+        .changes
+        .iter()
+        .map(|(p, ch)| (*p, ch.as_slice(), changelog_offsets.get(p).copied()))
+        .collect();
+    store.commit_many(&steps)?;
+    let step = |name: &str, d: Duration| {
+        metrics
+            .commit_seconds
+            .with_label_values(&[name])
+            .observe(d.as_secs_f64())
+    };
+    step("produce", t_off - t0);
+    step("offsets", t_commit - t_off);
+    step("commit", t1 - t_commit);
+    step("store", t1.elapsed());
+    metrics.batch_events.observe(b.events as f64);
+    for (p, before, now, open) in &b.stats {
+        metrics.add_stats(before, now);
+        metrics.open_jobs.with_label_values(&[&p.to_string()]).set(*open as i64);
+    }
+    for (i, n) in b.charges_by_kind.iter().enumerate() {
+        if *n > 0 {
+            metrics
+                .charges
+                .with_label_values(&[jobmeter_core::JobKind::ALL[i].as_str()])
+                .inc_by(*n);
+        }
+    }
+    Ok(())
 }
 
 /// State records by (table, key), as restored.

@@ -423,7 +423,7 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
     let mut last_report = Instant::now();
     let result = loop {
         if stop.load(Ordering::SeqCst) {
-            let r = lock().commit(&consumer);
+            let r = lock().commit_and_wait(&consumer);
             if r.is_ok() {
                 tracing::info!("last batch committed");
             }
