@@ -287,10 +287,19 @@ fn misdirected_requests_name_the_owner() {
         );
     }
     rdkafka::producer::Producer::flush(&p, Duration::from_secs(30)).expect("present");
+    // Split 2/2 and restored (ready) on both.
     let both_own = || {
-        ma.metric("jobmeter_assigned_partitions") == Some(2.0) && mb.metric("jobmeter_assigned_partitions") == Some(2.0)
+        ma.metric("jobmeter_assigned_partitions") == Some(2.0)
+            && mb.metric("jobmeter_assigned_partitions") == Some(2.0)
+            && http_get(&ma.http, "/readyz").is_some()
+            && http_get(&mb.http, "/readyz").is_some()
     };
-    wait_until("partitions split 2/2", Duration::from_secs(90), &[&ma, &mb], both_own);
+    wait_until(
+        "partitions split 2/2 and restored",
+        Duration::from_secs(90),
+        &[&ma, &mb],
+        both_own,
+    );
     wait_until("all events counted", Duration::from_secs(90), &[&ma, &mb], || {
         ma.metric("jobmeter_events_total").unwrap_or(0.0) + mb.metric("jobmeter_events_total").unwrap_or(0.0)
             == w.events.len() as f64
@@ -305,7 +314,9 @@ fn misdirected_requests_name_the_owner() {
         assert_eq!(
             (answers[0].0, answers[1].0),
             (200, 421),
-            "{account}: {answers:?}",
+            "{account}: {answers:?}\n--- logs ---\n{}\n---\n{}",
+            ma.log_tail(),
+            mb.log_tail(),
             answers = [&answers[0].1, &answers[1].1]
         );
         let v: Value = serde_json::from_str(&answers[1].1).expect("present");

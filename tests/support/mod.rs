@@ -98,7 +98,9 @@ impl MeterSpec {
             .args(["--set", &format!("topics.prefix={}", self.prefix)])
             .args(["--set", &format!("topics.partitions={}", self.partitions)])
             .args(["--set", "topics.output_partitions=2"])
-            .args(["--set", "kafka.group_id=jobmeter"])
+            // One group per test: meters of tests running side by side must
+            // not rebalance each other.
+            .args(["--set", &format!("kafka.group_id={}-group", self.prefix)])
             .args(["--set", "kafka.transaction_timeout=10s"])
             .args(["--set", "batch.max_events=500"])
             .args(["--set", "batch.interval=50ms"])
