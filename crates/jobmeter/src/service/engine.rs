@@ -389,7 +389,13 @@ impl Engine {
             charges_by_kind: std::mem::take(&mut self.charges_by_kind),
         };
         self.batch_events = 0;
-        self.committer.submit(batch)
+        let t = Instant::now();
+        let r = self.committer.submit(batch);
+        self.metrics
+            .commit_seconds
+            .with_label_values(&["handover"])
+            .observe(t.elapsed().as_secs_f64());
+        r
     }
 
     /// Commits the open batch and waits until every batch handed over is

@@ -152,7 +152,7 @@ impl Metrics {
                 HistogramVec::new(
                     HistogramOpts::new(
                         "jobmeter_commit_seconds",
-                        "Time to commit a batch, by step (produce: changelog records; offsets: add offsets to the transaction; commit: transaction commit; store: RocksDB write)",
+                        "Time to commit a batch, by step (handover: the pipeline waiting for the committer to take the batch; produce: outputs and changelog records; offsets: add offsets to the transaction; commit: transaction commit; store: RocksDB write)",
                     )
                     .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]),
                     &["step"],
