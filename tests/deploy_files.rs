@@ -16,6 +16,8 @@ fn exported() -> BTreeSet<String> {
     m.lag.with_label_values(&["0"]);
     m.open_jobs.with_label_values(&["0"]);
     m.commit_seconds.with_label_values(&["commit"]);
+    m.limit_events.with_label_values(&["free_credits", "80"]);
+    m.api_requests.with_label_values(&["usage", "200"]);
     let _a = jobmeter::service::accounts::AccountsMetrics::new(&r).expect("account metrics");
     let mut names = BTreeSet::new();
     for fam in r.gather() {

@@ -138,6 +138,7 @@ pub struct Engine {
     next_offsets: BTreeMap<i32, i64>,
     records: Vec<OutRecord>,
     charges_by_kind: [u64; 3],
+    limits_by_label: BTreeMap<(&'static str, String), u64>,
     out: Vec<Output>,
     input_topic: Arc<str>,
     /// An error raised inside a rebalance callback, surfaced by the loop.
@@ -181,6 +182,7 @@ impl Engine {
             next_offsets: BTreeMap::new(),
             records: Vec::new(),
             charges_by_kind: [0; 3],
+            limits_by_label: BTreeMap::new(),
             out: Vec::new(),
             failed: None,
         }
@@ -330,7 +332,11 @@ impl Engine {
                 }
                 rec(&t.charges, c.account_id.as_str().as_bytes(), json(&c)?)
             }
-            Output::Limit(l) => rec(&t.limits, l.account_id.as_str().as_bytes(), json(&l)?),
+            Output::Limit(l) => {
+                let threshold = l.threshold_pct.map_or_else(|| "amount".to_owned(), |p| p.to_string());
+                *self.limits_by_label.entry((l.limit.as_str(), threshold)).or_default() += 1;
+                rec(&t.limits, l.account_id.as_str().as_bytes(), json(&l)?)
+            }
             Output::Statement(st) => rec(&t.statements, st.account_id.as_str().as_bytes(), json(&st)?),
             Output::Reject(r) => {
                 let (topic, partition, offset) = r
@@ -387,6 +393,7 @@ impl Engine {
             events: self.batch_events,
             stats,
             charges_by_kind: std::mem::take(&mut self.charges_by_kind),
+            limits_by_label: std::mem::take(&mut self.limits_by_label),
         };
         self.batch_events = 0;
         let t = Instant::now();
@@ -409,6 +416,8 @@ impl Engine {
     /// commit is aborted by the committer).
     pub fn abort(&mut self) {
         self.records.clear();
+        self.limits_by_label.clear();
+        self.charges_by_kind = [0; 3];
         self.next_offsets.clear();
         self.batch_events = 0;
     }
@@ -476,6 +485,7 @@ struct Batch {
     /// Per partition: stats reported before, stats now, open jobs.
     stats: Vec<(i32, Stats, Stats, usize)>,
     charges_by_kind: [u64; 3],
+    limits_by_label: BTreeMap<(&'static str, String), u64>,
 }
 
 enum ToCommitter {
@@ -633,6 +643,12 @@ fn commit_batch(
     for (p, before, now, open) in &b.stats {
         metrics.add_stats(before, now);
         metrics.open_jobs.with_label_values(&[&p.to_string()]).set(*open as i64);
+    }
+    for ((limit, threshold), n) in &b.limits_by_label {
+        metrics
+            .limit_events
+            .with_label_values(&[*limit, threshold.as_str()])
+            .inc_by(*n);
     }
     for (i, n) in b.charges_by_kind.iter().enumerate() {
         if *n > 0 {

@@ -9,7 +9,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, IntCounterVec, Registry, TextEncoder};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -135,13 +135,8 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 /// The router. Its routes are [`super::api::ROUTES`].
-pub fn router(registry: Registry, ready: Arc<AtomicBool>, api: Arc<Api>) -> Result<Router, prometheus::Error> {
-    let requests = IntCounterVec::new(
-        Opts::new("jobmeter_api_requests_total", "Usage API requests by route and status"),
-        &["route", "status"],
-    )?;
-    registry.register(Box::new(requests.clone()))?;
-    Ok(Router::new()
+pub fn router(registry: Registry, ready: Arc<AtomicBool>, api: Arc<Api>, requests: IntCounterVec) -> Router {
+    Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -156,7 +151,7 @@ pub fn router(registry: Registry, ready: Arc<AtomicBool>, api: Arc<Api>) -> Resu
             ready,
             api,
             requests,
-        }))
+        })
 }
 
 /// Serves until `shutdown` is cancelled.

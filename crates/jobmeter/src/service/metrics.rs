@@ -29,8 +29,9 @@ pub struct Metrics {
     pub orphans: IntCounter,
     /// Late charges (billed in a later period).
     pub late_charges: IntCounter,
-    /// Limit events.
-    pub limit_events: IntCounter,
+    /// Limit events by limit and threshold (`80`, `100`…, or `amount` for
+    /// enterprise alert amounts, which vary by account).
+    pub limit_events: IntCounterVec,
     /// Statements.
     pub statements: IntCounter,
     /// Open jobs per partition.
@@ -57,6 +58,8 @@ pub struct Metrics {
     pub accounts: IntGauge,
     /// 1 when state is restored and partitions assigned.
     pub ready: IntGauge,
+    /// Usage API requests by route and status.
+    pub api_requests: IntCounterVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> Result<T, prometheus::Error> {
@@ -120,7 +123,10 @@ impl Metrics {
             )?,
             limit_events: reg(
                 r,
-                IntCounter::new("jobmeter_limit_events_total", "Limit events emitted")?,
+                IntCounterVec::new(
+                    Opts::new("jobmeter_limit_events_total", "Limit events emitted, by limit and threshold"),
+                    &["limit", "threshold"],
+                )?,
             )?,
             statements: reg(r, IntCounter::new("jobmeter_statements_total", "Statements emitted")?)?,
             open_jobs: reg(
@@ -196,6 +202,13 @@ impl Metrics {
                 r,
                 IntGauge::new("jobmeter_ready", "1 when state is restored and partitions are assigned")?,
             )?,
+            api_requests: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("jobmeter_api_requests_total", "Usage API requests by route and status"),
+                    &["route", "status"],
+                )?,
+            )?,
         };
         // Create every bounded label up front so dashboards see zeros.
         for reason in RejectReason::ALL {
@@ -243,7 +256,6 @@ impl Metrics {
         self.adjustments.inc_by(d(before.adjustments, after.adjustments));
         self.orphans.inc_by(d(before.orphans, after.orphans));
         self.late_charges.inc_by(d(before.late_charges, after.late_charges));
-        self.limit_events.inc_by(d(before.limit_events, after.limit_events));
         self.statements.inc_by(d(before.statements, after.statements));
     }
 }

@@ -203,7 +203,7 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
         group: Some((settings.clone(), cfg.kafka.group_id.clone(), topics.job_events.clone())),
         instance_id: cfg.instance_id.clone(),
     });
-    let app = http::router(registry.clone(), ready.clone(), api)?;
+    let app = http::router(registry.clone(), ready.clone(), api, metrics.api_requests.clone());
     let listener = tokio::net::TcpListener::bind(&cfg.http.listen).await?;
     tracing::info!(listen = %cfg.http.listen, advertised = %cfg.advertised_url(), "serving /metrics, /healthz, /readyz and the usage API under /v1");
     let http_shutdown = shutdown.clone();
