@@ -459,6 +459,23 @@ impl Config {
         Ok(out)
     }
 
+    /// A copy safe to print: API tokens and secret-looking Kafka properties
+    /// (passwords, secrets, keys) replaced by `<redacted>`.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        let hide = |v: &mut String| *v = "<redacted>".into();
+        c.api.admin_tokens.iter_mut().for_each(hide);
+        for tokens in c.api.account_tokens.values_mut() {
+            tokens.iter_mut().for_each(hide);
+        }
+        for (k, v) in c.kafka.properties.iter_mut() {
+            if ["password", "secret", "key"].iter().any(|w| k.contains(w)) && !k.ends_with(".location") {
+                hide(v);
+            }
+        }
+        c
+    }
+
     /// The URL announced to the group: `http.advertise_url`, or one derived
     /// from `http.listen`.
     pub fn advertised_url(&self) -> String {
@@ -572,6 +589,25 @@ mod tests {
                 ("sasl.username", "meter")
             ]
         );
+    }
+
+    #[test]
+    fn printed_config_hides_secrets() {
+        let over = Overrides {
+            sets: vec![
+                ("kafka.properties.sasl.password".into(), "hunter2hunter2".into()),
+                ("kafka.properties.ssl.key.location".into(), "/etc/key.pem".into()),
+                ("billing.rate_card".into(), rate_card_path()),
+            ],
+        };
+        let mut c = Config::load(None, &[], &over).unwrap_or_else(|e| panic!("{e}"));
+        c.api.admin_tokens = vec!["admin-token-0123456789".into()];
+        let text = toml::to_string_pretty(&c.redacted()).unwrap_or_default();
+        assert!(
+            !text.contains("hunter2") && !text.contains("admin-token-0123456789"),
+            "{text}"
+        );
+        assert!(text.contains("/etc/key.pem"), "file locations are not secrets");
     }
 
     #[test]

@@ -89,7 +89,7 @@ pub fn main(cmd: RunCmd) -> anyhow::Result<()> {
     init_tracing();
     let cfg = cmd.load_config()?;
     if cmd.print_config {
-        println!("{}", toml::to_string_pretty(&cfg)?);
+        println!("{}", toml::to_string_pretty(&cfg.redacted())?);
         return Ok(());
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
