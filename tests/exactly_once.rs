@@ -266,3 +266,45 @@ fn rebuild_from_input_topics_matches_state_and_outputs() {
     assert_eq!(meter.terminate(), Some(0));
     assert_same(&got, &want);
 }
+
+/// A run across a month boundary: May closes, and every pro account keyed
+/// to a partition gets May's statement exactly once — with its usage lines,
+/// or with the fee alone if it used nothing.
+#[test]
+fn month_close_bills_every_pro_account_once() {
+    let prefix = fresh_prefix("month");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let meter = MeterSpec::new(&prefix, "month-0", dir.path().join("state"), 3).start();
+    wait_for_topics(&prefix);
+    let opts = FleetOptions {
+        seed: 21,
+        jobs: 2_500,
+        accounts: 400,
+        start: jobmeter_core::Timestamp::parse("2024-05-31T23:00:00Z").expect("time"),
+        // About 2 h 45 min of event time: past June 1, 01:00, when May closes.
+        mean_gap_ms: 4_000,
+        ..FleetOptions::default()
+    };
+    let w = workload(&opts, 3);
+    produce_accounts(&prefix, &w);
+    produce_events(&prefix, &w, 0..w.events.len(), 0);
+    let want = expected(&w, w.events.len());
+    let idle: Vec<&String> = want
+        .statements
+        .values()
+        .filter(|s| s.contains(r#""lines":[]"#))
+        .collect();
+    assert!(!idle.is_empty(), "the workload has pro accounts without May usage");
+    wait_until("all events consumed", Duration::from_secs(120), &[&meter], || {
+        all_consumed(&meter, w.events.len())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let got = read_outputs(&prefix);
+    assert_same(&got, &want);
+    for s in idle {
+        assert!(
+            s.contains(r#""subscription_fee":"29.00""#) || s.contains(r#""subscription_fee":"49.00""#),
+            "{s}"
+        );
+    }
+}

@@ -248,13 +248,10 @@ pub struct Workload {
     pub partitions: i32,
 }
 
-/// The partition an account's events go to (explicit, so the offline
-/// expectation can use the same split).
+/// The partition an account's events go to: Kafka's default partitioner,
+/// named explicitly so the offline expectation uses the same split.
 pub fn partition_of(key: &str, partitions: i32) -> i32 {
-    let h = key
-        .bytes()
-        .fold(2166136261u32, |h, b| (h ^ u32::from(b)).wrapping_mul(16777619));
-    (h % partitions as u32) as i32
+    jobmeter_core::partition::partition_for_key(key.as_bytes(), partitions)
 }
 
 pub fn workload(opts: &FleetOptions, partitions: i32) -> Workload {
@@ -412,7 +409,7 @@ pub fn expected(w: &Workload, upto: usize) -> Outputs {
         meters
             .entry(p)
             .or_default()
-            .apply(&ctx, e.json.as_bytes(), None, &mut out);
+            .apply(&ctx.with_partition(p, w.partitions), e.json.as_bytes(), None, &mut out);
     }
     let mut o = Outputs::default();
     for x in out {

@@ -399,10 +399,26 @@ impl Meter {
     }
 
     /// Emits the statements of period `p` and forgets its accumulators.
+    ///
+    /// Pro accounts this meter answers for ([`Context::owns`]) that had no
+    /// usage in `p` get a statement too: the monthly fee is owed whether or
+    /// not the plan was used. Each period is closed once
+    /// (`fees_through` records how far).
     pub(crate) fn close_period(&mut self, ctx: &Context<'_>, p: Period, _at: Timestamp, out: &mut Vec<Output>) {
-        let Some(accounts) = self.statements.remove(&p) else {
-            return;
-        };
+        let mut accounts = self.statements.remove(&p).unwrap_or_default();
+        if self.fees_through.is_none_or(|f| f < p) {
+            let idle: std::collections::BTreeSet<&AccountId> = ctx
+                .accounts
+                .records()
+                .into_keys()
+                .filter(|a| !accounts.contains_key(*a) && ctx.owns(a) && ctx.accounts.pro_during(a, p))
+                .collect();
+            for a in idle {
+                accounts.insert(a.clone(), Default::default());
+            }
+            self.fees_through = Some(p);
+            self.mark_meta();
+        }
         let last_instant = Timestamp(p.end().0 - 1);
         for (account, acc) in accounts {
             let plan = ctx.accounts.terms_at(ctx.plans, &account, last_instant).plan;

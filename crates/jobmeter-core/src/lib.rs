@@ -32,6 +32,7 @@ mod jobs;
 pub mod meter;
 pub mod money;
 pub mod output;
+pub mod partition;
 mod persist;
 pub mod plans;
 pub mod ratecard;

@@ -53,9 +53,28 @@ pub struct Context<'a> {
     pub accounts: &'a AccountBook,
     /// Timeouts.
     pub config: &'a MeterConfig,
+    /// The input partition this meter runs for and the partition count, or
+    /// `None` for a meter over every account (a replay). Decides which pro
+    /// accounts without usage this meter bills the monthly fee to.
+    pub partition: Option<(i32, i32)>,
 }
 
 impl<'a> Context<'a> {
+    /// The same context for the meter of input partition `p` of `n`.
+    pub fn with_partition(self, p: i32, n: i32) -> Self {
+        Context {
+            partition: Some((p, n)),
+            ..self
+        }
+    }
+
+    /// True when this meter answers for `account` (its events are keyed to
+    /// this meter's partition by Kafka's default partitioner).
+    pub fn owns(&self, account: &crate::money::AccountId) -> bool {
+        self.partition
+            .is_none_or(|(p, n)| crate::partition::partition_for_key(account.as_str().as_bytes(), n) == p)
+    }
+
     /// Everything a meter consults, together.
     pub fn new(
         rates: &'a RateCard,
@@ -68,6 +87,7 @@ impl<'a> Context<'a> {
             plans,
             accounts,
             config,
+            partition: None,
         }
     }
 }
@@ -114,6 +134,9 @@ pub(crate) struct Dirty {
 #[derive(Debug, Default)]
 pub struct Meter {
     pub(crate) stream_time: Option<Timestamp>,
+    /// The last period whose statements have been emitted, pro accounts
+    /// without usage included (set at the first event).
+    pub(crate) fees_through: Option<Period>,
     pub(crate) jobs: crate::jobs::JobTable,
     pub(crate) seen: FastSet<EventKey>,
     pub(crate) usage: FastMap<UsageKey, Counter>,
@@ -250,9 +273,10 @@ impl Meter {
     /// jobs, dead-letters stops still missing their start, and emits the
     /// statements of every open period. Used at the end of a replay.
     pub fn flush(&mut self, ctx: &Context<'_>, out: &mut Vec<Output>) {
+        let cap = self.stream_time.map(Timestamp::period);
         self.stream_time = Some(Timestamp(i64::MAX / 4));
         self.mark_meta();
-        self.fire_due(ctx, out);
+        self.fire_due_until(ctx, cap, out);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -407,14 +431,36 @@ impl Meter {
     /// Processes, in event-time order, every deadline and period close that
     /// stream time has passed.
     fn fire_due(&mut self, ctx: &Context<'_>, out: &mut Vec<Output>) {
+        let cap = self.stream_time.map(Timestamp::period);
+        self.fire_due_until(ctx, cap, out);
+    }
+
+    /// As [`Meter::fire_due`]; periods after `cap` are not closed for the
+    /// sake of accounts without usage (a flush would otherwise run on
+    /// forever).
+    fn fire_due_until(&mut self, ctx: &Context<'_>, cap: Option<Period>, out: &mut Vec<Output>) {
         let Some(st) = self.stream_time else { return };
+        if self.fees_through.is_none() {
+            // Months before this partition's first event are not billed to
+            // accounts without usage from here.
+            self.fees_through = Some(st.period().prev());
+            self.mark_meta();
+        }
         loop {
             let timer = self.timers.first().map(|(d, _)| *d).filter(|d| *d < st);
+            let idle = self
+                .fees_through
+                .map(Period::next)
+                .filter(|p| cap.is_some_and(|c| *p <= c));
             let close = self
                 .statements
                 .keys()
                 .next()
-                .map(|p| (p.end().plus_ms(ctx.config.period_grace_ms), *p))
+                .copied()
+                .into_iter()
+                .chain(idle)
+                .min()
+                .map(|p| (p.end().plus_ms(ctx.config.period_grace_ms), p))
                 .filter(|(t, _)| *t < st);
             let timer_first = match (timer, close) {
                 (Some(d), Some((t, _))) => d <= t,
@@ -547,7 +593,7 @@ impl Meter {
         }));
     }
 
-    fn mark_meta(&mut self) {
+    pub(crate) fn mark_meta(&mut self) {
         if let Some(d) = self.dirty.as_mut() {
             d.meta = true;
         }

@@ -81,6 +81,11 @@ impl Meter {
                 key: keys::STREAM_TIME.to_vec(),
                 value: self.stream_time.map(|t| t.0.to_be_bytes().to_vec()),
             });
+            out.push(StateChange {
+                table: Table::Meta,
+                key: keys::FEES_THROUGH.to_vec(),
+                value: self.fees_through.map(|p| p.ordinal().to_be_bytes().to_vec()),
+            });
         }
         Ok(out)
     }
@@ -103,6 +108,7 @@ impl Meter {
         copy.fired.sort();
         let mut view = Meter {
             stream_time: self.stream_time,
+            fees_through: self.fees_through,
             dirty: Some(copy),
             ..Meter::default()
         };
@@ -145,6 +151,13 @@ impl Meter {
                 }
                 // Written for readers; the meter never needs them again.
                 Table::Closed => {}
+                Table::Meta if k == keys::FEES_THROUGH => {
+                    let b: [u8; 4] = v.as_slice().try_into().map_err(|_| DecodeError {
+                        table: table.name(),
+                        why: "fees_through is not 4 bytes".to_owned(),
+                    })?;
+                    m.fees_through = Some(crate::time::Period::from_ordinal(u32::from_be_bytes(b)));
+                }
                 Table::Meta => {
                     if k == keys::STREAM_TIME {
                         let b: [u8; 8] = v.as_slice().try_into().map_err(|_| DecodeError {

@@ -16,7 +16,7 @@
 //! fired    : len|account  limit:u8  period:u32 BE  len|threshold
 //! stmts    : period:u32 BE  len|account
 //! closed   : period:u32 BE  len|account      (value: the emitted Statement)
-//! meta     : "stream_time"
+//! meta     : "stream_time" (i64 BE ms), "fees_through" (period u32 BE)
 //! ```
 //!
 //! `closed` holds the statements of closed periods as they were emitted.
@@ -457,6 +457,9 @@ pub mod keys {
 
     /// The key of the stream-time record.
     pub const STREAM_TIME: &[u8] = b"stream_time";
+
+    /// The key of the last period whose statements were all emitted.
+    pub const FEES_THROUGH: &[u8] = b"fees_through";
 }
 
 /// Value codec: JSON, so records stay readable with `ldb` and across versions.

@@ -218,6 +218,15 @@ impl Period {
         self.next().start()
     }
 
+    /// The month before.
+    pub fn prev(self) -> Period {
+        if self.month == 1 {
+            Period::new(self.year - 1, 12)
+        } else {
+            Period::new(self.year, self.month - 1)
+        }
+    }
+
     /// The following month.
     pub fn next(self) -> Period {
         if self.month == 12 {

@@ -530,3 +530,94 @@ mod fast_parse {
         }
     }
 }
+
+#[test]
+fn pro_accounts_without_usage_owe_the_fee_every_month() {
+    // Two pro accounts: one uses the service in May only, one never does.
+    let run = |partition: Option<(i32, i32)>| {
+        let mut w = World::new();
+        w.partition = partition;
+        w.account(r#"{"account_id":"busy","plan":"pro","effective_from":"2024-01-01T00:00:00Z"}"#);
+        w.account(r#"{"account_id":"idle","plan":"pro","effective_from":"2024-01-01T00:00:00Z"}"#);
+        w.account(r#"{"account_id":"free","plan":"free","effective_from":"2024-01-01T00:00:00Z"}"#);
+        let s = w.start("busy", "a", "2024-05-10T00:00:00Z", "inference", Some("img"));
+        let e = w.stop("busy", "a", "2024-05-10T00:00:10Z", "succeeded");
+        w.apply(&s);
+        w.apply(&e);
+        // Stream time moves into July: May and June close.
+        let s = w.start("free", "b", "2024-07-02T00:00:00Z", "inference", Some("img"));
+        w.apply(&s);
+        let got: Vec<(String, String, Money, usize)> = w
+            .statements()
+            .iter()
+            .map(|st| {
+                (
+                    st.account_id.to_string(),
+                    st.period.to_string(),
+                    st.total_due,
+                    st.lines.len(),
+                )
+            })
+            .collect();
+        (got, w)
+    };
+    let (got, mut w) = run(None);
+    let fee = |s: &str| money(s);
+    assert_eq!(
+        got,
+        vec![
+            ("busy".into(), "2024-05".into(), fee("29.00"), 1),
+            ("idle".into(), "2024-05".into(), fee("29.00"), 0),
+            ("busy".into(), "2024-06".into(), fee("29.00"), 0),
+            ("idle".into(), "2024-06".into(), fee("29.00"), 0),
+        ],
+        "every pro account, used or not, gets each closed month's statement once"
+    );
+    // A flush closes July too, and stops there.
+    w.flush();
+    let july = w
+        .statements()
+        .iter()
+        .filter(|s| s.period.to_string() == "2024-07")
+        .count();
+    assert_eq!(july, 3, "busy and idle owe July's fee; free has July usage");
+    assert!(w
+        .statements()
+        .iter()
+        .all(|s| s.period.to_string().as_str() <= "2024-07"));
+
+    // A meter of one partition bills only the accounts keyed to it.
+    let n = 4;
+    let idle_home = jobmeter_core::partition::partition_for_key(b"idle", n);
+    for p in 0..n {
+        let (got, _) = run(Some((p, n)));
+        let idle = got.iter().filter(|g| g.0 == "idle").count();
+        assert_eq!(idle, if p == idle_home { 2 } else { 0 }, "partition {p}");
+    }
+}
+
+#[test]
+fn fee_statements_are_not_repeated_after_a_restore() {
+    let mut a = World::new();
+    a.account(r#"{"account_id":"idle","plan":"pro","effective_from":"2024-01-01T00:00:00Z"}"#);
+    let e1 = a.start("x", "a", "2024-05-10T00:00:00Z", "inference", Some("img"));
+    let e2 = a.start("x", "b", "2024-06-02T00:00:00Z", "inference", Some("img"));
+    let e3 = a.start("x", "c", "2024-06-20T00:00:00Z", "inference", Some("img"));
+    a.apply(&e1);
+    a.apply(&e2);
+    let changes = a.meter.take_changes().expect("changes");
+    let records: Vec<_> = changes
+        .into_iter()
+        .filter_map(|c| c.value.map(|v| (c.table, c.key, v)))
+        .collect();
+    let idle = |w: &World| {
+        w.statements()
+            .iter()
+            .filter(|s| s.account_id.as_str() == "idle")
+            .count()
+    };
+    assert_eq!(idle(&a), 1, "May's fee for the idle account");
+    a.meter = jobmeter_core::Meter::restore(records, &a.config).expect("restore");
+    a.apply(&e3);
+    assert_eq!(idle(&a), 1, "not billed again after the restore");
+}

@@ -12,42 +12,7 @@ use crate::KafkaAdapterError;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use std::time::Duration;
 
-/// The partition Kafka's default partitioner (murmur2 of the key, as in the
-/// Java client and librdkafka's `murmur2_random`) puts `key` in.
-pub fn partition_for_key(key: &[u8], partitions: i32) -> i32 {
-    if partitions <= 0 {
-        return 0;
-    }
-    let h = murmur2(key) & 0x7fff_ffff;
-    (h % partitions as u32) as i32
-}
-
-/// Kafka's murmur2 (seed 0x9747b28c).
-fn murmur2(data: &[u8]) -> u32 {
-    const M: u32 = 0x5bd1_e995;
-    const R: u32 = 24;
-    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
-    let mut chunks = data.chunks_exact(4);
-    for c in &mut chunks {
-        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        k = k.wrapping_mul(M);
-        k ^= k >> R;
-        k = k.wrapping_mul(M);
-        h = h.wrapping_mul(M);
-        h ^= k;
-    }
-    let rest = chunks.remainder();
-    if !rest.is_empty() {
-        for (i, b) in rest.iter().enumerate().rev() {
-            h ^= u32::from(*b) << (8 * i);
-        }
-        h = h.wrapping_mul(M);
-    }
-    h ^= h >> 13;
-    h = h.wrapping_mul(M);
-    h ^= h >> 15;
-    h
-}
+pub use jobmeter_core::partition::partition_for_key;
 
 /// The client id a meter instance joins its group with.
 pub fn member_client_id(instance_id: &str, advertised_url: &str) -> String {
@@ -137,20 +102,6 @@ fn assigned(bytes: &[u8], topic: &str) -> Vec<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn murmur2_matches_the_java_client() {
-        // Values from Kafka's own partitioner tests (Utils.murmur2).
-        assert_eq!(murmur2(b"21") as i32, -973932308);
-        assert_eq!(murmur2(b"foobar") as i32, -790332482);
-        assert_eq!(murmur2(b"a-little-bit-long-string") as i32, -985981536);
-        assert_eq!(murmur2(b"a-little-bit-longer-string") as i32, -1486304829);
-        assert_eq!(
-            murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") as i32,
-            -58897971
-        );
-        assert_eq!(murmur2(b"abc") as i32, 479470107);
-    }
 
     #[test]
     fn decodes_an_assignment() {

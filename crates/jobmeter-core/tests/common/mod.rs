@@ -25,6 +25,8 @@ models."llm" = { per_second = "0.002" }
 
 #[derive(Debug)]
 pub struct World {
+    /// The input partition (of how many) the meter runs for; `None`: all.
+    pub partition: Option<(i32, i32)>,
     pub rates: RateCard,
     pub plans: PlanCatalog,
     pub book: AccountBook,
@@ -46,6 +48,7 @@ impl World {
     pub fn with_card(card: &str) -> World {
         let plans = PlanCatalog::default();
         World {
+            partition: None,
             rates: RateCard::from_toml(card).expect("test rate card"),
             book: AccountBook::new(&plans),
             plans,
@@ -63,11 +66,19 @@ impl World {
 
     pub fn apply(&mut self, raw: &str) {
         let ctx = Context::new(&self.rates, &self.plans, &self.book, &self.config);
+        let ctx = match self.partition {
+            Some((p, n)) => ctx.with_partition(p, n),
+            None => ctx,
+        };
         self.meter.apply(&ctx, raw.as_bytes(), None, &mut self.out);
     }
 
     pub fn flush(&mut self) {
         let ctx = Context::new(&self.rates, &self.plans, &self.book, &self.config);
+        let ctx = match self.partition {
+            Some((p, n)) => ctx.with_partition(p, n),
+            None => ctx,
+        };
         self.meter.flush(&ctx, &mut self.out);
     }
 

@@ -101,6 +101,9 @@ pub struct EngineConfig {
     pub max_local_age: Duration,
     /// How long a restore may wait for the changelog's end.
     pub restore_deadline: Duration,
+    /// Partitions of the input topic (which accounts each partition's
+    /// meter bills the pro fee to when they have no usage).
+    pub input_partitions: i32,
 }
 
 /// Read-only billing data shared by every partition.
@@ -293,7 +296,8 @@ impl Engine {
                 .accounts
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let ctx = Context::new(&self.billing.rates, &self.billing.plans, &book, &self.cfg.meter);
+            let ctx = Context::new(&self.billing.rates, &self.billing.plans, &book, &self.cfg.meter)
+                .with_partition(p, self.cfg.input_partitions);
             if let Some(pm) = self.meters.get_mut(&p) {
                 pm.meter.apply(&ctx, payload, Some(&origin), &mut self.out);
                 if let Some(t) = pm.meter.stream_time() {

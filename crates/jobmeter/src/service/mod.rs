@@ -162,6 +162,7 @@ struct Deps {
     store: Arc<Store>,
     metrics: Metrics,
     owned: Arc<std::sync::RwLock<std::collections::BTreeSet<i32>>>,
+    input_partitions: Arc<std::sync::atomic::AtomicI32>,
 }
 
 /// Runs the meter until `shutdown` is cancelled: topics, accounts table,
@@ -271,6 +272,7 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
         store: store.clone(),
         metrics: metrics.clone(),
         owned,
+        input_partitions: input_partitions.clone(),
     };
     let lag = {
         let (settings, topic, group, st, m) = (
@@ -393,6 +395,10 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
         meter: cfg.meter_config(),
         max_local_age: Duration::from_millis(Config::ms(&cfg.state.max_local_age) as u64),
         restore_deadline: txn_timeout * 4,
+        input_partitions: match deps.input_partitions.load(Ordering::Relaxed) {
+            0 => partition_count(&deps.settings, &deps.topics.job_events)?,
+            n => n,
+        },
     };
     let engine = Arc::new(Mutex::new(Engine::new(
         ecfg,

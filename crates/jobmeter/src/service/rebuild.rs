@@ -111,7 +111,12 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
                     partition: p,
                     offset: r.offset,
                 };
-                meter.apply(&ctx, r.value.as_deref().unwrap_or_default(), Some(&origin), &mut out);
+                meter.apply(
+                    &ctx.with_partition(p, parts),
+                    r.value.as_deref().unwrap_or_default(),
+                    Some(&origin),
+                    &mut out,
+                );
             },
         )?;
         // Every record the replay wrote (closed statements included), with
