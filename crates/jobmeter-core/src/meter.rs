@@ -431,13 +431,13 @@ impl Meter {
     /// Processes, in event-time order, every deadline and period close that
     /// stream time has passed.
     fn fire_due(&mut self, ctx: &Context<'_>, out: &mut Vec<Output>) {
-        let cap = self.stream_time.map(Timestamp::period);
-        self.fire_due_until(ctx, cap, out);
+        self.fire_due_until(ctx, None, out);
     }
 
-    /// As [`Meter::fire_due`]; periods after `cap` are not closed for the
-    /// sake of accounts without usage (a flush would otherwise run on
-    /// forever).
+    /// As [`Meter::fire_due`]; with a `cap`, months after it are not closed
+    /// for the sake of accounts without usage (a flush would otherwise run
+    /// on forever). Without one, stream time is the only bound: a month
+    /// whose close time has passed is before stream time's month.
     fn fire_due_until(&mut self, ctx: &Context<'_>, cap: Option<Period>, out: &mut Vec<Output>) {
         let Some(st) = self.stream_time else { return };
         if self.fees_through.is_none() {
@@ -451,7 +451,7 @@ impl Meter {
             let idle = self
                 .fees_through
                 .map(Period::next)
-                .filter(|p| cap.is_some_and(|c| *p <= c));
+                .filter(|p| cap.is_none_or(|c| *p <= c));
             let close = self
                 .statements
                 .keys()
