@@ -5,6 +5,11 @@
 #![allow(missing_docs)]
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+
+// The allocator the `jobmeter` binary runs the core with.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use jobmeter_core::*;
 use std::hint::black_box;
 
