@@ -407,7 +407,8 @@ impl Meter {
     pub(crate) fn close_period(&mut self, ctx: &Context<'_>, p: Period, _at: Timestamp, out: &mut Vec<Output>) {
         let mut accounts = self.statements.remove(&p).unwrap_or_default();
         if self.fees_through.is_none_or(|f| f < p) {
-            let idle: std::collections::BTreeSet<&AccountId> = ctx
+            // `records()` is ordered by account: emission order is stable.
+            let idle: Vec<&AccountId> = ctx
                 .accounts
                 .records()
                 .into_keys()

@@ -162,7 +162,7 @@ pub fn usage_report(
     book: &AccountBook,
     rounding: Rounding,
 ) -> UsageReport {
-    let (status, lines, mut totals, plan) = match (&st.closed, &st.open) {
+    let (status, lines, totals, plan) = match (&st.closed, &st.open) {
         (Some(s), _) => {
             let t = line_totals(&s.lines);
             (
@@ -171,7 +171,7 @@ pub fn usage_report(
                 UsageTotals {
                     credits_applied: s.credits_applied,
                     included_usage: s.included_usage,
-                    usage_due: s.total_due - s.subscription_fee,
+                    usage_due: (s.total_due - s.subscription_fee).max(Money::ZERO),
                     subscription_fee: Some(s.subscription_fee),
                     total_due: Some(s.total_due),
                     ..t
@@ -201,9 +201,6 @@ pub fn usage_report(
             )
         }
     };
-    if status == PeriodStatus::Closed {
-        totals.usage_due = totals.usage_due.max(Money::ZERO);
-    }
     let mut runs: BTreeMap<String, WorkflowRun> = BTreeMap::new();
     let mut in_flight = Vec::new();
     for (job_id, job) in &st.jobs {

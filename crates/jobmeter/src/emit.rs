@@ -135,24 +135,12 @@ pub enum EmitCmd {
     },
 }
 
-fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|h| h.trim().to_owned())
-        })
-        .unwrap_or_else(|| "localhost".into())
-}
-
 fn emitter(t: &Target, heartbeat: Duration) -> anyhow::Result<Emitter> {
     let mut cfg = EmitterConfig::new(
         &t.brokers,
         t.source
             .clone()
-            .unwrap_or_else(|| format!("jobmeter-emit/{}", hostname())),
+            .unwrap_or_else(|| format!("jobmeter-emit/{}", crate::tools::hostname())),
     );
     cfg.topic = format!("{}.job-events", t.topic_prefix);
     cfg.heartbeat_interval = heartbeat;
@@ -243,7 +231,7 @@ fn run(
         let ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
-        format!("{}-{}-{ms}", hostname(), std::process::id())
+        format!("{}-{}-{ms}", crate::tools::hostname(), std::process::id())
     });
     let s = spec(account, &job, start);
     if let Some(p) = s.problem() {

@@ -8,7 +8,7 @@
 //! exactly what `jobmeter replay --flush` prints as that statement.
 
 use crate::replay::{load_accounts, load_plans, load_rate_card, meter_file, ReplayError};
-use jobmeter_core::{Context, Meter, MeterConfig, Money, Output, Period, Plan, RateCard};
+use jobmeter_core::{AccountBook, Context, Meter, MeterConfig, Money, Output, Period, Plan, PlanCatalog, RateCard};
 use rust_decimal::Decimal;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -85,12 +85,12 @@ struct Run {
 fn run_once(
     args: &RepriceArgs,
     rates: &RateCard,
+    plans: &PlanCatalog,
+    book: &AccountBook,
     pass: &str,
     progress: &mut dyn FnMut(&str, u64, u64),
 ) -> Result<Run, ReplayError> {
-    let plans = load_plans(args.plans.as_deref())?;
-    let (book, _) = load_accounts(args.accounts.as_deref(), &plans)?;
-    let ctx = Context::new(rates, &plans, &book, &args.meter);
+    let ctx = Context::new(rates, plans, book, &args.meter);
     let mut meter = Meter::new();
     let mut run = Run::default();
     let keep = |p: Period| args.period.is_none_or(|x| x == p);
@@ -131,8 +131,10 @@ fn run_once(
 pub fn reprice(args: &RepriceArgs, mut progress: impl FnMut(&str, u64, u64)) -> Result<Report, ReplayError> {
     let before_card = load_rate_card(&args.before)?;
     let after_card = load_rate_card(&args.after)?;
-    let a = run_once(args, &before_card, "current card", &mut progress)?;
-    let b = run_once(args, &after_card, "proposed card", &mut progress)?;
+    let plans = load_plans(args.plans.as_deref())?;
+    let (book, _) = load_accounts(args.accounts.as_deref(), &plans)?;
+    let a = run_once(args, &before_card, &plans, &book, "current card", &mut progress)?;
+    let b = run_once(args, &after_card, &plans, &book, "proposed card", &mut progress)?;
     let mut report = Report::default();
     let keys: std::collections::BTreeSet<_> = a.bills.keys().chain(b.bills.keys()).cloned().collect();
     for key in keys {
@@ -242,43 +244,41 @@ pub fn table(r: &Report, top: usize) -> String {
     if r.rows.len() > top {
         let _ = writeln!(s, "… {} more (use --top or --format csv)", r.rows.len() - top);
     }
-    let _ = writeln!(s, "\nby plan");
-    let _ = writeln!(
-        s,
-        "{:<24} {:>8} {:>14} {:>14} {:>12} {:>9}",
-        "plan", "accounts", "bills now", "bills new", "change", "change %"
+    group_table(
+        &mut s,
+        "by plan",
+        ["plan", "accounts", "bills now", "bills new"],
+        &r.by_plan,
     );
-    for (plan, g) in &r.by_plan {
-        let _ = writeln!(
-            s,
-            "{:<24} {:>8} {:>14} {:>14} {:>12} {:>9}",
-            plan,
-            g.count,
-            g.before.round_cents().to_string(),
-            g.after.round_cents().to_string(),
-            signed(g.after - g.before),
-            pct(g.before, g.after)
-        );
-    }
-    let _ = writeln!(s, "\nby model (list price of usage, before credits and caps)");
-    let _ = writeln!(
-        s,
-        "{:<24} {:>8} {:>14} {:>14} {:>12} {:>9}",
-        "model", "jobs", "usage now", "usage new", "change", "change %"
+    group_table(
+        &mut s,
+        "by model (list price of usage, before credits and caps)",
+        ["model", "jobs", "usage now", "usage new"],
+        &r.by_model,
     );
-    for (m, g) in &r.by_model {
-        let _ = writeln!(
-            s,
-            "{:<24} {:>8} {:>14} {:>14} {:>12} {:>9}",
-            m,
-            g.count,
-            g.before.round_cents().to_string(),
-            g.after.round_cents().to_string(),
-            signed(g.after - g.before),
-            pct(g.before, g.after)
-        );
-    }
     s
+}
+
+/// One totals table (per plan or per model) of [`table`].
+fn group_table(s: &mut String, title: &str, head: [&str; 4], groups: &BTreeMap<String, GroupTotals>) {
+    let _ = writeln!(s, "\n{title}");
+    let _ = writeln!(
+        s,
+        "{:<24} {:>8} {:>14} {:>14} {:>12} {:>9}",
+        head[0], head[1], head[2], head[3], "change", "change %"
+    );
+    for (name, g) in groups {
+        let _ = writeln!(
+            s,
+            "{:<24} {:>8} {:>14} {:>14} {:>12} {:>9}",
+            name,
+            g.count,
+            g.before.round_cents().to_string(),
+            g.after.round_cents().to_string(),
+            signed(g.after - g.before),
+            pct(g.before, g.after)
+        );
+    }
 }
 
 fn csv_field(s: &str) -> String {

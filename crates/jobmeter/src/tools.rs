@@ -11,6 +11,21 @@ use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+/// This machine's name: `$HOSTNAME`, else `/etc/hostname`, else `localhost`
+/// (event sources of `jobmeter emit`, the advertised URL of a wildcard listener).
+pub fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
 /// Produces account records, then events (keyed by account), at `rate`
 /// events per second (0: as fast as possible). The topics must exist
 /// (`jobmeter run` creates them).

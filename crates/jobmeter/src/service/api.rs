@@ -31,7 +31,7 @@ use jobmeter_kafka::client::KafkaSettings;
 use jobmeter_store::Store;
 use serde::Serialize;
 use serde_json::json;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -372,7 +372,9 @@ impl Api {
         let prefix = keys::account_prefix(account);
         let mut st = AccountState::default();
         let mut found = Vec::new();
-        let mut stream_times = BTreeMap::new();
+        // Newest stream time of the partitions holding the account, and of
+        // all owned partitions (for an account with no usage yet).
+        let (mut found_time, mut any_time) = (None, None);
         for &p in owned {
             let jobs = self.store.scan(p, Table::Jobs, &prefix, 100_000).map_err(|x| e(&x))?;
             let usage = self.store.scan(p, Table::Usage, &prefix, 10_000).map_err(|x| e(&x))?;
@@ -381,6 +383,7 @@ impl Api {
             let stream_time = meta
                 .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
                 .map(|b| Timestamp(i64::from_be_bytes(b)));
+            any_time = any_time.max(stream_time);
             let period = period.or(stream_time.map(Timestamp::period));
             let (open, closed) = match period {
                 Some(per) => {
@@ -396,7 +399,7 @@ impl Api {
                 continue;
             }
             found.push(p);
-            stream_times.insert(p, stream_time);
+            found_time = found_time.max(stream_time);
             for (k, v) in jobs {
                 if let (Some((_, j)), Ok(job)) = (keys::decode_job(&k), values::decode::<Job>(Table::Jobs, &v)) {
                     st.jobs.push((j, job));
@@ -415,18 +418,7 @@ impl Api {
                 st.closed = closed.and_then(|v| values::decode(Table::Closed, &v).ok());
             }
         }
-        st.stream_time = stream_times.values().flatten().max().copied();
-        if found.is_empty() {
-            // An account with no usage yet: report as of the newest stream
-            // time this instance has seen.
-            for &p in owned {
-                if let Some(b) = self.store.get(p, Table::Meta, keys::STREAM_TIME).map_err(|x| e(&x))? {
-                    if let Ok(b) = <[u8; 8]>::try_from(b.as_slice()) {
-                        st.stream_time = st.stream_time.max(Some(Timestamp(i64::from_be_bytes(b))));
-                    }
-                }
-            }
-        }
+        st.stream_time = if found.is_empty() { any_time } else { found_time };
         Ok((st, found))
     }
 }

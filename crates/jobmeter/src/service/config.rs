@@ -484,15 +484,7 @@ impl Config {
         }
         match self.http.listen.parse::<std::net::SocketAddr>() {
             Ok(a) if a.ip().is_unspecified() => {
-                let host = std::env::var("HOSTNAME")
-                    .ok()
-                    .filter(|h| !h.is_empty())
-                    .or_else(|| {
-                        std::fs::read_to_string("/etc/hostname")
-                            .ok()
-                            .map(|h| h.trim().to_owned())
-                    })
-                    .unwrap_or_else(|| "localhost".into());
+                let host = crate::tools::hostname();
                 format!("http://{host}:{}", a.port())
             }
             _ => format!("http://{}", self.http.listen),
