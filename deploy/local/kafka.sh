@@ -36,20 +36,8 @@ say() { echo "[kafka] $*" >&2; }
 die() { echo "[kafka] error: $*" >&2; exit 1; }
 
 need_tools() {
-  local missing=()
-  command -v java >/dev/null 2>&1 || missing+=("java (Debian package openjdk-17-jre-headless)")
-  command -v mvn >/dev/null 2>&1 || missing+=("mvn (Debian package maven)")
-  if ((${#missing[@]})); then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-      say "installing: ${missing[*]}"
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
-    else
-      die "missing: ${missing[*]}"
-    fi
-  fi
-  local jv
-  jv="$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1)"
-  [ "${jv:-0}" -ge 17 ] || die "Kafka $kafka_version needs Java 17 or newer; found '${jv:-none}'"
+  # Java 17+ and Maven, checked (and installed as root) by deps.sh.
+  bash "$here/deps.sh" install broker
 }
 
 provision() {
