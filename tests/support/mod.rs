@@ -266,6 +266,9 @@ pub fn producer() -> ThreadedProducer<DefaultProducerContext> {
     KafkaSettings::new(brokers()).producer().create().unwrap()
 }
 
+/// Sends one record. A payload that is a valid job event gets its event
+/// time as the record timestamp (how history is loaded); anything else is
+/// stamped now by the client.
 pub fn send(
     p: &ThreadedProducer<DefaultProducerContext>,
     topic: &str,
@@ -273,9 +276,31 @@ pub fn send(
     payload: Option<&[u8]>,
     partition: Option<i32>,
 ) {
-    let mut rec = BaseRecord::to(topic).key(key);
+    let at = payload
+        .and_then(|b| jobmeter_core::parse_job_event(b).ok())
+        .map(|e| e.time.0);
+    send_at(p, topic, Some(key), payload, partition, at)
+}
+
+/// Sends one record, keyless when `key` is `None`, with an explicit record
+/// timestamp (`None`: now).
+pub fn send_at(
+    p: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    key: Option<&str>,
+    payload: Option<&[u8]>,
+    partition: Option<i32>,
+    timestamp_ms: Option<i64>,
+) {
+    let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic);
+    if let Some(k) = key {
+        rec = rec.key(k);
+    }
     if let Some(b) = payload {
         rec = rec.payload(b);
+    }
+    if let Some(ms) = timestamp_ms {
+        rec = rec.timestamp(ms);
     }
     if let Some(part) = partition {
         rec = rec.partition(part);

@@ -31,11 +31,15 @@ pub enum RejectReason {
     Conflict,
     /// A stop whose start never arrived within the orphan timeout.
     StopWithoutStart,
+    /// The event's `time` is implausible: outside [`EVENT_TIME_MIN`,
+    /// [`EVENT_TIME_MAX`]), too far ahead of its Kafka record's timestamp,
+    /// or older than the duplicate-detection window allows.
+    TimeOutOfRange,
 }
 
 impl RejectReason {
     /// Every reason, for metrics registries and docs.
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::NotJson,
         RejectReason::SchemaViolation,
         RejectReason::UnknownType,
@@ -45,6 +49,7 @@ impl RejectReason {
         RejectReason::DurationTooLong,
         RejectReason::Conflict,
         RejectReason::StopWithoutStart,
+        RejectReason::TimeOutOfRange,
     ];
 
     /// The stable snake_case name.
@@ -59,6 +64,7 @@ impl RejectReason {
             RejectReason::DurationTooLong => "duration_too_long",
             RejectReason::Conflict => "conflict",
             RejectReason::StopWithoutStart => "stop_without_start",
+            RejectReason::TimeOutOfRange => "time_out_of_range",
         }
     }
 }
@@ -85,6 +91,38 @@ impl Invalid {
             detail: detail.into(),
         }
     }
+}
+
+/// The longest identifier accepted, in bytes of UTF-8: `id`, `source`,
+/// `subject`, `data.account_id`, `data.model`, `data.workflow_run_id` and
+/// `data.gpu`. A longer one is refused (`schema_violation` naming the
+/// field), never truncated: two ids that differ only past a cut would
+/// otherwise bill as one.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// The earliest event time accepted, whatever the record's timestamp:
+/// 2000-01-01T00:00:00Z.
+pub const EVENT_TIME_MIN: Timestamp = Timestamp(946_684_800_000);
+
+/// The first event time refused, whatever the record's timestamp:
+/// 2100-01-01T00:00:00Z. With every configured duration at most
+/// [`crate::time::MAX_DURATION_MS`], every deadline the meter derives from
+/// an event time (orphan timeout, retention, a period's close plus grace)
+/// stays far inside what the state codec and the calendar handle.
+pub const EVENT_TIME_MAX: Timestamp = Timestamp(4_102_444_800_000);
+
+/// Refuses an identifier longer than [`MAX_ID_BYTES`].
+pub(crate) fn bounded<'a>(value: &'a str, field: &str) -> Result<&'a str, Invalid> {
+    if value.len() > MAX_ID_BYTES {
+        return Err(Invalid::new(
+            RejectReason::SchemaViolation,
+            format!(
+                "`{field}` is {} bytes long; at most {MAX_ID_BYTES} are accepted",
+                value.len()
+            ),
+        ));
+    }
+    Ok(value)
 }
 
 /// What kind of work a job is; decides its rate and which limits it counts toward.
@@ -279,8 +317,11 @@ fn required<'a>(v: &'a Option<Cow<'a, str>>, field: &str) -> Result<&'a str, Inv
     }
 }
 
-fn optional(v: &Option<Cow<'_, str>>) -> Option<String> {
-    v.as_deref().filter(|s| !s.is_empty()).map(str::to_owned)
+fn optional(v: &Option<Cow<'_, str>>, field: &str) -> Result<Option<String>, Invalid> {
+    match v.as_deref().filter(|s| !s.is_empty()) {
+        Some(s) => Ok(Some(bounded(s, field)?.to_owned())),
+        None => Ok(None),
+    }
 }
 
 /// Parses and validates one job lifecycle event.
@@ -300,7 +341,13 @@ pub fn parse_job_event_reference(bytes: &[u8]) -> Result<JobEvent, Invalid> {
     let raw: RawEvent<'_> = serde_json::from_slice(bytes).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {
-            Category::Data => Invalid::new(RejectReason::SchemaViolation, e.to_string()),
+            // The wrong shape — unless the bytes are not a JSON document at
+            // all (serde stops at the first type mismatch, before it would
+            // see that, say, 100,000 brackets never close).
+            Category::Data => match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+                Ok(_) => Invalid::new(RejectReason::SchemaViolation, e.to_string()),
+                Err(not_json) => Invalid::new(RejectReason::NotJson, not_json.to_string()),
+            },
             _ => Invalid::new(RejectReason::NotJson, e.to_string()),
         }
     })?;
@@ -318,18 +365,24 @@ fn validate(raw: RawEvent<'_>) -> Result<JobEvent, Invalid> {
         }
         None => return Err(Invalid::new(RejectReason::SchemaViolation, "`specversion` is missing")),
     }
-    let id = required(&raw.id, "id")?;
-    let source = required(&raw.source, "source")?;
+    let id = bounded(required(&raw.id, "id")?, "id")?;
+    let source = bounded(required(&raw.source, "source")?, "source")?;
     let ty = required(&raw.ty, "type")?;
     let time = required(&raw.time, "time")?;
     let time =
         Timestamp::parse(time).map_err(|e| Invalid::new(RejectReason::SchemaViolation, format!("`time`: {e}")))?;
-    let subject = required(&raw.subject, "subject")?;
+    if time < EVENT_TIME_MIN || time >= EVENT_TIME_MAX {
+        return Err(Invalid::new(
+            RejectReason::TimeOutOfRange,
+            format!("`time` {time} is outside the accepted range [{EVENT_TIME_MIN}, {EVENT_TIME_MAX})"),
+        ));
+    }
+    let subject = bounded(required(&raw.subject, "subject")?, "subject")?;
     let data = raw
         .data
         .as_ref()
         .ok_or_else(|| Invalid::new(RejectReason::SchemaViolation, "`data` is missing"))?;
-    let account = required(&data.account_id, "data.account_id")?;
+    let account = bounded(required(&data.account_id, "data.account_id")?, "data.account_id")?;
     let body = match ty {
         "job.started" => {
             let kind = match required(&data.kind, "data.kind")? {
@@ -344,18 +397,27 @@ fn validate(raw: RawEvent<'_>) -> Result<JobEvent, Invalid> {
                 }
             };
             let model = match kind {
-                JobKind::FineTune => optional(&data.model).map(ModelId::from),
-                _ => Some(ModelId::from(required(&data.model, "data.model")?)),
+                JobKind::FineTune => optional(&data.model, "data.model")?.map(ModelId::from),
+                _ => Some(ModelId::from(bounded(
+                    required(&data.model, "data.model")?,
+                    "data.model",
+                )?)),
             };
             let workflow_run_id = match kind {
-                JobKind::WorkflowStep => Some(required(&data.workflow_run_id, "data.workflow_run_id")?.to_owned()),
-                _ => optional(&data.workflow_run_id),
+                JobKind::WorkflowStep => Some(
+                    bounded(
+                        required(&data.workflow_run_id, "data.workflow_run_id")?,
+                        "data.workflow_run_id",
+                    )?
+                    .to_owned(),
+                ),
+                _ => optional(&data.workflow_run_id, "data.workflow_run_id")?,
             };
             EventBody::Started(StartInfo {
                 kind,
                 model,
                 workflow_run_id,
-                gpu: optional(&data.gpu),
+                gpu: optional(&data.gpu, "data.gpu")?,
             })
         }
         "job.heartbeat" => EventBody::Heartbeat,
@@ -426,6 +488,40 @@ mod tests {
         assert_eq!(serde_json::from_str::<EventKey>(&json).ok(), Some(k));
         // Pinned: stored state depends on this function never changing.
         assert_eq!(json, "\"ad50c30be537aeb6ccf44f1363902865\"");
+    }
+
+    #[test]
+    fn hostile_documents_are_refused_without_harm() {
+        let deep = "[".repeat(100_000);
+        assert_eq!(reason(&deep), Some(RejectReason::NotJson));
+        let deep_obj = format!("{}{}", r#"{"a":"#.repeat(50_000), "1");
+        assert_eq!(reason(&deep_obj), Some(RejectReason::NotJson));
+        assert_eq!(reason("null"), Some(RejectReason::SchemaViolation));
+        assert_eq!(reason("\"job.started\""), Some(RejectReason::SchemaViolation));
+        assert_eq!(
+            reason(&EXAMPLE.replace("2024-05-01", "2024-13-01")),
+            Some(RejectReason::SchemaViolation)
+        );
+        assert_eq!(
+            reason(&EXAMPLE.replace("2024-05-01", "9999-12-31")),
+            Some(RejectReason::TimeOutOfRange)
+        );
+        assert_eq!(
+            reason(&EXAMPLE.replace("2024-05-01", "1999-12-31")),
+            Some(RejectReason::TimeOutOfRange)
+        );
+        assert_eq!(
+            reason(&EXAMPLE.replace("2024-05-01T12:00:00.250Z", "2099-12-31T23:59:59.999Z")),
+            None
+        );
+        // A number no float can hold, in a field nobody reads: both parsers
+        // agree on what to do with it.
+        for huge in [r#""weight":1e999999,"#, r#""weight":-1e-999999,"#] {
+            let doc = EXAMPLE.replace(r#""gpu":"A100-80GB""#, &format!(r#"{huge}"gpu":"A100-80GB""#));
+            let fast = parse_job_event(doc.as_bytes()).map_err(|e| e.reason);
+            let reference = parse_job_event_reference(doc.as_bytes()).map_err(|e| e.reason);
+            assert_eq!(fast, reference, "{doc}");
+        }
     }
 
     #[test]

@@ -29,6 +29,13 @@ pub struct MeterConfig {
     /// How long a finished job (and its event ids) is remembered, so that
     /// late duplicates are still recognised.
     pub retention_ms: i64,
+    /// An event whose `time` is more than this ahead of its record's
+    /// timestamp is refused (`time_out_of_range`).
+    pub max_clock_skew_ms: i64,
+    /// An event whose `time` is more than this behind its record's
+    /// timestamp is refused (`time_out_of_range`). Defaults to the
+    /// retention: a duplicate older than that could not be recognised.
+    pub max_event_age_ms: i64,
 }
 
 impl Default for MeterConfig {
@@ -38,6 +45,8 @@ impl Default for MeterConfig {
             period_grace_ms: 3_600_000,
             max_duration_ms: 7 * 86_400_000,
             retention_ms: 35 * 86_400_000,
+            max_clock_skew_ms: 5 * 60_000,
+            max_event_age_ms: 35 * 86_400_000,
         }
     }
 }
@@ -100,7 +109,7 @@ pub struct Stats {
     /// Events ignored because their (source, id) was already applied.
     pub duplicates: u64,
     /// Rejected inputs by reason (indexed like [`RejectReason::ALL`]).
-    pub rejected: [u64; 9],
+    pub rejected: [u64; RejectReason::ALL.len()],
     /// Charges emitted (including adjustments).
     pub charges: u64,
     /// Adjustment charges emitted.
@@ -216,7 +225,12 @@ impl Meter {
         origin: Option<&Origin>,
         out: &mut Vec<Output>,
     ) {
+        if let Some(inv) = origin.and_then(|o| implausible(ctx.config, ev.time, o.record_time?)) {
+            self.reject(inv, raw.to_vec(), origin.cloned(), out);
+            return;
+        }
         let jk: JobKey = (ev.account, ev.job);
+        let processed = self.stream_time;
         // Starts and stops are deduplicated by their (source, id). Heartbeats
         // are idempotent by time instead: one that does not move its job's
         // last heartbeat forward changes nothing and is counted as a
@@ -266,7 +280,7 @@ impl Meter {
             self.stream_time = Some(now);
             self.mark_meta();
         }
-        self.fire_due(ctx, out);
+        self.fire_due(ctx, processed, out);
     }
 
     /// Closes everything as if stream time had run to the end: orphans open
@@ -274,9 +288,10 @@ impl Meter {
     /// statements of every open period. Used at the end of a replay.
     pub fn flush(&mut self, ctx: &Context<'_>, out: &mut Vec<Output>) {
         let cap = self.stream_time.map(Timestamp::period);
-        self.stream_time = Some(Timestamp(i64::MAX / 4));
+        let processed = self.stream_time;
+        self.stream_time = Some(Timestamp::MAX);
         self.mark_meta();
-        self.fire_due_until(ctx, cap, out);
+        self.fire_due_until(ctx, cap, processed, out);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -430,15 +445,27 @@ impl Meter {
 
     /// Processes, in event-time order, every deadline and period close that
     /// stream time has passed.
-    fn fire_due(&mut self, ctx: &Context<'_>, out: &mut Vec<Output>) {
-        self.fire_due_until(ctx, None, out);
+    fn fire_due(&mut self, ctx: &Context<'_>, processed: Option<Timestamp>, out: &mut Vec<Output>) {
+        self.fire_due_until(ctx, None, processed, out);
     }
 
     /// As [`Meter::fire_due`]; with a `cap`, months after it are not closed
     /// for the sake of accounts without usage (a flush would otherwise run
     /// on forever). Without one, stream time is the only bound: a month
     /// whose close time has passed is before stream time's month.
-    fn fire_due_until(&mut self, ctx: &Context<'_>, cap: Option<Period>, out: &mut Vec<Output>) {
+    ///
+    /// `processed` is the stream time before the current event: every
+    /// deadline and close before it has been handled. A deadline older than
+    /// that (a late event's orphan timeout, already past on arrival) is
+    /// handled as of `processed`, so it cannot bill into a month whose
+    /// statement is already out.
+    fn fire_due_until(
+        &mut self,
+        ctx: &Context<'_>,
+        cap: Option<Period>,
+        processed: Option<Timestamp>,
+        out: &mut Vec<Output>,
+    ) {
         let Some(st) = self.stream_time else { return };
         if self.fees_through.is_none() {
             // Months before this partition's first event are not billed to
@@ -469,7 +496,7 @@ impl Meter {
             };
             if timer_first {
                 if let Some((d, jk)) = self.timers.pop_first() {
-                    self.timer_due(ctx, jk, d, out);
+                    self.timer_due(ctx, jk, d, processed, out);
                 }
             } else if let Some((t, p)) = close {
                 self.close_period(ctx, p, t, out);
@@ -497,7 +524,14 @@ impl Meter {
 
     /// A timer entry came due: fire it, or move it to the job's real
     /// deadline if heartbeats pushed that out (or drop it if stale).
-    fn timer_due(&mut self, ctx: &Context<'_>, jk: JobKey, d: Timestamp, out: &mut Vec<Output>) {
+    fn timer_due(
+        &mut self,
+        ctx: &Context<'_>,
+        jk: JobKey,
+        d: Timestamp,
+        processed: Option<Timestamp>,
+        out: &mut Vec<Output>,
+    ) {
         let Some(job) = self.jobs.get_mut(&jk) else { return };
         if job.timer != Some(d) {
             return;
@@ -509,7 +543,10 @@ impl Meter {
                 job.timer = Some(actual);
                 self.timers.insert((actual, jk));
             }
-            Some(_) => self.on_deadline(ctx, jk, d, out),
+            Some(_) => {
+                let at = processed.map_or(d, |p| p.max(d));
+                self.on_deadline(ctx, jk, at, out)
+            }
         }
     }
 
@@ -740,6 +777,31 @@ fn billable(ctx: &Context<'_>, status: JobStatus) -> bool {
         JobStatus::Cancelled => ctx.rates.policy.bill_cancelled,
         JobStatus::Succeeded | JobStatus::Orphaned => true,
     }
+}
+
+/// Why an event `time` cannot be believed against its record's timestamp
+/// (decided from the log alone, so replays agree), or `None`.
+fn implausible(config: &MeterConfig, time: Timestamp, record: Timestamp) -> Option<Invalid> {
+    let ahead = time.0.saturating_sub(record.0);
+    if ahead > config.max_clock_skew_ms {
+        return Some(Invalid::new(
+            RejectReason::TimeOutOfRange,
+            format!(
+                "`time` {time} is {ahead} ms ahead of the record timestamp {record} (max_clock_skew {} ms)",
+                config.max_clock_skew_ms
+            ),
+        ));
+    }
+    if -ahead > config.max_event_age_ms {
+        return Some(Invalid::new(
+            RejectReason::TimeOutOfRange,
+            format!(
+                "`time` {time} is {} ms behind the record timestamp {record} (max_event_age {} ms)",
+                -ahead, config.max_event_age_ms
+            ),
+        ));
+    }
+    None
 }
 
 fn check_duration(ctx: &Context<'_>, start: Timestamp, stop: Timestamp) -> Result<(), Invalid> {

@@ -184,6 +184,11 @@ pub struct Origin {
     pub partition: i32,
     /// Offset (line number for files).
     pub offset: i64,
+    /// The record's own timestamp (Kafka CreateTime; for files, the
+    /// optional leading field of a line). An event whose `time` is too far
+    /// from it is refused (`time_out_of_range`). Never stored.
+    #[serde(skip)]
+    pub record_time: Option<Timestamp>,
 }
 
 /// A refused input: original bytes, reason and origin.

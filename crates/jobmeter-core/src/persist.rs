@@ -125,49 +125,8 @@ impl Meter {
         I: IntoIterator<Item = (Table, Vec<u8>, Vec<u8>)>,
     {
         let mut m = Meter::tracking_changes();
-        let bad_key = |table: Table| DecodeError {
-            table: table.name(),
-            why: "malformed key".to_owned(),
-        };
         for (table, k, v) in records {
-            match table {
-                Table::Jobs => {
-                    let key = keys::decode_job(&k).ok_or_else(|| bad_key(table))?;
-                    let job: Job = values::decode(table, &v)?;
-                    m.jobs.insert(key, Box::new(job));
-                }
-                Table::Usage => {
-                    let key = keys::decode_usage(&k).ok_or_else(|| bad_key(table))?;
-                    let c: Counter = values::decode(table, &v)?;
-                    m.usage.insert(key, c);
-                }
-                Table::Fired => {
-                    m.fired.insert(keys::decode_fired(&k).ok_or_else(|| bad_key(table))?);
-                }
-                Table::Statements => {
-                    let (p, a) = keys::decode_statement(&k).ok_or_else(|| bad_key(table))?;
-                    let acc: StatementAcc = values::decode(table, &v)?;
-                    m.statements.entry(p).or_default().insert(a, acc);
-                }
-                // Written for readers; the meter never needs them again.
-                Table::Closed => {}
-                Table::Meta if k == keys::FEES_THROUGH => {
-                    let b: [u8; 4] = v.as_slice().try_into().map_err(|_| DecodeError {
-                        table: table.name(),
-                        why: "fees_through is not 4 bytes".to_owned(),
-                    })?;
-                    m.fees_through = Some(crate::time::Period::from_ordinal(u32::from_be_bytes(b)));
-                }
-                Table::Meta => {
-                    if k == keys::STREAM_TIME {
-                        let b: [u8; 8] = v.as_slice().try_into().map_err(|_| DecodeError {
-                            table: table.name(),
-                            why: "stream_time is not 8 bytes".to_owned(),
-                        })?;
-                        m.stream_time = Some(Timestamp(i64::from_be_bytes(b)));
-                    }
-                }
-            }
+            m.restore_record(table, &k, &v).map_err(|e| e.at_key(&k))?;
         }
         for (jk, job) in m.jobs.iter_mut() {
             for k in &job.keys {
@@ -183,5 +142,53 @@ impl Meter {
             }
         }
         Ok(m)
+    }
+
+    /// Loads one stored record into this meter.
+    fn restore_record(&mut self, table: Table, k: &[u8], v: &[u8]) -> Result<(), DecodeError> {
+        let bad_key = || DecodeError::new(table, "malformed key");
+        match table {
+            Table::Jobs => {
+                let key = keys::decode_job(k).ok_or_else(bad_key)?;
+                let job: Job = values::decode(table, v)?;
+                self.jobs.insert(key, Box::new(job));
+            }
+            Table::Usage => {
+                let key = keys::decode_usage(k).ok_or_else(bad_key)?;
+                let c: Counter = values::decode(table, v)?;
+                self.usage.insert(key, c);
+            }
+            Table::Fired => {
+                self.fired.insert(keys::decode_fired(k).ok_or_else(bad_key)?);
+            }
+            Table::Statements => {
+                let (p, a) = keys::decode_statement(k).ok_or_else(bad_key)?;
+                let acc: StatementAcc = values::decode(table, v)?;
+                self.statements.entry(p).or_default().insert(a, acc);
+            }
+            // Written for readers; the meter never needs them again.
+            Table::Closed => {}
+            Table::Meta if k == keys::FEES_THROUGH => {
+                let b: [u8; 4] = v
+                    .try_into()
+                    .map_err(|_| DecodeError::new(table, "fees_through is not 4 bytes"))?;
+                self.fees_through = Some(crate::time::Period::from_ordinal(u32::from_be_bytes(b)));
+            }
+            Table::Meta if k == keys::STREAM_TIME => {
+                let b: [u8; 8] = v
+                    .try_into()
+                    .map_err(|_| DecodeError::new(table, "stream_time is not 8 bytes"))?;
+                let t = Timestamp(i64::from_be_bytes(b));
+                if t < Timestamp::MIN || t > Timestamp::MAX {
+                    return Err(DecodeError::new(
+                        table,
+                        format!("stream_time {} ms is out of range", t.0),
+                    ));
+                }
+                self.stream_time = Some(t);
+            }
+            Table::Meta => {}
+        }
+        Ok(())
     }
 }

@@ -262,16 +262,52 @@ impl AccountRecord {
         if r.account_id.0.trim().is_empty() {
             return Err(Invalid::new(RejectReason::SchemaViolation, "`account_id` is empty"));
         }
-        let negative = |m: &Option<Money>| m.is_some_and(|m| m < Money::ZERO);
-        if negative(&r.free_credits) || negative(&r.usage_cap) || negative(&r.workflow_quota) {
+        crate::event::bounded(&r.account_id.0, "account_id")?;
+        let max = Money(rust_decimal::Decimal::from(MAX_ACCOUNT_AMOUNT_USD));
+        let out_of_range = |m: &Money| *m < Money::ZERO || *m > max;
+        let alerts = r.alert_thresholds.as_deref().unwrap_or_default();
+        if [&r.free_credits, &r.usage_cap, &r.workflow_quota]
+            .into_iter()
+            .flatten()
+            .chain(alerts)
+            .any(out_of_range)
+        {
             return Err(Invalid::new(
                 RejectReason::SchemaViolation,
-                "amounts must not be negative",
+                format!("amounts must be between 0 and {MAX_ACCOUNT_AMOUNT_USD} USD"),
+            ));
+        }
+        if alerts.len() > MAX_ALERT_THRESHOLDS {
+            return Err(Invalid::new(
+                RejectReason::SchemaViolation,
+                format!(
+                    "`alert_thresholds` has {} entries; at most {MAX_ALERT_THRESHOLDS} are accepted",
+                    alerts.len()
+                ),
+            ));
+        }
+        if r.effective_from < crate::event::EVENT_TIME_MIN || r.effective_from >= crate::event::EVENT_TIME_MAX {
+            return Err(Invalid::new(
+                RejectReason::TimeOutOfRange,
+                format!(
+                    "`effective_from` {} is outside the accepted range [{}, {})",
+                    r.effective_from,
+                    crate::event::EVENT_TIME_MIN,
+                    crate::event::EVENT_TIME_MAX
+                ),
             ));
         }
         Ok(r)
     }
 }
+
+/// The largest amount an account record may set (credits, caps, quotas,
+/// alerts), in USD: far beyond any real account, far below where exact
+/// decimal arithmetic on it could overflow.
+pub const MAX_ACCOUNT_AMOUNT_USD: i64 = 1_000_000_000_000;
+
+/// The most alert thresholds one account record may carry.
+pub const MAX_ALERT_THRESHOLDS: usize = 64;
 
 /// The terms that govern a job: resolved from the record in force at its start.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -305,12 +305,35 @@ pub struct StateChange {
 
 /// Why a state record could not be encoded or decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("cannot encode or decode {table} record: {why}")]
+#[error("cannot encode or decode {table} record{}: {why}", if key.is_empty() { String::new() } else { format!(" with key {key}") })]
 pub struct DecodeError {
     /// The table.
     pub table: &'static str,
+    /// The record's key, printable (empty when unknown).
+    pub key: String,
     /// What was wrong.
     pub why: String,
+}
+
+impl DecodeError {
+    pub(crate) fn new(table: Table, why: impl Into<String>) -> Self {
+        DecodeError {
+            table: table.name(),
+            key: String::new(),
+            why: why.into(),
+        }
+    }
+
+    /// The same error naming the record's key (escaped, at most 200 bytes
+    /// shown), so an operator can find the record.
+    pub fn at_key(mut self, key: &[u8]) -> Self {
+        let shown = &key[..key.len().min(200)];
+        self.key = shown.escape_ascii().to_string();
+        if key.len() > shown.len() {
+            self.key.push_str("...");
+        }
+        self
+    }
 }
 
 /// Keys of the state changelog: the records of every table share one
@@ -333,8 +356,9 @@ pub mod changelog {
     }
 }
 
-/// Key codecs. Strings longer than 65 535 bytes are truncated in keys (ids
-/// that long are refused upstream in practice).
+/// Key codecs. Every string in a key is an identifier the parser bounds to
+/// [`crate::event::MAX_ID_BYTES`] (256) bytes, far below the u16 length
+/// prefix's 65 535; `put_str` still clamps, so a key can never be malformed.
 pub mod keys {
     use super::*;
 
@@ -468,18 +492,12 @@ pub mod values {
 
     /// Encodes a state value of `table`.
     pub fn encode<T: Serialize>(table: Table, v: &T) -> Result<Vec<u8>, DecodeError> {
-        serde_json::to_vec(v).map_err(|e| DecodeError {
-            table: table.name(),
-            why: e.to_string(),
-        })
+        serde_json::to_vec(v).map_err(|e| DecodeError::new(table, e.to_string()))
     }
 
     /// Decodes a state value of `table`.
     pub fn decode<T: serde::de::DeserializeOwned>(table: Table, b: &[u8]) -> Result<T, DecodeError> {
-        serde_json::from_slice(b).map_err(|e| DecodeError {
-            table: table.name(),
-            why: e.to_string(),
-        })
+        serde_json::from_slice(b).map_err(|e| DecodeError::new(table, e.to_string()))
     }
 }
 

@@ -16,6 +16,20 @@ pub const MS_PER_SECOND: i64 = 1_000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Timestamp(pub i64);
 
+impl Timestamp {
+    /// The earliest instant a timestamp may hold: 0001-01-01T00:00:00.000Z.
+    pub const MIN: Timestamp = Timestamp(-62_135_596_800_000);
+    /// The latest instant a timestamp may hold: 9999-12-31T23:59:59.999Z.
+    /// Every timestamp in `[MIN, MAX]` formats as a four-digit year and
+    /// parses back to itself; [`Timestamp::parse`] refuses anything else.
+    pub const MAX: Timestamp = Timestamp(253_402_300_799_999);
+}
+
+/// The longest duration any setting accepts (3650 days), so that a
+/// deadline derived from an accepted event time stays within
+/// [`Timestamp::MAX`].
+pub const MAX_DURATION_MS: i64 = 3_650 * 86_400_000;
+
 /// Why a timestamp string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid RFC 3339 timestamp {input:?}: {why}")]
@@ -135,7 +149,11 @@ impl Timestamp {
         };
         let days = days_from_civil(y, mo, d32);
         let secs = days * 86_400 + h * 3_600 + mi * 60 + sec.min(59) - offset_min * 60;
-        Ok(Timestamp(secs * MS_PER_SECOND + millis))
+        let t = Timestamp(secs * MS_PER_SECOND + millis);
+        if t < Timestamp::MIN || t > Timestamp::MAX {
+            return Err(err("outside 0001-01-01T00:00:00Z..9999-12-31T23:59:59.999Z"));
+        }
+        Ok(t)
     }
 
     /// Milliseconds since the epoch.
@@ -268,7 +286,8 @@ impl<'de> Deserialize<'de> for Period {
 }
 
 /// Parses a human duration such as `"10m"`, `"1h"`, `"30s"`, `"7d"`,
-/// `"250ms"` into milliseconds.
+/// `"250ms"` into milliseconds; `None` for anything else and for more than
+/// [`MAX_DURATION_MS`].
 pub fn parse_duration_ms(s: &str) -> Option<i64> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit())?;
@@ -282,7 +301,7 @@ pub fn parse_duration_ms(s: &str) -> Option<i64> {
         "d" => 86_400_000,
         _ => return None,
     };
-    n.checked_mul(mult)
+    n.checked_mul(mult).filter(|ms| *ms <= MAX_DURATION_MS)
 }
 
 #[cfg(test)]
@@ -319,7 +338,29 @@ mod tests {
     }
 
     #[test]
+    fn every_parsed_timestamp_formats_back_to_itself() {
+        for s in [
+            "0001-01-01T00:00:00Z",
+            "9999-12-31T23:59:59.999Z",
+            "9999-12-31T23:59:59.999999Z",
+            "0001-01-01T23:59:00+23:59",
+            "2000-02-29T00:00:00-23:59",
+        ] {
+            let t = Timestamp::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+            assert_eq!(Timestamp::parse(&t.to_string()), Ok(t), "{s}");
+        }
+        // Offsets that would leave the four-digit years are refused.
+        assert!(Timestamp::parse("0001-01-01T00:00:00+00:01").is_err());
+        assert!(Timestamp::parse("9999-12-31T23:59:59-00:01").is_err());
+        assert_eq!(Timestamp::MIN.to_string(), "0001-01-01T00:00:00.000Z");
+        assert_eq!(Timestamp::MAX.to_string(), "9999-12-31T23:59:59.999Z");
+    }
+
+    #[test]
     fn durations() {
+        assert_eq!(parse_duration_ms("3650d"), Some(MAX_DURATION_MS));
+        assert_eq!(parse_duration_ms("3651d"), None);
+        assert_eq!(parse_duration_ms("99999999999999999d"), None);
         assert_eq!(parse_duration_ms("10m"), Some(600_000));
         assert_eq!(parse_duration_ms("7d"), Some(604_800_000));
         assert_eq!(parse_duration_ms("250ms"), Some(250));

@@ -317,7 +317,21 @@ fn rule_11_late_usage_is_charged_in_the_open_period() {
         (late.period.to_string(), late.service_period.to_string()),
         ("2024-06".into(), "2024-05".into())
     );
-    assert_eq!(w.meter.stats().late_charges, 1);
+    // The late start was already past its orphan timeout when it arrived:
+    // it is closed as orphaned at once — in the open period, as of the
+    // stream time it arrived at, not as of its old deadline (May's
+    // statement is out) — and its stop adjusts that charge, also in June.
+    let late_ones: Vec<_> = c.iter().filter(|x| x.job_id.as_str() == "late").collect();
+    assert_eq!(late_ones.len(), 2);
+    assert!(late_ones.iter().all(|x| x.period.to_string() == "2024-06"));
+    assert_eq!(w.meter.stats().late_charges, 2);
+    w.flush();
+    let mays = w
+        .statements()
+        .iter()
+        .filter(|s| s.period.to_string() == "2024-05")
+        .count();
+    assert_eq!(mays, 1, "one May statement, whatever arrives late");
 }
 
 #[test]

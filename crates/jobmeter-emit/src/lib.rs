@@ -333,10 +333,14 @@ impl Emitter {
 
     /// Publishes one event of `job` now.
     pub fn emit(&self, job: &JobSpec, ty: EventType) -> Result<(), EmitError> {
-        let json = event_json(&self.inner.source, job, ty, wall_clock());
+        let now = wall_clock();
+        let json = event_json(&self.inner.source, job, ty, now);
+        // The record timestamp is the event's time: the meter refuses an
+        // event whose time is far from its record's.
         let mut rec = BaseRecord::to(&self.inner.topic)
             .key(job.account_id.as_str())
-            .payload(json.as_str());
+            .payload(json.as_str())
+            .timestamp(now.0);
         loop {
             match self.inner.producer.send(rec) {
                 Ok(()) => return Ok(()),

@@ -90,6 +90,9 @@ pub struct Record {
     pub value: Option<Vec<u8>>,
     /// Headers (name, value as UTF-8, lossy).
     pub headers: Vec<(String, String)>,
+    /// The record's timestamp in milliseconds (CreateTime or
+    /// LogAppendTime, whichever the topic keeps), if it has one.
+    pub timestamp_ms: Option<i64>,
 }
 
 /// Reads `topic`'s `partitions` from their start offsets (`None`: the
@@ -166,6 +169,7 @@ pub fn read_range(
                 f(Record {
                     partition: m.partition(),
                     offset: m.offset(),
+                    timestamp_ms: m.timestamp().to_millis(),
                     key: m.key().map(<[u8]>::to_vec),
                     value: m.payload().map(<[u8]>::to_vec),
                     headers: m

@@ -157,8 +157,16 @@ pub async fn ensure_topics(
         ("min.insync.replicas", "1"),
     ];
     let plain: [(&str, &str); 0] = [];
+    // Events keep the producer's timestamp (CreateTime): a platform loading
+    // history sets each record's timestamp to its event's time, and the
+    // meter compares the two. The broker refuses records stamped more than
+    // an hour ahead of its own clock, which bounds a producer's clock too.
+    let events = [
+        ("message.timestamp.type", "CreateTime"),
+        ("message.timestamp.after.max.ms", "3600000"),
+    ];
     let specs: Vec<Spec<'_>> = vec![
-        (&topics.job_events, layout.partitions, &plain),
+        (&topics.job_events, layout.partitions, &events),
         (&topics.changelog, layout.partitions, &compacted),
         (&topics.accounts, 1, &compacted[..1]),
         (&topics.charges, layout.output_partitions, &plain),

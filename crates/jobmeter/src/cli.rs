@@ -151,6 +151,11 @@ pub struct DumpCmd {
     /// Print only the last N records.
     #[arg(long)]
     pub last: Option<usize>,
+    /// Start each line with the record's timestamp in milliseconds and a
+    /// tab (the form `jobmeter replay --events` reads, so that a replay
+    /// checks event times against record times as the meter did).
+    #[arg(long)]
+    pub timestamps: bool,
 }
 
 /// Timeouts shared by replay and run.
@@ -168,6 +173,14 @@ pub struct TimeoutArgs {
     /// How long finished jobs are remembered for duplicate detection.
     #[arg(long, default_value = "35d", value_parser = parse_duration)]
     pub retention: i64,
+    /// Refuse events whose time is further than this ahead of their
+    /// record timestamp (lines of the form `<ms><TAB><event>`).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub max_clock_skew: i64,
+    /// Refuse events whose time is further than this behind their record
+    /// timestamp (default: the retention).
+    #[arg(long, value_parser = parse_duration)]
+    pub max_event_age: Option<i64>,
 }
 
 impl TimeoutArgs {
@@ -178,6 +191,8 @@ impl TimeoutArgs {
             period_grace_ms: self.period_grace,
             max_duration_ms: self.max_duration,
             retention_ms: self.retention,
+            max_clock_skew_ms: self.max_clock_skew,
+            max_event_age_ms: self.max_event_age.unwrap_or(self.retention),
         }
     }
 }
@@ -330,7 +345,7 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(cmd) => crate::service::main(cmd),
-        Command::Dump(cmd) => crate::tools::dump(&cmd.brokers, &cmd.topic, cmd.last),
+        Command::Dump(cmd) => crate::tools::dump(&cmd.brokers, &cmd.topic, cmd.last, cmd.timestamps),
         Command::Rebuild(cmd) => crate::service::rebuild::main(cmd),
         Command::Reprice(cmd) => run_reprice(cmd),
         Command::Notify(cmd) => crate::notify::main(cmd),

@@ -161,12 +161,14 @@ pub fn meter_file(
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
+        let (record_time, event) = split_record_time(&line);
         let o = Origin {
             topic: events_topic.clone(),
             partition: 0,
             offset: n as i64,
+            record_time,
         };
-        meter.apply(ctx, &line, Some(&o), &mut out);
+        meter.apply(ctx, event, Some(&o), &mut out);
         if !out.is_empty() {
             sink(&out)?;
             out.clear();
@@ -214,5 +216,26 @@ fn origin(path: &Path, line_index: usize) -> Origin {
         topic: path.display().to_string().into(),
         partition: 0,
         offset: line_index as i64 + 1,
+        record_time: None,
+    }
+}
+
+/// A line of an events file is an event, or `<ms><TAB><event>`: the Kafka
+/// record timestamp (milliseconds since the epoch) the event carried, as
+/// `jobmeter dump --timestamps` writes it. With it, a replay checks event
+/// times against record times exactly as the running meter did; without
+/// it, only the absolute bounds apply.
+pub fn split_record_time(line: &[u8]) -> (Option<jobmeter_core::Timestamp>, &[u8]) {
+    let Some(tab) = line.iter().take(21).position(|b| *b == b'\t') else {
+        return (None, line);
+    };
+    let (head, rest) = (&line[..tab], &line[tab + 1..]);
+    let digits = head.strip_prefix(b"-").unwrap_or(head);
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return (None, line);
+    }
+    match std::str::from_utf8(head).ok().and_then(|h| h.parse::<i64>().ok()) {
+        Some(ms) => (Some(jobmeter_core::Timestamp(ms)), rest),
+        None => (None, line),
     }
 }

@@ -44,8 +44,13 @@ pub fn produce_fleet(
     }
     let producer: ThreadedProducer<DefaultProducerContext> =
         settings.producer().create().context("creating the producer")?;
-    let send = |topic: &str, key: &str, payload: &str| -> anyhow::Result<()> {
+    // Events carry their own time as the record timestamp, as a platform
+    // loading recorded history does: the meter checks one against the other.
+    let send = |topic: &str, key: &str, payload: &str, timestamp: Option<i64>| -> anyhow::Result<()> {
         let mut rec = BaseRecord::to(topic).key(key).payload(payload);
+        if let Some(ms) = timestamp {
+            rec = rec.timestamp(ms);
+        }
         loop {
             match producer.send(rec) {
                 Ok(()) => return Ok(()),
@@ -61,14 +66,14 @@ pub fn produce_fleet(
         }
     };
     for (key, rec) in accounts {
-        send(&topics.accounts, key, rec)?;
+        send(&topics.accounts, key, rec, None)?;
     }
     producer.flush(Duration::from_secs(30))?;
     let started = Instant::now();
     let mut bar =
         crate::progress::Progress::new("produce", events.len() as u64, crate::progress::Unit::Items("events"));
     for (i, e) in events.iter().enumerate() {
-        send(&topics.job_events, &e.key, &e.json)?;
+        send(&topics.job_events, &e.key, &e.json, Some(e.time.0))?;
         if rate > 0 {
             let due = Duration::from_secs_f64(i as f64 / rate as f64);
             let el = started.elapsed();
@@ -95,7 +100,7 @@ pub fn produce_fleet(
 
 /// Prints every committed record of `topic` as one JSON document per line
 /// (the value as is when it is JSON; DLQ records with their headers).
-pub fn dump(brokers: &str, topic: &str, last: Option<usize>) -> anyhow::Result<()> {
+pub fn dump(brokers: &str, topic: &str, last: Option<usize>, timestamps: bool) -> anyhow::Result<()> {
     let settings = KafkaSettings::new(brokers);
     let n = partition_count(&settings, topic)?;
     if n == 0 {
@@ -116,7 +121,10 @@ pub fn dump(brokers: &str, topic: &str, last: Option<usize>) -> anyhow::Result<(
                 .map(String::from_utf8_lossy)
                 .unwrap_or_default()
                 .into_owned();
-            lines.push(v);
+            lines.push(match (timestamps, r.timestamp_ms) {
+                (true, Some(ms)) => format!("{ms}\t{v}"),
+                _ => v,
+            });
         },
     )?;
     let skip = last.map_or(0, |l| lines.len().saturating_sub(l));

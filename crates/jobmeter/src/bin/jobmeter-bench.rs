@@ -235,7 +235,10 @@ fn main() -> anyhow::Result<()> {
                 .map_err(|_| anyhow::anyhow!("lock"))?
                 .insert(job, Instant::now());
         }
-        let mut rec = BaseRecord::to(&topics.job_events).key(&e.key).payload(&e.json);
+        let mut rec = BaseRecord::to(&topics.job_events)
+            .key(&e.key)
+            .payload(&e.json)
+            .timestamp(e.time.0);
         loop {
             match producer.send(rec) {
                 Ok(()) => break,

@@ -105,6 +105,11 @@ pub struct MeterTimeouts {
     pub max_duration: String,
     /// How long finished jobs are remembered for duplicate detection.
     pub retention: String,
+    /// How far an event's `time` may be ahead of its record's timestamp.
+    pub max_clock_skew: String,
+    /// How far an event's `time` may be behind its record's timestamp;
+    /// empty means the retention.
+    pub max_event_age: String,
 }
 
 /// `[billing]`.
@@ -216,6 +221,8 @@ impl Default for MeterTimeouts {
             period_grace: "1h".into(),
             max_duration: "7d".into(),
             retention: "35d".into(),
+            max_clock_skew: "5m".into(),
+            max_event_age: String::new(),
         }
     }
 }
@@ -363,7 +370,7 @@ impl Config {
         let dur = |p: &mut Vec<String>, field: &str, v: &str| {
             if parse_duration_ms(v).is_none_or(|ms| ms <= 0) {
                 p.push(format!(
-                    "{field}: {v:?} is not a positive duration (examples: 250ms, 30s, 10m, 1h, 7d)"
+                    "{field}: {v:?} is not a positive duration of at most 3650d (examples: 250ms, 30s, 10m, 1h, 7d)"
                 ));
             }
         };
@@ -400,6 +407,10 @@ impl Config {
         dur(&mut p, "meter.period_grace", &self.meter.period_grace);
         dur(&mut p, "meter.max_duration", &self.meter.max_duration);
         dur(&mut p, "meter.retention", &self.meter.retention);
+        dur(&mut p, "meter.max_clock_skew", &self.meter.max_clock_skew);
+        if !self.meter.max_event_age.is_empty() {
+            dur(&mut p, "meter.max_event_age", &self.meter.max_event_age);
+        }
         dur(&mut p, "shutdown.deadline", &self.shutdown.deadline);
         if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
             p.push(format!(
@@ -503,6 +514,11 @@ impl Config {
             period_grace_ms: Config::ms(&self.meter.period_grace),
             max_duration_ms: Config::ms(&self.meter.max_duration),
             retention_ms: Config::ms(&self.meter.retention),
+            max_clock_skew_ms: Config::ms(&self.meter.max_clock_skew),
+            max_event_age_ms: match self.meter.max_event_age.as_str() {
+                "" => Config::ms(&self.meter.retention),
+                v => Config::ms(v),
+            },
         }
     }
 

@@ -106,6 +106,9 @@ pub struct EngineConfig {
     pub input_partitions: i32,
 }
 
+/// Partitions that cannot be restored, with the reason (shared with `/readyz`).
+pub type FailingPartitions = Arc<RwLock<BTreeMap<i32, String>>>;
+
 /// Read-only billing data shared by every partition.
 #[derive(Debug, Clone)]
 pub struct Billing {
@@ -136,6 +139,12 @@ pub struct Engine {
     to_restore: BTreeSet<i32>,
     /// Partitions held and restored, shared with the usage API.
     owned: Arc<std::sync::RwLock<BTreeSet<i32>>>,
+    /// Assigned partitions whose stored state cannot be decoded, with the
+    /// reason; shared with `/readyz`. They are not metered (and their
+    /// offsets never move) until a rebalance or restart retries them.
+    failing: FailingPartitions,
+    /// Partitions that failed since the poll loop last paused them.
+    newly_failed: Vec<i32>,
     batch_started: Instant,
     batch_events: usize,
     next_offsets: BTreeMap<i32, i64>,
@@ -167,6 +176,7 @@ impl Engine {
         store: Arc<Store>,
         metrics: Metrics,
         owned: Arc<std::sync::RwLock<BTreeSet<i32>>>,
+        failing: FailingPartitions,
     ) -> Engine {
         let committer = Committer::start(producer, store.clone(), metrics.clone(), cfg.topics.changelog.clone());
         Engine {
@@ -180,6 +190,8 @@ impl Engine {
             assigned: BTreeSet::new(),
             to_restore: BTreeSet::new(),
             owned,
+            failing,
+            newly_failed: Vec::new(),
             batch_started: Instant::now(),
             batch_events: 0,
             next_offsets: BTreeMap::new(),
@@ -191,9 +203,42 @@ impl Engine {
         }
     }
 
-    /// True when every assigned partition is restored.
+    /// True when every assigned partition is restored (and none failed).
     pub fn ready(&self) -> bool {
-        !self.assigned.is_empty() && self.to_restore.is_empty()
+        !self.assigned.is_empty() && self.to_restore.is_empty() && self.failing_read().is_empty()
+    }
+
+    fn failing_read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<i32, String>> {
+        self.failing.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn failing_write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<i32, String>> {
+        self.failing.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Partitions that failed to restore since the last call: the poll
+    /// loop pauses them so their records are not fetched in vain.
+    pub fn take_newly_failed(&mut self) -> Vec<i32> {
+        std::mem::take(&mut self.newly_failed)
+    }
+
+    /// Stored state of `p` cannot be read back: only `p` stops. Its
+    /// records are skipped without advancing its offsets, so nothing is
+    /// lost; every other partition goes on metering.
+    fn fail_partition(&mut self, p: i32, e: &jobmeter_core::state::DecodeError) {
+        tracing::error!(
+            partition = p,
+            table = e.table,
+            key = %e.key,
+            error = %e,
+            "partition stopped: its stored state cannot be decoded; every other partition goes on. Recover with `jobmeter rebuild`, then restart"
+        );
+        self.metrics
+            .partition_failed
+            .with_label_values(&[&p.to_string()])
+            .set(1);
+        self.failing_write().insert(p, e.to_string());
+        self.newly_failed.push(p);
     }
 
     /// Partitions assigned to this instance.
@@ -213,9 +258,21 @@ impl Engine {
         Ok(())
     }
 
-    /// Loads a partition's state: RocksDB, then the changelog after the
-    /// offset RocksDB reflects.
+    /// Loads a partition's state, or marks it failing when a stored record
+    /// cannot be decoded (other errors, such as Kafka's, stop the pipeline,
+    /// which is then rebuilt and retries).
     fn restore(&mut self, p: i32) -> Result<(), EngineError> {
+        match self.load_partition(p) {
+            Err(EngineError::State(e)) => {
+                self.fail_partition(p, &e);
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
+    /// RocksDB, then the changelog after the offset RocksDB reflects.
+    fn load_partition(&mut self, p: i32) -> Result<(), EngineError> {
         let t0 = Instant::now();
         let mut st = self.store.load(p)?;
         let now_ms = std::time::SystemTime::now()
@@ -277,9 +334,17 @@ impl Engine {
     /// Applies one input record, adding its outputs to the open batch.
     pub fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), EngineError> {
         let p = msg.partition();
+        if self.failing_read().contains_key(&p) {
+            // Not metered, offset not moved: a restart after the repair
+            // reads these records again.
+            return Ok(());
+        }
         if !self.meters.contains_key(&p) {
             self.to_restore.remove(&p);
             self.restore(p)?;
+            if !self.meters.contains_key(&p) {
+                return Ok(());
+            }
         }
         if self.batch_events == 0 {
             self.batch_started = Instant::now();
@@ -288,6 +353,7 @@ impl Engine {
             topic: self.input_topic.clone(),
             partition: p,
             offset: msg.offset(),
+            record_time: msg.timestamp().to_millis().map(jobmeter_core::Timestamp),
         };
         let payload = msg.payload().unwrap_or_default();
         {
@@ -451,6 +517,12 @@ impl Engine {
             self.assigned.remove(&p);
             self.to_restore.remove(&p);
             self.meters.remove(&p);
+            if self.failing_write().remove(&p).is_some() {
+                self.metrics
+                    .partition_failed
+                    .with_label_values(&[&p.to_string()])
+                    .set(0);
+            }
             self.owned
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -17,6 +17,7 @@ use std::sync::Arc;
 struct AppState {
     registry: Registry,
     ready: Arc<AtomicBool>,
+    failing: super::engine::FailingPartitions,
     api: Arc<Api>,
     requests: IntCounterVec,
 }
@@ -124,18 +125,36 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    if s.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n")
+    let failing = s
+        .failing
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    if !failing.is_empty() {
+        // Every other partition is metered; these are not.
+        let mut body = String::from("not ready: partitions not metered because their stored state cannot be decoded (recover with `jobmeter rebuild`):\n");
+        for (p, why) in failing {
+            body.push_str(&format!("partition {p}: {why}\n"));
+        }
+        (StatusCode::SERVICE_UNAVAILABLE, body)
+    } else if s.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n".to_owned())
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: restoring state or waiting for partitions\n",
+            "not ready: restoring state or waiting for partitions\n".to_owned(),
         )
     }
 }
 
 /// The router. Its routes are [`super::api::ROUTES`].
-pub fn router(registry: Registry, ready: Arc<AtomicBool>, api: Arc<Api>, requests: IntCounterVec) -> Router {
+pub fn router(
+    registry: Registry,
+    ready: Arc<AtomicBool>,
+    failing: super::engine::FailingPartitions,
+    api: Arc<Api>,
+    requests: IntCounterVec,
+) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -149,6 +168,7 @@ pub fn router(registry: Registry, ready: Arc<AtomicBool>, api: Arc<Api>, request
         .with_state(AppState {
             registry,
             ready,
+            failing,
             api,
             requests,
         })

@@ -36,6 +36,9 @@ pub struct Metrics {
     pub statements: IntCounter,
     /// Open jobs per partition.
     pub open_jobs: IntGaugeVec,
+    /// 1 for an assigned partition whose stored state cannot be read back
+    /// (it is not metered until it is rebuilt); 0 otherwise.
+    pub partition_failed: IntGaugeVec,
     /// Consumer lag per partition (high watermark − position).
     pub lag: IntGaugeVec,
     /// Events per committed batch.
@@ -129,6 +132,16 @@ impl Metrics {
                 )?,
             )?,
             statements: reg(r, IntCounter::new("jobmeter_statements_total", "Statements emitted")?)?,
+            partition_failed: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "jobmeter_partition_failed",
+                        "1 while an assigned input partition is not metered because its stored state cannot be decoded (see /readyz and the log; recover with jobmeter rebuild)",
+                    ),
+                    &["partition"],
+                )?,
+            )?,
             open_jobs: reg(
                 r,
                 IntGaugeVec::new(

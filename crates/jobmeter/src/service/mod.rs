@@ -162,6 +162,7 @@ struct Deps {
     store: Arc<Store>,
     metrics: Metrics,
     owned: Arc<std::sync::RwLock<std::collections::BTreeSet<i32>>>,
+    failing: engine::FailingPartitions,
     input_partitions: Arc<std::sync::atomic::AtomicI32>,
 }
 
@@ -184,6 +185,7 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
     let ready = Arc::new(AtomicBool::new(false));
     let table = AccountsTable::new(AccountBook::new(&plans), accounts_metrics);
     let owned = Arc::new(std::sync::RwLock::new(std::collections::BTreeSet::new()));
+    let failing: engine::FailingPartitions = Arc::default();
     let input_partitions = Arc::new(std::sync::atomic::AtomicI32::new(0));
     let billing = Billing {
         rates,
@@ -204,7 +206,13 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
         group: Some((settings.clone(), cfg.kafka.group_id.clone(), topics.job_events.clone())),
         instance_id: cfg.instance_id.clone(),
     });
-    let app = http::router(registry.clone(), ready.clone(), api, metrics.api_requests.clone());
+    let app = http::router(
+        registry.clone(),
+        ready.clone(),
+        failing.clone(),
+        api,
+        metrics.api_requests.clone(),
+    );
     let listener = tokio::net::TcpListener::bind(&cfg.http.listen).await?;
     tracing::info!(listen = %cfg.http.listen, advertised = %cfg.advertised_url(), "serving /metrics, /healthz, /readyz and the usage API under /v1");
     let http_shutdown = shutdown.clone();
@@ -272,6 +280,7 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
         store: store.clone(),
         metrics: metrics.clone(),
         owned,
+        failing,
         input_partitions: input_partitions.clone(),
     };
     let lag = {
@@ -382,6 +391,20 @@ fn pipeline_loop(deps: &Deps, stop: &Arc<AtomicBool>, ready: &Arc<AtomicBool>) -
     }
 }
 
+/// Stops fetching partitions whose state cannot be restored.
+fn pause_failed<C: rdkafka::consumer::ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, parts: Vec<i32>) {
+    if parts.is_empty() {
+        return;
+    }
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in &parts {
+        tpl.add_partition(topic, *p);
+    }
+    if let Err(e) = consumer.pause(&tpl) {
+        tracing::warn!(error = %e, partitions = ?parts, "could not pause failing partitions; their records are skipped");
+    }
+}
+
 fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<(), EngineError> {
     let cfg = &deps.cfg;
     let txn_timeout = Duration::from_millis(Config::ms(&cfg.kafka.transaction_timeout) as u64);
@@ -407,6 +430,7 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
         deps.store.clone(),
         deps.metrics.clone(),
         deps.owned.clone(),
+        deps.failing.clone(),
     )));
     let consumer: BaseConsumer<MeterContext> = deps
         .settings
@@ -443,7 +467,6 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
         if let Err(err) = e.restore_pending() {
             break Err(err);
         }
-        ready.store(e.ready(), Ordering::SeqCst);
         match msg {
             Some(Ok(m)) => {
                 if let Err(err) = e.process(&m) {
@@ -453,6 +476,8 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
             Some(Err(err)) => tracing::warn!(error = %err, "consumer error"),
             None => {}
         }
+        ready.store(e.ready(), Ordering::SeqCst);
+        pause_failed(&consumer, &deps.topics.job_events, e.take_newly_failed());
         if e.batch_due() {
             if let Err(err) = e.commit(&consumer) {
                 break Err(err);
@@ -467,6 +492,11 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
         lock().abort();
     }
     ready.store(false, Ordering::SeqCst);
+    // The next incarnation retries every partition it is given.
+    deps.failing
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clear();
     deps.owned
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -110,6 +110,7 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
                     topic: topics.job_events.as_str().into(),
                     partition: p,
                     offset: r.offset,
+                    record_time: r.timestamp_ms.map(jobmeter_core::Timestamp),
                 };
                 meter.apply(
                     &ctx.with_partition(p, parts),
