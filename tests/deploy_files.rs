@@ -15,6 +15,7 @@ fn exported() -> BTreeSet<String> {
     // Per-partition series exist once a partition is assigned.
     m.lag.with_label_values(&["0"]);
     m.open_jobs.with_label_values(&["0"]);
+    m.partition_failed.with_label_values(&["0"]);
     m.commit_seconds.with_label_values(&["commit"]);
     m.limit_events.with_label_values(&["free_credits", "80"]);
     m.api_requests.with_label_values(&["usage", "200"]);
