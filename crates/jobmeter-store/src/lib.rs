@@ -416,4 +416,68 @@ mod tests {
         assert_eq!(charges.len(), 1);
         Ok(())
     }
+
+    #[test]
+    fn hostile_values_round_trip_through_rocksdb_and_restore() -> Result<(), Box<dyn std::error::Error>> {
+        use jobmeter_core::event::MAX_ID_BYTES;
+        use jobmeter_core::*;
+        let dir = tempfile::tempdir()?;
+        let rates = RateCard::from_toml(
+            "[[versions]]\nversion='v'\neffective_from='2000-01-01T00:00:00Z'\nfine_tune_per_second='0.001'\nmodels.m={per_second='0.01'}\n",
+        )?;
+        let plans = PlanCatalog::default();
+        let book = AccountBook::new(&plans);
+        let config = MeterConfig::default();
+        let ctx = Context::new(&rates, &plans, &book, &config).with_partition(7, 8);
+        // The longest ids accepted, in 1-, 2-, 3- and 4-byte characters.
+        let long = |unit: &str, salt: &str| {
+            let mut s = salt.to_owned();
+            while s.len() + unit.len() <= MAX_ID_BYTES {
+                s.push_str(unit);
+            }
+            while s.len() < MAX_ID_BYTES {
+                s.push('x');
+            }
+            s
+        };
+        let account = long("界", "a");
+        let ev = |ty: &str, id: &str, t: &str| {
+            serde_json::json!({
+                "specversion": "1.0", "id": long("é", id), "source": long("s", "w"), "type": ty, "time": t,
+                "subject": long("🚀", if id < "4" { "j" } else { id }), "data": {"account_id": account, "kind": "workflow_step", "model": "m",
+                "workflow_run_id": long("ü", "r"), "gpu": long("g", "g"), "status": "failed"}
+            })
+            .to_string()
+        };
+        let steps = [
+            ev("job.started", "1", "2000-01-01T00:00:00Z"),
+            ev("job.heartbeat", "2", "2000-01-01T00:05:00Z"),
+            ev("job.stopped", "3", "2000-01-01T00:09:59.999Z"),
+            ev("job.started", "4", "2099-12-31T23:59:59.999Z"),
+            ev("job.started", "5", "2100-01-01T00:00:00Z"),
+        ];
+        let mut live = Meter::tracking_changes();
+        let mut out = Vec::new();
+        for (i, raw) in steps.iter().enumerate() {
+            live.apply(&ctx, raw.as_bytes(), None, &mut out);
+            {
+                let store = Store::open(dir.path())?;
+                store.commit(7, &live.take_changes()?, Some(i as i64))?;
+            }
+            let store = Store::open(dir.path())?;
+            let restored = Meter::restore(store.load(7)?.records, &config)?;
+            assert_eq!(restored.snapshot()?, live.snapshot()?, "after step {i}");
+            assert_eq!(restored.stream_time(), live.stream_time());
+        }
+        // The last step is refused; the one before it is accepted (the
+        // last millisecond of the accepted range).
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, Output::Reject(r) if r.reason == RejectReason::TimeOutOfRange)));
+        assert_eq!(
+            live.stream_time().map(|t| t.to_string()).as_deref(),
+            Some("2099-12-31T23:59:59.999Z")
+        );
+        Ok(())
+    }
 }
