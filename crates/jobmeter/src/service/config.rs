@@ -256,14 +256,35 @@ impl Default for ShutdownConfig {
 #[error("invalid configuration:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
 pub struct ConfigErrors(pub Vec<String>);
 
-fn env_value(raw: &str) -> toml::Value {
-    if let Ok(i) = raw.parse::<i64>() {
-        toml::Value::Integer(i)
-    } else if let Ok(b) = raw.parse::<bool>() {
-        toml::Value::Boolean(b)
-    } else {
-        toml::Value::String(raw.to_owned())
+/// A value given as text (environment, `--set`), typed like the setting it
+/// replaces: `JOBMETER__KAFKA__GROUP_ID=2024` is the string "2024", and
+/// `JOBMETER__BATCH__MAX_EVENTS=2000` the number 2000. Text that does not
+/// fit the setting's type stays text, so the error names the setting.
+fn env_value(raw: &str, current: Option<&toml::Value>) -> toml::Value {
+    let text = || toml::Value::String(raw.to_owned());
+    match current {
+        Some(toml::Value::String(_)) => text(),
+        Some(toml::Value::Integer(_)) => raw.trim().parse().map_or_else(|_| text(), toml::Value::Integer),
+        Some(toml::Value::Boolean(_)) => raw.trim().parse().map_or_else(|_| text(), toml::Value::Boolean),
+        Some(toml::Value::Float(_)) => raw.trim().parse().map_or_else(|_| text(), toml::Value::Float),
+        Some(toml::Value::Array(_)) => format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(text),
+        // Not a known setting (an error later), or a librdkafka property
+        // (always text).
+        _ => text(),
     }
+}
+
+fn get_path<'a>(root: &'a toml::Table, path: &[String]) -> Option<&'a toml::Value> {
+    let (last, parents) = path.split_last()?;
+    let mut t = root;
+    for p in parents {
+        t = t.get(p)?.as_table()?;
+    }
+    t.get(last)
 }
 
 /// librdkafka property names contain dots (`sasl.password`): below
@@ -329,13 +350,15 @@ impl Config {
                     toml::Value::String(v.clone()),
                 );
             } else if let Some(rest) = k.strip_prefix("JOBMETER__") {
-                let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
-                set_path(&mut table, &property_path(path), env_value(v));
+                let path = property_path(rest.split("__").map(str::to_ascii_lowercase).collect());
+                let value = env_value(v, get_path(&table, &path));
+                set_path(&mut table, &path, value);
             }
         }
         for (k, v) in &overrides.sets {
-            let path: Vec<String> = k.split('.').map(str::to_owned).collect();
-            set_path(&mut table, &property_path(path), env_value(v));
+            let path = property_path(k.split('.').map(str::to_owned).collect());
+            let value = env_value(v, get_path(&table, &path));
+            set_path(&mut table, &path, value);
         }
         // librdkafka takes every property as a string.
         if let Some(toml::Value::Table(props)) = table
@@ -597,6 +620,38 @@ mod tests {
                 ("sasl.username", "meter")
             ]
         );
+    }
+
+    #[test]
+    fn text_settings_stay_text_and_numbers_become_numbers() {
+        let env = vec![
+            ("JOBMETER__KAFKA__GROUP_ID".to_owned(), "2024".to_owned()),
+            ("JOBMETER__TOPICS__PREFIX".to_owned(), "true".to_owned()),
+            ("JOBMETER__BATCH__MAX_EVENTS".to_owned(), " 2000".to_owned()),
+        ];
+        let over = Overrides {
+            sets: vec![
+                ("instance_id".into(), "42".into()),
+                ("topics.partitions".into(), "12".into()),
+                ("billing.rate_card".into(), rate_card_path()),
+            ],
+        };
+        let c = Config::load(None, &env, &over).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (
+                c.kafka.group_id.as_str(),
+                c.topics.prefix.as_str(),
+                c.instance_id.as_str()
+            ),
+            ("2024", "true", "42")
+        );
+        assert_eq!((c.batch.max_events, c.topics.partitions), (2000, 12));
+        // A number setting given text is an error that names the setting.
+        let env = vec![("JOBMETER__BATCH__MAX_EVENTS".to_owned(), "many".to_owned())];
+        let err = Config::load(None, &env, &Overrides::default())
+            .err()
+            .map(|e| e.to_string());
+        assert!(err.as_deref().is_some_and(|e| e.contains("max_events")), "{err:?}");
     }
 
     #[test]
