@@ -238,6 +238,17 @@ fn delivers_every_limit_event_once_and_dead_letters_the_undeliverable() {
         Some("webhook_undeliverable")
     );
     assert_eq!(headers.get("jobmeter.last_status").map(String::as_str), Some("500"));
+    // The same source layout as the meter's dead letters.
+    assert!(headers
+        .get("jobmeter.source.topic")
+        .is_some_and(|t| t.ends_with(".limits")));
+    assert!(headers
+        .get("jobmeter.source.partition")
+        .is_some_and(|p| p.parse::<i32>().is_ok()));
+    assert!(headers
+        .get("jobmeter.source.offset")
+        .is_some_and(|o| o.parse::<i64>().is_ok()));
+    assert!(!headers.contains_key("jobmeter.source"));
     assert!(
         headers
             .get("jobmeter.attempts")

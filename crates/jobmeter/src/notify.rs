@@ -29,7 +29,7 @@ use anyhow::Context as _;
 use hmac::{Hmac, Mac};
 use jobmeter_kafka::client::KafkaSettings;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, Message};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use sha2::Sha256;
@@ -285,27 +285,20 @@ pub fn main(cmd: NotifyCmd) -> anyhow::Result<()> {
                 tracing::info!(event_id, attempts, status, "delivered");
             }
             Some(Err((reason, status))) => {
-                let headers = OwnedHeaders::new()
-                    .insert(Header {
-                        key: "jobmeter.reason",
-                        value: Some("webhook_undeliverable"),
-                    })
-                    .insert(Header {
-                        key: "jobmeter.detail",
-                        value: Some(reason.as_str()),
-                    })
-                    .insert(Header {
-                        key: "jobmeter.last_status",
-                        value: Some(status.map(|s| s.to_string()).unwrap_or_default().as_str()),
-                    })
-                    .insert(Header {
-                        key: "jobmeter.attempts",
-                        value: Some(attempts.to_string().as_str()),
-                    })
-                    .insert(Header {
-                        key: "jobmeter.source",
-                        value: Some(format!("{topic}/{partition}/{offset}").as_str()),
-                    });
+                // The meter's dead-letter layout (reason, detail, source
+                // topic/partition/offset), plus what the delivery tried.
+                let last_status = status.map(|s| s.to_string()).unwrap_or_default();
+                let attempts_text = attempts.to_string();
+                let headers =
+                    jobmeter_kafka::dlq::headers("webhook_undeliverable", reason.as_str(), &topic, partition, offset)
+                        .insert(Header {
+                            key: "jobmeter.last_status",
+                            value: Some(last_status.as_str()),
+                        })
+                        .insert(Header {
+                            key: "jobmeter.attempts",
+                            value: Some(attempts_text.as_str()),
+                        });
                 let mut rec = BaseRecord::to(&dlq_topic).payload(&payload).headers(headers);
                 if let Some(k) = &key {
                     rec = rec.key(k);
