@@ -56,20 +56,14 @@ fn a_partition_whose_state_cannot_be_read_stops_alone() {
         Table::Jobs,
         &keys::job(&(AccountId::from("acct-x"), JobId::from("job-x"))),
     );
-    let changelog_topic = format!("{prefix}.changelog");
-    let mut rec: rdkafka::producer::BaseRecord<'_, [u8], [u8]> = rdkafka::producer::BaseRecord::to(&changelog_topic)
-        .key(&key[..])
-        .payload(&b"{\"start\": this is not JSON"[..])
-        .partition(0);
-    loop {
-        match p.send(rec) {
-            Ok(()) => break,
-            Err((_, r)) => {
-                rec = r;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-    }
+    send_at(
+        &p,
+        &format!("{prefix}.changelog"),
+        Some(&key),
+        Some(b"{\"start\": this is not JSON"),
+        Some(0),
+        None,
+    );
     rdkafka::producer::Producer::flush(&p, Duration::from_secs(10)).unwrap();
 
     let mut meter = spec.start();

@@ -10,7 +10,7 @@
 mod support;
 
 use jobmeter::simulate::FleetOptions;
-use jobmeter_core::{AccountBook, AccountRecord, Context, Meter, MeterConfig, Origin, Output, PlanCatalog, RateCard};
+use jobmeter_core::{Context, Meter, MeterConfig, Origin, Output};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use support::*;
@@ -255,12 +255,7 @@ fn records(w: &Workload) -> Vec<Rec> {
 /// The offline computation: one meter per partition, records in produce
 /// order, each with its record timestamp — what the meter must commit.
 fn offline(w: &Workload, recs: &[Rec]) -> (Outputs, Vec<String>, BTreeMap<usize, String>) {
-    let rates = RateCard::from_toml(&std::fs::read_to_string(root().join("config/rate-card.toml")).unwrap()).unwrap();
-    let plans = PlanCatalog::from_toml(&std::fs::read_to_string(root().join("config/plans.toml")).unwrap()).unwrap();
-    let mut book = AccountBook::new(&plans);
-    for (_, r) in &w.accounts {
-        book.insert(AccountRecord::parse(r.as_bytes()).unwrap());
-    }
+    let (rates, plans, book) = billing(w);
     let config = MeterConfig::default();
     let ctx = Context::new(&rates, &plans, &book, &config);
     let mut meters: BTreeMap<i32, Meter> = BTreeMap::new();
@@ -280,33 +275,17 @@ fn offline(w: &Workload, recs: &[Rec]) -> (Outputs, Vec<String>, BTreeMap<usize,
             &mut out,
         );
     }
-    let mut o = Outputs::default();
     let mut reasons = Vec::new();
     let mut by_record = BTreeMap::new();
-    for x in out {
-        match x {
-            Output::Charge(c) => {
-                o.charges
-                    .insert(c.charge_id.clone(), serde_json::to_string(&c).unwrap());
-            }
-            Output::Limit(l) => {
-                o.limits.insert(l.event_id.clone(), serde_json::to_string(&l).unwrap());
-            }
-            Output::Statement(s) => {
-                o.statements.insert(
-                    format!("{}/{}", s.account_id, s.period),
-                    serde_json::to_string(&s).unwrap(),
-                );
-            }
-            Output::Reject(r) => {
-                o.rejects += 1;
-                reasons.push(r.reason.as_str().to_owned());
-                if let Some(origin) = r.origin {
-                    by_record.insert(origin.offset as usize, r.reason.as_str().to_owned());
-                }
+    for x in &out {
+        if let Output::Reject(r) = x {
+            reasons.push(r.reason.as_str().to_owned());
+            if let Some(origin) = &r.origin {
+                by_record.insert(origin.offset as usize, r.reason.as_str().to_owned());
             }
         }
     }
+    let o = collect(out);
     reasons.sort();
     (o, reasons, by_record)
 }
@@ -318,7 +297,7 @@ fn produce(prefix: &str, recs: &[Rec]) {
         send_at(
             &p,
             &topic,
-            r.key.as_deref(),
+            r.key.as_deref().map(str::as_bytes),
             r.value.as_deref(),
             Some(r.partition),
             Some(r.ts),

@@ -279,7 +279,7 @@ pub fn send(
     let at = payload
         .and_then(|b| jobmeter_core::parse_job_event(b).ok())
         .map(|e| e.time.0);
-    send_at(p, topic, Some(key), payload, partition, at)
+    send_at(p, topic, Some(key.as_bytes()), payload, partition, at)
 }
 
 /// Sends one record, keyless when `key` is `None`, with an explicit record
@@ -287,12 +287,12 @@ pub fn send(
 pub fn send_at(
     p: &ThreadedProducer<DefaultProducerContext>,
     topic: &str,
-    key: Option<&str>,
+    key: Option<&[u8]>,
     payload: Option<&[u8]>,
     partition: Option<i32>,
     timestamp_ms: Option<i64>,
 ) {
-    let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic);
+    let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
     if let Some(k) = key {
         rec = rec.key(k);
     }
@@ -419,12 +419,7 @@ pub fn read_outputs(prefix: &str) -> Outputs {
 /// The outputs computed offline: one meter per partition, events in the
 /// order they were produced to it, same rate card, plans and timeouts.
 pub fn expected(w: &Workload, upto: usize) -> Outputs {
-    let rates = RateCard::from_toml(&std::fs::read_to_string(root().join("config/rate-card.toml")).unwrap()).unwrap();
-    let plans = PlanCatalog::from_toml(&std::fs::read_to_string(root().join("config/plans.toml")).unwrap()).unwrap();
-    let mut book = AccountBook::new(&plans);
-    for (_, r) in &w.accounts {
-        book.insert(AccountRecord::parse(r.as_bytes()).unwrap());
-    }
+    let (rates, plans, book) = billing(w);
     let config = MeterConfig::default();
     let ctx = Context::new(&rates, &plans, &book, &config);
     let mut meters: BTreeMap<i32, Meter> = BTreeMap::new();
@@ -436,6 +431,22 @@ pub fn expected(w: &Workload, upto: usize) -> Outputs {
             .or_default()
             .apply(&ctx.with_partition(p, w.partitions), e.json.as_bytes(), None, &mut out);
     }
+    collect(out)
+}
+
+/// The rate card and plans of `config/`, and the workload's accounts.
+pub fn billing(w: &Workload) -> (RateCard, PlanCatalog, AccountBook) {
+    let rates = RateCard::from_toml(&std::fs::read_to_string(root().join("config/rate-card.toml")).unwrap()).unwrap();
+    let plans = PlanCatalog::from_toml(&std::fs::read_to_string(root().join("config/plans.toml")).unwrap()).unwrap();
+    let mut book = AccountBook::new(&plans);
+    for (_, r) in &w.accounts {
+        book.insert(AccountRecord::parse(r.as_bytes()).unwrap());
+    }
+    (rates, plans, book)
+}
+
+/// Outputs by id, as the topics would carry them.
+pub fn collect(out: Vec<Output>) -> Outputs {
     let mut o = Outputs::default();
     for x in out {
         match x {

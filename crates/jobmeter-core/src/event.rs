@@ -111,6 +111,17 @@ pub const EVENT_TIME_MIN: Timestamp = Timestamp(946_684_800_000);
 /// stays far inside what the state codec and the calendar handle.
 pub const EVENT_TIME_MAX: Timestamp = Timestamp(4_102_444_800_000);
 
+/// Refuses a time outside [`EVENT_TIME_MIN`, `EVENT_TIME_MAX`).
+pub(crate) fn in_range(time: Timestamp, field: &str) -> Result<Timestamp, Invalid> {
+    if time < EVENT_TIME_MIN || time >= EVENT_TIME_MAX {
+        return Err(Invalid::new(
+            RejectReason::TimeOutOfRange,
+            format!("`{field}` {time} is outside the accepted range [{EVENT_TIME_MIN}, {EVENT_TIME_MAX})"),
+        ));
+    }
+    Ok(time)
+}
+
 /// Refuses an identifier longer than [`MAX_ID_BYTES`].
 pub(crate) fn bounded<'a>(value: &'a str, field: &str) -> Result<&'a str, Invalid> {
     if value.len() > MAX_ID_BYTES {
@@ -371,12 +382,7 @@ fn validate(raw: RawEvent<'_>) -> Result<JobEvent, Invalid> {
     let time = required(&raw.time, "time")?;
     let time =
         Timestamp::parse(time).map_err(|e| Invalid::new(RejectReason::SchemaViolation, format!("`time`: {e}")))?;
-    if time < EVENT_TIME_MIN || time >= EVENT_TIME_MAX {
-        return Err(Invalid::new(
-            RejectReason::TimeOutOfRange,
-            format!("`time` {time} is outside the accepted range [{EVENT_TIME_MIN}, {EVENT_TIME_MAX})"),
-        ));
-    }
+    let time = in_range(time, "time")?;
     let subject = bounded(required(&raw.subject, "subject")?, "subject")?;
     let data = raw
         .data

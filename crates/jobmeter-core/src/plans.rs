@@ -286,17 +286,7 @@ impl AccountRecord {
                 ),
             ));
         }
-        if r.effective_from < crate::event::EVENT_TIME_MIN || r.effective_from >= crate::event::EVENT_TIME_MAX {
-            return Err(Invalid::new(
-                RejectReason::TimeOutOfRange,
-                format!(
-                    "`effective_from` {} is outside the accepted range [{}, {})",
-                    r.effective_from,
-                    crate::event::EVENT_TIME_MIN,
-                    crate::event::EVENT_TIME_MAX
-                ),
-            ));
-        }
+        crate::event::in_range(r.effective_from, "effective_from")?;
         Ok(r)
     }
 }
