@@ -46,6 +46,11 @@ impl Topics {
     }
 }
 
+/// How long the changelog keeps tombstones (`delete.retention.ms`): local
+/// state older than this may miss deletions and must be restored from the
+/// changelog in full (`state.max_local_age` is checked against it).
+pub const CHANGELOG_TOMBSTONE_RETENTION_MS: i64 = 3 * 86_400_000;
+
 /// How to create missing topics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicLayout {
@@ -151,9 +156,10 @@ pub async fn ensure_topics(
 ) -> Result<(), KafkaAdapterError> {
     // Compacted topics keep the latest value per key; the changelog keeps
     // tombstones for 3 days so a restore from older local state sees deletes.
+    let tombstones = CHANGELOG_TOMBSTONE_RETENTION_MS.to_string();
     let compacted = [
         ("cleanup.policy", "compact"),
-        ("delete.retention.ms", "259200000"),
+        ("delete.retention.ms", tombstones.as_str()),
         ("min.insync.replicas", "1"),
     ];
     let plain: [(&str, &str); 0] = [];

@@ -14,7 +14,8 @@
 //! cf usage       : partition:u32 BE | core usage key      -> core counter value
 //! cf fired       : partition:u32 BE | core fired key      -> (empty)
 //! cf statements  : partition:u32 BE | core statement key  -> core statement value
-//! cf meta        : partition:u32 BE | "stream_time"       -> i64 BE
+//! cf meta        : partition:u32 BE | "stream_time"       -> i64 BE (ms)
+//! cf meta        : partition:u32 BE | "fees_through"      -> u32 BE (period ordinal)
 //! cf closed_statements : partition:u32 BE | core statement key -> emitted statement
 //! cf progress    : partition:u32 BE                       -> changelog offset:i64 BE | written_at_ms:i64 BE
 //! ```

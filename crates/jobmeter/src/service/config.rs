@@ -79,7 +79,8 @@ pub struct StateConfig {
     pub dir: PathBuf,
     /// Local state older than this (wall clock since its last write) is
     /// discarded and restored from the changelog in full, because the
-    /// changelog's tombstones are only kept for 3 days.
+    /// changelog's tombstones are only kept for
+    /// [`jobmeter_kafka::topics::CHANGELOG_TOMBSTONE_RETENTION_MS`] (checked).
     pub max_local_age: String,
 }
 
@@ -422,6 +423,14 @@ impl Config {
             p.push("topics.partitions, output_partitions and replication must be at least 1".into());
         }
         dur(&mut p, "state.max_local_age", &self.state.max_local_age);
+        let tombstones = jobmeter_kafka::topics::CHANGELOG_TOMBSTONE_RETENTION_MS;
+        if parse_duration_ms(&self.state.max_local_age).is_some_and(|ms| ms >= tombstones) {
+            p.push(format!(
+                "state.max_local_age: {:?} must be shorter than the changelog's tombstone retention ({} h): older local state could miss deletions",
+                self.state.max_local_age,
+                tombstones / 3_600_000
+            ));
+        }
         if self.batch.max_events == 0 {
             p.push("batch.max_events: must be at least 1".into());
         }
@@ -646,6 +655,14 @@ mod tests {
             ("2024", "true", "42")
         );
         assert_eq!((c.batch.max_events, c.topics.partitions), (2000, 12));
+        let over = Overrides {
+            sets: vec![
+                ("state.max_local_age".into(), "3d".into()),
+                ("billing.rate_card".into(), rate_card_path()),
+            ],
+        };
+        let err = Config::load(None, &[], &over).err().map(|e| e.to_string());
+        assert!(err.as_deref().is_some_and(|e| e.contains("tombstone")), "{err:?}");
         // A number setting given text is an error that names the setting.
         let env = vec![("JOBMETER__BATCH__MAX_EVENTS".to_owned(), "many".to_owned())];
         let err = Config::load(None, &env, &Overrides::default())

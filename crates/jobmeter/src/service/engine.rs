@@ -21,7 +21,12 @@
 //! Changelog records are whole values (upserts and tombstones) keyed by
 //! state key, so replaying any suffix of the changelog on top of older
 //! state converges to the same state. Outputs are derived deterministically
-//! from inputs and state, so a replayed batch produces identical records.
+//! from the input records, the state and the accounts table. The table is
+//! tailed live, so a batch applied again after a crash can see an account
+//! record that arrived in between; that changes nothing the aborted attempt
+//! published (it was never visible), but a rebuild reproduces the live run
+//! exactly only when account records arrive ahead of the usage they govern,
+//! which the contract asks of them (a late record is counted as `late`).
 //!
 //! A zombie (an instance that lost its partitions but does not know yet) is
 //! fenced twice: by the transactional id (a restarted instance) and by the
