@@ -286,7 +286,9 @@ impl AccountRecord {
                 ),
             ));
         }
-        crate::event::in_range(r.effective_from, "effective_from")?;
+        // `effective_from` is not an event time: it moves no stream time and
+        // derives no deadline, so any instant the parser accepts (years
+        // 0001-9999) is fine, e.g. a default record "since 1970".
         Ok(r)
     }
 }

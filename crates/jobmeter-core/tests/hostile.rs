@@ -258,6 +258,13 @@ fn ids_over_the_bound_are_refused_naming_the_field_never_truncated() {
             }
         }
     }
+    // A default record "since 1970" is fine: `effective_from` is no event time.
+    let since = serde_json::json!({"account_id": "a", "plan": "pro", "effective_from": "1970-01-01T00:00:00Z"});
+    assert!(AccountRecord::parse(since.to_string().as_bytes()).is_ok());
+    for (amount, ok) in [("1000000000000", true), ("1000000000000.01", false), ("-0.01", false)] {
+        let rec = serde_json::json!({"account_id": "a", "plan": "free", "effective_from": "2024-01-01T00:00:00Z", "free_credits": amount});
+        assert_eq!(AccountRecord::parse(rec.to_string().as_bytes()).is_ok(), ok, "{amount}");
+    }
     let long = id_of("界", MAX_ID_BYTES + 1, 0);
     let rec = serde_json::json!({"account_id": long, "plan": "pro", "effective_from": "2024-01-01T00:00:00Z"});
     let err = AccountRecord::parse(rec.to_string().as_bytes()).err();
