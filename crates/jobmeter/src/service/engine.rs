@@ -339,12 +339,13 @@ impl Engine {
     /// Applies one input record, adding its outputs to the open batch.
     pub fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), EngineError> {
         let p = msg.partition();
-        if self.failing_read().contains_key(&p) {
-            // Not metered, offset not moved: a restart after the repair
-            // reads these records again.
-            return Ok(());
-        }
         if !self.meters.contains_key(&p) {
+            // A failing partition has no meter: its records are not
+            // metered and its offset does not move, so a restart after the
+            // repair reads them again.
+            if self.failing_read().contains_key(&p) {
+                return Ok(());
+            }
             self.to_restore.remove(&p);
             self.restore(p)?;
             if !self.meters.contains_key(&p) {
