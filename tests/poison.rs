@@ -361,6 +361,10 @@ fn meters_through_the_poison_suite_and_a_kill() {
     assert!(cases >= 20);
     assert!(!want.statements.is_empty(), "the workload closes May");
     assert!(
+        want.charges.keys().any(|k| k.contains("job\u{0}\u{1f}🚀")),
+        "the keyless job with control characters in its id is charged"
+    );
+    assert!(
         want.statements.keys().all(|k| k.ends_with("/2024-05")),
         "no statement beyond the workload's months: {:?}",
         want.statements.keys().collect::<Vec<_>>()
