@@ -54,6 +54,10 @@ fn lines_from_charges(charges: &[Value]) -> BTreeMap<(String, String), BTreeMap<
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
 fn usage_api_and_metrics_match_the_run() {
     let prefix = fresh_prefix("api");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -251,6 +255,10 @@ fn usage_api_and_metrics_match_the_run() {
 /// With two instances, each answers for its own partitions and names the
 /// owner of the others.
 #[test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
 fn misdirected_requests_name_the_owner() {
     let prefix = fresh_prefix("api-owner");
     let dir = tempfile::tempdir().expect("tempdir");

@@ -21,6 +21,10 @@ fn kafka(cmd: &str, port: &str) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
 fn survives_broker_restart() {
     let port = std::env::var("JOBMETER_TEST_RESTART_PORT").unwrap_or_else(|_| "19092".into());
     kafka("wipe", &port);

@@ -26,6 +26,10 @@ fn by_partition(charges: &BTreeMap<String, String>, partitions: i32) -> BTreeMap
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
 fn a_partition_whose_state_cannot_be_read_stops_alone() {
     let prefix = fresh_prefix("corrupt");
     let dir = tempfile::tempdir().expect("tempdir");

@@ -13,6 +13,10 @@ use std::time::Duration;
 use support::*;
 
 #[test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
 fn worker_jobs_are_started_heartbeated_stopped_and_charged() {
     let prefix = fresh_prefix("emit");
     let dir = tempfile::tempdir().expect("tempdir");

@@ -26,6 +26,10 @@ fn charges_reach(prefix: &str, n: usize) -> impl FnMut() -> bool + '_ {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
 fn survives_kill_at_any_point() {
     let prefix = fresh_prefix("kill");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -72,6 +76,10 @@ fn survives_kill_at_any_point() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
 fn handles_rebalance() {
     let prefix = fresh_prefix("rebalance");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -109,6 +117,10 @@ fn handles_rebalance() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
 fn advances_offset_past_poison_messages() {
     let prefix = fresh_prefix("poison");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -183,6 +195,10 @@ fn advances_offset_past_poison_messages() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
 fn shutdown_commits_in_flight_work() {
     let prefix = fresh_prefix("shutdown");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -220,6 +236,10 @@ fn all_consumed(m: &MeterProc, n: usize) -> bool {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
 fn rebuild_from_input_topics_matches_state_and_outputs() {
     let prefix = fresh_prefix("rebuild");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -271,6 +291,10 @@ fn rebuild_from_input_topics_matches_state_and_outputs() {
 /// to a partition gets May's statement exactly once — with its usage lines,
 /// or with the fee alone if it used nothing.
 #[test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
 fn month_close_bills_every_pro_account_once() {
     let prefix = fresh_prefix("month");
     let dir = tempfile::tempdir().expect("tempdir");

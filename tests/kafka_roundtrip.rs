@@ -9,6 +9,10 @@ use std::time::Duration;
 use support::*;
 
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
 async fn produces_and_consumes_through_the_real_broker() {
     let settings = jobmeter_kafka::client::KafkaSettings::new(brokers());
     let topic = fresh_prefix("roundtrip");

@@ -132,6 +132,10 @@ fn start_notifier(prefix: &str, webhook: &str, log: &std::path::Path) -> std::pr
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
 fn delivers_every_limit_event_once_and_dead_letters_the_undeliverable() {
     let prefix = fresh_prefix("notify");
     let settings = jobmeter_kafka::client::KafkaSettings::new(brokers());

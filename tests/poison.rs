@@ -327,6 +327,10 @@ fn dlq_reasons(prefix: &str) -> Vec<String> {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
 fn meters_through_the_poison_suite_and_a_kill() {
     let prefix = fresh_prefix("poison-suite");
     let dir = tempfile::tempdir().expect("tempdir");
