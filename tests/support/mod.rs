@@ -171,10 +171,27 @@ impl MeterProc {
         total
     }
 
+    /// The last 60 distinct log lines: a line that repeats one of the few
+    /// before it but for its timestamp (clients retrying while the broker
+    /// is away) is counted, not repeated, so the tail still shows what came
+    /// before the retries.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        let mut lines: Vec<(String, usize)> = Vec::new();
+        for line in text.lines() {
+            let body = |l: &str| l.split_once(' ').map_or(l, |(_, rest)| rest).to_owned();
+            let b = body(line);
+            let recent = lines.len().saturating_sub(4);
+            match lines[recent..].iter_mut().find(|(l, _)| body(l) == b) {
+                Some((_, n)) => *n += 1,
+                None => lines.push((line.to_owned(), 1)),
+            }
+        }
+        lines[lines.len().saturating_sub(60)..]
+            .iter()
+            .map(|(l, n)| if *n > 1 { format!("{l}   (×{n})") } else { l.clone() })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
