@@ -495,7 +495,21 @@ pub fn wait_until(what: &str, timeout: Duration, logs: &[&MeterProc], mut f: imp
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    let tails: Vec<String> = logs.iter().map(|m| m.log_tail()).collect();
+    let tails: Vec<String> = logs
+        .iter()
+        .map(|m| {
+            // Whether the process is still there ("Z": it exited, not yet
+            // reaped), what /readyz says, and its log.
+            let pid = m.child.id();
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|st| st.rsplit_once(") ").map(|(_, rest)| rest.chars().next().unwrap_or('?')))
+                .map_or("gone".to_owned(), |c| c.to_string());
+            let ready =
+                http_get(&m.http, "/readyz").map_or("not ready or unreachable".to_owned(), |b| b.trim().to_owned());
+            format!("pid {pid} state {state}; /readyz: {ready}\n{}", m.log_tail())
+        })
+        .collect();
     panic!(
         "timed out waiting for {what}\n--- meter logs ---\n{}",
         tails.join("\n---\n")
