@@ -82,6 +82,15 @@ pub enum EngineError {
     /// The committer thread is gone.
     #[error("the committer thread stopped")]
     CommitterGone,
+    /// A batch's commit has not finished in time: a Kafka call hangs
+    /// (seen after a broker restart, inside `send_offsets_to_transaction`).
+    /// The pipeline is rebuilt; its new producer, with the same
+    /// transactional id, fences the stuck one.
+    #[error("a batch commit has not finished in {seconds} s (a Kafka call hangs); rebuilding the pipeline, which fences the stuck producer")]
+    CommitStalled {
+        /// How long the pipeline waited.
+        seconds: u64,
+    },
     /// An output could not be encoded.
     #[error("encoding an output: {0}")]
     Encode(#[from] serde_json::Error),
@@ -106,6 +115,9 @@ pub struct EngineConfig {
     pub max_local_age: Duration,
     /// How long a restore may wait for the changelog's end.
     pub restore_deadline: Duration,
+    /// How long the pipeline waits for the committer to take a batch (or
+    /// finish every batch) before it gives up on it as stuck.
+    pub commit_stall_after: Duration,
     /// Partitions of the input topic (which accounts each partition's
     /// meter bills the pro fee to when they have no usage).
     pub input_partitions: i32,
@@ -183,7 +195,13 @@ impl Engine {
         owned: Arc<std::sync::RwLock<BTreeSet<i32>>>,
         failing: FailingPartitions,
     ) -> Engine {
-        let committer = Committer::start(producer, store.clone(), metrics.clone(), cfg.topics.changelog.clone());
+        let committer = Committer::start(
+            producer,
+            store.clone(),
+            metrics.clone(),
+            cfg.topics.changelog.clone(),
+            cfg.commit_stall_after,
+        );
         Engine {
             input_topic: cfg.topics.job_events.as_str().into(),
             cfg,
@@ -581,24 +599,45 @@ enum ToCommitter {
 /// in order, while the pipeline builds the next batch. The crash argument
 /// above holds per batch unchanged; the overlap only hides the commit's
 /// round trips and the fsync behind the next batch's work.
+///
+/// Every call into librdkafka has a timeout, but one has been seen to hang
+/// regardless (`send_offsets_to_transaction` after a broker restart). So
+/// the pipeline never waits for the committer longer than `stall_after`:
+/// it then fails with [`EngineError::CommitStalled`], the pipeline is
+/// rebuilt from durable state as after a crash, and the stuck thread is
+/// left behind (not joined) while the new producer fences its transaction.
 struct Committer {
     tx: Option<std::sync::mpsc::SyncSender<ToCommitter>>,
     thread: Option<std::thread::JoinHandle<()>>,
     failed: Arc<Mutex<Option<EngineError>>>,
     queue_depth: Arc<std::sync::atomic::AtomicI32>,
+    stall_after: Duration,
+    /// Set once a stall is detected: later calls fail at once.
+    stalled: std::sync::atomic::AtomicBool,
+    /// Set by the thread when it ends.
+    finished: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Committer {
-    fn start(producer: TxnProducer, store: Arc<Store>, metrics: Metrics, changelog: String) -> Committer {
+    fn start(
+        producer: TxnProducer,
+        store: Arc<Store>,
+        metrics: Metrics,
+        changelog: String,
+        stall_after: Duration,
+    ) -> Committer {
         // Capacity 0: a hand-over waits until the committer takes it, so at
         // most one batch is being committed while one is being built.
         let (tx, rx) = std::sync::mpsc::sync_channel::<ToCommitter>(0);
         let failed: Arc<Mutex<Option<EngineError>>> = Arc::default();
         let queue_depth: Arc<std::sync::atomic::AtomicI32> = Arc::default();
         let (f, q) = (failed.clone(), queue_depth.clone());
+        let finished: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let done = finished.clone();
         let thread = std::thread::Builder::new()
             .name("jobmeter-commit".into())
             .spawn(move || {
+                let _finished = SetOnDrop(done);
                 for msg in rx {
                     match msg {
                         ToCommitter::Batch(b) => {
@@ -628,6 +667,16 @@ impl Committer {
             thread,
             failed,
             queue_depth,
+            stall_after,
+            stalled: std::sync::atomic::AtomicBool::new(false),
+            finished,
+        }
+    }
+
+    fn stall(&self) -> EngineError {
+        self.stalled.store(true, std::sync::atomic::Ordering::SeqCst);
+        EngineError::CommitStalled {
+            seconds: self.stall_after.as_secs(),
         }
     }
 
@@ -638,11 +687,29 @@ impl Committer {
         }
     }
 
-    fn send(&self, m: ToCommitter) -> Result<(), EngineError> {
-        self.tx
-            .as_ref()
-            .and_then(|tx| tx.send(m).ok())
-            .ok_or(EngineError::CommitterGone)
+    /// Hands `m` over, waiting at most `stall_after` for the committer to
+    /// take it (the channel is a rendezvous: it takes it when idle).
+    fn send(&self, mut m: ToCommitter) -> Result<(), EngineError> {
+        if self.stalled.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(EngineError::CommitStalled {
+                seconds: self.stall_after.as_secs(),
+            });
+        }
+        let tx = self.tx.as_ref().ok_or(EngineError::CommitterGone)?;
+        let deadline = Instant::now() + self.stall_after;
+        loop {
+            match tx.try_send(m) {
+                Ok(()) => return Ok(()),
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err(EngineError::CommitterGone),
+                Err(std::sync::mpsc::TrySendError::Full(back)) => {
+                    if Instant::now() >= deadline {
+                        return Err(self.stall());
+                    }
+                    m = back;
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        }
     }
 
     fn submit(&self, b: Batch) -> Result<(), EngineError> {
@@ -653,7 +720,11 @@ impl Committer {
     fn wait(&self) -> Result<(), EngineError> {
         let (reply, done) = std::sync::mpsc::sync_channel(1);
         self.send(ToCommitter::Wait(reply))?;
-        done.recv().map_err(|_| EngineError::CommitterGone)?;
+        match done.recv_timeout(self.stall_after) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return Err(self.stall()),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(EngineError::CommitterGone),
+        }
         self.check()
     }
 
@@ -665,9 +736,27 @@ impl Committer {
 impl Drop for Committer {
     fn drop(&mut self) {
         self.tx = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        let Some(t) = self.thread.take() else { return };
+        // A thread stuck inside a Kafka call is left behind, not joined:
+        // the next producer with the same transactional id fences it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.finished.load(std::sync::atomic::Ordering::SeqCst) {
+            if self.stalled.load(std::sync::atomic::Ordering::SeqCst) || Instant::now() >= deadline {
+                tracing::warn!("leaving a stuck committer thread behind; the new producer fences its transaction");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
+        let _ = t.join();
+    }
+}
+
+/// Sets the flag when dropped (the committer thread's end, however it ends).
+struct SetOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -418,6 +418,7 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
         meter: cfg.meter_config(),
         max_local_age: Duration::from_millis(Config::ms(&cfg.state.max_local_age) as u64),
         restore_deadline: txn_timeout * 4,
+        commit_stall_after: txn_timeout * 4,
         input_partitions: match deps.input_partitions.load(Ordering::Relaxed) {
             0 => partition_count(&deps.settings, &deps.topics.job_events)?,
             n => n,
