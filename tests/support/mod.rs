@@ -363,6 +363,87 @@ pub fn produce_events(prefix: &str, w: &Workload, range: std::ops::Range<usize>,
     p.flush(Duration::from_secs(60)).unwrap();
 }
 
+/// How a client of a mixed fleet places its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Keyed by account, Kafka's murmur2 partitioner (Java's default).
+    Murmur2,
+    /// Keyed by account, librdkafka's default `consistent_random` (CRC32:
+    /// Python's, C's, .NET's and Go's confluent clients).
+    ConsistentRandom,
+    /// No key at all.
+    Keyless,
+}
+
+/// A producer that places records like `placement`.
+pub fn producer_for(placement: Placement) -> ThreadedProducer<DefaultProducerContext> {
+    let mut c = KafkaSettings::new(brokers()).producer();
+    c.set(
+        "partitioner",
+        match placement {
+            Placement::Murmur2 => "murmur2_random",
+            _ => "consistent_random",
+        },
+    );
+    c.create().unwrap()
+}
+
+/// Produces `w.events[range]` through one client per placement at once.
+/// The clients send `chunk` events at a time and wait for each other
+/// between chunks, at about `per_second`. Within a chunk an account's
+/// events go through one client (a hash of account and chunk picks it), so
+/// they keep their order; from chunk to chunk the client changes, so one
+/// job's start, heartbeats and stop come from different clients.
+pub fn produce_mixed(
+    prefix: &str,
+    w: &Workload,
+    range: std::ops::Range<usize>,
+    placements: &[Placement],
+    chunk: usize,
+    per_second: u64,
+) {
+    let topic = format!("{prefix}.job-events");
+    let events = &w.events[range];
+    let barrier = std::sync::Barrier::new(placements.len());
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for (client, placement) in placements.iter().enumerate() {
+            let (topic, barrier) = (&topic, &barrier);
+            s.spawn(move || {
+                let p = producer_for(*placement);
+                for (c, part) in events.chunks(chunk).enumerate() {
+                    for e in part {
+                        let pick = e
+                            .key
+                            .bytes()
+                            .chain((c as u64).to_le_bytes())
+                            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+                            });
+                        if (pick % placements.len() as u64) as usize != client {
+                            continue;
+                        }
+                        let key = (*placement != Placement::Keyless).then_some(e.key.as_bytes());
+                        let at = jobmeter_core::parse_job_event(e.json.as_bytes())
+                            .ok()
+                            .map(|ev| ev.time.0);
+                        send_at(&p, topic, key, Some(e.json.as_bytes()), None, at);
+                    }
+                    p.flush(Duration::from_secs(60)).unwrap();
+                    barrier.wait();
+                    if let Some(us) = ((c + 1) as u64 * chunk as u64 * 1_000_000).checked_div(per_second) {
+                        let due = Duration::from_micros(us);
+                        let elapsed = started.elapsed();
+                        if due > elapsed {
+                            std::thread::sleep(due - elapsed);
+                        }
+                    }
+                }
+            });
+        }
+    });
+}
+
 /// Waits until the topics exist (the meter creates them at start).
 pub fn wait_for_topics(prefix: &str) {
     let settings = KafkaSettings::new(brokers());
@@ -517,7 +598,25 @@ pub fn wait_until(what: &str, timeout: Duration, logs: &[&MeterProc], mut f: imp
 }
 
 pub fn assert_same(got: &Outputs, want: &Outputs) {
-    assert_eq!(got.charges.len(), want.charges.len(), "number of charges");
+    let extra: Vec<&String> = got
+        .charges
+        .iter()
+        .filter(|(id, _)| !want.charges.contains_key(*id))
+        .map(|(_, c)| c)
+        .take(5)
+        .collect();
+    let missing: Vec<&String> = want
+        .charges
+        .iter()
+        .filter(|(id, _)| !got.charges.contains_key(*id))
+        .map(|(_, c)| c)
+        .take(5)
+        .collect();
+    assert_eq!(
+        got.charges.len(),
+        want.charges.len(),
+        "number of charges; first unexpected: {extra:#?}; first missing: {missing:#?}"
+    );
     for (id, c) in &want.charges {
         assert_eq!(got.charges.get(id), Some(c), "charge {id}");
     }

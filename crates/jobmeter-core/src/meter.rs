@@ -38,6 +38,15 @@ pub struct MeterConfig {
     pub max_event_age_ms: i64,
 }
 
+impl MeterConfig {
+    /// True when an event `time` can be believed against its record's
+    /// timestamp (the meter dead-letters it as `time_out_of_range`
+    /// otherwise).
+    pub fn plausible(&self, time: Timestamp, record: Timestamp) -> bool {
+        implausible(self, time, record).is_none()
+    }
+}
+
 impl Default for MeterConfig {
     fn default() -> Self {
         MeterConfig {

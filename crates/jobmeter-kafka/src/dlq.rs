@@ -16,8 +16,7 @@ pub const SOURCE_OFFSET: &str = "jobmeter.source.offset";
 
 /// The headers of a dead letter.
 pub fn headers(reason: &str, detail: &str, topic: &str, partition: i32, offset: i64) -> OwnedHeaders {
-    let (p, o) = (partition.to_string(), offset.to_string());
-    OwnedHeaders::new_with_capacity(5)
+    let h = OwnedHeaders::new_with_capacity(5)
         .insert(Header {
             key: REASON,
             value: Some(reason),
@@ -25,17 +24,23 @@ pub fn headers(reason: &str, detail: &str, topic: &str, partition: i32, offset: 
         .insert(Header {
             key: DETAIL,
             value: Some(detail),
-        })
-        .insert(Header {
-            key: SOURCE_TOPIC,
-            value: Some(topic),
-        })
-        .insert(Header {
-            key: SOURCE_PARTITION,
-            value: Some(&p),
-        })
-        .insert(Header {
-            key: SOURCE_OFFSET,
-            value: Some(&o),
-        })
+        });
+    insert_source(h, topic, partition, offset)
+}
+
+/// Adds the source headers (topic, partition, offset) to `h`.
+pub fn insert_source(h: OwnedHeaders, topic: &str, partition: i32, offset: i64) -> OwnedHeaders {
+    let (p, o) = (partition.to_string(), offset.to_string());
+    h.insert(Header {
+        key: SOURCE_TOPIC,
+        value: Some(topic),
+    })
+    .insert(Header {
+        key: SOURCE_PARTITION,
+        value: Some(&p),
+    })
+    .insert(Header {
+        key: SOURCE_OFFSET,
+        value: Some(&o),
+    })
 }

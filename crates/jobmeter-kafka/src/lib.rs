@@ -3,8 +3,9 @@
 //! Everything jobmeter does with Kafka, behind small types: topic names and
 //! creation ([`topics`]), client configuration ([`client`]), the
 //! transactional producer with librdkafka's error classes ([`txn`]), reading
-//! a partition to its end for restores and global tables ([`reader`]), and
-//! dead-letter records ([`dlq`]).
+//! a partition to its end for restores and global tables ([`reader`]),
+//! dead-letter records ([`dlq`]) and the repartition topic's forwarded
+//! records and order markers ([`repartition`]).
 //!
 //! Blocking librdkafka calls (transactions, flush, poll) are made from
 //! dedicated threads by the caller, never from async worker threads.
@@ -16,6 +17,7 @@ pub mod client;
 pub mod dlq;
 pub mod group;
 pub mod reader;
+pub mod repartition;
 pub mod topics;
 pub mod txn;
 

@@ -28,6 +28,10 @@ pub struct Topics {
     pub dlq: String,
     /// State changelog (internal, compacted, one partition per input partition).
     pub changelog: String,
+    /// Events forwarded to the partition that meters their account, and
+    /// the markers that record where they were applied (internal, one
+    /// partition per input partition).
+    pub repartition: String,
 }
 
 impl Topics {
@@ -42,6 +46,7 @@ impl Topics {
             statements: t("statements"),
             dlq: t("dlq"),
             changelog: t("changelog"),
+            repartition: t("repartition"),
         }
     }
 }
@@ -148,7 +153,8 @@ pub async fn create_topic(
 }
 
 /// Creates the topics that do not exist yet and checks that the changelog
-/// has as many partitions as the input (the meter maps one onto the other).
+/// and the repartition topic have as many partitions as the input (the
+/// meter maps each onto the other).
 pub async fn ensure_topics(
     settings: &KafkaSettings,
     topics: &Topics,
@@ -171,9 +177,13 @@ pub async fn ensure_topics(
         ("message.timestamp.type", "CreateTime"),
         ("message.timestamp.after.max.ms", "3600000"),
     ];
+    // Forwarded events keep their original timestamp; the broker's bound
+    // was checked when they first arrived.
+    let forwarded = [("message.timestamp.type", "CreateTime")];
     let specs: Vec<Spec<'_>> = vec![
         (&topics.job_events, layout.partitions, &events),
         (&topics.changelog, layout.partitions, &compacted),
+        (&topics.repartition, layout.partitions, &forwarded),
         (&topics.accounts, 1, &compacted[..1]),
         (&topics.charges, layout.output_partitions, &plain),
         (&topics.limits, layout.output_partitions, &plain),
@@ -181,18 +191,18 @@ pub async fn ensure_topics(
         (&topics.dlq, layout.output_partitions, &plain),
     ];
     create_and_wait(settings, &specs, layout.replication).await?;
-    let (inp, chg) = (
-        partition_count(settings, &topics.job_events)?,
-        partition_count(settings, &topics.changelog)?,
-    );
-    if inp != chg {
-        return Err(KafkaAdapterError::Topic {
-            topic: topics.changelog.clone(),
-            message: format!(
-                "has {chg} partitions but {} has {inp}; they must match",
-                topics.job_events
-            ),
-        });
+    let inp = partition_count(settings, &topics.job_events)?;
+    for internal in [&topics.changelog, &topics.repartition] {
+        let n = partition_count(settings, internal)?;
+        if n != inp {
+            return Err(KafkaAdapterError::Topic {
+                topic: internal.clone(),
+                message: format!(
+                    "has {n} partitions but {} has {inp}; they must match",
+                    topics.job_events
+                ),
+            });
+        }
     }
     Ok(())
 }

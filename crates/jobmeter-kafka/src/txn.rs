@@ -60,6 +60,25 @@ pub struct DeliveryTracker {
 /// Delivery tag of an output record.
 pub const TAG_OUTPUT: usize = 0;
 
+/// One record for [`TxnProducer::send`].
+#[derive(Debug)]
+pub struct Outgoing<'a> {
+    /// Topic.
+    pub topic: &'a str,
+    /// Key.
+    pub key: &'a [u8],
+    /// Value (`None`: a tombstone).
+    pub payload: Option<&'a [u8]>,
+    /// Headers.
+    pub headers: Option<OwnedHeaders>,
+    /// Partition (`None`: the partitioner's choice).
+    pub partition: Option<i32>,
+    /// Record timestamp (`None`: now).
+    pub timestamp_ms: Option<i64>,
+    /// Delivery tag ([`TAG_OUTPUT`] or [`tag_changelog`]).
+    pub tag: usize,
+}
+
 /// Delivery tag of a changelog record for `partition`.
 pub fn tag_changelog(partition: i32) -> usize {
     partition as usize + 1
@@ -157,25 +176,20 @@ impl TxnProducer {
     /// Produces one record in the open transaction. When the local queue is
     /// full this waits for it to drain (backpressure), up to the
     /// transaction timeout.
-    pub fn send(
-        &self,
-        topic: &str,
-        key: &[u8],
-        payload: Option<&[u8]>,
-        headers: Option<OwnedHeaders>,
-        partition: Option<i32>,
-        tag: usize,
-    ) -> Result<(), TxnError> {
+    pub fn send(&self, out: Outgoing<'_>) -> Result<(), TxnError> {
         let started = std::time::Instant::now();
-        let mut record = BaseRecord::with_opaque_to(topic, tag).key(key);
-        if let Some(p) = payload {
+        let mut record = BaseRecord::with_opaque_to(out.topic, out.tag).key(out.key);
+        if let Some(p) = out.payload {
             record = record.payload(p);
         }
-        if let Some(h) = headers {
+        if let Some(h) = out.headers {
             record = record.headers(h);
         }
-        if let Some(p) = partition {
+        if let Some(p) = out.partition {
             record = record.partition(p);
+        }
+        if let Some(t) = out.timestamp_ms {
+            record = record.timestamp(t);
         }
         loop {
             match self.producer.send(record) {

@@ -92,6 +92,12 @@ pub struct BatchConfig {
     pub max_events: usize,
     /// …or this long after the batch's first event, whichever is first.
     pub interval: String,
+    /// How long the instance waits for a partition that has records on the
+    /// way (it has not reached its end) before it goes on without it: the
+    /// instance applies its partitions' records in timestamp order, so an
+    /// account whose events arrive on several partitions is metered in the
+    /// order they were produced.
+    pub max_idle: String,
 }
 
 /// `[meter]`.
@@ -211,6 +217,7 @@ impl Default for BatchConfig {
         BatchConfig {
             max_events: 5000,
             interval: "50ms".into(),
+            max_idle: "500ms".into(),
         }
     }
 }
@@ -435,6 +442,7 @@ impl Config {
             p.push("batch.max_events: must be at least 1".into());
         }
         dur(&mut p, "batch.interval", &self.batch.interval);
+        dur(&mut p, "batch.max_idle", &self.batch.max_idle);
         dur(&mut p, "meter.orphan_timeout", &self.meter.orphan_timeout);
         dur(&mut p, "meter.period_grace", &self.meter.period_grace);
         dur(&mut p, "meter.max_duration", &self.meter.max_duration);

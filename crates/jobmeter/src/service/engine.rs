@@ -51,11 +51,12 @@ use jobmeter_core::state::{StateChange, Table};
 use jobmeter_core::{AccountBook, Context, Meter, MeterConfig, Origin, Output, PlanCatalog, RateCard, Stats};
 use jobmeter_kafka::client::KafkaSettings;
 use jobmeter_kafka::reader::read_to_end;
+use jobmeter_kafka::repartition::{is_marker, Lane, Marker, Source};
 use jobmeter_kafka::topics::Topics;
-use jobmeter_kafka::txn::{tag_changelog, TxnError, TxnProducer, TAG_OUTPUT};
+use jobmeter_kafka::txn::{tag_changelog, Outgoing, TxnError, TxnProducer, TAG_OUTPUT};
 use jobmeter_store::Store;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -154,6 +155,9 @@ pub struct Engine {
     meters: HashMap<i32, PartitionMeter>,
     assigned: BTreeSet<i32>,
     to_restore: BTreeSet<i32>,
+    /// Changes at every assignment or revocation (the poll loop then
+    /// rebuilds its per-partition queues).
+    epoch: u64,
     /// Partitions held and restored, shared with the usage API.
     owned: Arc<std::sync::RwLock<BTreeSet<i32>>>,
     /// Assigned partitions whose stored state cannot be decoded, with the
@@ -165,11 +169,19 @@ pub struct Engine {
     batch_started: Instant,
     batch_events: usize,
     next_offsets: BTreeMap<i32, i64>,
+    /// Repartition offsets to commit with the batch.
+    next_rp_offsets: BTreeMap<i32, i64>,
+    /// Per assigned partition: where its two inputs interleave.
+    lanes: HashMap<i32, Lane>,
     records: Vec<OutRecord>,
     charges_by_kind: [u64; 3],
+    rerouted_by_cause: [u64; 3],
+    /// When each cause of rerouting was last logged.
+    reroute_logged: [Option<Instant>; 3],
     limits_by_label: BTreeMap<(&'static str, String), u64>,
     out: Vec<Output>,
     input_topic: Arc<str>,
+    repartition_topic: Arc<str>,
     /// An error raised inside a rebalance callback, surfaced by the loop.
     pub failed: Option<EngineError>,
 }
@@ -204,6 +216,7 @@ impl Engine {
         );
         Engine {
             input_topic: cfg.topics.job_events.as_str().into(),
+            repartition_topic: cfg.topics.repartition.as_str().into(),
             cfg,
             billing,
             committer,
@@ -212,14 +225,19 @@ impl Engine {
             meters: HashMap::new(),
             assigned: BTreeSet::new(),
             to_restore: BTreeSet::new(),
+            epoch: 0,
             owned,
             failing,
             newly_failed: Vec::new(),
             batch_started: Instant::now(),
             batch_events: 0,
             next_offsets: BTreeMap::new(),
+            next_rp_offsets: BTreeMap::new(),
+            lanes: HashMap::new(),
             records: Vec::new(),
             charges_by_kind: [0; 3],
+            rerouted_by_cause: [0; 3],
+            reroute_logged: [None; 3],
             limits_by_label: BTreeMap::new(),
             out: Vec::new(),
             failed: None,
@@ -267,6 +285,16 @@ impl Engine {
     /// Partitions assigned to this instance.
     pub fn assigned(&self) -> &BTreeSet<i32> {
         &self.assigned
+    }
+
+    /// Changes whenever partitions are assigned or revoked.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// True when `p`'s stored state cannot be decoded (it is not metered).
+    pub fn is_failing(&self, p: i32) -> bool {
+        self.failing_read().contains_key(&p)
     }
 
     /// Restores every partition assigned and not yet restored.
@@ -354,32 +382,135 @@ impl Engine {
         Ok(())
     }
 
-    /// Applies one input record, adding its outputs to the open batch.
-    pub fn process(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), EngineError> {
+    /// Takes one record (input or repartition), adding what it yields to
+    /// the open batch.
+    ///
+    /// Every event is metered by the partition its account belongs to
+    /// (Kafka's murmur2 of `data.account_id`, whatever partition it
+    /// arrived on): applied here when that partition is this instance's,
+    /// forwarded through the repartition topic when it is another's. A
+    /// record that is not a valid event is dead-lettered where it arrived.
+    pub fn process<M: Message>(&mut self, msg: &M) -> Result<(), EngineError> {
+        let parsed = jobmeter_core::parse_job_event(msg.payload().unwrap_or_default()).ok();
+        self.process_parsed(msg, parsed)
+    }
+
+    /// [`Engine::process`] with the record's event already parsed (`None`:
+    /// not a valid event, or a marker).
+    pub fn process_parsed<M: Message>(
+        &mut self,
+        msg: &M,
+        parsed: Option<jobmeter_core::JobEvent>,
+    ) -> Result<(), EngineError> {
         let p = msg.partition();
-        if !self.meters.contains_key(&p) {
+        if !self.local(p)? {
             // A failing partition has no meter: its records are not
             // metered and its offset does not move, so a restart after the
             // repair reads them again.
-            if self.failing_read().contains_key(&p) {
-                return Ok(());
-            }
-            self.to_restore.remove(&p);
-            self.restore(p)?;
-            if !self.meters.contains_key(&p) {
-                return Ok(());
-            }
+            return Ok(());
         }
         if self.batch_events == 0 {
             self.batch_started = Instant::now();
         }
+        self.batch_events += 1;
+        self.metrics.consumed.inc();
+        let o = msg.offset();
+        let record_time = msg.timestamp().to_millis().map(jobmeter_core::Timestamp);
+        let payload = msg.payload().unwrap_or_default();
+        if msg.topic() == &*self.repartition_topic {
+            self.next_rp_offsets.insert(p, o + 1);
+            if is_marker(msg.headers()) {
+                return Ok(());
+            }
+            let headers = msg.headers().map(|h| {
+                use rdkafka::message::Headers;
+                h.iter()
+                    .map(|x| (x.key, x.value.unwrap_or_default()))
+                    .collect::<Vec<_>>()
+            });
+            let (topic, partition, offset) = headers
+                .and_then(jobmeter_kafka::repartition::source_of)
+                .map_or_else(|| (self.repartition_topic.clone(), p, o), |(t, p, o)| (t.into(), p, o));
+            let origin = Origin {
+                topic,
+                partition,
+                offset,
+                record_time,
+            };
+            self.lane(p, o).applied(Source::Forwarded, o);
+            return self.apply(p, payload, parsed, &origin, msg.key());
+        }
+        self.next_offsets.insert(p, o + 1);
         let origin = Origin {
             topic: self.input_topic.clone(),
             partition: p,
-            offset: msg.offset(),
-            record_time: msg.timestamp().to_millis().map(jobmeter_core::Timestamp),
+            offset: o,
+            record_time,
         };
-        let payload = msg.payload().unwrap_or_default();
+        let target = parsed.as_ref().map_or(p, |ev| self.owner(ev));
+        if target == p {
+            self.lane(p, o).applied(Source::Own, o);
+            return self.apply(p, payload, parsed, &origin, msg.key());
+        }
+        self.lane(p, o).passed_on(o);
+        let Some(ev) = parsed else { return Ok(()) };
+        self.note_rerouted(msg, &ev, target);
+        if self.local(target)? {
+            self.lane(target, 0).applied(Source::Input(p), o);
+            self.apply(target, payload, Some(ev), &origin, msg.key())
+        } else {
+            self.forward(msg, &ev, target);
+            Ok(())
+        }
+    }
+
+    /// The partition that meters `ev`'s account.
+    fn owner(&self, ev: &jobmeter_core::JobEvent) -> i32 {
+        jobmeter_core::partition::partition_for_key(ev.account.as_str().as_bytes(), self.cfg.input_partitions)
+    }
+
+    /// When the record should be applied relative to the others of this
+    /// instance: its event time, or as soon as possible (`i64::MIN`) for a
+    /// record whose time cannot move stream time (not a valid event, a
+    /// time the meter will refuse as implausible, a marker).
+    pub fn merge_key<M: Message>(&self, msg: &M, parsed: Option<&jobmeter_core::JobEvent>) -> i64 {
+        let Some(ev) = parsed else { return i64::MIN };
+        match msg.timestamp().to_millis() {
+            Some(rt) if !self.cfg.meter.plausible(ev.time, jobmeter_core::Timestamp(rt)) => i64::MIN,
+            _ => ev.time.0,
+        }
+    }
+
+    /// True when partition `p` is metered here: assigned and restored
+    /// (restored now if it was waiting), and not failing.
+    fn local(&mut self, p: i32) -> Result<bool, EngineError> {
+        if self.meters.contains_key(&p) {
+            return Ok(true);
+        }
+        if !self.assigned.contains(&p) || self.failing_read().contains_key(&p) {
+            return Ok(false);
+        }
+        self.to_restore.remove(&p);
+        self.restore(p)?;
+        Ok(self.meters.contains_key(&p))
+    }
+
+    /// The lane of `p` (created at assignment; `offset` is where a lane
+    /// that is somehow missing starts).
+    fn lane(&mut self, p: i32, offset: i64) -> &mut Lane {
+        self.lanes.entry(p).or_insert_with(|| Lane::new(offset))
+    }
+
+    /// Applies one event to partition `p`'s meter: parsed already, or
+    /// parsed here from `payload` (a reject is dead-lettered).
+    fn apply(
+        &mut self,
+        p: i32,
+        payload: &[u8],
+        parsed: Option<jobmeter_core::JobEvent>,
+        origin: &Origin,
+        key: Option<&[u8]>,
+    ) -> Result<(), EngineError> {
         {
             let book = self
                 .billing
@@ -389,7 +520,10 @@ impl Engine {
             let ctx = Context::new(&self.billing.rates, &self.billing.plans, &book, &self.cfg.meter)
                 .with_partition(p, self.cfg.input_partitions);
             if let Some(pm) = self.meters.get_mut(&p) {
-                pm.meter.apply(&ctx, payload, Some(&origin), &mut self.out);
+                match parsed {
+                    Some(ev) => pm.meter.apply_event(&ctx, ev, payload, Some(origin), &mut self.out),
+                    None => pm.meter.apply(&ctx, payload, Some(origin), &mut self.out),
+                }
                 if let Some(t) = pm.meter.stream_time() {
                     self.billing
                         .newest_event_ms
@@ -399,13 +533,80 @@ impl Engine {
         }
         let mut out = std::mem::take(&mut self.out);
         for o in out.drain(..) {
-            self.produce_output(o, msg.key())?;
+            self.produce_output(o, key)?;
         }
         self.out = out;
-        self.next_offsets.insert(p, msg.offset() + 1);
-        self.batch_events += 1;
-        self.metrics.consumed.inc();
         Ok(())
+    }
+
+    /// Counts an event that arrived on another partition than its
+    /// account's, and says so in the log (at most once a minute per cause).
+    fn note_rerouted<M: Message>(&mut self, msg: &M, ev: &jobmeter_core::JobEvent, owner: i32) {
+        let account = ev.account.as_str().as_bytes();
+        let cause = match msg.key() {
+            None => Reroute::Keyless,
+            Some(k) if k == account => Reroute::Partitioner,
+            Some(_) => Reroute::KeyNotAccount,
+        };
+        self.rerouted_by_cause[cause as usize] += 1;
+        let logged = &mut self.reroute_logged[cause as usize];
+        if logged.is_some_and(|t| t.elapsed() < REROUTE_LOG_EVERY) {
+            return;
+        }
+        *logged = Some(Instant::now());
+        #[derive(serde::Deserialize)]
+        struct Source<'a> {
+            #[serde(borrow)]
+            source: Option<std::borrow::Cow<'a, str>>,
+        }
+        let source = serde_json::from_slice::<Source<'_>>(msg.payload().unwrap_or_default())
+            .ok()
+            .and_then(|s| s.source.map(|s| s.into_owned()))
+            .unwrap_or_default();
+        tracing::warn!(
+            source = %source,
+            cause = cause.as_str(),
+            partition = msg.partition(),
+            owner,
+            account = %ev.account,
+            key = %String::from_utf8_lossy(msg.key().unwrap_or_default()),
+            "events arrive on a partition other than their account's (Kafka's murmur2 of data.account_id); each is metered by its account's partition, so nothing is lost or doubled, but the producer should key records by account_id with the murmur2 partitioner to spare the detour (logged at most once a minute per cause; see jobmeter_events_rerouted_total)"
+        );
+    }
+
+    /// Forwards an input record unchanged to the repartition partition of
+    /// the partition that meters its account (same transaction as its
+    /// input offset, so exactly once), keeping its timestamp and naming
+    /// where it came from in headers.
+    fn forward<M: Message>(&mut self, msg: &M, ev: &jobmeter_core::JobEvent, owner: i32) {
+        let headers = jobmeter_kafka::repartition::forward_headers(
+            msg.headers(),
+            &self.input_topic,
+            msg.partition(),
+            msg.offset(),
+        );
+        self.records.push(OutRecord {
+            topic: self.cfg.topics.repartition.clone(),
+            key: ev.account.as_str().as_bytes().to_vec(),
+            payload: Some(msg.payload().unwrap_or_default().to_vec()),
+            headers: Some(headers),
+            partition: Some(owner),
+            timestamp_ms: msg.timestamp().to_millis(),
+            tag: TAG_OUTPUT,
+        });
+    }
+
+    /// Adds partition `p`'s marker to the open batch.
+    fn push_marker(&mut self, p: i32, m: Marker) {
+        self.records.push(OutRecord {
+            topic: self.cfg.topics.repartition.clone(),
+            key: Vec::new(),
+            payload: Some(m.encode()),
+            headers: Some(Marker::headers()),
+            partition: Some(p),
+            timestamp_ms: None,
+            tag: TAG_OUTPUT,
+        });
     }
 
     fn produce_output(&mut self, o: Output, input_key: Option<&[u8]>) -> Result<(), EngineError> {
@@ -417,6 +618,7 @@ impl Engine {
             payload: Some(payload),
             headers: None,
             partition: None,
+            timestamp_ms: None,
             tag: TAG_OUTPUT,
         };
         let r = match o {
@@ -464,11 +666,27 @@ impl Engine {
         if self.batch_events == 0 {
             return Ok(());
         }
+        let markers: Vec<(i32, Marker)> = self
+            .lanes
+            .iter_mut()
+            .filter_map(|(p, lane)| lane.take_marker().map(|m| (*p, m)))
+            .collect();
+        for (p, m) in markers {
+            self.push_marker(p, m);
+        }
+        // A record of one partition may change another's meter: take the
+        // changes of every meter (untouched ones have none).
         let mut changes: Vec<(i32, Vec<StateChange>)> = Vec::new();
         let mut stats = Vec::new();
-        for p in self.next_offsets.keys().copied().collect::<Vec<_>>() {
+        let mut parts: Vec<i32> = self.meters.keys().copied().collect();
+        parts.sort_unstable();
+        for p in parts {
             let Some(pm) = self.meters.get_mut(&p) else { continue };
-            changes.push((p, pm.meter.take_changes()?));
+            let ch = pm.meter.take_changes()?;
+            if ch.is_empty() && pm.meter.stats() == &pm.reported {
+                continue;
+            }
+            changes.push((p, ch));
             let now = pm.meter.stats().clone();
             stats.push((
                 p,
@@ -478,15 +696,22 @@ impl Engine {
             ));
         }
         let group = consumer.group_metadata().ok_or(EngineError::NoGroup)?;
+        let mut offsets: Vec<(String, i32, i64)> = Vec::new();
+        for (p, o) in std::mem::take(&mut self.next_offsets) {
+            offsets.push((self.cfg.topics.job_events.clone(), p, o));
+        }
+        for (p, o) in std::mem::take(&mut self.next_rp_offsets) {
+            offsets.push((self.cfg.topics.repartition.clone(), p, o));
+        }
         let batch = Batch {
             records: std::mem::take(&mut self.records),
             changes,
-            offsets: std::mem::take(&mut self.next_offsets),
-            input_topic: self.cfg.topics.job_events.clone(),
+            offsets,
             group,
             events: self.batch_events,
             stats,
             charges_by_kind: std::mem::take(&mut self.charges_by_kind),
+            rerouted_by_cause: std::mem::take(&mut self.rerouted_by_cause),
             limits_by_label: std::mem::take(&mut self.limits_by_label),
         };
         self.batch_events = 0;
@@ -512,19 +737,26 @@ impl Engine {
         self.records.clear();
         self.limits_by_label.clear();
         self.charges_by_kind = [0; 3];
+        self.rerouted_by_cause = [0; 3];
         self.next_offsets.clear();
+        self.next_rp_offsets.clear();
         self.batch_events = 0;
     }
 
+    /// Partitions given to this instance; `tpl` holds the group's committed
+    /// input offsets (where each partition's lane resumes).
     fn on_assign(&mut self, tpl: &TopicPartitionList) {
         for e in tpl.elements() {
             if e.topic() == self.cfg.topics.job_events {
+                let resume = e.offset().to_raw().filter(|o| *o >= 0).unwrap_or(0);
+                self.lanes.insert(e.partition(), Lane::new(resume));
                 self.assigned.insert(e.partition());
                 if !self.meters.contains_key(&e.partition()) {
                     self.to_restore.insert(e.partition());
                 }
             }
         }
+        self.epoch += 1;
         self.metrics.assigned_partitions.set(self.assigned.len() as i64);
         self.metrics.ready.set(0);
         tracing::info!(partitions = ?self.assigned, "partitions assigned");
@@ -541,6 +773,7 @@ impl Engine {
             self.assigned.remove(&p);
             self.to_restore.remove(&p);
             self.meters.remove(&p);
+            self.lanes.remove(&p);
             if self.failing_write().remove(&p).is_some() {
                 self.metrics
                     .partition_failed
@@ -553,6 +786,7 @@ impl Engine {
                 .remove(&p);
             self.metrics.open_jobs.with_label_values(&[&p.to_string()]).set(0);
         }
+        self.epoch += 1;
         self.metrics.assigned_partitions.set(self.assigned.len() as i64);
         tracing::info!(revoked = tpl.count(), remaining = ?self.assigned, "partitions revoked");
     }
@@ -571,20 +805,49 @@ struct OutRecord {
     payload: Option<Vec<u8>>,
     headers: Option<rdkafka::message::OwnedHeaders>,
     partition: Option<i32>,
+    timestamp_ms: Option<i64>,
     tag: usize,
 }
+
+/// Why an input record was forwarded (the label of
+/// `jobmeter_events_rerouted_total`).
+#[derive(Debug, Clone, Copy)]
+enum Reroute {
+    /// The record has no key.
+    Keyless = 0,
+    /// Keyed by the account, but by a partitioner other than murmur2.
+    Partitioner = 1,
+    /// Keyed by something other than the account.
+    KeyNotAccount = 2,
+}
+
+impl Reroute {
+    const ALL: [Reroute; 3] = [Reroute::Keyless, Reroute::Partitioner, Reroute::KeyNotAccount];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Reroute::Keyless => "keyless",
+            Reroute::Partitioner => "partitioner",
+            Reroute::KeyNotAccount => "key_not_account",
+        }
+    }
+}
+
+/// How often the warning about forwarded records is logged, per cause.
+const REROUTE_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Everything one transaction carries.
 struct Batch {
     records: Vec<OutRecord>,
     changes: Vec<(i32, Vec<StateChange>)>,
-    offsets: BTreeMap<i32, i64>,
-    input_topic: String,
+    /// Input and repartition offsets: (topic, partition, next offset).
+    offsets: Vec<(String, i32, i64)>,
     group: rdkafka::consumer::ConsumerGroupMetadata,
     events: usize,
     /// Per partition: stats reported before, stats now, open jobs.
     stats: Vec<(i32, Stats, Stats, usize)>,
     charges_by_kind: [u64; 3],
+    rerouted_by_cause: [u64; 3],
     limits_by_label: BTreeMap<(&'static str, String), u64>,
 }
 
@@ -771,23 +1034,38 @@ fn commit_batch(
     let t0 = Instant::now();
     producer.begin()?;
     for r in b.records {
-        producer.send(&r.topic, &r.key, r.payload.as_deref(), r.headers, r.partition, r.tag)?;
+        producer.send(Outgoing {
+            topic: &r.topic,
+            key: &r.key,
+            payload: r.payload.as_deref(),
+            headers: r.headers,
+            partition: r.partition,
+            timestamp_ms: r.timestamp_ms,
+            tag: r.tag,
+        })?;
     }
     for (p, ch) in &b.changes {
         for c in ch {
             let key = jobmeter_core::state::changelog::key(c.table, &c.key);
-            producer.send(changelog, &key, c.value.as_deref(), None, Some(*p), tag_changelog(*p))?;
+            producer.send(Outgoing {
+                topic: changelog,
+                key: &key,
+                payload: c.value.as_deref(),
+                headers: None,
+                partition: Some(*p),
+                timestamp_ms: None,
+                tag: tag_changelog(*p),
+            })?;
         }
     }
     let mut tpl = TopicPartitionList::new();
-    for (p, o) in &b.offsets {
-        tpl.add_partition_offset(&b.input_topic, *p, Offset::Offset(*o))
-            .map_err(|e| {
-                EngineError::Kafka(jobmeter_kafka::KafkaAdapterError::Op {
-                    op: "offsets",
-                    source: e,
-                })
-            })?;
+    for (topic, p, o) in &b.offsets {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*o)).map_err(|e| {
+            EngineError::Kafka(jobmeter_kafka::KafkaAdapterError::Op {
+                op: "offsets",
+                source: e,
+            })
+        })?;
     }
     let t_off = Instant::now();
     producer.send_offsets(&tpl, &b.group)?;
@@ -821,6 +1099,11 @@ fn commit_batch(
             .with_label_values(&[*limit, threshold.as_str()])
             .inc_by(*n);
     }
+    for (cause, n) in Reroute::ALL.iter().zip(b.rerouted_by_cause) {
+        if n > 0 {
+            metrics.rerouted.with_label_values(&[cause.as_str()]).inc_by(n);
+        }
+    }
     for (i, n) in b.charges_by_kind.iter().enumerate() {
         if *n > 0 {
             metrics
@@ -830,6 +1113,20 @@ fn commit_batch(
         }
     }
     Ok(())
+}
+
+/// Which partition meters an input record that arrived on `arrival`: its
+/// account's (Kafka's murmur2 of `data.account_id` over `partitions`), or
+/// `arrival` itself for a record that is not a valid event (it is
+/// dead-lettered where it arrived). Returns the event when it parsed.
+pub(crate) fn route(payload: &[u8], arrival: i32, partitions: i32) -> (i32, Option<jobmeter_core::JobEvent>) {
+    match jobmeter_core::parse_job_event(payload) {
+        Ok(ev) => (
+            jobmeter_core::partition::partition_for_key(ev.account.as_str().as_bytes(), partitions),
+            Some(ev),
+        ),
+        Err(_) => (arrival, None),
+    }
 }
 
 /// State records by (table, key), as restored.
@@ -868,28 +1165,107 @@ mod erased {
     }
 }
 
-/// The consumer context: forwards rebalances to the engine.
+/// The consumer context: forwards rebalances to the engine, and gives the
+/// instance that is assigned input partition `p` repartition partition `p`
+/// too (the group assigns the input topic only, so this holds whatever the
+/// assignor), at the group's committed offsets for both.
 #[derive(Debug)]
 pub struct MeterContext {
     /// The engine, shared with the poll loop (which never holds the lock
     /// while polling, so callbacks can take it).
     pub engine: Arc<Mutex<Engine>>,
+    /// Input topic.
+    pub input_topic: String,
+    /// Repartition topic.
+    pub repartition_topic: String,
 }
 
-impl ClientContext for MeterContext {}
-
-impl ConsumerContext for MeterContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            let mut e = self.engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            e.on_revoke(consumer, tpl);
+impl MeterContext {
+    /// The input partitions of `tpl` with their repartition partitions.
+    pub fn with_repartition(&self, tpl: &TopicPartitionList) -> TopicPartitionList {
+        let mut full = TopicPartitionList::new();
+        for e in tpl.elements() {
+            if e.topic() == self.input_topic {
+                full.add_partition(&self.input_topic, e.partition());
+                full.add_partition(&self.repartition_topic, e.partition());
+            }
         }
+        full
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            let mut e = self.engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            e.on_assign(tpl);
+    fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
+        self.engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl ClientContext for MeterContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        // End-of-partition events are expected (the merge asks for them).
+        let eof = matches!(
+            error,
+            rdkafka::error::KafkaError::PartitionEOF(_)
+                | rdkafka::error::KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        );
+        if !eof {
+            tracing::error!(%error, reason, "librdkafka error");
+        }
+    }
+}
+
+impl ConsumerContext for MeterContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        use rdkafka::consumer::RebalanceProtocol;
+        use rdkafka::types::RDKafkaRespErr;
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let full = self.with_repartition(tpl);
+                let (full, fetched) = match consumer.committed_offsets(full.clone(), Duration::from_secs(30)) {
+                    Ok(c) => (c, Ok(())),
+                    Err(e) => (full, Err(e)),
+                };
+                // Paused until the poll loop has given each partition its
+                // own queue (records fetched before that would reach the
+                // main queue in fetch order, partition after partition).
+                let assigned = if cooperative {
+                    consumer.incremental_assign(&full)
+                } else {
+                    consumer.assign(&full)
+                }
+                .and_then(|()| consumer.pause(&full));
+                let mut e = self.engine();
+                if let Err(source) = fetched.and(assigned) {
+                    // Without the committed positions the lanes cannot be
+                    // placed: the pipeline is rebuilt and joins again.
+                    e.failed = Some(EngineError::Kafka(jobmeter_kafka::KafkaAdapterError::Op {
+                        op: "assigning partitions at their committed offsets",
+                        source,
+                    }));
+                }
+                e.on_assign(&full);
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.engine().on_revoke(consumer, tpl);
+                let r = if cooperative {
+                    consumer.incremental_unassign(&self.with_repartition(tpl))
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "unassign failed");
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error");
+                if let Err(e) = consumer.unassign() {
+                    tracing::warn!(error = %e, "unassign failed");
+                }
+            }
         }
     }
 }

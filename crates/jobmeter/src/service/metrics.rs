@@ -51,6 +51,9 @@ pub struct Metrics {
     pub restored_records: IntCounter,
     /// Pipeline restarts after errors.
     pub restarts: IntCounter,
+    /// Input records forwarded to the partition that meters their account,
+    /// by cause (counted when committed).
+    pub rerouted: IntCounterVec,
     /// Records waiting in the producer's local queue.
     pub producer_queue: IntGauge,
     /// RocksDB SST bytes.
@@ -194,6 +197,16 @@ impl Metrics {
             restarts: reg(
                 r,
                 IntCounter::new("jobmeter_pipeline_restarts_total", "Pipeline restarts after errors")?,
+            )?,
+            rerouted: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "jobmeter_events_rerouted_total",
+                        "Input records that arrived on a partition other than their account's and were forwarded to it, by cause (keyless, partitioner, key_not_account)",
+                    ),
+                    &["cause"],
+                )?,
             )?,
             producer_queue: reg(
                 r,

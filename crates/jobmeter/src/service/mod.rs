@@ -392,13 +392,15 @@ fn pipeline_loop(deps: &Deps, stop: &Arc<AtomicBool>, ready: &Arc<AtomicBool>) -
 }
 
 /// Stops fetching partitions whose state cannot be restored.
-fn pause_failed<C: rdkafka::consumer::ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, parts: Vec<i32>) {
+fn pause_failed<C: rdkafka::consumer::ConsumerContext>(consumer: &BaseConsumer<C>, topics: &[&str], parts: Vec<i32>) {
     if parts.is_empty() {
         return;
     }
     let mut tpl = rdkafka::TopicPartitionList::new();
     for p in &parts {
-        tpl.add_partition(topic, *p);
+        for topic in topics {
+            tpl.add_partition(topic, *p);
+        }
     }
     if let Err(e) = consumer.pause(&tpl) {
         tracing::warn!(error = %e, partitions = ?parts, "could not pause failing partitions; their records are skipped");
@@ -433,17 +435,30 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
         deps.owned.clone(),
         deps.failing.clone(),
     )));
-    let consumer: BaseConsumer<MeterContext> = deps
-        .settings
-        .group_consumer(
-            &cfg.kafka.group_id,
-            &jobmeter_kafka::group::member_client_id(&cfg.instance_id, &cfg.advertised_url()),
-        )
-        .create_with_context(MeterContext { engine: engine.clone() })
-        .map_err(|source| jobmeter_kafka::KafkaAdapterError::Client {
-            what: "consumer",
-            source,
-        })?;
+    let consumer: Arc<BaseConsumer<MeterContext>> = Arc::new(
+        deps.settings
+            .group_consumer(
+                &cfg.kafka.group_id,
+                &jobmeter_kafka::group::member_client_id(&cfg.instance_id, &cfg.advertised_url()),
+            )
+            // End-of-partition events tell the merge below that a partition
+            // has nothing more to offer for now.
+            .set("enable.partition.eof", "true")
+            // Static membership: an instance restarted under its id (after
+            // a crash, an upgrade) takes its partitions back at once,
+            // without a rebalance that would hand them to others meanwhile;
+            // the old incarnation, if alive, is fenced.
+            .set("group.instance.id", &cfg.instance_id)
+            .create_with_context(MeterContext {
+                engine: engine.clone(),
+                input_topic: deps.topics.job_events.clone(),
+                repartition_topic: deps.topics.repartition.clone(),
+            })
+            .map_err(|source| jobmeter_kafka::KafkaAdapterError::Client {
+                what: "consumer",
+                source,
+            })?,
+    );
     consumer
         .subscribe(&[&deps.topics.job_events])
         .map_err(|source| jobmeter_kafka::KafkaAdapterError::Op {
@@ -451,42 +466,14 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
             source,
         })?;
     let lock = || engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut last_report = Instant::now();
     let result = loop {
-        if stop.load(Ordering::SeqCst) {
-            let r = lock().commit_and_wait(&consumer);
-            if r.is_ok() {
-                tracing::info!("last batch committed");
-            }
-            break r;
-        }
-        let msg = consumer.poll(Duration::from_millis(20));
-        let mut e = lock();
-        if let Some(err) = e.failed.take() {
-            break Err(err);
-        }
-        if let Err(err) = e.restore_pending() {
-            break Err(err);
-        }
-        match msg {
-            Some(Ok(m)) => {
-                if let Err(err) = e.process(&m) {
-                    break Err(err);
-                }
-            }
-            Some(Err(err)) => tracing::warn!(error = %err, "consumer error"),
-            None => {}
-        }
-        ready.store(e.ready(), Ordering::SeqCst);
-        pause_failed(&consumer, &deps.topics.job_events, e.take_newly_failed());
-        if e.batch_due() {
-            if let Err(err) = e.commit(&consumer) {
-                break Err(err);
-            }
-        }
-        if last_report.elapsed() > Duration::from_secs(5) {
-            e.report_local();
-            last_report = Instant::now();
+        // One round per assignment: each assigned partition's input and
+        // repartition records get their own queue, and the loop hands the
+        // engine the queued record with the smallest timestamp first.
+        match merge_round(deps, &consumer, &lock, stop, ready) {
+            Ok(true) => continue,
+            Ok(false) => break Ok(()),
+            Err(e) => break Err(e),
         }
     };
     if result.is_err() {
@@ -505,4 +492,155 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
     consumer.unsubscribe();
     drop(consumer);
     result
+}
+
+/// Runs the pipeline for one assignment. Records are handed to the engine
+/// in record-timestamp order across this instance's partitions (ties by
+/// partition), waiting up to `batch.max_idle` for a partition that has not
+/// reached its end and has nothing queued: an account's events that arrive on several partitions
+/// are then metered close to the order they were produced in, even when
+/// the instance catches up on a backlog. Returns `Ok(true)` when the
+/// assignment changed, `Ok(false)` on shutdown.
+fn merge_round<'e>(
+    deps: &Deps,
+    consumer: &Arc<BaseConsumer<MeterContext>>,
+    lock: &dyn Fn() -> std::sync::MutexGuard<'e, Engine>,
+    stop: &AtomicBool,
+    ready: &AtomicBool,
+) -> Result<bool, EngineError> {
+    use rdkafka::message::{BorrowedMessage, Headers, Message};
+    let (epoch, assigned) = {
+        let e = lock();
+        (e.epoch(), e.assigned().clone())
+    };
+    // Records fetched before the queues were split wait in the main queue:
+    // they come first (they precede whatever the split queues hold).
+    while let Some(m) = consumer.poll(Duration::ZERO) {
+        if let Ok(m) = m {
+            lock().process(&m)?;
+        }
+    }
+    let mut queues = Vec::new();
+    let mut resume = rdkafka::TopicPartitionList::new();
+    for p in &assigned {
+        for topic in [&deps.topics.job_events, &deps.topics.repartition] {
+            if let Some(q) = consumer.split_partition_queue(topic, *p) {
+                queues.push((*p, q));
+                resume.add_partition(topic, *p);
+            }
+        }
+    }
+    // Assigned partitions start paused (see the rebalance callback).
+    consumer
+        .resume(&resume)
+        .map_err(|source| jobmeter_kafka::KafkaAdapterError::Op {
+            op: "resume partitions",
+            source,
+        })?;
+    // Each queue's next record, its event (parsed once) and merge key.
+    type Head<'q> = (BorrowedMessage<'q>, Option<jobmeter_core::JobEvent>, i64);
+    let mut heads: Vec<Option<Head<'_>>> = queues.iter().map(|_| None).collect();
+    let mut at_end = vec![false; queues.len()];
+    // Since when each queue has had nothing while its partition has not
+    // reached its end: it holds the others back for `max_idle` at most,
+    // until it delivers a record or reaches its end.
+    let mut starved_since: Vec<Option<Instant>> = vec![None; queues.len()];
+    let max_idle = Duration::from_millis(Config::ms(&deps.cfg.batch.max_idle) as u64);
+    let mut last_main = Instant::now();
+    let mut last_report = Instant::now();
+    let mut idle = false;
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            lock().commit_and_wait(consumer)?;
+            tracing::info!("last batch committed");
+            return Ok(false);
+        }
+        if idle || last_main.elapsed() >= Duration::from_millis(5) {
+            // Serves rebalances and errors (the records come from the
+            // partition queues).
+            match consumer.poll(if idle { Duration::from_millis(2) } else { Duration::ZERO }) {
+                Some(Ok(m)) => lock().process(&m)?,
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) | None => {}
+                Some(Err(err)) => tracing::warn!(error = %err, "consumer error"),
+            }
+            last_main = Instant::now();
+        }
+        let mut e = lock();
+        if let Some(err) = e.failed.take() {
+            return Err(err);
+        }
+        if e.epoch() != epoch {
+            return Ok(true);
+        }
+        e.restore_pending()?;
+        for (i, (p, q)) in queues.iter().enumerate() {
+            if heads[i].is_some() {
+                continue;
+            }
+            if e.is_failing(*p) {
+                at_end[i] = true;
+                continue;
+            }
+            match q.poll(Duration::ZERO) {
+                Some(Ok(m)) => {
+                    let marker = m
+                        .headers()
+                        .is_some_and(|h| h.iter().any(|x| x.key == jobmeter_kafka::repartition::MARKER));
+                    let parsed = if marker {
+                        None
+                    } else {
+                        jobmeter_core::parse_job_event(m.payload().unwrap_or_default()).ok()
+                    };
+                    let key = e.merge_key(&m, parsed.as_ref());
+                    heads[i] = Some((m, parsed, key));
+                    at_end[i] = false;
+                    starved_since[i] = None;
+                }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
+                    at_end[i] = true;
+                    starved_since[i] = None;
+                }
+                Some(Err(err)) => tracing::warn!(error = %err, partition = *p, "consumer error"),
+                None => {
+                    if !at_end[i] {
+                        starved_since[i].get_or_insert_with(Instant::now);
+                    }
+                }
+            }
+        }
+        // Records that cannot move stream time go at once; otherwise the
+        // oldest head, unless a partition with records on the way has none
+        // queued yet and the wait for it is not over.
+        let next = heads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| h.as_ref().map(|(_, _, key)| (*key, i)))
+            .min();
+        let waiting = heads
+            .iter()
+            .zip(&starved_since)
+            .any(|(h, since)| h.is_none() && since.is_some_and(|t| t.elapsed() < max_idle));
+        idle = false;
+        match next {
+            Some((t, i)) if t == i64::MIN || !waiting => {
+                if let Some((m, parsed, _)) = heads[i].take() {
+                    e.process_parsed(&m, parsed)?;
+                }
+            }
+            _ => idle = true,
+        }
+        ready.store(e.ready(), Ordering::SeqCst);
+        pause_failed(
+            consumer,
+            &[&deps.topics.job_events, &deps.topics.repartition],
+            e.take_newly_failed(),
+        );
+        if e.batch_due() {
+            e.commit(consumer)?;
+        }
+        if last_report.elapsed() > Duration::from_secs(5) {
+            e.report_local();
+            last_report = Instant::now();
+        }
+    }
 }

@@ -2,7 +2,9 @@
 //!
 //! With the meter stopped, for every input partition: read the job events
 //! from the beginning up to the group's committed position and run them
-//! through a fresh meter (the accounts table is read first, as `run` does);
+//! through a fresh meter (the accounts table is read first, as `run` does),
+//! together with the events other partitions forwarded to it, in the order
+//! the live meter applied them (the repartition topic's markers);
 //! read the compacted changelog to its end; compare the two states record by
 //! record; then discard the local RocksDB state of the partition and write
 //! the rebuilt one (so the next `run` starts from state rebuilt from inputs).
@@ -13,11 +15,13 @@
 
 use super::accounts::{AccountsMetrics, AccountsTable};
 use super::config::Config;
+use super::engine::route;
 use super::RunCmd;
 use crate::sinks::{Format, OutputFiles};
 use jobmeter_core::{AccountBook, Context, Meter, Origin, Output};
 use jobmeter_kafka::client::KafkaSettings;
 use jobmeter_kafka::reader::{read_range, read_to_end};
+use jobmeter_kafka::repartition::{source_of, Marker, Replayer, Source, MARKER};
 use jobmeter_kafka::topics::{partition_count, Topics};
 use jobmeter_store::Store;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -76,6 +80,7 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
     let mut tpl = TopicPartitionList::new();
     for p in 0..parts {
         tpl.add_partition(&topics.job_events, p);
+        tpl.add_partition(&topics.repartition, p);
     }
     let committed = group.committed_offsets(tpl, Duration::from_secs(10))?;
     let meter_cfg = cfg.meter_config();
@@ -92,34 +97,105 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
     let mut outputs: Vec<Output> = Vec::new();
     let mut mismatched_state = 0usize;
     for p in 0..parts {
-        let until = committed
-            .find_partition(&topics.job_events, p)
-            .and_then(|e| e.offset().to_raw())
-            .filter(|o| *o >= 0)
-            .unwrap_or(0);
+        let position = |topic: &str| {
+            committed
+                .find_partition(topic, p)
+                .and_then(|e| e.offset().to_raw())
+                .filter(|o| *o >= 0)
+                .unwrap_or(0)
+        };
+        let (until, rp_until) = (position(&topics.job_events), position(&topics.repartition));
+        // The markers saying in which order the live meter applied this
+        // partition's records, and the events forwarded to it.
+        let mut markers = Vec::new();
+        let mut foreign: BTreeMap<(Source, i64), (Origin, jobmeter_kafka::reader::Record)> = BTreeMap::new();
+        read_range(
+            &settings,
+            &format!("{}-rebuild-rp-{p}", cfg.instance_id),
+            &topics.repartition,
+            &[(p, None, Some(rp_until))],
+            Duration::from_secs(3600),
+            |r| {
+                if r.headers.iter().any(|(k, _)| k == MARKER) {
+                    if let Some(m) = Marker::decode(r.value.as_deref().unwrap_or_default()) {
+                        markers.push(m);
+                    }
+                    return;
+                }
+                let (topic, partition, offset) = source_of(r.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
+                    .unwrap_or_else(|| (topics.repartition.clone(), p, r.offset));
+                let origin = Origin {
+                    topic: topic.into(),
+                    partition,
+                    offset,
+                    record_time: r.timestamp_ms.map(jobmeter_core::Timestamp),
+                };
+                foreign.insert((Source::Forwarded, r.offset), (origin, r));
+            },
+        )?;
+        let forwarded = foreign.len();
+        // Events of this partition's accounts that arrived on another
+        // partition of the same instance and were applied here directly.
+        let mut local = 0usize;
+        for (q, runs) in Replayer::<()>::input_runs(&markers) {
+            let (from, to) = (runs[0].0, runs.iter().map(|r| r.1).max().unwrap_or(runs[0].1));
+            read_range(
+                &settings,
+                &format!("{}-rebuild-{p}-from-{q}", cfg.instance_id),
+                &topics.job_events,
+                &[(q, Some(from), Some(to))],
+                Duration::from_secs(3600),
+                |r| {
+                    if Replayer::<()>::in_runs(&runs, r.offset)
+                        && route(r.value.as_deref().unwrap_or_default(), q, parts).0 == p
+                    {
+                        local += 1;
+                        let origin = Origin {
+                            topic: topics.job_events.as_str().into(),
+                            partition: q,
+                            offset: r.offset,
+                            record_time: r.timestamp_ms.map(jobmeter_core::Timestamp),
+                        };
+                        foreign.insert((Source::Input(q), r.offset), (origin, r));
+                    }
+                },
+            )?;
+        }
+        let mut replayer = Replayer::new(markers, foreign);
         let mut meter = Meter::tracking_changes();
         let mut out = Vec::new();
-        let n = read_range(
+        let pctx = ctx.with_partition(p, parts);
+        let mut n = 0u64;
+        read_range(
             &settings,
             &format!("{}-rebuild-{p}", cfg.instance_id),
             &topics.job_events,
             &[(p, None, Some(until))],
             Duration::from_secs(3600),
             |r| {
+                let here = route(r.value.as_deref().unwrap_or_default(), p, parts).0 == p;
+                n += u64::from(here);
                 let origin = Origin {
                     topic: topics.job_events.as_str().into(),
                     partition: p,
                     offset: r.offset,
                     record_time: r.timestamp_ms.map(jobmeter_core::Timestamp),
                 };
-                meter.apply(
-                    &ctx.with_partition(p, parts),
-                    r.value.as_deref().unwrap_or_default(),
-                    Some(&origin),
-                    &mut out,
-                );
+                replayer.own(r.offset, (origin, r), here, |(origin, r)| {
+                    meter.apply(&pctx, r.value.as_deref().unwrap_or_default(), Some(&origin), &mut out);
+                });
             },
         )?;
+        let misplaced = replayer.misplaced;
+        let unplaced = replayer.finish(|(origin, r)| {
+            meter.apply(&pctx, r.value.as_deref().unwrap_or_default(), Some(&origin), &mut out);
+        });
+        if misplaced + unplaced > 0 {
+            println!(
+                "partition {p}: {misplaced} own and {unplaced} other events below the committed positions are not where the markers place them"
+            );
+            mismatched_state += misplaced + unplaced;
+        }
         // Every record the replay wrote (closed statements included), with
         // deletions as `None`.
         let changes = meter.take_changes()?;
@@ -148,7 +224,7 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
             .count();
         mismatched_state += differ;
         println!(
-            "partition {p}: {n} input events up to offset {until}; rebuilt {} state records, changelog holds {}; {} differ",
+            "partition {p}: {n} own input events up to offset {until}, {local} from other partitions of its instance, {forwarded} forwarded up to offset {rp_until}; rebuilt {} state records, changelog holds {}; {} differ",
             rebuilt.len(),
             from_changelog.len(),
             differ

@@ -1,0 +1,123 @@
+//! Any partitioner: one workload sent at once by three kinds of clients —
+//! Kafka's murmur2, librdkafka's default `consistent_random` and keyless —
+//! so most accounts' events (even one job's start and stop) arrive on
+//! several partitions. Every account is metered by the one partition its id
+//! belongs to: across a month close and SIGKILLs the committed outputs
+//! equal the offline computation with one meter per owning partition (one
+//! statement and one fee per pro account-month, each threshold once), and
+//! `jobmeter rebuild` reproduces them from the logs.
+
+mod support;
+
+use jobmeter::simulate::FleetOptions;
+use std::time::Duration;
+use support::*;
+
+/// Input records that arrived on a partition other than their account's.
+fn misrouted(prefix: &str, partitions: i32) -> usize {
+    let settings = jobmeter_kafka::client::KafkaSettings::new(brokers());
+    let parts: Vec<(i32, Option<i64>)> = (0..partitions).map(|p| (p, None)).collect();
+    let mut n = 0;
+    jobmeter_kafka::reader::read_to_end(
+        &settings,
+        "it-misrouted",
+        &format!("{prefix}.job-events"),
+        &parts,
+        Duration::from_secs(60),
+        |r| {
+            if let Ok(ev) = jobmeter_core::parse_job_event(r.value.as_deref().unwrap_or_default()) {
+                n += usize::from(partition_of(ev.account.as_str(), partitions) != r.partition);
+            }
+        },
+    )
+    .expect("read the input topic");
+    n
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
+fn mixed_partitioners_bill_each_account_once() {
+    let prefix = fresh_prefix("anypart");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = MeterSpec::new(&prefix, "anypart-0", dir.path().join("state"), 3);
+    let mut meter = spec.start();
+    wait_for_topics(&prefix);
+    let opts = FleetOptions {
+        seed: 33,
+        jobs: 2_500,
+        accounts: 300,
+        start: jobmeter_core::Timestamp::parse("2024-05-31T23:00:00Z").expect("time"),
+        // About 2 h 45 min of event time: May closes at June 1, 01:00.
+        mean_gap_ms: 4_000,
+        ..FleetOptions::default()
+    };
+    let w = workload(&opts, 3);
+    produce_accounts(&prefix, &w);
+    let want = expected(&w, w.events.len());
+    let total = w.events.len();
+    let producer = {
+        let prefix = prefix.clone();
+        let opts = opts.clone();
+        std::thread::spawn(move || {
+            let w = workload(&opts, 3);
+            produce_mixed(
+                &prefix,
+                &w,
+                0..total,
+                &[Placement::Murmur2, Placement::ConsistentRandom, Placement::Keyless],
+                30,
+                3_000,
+            );
+        })
+    };
+    let mut rng = jobmeter::simulate::Rng::new(5);
+    for round in 0..4 {
+        std::thread::sleep(Duration::from_millis(400 + rng.below(1200)));
+        meter.kill9();
+        eprintln!("kill {round}: SIGKILL sent");
+        meter = spec.start();
+    }
+    producer.join().expect("producer thread");
+    wait_until("all charges", Duration::from_secs(240), &[&meter], || {
+        read_all(&format!("{prefix}.charges")).len() >= want.charges.len()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    // read_outputs fails on any charge, limit event or statement seen twice.
+    let got = read_outputs(&prefix);
+    assert_eq!(meter.terminate(), Some(0), "clean exit after SIGTERM");
+    assert_same(&got, &want);
+    let pro_fees = got
+        .statements
+        .values()
+        .filter(|s| s.contains(r#""subscription_fee":"29.00""#) || s.contains(r#""subscription_fee":"49.00""#))
+        .count();
+    assert!(pro_fees > 10, "the workload bills pro fees ({pro_fees})");
+    assert!(
+        want.limits.len() > 5,
+        "the workload fires limit events ({})",
+        want.limits.len()
+    );
+    // Many events did arrive on a partition other than their account's.
+    let misrouted = misrouted(&prefix, 3);
+    assert!(
+        misrouted > total / 3,
+        "{misrouted} of {total} events arrived on another partition than their account's"
+    );
+    // The rebuild replays each partition's two inputs in the order the
+    // meter applied them and finds the same state and outputs.
+    let out = spec
+        .command("rebuild", 0)
+        .arg("--dry-run")
+        .output()
+        .expect("jobmeter rebuild");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "rebuild failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("rebuild matches"), "{text}");
+}
