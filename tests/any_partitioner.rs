@@ -121,3 +121,87 @@ fn mixed_partitioners_bill_each_account_once() {
     );
     assert!(text.contains("rebuild matches"), "{text}");
 }
+
+/// Two instances share the partitions, so events of an account held by the
+/// other instance go through the repartition topic. Produced at a pace where
+/// event time moves about 1,200 times faster than the clock (one commit's
+/// delay is then a few minutes of event time, inside the orphan timeout),
+/// the outputs equal the offline computation, nothing is doubled, and the
+/// rebuild replays the forwarded events where the meters applied them.
+#[test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
+fn forwarding_between_instances_is_exactly_once() {
+    let prefix = fresh_prefix("forward");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = MeterSpec::new(&prefix, "fw-a", dir.path().join("a"), 4);
+    let b = MeterSpec::new(&prefix, "fw-b", dir.path().join("b"), 4);
+    let ma = a.start();
+    wait_for_topics(&prefix);
+    let mb = b.start();
+    wait_until(
+        "both instances hold partitions",
+        Duration::from_secs(90),
+        &[&ma, &mb],
+        || {
+            [&ma, &mb].iter().all(|m| {
+                m.metric("jobmeter_assigned_partitions").unwrap_or(0.0) > 0.0
+                    && http_get(&m.http, "/readyz").is_some_and(|r| r.contains("ready"))
+            })
+        },
+    );
+    let opts = FleetOptions {
+        seed: 8,
+        jobs: 800,
+        accounts: 120,
+        mean_gap_ms: 2_000,
+        ..FleetOptions::default()
+    };
+    let w = workload(&opts, 4);
+    produce_accounts(&prefix, &w);
+    let want = expected(&w, w.events.len());
+    produce_mixed(
+        &prefix,
+        &w,
+        0..w.events.len(),
+        &[Placement::Murmur2, Placement::ConsistentRandom, Placement::Keyless],
+        10,
+        600,
+    );
+    wait_until("all charges", Duration::from_secs(180), &[&ma, &mb], || {
+        read_all(&format!("{prefix}.charges")).len() >= want.charges.len()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let got = read_outputs(&prefix);
+    let forwarded: f64 = [&ma, &mb]
+        .iter()
+        .map(|m| m.metric("jobmeter_events_rerouted_total").unwrap_or(0.0))
+        .sum();
+    let (mut ma, mut mb) = (ma, mb);
+    assert_eq!(mb.terminate(), Some(0));
+    assert_eq!(ma.terminate(), Some(0));
+    assert_same(&got, &want);
+    assert!(forwarded > 0.0, "events were rerouted");
+    let in_repartition = read_all(&format!("{prefix}.repartition"))
+        .iter()
+        .filter(|v| v.starts_with('{'))
+        .count();
+    assert!(
+        in_repartition > 100,
+        "{in_repartition} events crossed instances through the repartition topic"
+    );
+    let out = a
+        .command("rebuild", 0)
+        .arg("--dry-run")
+        .output()
+        .expect("jobmeter rebuild");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "rebuild failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("rebuild matches"), "{text}");
+}

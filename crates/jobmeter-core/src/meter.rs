@@ -86,8 +86,9 @@ impl<'a> Context<'a> {
         }
     }
 
-    /// True when this meter answers for `account` (its events are keyed to
-    /// this meter's partition by Kafka's default partitioner).
+    /// True when this meter answers for `account`: Kafka's murmur2 of the
+    /// account id gives this meter's partition (the streaming meter applies
+    /// each event in that partition, wherever it arrived).
     pub fn owns(&self, account: &crate::money::AccountId) -> bool {
         self.partition
             .is_none_or(|(p, n)| crate::partition::partition_for_key(account.as_str().as_bytes(), n) == p)

@@ -1,8 +1,9 @@
-//! Which partition an account's events are in: Kafka's default
-//! partitioner (murmur2 of the key, as in the Java client and librdkafka's
-//! `murmur2_random`), with the account id as key. The meter uses it to know
-//! which accounts a partition answers for (subscription fees of pro
-//! accounts without usage; the usage API's owner).
+//! Which partition meters an account: Kafka's murmur2 partitioner (as in
+//! the Java client and librdkafka's `murmur2_random`) applied to the
+//! account id. The streaming meter applies every event in that partition,
+//! whatever partition it arrived on; it also decides which accounts a
+//! partition answers for (subscription fees of pro accounts without usage;
+//! the usage API's owner).
 
 /// The partition Kafka's default partitioner puts `key` in.
 pub fn partition_for_key(key: &[u8], partitions: i32) -> i32 {

@@ -30,9 +30,10 @@
 //!   stable `source` (one per worker), a re-sent event has the same
 //!   `(source, id)` and the meter counts it once.
 //! - **Ordered per account, no duplicates from retries**: records are keyed
-//!   by `account_id` (Kafka's default murmur2 partitioner, so an account's
-//!   events share a partition) and produced with an idempotent producer
-//!   (`enable.idempotence`, `acks=all`).
+//!   by `account_id` with Kafka's murmur2 partitioner, so an account's events
+//!   land on the partition that meters it (other placements are forwarded
+//!   there by the meter, at the cost of a detour), and produced with an
+//!   idempotent producer (`enable.idempotence`, `acks=all`).
 //! - Delivery failures are counted; [`Emitter::flush`] reports them.
 
 use jobmeter_core::{JobKind, Timestamp};

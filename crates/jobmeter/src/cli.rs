@@ -287,6 +287,11 @@ pub struct SimulateCmd {
     /// Target events per second when producing to Kafka (0: as fast as possible).
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
+    /// How event records are placed on partitions when producing to Kafka,
+    /// as different Kafka clients would (the meter's results do not depend
+    /// on it).
+    #[arg(long, value_enum, default_value_t = crate::tools::Placement::Murmur2)]
+    pub placement: crate::tools::Placement,
     /// Write account records (JSON lines) here.
     #[arg(long)]
     pub accounts_out: Option<PathBuf>,
@@ -442,7 +447,7 @@ fn run_simulate(cmd: SimulateCmd) -> anyhow::Result<()> {
     }
     if let Some(brokers) = &cmd.brokers {
         let topics = jobmeter_kafka::topics::Topics::with_prefix(&cmd.topic_prefix);
-        crate::tools::produce_fleet(brokers, &topics, &accs, &evs, cmd.rate)?;
+        crate::tools::produce_fleet_placed(brokers, &topics, &accs, &evs, cmd.rate, cmd.placement)?;
     } else if cmd.events_out.is_none() {
         anyhow::bail!("say where the fleet goes: --events-out FILE and/or --brokers HOST:PORT");
     }

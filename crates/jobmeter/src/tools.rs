@@ -26,6 +26,24 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// How a producer places event records on partitions: what the workers of
+/// a real fleet may do (the meter meters each account on its own partition
+/// whatever they do; see the README).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Placement {
+    /// Keyed by account, Kafka's murmur2 partitioner (Java's default; the
+    /// partition that meters the account).
+    #[default]
+    Murmur2,
+    /// Keyed by account, librdkafka's default `consistent_random` (CRC32).
+    ConsistentRandom,
+    /// No key.
+    Keyless,
+    /// Keyed by account, always on the partition after the account's own:
+    /// every event is on the wrong partition (a benchmark's worst case).
+    Misrouted,
+}
+
 /// Produces account records, then events (keyed by account), at `rate`
 /// events per second (0: as fast as possible). The topics must exist
 /// (`jobmeter run` creates them).
@@ -36,18 +54,42 @@ pub fn produce_fleet(
     events: &[SimEvent],
     rate: u64,
 ) -> anyhow::Result<()> {
+    produce_fleet_placed(brokers, topics, accounts, events, rate, Placement::Murmur2)
+}
+
+/// [`produce_fleet`], placing event records as `placement` says.
+pub fn produce_fleet_placed(
+    brokers: &str,
+    topics: &Topics,
+    accounts: &[(String, String)],
+    events: &[SimEvent],
+    rate: u64,
+    placement: Placement,
+) -> anyhow::Result<()> {
     let settings = KafkaSettings::new(brokers);
     for t in [&topics.accounts, &topics.job_events] {
         if partition_count(&settings, t)? == 0 {
             anyhow::bail!("topic {t} does not exist on {brokers}: start `jobmeter run` first (it creates its topics)");
         }
     }
-    let producer: ThreadedProducer<DefaultProducerContext> =
-        settings.producer().create().context("creating the producer")?;
+    let partitions = partition_count(&settings, &topics.job_events)?;
+    let mut config = settings.producer();
+    if placement == Placement::ConsistentRandom {
+        config.set("partitioner", "consistent_random");
+    }
+    let producer: ThreadedProducer<DefaultProducerContext> = config.create().context("creating the producer")?;
     // Events carry their own time as the record timestamp, as a platform
     // loading recorded history does: the meter checks one against the other.
     let send = |topic: &str, key: &str, payload: &str, timestamp: Option<i64>| -> anyhow::Result<()> {
-        let mut rec = BaseRecord::to(topic).key(key).payload(payload);
+        let event = topic == topics.job_events;
+        let mut rec = BaseRecord::to(topic).payload(payload);
+        if !(event && placement == Placement::Keyless) {
+            rec = rec.key(key);
+        }
+        if event && placement == Placement::Misrouted {
+            let own = jobmeter_core::partition::partition_for_key(key.as_bytes(), partitions);
+            rec = rec.partition((own + 1) % partitions.max(1));
+        }
         if let Some(ms) = timestamp {
             rec = rec.timestamp(ms);
         }

@@ -57,6 +57,11 @@ struct Args {
     /// Extra `--set key=value` for the meter.
     #[arg(long = "set")]
     sets: Vec<String>,
+    /// How the backlog's event records are placed on partitions (the
+    /// throughput run): `misrouted` puts every event on another partition
+    /// than its account's.
+    #[arg(long, value_enum, default_value_t = jobmeter::tools::Placement::Murmur2)]
+    placement: jobmeter::tools::Placement,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,7 +76,10 @@ fn main() -> anyhow::Result<()> {
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
     println!("machine: {} cores, {}", num_cores(), cpu_model());
-    println!("broker: {brokers}; partitions: {}", args.partitions);
+    println!(
+        "broker: {brokers}; partitions: {}; placement: {:?}",
+        args.partitions, args.placement
+    );
 
     // 1 + 2: backlog, ceiling, throughput.
     let prefix = format!("bench-{stamp}-tp");
@@ -90,7 +98,7 @@ fn main() -> anyhow::Result<()> {
     drop(meter);
     let topics = jobmeter_kafka::topics::Topics::with_prefix(&prefix);
     let t0 = Instant::now();
-    jobmeter::tools::produce_fleet(&brokers, &topics, &accs, &evs, 0)?;
+    jobmeter::tools::produce_fleet_placed(&brokers, &topics, &accs, &evs, 0, args.placement)?;
     println!("produced {} events in {:.1}s", evs.len(), t0.elapsed().as_secs_f64());
     let mut reads = Vec::new();
     for _ in 0..args.ceiling_runs.max(1) {
