@@ -45,15 +45,7 @@ fn mixed_partitioners_bill_each_account_once() {
     let spec = MeterSpec::new(&prefix, "anypart-0", dir.path().join("state"), 3);
     let mut meter = spec.start();
     wait_for_topics(&prefix);
-    let opts = FleetOptions {
-        seed: 33,
-        jobs: 2_500,
-        accounts: 300,
-        start: jobmeter_core::Timestamp::parse("2024-05-31T23:00:00Z").expect("time"),
-        // About 2 h 45 min of event time: May closes at June 1, 01:00.
-        mean_gap_ms: 4_000,
-        ..FleetOptions::default()
-    };
+    let opts = month_close_fleet(33, 300);
     let w = workload(&opts, 3);
     produce_accounts(&prefix, &w);
     let want = expected(&w, w.events.len());
@@ -108,18 +100,7 @@ fn mixed_partitioners_bill_each_account_once() {
     );
     // The rebuild replays each partition's two inputs in the order the
     // meter applied them and finds the same state and outputs.
-    let out = spec
-        .command("rebuild", 0)
-        .arg("--dry-run")
-        .output()
-        .expect("jobmeter rebuild");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "rebuild failed:\n{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(text.contains("rebuild matches"), "{text}");
+    assert_rebuild_matches(&spec, true);
 }
 
 /// Two instances share the partitions, so events of an account held by the
@@ -192,16 +173,5 @@ fn forwarding_between_instances_is_exactly_once() {
         in_repartition > 100,
         "{in_repartition} events crossed instances through the repartition topic"
     );
-    let out = a
-        .command("rebuild", 0)
-        .arg("--dry-run")
-        .output()
-        .expect("jobmeter rebuild");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "rebuild failed:\n{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(text.contains("rebuild matches"), "{text}");
+    assert_rebuild_matches(&a, true);
 }

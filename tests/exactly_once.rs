@@ -263,14 +263,7 @@ fn rebuild_from_input_topics_matches_state_and_outputs() {
     assert_eq!(meter.terminate(), Some(0));
     // State and outputs rebuilt from the input topics equal what the meter
     // stored in its changelog and published.
-    let out = spec.command("rebuild", 0).output().expect("jobmeter rebuild");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "rebuild failed:\n{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(text.contains("rebuild matches"), "{text}");
+    assert_rebuild_matches(&spec, false);
     // The meter goes on from the rebuilt local state, exactly.
     let mut meter = spec.start();
     produce_events(&prefix, &w, n / 2..n, 0);
@@ -300,15 +293,7 @@ fn month_close_bills_every_pro_account_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let meter = MeterSpec::new(&prefix, "month-0", dir.path().join("state"), 3).start();
     wait_for_topics(&prefix);
-    let opts = FleetOptions {
-        seed: 21,
-        jobs: 2_500,
-        accounts: 400,
-        start: jobmeter_core::Timestamp::parse("2024-05-31T23:00:00Z").expect("time"),
-        // About 2 h 45 min of event time: past June 1, 01:00, when May closes.
-        mean_gap_ms: 4_000,
-        ..FleetOptions::default()
-    };
+    let opts = month_close_fleet(21, 400);
     let w = workload(&opts, 3);
     produce_accounts(&prefix, &w);
     produce_events(&prefix, &w, 0..w.events.len(), 0);

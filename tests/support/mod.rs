@@ -444,6 +444,37 @@ pub fn produce_mixed(
     });
 }
 
+/// A fleet of 2,500 jobs starting at May 31, 23:00 with about 2 h 45 min of
+/// event time: past June 1, 01:00, when May closes (statements, pro fees).
+pub fn month_close_fleet(seed: u64, accounts: usize) -> FleetOptions {
+    FleetOptions {
+        seed,
+        jobs: 2_500,
+        accounts,
+        start: jobmeter_core::Timestamp::parse("2024-05-31T23:00:00Z").expect("time"),
+        mean_gap_ms: 4_000,
+        ..FleetOptions::default()
+    }
+}
+
+/// Runs `jobmeter rebuild` (with `--dry-run` when asked) for `spec`'s
+/// deployment and asserts that the state and outputs rebuilt from the
+/// input topics equal what the meter stored and published.
+pub fn assert_rebuild_matches(spec: &MeterSpec, dry_run: bool) {
+    let mut cmd = spec.command("rebuild", 0);
+    if dry_run {
+        cmd.arg("--dry-run");
+    }
+    let out = cmd.output().expect("jobmeter rebuild");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "rebuild failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("rebuild matches"), "{text}");
+}
+
 /// Waits until the topics exist (the meter creates them at start).
 pub fn wait_for_topics(prefix: &str) {
     let settings = KafkaSettings::new(brokers());

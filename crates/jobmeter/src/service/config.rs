@@ -423,6 +423,24 @@ impl Config {
             p.push("kafka.group_id: must not be empty".into());
         }
         dur(&mut p, "kafka.transaction_timeout", &self.kafka.transaction_timeout);
+        // The meter hands each instance's records to its meters from
+        // per-partition queues and rebuilds them at every assignment, which
+        // needs the eager protocol (every partition revoked, committed and
+        // assigned again at its committed offset).
+        if let Some(s) = self.kafka.properties.get("partition.assignment.strategy") {
+            if s.contains("cooperative") {
+                p.push(format!(
+                    "kafka.properties.partition.assignment.strategy: {s:?} is incremental; jobmeter needs an eager assignor (range or roundrobin, the default)"
+                ));
+            }
+        }
+        if let Some(s) = self.kafka.properties.get("group.protocol") {
+            if s != "classic" {
+                p.push(format!(
+                    "kafka.properties.group.protocol: {s:?} assigns incrementally; jobmeter needs \"classic\" (the default)"
+                ));
+            }
+        }
         if self.topics.prefix.is_empty() {
             p.push("topics.prefix: must not be empty".into());
         }
@@ -708,6 +726,12 @@ mod tests {
             sets: vec![
                 ("http.listen".into(), "nowhere".into()),
                 ("billing.rate_card".into(), "/nope.toml".into()),
+                ("batch.max_idle".into(), "0ms".into()),
+                (
+                    "kafka.properties.partition.assignment.strategy".into(),
+                    "cooperative-sticky".into(),
+                ),
+                ("kafka.properties.group.protocol".into(), "consumer".into()),
             ],
         };
         let err = Config::load(None, &env, &over)
@@ -716,9 +740,12 @@ mod tests {
             .unwrap_or_default();
         for needle in [
             "batch.interval",
+            "batch.max_idle",
             "topics.partitions",
             "http.listen",
             "billing.rate_card",
+            "partition.assignment.strategy",
+            "group.protocol",
         ] {
             assert!(err.contains(needle), "{needle} missing from: {err}");
         }

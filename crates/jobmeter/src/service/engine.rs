@@ -178,6 +178,8 @@ pub struct Engine {
     rerouted_by_cause: [u64; 3],
     /// When each cause of rerouting was last logged.
     reroute_logged: [Option<Instant>; 3],
+    /// When an event last arrived on another partition than its account's.
+    rerouted_at: Option<Instant>,
     limits_by_label: BTreeMap<(&'static str, String), u64>,
     out: Vec<Output>,
     input_topic: Arc<str>,
@@ -238,6 +240,7 @@ impl Engine {
             charges_by_kind: [0; 3],
             rerouted_by_cause: [0; 3],
             reroute_logged: [None; 3],
+            rerouted_at: None,
             limits_by_label: BTreeMap::new(),
             out: Vec::new(),
             failed: None,
@@ -290,6 +293,13 @@ impl Engine {
     /// Changes whenever partitions are assigned or revoked.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// True while events keep arriving on other partitions than their
+    /// accounts' (within the last 10 minutes): the poll loop then keeps
+    /// the partitions in event-time step.
+    pub fn rerouting(&self) -> bool {
+        self.rerouted_at.is_some_and(|t| t.elapsed() < Duration::from_secs(600))
     }
 
     /// True when `p`'s stored state cannot be decoded (it is not metered).
@@ -549,6 +559,7 @@ impl Engine {
             Some(_) => Reroute::KeyNotAccount,
         };
         self.rerouted_by_cause[cause as usize] += 1;
+        self.rerouted_at = Some(Instant::now());
         let logged = &mut self.reroute_logged[cause as usize];
         if logged.is_some_and(|t| t.elapsed() < REROUTE_LOG_EVERY) {
             return;

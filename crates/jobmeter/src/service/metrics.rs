@@ -247,6 +247,9 @@ impl Metrics {
         for outcome in ["applied", "duplicate", "rejected"] {
             m.events.with_label_values(&[outcome]);
         }
+        for cause in ["keyless", "partitioner", "key_not_account"] {
+            m.rerouted.with_label_values(&[cause]);
+        }
         Ok(m)
     }
 

@@ -233,7 +233,21 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
                 ensure_topics(&settings, &topics, &layout).await?;
             }
             let acc_parts = partition_count(&settings, &topics.accounts)?;
-            input_partitions.store(partition_count(&settings, &topics.job_events)?, Ordering::Relaxed);
+            let inputs = partition_count(&settings, &topics.job_events)?;
+            // Topics made by the operator (topics.create = false) must
+            // include the repartition topic, partitioned like the input.
+            let forwarded = partition_count(&settings, &topics.repartition)?;
+            if inputs > 0 && forwarded != inputs {
+                return Err(jobmeter_kafka::KafkaAdapterError::Topic {
+                    topic: topics.repartition.clone(),
+                    message: format!(
+                        "has {forwarded} partitions but {} has {inputs}; create it with {inputs} (cleanup.policy=delete, message.timestamp.type=CreateTime)",
+                        topics.job_events
+                    ),
+                }
+                .into());
+            }
+            input_partitions.store(inputs, Ordering::Relaxed);
             let (t2, s2, tp) = (table.clone(), settings.clone(), topics.accounts.clone());
             let client = format!("{}-accounts", cfg.instance_id);
             let next = tokio::task::spawn_blocking(move || t2.load(&s2, &client, &tp, acc_parts)).await??;
@@ -494,8 +508,88 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
     result
 }
 
-/// Runs the pipeline for one assignment. Records are handed to the engine
-/// in record-timestamp order across this instance's partitions (ties by
+/// Runs the pipeline for one assignment while every event arrives on its
+/// account's partition: records are applied in arrival order from the
+/// consumer's queue (each meter then sees only its own partition, in
+/// order). The first event that arrives elsewhere ends the round: the
+/// partitions are paused (which drops what was fetched but not applied)
+/// and the next round applies them in event-time order from
+/// per-partition queues. Returns like [`merge_round`].
+fn fast_round<'e>(
+    deps: &Deps,
+    consumer: &Arc<BaseConsumer<MeterContext>>,
+    lock: &dyn Fn() -> std::sync::MutexGuard<'e, Engine>,
+    stop: &AtomicBool,
+    ready: &AtomicBool,
+    epoch: u64,
+    assigned: &std::collections::BTreeSet<i32>,
+) -> Result<bool, EngineError> {
+    let mut all = rdkafka::TopicPartitionList::new();
+    for p in assigned {
+        all.add_partition(&deps.topics.job_events, *p);
+        all.add_partition(&deps.topics.repartition, *p);
+    }
+    consumer
+        .resume(&all)
+        .map_err(|source| jobmeter_kafka::KafkaAdapterError::Op {
+            op: "resume partitions",
+            source,
+        })?;
+    let mut last_report = Instant::now();
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            lock().commit_and_wait(consumer)?;
+            tracing::info!("last batch committed");
+            return Ok(false);
+        }
+        let msg = consumer.poll(Duration::from_millis(20));
+        let mut e = lock();
+        if let Some(err) = e.failed.take() {
+            return Err(err);
+        }
+        if e.epoch() != epoch {
+            return Ok(true);
+        }
+        e.restore_pending()?;
+        match msg {
+            Some(Ok(m)) => e.process(&m)?,
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) | None => {}
+            Some(Err(err)) => tracing::warn!(error = %err, "consumer error"),
+        }
+        ready.store(e.ready(), Ordering::SeqCst);
+        pause_failed(
+            consumer,
+            &[&deps.topics.job_events, &deps.topics.repartition],
+            e.take_newly_failed(),
+        );
+        if e.batch_due() {
+            e.commit(consumer)?;
+        }
+        if last_report.elapsed() > Duration::from_secs(5) {
+            e.report_local();
+            last_report = Instant::now();
+        }
+        if e.rerouting() {
+            tracing::info!("events arrive on other partitions than their accounts': applying this instance's partitions in event-time order from now on");
+            consumer
+                .pause(&all)
+                .map_err(|source| jobmeter_kafka::KafkaAdapterError::Op {
+                    op: "pause partitions",
+                    source,
+                })?;
+            return Ok(true);
+        }
+    }
+}
+
+/// Records of different partitions less than this much event time apart
+/// may be applied in arrival order: live traffic (event time moving with
+/// the clock) then never waits for a partition's next fetch.
+const MERGE_TOLERANCE_MS: i64 = 1_000;
+
+/// Runs the pipeline for one assignment (see [`fast_round`] for a fleet
+/// that places every event on its account's partition). Records are handed
+/// to the engine in event-time order across this instance's partitions (ties by
 /// partition), waiting up to `batch.max_idle` for a partition that has not
 /// reached its end and has nothing queued: an account's events that arrive on several partitions
 /// are then metered close to the order they were produced in, even when
@@ -519,6 +613,9 @@ fn merge_round<'e>(
         if let Ok(m) = m {
             lock().process(&m)?;
         }
+    }
+    if !lock().rerouting() {
+        return fast_round(deps, consumer, lock, stop, ready, epoch, &assigned);
     }
     let mut queues = Vec::new();
     let mut resume = rdkafka::TopicPartitionList::new();
@@ -546,8 +643,11 @@ fn merge_round<'e>(
     // until it delivers a record or reaches its end.
     let mut starved_since: Vec<Option<Instant>> = vec![None; queues.len()];
     let max_idle = Duration::from_millis(Config::ms(&deps.cfg.batch.max_idle) as u64);
+    // The event time of each queue's last record (where it stands).
+    let mut last_key = vec![i64::MIN; queues.len()];
     let mut last_main = Instant::now();
     let mut last_report = Instant::now();
+    let mut last_ends = Instant::now();
     let mut idle = false;
     loop {
         if stop.load(Ordering::SeqCst) {
@@ -558,10 +658,15 @@ fn merge_round<'e>(
         if idle || last_main.elapsed() >= Duration::from_millis(5) {
             // Serves rebalances and errors (the records come from the
             // partition queues).
-            match consumer.poll(if idle { Duration::from_millis(2) } else { Duration::ZERO }) {
-                Some(Ok(m)) => lock().process(&m)?,
-                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) | None => {}
-                Some(Err(err)) => tracing::warn!(error = %err, "consumer error"),
+            let mut timeout = if idle { Duration::from_millis(2) } else { Duration::ZERO };
+            for _ in 0..64 {
+                match consumer.poll(timeout) {
+                    Some(Ok(m)) => lock().process(&m)?,
+                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {}
+                    Some(Err(err)) => tracing::warn!(error = %err, "consumer error"),
+                    None => break,
+                }
+                timeout = Duration::ZERO;
             }
             last_main = Instant::now();
         }
@@ -573,61 +678,82 @@ fn merge_round<'e>(
             return Ok(true);
         }
         e.restore_pending()?;
-        for (i, (p, q)) in queues.iter().enumerate() {
-            if heads[i].is_some() {
-                continue;
-            }
-            if e.is_failing(*p) {
-                at_end[i] = true;
-                continue;
-            }
-            match q.poll(Duration::ZERO) {
-                Some(Ok(m)) => {
-                    let marker = m
-                        .headers()
-                        .is_some_and(|h| h.iter().any(|x| x.key == jobmeter_kafka::repartition::MARKER));
-                    let parsed = if marker {
-                        None
-                    } else {
-                        jobmeter_core::parse_job_event(m.payload().unwrap_or_default()).ok()
-                    };
-                    let key = e.merge_key(&m, parsed.as_ref());
-                    heads[i] = Some((m, parsed, key));
-                    at_end[i] = false;
-                    starved_since[i] = None;
+        // A queue at its end is asked again at most once a millisecond (it
+        // holds nothing back meanwhile); the others whenever they are empty.
+        let ends_due = idle || last_ends.elapsed() >= Duration::from_millis(1);
+        if ends_due {
+            last_ends = Instant::now();
+        }
+        idle = false;
+        for round in 0..256 {
+            for (i, (p, q)) in queues.iter().enumerate() {
+                if heads[i].is_some() || (at_end[i] && (!ends_due || round > 0)) {
+                    continue;
                 }
-                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
+                if e.is_failing(*p) {
                     at_end[i] = true;
-                    starved_since[i] = None;
+                    continue;
                 }
-                Some(Err(err)) => tracing::warn!(error = %err, partition = *p, "consumer error"),
-                None => {
-                    if !at_end[i] {
-                        starved_since[i].get_or_insert_with(Instant::now);
+                match q.poll(Duration::ZERO) {
+                    Some(Ok(m)) => {
+                        let marker = m
+                            .headers()
+                            .is_some_and(|h| h.iter().any(|x| x.key == jobmeter_kafka::repartition::MARKER));
+                        let parsed = if marker {
+                            None
+                        } else {
+                            jobmeter_core::parse_job_event(m.payload().unwrap_or_default()).ok()
+                        };
+                        let key = e.merge_key(&m, parsed.as_ref());
+                        heads[i] = Some((m, parsed, key));
+                        at_end[i] = false;
+                        starved_since[i] = None;
+                    }
+                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
+                        at_end[i] = true;
+                        starved_since[i] = None;
+                    }
+                    Some(Err(err)) => tracing::warn!(error = %err, partition = *p, "consumer error"),
+                    None => {
+                        if !at_end[i] {
+                            starved_since[i].get_or_insert_with(Instant::now);
+                        }
                     }
                 }
             }
-        }
-        // Records that cannot move stream time go at once; otherwise the
-        // oldest head, unless a partition with records on the way has none
-        // queued yet and the wait for it is not over.
-        let next = heads
-            .iter()
-            .enumerate()
-            .filter_map(|(i, h)| h.as_ref().map(|(_, _, key)| (*key, i)))
-            .min();
-        let waiting = heads
-            .iter()
-            .zip(&starved_since)
-            .any(|(h, since)| h.is_none() && since.is_some_and(|t| t.elapsed() < max_idle));
-        idle = false;
-        match next {
-            Some((t, i)) if t == i64::MIN || !waiting => {
-                if let Some((m, parsed, _)) = heads[i].take() {
-                    e.process_parsed(&m, parsed)?;
-                }
+            // Records that cannot move stream time go at once; otherwise
+            // the oldest head, unless a partition with
+            // records on the way has none queued, is more than
+            // MERGE_TOLERANCE_MS of event time behind it, and the wait for
+            // it is not over.
+            let next = heads
+                .iter()
+                .enumerate()
+                .filter_map(|(i, h)| h.as_ref().map(|(_, _, key)| (*key, i)))
+                .min();
+            let Some((key, i)) = next else {
+                idle = true;
+                break;
+            };
+            let waiting = key != i64::MIN
+                && (0..queues.len()).any(|j| {
+                    heads[j].is_none()
+                        && last_key[j].saturating_add(MERGE_TOLERANCE_MS) < key
+                        && starved_since[j].is_some_and(|t| t.elapsed() < max_idle)
+                });
+            if waiting {
+                idle = true;
+                break;
             }
-            _ => idle = true,
+            if let Some((m, parsed, key)) = heads[i].take() {
+                if key != i64::MIN {
+                    last_key[i] = key;
+                }
+                e.process_parsed(&m, parsed)?;
+            }
+            if e.batch_due() {
+                break;
+            }
         }
         ready.store(e.ready(), Ordering::SeqCst);
         pause_failed(
