@@ -508,6 +508,31 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
     result
 }
 
+/// What every turn of the poll loop ends with: readiness, pausing newly
+/// failed partitions, committing a due batch, the local gauges.
+fn after_step(
+    deps: &Deps,
+    consumer: &BaseConsumer<MeterContext>,
+    e: &mut Engine,
+    ready: &AtomicBool,
+    last_report: &mut Instant,
+) -> Result<(), EngineError> {
+    ready.store(e.ready(), Ordering::SeqCst);
+    pause_failed(
+        consumer,
+        &[&deps.topics.job_events, &deps.topics.repartition],
+        e.take_newly_failed(),
+    );
+    if e.batch_due() {
+        e.commit(consumer)?;
+    }
+    if last_report.elapsed() > Duration::from_secs(5) {
+        e.report_local();
+        *last_report = Instant::now();
+    }
+    Ok(())
+}
+
 /// Runs the pipeline for one assignment while every event arrives on its
 /// account's partition: records are applied in arrival order from the
 /// consumer's queue (each meter then sees only its own partition, in
@@ -556,19 +581,7 @@ fn fast_round<'e>(
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) | None => {}
             Some(Err(err)) => tracing::warn!(error = %err, "consumer error"),
         }
-        ready.store(e.ready(), Ordering::SeqCst);
-        pause_failed(
-            consumer,
-            &[&deps.topics.job_events, &deps.topics.repartition],
-            e.take_newly_failed(),
-        );
-        if e.batch_due() {
-            e.commit(consumer)?;
-        }
-        if last_report.elapsed() > Duration::from_secs(5) {
-            e.report_local();
-            last_report = Instant::now();
-        }
+        after_step(deps, consumer, &mut e, ready, &mut last_report)?;
         if e.rerouting() {
             tracing::info!("events arrive on other partitions than their accounts': applying this instance's partitions in event-time order from now on");
             consumer
@@ -755,18 +768,6 @@ fn merge_round<'e>(
                 break;
             }
         }
-        ready.store(e.ready(), Ordering::SeqCst);
-        pause_failed(
-            consumer,
-            &[&deps.topics.job_events, &deps.topics.repartition],
-            e.take_newly_failed(),
-        );
-        if e.batch_due() {
-            e.commit(consumer)?;
-        }
-        if last_report.elapsed() > Duration::from_secs(5) {
-            e.report_local();
-            last_report = Instant::now();
-        }
+        after_step(deps, consumer, &mut e, ready, &mut last_report)?;
     }
 }
