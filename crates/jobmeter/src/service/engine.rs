@@ -295,6 +295,21 @@ impl Engine {
         self.epoch
     }
 
+    /// The start of a poll-loop turn: surfaces an error raised in a
+    /// rebalance callback, says whether the assignment changed since
+    /// `epoch` (`true`: the loop starts a new round), and restores the
+    /// partitions waiting for it.
+    pub fn begin_turn(&mut self, epoch: u64) -> Result<bool, EngineError> {
+        if let Some(err) = self.failed.take() {
+            return Err(err);
+        }
+        if self.epoch != epoch {
+            return Ok(true);
+        }
+        self.restore_pending()?;
+        Ok(false)
+    }
+
     /// True while events keep arriving on other partitions than their
     /// accounts' (within the last 10 minutes): the poll loop then keeps
     /// the partitions in event-time step.

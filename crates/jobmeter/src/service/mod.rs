@@ -569,13 +569,9 @@ fn fast_round<'e>(
         }
         let msg = consumer.poll(Duration::from_millis(20));
         let mut e = lock();
-        if let Some(err) = e.failed.take() {
-            return Err(err);
-        }
-        if e.epoch() != epoch {
+        if e.begin_turn(epoch)? {
             return Ok(true);
         }
-        e.restore_pending()?;
         match msg {
             Some(Ok(m)) => e.process(&m)?,
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) | None => {}
@@ -684,13 +680,9 @@ fn merge_round<'e>(
             last_main = Instant::now();
         }
         let mut e = lock();
-        if let Some(err) = e.failed.take() {
-            return Err(err);
-        }
-        if e.epoch() != epoch {
+        if e.begin_turn(epoch)? {
             return Ok(true);
         }
-        e.restore_pending()?;
         // A queue at its end is asked again at most once a millisecond (it
         // holds nothing back meanwhile); the others whenever they are empty.
         let ends_due = idle || last_ends.elapsed() >= Duration::from_millis(1);
