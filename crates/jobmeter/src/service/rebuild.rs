@@ -96,6 +96,13 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
     };
     let mut outputs: Vec<Output> = Vec::new();
     let mut mismatched_state = 0usize;
+    // Where an input record was read, for dead letters and time checks.
+    let input_origin = |partition: i32, r: &jobmeter_kafka::reader::Record| Origin {
+        topic: topics.job_events.as_str().into(),
+        partition,
+        offset: r.offset,
+        record_time: r.timestamp_ms.map(jobmeter_core::Timestamp),
+    };
     for p in 0..parts {
         let position = |topic: &str| {
             committed
@@ -150,12 +157,7 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
                         && route(r.value.as_deref().unwrap_or_default(), q, parts).0 == p
                     {
                         local += 1;
-                        let origin = Origin {
-                            topic: topics.job_events.as_str().into(),
-                            partition: q,
-                            offset: r.offset,
-                            record_time: r.timestamp_ms.map(jobmeter_core::Timestamp),
-                        };
+                        let origin = input_origin(q, &r);
                         foreign.insert((Source::Input(q), r.offset), (origin, r));
                     }
                 },
@@ -175,12 +177,7 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
             |r| {
                 let here = route(r.value.as_deref().unwrap_or_default(), p, parts).0 == p;
                 n += u64::from(here);
-                let origin = Origin {
-                    topic: topics.job_events.as_str().into(),
-                    partition: p,
-                    offset: r.offset,
-                    record_time: r.timestamp_ms.map(jobmeter_core::Timestamp),
-                };
+                let origin = input_origin(p, &r);
                 replayer.own(r.offset, (origin, r), here, |(origin, r)| {
                     meter.apply(&pctx, r.value.as_deref().unwrap_or_default(), Some(&origin), &mut out);
                 });
