@@ -51,7 +51,7 @@ fn mixed_partitioners_bill_each_account_once() {
     let want = expected(&w, w.events.len());
     let total = w.events.len();
     let producer = {
-        let prefix = prefix.clone();
+        let prefix = prefix.to_string();
         let opts = opts.clone();
         std::thread::spawn(move || {
             let w = workload(&opts, 3);

@@ -20,6 +20,22 @@ fn kafka(cmd: &str, port: &str) {
     assert!(st.success(), "kafka.sh {cmd} failed");
 }
 
+/// The broker's run directory (`kafka.sh env`).
+fn rundir(port: &str) -> std::path::PathBuf {
+    let out = Command::new("bash")
+        .arg(root().join("deploy/local/kafka.sh"))
+        .arg("env")
+        .env("JOBMETER_KAFKA_PORT", port)
+        .output()
+        .expect("deploy/local/kafka.sh env");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let dir = text
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("rundir="))
+        .unwrap_or_else(|| panic!("no rundir in {text:?}"));
+    std::path::PathBuf::from(dir)
+}
+
 #[test]
 #[cfg_attr(
     not(feature = "broker"),
@@ -28,10 +44,26 @@ fn kafka(cmd: &str, port: &str) {
 fn survives_broker_restart() {
     let port = std::env::var("JOBMETER_TEST_RESTART_PORT").unwrap_or_else(|_| "19092".into());
     kafka("wipe", &port);
+    // A pid file left by a broker that died without `stop` names a pid that
+    // may since belong to another process (here: this test). `stop` must
+    // not signal it, and `start` must start a broker anyway.
+    let rundir = rundir(&port);
+    std::fs::create_dir_all(&rundir).expect("run dir");
+    std::fs::write(rundir.join("broker.pid"), std::process::id().to_string()).expect("pid file");
+    kafka("stop", &port);
+    std::fs::write(rundir.join("broker.pid"), std::process::id().to_string()).expect("pid file");
     kafka("start", &port);
+    let pid = std::fs::read_to_string(rundir.join("broker.pid")).expect("pid file");
+    assert_ne!(
+        pid.trim(),
+        std::process::id().to_string(),
+        "the stale pid file was kept"
+    );
     // This test binary holds one test: the override is process-wide.
     std::env::set_var("JOBMETER_KAFKA_BROKERS", format!("127.0.0.1:{port}"));
-    let prefix = fresh_prefix("brokerrestart");
+    let mut prefix = fresh_prefix("brokerrestart");
+    // Its broker is stopped at the end and wiped at the next start.
+    prefix.keep_topics();
     let dir = tempfile::tempdir().expect("tempdir");
     let spec = MeterSpec::new(&prefix, "br-0", dir.path().join("state"), 2);
     let mut meter = spec.start();

@@ -43,7 +43,7 @@ fn survives_kill_at_any_point() {
     // Produce while the meter runs, and kill it with SIGKILL at moments
     // spread over the run (pseudo-random but reproducible).
     let producer = {
-        let prefix = prefix.clone();
+        let prefix = prefix.to_string();
         std::thread::spawn(move || {
             let w = workload(&fleet(3_000, 7), 3);
             produce_events(&prefix, &w, 0..total, 8_000);

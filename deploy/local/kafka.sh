@@ -112,10 +112,18 @@ logger.state.level = WARN
 L4J
 }
 
+# The pid of this script's broker, if it is alive. A pid file left behind by
+# a broker that died without `stop` (kill -9, a reboot, a container torn
+# down) is stale, and its pid may since belong to another process: the
+# process must also be running this broker's server.properties.
 running_pid() {
   [ -f "$pidfile" ] || return 1
-  local pid; pid="$(cat "$pidfile")"
+  local pid; pid="$(cat "$pidfile" 2>/dev/null || true)"
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
   kill -0 "$pid" 2>/dev/null || return 1
+  if [ -r "/proc/$pid/cmdline" ]; then
+    tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF "$rundir/server.properties" || return 1
+  fi
   echo "$pid"
 }
 
@@ -143,6 +151,10 @@ start() {
       || { tail -20 "$logfile" >&2; die "storage format failed (log: $logfile)"; }
   fi
   if ! running_pid >/dev/null; then
+    if [ -f "$pidfile" ]; then
+      say "removing a stale pid file (pid $(cat "$pidfile" 2>/dev/null || true) is not this broker)"
+      rm -f "$pidfile"
+    fi
     : >"$rundir/server.log"
     say "starting Apache Kafka $kafka_version on 127.0.0.1:$port (log: $rundir/server.log)"
     # Detached in its own session so that the caller's exit or signals to

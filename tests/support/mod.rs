@@ -22,13 +22,69 @@ pub fn brokers() -> String {
     brokers_from_env()
 }
 
-/// A prefix no other test (or run) uses.
-pub fn fresh_prefix(name: &str) -> String {
+/// A topic prefix no other test (or run) uses. Its topics are deleted when
+/// the test passes and kept after a failure, to be looked at: a broker that
+/// piles up the topics of every run starts slower each time.
+pub struct Prefix {
+    name: String,
+    keep: bool,
+}
+
+impl Prefix {
+    /// Leaves the topics in place (the test's broker is gone by then).
+    pub fn keep_topics(&mut self) {
+        self.keep = true;
+    }
+}
+
+impl std::ops::Deref for Prefix {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.name
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl Drop for Prefix {
+    fn drop(&mut self) {
+        if self.keep || std::thread::panicking() {
+            return;
+        }
+        let name = self.name.clone();
+        // Its own thread and runtime: the test may be inside one already.
+        let deleted = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(jobmeter_kafka::topics::delete_prefixed(
+                &KafkaSettings::new(brokers()),
+                &name,
+            ))
+            .map_err(|e| eprintln!("could not delete the topics of {name}: {e}"))
+            .ok()
+        })
+        .join();
+        if let Ok(Some(names)) = deleted {
+            eprintln!("deleted {} topics of {}", names.len(), self.name);
+        }
+    }
+}
+
+pub fn fresh_prefix(name: &str) -> Prefix {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    format!("it-{name}-{}-{}", std::process::id(), nanos % 1_000_000_000)
+    Prefix {
+        name: format!("it-{name}-{}-{}", std::process::id(), nanos % 1_000_000_000),
+        keep: false,
+    }
 }
 
 pub fn bin() -> PathBuf {

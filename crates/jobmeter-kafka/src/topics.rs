@@ -218,3 +218,48 @@ pub fn partition_count(settings: &KafkaSettings, topic: &str) -> Result<i32, Kaf
         .map_err(KafkaAdapterError::op("fetch metadata"))?;
     Ok(md.topics().first().map_or(0, |t| t.partitions().len() as i32))
 }
+
+/// Deletes the topic named `prefix` and every topic named `prefix.*`, and
+/// returns their names. For tools and tests that create throwaway topics:
+/// a broker that keeps thousands of partitions starts slowly.
+pub async fn delete_prefixed(settings: &KafkaSettings, prefix: &str) -> Result<Vec<String>, KafkaAdapterError> {
+    let consumer: BaseConsumer = settings.admin().create().map_err(|source| KafkaAdapterError::Client {
+        what: "metadata client",
+        source,
+    })?;
+    let md = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .map_err(KafkaAdapterError::op("fetch metadata"))?;
+    let dotted = format!("{prefix}.");
+    let names: Vec<String> = md
+        .topics()
+        .iter()
+        .map(|t| t.name().to_owned())
+        .filter(|n| n == prefix || n.starts_with(&dotted))
+        .collect();
+    if names.is_empty() {
+        return Ok(names);
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        settings.admin().create().map_err(|source| KafkaAdapterError::Client {
+            what: "admin client",
+            source,
+        })?;
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .delete_topics(&refs, &opts)
+        .await
+        .map_err(KafkaAdapterError::op("delete topics"))?;
+    for r in results {
+        if let Err((topic, code)) = r {
+            if code != RDKafkaErrorCode::UnknownTopicOrPartition {
+                return Err(KafkaAdapterError::Topic {
+                    topic,
+                    message: format!("cannot delete: {code}"),
+                });
+            }
+        }
+    }
+    Ok(names)
+}

@@ -62,6 +62,10 @@ struct Args {
     /// than its account's.
     #[arg(long, value_enum, default_value_t = jobmeter::tools::Placement::Murmur2)]
     placement: jobmeter::tools::Placement,
+    /// Keep the run's topics (`bench-<time>-*`) instead of deleting them
+    /// at the end.
+    #[arg(long)]
+    keep_topics: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -162,6 +166,9 @@ fn main() -> anyhow::Result<()> {
         rss / 1024
     );
     drop(meter);
+    if !args.keep_topics {
+        delete_topics(&settings, &prefix)?;
+    }
 
     // 3: latency at a steady rate.
     let prefix = format!("bench-{stamp}-lat");
@@ -306,7 +313,19 @@ fn main() -> anyhow::Result<()> {
         peak_rss_kib(meter.id()) / 1024
     );
     drop(meter);
+    if !args.keep_topics {
+        delete_topics(&settings, &prefix)?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// A run's topics would otherwise stay on the broker, which starts slower
+/// with every thousand partitions it keeps.
+fn delete_topics(settings: &KafkaSettings, prefix: &str) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let deleted = rt.block_on(jobmeter_kafka::topics::delete_prefixed(settings, prefix))?;
+    println!("deleted the {} topics of {prefix}", deleted.len());
     Ok(())
 }
 
