@@ -3,8 +3,6 @@
 //! failing one, its offsets do not move (nothing is lost), and after
 //! `jobmeter rebuild` the meter meters everything exactly once.
 
-#![allow(clippy::unwrap_used)]
-
 mod support;
 
 use jobmeter::simulate::FleetOptions;
@@ -18,7 +16,7 @@ use support::*;
 fn by_partition(charges: &BTreeMap<String, String>, partitions: i32) -> BTreeMap<i32, usize> {
     let mut n = BTreeMap::new();
     for c in charges.values() {
-        let v: serde_json::Value = serde_json::from_str(c).unwrap();
+        let v: serde_json::Value = serde_json::from_str(c).expect("charge JSON");
         let account = v["account_id"].as_str().unwrap_or_default();
         *n.entry(partition_of(account, partitions)).or_default() += 1;
     }

@@ -5,8 +5,6 @@
 //! change nothing, and every committed output equals the offline
 //! computation over the same records (record timestamps included).
 
-#![allow(clippy::unwrap_used)]
-
 mod support;
 
 use jobmeter::simulate::FleetOptions;
@@ -303,13 +301,13 @@ fn produce(prefix: &str, recs: &[Rec]) {
             Some(r.ts),
         );
     }
-    rdkafka::producer::Producer::flush(&p, Duration::from_secs(60)).unwrap();
+    rdkafka::producer::Producer::flush(&p, Duration::from_secs(60)).expect("flush");
 }
 
 fn dlq_reasons(prefix: &str) -> Vec<String> {
     let settings = jobmeter_kafka::client::KafkaSettings::new(brokers());
     let topic = format!("{prefix}.dlq");
-    let n = jobmeter_kafka::topics::partition_count(&settings, &topic).unwrap();
+    let n = jobmeter_kafka::topics::partition_count(&settings, &topic).expect("partition count");
     let parts: Vec<(i32, Option<i64>)> = (0..n).map(|p| (p, None)).collect();
     let mut reasons = Vec::new();
     jobmeter_kafka::reader::read_to_end(&settings, "it-dlq", &topic, &parts, Duration::from_secs(60), |r| {
@@ -321,7 +319,7 @@ fn dlq_reasons(prefix: &str) -> Vec<String> {
             .unwrap_or_default();
         reasons.push(reason);
     })
-    .unwrap();
+    .expect("read the DLQ");
     reasons.sort();
     reasons
 }

@@ -378,15 +378,7 @@ pub fn send_at(
     if let Some(part) = partition {
         rec = rec.partition(part);
     }
-    loop {
-        match p.send(rec) {
-            Ok(()) => return,
-            Err((_, r)) => {
-                rec = r;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-    }
+    jobmeter_kafka::produce::send_waiting(p, rec, None).expect("produce");
 }
 
 pub fn produce_accounts(prefix: &str, w: &Workload) {

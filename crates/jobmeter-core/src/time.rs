@@ -23,6 +23,18 @@ impl Timestamp {
     /// Every timestamp in `[MIN, MAX]` formats as a four-digit year and
     /// parses back to itself; [`Timestamp::parse`] refuses anything else.
     pub const MAX: Timestamp = Timestamp(253_402_300_799_999);
+
+    /// The machine's wall clock, in milliseconds since the epoch (0 if the
+    /// clock reads before 1970). The one place that reads it: for adapters
+    /// that stamp what they send or check the age of what they stored. The
+    /// meter's billing decisions never call it; they run on stream time.
+    pub fn now() -> Timestamp {
+        Timestamp(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+        )
+    }
 }
 
 /// The longest duration any setting accepts (3650 days), so that a

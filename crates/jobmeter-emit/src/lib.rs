@@ -303,14 +303,6 @@ impl std::fmt::Debug for Emitter {
     }
 }
 
-fn wall_clock() -> Timestamp {
-    Timestamp(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64),
-    )
-}
-
 impl Emitter {
     /// Connects (lazily: librdkafka connects on first use).
     pub fn new(cfg: EmitterConfig) -> Result<Emitter, EmitError> {
@@ -334,32 +326,18 @@ impl Emitter {
 
     /// Publishes one event of `job` now.
     pub fn emit(&self, job: &JobSpec, ty: EventType) -> Result<(), EmitError> {
-        let now = wall_clock();
+        let now = Timestamp::now();
         let json = event_json(&self.inner.source, job, ty, now);
         // The record timestamp is the event's time: the meter refuses an
         // event whose time is far from its record's.
-        let mut rec = BaseRecord::to(&self.inner.topic)
+        let rec = BaseRecord::to(&self.inner.topic)
             .key(job.account_id.as_str())
             .payload(json.as_str())
             .timestamp(now.0);
-        loop {
-            match self.inner.producer.send(rec) {
-                Ok(()) => return Ok(()),
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                    r,
-                )) => {
-                    rec = r;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err((source, _)) => {
-                    return Err(EmitError::Send {
-                        event: format!("{}:{ty:?}", job.job_id),
-                        source,
-                    })
-                }
-            }
-        }
+        jobmeter_kafka::produce::send_waiting(&self.inner.producer, rec, None).map_err(|source| EmitError::Send {
+            event: format!("{}:{ty:?}", job.job_id),
+            source,
+        })
     }
 
     /// Publishes `job.started` and returns the guard that heartbeats and

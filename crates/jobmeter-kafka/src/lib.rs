@@ -4,7 +4,7 @@
 //! creation ([`topics`]), client configuration ([`client`]), the
 //! transactional producer with librdkafka's error classes ([`txn`]), reading
 //! a partition to its end for restores and global tables ([`reader`]),
-//! dead-letter records ([`dlq`]) and the repartition topic's forwarded
+//! producing under backpressure ([`produce`]), dead-letter records ([`dlq`]) and the repartition topic's forwarded
 //! records and order markers ([`repartition`]).
 //!
 //! Blocking librdkafka calls (transactions, flush, poll) are made from
@@ -16,6 +16,7 @@
 pub mod client;
 pub mod dlq;
 pub mod group;
+pub mod produce;
 pub mod reader;
 pub mod repartition;
 pub mod topics;

@@ -177,7 +177,6 @@ impl TxnProducer {
     /// full this waits for it to drain (backpressure), up to the
     /// transaction timeout.
     pub fn send(&self, out: Outgoing<'_>) -> Result<(), TxnError> {
-        let started = std::time::Instant::now();
         let mut record = BaseRecord::with_opaque_to(out.topic, out.tag).key(out.key);
         if let Some(p) = out.payload {
             record = record.payload(p);
@@ -191,18 +190,7 @@ impl TxnProducer {
         if let Some(t) = out.timestamp_ms {
             record = record.timestamp(t);
         }
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
-                    if started.elapsed() < self.timeout =>
-                {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err((e, _)) => return Err(TxnError::classify(e)),
-            }
-        }
+        crate::produce::send_waiting(&self.producer, record, Some(self.timeout)).map_err(TxnError::classify)
     }
 
     /// Adds the consumer offsets to the open transaction.

@@ -175,9 +175,7 @@ impl Store {
     /// (one fsync per meter batch, however many partitions it touched).
     pub fn commit_many(&self, steps: &[(i32, &[StateChange], Option<i64>)]) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
+        let now = jobmeter_core::Timestamp::now().0;
         for (partition, changes, changelog_offset) in steps {
             for ch in changes.iter() {
                 let cf = self.cf(ch.table.name())?;

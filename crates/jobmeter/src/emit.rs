@@ -3,7 +3,7 @@
 //! runs, and a stop whose status is the command's outcome (succeeded on
 //! exit 0, failed otherwise, cancelled when interrupted).
 
-use jobmeter_core::JobKind;
+use jobmeter_core::{JobKind, Timestamp};
 use jobmeter_emit::{Emitter, EmitterConfig, EventType, JobSpec, StopStatus};
 use std::time::Duration;
 
@@ -187,11 +187,7 @@ pub fn main(cmd: EmitCmd) -> anyhow::Result<i32> {
         EmitCmd::Heartbeat { target, job, seq } => {
             let e = emitter(&target, Duration::from_secs(10))?;
             let s = JobSpec::fine_tune(&job.account, &job.job);
-            let n = seq.unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64)
-            });
+            let n = seq.unwrap_or_else(|| Timestamp::now().0.max(0) as u64);
             e.emit(&s, EventType::Heartbeat(n))?;
             e.flush(FLUSH)?;
         }
@@ -228,9 +224,7 @@ fn run(
     command: &[String],
 ) -> anyhow::Result<i32> {
     let job = job.unwrap_or_else(|| {
-        let ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
+        let ms = Timestamp::now().0;
         format!("{}-{}-{ms}", crate::tools::hostname(), std::process::id())
     });
     let s = spec(account, &job, start);
@@ -249,14 +243,11 @@ fn run(
     let guard = e.start(s)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let interrupted = rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-            return false;
-        };
+        let signalled = crate::signals::shutdown_requested();
+        tokio::pin!(signalled);
         loop {
             tokio::select! {
-                _ = term.recv() => return true,
-                _ = int.recv() => return true,
+                _ = &mut signalled => return true,
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {
                     if !matches!(child.try_wait(), Ok(None)) {
                         return false;

@@ -15,6 +15,7 @@ pub mod progress;
 pub mod replay;
 pub mod reprice;
 pub mod service;
+pub mod signals;
 pub mod simulate;
 pub mod sinks;
 pub mod tools;

@@ -120,9 +120,7 @@ struct Delivery<'a> {
 
 impl Delivery<'_> {
     fn attempt(&self, event_id: &str, body: &[u8]) -> Attempt {
-        let ts = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let ts = jobmeter_core::Timestamp::now().0.max(0) as u64 / 1000;
         let req = self
             .client
             .post(self.url)
@@ -183,12 +181,7 @@ pub fn main(cmd: NotifyCmd) -> anyhow::Result<()> {
                 let Ok(srt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
                     return;
                 };
-                srt.block_on(async {
-                    use tokio::signal::unix::{signal, SignalKind};
-                    if let (Ok(mut t), Ok(mut i)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-                        tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
-                    }
-                });
+                srt.block_on(crate::signals::shutdown_requested());
                 tracing::info!("shutdown requested: finishing the current event");
                 stop.store(true, Ordering::SeqCst);
             })?;

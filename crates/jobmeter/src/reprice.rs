@@ -281,31 +281,35 @@ fn group_table(s: &mut String, title: &str, head: [&str; 4], groups: &BTreeMap<S
     }
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_owned()
-    }
-}
-
 /// Every row as CSV (exact amounts), most affected first.
 pub fn csv(r: &Report) -> String {
-    let mut s = String::from("account_id,period,plan,bill_before,bill_after,change,change_pct\n");
+    let mut w = crate::sinks::csv_writer(Vec::new());
+    let mut row = |fields: &[&str]| {
+        // Writing to memory cannot fail.
+        let _ = w.write_record(fields);
+    };
+    row(&[
+        "account_id",
+        "period",
+        "plan",
+        "bill_before",
+        "bill_after",
+        "change",
+        "change_pct",
+    ]);
     for x in &r.rows {
-        let _ = writeln!(
-            s,
-            "{},{},{},{},{},{},{}",
-            csv_field(&x.account_id),
-            x.period,
+        row(&[
+            &x.account_id,
+            &x.period.to_string(),
             x.plan.as_str(),
-            x.before,
-            x.after,
-            x.change,
-            x.change_pct.map(|p| p.to_string()).unwrap_or_default()
-        );
+            &x.before.to_string(),
+            &x.after.to_string(),
+            &x.change.to_string(),
+            &x.change_pct.map(|p| p.to_string()).unwrap_or_default(),
+        ]);
     }
-    s
+    let bytes = w.into_inner().unwrap_or_default();
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// Histogram buckets of the percentage change (upper bounds, exclusive).

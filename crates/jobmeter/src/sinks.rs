@@ -18,11 +18,36 @@ pub enum Format {
 /// The four output files of a replay.
 #[derive(Debug)]
 pub struct OutputFiles {
-    format: Format,
-    charges: BufWriter<File>,
-    limits: BufWriter<File>,
-    statements: BufWriter<File>,
-    rejects: BufWriter<File>,
+    charges: Sink,
+    limits: Sink,
+    statements: Sink,
+    rejects: Sink,
+}
+
+/// One output file in its format.
+#[derive(Debug)]
+enum Sink {
+    Jsonl(BufWriter<File>),
+    Csv(Box<csv::Writer<File>>),
+}
+
+impl Sink {
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::Jsonl(w) => w.flush(),
+            Sink::Csv(w) => w.flush(),
+        }
+    }
+}
+
+/// A CSV writer as every CSV file of jobmeter is written: RFC 4180
+/// quoting (a field with a comma, quote, CR or LF is quoted, quotes
+/// doubled), `\n` between records.
+pub fn csv_writer<W: Write>(w: W) -> csv::Writer<W> {
+    csv::WriterBuilder::new()
+        .terminator(csv::Terminator::Any(b'\n'))
+        .buffer_capacity(1 << 16)
+        .from_writer(w)
 }
 
 /// The JSON document of a reject: reason, detail, origin and the original
@@ -49,17 +74,8 @@ pub fn reject_json(r: &Rejected) -> RejectDoc<'_> {
     }
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_owned()
-    }
-}
-
-fn csv_row(w: &mut impl Write, fields: &[String]) -> std::io::Result<()> {
-    let row: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
-    writeln!(w, "{}", row.join(","))
+fn csv_row<W: Write>(w: &mut csv::Writer<W>, fields: &[String]) -> std::io::Result<()> {
+    Ok(w.write_record(fields)?)
 }
 
 fn opt<T: ToString>(v: &Option<T>) -> String {
@@ -82,50 +98,56 @@ impl OutputFiles {
             Format::Jsonl => "jsonl",
             Format::Csv => "csv",
         };
-        let open =
-            |name: &str| File::create(dir.join(format!("{name}.{ext}"))).map(|f| BufWriter::with_capacity(1 << 20, f));
-        let mut files = OutputFiles {
-            format,
-            charges: open("charges")?,
-            limits: open("limits")?,
-            statements: open("statements")?,
-            rejects: open("rejects")?,
+        // CSV files start with their header row.
+        let open = |name: &str, header: &str| -> std::io::Result<Sink> {
+            let f = File::create(dir.join(format!("{name}.{ext}")))?;
+            Ok(match format {
+                Format::Jsonl => Sink::Jsonl(BufWriter::with_capacity(1 << 20, f)),
+                Format::Csv => {
+                    let mut w = csv_writer(f);
+                    w.write_record(header.split(','))?;
+                    Sink::Csv(Box::new(w))
+                }
+            })
         };
-        if format == Format::Csv {
-            let h = |s: &str| s.split(',').map(str::to_owned).collect::<Vec<_>>();
-            csv_row(&mut files.charges, &h("charge_id,account_id,job_id,kind,model,workflow_run_id,status,started_at,stopped_at,duration_ms,billable_seconds,rate_per_second,rate_card_version,amount,amount_due,currency,period,service_period,adjusts"))?;
-            csv_row(&mut files.limits, &h("event_id,account_id,plan,period,limit,threshold_pct,limit_value,usage_value,unit,triggered_by_job,at,action"))?;
-            csv_row(&mut files.statements, &h("account_id,period,plan,kind,model,jobs,billable_seconds,average_duration_seconds,amount,subscription_fee,credits_applied,included_usage,total_due,currency"))?;
-            csv_row(
-                &mut files.rejects,
-                &h("reason,detail,origin_topic,origin_partition,origin_offset,raw"),
-            )?;
-        }
-        Ok(files)
+        Ok(OutputFiles {
+            charges: open("charges", "charge_id,account_id,job_id,kind,model,workflow_run_id,status,started_at,stopped_at,duration_ms,billable_seconds,rate_per_second,rate_card_version,amount,amount_due,currency,period,service_period,adjusts")?,
+            limits: open("limits", "event_id,account_id,plan,period,limit,threshold_pct,limit_value,usage_value,unit,triggered_by_job,at,action")?,
+            statements: open("statements", "account_id,period,plan,kind,model,jobs,billable_seconds,average_duration_seconds,amount,subscription_fee,credits_applied,included_usage,total_due,currency")?,
+            rejects: open("rejects", "reason,detail,origin_topic,origin_partition,origin_offset,raw")?,
+        })
     }
 
     /// Writes outputs, each to its file.
     pub fn write_all(&mut self, outputs: &[Output]) -> std::io::Result<()> {
         for o in outputs {
-            match (self.format, o) {
-                (Format::Jsonl, Output::Charge(c)) => json_line(&mut self.charges, c)?,
-                (Format::Jsonl, Output::Limit(l)) => json_line(&mut self.limits, l)?,
-                (Format::Jsonl, Output::Statement(s)) => json_line(&mut self.statements, s)?,
-                (Format::Jsonl, Output::Reject(r)) => json_line(&mut self.rejects, &reject_json(r))?,
-                (Format::Csv, Output::Charge(c)) => csv_charge(&mut self.charges, c)?,
-                (Format::Csv, Output::Limit(l)) => csv_limit(&mut self.limits, l)?,
-                (Format::Csv, Output::Statement(s)) => csv_statement(&mut self.statements, s)?,
-                (Format::Csv, Output::Reject(r)) => csv_row(
-                    &mut self.rejects,
-                    &[
-                        r.reason.as_str().to_owned(),
-                        r.detail.clone(),
-                        opt(&r.origin.as_ref().map(|o| o.topic.clone())),
-                        opt(&r.origin.as_ref().map(|o| o.partition)),
-                        opt(&r.origin.as_ref().map(|o| o.offset)),
-                        String::from_utf8_lossy(&r.raw).into_owned(),
-                    ],
-                )?,
+            match o {
+                Output::Charge(c) => match &mut self.charges {
+                    Sink::Jsonl(w) => json_line(w, c)?,
+                    Sink::Csv(w) => csv_charge(w, c)?,
+                },
+                Output::Limit(l) => match &mut self.limits {
+                    Sink::Jsonl(w) => json_line(w, l)?,
+                    Sink::Csv(w) => csv_limit(w, l)?,
+                },
+                Output::Statement(s) => match &mut self.statements {
+                    Sink::Jsonl(w) => json_line(w, s)?,
+                    Sink::Csv(w) => csv_statement(w, s)?,
+                },
+                Output::Reject(r) => match &mut self.rejects {
+                    Sink::Jsonl(w) => json_line(w, &reject_json(r))?,
+                    Sink::Csv(w) => csv_row(
+                        w,
+                        &[
+                            r.reason.as_str().to_owned(),
+                            r.detail.clone(),
+                            opt(&r.origin.as_ref().map(|o| o.topic.clone())),
+                            opt(&r.origin.as_ref().map(|o| o.partition)),
+                            opt(&r.origin.as_ref().map(|o| o.offset)),
+                            String::from_utf8_lossy(&r.raw).into_owned(),
+                        ],
+                    )?,
+                },
             }
         }
         Ok(())
@@ -145,7 +167,7 @@ fn json_line<T: serde::Serialize>(w: &mut impl Write, v: &T) -> std::io::Result<
     w.write_all(b"\n")
 }
 
-fn csv_charge(w: &mut impl Write, c: &Charge) -> std::io::Result<()> {
+fn csv_charge<W: Write>(w: &mut csv::Writer<W>, c: &Charge) -> std::io::Result<()> {
     csv_row(
         w,
         &[
@@ -172,7 +194,7 @@ fn csv_charge(w: &mut impl Write, c: &Charge) -> std::io::Result<()> {
     )
 }
 
-fn csv_limit(w: &mut impl Write, l: &LimitEvent) -> std::io::Result<()> {
+fn csv_limit<W: Write>(w: &mut csv::Writer<W>, l: &LimitEvent) -> std::io::Result<()> {
     csv_row(
         w,
         &[
@@ -192,7 +214,7 @@ fn csv_limit(w: &mut impl Write, l: &LimitEvent) -> std::io::Result<()> {
     )
 }
 
-fn csv_statement(w: &mut impl Write, s: &Statement) -> std::io::Result<()> {
+fn csv_statement<W: Write>(w: &mut csv::Writer<W>, s: &Statement) -> std::io::Result<()> {
     let tail = [
         s.subscription_fee.to_string(),
         s.credits_applied.to_string(),
@@ -227,4 +249,34 @@ fn csv_statement(w: &mut impl Write, s: &Statement) -> std::io::Result<()> {
         csv_row(w, &row)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jobmeter_core::RejectReason;
+
+    #[test]
+    fn csv_fields_with_separators_read_back_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let awkward = "a,b \"quoted\"\r\nnext line\rcr only";
+        let mut files = OutputFiles::create(dir.path(), Format::Csv).expect("create");
+        files
+            .write_all(&[Output::Reject(Rejected {
+                reason: RejectReason::NotJson,
+                detail: awkward.to_owned(),
+                raw: awkward.as_bytes().to_vec(),
+                origin: None,
+            })])
+            .expect("write");
+        files.finish().expect("finish");
+        let mut r = csv::Reader::from_path(dir.path().join("rejects.csv")).expect("read");
+        let rows: Vec<csv::StringRecord> = r.records().collect::<Result<_, _>>().expect("parse");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(&rows[0][0], "not_json");
+        assert_eq!(&rows[0][1], awkward);
+        assert_eq!(&rows[0][5], awkward);
+        let text = std::fs::read_to_string(dir.path().join("rejects.csv")).expect("text");
+        assert!(text.starts_with("reason,detail,origin_topic,origin_partition,origin_offset,raw\n"));
+    }
 }

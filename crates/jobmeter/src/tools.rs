@@ -93,19 +93,8 @@ pub fn produce_fleet_placed(
         if let Some(ms) = timestamp {
             rec = rec.timestamp(ms);
         }
-        loop {
-            match producer.send(rec) {
-                Ok(()) => return Ok(()),
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                    r,
-                )) => {
-                    rec = r;
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err((e, _)) => return Err(e.into()),
-            }
-        }
+        jobmeter_kafka::produce::send_waiting(&producer, rec, None)?;
+        Ok(())
     };
     for (key, rec) in accounts {
         send(&topics.accounts, key, rec, None)?;

@@ -250,19 +250,11 @@ fn main() -> anyhow::Result<()> {
                 .map_err(|_| anyhow::anyhow!("lock"))?
                 .insert(job, Instant::now());
         }
-        let mut rec = BaseRecord::to(&topics.job_events)
+        let rec = BaseRecord::to(&topics.job_events)
             .key(&e.key)
             .payload(&e.json)
             .timestamp(e.time.0);
-        loop {
-            match producer.send(rec) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    rec = r;
-                    producer.poll(Duration::from_millis(1));
-                }
-            }
-        }
+        jobmeter_kafka::produce::send_waiting(&producer, rec, None)?;
     }
     producer.flush(Duration::from_secs(30))?;
     let achieved = evs.len() as f64 / t2.elapsed().as_secs_f64();

@@ -94,17 +94,17 @@ impl Tokens {
         Ok(out)
     }
 
-    /// The scope of `token`, comparing every configured token in constant
-    /// time (no early exit that would leak how much of a token matched).
+    /// The scope of `token`. Every configured token is compared, each in
+    /// constant time (`subtle`), by SHA-256 digest so that neither how much
+    /// of a token matched nor its length leaks through timing.
     pub fn scope_of(&self, token: &str) -> Option<Scope> {
-        let t = token.as_bytes();
+        use sha2::{Digest, Sha256};
+        use subtle::ConstantTimeEq;
+        let t = Sha256::digest(token.as_bytes());
         let mut found = None;
         for (k, s) in &self.entries {
-            let mut diff = (k.len() ^ t.len()) as u8 | u8::from(k.len() != t.len());
-            for (i, b) in k.iter().enumerate() {
-                diff |= b ^ t.get(i).copied().unwrap_or(0);
-            }
-            if diff == 0 && found.is_none() {
+            let same = Sha256::digest(k).ct_eq(&t);
+            if bool::from(same) && found.is_none() {
                 found = Some(s.clone());
             }
         }
@@ -161,14 +161,6 @@ impl Answer {
     }
 }
 
-fn now() -> Timestamp {
-    Timestamp(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64),
-    )
-}
-
 /// Which account route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccountView {
@@ -201,7 +193,7 @@ impl Api {
     /// `GET /v1/rate-card`.
     pub fn rate_card(&self) -> Answer {
         let rates = &self.billing.rates;
-        let current = rates.version_at(now()).map(|v| v.version.clone());
+        let current = rates.version_at(Timestamp::now()).map(|v| v.version.clone());
         Answer::ok(&json!({
             "currency": jobmeter_core::money::CURRENCY,
             "current_version": current,
@@ -213,7 +205,7 @@ impl Api {
     /// `GET /v1/models/{model}`: what a model page shows.
     pub fn model(&self, model: &str) -> Answer {
         let rates = &self.billing.rates;
-        let t = now();
+        let t = Timestamp::now();
         let history: Vec<_> = rates
             .versions
             .iter()
@@ -306,7 +298,7 @@ impl Api {
                 &format!("account {account:?} has no account record and no usage"),
             );
         }
-        let period = period.unwrap_or_else(|| st.stream_time.unwrap_or_else(now).period());
+        let period = period.unwrap_or_else(|| st.stream_time.unwrap_or_else(Timestamp::now).period());
         let mut body = match what {
             AccountView::Usage => serde_json::to_value(view::usage_report(
                 &account_id,

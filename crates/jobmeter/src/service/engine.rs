@@ -351,9 +351,7 @@ impl Engine {
     fn load_partition(&mut self, p: i32) -> Result<(), EngineError> {
         let t0 = Instant::now();
         let mut st = self.store.load(p)?;
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
+        let now_ms = jobmeter_core::Timestamp::now().0;
         if st
             .written_at_ms
             .is_some_and(|w| now_ms - w > self.cfg.max_local_age.as_millis() as i64)

@@ -101,10 +101,10 @@ pub fn main(cmd: RunCmd) -> anyhow::Result<()> {
     let signals = shutdown.clone();
     let deadline = Duration::from_millis(Config::ms(&cfg.shutdown.deadline) as u64);
     rt.spawn(async move {
-        wait_for_signal().await;
+        crate::signals::shutdown_requested().await;
         tracing::info!("shutdown requested: finishing the current batch");
         signals.cancel();
-        wait_for_signal().await;
+        crate::signals::shutdown_requested().await;
         tracing::warn!("second signal: exiting now");
         std::process::exit(130);
     });
@@ -128,28 +128,6 @@ pub(crate) fn init_tracing() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            (Ok(mut t), Ok(mut i)) => {
-                tokio::select! {
-                    _ = t.recv() => {},
-                    _ = i.recv() => {},
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
 
 /// Everything the pipeline thread needs.
