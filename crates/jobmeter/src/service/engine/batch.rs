@@ -1,0 +1,170 @@
+//! The open batch: outputs encoded as records, the state changes and
+//! offsets gathered, and the hand-over to the committer.
+
+use super::committer::Batch;
+use super::{Engine, EngineError};
+use jobmeter_core::state::StateChange;
+use jobmeter_core::Output;
+use jobmeter_kafka::repartition::Marker;
+use jobmeter_kafka::txn::TAG_OUTPUT;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use std::time::Instant;
+
+impl Engine {
+    pub(super) fn produce_output(&mut self, o: Output, input_key: Option<&[u8]>) -> Result<(), EngineError> {
+        let t = &self.cfg.topics;
+        let json = |v: &dyn erased::Json| v.to_vec();
+        let rec = |topic: &str, key: &[u8], payload: Vec<u8>| OutRecord {
+            topic: topic.to_owned(),
+            key: key.to_vec(),
+            payload: Some(payload),
+            headers: None,
+            partition: None,
+            timestamp_ms: None,
+            tag: TAG_OUTPUT,
+        };
+        let r = match o {
+            Output::Charge(c) => {
+                if let Some(i) = jobmeter_core::JobKind::ALL.iter().position(|k| *k == c.kind) {
+                    self.charges_by_kind[i] += 1;
+                }
+                rec(&t.charges, c.account_id.as_str().as_bytes(), json(&c)?)
+            }
+            Output::Limit(l) => {
+                let threshold = l.threshold_pct.map_or_else(|| "amount".to_owned(), |p| p.to_string());
+                *self.limits_by_label.entry((l.limit.as_str(), threshold)).or_default() += 1;
+                rec(&t.limits, l.account_id.as_str().as_bytes(), json(&l)?)
+            }
+            Output::Statement(st) => rec(&t.statements, st.account_id.as_str().as_bytes(), json(&st)?),
+            Output::Reject(r) => {
+                let (topic, partition, offset) = r
+                    .origin
+                    .as_ref()
+                    .map_or((t.job_events.as_str(), -1, -1), |o| (&*o.topic, o.partition, o.offset));
+                let headers = jobmeter_kafka::dlq::headers(r.reason.as_str(), &r.detail, topic, partition, offset);
+                OutRecord {
+                    headers: Some(headers),
+                    ..rec(&t.dlq, input_key.unwrap_or_default(), r.raw)
+                }
+            }
+        };
+        self.records.push(r);
+        Ok(())
+    }
+
+    /// True when the open batch should be committed.
+    pub fn batch_due(&self) -> bool {
+        self.batch_events > 0
+            && (self.batch_events >= self.cfg.batch_max_events
+                || self.batch_started.elapsed() >= self.cfg.batch_interval)
+    }
+
+    /// Hands the open batch to the committer, which commits it while the
+    /// pipeline goes on with the next one. Waits while the committer is
+    /// still busy with the previous batch (at most one batch in commit and
+    /// one being built). Returns an earlier batch's commit failure.
+    pub fn commit<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> Result<(), EngineError> {
+        self.committer.check()?;
+        if self.batch_events == 0 {
+            return Ok(());
+        }
+        let markers: Vec<(i32, Marker)> = self
+            .lanes
+            .iter_mut()
+            .filter_map(|(p, lane)| lane.take_marker().map(|m| (*p, m)))
+            .collect();
+        for (p, m) in markers {
+            self.push_marker(p, m);
+        }
+        // A record of one partition may change another's meter: take the
+        // changes of every meter (untouched ones have none).
+        let mut changes: Vec<(i32, Vec<StateChange>)> = Vec::new();
+        let mut stats = Vec::new();
+        let mut parts: Vec<i32> = self.meters.keys().copied().collect();
+        parts.sort_unstable();
+        for p in parts {
+            let Some(pm) = self.meters.get_mut(&p) else { continue };
+            let ch = pm.meter.take_changes()?;
+            if ch.is_empty() && pm.meter.stats() == &pm.reported {
+                continue;
+            }
+            changes.push((p, ch));
+            let now = pm.meter.stats().clone();
+            stats.push((
+                p,
+                std::mem::replace(&mut pm.reported, now.clone()),
+                now,
+                pm.meter.open_jobs(),
+            ));
+        }
+        let group = consumer.group_metadata().ok_or(EngineError::NoGroup)?;
+        let mut offsets: Vec<(String, i32, i64)> = Vec::new();
+        for (p, o) in std::mem::take(&mut self.next_offsets) {
+            offsets.push((self.cfg.topics.job_events.clone(), p, o));
+        }
+        for (p, o) in std::mem::take(&mut self.next_rp_offsets) {
+            offsets.push((self.cfg.topics.repartition.clone(), p, o));
+        }
+        let batch = Batch {
+            records: std::mem::take(&mut self.records),
+            changes,
+            offsets,
+            group,
+            events: self.batch_events,
+            stats,
+            charges_by_kind: std::mem::take(&mut self.charges_by_kind),
+            rerouted_by_cause: std::mem::take(&mut self.rerouted_by_cause),
+            limits_by_label: std::mem::take(&mut self.limits_by_label),
+        };
+        self.batch_events = 0;
+        let t = Instant::now();
+        let r = self.committer.submit(batch);
+        self.metrics
+            .commit_seconds
+            .with_label_values(&["handover"])
+            .observe(t.elapsed().as_secs_f64());
+        r
+    }
+
+    /// Commits the open batch and waits until every batch handed over is
+    /// committed (shutdown, revoke).
+    pub fn commit_and_wait<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> Result<(), EngineError> {
+        self.commit(consumer)?;
+        self.committer.wait()
+    }
+
+    /// Drops the open batch (its transaction was never begun; a failed
+    /// commit is aborted by the committer).
+    pub fn abort(&mut self) {
+        self.records.clear();
+        self.limits_by_label.clear();
+        self.charges_by_kind = [0; 3];
+        self.rerouted_by_cause = [0; 3];
+        self.next_offsets.clear();
+        self.next_rp_offsets.clear();
+        self.batch_events = 0;
+    }
+}
+
+/// One output or changelog record, encoded, waiting for its transaction.
+pub(super) struct OutRecord {
+    pub(super) topic: String,
+    pub(super) key: Vec<u8>,
+    pub(super) payload: Option<Vec<u8>>,
+    pub(super) headers: Option<rdkafka::message::OwnedHeaders>,
+    pub(super) partition: Option<i32>,
+    pub(super) timestamp_ms: Option<i64>,
+    pub(super) tag: usize,
+}
+
+/// JSON encoding of outputs without naming each type.
+pub(super) mod erased {
+    pub(super) trait Json {
+        fn to_vec(&self) -> Result<Vec<u8>, serde_json::Error>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_vec(&self) -> Result<Vec<u8>, serde_json::Error> {
+            serde_json::to_vec(self)
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Rebalances: partitions assigned (with their repartition partitions, at
+//! the group's committed offsets) and revoked (after the open batch is
+//! committed).
+
+use super::{Engine, EngineError};
+use jobmeter_kafka::repartition::Lane;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::{ClientContext, TopicPartitionList};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+impl Engine {
+    /// Partitions given to this instance; `tpl` holds the group's committed
+    /// input offsets (where each partition's lane resumes).
+    pub(super) fn on_assign(&mut self, tpl: &TopicPartitionList) {
+        for e in tpl.elements() {
+            if e.topic() == self.cfg.topics.job_events {
+                let resume = e.offset().to_raw().filter(|o| *o >= 0).unwrap_or(0);
+                self.lanes.insert(e.partition(), Lane::new(resume));
+                self.assigned.insert(e.partition());
+                if !self.meters.contains_key(&e.partition()) {
+                    self.to_restore.insert(e.partition());
+                }
+            }
+        }
+        self.epoch += 1;
+        self.metrics.assigned_partitions.set(self.assigned.len() as i64);
+        self.metrics.ready.set(0);
+        tracing::info!(partitions = ?self.assigned, "partitions assigned");
+    }
+
+    pub(super) fn on_revoke<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, tpl: &TopicPartitionList) {
+        if let Err(e) = self.commit_and_wait(consumer) {
+            tracing::error!(error = %e, "commit on revoke failed");
+            self.abort();
+            self.failed = Some(e);
+        }
+        for e in tpl.elements() {
+            let p = e.partition();
+            self.assigned.remove(&p);
+            self.to_restore.remove(&p);
+            self.meters.remove(&p);
+            self.lanes.remove(&p);
+            if self.failing_write().remove(&p).is_some() {
+                self.metrics
+                    .partition_failed
+                    .with_label_values(&[&p.to_string()])
+                    .set(0);
+            }
+            self.owned
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&p);
+            self.metrics.open_jobs.with_label_values(&[&p.to_string()]).set(0);
+        }
+        self.epoch += 1;
+        self.metrics.assigned_partitions.set(self.assigned.len() as i64);
+        tracing::info!(revoked = tpl.count(), remaining = ?self.assigned, "partitions revoked");
+    }
+}
+
+/// The consumer context: forwards rebalances to the engine, and gives the
+/// instance that is assigned input partition `p` repartition partition `p`
+/// too (the group assigns the input topic only, so this holds whatever the
+/// assignor), at the group's committed offsets for both.
+#[derive(Debug)]
+pub struct MeterContext {
+    /// The engine, shared with the poll loop (which never holds the lock
+    /// while polling, so callbacks can take it).
+    pub engine: Arc<Mutex<Engine>>,
+    /// Input topic.
+    pub input_topic: String,
+    /// Repartition topic.
+    pub repartition_topic: String,
+}
+
+impl MeterContext {
+    /// The input partitions of `tpl` with their repartition partitions.
+    pub fn with_repartition(&self, tpl: &TopicPartitionList) -> TopicPartitionList {
+        let mut full = TopicPartitionList::new();
+        for e in tpl.elements() {
+            if e.topic() == self.input_topic {
+                full.add_partition(&self.input_topic, e.partition());
+                full.add_partition(&self.repartition_topic, e.partition());
+            }
+        }
+        full
+    }
+
+    pub(super) fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
+        self.engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl ClientContext for MeterContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        // End-of-partition events are expected (the merge asks for them).
+        let eof = matches!(
+            error,
+            rdkafka::error::KafkaError::PartitionEOF(_)
+                | rdkafka::error::KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        );
+        if !eof {
+            tracing::error!(%error, reason, "librdkafka error");
+        }
+    }
+}
+
+impl ConsumerContext for MeterContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        use rdkafka::consumer::RebalanceProtocol;
+        use rdkafka::types::RDKafkaRespErr;
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let full = self.with_repartition(tpl);
+                let (full, fetched) = match consumer.committed_offsets(full.clone(), Duration::from_secs(30)) {
+                    Ok(c) => (c, Ok(())),
+                    Err(e) => (full, Err(e)),
+                };
+                // Paused until the poll loop has given each partition its
+                // own queue (records fetched before that would reach the
+                // main queue in fetch order, partition after partition).
+                let assigned = if cooperative {
+                    consumer.incremental_assign(&full)
+                } else {
+                    consumer.assign(&full)
+                }
+                .and_then(|()| consumer.pause(&full));
+                let mut e = self.engine();
+                if let Err(source) = fetched.and(assigned) {
+                    // Without the committed positions the lanes cannot be
+                    // placed: the pipeline is rebuilt and joins again.
+                    e.failed = Some(EngineError::Kafka(jobmeter_kafka::KafkaAdapterError::Op {
+                        op: "assigning partitions at their committed offsets",
+                        source,
+                    }));
+                }
+                e.on_assign(&full);
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.engine().on_revoke(consumer, tpl);
+                let r = if cooperative {
+                    consumer.incremental_unassign(&self.with_repartition(tpl))
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "unassign failed");
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error");
+                if let Err(e) = consumer.unassign() {
+                    tracing::warn!(error = %e, "unassign failed");
+                }
+            }
+        }
+    }
+}

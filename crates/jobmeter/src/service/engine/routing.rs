@@ -1,0 +1,147 @@
+//! Which partition meters a record, and what happens to one that arrived
+//! elsewhere: applied to its account's partition here, or forwarded to the
+//! instance that holds it.
+
+use super::batch::OutRecord;
+use super::Engine;
+use jobmeter_kafka::repartition::{Lane, Marker};
+use jobmeter_kafka::txn::TAG_OUTPUT;
+use rdkafka::message::Message;
+use std::time::{Duration, Instant};
+
+impl Engine {
+    /// The partition that meters `ev`'s account.
+    pub(super) fn owner(&self, ev: &jobmeter_core::JobEvent) -> i32 {
+        jobmeter_core::partition::partition_for_key(ev.account.as_str().as_bytes(), self.cfg.input_partitions)
+    }
+
+    /// When the record should be applied relative to the others of this
+    /// instance: its event time, or as soon as possible (`i64::MIN`) for a
+    /// record whose time cannot move stream time (not a valid event, a
+    /// time the meter will refuse as implausible, a marker).
+    pub fn merge_key<M: Message>(&self, msg: &M, parsed: Option<&jobmeter_core::JobEvent>) -> i64 {
+        let Some(ev) = parsed else { return i64::MIN };
+        match msg.timestamp().to_millis() {
+            Some(rt) if !self.cfg.meter.plausible(ev.time, jobmeter_core::Timestamp(rt)) => i64::MIN,
+            _ => ev.time.0,
+        }
+    }
+
+    /// The lane of `p` (created at assignment; `offset` is where a lane
+    /// that is somehow missing starts).
+    pub(super) fn lane(&mut self, p: i32, offset: i64) -> &mut Lane {
+        self.lanes.entry(p).or_insert_with(|| Lane::new(offset))
+    }
+
+    /// Counts an event that arrived on another partition than its
+    /// account's, and says so in the log (at most once a minute per cause).
+    pub(super) fn note_rerouted<M: Message>(&mut self, msg: &M, ev: &jobmeter_core::JobEvent, owner: i32) {
+        let account = ev.account.as_str().as_bytes();
+        let cause = match msg.key() {
+            None => Reroute::Keyless,
+            Some(k) if k == account => Reroute::Partitioner,
+            Some(_) => Reroute::KeyNotAccount,
+        };
+        self.rerouted_by_cause[cause as usize] += 1;
+        self.rerouted_at = Some(Instant::now());
+        let logged = &mut self.reroute_logged[cause as usize];
+        if logged.is_some_and(|t| t.elapsed() < REROUTE_LOG_EVERY) {
+            return;
+        }
+        *logged = Some(Instant::now());
+        #[derive(serde::Deserialize)]
+        struct Source<'a> {
+            #[serde(borrow)]
+            source: Option<std::borrow::Cow<'a, str>>,
+        }
+        let source = serde_json::from_slice::<Source<'_>>(msg.payload().unwrap_or_default())
+            .ok()
+            .and_then(|s| s.source.map(|s| s.into_owned()))
+            .unwrap_or_default();
+        tracing::warn!(
+            source = %source,
+            cause = cause.as_str(),
+            partition = msg.partition(),
+            owner,
+            account = %ev.account,
+            key = %String::from_utf8_lossy(msg.key().unwrap_or_default()),
+            "events arrive on a partition other than their account's (Kafka's murmur2 of data.account_id); each is metered by its account's partition, so nothing is lost or doubled, but the producer should key records by account_id with the murmur2 partitioner to spare the detour (logged at most once a minute per cause; see jobmeter_events_rerouted_total)"
+        );
+    }
+
+    /// Forwards an input record unchanged to the repartition partition of
+    /// the partition that meters its account (same transaction as its
+    /// input offset, so exactly once), keeping its timestamp and naming
+    /// where it came from in headers.
+    pub(super) fn forward<M: Message>(&mut self, msg: &M, ev: &jobmeter_core::JobEvent, owner: i32) {
+        let headers = jobmeter_kafka::repartition::forward_headers(
+            msg.headers(),
+            &self.input_topic,
+            msg.partition(),
+            msg.offset(),
+        );
+        self.records.push(OutRecord {
+            topic: self.cfg.topics.repartition.clone(),
+            key: ev.account.as_str().as_bytes().to_vec(),
+            payload: Some(msg.payload().unwrap_or_default().to_vec()),
+            headers: Some(headers),
+            partition: Some(owner),
+            timestamp_ms: msg.timestamp().to_millis(),
+            tag: TAG_OUTPUT,
+        });
+    }
+
+    /// Adds partition `p`'s marker to the open batch.
+    pub(super) fn push_marker(&mut self, p: i32, m: Marker) {
+        self.records.push(OutRecord {
+            topic: self.cfg.topics.repartition.clone(),
+            key: Vec::new(),
+            payload: Some(m.encode()),
+            headers: Some(Marker::headers()),
+            partition: Some(p),
+            timestamp_ms: None,
+            tag: TAG_OUTPUT,
+        });
+    }
+}
+
+/// Why an input record was forwarded (the label of
+/// `jobmeter_events_rerouted_total`).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Reroute {
+    /// The record has no key.
+    Keyless = 0,
+    /// Keyed by the account, but by a partitioner other than murmur2.
+    Partitioner = 1,
+    /// Keyed by something other than the account.
+    KeyNotAccount = 2,
+}
+
+impl Reroute {
+    pub(super) const ALL: [Reroute; 3] = [Reroute::Keyless, Reroute::Partitioner, Reroute::KeyNotAccount];
+
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Reroute::Keyless => "keyless",
+            Reroute::Partitioner => "partitioner",
+            Reroute::KeyNotAccount => "key_not_account",
+        }
+    }
+}
+
+/// How often the warning about forwarded records is logged, per cause.
+pub(super) const REROUTE_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Which partition meters an input record that arrived on `arrival`: its
+/// account's (Kafka's murmur2 of `data.account_id` over `partitions`), or
+/// `arrival` itself for a record that is not a valid event (it is
+/// dead-lettered where it arrived). Returns the event when it parsed.
+pub(crate) fn route(payload: &[u8], arrival: i32, partitions: i32) -> (i32, Option<jobmeter_core::JobEvent>) {
+    match jobmeter_core::parse_job_event(payload) {
+        Ok(ev) => (
+            jobmeter_core::partition::partition_for_key(ev.account.as_str().as_bytes(), partitions),
+            Some(ev),
+        ),
+        Err(_) => (arrival, None),
+    }
+}
