@@ -245,3 +245,53 @@ impl TxnProducer {
         self.producer.in_flight_count()
     }
 }
+
+/// A transactional producer as the exactly-once pipeline drives it: one
+/// transaction at a time, begun, filled, given the input offsets and
+/// committed (or aborted). [`TxnProducer`] is the real one; tests put in
+/// its place a producer that fails a chosen step.
+pub trait Transactional: Send + 'static {
+    /// What [`Transactional::send_offsets`] needs to fence zombies (the
+    /// consumer group's metadata for the real producer).
+    type Group: Send + 'static;
+    /// Begins a transaction.
+    fn begin(&self) -> Result<(), TxnError>;
+    /// Produces one record in the open transaction.
+    fn send(&self, out: Outgoing<'_>) -> Result<(), TxnError>;
+    /// Adds the consumer offsets to the open transaction.
+    fn send_offsets(&self, offsets: &TopicPartitionList, group: &Self::Group) -> Result<(), TxnError>;
+    /// Commits; returns the highest changelog offset written per partition.
+    fn commit(&self) -> Result<HashMap<i32, i64>, TxnError>;
+    /// Aborts the open transaction.
+    fn abort(&self) -> Result<(), TxnError>;
+    /// Records waiting in the local queue.
+    fn in_flight(&self) -> i32;
+}
+
+impl Transactional for TxnProducer {
+    type Group = ConsumerGroupMetadata;
+
+    fn begin(&self) -> Result<(), TxnError> {
+        TxnProducer::begin(self)
+    }
+
+    fn send(&self, out: Outgoing<'_>) -> Result<(), TxnError> {
+        TxnProducer::send(self, out)
+    }
+
+    fn send_offsets(&self, offsets: &TopicPartitionList, group: &ConsumerGroupMetadata) -> Result<(), TxnError> {
+        TxnProducer::send_offsets(self, offsets, group)
+    }
+
+    fn commit(&self) -> Result<HashMap<i32, i64>, TxnError> {
+        TxnProducer::commit(self)
+    }
+
+    fn abort(&self) -> Result<(), TxnError> {
+        TxnProducer::abort(self)
+    }
+
+    fn in_flight(&self) -> i32 {
+        TxnProducer::in_flight(self)
+    }
+}

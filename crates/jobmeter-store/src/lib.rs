@@ -33,6 +33,10 @@
 //! ## Must never depend on
 //! Kafka or the network. Callers run it off async worker threads.
 
+mod state_store;
+
+pub use state_store::{MemStore, StateStore};
+
 use jobmeter_core::state::{StateChange, Table};
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use std::path::{Path, PathBuf};
@@ -63,6 +67,13 @@ pub enum StoreError {
         path: PathBuf,
         /// The family.
         cf: &'static str,
+    },
+    /// The store refused the write as a whole (the in-memory double when
+    /// set to fail).
+    #[error("state store unavailable: {reason}")]
+    Unavailable {
+        /// Why.
+        reason: &'static str,
     },
     /// A stored record is malformed.
     #[error("rocksdb at {path}: malformed {what} for partition {partition}")]

@@ -6,20 +6,21 @@ use super::EngineError;
 use crate::service::metrics::Metrics;
 use jobmeter_core::state::StateChange;
 use jobmeter_core::Stats;
-use jobmeter_kafka::txn::{tag_changelog, Outgoing, TxnProducer};
-use jobmeter_store::Store;
+use jobmeter_kafka::txn::{tag_changelog, Outgoing, Transactional};
+use jobmeter_store::StateStore;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Everything one transaction carries.
-pub(super) struct Batch {
+/// Everything one transaction carries; `G` is what fences zombies (the
+/// consumer group's metadata).
+pub(super) struct Batch<G> {
     pub(super) records: Vec<OutRecord>,
     pub(super) changes: Vec<(i32, Vec<StateChange>)>,
     /// Input and repartition offsets: (topic, partition, next offset).
     pub(super) offsets: Vec<(String, i32, i64)>,
-    pub(super) group: rdkafka::consumer::ConsumerGroupMetadata,
+    pub(super) group: G,
     pub(super) events: usize,
     /// Per partition: stats reported before, stats now, open jobs.
     pub(super) stats: Vec<(i32, Stats, Stats, usize)>,
@@ -28,8 +29,8 @@ pub(super) struct Batch {
     pub(super) limits_by_label: BTreeMap<(&'static str, String), u64>,
 }
 
-pub(super) enum ToCommitter {
-    Batch(Box<Batch>),
+pub(super) enum ToCommitter<G> {
+    Batch(Box<Batch<G>>),
     Wait(std::sync::mpsc::SyncSender<()>),
 }
 
@@ -46,8 +47,8 @@ pub(super) enum ToCommitter {
 /// it then fails with [`EngineError::CommitStalled`], the pipeline is
 /// rebuilt from durable state as after a crash, and the stuck thread is
 /// left behind (not joined) while the new producer fences its transaction.
-pub(super) struct Committer {
-    pub(super) tx: Option<std::sync::mpsc::SyncSender<ToCommitter>>,
+pub(super) struct Committer<G> {
+    pub(super) tx: Option<std::sync::mpsc::SyncSender<ToCommitter<G>>>,
     pub(super) thread: Option<std::thread::JoinHandle<()>>,
     pub(super) failed: Arc<Mutex<Option<EngineError>>>,
     pub(super) queue_depth: Arc<std::sync::atomic::AtomicI32>,
@@ -58,17 +59,17 @@ pub(super) struct Committer {
     pub(super) finished: Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl Committer {
-    pub(super) fn start(
-        producer: TxnProducer,
-        store: Arc<Store>,
+impl<G: Send + 'static> Committer<G> {
+    pub(super) fn start<T: Transactional<Group = G>, S: StateStore>(
+        producer: T,
+        store: Arc<S>,
         metrics: Metrics,
         changelog: String,
         stall_after: Duration,
-    ) -> Committer {
+    ) -> Committer<G> {
         // Capacity 0: a hand-over waits until the committer takes it, so at
         // most one batch is being committed while one is being built.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<ToCommitter>(0);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<ToCommitter<G>>(0);
         let failed: Arc<Mutex<Option<EngineError>>> = Arc::default();
         let queue_depth: Arc<std::sync::atomic::AtomicI32> = Arc::default();
         let (f, q) = (failed.clone(), queue_depth.clone());
@@ -85,7 +86,7 @@ impl Committer {
                             if !ok {
                                 continue;
                             }
-                            if let Err(e) = commit_batch(&producer, &store, &metrics, &changelog, *b) {
+                            if let Err(e) = commit_batch(&producer, &*store, &metrics, &changelog, *b) {
                                 if let Err(a) = producer.abort() {
                                     tracing::warn!(error = %a, "abort failed; the transaction will time out");
                                 }
@@ -129,7 +130,7 @@ impl Committer {
 
     /// Hands `m` over, waiting at most `stall_after` for the committer to
     /// take it (the channel is a rendezvous: it takes it when idle).
-    pub(super) fn send(&self, mut m: ToCommitter) -> Result<(), EngineError> {
+    pub(super) fn send(&self, mut m: ToCommitter<G>) -> Result<(), EngineError> {
         if self.stalled.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(EngineError::CommitStalled {
                 seconds: self.stall_after.as_secs(),
@@ -152,7 +153,7 @@ impl Committer {
         }
     }
 
-    pub(super) fn submit(&self, b: Batch) -> Result<(), EngineError> {
+    pub(super) fn submit(&self, b: Batch<G>) -> Result<(), EngineError> {
         self.send(ToCommitter::Batch(Box::new(b)))
     }
 
@@ -173,7 +174,7 @@ impl Committer {
     }
 }
 
-impl Drop for Committer {
+impl<G> Drop for Committer<G> {
     fn drop(&mut self) {
         self.tx = None;
         let Some(t) = self.thread.take() else { return };
@@ -200,13 +201,13 @@ impl Drop for SetOnDrop {
     }
 }
 
-/// One batch's transaction, then its RocksDB write.
-pub(super) fn commit_batch(
-    producer: &TxnProducer,
-    store: &Store,
+/// One batch's transaction, then its state-store write.
+pub(super) fn commit_batch<T: Transactional, S: StateStore + ?Sized>(
+    producer: &T,
+    store: &S,
     metrics: &Metrics,
     changelog: &str,
-    b: Batch,
+    b: Batch<T::Group>,
 ) -> Result<(), EngineError> {
     let t0 = Instant::now();
     producer.begin()?;
@@ -290,4 +291,325 @@ pub(super) fn commit_batch(
         }
     }
     Ok(())
+}
+
+/// The crash table of `engine/mod.rs`, step by step: a producer that fails
+/// a chosen step of the transaction and an in-memory store that fails its
+/// write stand in for Kafka and RocksDB, and each test asserts what a
+/// restart would see (records visible to `read_committed` readers, the
+/// group's committed offsets, and the state the restore rebuilds).
+#[cfg(test)]
+mod tests {
+    use super::super::restore::CatchUp;
+    use super::*;
+    use jobmeter_core::state::Table;
+    use jobmeter_kafka::reader::Record;
+    use jobmeter_kafka::txn::{TxnError, TAG_OUTPUT};
+    use jobmeter_store::MemStore;
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    use std::collections::HashMap;
+
+    const CHANGELOG: &str = "t.changelog";
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Step {
+        Begin,
+        Send,
+        SendOffsets,
+        Commit,
+    }
+
+    /// One produced record: topic, partition, offset, key, value.
+    type Rec = (String, i32, i64, Vec<u8>, Option<Vec<u8>>);
+
+    /// One record of the open transaction: topic, partition, key, value.
+    type Pending = (String, i32, Vec<u8>, Option<Vec<u8>>);
+
+    /// What the fake broker holds.
+    #[derive(Debug, Default)]
+    struct Broker {
+        open: Vec<Pending>,
+        open_offsets: Vec<(String, i32, i64)>,
+        /// Committed records, as `read_committed` readers see them.
+        visible: Vec<Rec>,
+        /// The group's committed offsets.
+        committed: BTreeMap<(String, i32), i64>,
+        next_offset: HashMap<(String, i32), i64>,
+        begins: usize,
+        aborts: usize,
+    }
+
+    #[derive(Debug, Clone)]
+    struct FakeTxn {
+        broker: Arc<Mutex<Broker>>,
+        fail_at: Arc<Mutex<Option<Step>>>,
+    }
+
+    impl FakeTxn {
+        fn new() -> FakeTxn {
+            FakeTxn {
+                broker: Arc::default(),
+                fail_at: Arc::default(),
+            }
+        }
+
+        fn fail(&self, step: Option<Step>) {
+            *self.fail_at.lock().expect("lock") = step;
+        }
+
+        fn step(&self, s: Step) -> Result<(), TxnError> {
+            if *self.fail_at.lock().expect("lock") == Some(s) {
+                return Err(TxnError::Abortable(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::Fail,
+                )));
+            }
+            Ok(())
+        }
+
+        fn broker(&self) -> std::sync::MutexGuard<'_, Broker> {
+            self.broker.lock().expect("lock")
+        }
+    }
+
+    impl Transactional for FakeTxn {
+        type Group = ();
+
+        fn begin(&self) -> Result<(), TxnError> {
+            self.step(Step::Begin)?;
+            let mut b = self.broker();
+            b.open.clear();
+            b.open_offsets.clear();
+            b.begins += 1;
+            Ok(())
+        }
+
+        fn send(&self, out: Outgoing<'_>) -> Result<(), TxnError> {
+            self.step(Step::Send)?;
+            let partition = out.partition.unwrap_or(0);
+            self.broker().open.push((
+                out.topic.to_owned(),
+                partition,
+                out.key.to_vec(),
+                out.payload.map(<[u8]>::to_vec),
+            ));
+            Ok(())
+        }
+
+        fn send_offsets(&self, offsets: &TopicPartitionList, _: &()) -> Result<(), TxnError> {
+            self.step(Step::SendOffsets)?;
+            let mut b = self.broker();
+            for e in offsets.elements() {
+                let o = e.offset().to_raw().expect("an offset");
+                b.open_offsets.push((e.topic().to_owned(), e.partition(), o));
+            }
+            Ok(())
+        }
+
+        fn commit(&self) -> Result<HashMap<i32, i64>, TxnError> {
+            self.step(Step::Commit)?;
+            let mut b = self.broker();
+            let mut changelog = HashMap::new();
+            for (topic, p, k, v) in std::mem::take(&mut b.open) {
+                let next = b.next_offset.entry((topic.clone(), p)).or_insert(0);
+                let o = *next;
+                *next += 1;
+                if topic == CHANGELOG {
+                    changelog.insert(p, o);
+                }
+                b.visible.push((topic, p, o, k, v));
+            }
+            for (topic, p, o) in std::mem::take(&mut b.open_offsets) {
+                b.committed.insert((topic, p), o);
+            }
+            Ok(changelog)
+        }
+
+        fn abort(&self) -> Result<(), TxnError> {
+            let mut b = self.broker();
+            b.open.clear();
+            b.open_offsets.clear();
+            b.aborts += 1;
+            Ok(())
+        }
+
+        fn in_flight(&self) -> i32 {
+            0
+        }
+    }
+
+    fn metrics() -> Metrics {
+        Metrics::new(&prometheus::Registry::new()).expect("metrics")
+    }
+
+    /// A batch of partition 0: one charge, two state upserts and a delete,
+    /// input offsets up to `next_input`.
+    fn batch(n: u8, next_input: i64) -> Batch<()> {
+        let change = |k: &str, v: Option<&str>| StateChange {
+            table: Table::Jobs,
+            key: k.as_bytes().to_vec(),
+            value: v.map(|v| v.as_bytes().to_vec()),
+        };
+        Batch {
+            records: vec![OutRecord {
+                topic: "t.charges".into(),
+                key: b"acct".to_vec(),
+                payload: Some(format!("charge-{n}").into_bytes()),
+                headers: None,
+                partition: Some(0),
+                timestamp_ms: None,
+                tag: TAG_OUTPUT,
+            }],
+            changes: vec![(
+                0,
+                vec![
+                    change(&format!("job-{n}"), Some("open")),
+                    change("account", Some(&format!("total-{n}"))),
+                    change(&format!("job-{}", n.wrapping_sub(1)), None),
+                ],
+            )],
+            offsets: vec![("t.job-events".into(), 0, next_input)],
+            group: (),
+            events: 1,
+            stats: Vec::new(),
+            charges_by_kind: [0; 3],
+            rerouted_by_cause: [0; 3],
+            limits_by_label: BTreeMap::new(),
+        }
+    }
+
+    /// What a restart rebuilds for partition 0: the store, caught up with
+    /// the committed changelog records after the offset it reflects (the
+    /// restore's own code).
+    fn restart_state(txn: &FakeTxn, store: &MemStore) -> BTreeMap<(Table, Vec<u8>), Vec<u8>> {
+        let mut up = CatchUp::new(store.load(0).expect("load"));
+        let from = up.from.unwrap_or(0);
+        let records: Vec<Record> = txn
+            .broker()
+            .visible
+            .iter()
+            .filter(|(t, p, o, _, _)| t == CHANGELOG && *p == 0 && *o >= from)
+            .map(|(_, p, o, k, v)| Record {
+                partition: *p,
+                offset: *o,
+                key: Some(k.clone()),
+                value: v.clone(),
+                headers: Vec::new(),
+                timestamp_ms: None,
+            })
+            .collect();
+        for r in records {
+            up.record(r);
+        }
+        up.map
+    }
+
+    fn charges(txn: &FakeTxn) -> Vec<String> {
+        txn.broker()
+            .visible
+            .iter()
+            .filter(|(t, ..)| t == "t.charges")
+            .map(|(.., v)| String::from_utf8_lossy(v.as_deref().unwrap_or_default()).into_owned())
+            .collect()
+    }
+
+    fn committed_input(txn: &FakeTxn) -> Option<i64> {
+        txn.broker().committed.get(&("t.job-events".to_owned(), 0)).copied()
+    }
+
+    /// The state of batches `0..=n` applied in order.
+    fn state_after(n: u8) -> BTreeMap<(Table, Vec<u8>), Vec<u8>> {
+        let store = MemStore::new();
+        for i in 0..=n {
+            let b = batch(i, 0);
+            let steps: Vec<(i32, &[StateChange], Option<i64>)> =
+                b.changes.iter().map(|(p, c)| (*p, c.as_slice(), None)).collect();
+            store.commit_many(&steps).expect("write");
+        }
+        CatchUp::new(store.load(0).expect("load")).map
+    }
+
+    #[test]
+    fn a_committed_batch_is_visible_once_and_stored_with_its_changelog_offset() {
+        let (txn, store) = (FakeTxn::new(), MemStore::new());
+        commit_batch(&txn, &store, &metrics(), CHANGELOG, batch(0, 10)).expect("commit");
+        commit_batch(&txn, &store, &metrics(), CHANGELOG, batch(1, 20)).expect("commit");
+        assert_eq!(charges(&txn), ["charge-0", "charge-1"]);
+        assert_eq!(committed_input(&txn), Some(20));
+        let st = store.load(0).expect("load");
+        assert_eq!(st.changelog_offset, Some(5), "six changelog records, offsets 0..=5");
+        assert_eq!(CatchUp::new(st).map, state_after(1));
+        assert_eq!(restart_state(&txn, &store), state_after(1), "nothing left to replay");
+    }
+
+    /// Dies while producing, after `send_offsets`, or in the commit:
+    /// nothing is visible, the offsets do not move (the input is read
+    /// again), the store is untouched.
+    #[test]
+    fn a_failure_before_the_commit_leaves_nothing_a_restart_would_see() {
+        for step in [Step::Begin, Step::Send, Step::SendOffsets, Step::Commit] {
+            let (txn, store) = (FakeTxn::new(), MemStore::new());
+            commit_batch(&txn, &store, &metrics(), CHANGELOG, batch(0, 10)).expect("commit");
+            txn.fail(Some(step));
+            let err = commit_batch(&txn, &store, &metrics(), CHANGELOG, batch(1, 20));
+            assert!(matches!(err, Err(EngineError::Txn(_))), "{step:?}: {err:?}");
+            txn.abort().expect("abort");
+            assert_eq!(charges(&txn), ["charge-0"], "{step:?}");
+            assert_eq!(
+                committed_input(&txn),
+                Some(10),
+                "{step:?}: the input resumes at batch 1"
+            );
+            assert_eq!(restart_state(&txn, &store), state_after(0), "{step:?}");
+            // The replay after the restart commits batch 1 once.
+            txn.fail(None);
+            commit_batch(&txn, &store, &metrics(), CHANGELOG, batch(1, 20)).expect("commit");
+            assert_eq!(charges(&txn), ["charge-0", "charge-1"], "{step:?}");
+            assert_eq!(restart_state(&txn, &store), state_after(1), "{step:?}");
+        }
+    }
+
+    /// Dies after the commit, before (or during) the store write: Kafka has
+    /// the batch, the store is one batch behind, and the restore catches it
+    /// up from the changelog; the input resumes after the batch.
+    #[test]
+    fn a_failure_after_the_commit_is_caught_up_from_the_changelog() {
+        let (txn, store) = (FakeTxn::new(), MemStore::new());
+        commit_batch(&txn, &store, &metrics(), CHANGELOG, batch(0, 10)).expect("commit");
+        store.fail_writes(true);
+        let err = commit_batch(&txn, &store, &metrics(), CHANGELOG, batch(1, 20));
+        assert!(matches!(err, Err(EngineError::Store(_))), "{err:?}");
+        assert_eq!(charges(&txn), ["charge-0", "charge-1"]);
+        assert_eq!(committed_input(&txn), Some(20), "batch 1 is not read again");
+        let st = store.load(0).expect("load");
+        assert_eq!(st.changelog_offset, Some(2), "the store is one batch behind");
+        assert_eq!(CatchUp::new(st).map, state_after(0));
+        assert_eq!(restart_state(&txn, &store), state_after(1));
+    }
+
+    /// The committer thread aborts a failed batch and refuses every later
+    /// one; the pipeline learns of the failure at its next hand-over.
+    #[test]
+    fn the_committer_aborts_a_failed_batch_and_refuses_later_ones() {
+        let (txn, store) = (FakeTxn::new(), Arc::new(MemStore::new()));
+        let c = Committer::start(
+            txn.clone(),
+            store.clone(),
+            metrics(),
+            CHANGELOG.into(),
+            Duration::from_secs(5),
+        );
+        c.submit(batch(0, 10)).expect("hand over");
+        c.wait().expect("committed");
+        txn.fail(Some(Step::Send));
+        c.submit(batch(1, 20)).expect("hand over");
+        // Taken once the failed one is done (a rendezvous), then skipped.
+        c.submit(batch(2, 30)).expect("hand over");
+        let err = c.wait();
+        assert!(matches!(err, Err(EngineError::Txn(_))), "{err:?}");
+        assert_eq!(txn.broker().begins, 2, "batch 2 never began");
+        assert_eq!(txn.broker().aborts, 1);
+        assert_eq!(charges(&txn), ["charge-0"]);
+        assert_eq!(committed_input(&txn), Some(10));
+        assert_eq!(restart_state(&txn, &store), state_after(0));
+    }
 }

@@ -18,6 +18,10 @@
 //! | during the RocksDB write | committed | the write batch is atomic: all or nothing | as above |
 //! | after the RocksDB write | committed | current | nothing to do |
 //!
+//! The committer's unit tests (`committer.rs`) fail each step on purpose,
+//! through the [`jobmeter_kafka::txn::Transactional`] and
+//! [`jobmeter_store::StateStore`] seams, and assert what a restart sees.
+//!
 //! Changelog records are whole values (upserts and tombstones) keyed by
 //! state key, so replaying any suffix of the changelog on top of older
 //! state converges to the same state. Outputs are derived deterministically
@@ -36,6 +40,13 @@
 //! On a rebalance, the revoke callback commits the open batch and waits for
 //! every batch in commit before the partitions go; assigned partitions are
 //! restored before their first event is applied.
+//!
+//! ## Files
+//! `mod.rs` takes records and applies them; `routing.rs` decides which
+//! partition meters a record (and forwards it when another instance holds
+//! that partition); `batch.rs` encodes outputs and hands each batch over;
+//! `committer.rs` runs its transaction and store write; `restore.rs` loads
+//! a partition; `rebalance.rs` handles assignments and revocations.
 //!
 //! ## Pipelining
 //! The steps after "apply" run on a committer thread, one batch at a time
@@ -157,7 +168,7 @@ struct PartitionMeter {
 pub struct Engine {
     cfg: EngineConfig,
     billing: Billing,
-    committer: Committer,
+    committer: Committer<rdkafka::consumer::ConsumerGroupMetadata>,
     store: Arc<Store>,
     metrics: Metrics,
     meters: HashMap<i32, PartitionMeter>,

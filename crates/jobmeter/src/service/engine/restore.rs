@@ -71,24 +71,19 @@ impl Engine {
             st = Default::default();
         }
         let from_store = st.records.len();
-        let mut map: StateMap = st.records.into_iter().map(|(t, k, v)| ((t, k), v)).collect();
-        let mut replayed: Vec<StateChange> = Vec::new();
-        let mut last = st.changelog_offset;
+        let mut up = CatchUp::new(st);
         let n = read_to_end(
             &self.cfg.settings,
             &format!("{}-restore-{p}", self.cfg.instance_id),
             &self.cfg.topics.changelog,
-            &[(p, st.changelog_offset.map(|o| o + 1))],
+            &[(p, up.from)],
             self.cfg.restore_deadline,
-            |rec| {
-                last = Some(rec.offset);
-                replayed.extend(overlay(&mut map, rec));
-            },
+            |rec| up.record(rec),
         )?;
         if n > 0 {
-            self.store.commit(p, &replayed, last)?;
+            self.store.commit(p, &up.replayed, up.last)?;
         }
-        let meter = Meter::restore(map.into_iter().map(|((t, k), v)| (t, k, v)), &self.cfg.meter)?;
+        let meter = Meter::restore(up.map.into_iter().map(|((t, k), v)| (t, k, v)), &self.cfg.meter)?;
         let secs = t0.elapsed().as_secs_f64();
         self.metrics.restore_seconds.observe(secs);
         self.metrics.restored_records.inc_by(n);
@@ -110,6 +105,38 @@ impl Engine {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(p);
         Ok(())
+    }
+}
+
+/// A partition's state on restart: what the store holds, caught up with
+/// the changelog records after the offset it reflects (the step after the
+/// commit that a crash may have cut off).
+pub(crate) struct CatchUp {
+    /// The state, by (table, key).
+    pub(crate) map: StateMap,
+    /// The changelog offset to read from (`None`: the beginning).
+    pub(crate) from: Option<i64>,
+    /// The changelog records applied, as state changes for the store.
+    pub(crate) replayed: Vec<StateChange>,
+    /// The last changelog offset the state reflects.
+    pub(crate) last: Option<i64>,
+}
+
+impl CatchUp {
+    /// Starts from what the store holds.
+    pub(crate) fn new(stored: jobmeter_store::PartitionState) -> CatchUp {
+        CatchUp {
+            from: stored.changelog_offset.map(|o| o + 1),
+            last: stored.changelog_offset,
+            map: stored.records.into_iter().map(|(t, k, v)| ((t, k), v)).collect(),
+            replayed: Vec::new(),
+        }
+    }
+
+    /// Applies the next changelog record.
+    pub(crate) fn record(&mut self, rec: jobmeter_kafka::reader::Record) {
+        self.last = Some(rec.offset);
+        self.replayed.extend(overlay(&mut self.map, rec));
     }
 }
 
