@@ -98,16 +98,7 @@ async fn create_and_wait(
         .create_topics(new.iter(), &opts)
         .await
         .map_err(KafkaAdapterError::op("create topics"))?;
-    for r in results {
-        if let Err((topic, code)) = r {
-            if code != RDKafkaErrorCode::TopicAlreadyExists {
-                return Err(KafkaAdapterError::Topic {
-                    topic,
-                    message: format!("cannot create: {code}"),
-                });
-            }
-        }
-    }
+    per_topic(results, "create", RDKafkaErrorCode::TopicAlreadyExists)?;
     let consumer: BaseConsumer = settings.admin().create().map_err(|source| KafkaAdapterError::Client {
         what: "metadata client",
         source,
@@ -251,15 +242,26 @@ pub async fn delete_prefixed(settings: &KafkaSettings, prefix: &str) -> Result<V
         .delete_topics(&refs, &opts)
         .await
         .map_err(KafkaAdapterError::op("delete topics"))?;
+    per_topic(results, "delete", RDKafkaErrorCode::UnknownTopicOrPartition)?;
+    Ok(names)
+}
+
+/// The first per-topic failure of an admin call, other than `harmless`
+/// (the topic already is as asked).
+fn per_topic(
+    results: Vec<rdkafka::admin::TopicResult>,
+    verb: &str,
+    harmless: RDKafkaErrorCode,
+) -> Result<(), KafkaAdapterError> {
     for r in results {
         if let Err((topic, code)) = r {
-            if code != RDKafkaErrorCode::UnknownTopicOrPartition {
+            if code != harmless {
                 return Err(KafkaAdapterError::Topic {
                     topic,
-                    message: format!("cannot delete: {code}"),
+                    message: format!("cannot {verb}: {code}"),
                 });
             }
         }
     }
-    Ok(names)
+    Ok(())
 }
