@@ -15,30 +15,13 @@
 //! downward adjustment gives back the due part first.
 
 use crate::event::JobKind;
-use crate::meter::{Context, Meter};
+use crate::meter::{Context, Meter, SliceCharge};
 use crate::money::{AccountId, Money, CURRENCY};
 use crate::output::{Charge, LimitAction, LimitEvent, LimitKind, Output, Statement, StatementLine};
 use crate::plans::{Plan, PlanCatalog, PlanTerms};
 use crate::state::{Accrual, Counter, FiredKey, Job, JobKey, LineAcc, StartRec, ThresholdId, UsageKey};
 use crate::time::{Period, Timestamp};
 use rust_decimal::{Decimal, RoundingStrategy};
-
-/// One charge to emit for a slice of a job.
-#[derive(Debug)]
-pub(crate) struct SliceCharge {
-    pub(crate) charge_id: String,
-    pub(crate) service_period: Period,
-    pub(crate) from: Timestamp,
-    pub(crate) to: Timestamp,
-    pub(crate) ms: i64,
-    pub(crate) seconds: Decimal,
-    pub(crate) status: crate::event::JobStatus,
-    pub(crate) adjusts: Option<String>,
-    /// True when this slice adds the job to its statement line's job count.
-    pub(crate) new_job: bool,
-    /// Event time reported on limit events this charge triggers.
-    pub(crate) at: Timestamp,
-}
 
 /// A threshold of a limit.
 #[derive(Debug)]

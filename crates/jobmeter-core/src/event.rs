@@ -4,6 +4,7 @@
 
 use crate::money::{AccountId, JobId, ModelId};
 use crate::time::Timestamp;
+use crate::wire::RawEvent;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::fmt;
@@ -278,40 +279,6 @@ pub struct JobEvent {
     pub account: AccountId,
     /// The lifecycle step.
     pub body: EventBody,
-}
-
-#[derive(Deserialize, Default)]
-pub(crate) struct RawEvent<'a> {
-    #[serde(borrow, default)]
-    pub(crate) specversion: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    pub(crate) id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    pub(crate) source: Option<Cow<'a, str>>,
-    #[serde(borrow, default, rename = "type")]
-    pub(crate) ty: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    pub(crate) time: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    pub(crate) subject: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    pub(crate) data: Option<RawData<'a>>,
-}
-
-#[derive(Deserialize, Default)]
-pub(crate) struct RawData<'a> {
-    #[serde(borrow, default)]
-    pub(crate) account_id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    pub(crate) kind: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    pub(crate) model: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    pub(crate) workflow_run_id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    pub(crate) gpu: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    pub(crate) status: Option<Cow<'a, str>>,
 }
 
 fn required<'a>(v: &'a Option<Cow<'a, str>>, field: &str) -> Result<&'a str, Invalid> {

@@ -8,7 +8,7 @@
 //! caller falls back to serde_json, which stays the reference. A property
 //! test checks that both paths agree on every input the fast path accepts.
 
-use crate::event::{RawData, RawEvent};
+use crate::wire::{RawData, RawEvent};
 use std::borrow::Cow;
 
 struct Scanner<'a> {

@@ -40,6 +40,7 @@ pub mod rating;
 pub mod state;
 pub mod time;
 pub mod view;
+mod wire;
 
 pub use config_error::{ConfigError, Problem};
 pub use event::{parse_job_event, JobEvent, JobKind, JobStatus, RejectReason};

@@ -16,6 +16,23 @@ use crate::state::{Billed, BilledPart, Counter, FiredKey, Job, JobKey, StartRec,
 use crate::time::{Period, Timestamp};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// One charge to emit for a slice of a job.
+#[derive(Debug)]
+pub(crate) struct SliceCharge {
+    pub(crate) charge_id: String,
+    pub(crate) service_period: Period,
+    pub(crate) from: Timestamp,
+    pub(crate) to: Timestamp,
+    pub(crate) ms: i64,
+    pub(crate) seconds: rust_decimal::Decimal,
+    pub(crate) status: crate::event::JobStatus,
+    pub(crate) adjusts: Option<String>,
+    /// True when this slice adds the job to its statement line's job count.
+    pub(crate) new_job: bool,
+    /// Event time reported on limit events this charge triggers.
+    pub(crate) at: Timestamp,
+}
+
 /// Timeouts and retention, in milliseconds of event time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeterConfig {
@@ -674,7 +691,7 @@ impl Meter {
                     continue;
                 }
                 let charge_id = format!("{}/{}/{}", jk.0, jk.1, s.period);
-                let slice = crate::billing::SliceCharge {
+                let slice = SliceCharge {
                     charge_id: charge_id.clone(),
                     service_period: s.period,
                     from: s.from,
@@ -749,7 +766,7 @@ impl Meter {
                 (None, None) => continue,
             };
             let ms = f.map_or(0, |s| s.ms) - o.map_or(0, |x| x.to.0 - x.from.0);
-            let slice = crate::billing::SliceCharge {
+            let slice = SliceCharge {
                 charge_id: format!("{}/{}/{}/adj", jk.0, jk.1, p),
                 service_period: p,
                 from,

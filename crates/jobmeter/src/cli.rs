@@ -162,24 +162,24 @@ pub struct DumpCmd {
 #[derive(Debug, Clone, clap::Args)]
 pub struct TimeoutArgs {
     /// Orphan timeout (event time), e.g. "10m".
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, default_value = "10m", value_parser = crate::args::parse_duration)]
     pub orphan_timeout: i64,
     /// Grace after a period's end before it closes, e.g. "1h".
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = crate::args::parse_duration)]
     pub period_grace: i64,
     /// Longest accepted job, e.g. "7d".
-    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    #[arg(long, default_value = "7d", value_parser = crate::args::parse_duration)]
     pub max_duration: i64,
     /// How long finished jobs are remembered for duplicate detection.
-    #[arg(long, default_value = "35d", value_parser = parse_duration)]
+    #[arg(long, default_value = "35d", value_parser = crate::args::parse_duration)]
     pub retention: i64,
     /// Refuse events whose time is further than this ahead of their
     /// record timestamp (lines of the form `<ms><TAB><event>`).
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = crate::args::parse_duration)]
     pub max_clock_skew: i64,
     /// Refuse events whose time is further than this behind their record
     /// timestamp (default: the retention).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = crate::args::parse_duration)]
     pub max_event_age: Option<i64>,
 }
 
@@ -195,12 +195,6 @@ impl TimeoutArgs {
             max_event_age_ms: self.max_event_age.unwrap_or(self.retention),
         }
     }
-}
-
-/// Parses "10m", "1h", "30s", "7d", "250ms".
-pub fn parse_duration(s: &str) -> Result<i64, String> {
-    jobmeter_core::time::parse_duration_ms(s)
-        .ok_or_else(|| format!("{s:?} is not a duration (examples: 250ms, 30s, 10m, 1h, 7d)"))
 }
 
 /// `jobmeter replay`.
@@ -248,10 +242,10 @@ pub struct SimulateCmd {
     #[arg(long, default_value = "2024-05-01T00:00:00Z")]
     pub start: String,
     /// Mean gap between job starts, e.g. "200ms".
-    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "200ms", value_parser = crate::args::parse_duration)]
     pub mean_gap: i64,
     /// Heartbeat interval.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = crate::args::parse_duration)]
     pub heartbeat: i64,
     /// Per-mille of events delivered twice.
     #[arg(long, default_value_t = 50)]
@@ -266,7 +260,7 @@ pub struct SimulateCmd {
     #[arg(long, default_value_t = 2)]
     pub bad: u32,
     /// Largest worker clock skew.
-    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "300ms", value_parser = crate::args::parse_duration)]
     pub max_skew: i64,
     /// Per-mille of workers whose clock is skewed (by up to --max-skew).
     #[arg(long, default_value_t = 100)]

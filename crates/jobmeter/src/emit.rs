@@ -127,7 +127,7 @@ pub enum EmitCmd {
         #[command(flatten)]
         start: StartArgs,
         /// Heartbeat interval.
-        #[arg(long, default_value = "10s", value_parser = crate::cli::parse_duration)]
+        #[arg(long, default_value = "10s", value_parser = crate::args::parse_duration)]
         heartbeat: i64,
         /// The command and its arguments.
         #[arg(last = true, required = true)]

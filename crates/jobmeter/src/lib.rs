@@ -8,6 +8,7 @@
 //! This crate wires adapters together; billing rules live only in
 //! `jobmeter-core`, storage in `jobmeter-store`, Kafka in `jobmeter-kafka`.
 
+pub mod args;
 pub mod cli;
 pub mod emit;
 pub mod notify;

@@ -59,16 +59,16 @@ pub struct NotifyCmd {
     #[arg(long)]
     pub secret_file: Option<std::path::PathBuf>,
     /// Timeout of one request.
-    #[arg(long, default_value = "10s", value_parser = crate::cli::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = crate::args::parse_duration)]
     pub request_timeout: i64,
     /// First retry delay (doubles each attempt).
-    #[arg(long, default_value = "500ms", value_parser = crate::cli::parse_duration)]
+    #[arg(long, default_value = "500ms", value_parser = crate::args::parse_duration)]
     pub initial_backoff: i64,
     /// Longest retry delay.
-    #[arg(long, default_value = "1m", value_parser = crate::cli::parse_duration)]
+    #[arg(long, default_value = "1m", value_parser = crate::args::parse_duration)]
     pub max_backoff: i64,
     /// Dead-letter an event still undelivered this long after its first attempt.
-    #[arg(long, default_value = "1h", value_parser = crate::cli::parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = crate::args::parse_duration)]
     pub give_up_after: i64,
     /// Dead-letter topic (default `<prefix>.limits-dlq`; created if missing).
     #[arg(long)]

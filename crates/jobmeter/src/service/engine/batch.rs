@@ -1,7 +1,7 @@
 //! The open batch: outputs encoded as records, the state changes and
 //! offsets gathered, and the hand-over to the committer.
 
-use super::committer::Batch;
+use super::committer::{Batch, OutRecord};
 use super::{Engine, EngineError};
 use jobmeter_core::state::StateChange;
 use jobmeter_core::Output;
@@ -144,17 +144,6 @@ impl Engine {
         self.next_rp_offsets.clear();
         self.batch_events = 0;
     }
-}
-
-/// One output or changelog record, encoded, waiting for its transaction.
-pub(super) struct OutRecord {
-    pub(super) topic: String,
-    pub(super) key: Vec<u8>,
-    pub(super) payload: Option<Vec<u8>>,
-    pub(super) headers: Option<rdkafka::message::OwnedHeaders>,
-    pub(super) partition: Option<i32>,
-    pub(super) timestamp_ms: Option<i64>,
-    pub(super) tag: usize,
 }
 
 /// JSON encoding of outputs without naming each type.

@@ -1,8 +1,7 @@
 //! The committer thread: each batch's transaction, then its RocksDB write.
 
-use super::batch::OutRecord;
-use super::routing::Reroute;
 use super::EngineError;
+use super::Reroute;
 use crate::service::metrics::Metrics;
 use jobmeter_core::state::StateChange;
 use jobmeter_core::Stats;
@@ -12,6 +11,17 @@ use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// One output or changelog record, encoded, waiting for its transaction.
+pub(super) struct OutRecord {
+    pub(super) topic: String,
+    pub(super) key: Vec<u8>,
+    pub(super) payload: Option<Vec<u8>>,
+    pub(super) headers: Option<rdkafka::message::OwnedHeaders>,
+    pub(super) partition: Option<i32>,
+    pub(super) timestamp_ms: Option<i64>,
+    pub(super) tag: usize,
+}
 
 /// Everything one transaction carries; `G` is what fences zombies (the
 /// consumer group's metadata).

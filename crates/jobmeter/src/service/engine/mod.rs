@@ -68,8 +68,8 @@ pub(crate) use restore::{overlay, StateMap};
 pub(crate) use routing::route;
 
 use super::metrics::Metrics;
-use batch::OutRecord;
 use committer::Committer;
+use committer::OutRecord;
 use jobmeter_core::{AccountBook, Context, Meter, MeterConfig, Origin, Output, PlanCatalog, RateCard, Stats};
 use jobmeter_kafka::client::KafkaSettings;
 use jobmeter_kafka::repartition::{is_marker, Lane, Source};
@@ -460,5 +460,29 @@ impl Engine {
     pub fn report_local(&self) {
         self.metrics.store_bytes.set(self.store.size_bytes() as i64);
         self.metrics.producer_queue.set(i64::from(self.committer.queue_depth()));
+    }
+}
+
+/// Why an input record was forwarded (the label of
+/// `jobmeter_events_rerouted_total`).
+#[derive(Debug, Clone, Copy)]
+enum Reroute {
+    /// The record has no key.
+    Keyless = 0,
+    /// Keyed by the account, but by a partitioner other than murmur2.
+    Partitioner = 1,
+    /// Keyed by something other than the account.
+    KeyNotAccount = 2,
+}
+
+impl Reroute {
+    const ALL: [Reroute; 3] = [Reroute::Keyless, Reroute::Partitioner, Reroute::KeyNotAccount];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Reroute::Keyless => "keyless",
+            Reroute::Partitioner => "partitioner",
+            Reroute::KeyNotAccount => "key_not_account",
+        }
     }
 }

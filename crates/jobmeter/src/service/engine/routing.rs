@@ -2,8 +2,8 @@
 //! elsewhere: applied to its account's partition here, or forwarded to the
 //! instance that holds it.
 
-use super::batch::OutRecord;
-use super::Engine;
+use super::committer::OutRecord;
+use super::{Engine, Reroute};
 use jobmeter_kafka::repartition::{Lane, Marker};
 use jobmeter_kafka::txn::TAG_OUTPUT;
 use rdkafka::message::Message;
@@ -102,30 +102,6 @@ impl Engine {
             timestamp_ms: None,
             tag: TAG_OUTPUT,
         });
-    }
-}
-
-/// Why an input record was forwarded (the label of
-/// `jobmeter_events_rerouted_total`).
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Reroute {
-    /// The record has no key.
-    Keyless = 0,
-    /// Keyed by the account, but by a partitioner other than murmur2.
-    Partitioner = 1,
-    /// Keyed by something other than the account.
-    KeyNotAccount = 2,
-}
-
-impl Reroute {
-    pub(super) const ALL: [Reroute; 3] = [Reroute::Keyless, Reroute::Partitioner, Reroute::KeyNotAccount];
-
-    pub(super) fn as_str(self) -> &'static str {
-        match self {
-            Reroute::Keyless => "keyless",
-            Reroute::Partitioner => "partitioner",
-            Reroute::KeyNotAccount => "key_not_account",
-        }
     }
 }
 
