@@ -14,11 +14,13 @@
 //! so usage inside the cap is not due, the part beyond it is, and a
 //! downward adjustment gives back the due part first.
 
+use crate::context::Context;
 use crate::event::JobKind;
-use crate::meter::{Context, Meter, SliceCharge};
+use crate::meter::Meter;
 use crate::money::{AccountId, Money, CURRENCY};
 use crate::output::{Charge, LimitAction, LimitEvent, LimitKind, Output, Statement, StatementLine};
 use crate::plans::{Plan, PlanCatalog, PlanTerms};
+use crate::rating::SliceCharge;
 use crate::state::{Accrual, Counter, FiredKey, Job, JobKey, LineAcc, StartRec, ThresholdId, UsageKey};
 use crate::time::{Period, Timestamp};
 use rust_decimal::{Decimal, RoundingStrategy};

@@ -25,6 +25,7 @@
 
 mod billing;
 mod config_error;
+mod context;
 pub mod event;
 pub mod fasthash;
 mod fastjson;
@@ -39,6 +40,7 @@ pub mod ratecard;
 pub mod rating;
 pub mod state;
 pub mod time;
+mod timers;
 pub mod view;
 mod wire;
 

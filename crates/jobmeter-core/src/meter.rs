@@ -5,155 +5,14 @@
 //! one partition, so counters, thresholds and statements of an account are
 //! owned by exactly one meter.
 
+pub use crate::context::{Context, MeterConfig, Stats};
 use crate::event::{parse_job_event, EventBody, EventKey, Invalid, JobEvent, JobStatus, RejectReason, StartInfo};
 use crate::fasthash::{FastMap, FastSet};
-use crate::money::Money;
 use crate::output::{Origin, Output, Rejected};
-use crate::plans::{AccountBook, PlanCatalog};
-use crate::ratecard::RateCard;
-use crate::rating::split;
+use crate::rating::{split, SliceCharge};
 use crate::state::{Billed, BilledPart, Counter, FiredKey, Job, JobKey, StartRec, StatementAcc, StopRec, UsageKey};
 use crate::time::{Period, Timestamp};
 use std::collections::{BTreeMap, BTreeSet};
-
-/// One charge to emit for a slice of a job.
-#[derive(Debug)]
-pub(crate) struct SliceCharge {
-    pub(crate) charge_id: String,
-    pub(crate) service_period: Period,
-    pub(crate) from: Timestamp,
-    pub(crate) to: Timestamp,
-    pub(crate) ms: i64,
-    pub(crate) seconds: rust_decimal::Decimal,
-    pub(crate) status: crate::event::JobStatus,
-    pub(crate) adjusts: Option<String>,
-    /// True when this slice adds the job to its statement line's job count.
-    pub(crate) new_job: bool,
-    /// Event time reported on limit events this charge triggers.
-    pub(crate) at: Timestamp,
-}
-
-/// Timeouts and retention, in milliseconds of event time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MeterConfig {
-    /// A running job with no heartbeat or stop for this long is closed as
-    /// orphaned; a stop whose start is missing this long goes to the DLQ.
-    pub orphan_timeout_ms: i64,
-    /// A period closes when stream time passes its end plus this grace.
-    pub period_grace_ms: i64,
-    /// Longest job accepted.
-    pub max_duration_ms: i64,
-    /// How long a finished job (and its event ids) is remembered, so that
-    /// late duplicates are still recognised.
-    pub retention_ms: i64,
-    /// An event whose `time` is more than this ahead of its record's
-    /// timestamp is refused (`time_out_of_range`).
-    pub max_clock_skew_ms: i64,
-    /// An event whose `time` is more than this behind its record's
-    /// timestamp is refused (`time_out_of_range`). Defaults to the
-    /// retention: a duplicate older than that could not be recognised.
-    pub max_event_age_ms: i64,
-}
-
-impl MeterConfig {
-    /// True when an event `time` can be believed against its record's
-    /// timestamp (the meter dead-letters it as `time_out_of_range`
-    /// otherwise).
-    pub fn plausible(&self, time: Timestamp, record: Timestamp) -> bool {
-        implausible(self, time, record).is_none()
-    }
-}
-
-impl Default for MeterConfig {
-    fn default() -> Self {
-        MeterConfig {
-            orphan_timeout_ms: 10 * 60_000,
-            period_grace_ms: 3_600_000,
-            max_duration_ms: 7 * 86_400_000,
-            retention_ms: 35 * 86_400_000,
-            max_clock_skew_ms: 5 * 60_000,
-            max_event_age_ms: 35 * 86_400_000,
-        }
-    }
-}
-
-/// Everything read-only the meter consults.
-#[derive(Debug, Clone, Copy)]
-pub struct Context<'a> {
-    /// Prices.
-    pub rates: &'a RateCard,
-    /// Plan defaults.
-    pub plans: &'a PlanCatalog,
-    /// The accounts table.
-    pub accounts: &'a AccountBook,
-    /// Timeouts.
-    pub config: &'a MeterConfig,
-    /// The input partition this meter runs for and the partition count, or
-    /// `None` for a meter over every account (a replay). Decides which pro
-    /// accounts without usage this meter bills the monthly fee to.
-    pub partition: Option<(i32, i32)>,
-}
-
-impl<'a> Context<'a> {
-    /// The same context for the meter of input partition `p` of `n`.
-    pub fn with_partition(self, p: i32, n: i32) -> Self {
-        Context {
-            partition: Some((p, n)),
-            ..self
-        }
-    }
-
-    /// True when this meter answers for `account`: Kafka's murmur2 of the
-    /// account id gives this meter's partition (the streaming meter applies
-    /// each event in that partition, wherever it arrived).
-    pub fn owns(&self, account: &crate::money::AccountId) -> bool {
-        self.partition
-            .is_none_or(|(p, n)| crate::partition::partition_for_key(account.as_str().as_bytes(), n) == p)
-    }
-
-    /// Everything a meter consults, together.
-    pub fn new(
-        rates: &'a RateCard,
-        plans: &'a PlanCatalog,
-        accounts: &'a AccountBook,
-        config: &'a MeterConfig,
-    ) -> Self {
-        Context {
-            rates,
-            plans,
-            accounts,
-            config,
-            partition: None,
-        }
-    }
-}
-
-/// Counters of what the meter did, for metrics. Not persisted.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// Valid, first-seen events.
-    pub events: u64,
-    /// Events ignored because their (source, id) was already applied.
-    pub duplicates: u64,
-    /// Rejected inputs by reason (indexed like [`RejectReason::ALL`]).
-    pub rejected: [u64; RejectReason::ALL.len()],
-    /// Charges emitted (including adjustments).
-    pub charges: u64,
-    /// Adjustment charges emitted.
-    pub adjustments: u64,
-    /// Jobs closed as orphaned.
-    pub orphans: u64,
-    /// Charges billed in a later period than their usage.
-    pub late_charges: u64,
-    /// Limit events emitted.
-    pub limit_events: u64,
-    /// Statements emitted.
-    pub statements: u64,
-    /// Jobs not billed by policy (failed/cancelled).
-    pub unbilled_jobs: u64,
-    /// Sum of charge amounts by kind (indexed like [`crate::event::JobKind::ALL`]).
-    pub amount_by_kind: [Money; 3],
-}
 
 /// Keys changed since the last [`Meter::take_changes`].
 #[derive(Debug, Default)]
@@ -252,7 +111,7 @@ impl Meter {
         origin: Option<&Origin>,
         out: &mut Vec<Output>,
     ) {
-        if let Some(inv) = origin.and_then(|o| implausible(ctx.config, ev.time, o.record_time?)) {
+        if let Some(inv) = origin.and_then(|o| ctx.config.implausible(ev.time, o.record_time?)) {
             self.reject(inv, raw.to_vec(), origin.cloned(), out);
             return;
         }
@@ -446,140 +305,9 @@ impl Meter {
         true
     }
 
-    /// A deadline came due at stream time `at`.
-    fn on_deadline(&mut self, ctx: &Context<'_>, jk: JobKey, at: Timestamp, out: &mut Vec<Output>) {
-        let slot = self.jobs.slot(&jk);
-        let (idx, mut job) = self.jobs.take(slot, &jk);
-        let old = (deadline(&job, ctx.config.orphan_timeout_ms).is_some(), job.expires);
-        if let Some(s) = job.start.as_ref().filter(|_| job.billed.is_none()) {
-            let close = job.last_heartbeat.map_or(s.time, |h| h.max(s.time));
-            self.stats.orphans += 1;
-            self.charge(ctx, &jk, &mut job, close, JobStatus::Orphaned, true, at, out);
-        } else if job.start.is_none() {
-            if let Some(mut stop) = job.stop.take() {
-                let raw = stop.pending_raw.take().unwrap_or_default().into_bytes();
-                let detail = format!("no start for job {:?} within the orphan timeout", jk.1.as_str());
-                self.reject(
-                    Invalid::new(RejectReason::StopWithoutStart, detail),
-                    raw,
-                    stop.origin.take(),
-                    out,
-                );
-            }
-        }
-        self.put_job(ctx, jk, idx, job, old, at);
-    }
-
-    /// Processes, in event-time order, every deadline and period close that
-    /// stream time has passed.
-    fn fire_due(&mut self, ctx: &Context<'_>, processed: Option<Timestamp>, out: &mut Vec<Output>) {
-        self.fire_due_until(ctx, None, processed, out);
-    }
-
-    /// As [`Meter::fire_due`]; with a `cap`, months after it are not closed
-    /// for the sake of accounts without usage (a flush would otherwise run
-    /// on forever). Without one, stream time is the only bound: a month
-    /// whose close time has passed is before stream time's month.
-    ///
-    /// `processed` is the stream time before the current event: every
-    /// deadline and close before it has been handled. A deadline older than
-    /// that (a late event's orphan timeout, already past on arrival) is
-    /// handled as of `processed`, so it cannot bill into a month whose
-    /// statement is already out.
-    fn fire_due_until(
-        &mut self,
-        ctx: &Context<'_>,
-        cap: Option<Period>,
-        processed: Option<Timestamp>,
-        out: &mut Vec<Output>,
-    ) {
-        let Some(st) = self.stream_time else { return };
-        if self.fees_through.is_none() {
-            // Months before this partition's first event are not billed to
-            // accounts without usage from here.
-            self.fees_through = Some(st.period().prev());
-            self.mark_meta();
-        }
-        loop {
-            let timer = self.timers.first().map(|(d, _)| *d).filter(|d| *d < st);
-            let idle = self
-                .fees_through
-                .map(Period::next)
-                .filter(|p| cap.is_none_or(|c| *p <= c));
-            let close = self
-                .statements
-                .keys()
-                .next()
-                .copied()
-                .into_iter()
-                .chain(idle)
-                .min()
-                .map(|p| (p.end().plus_ms(ctx.config.period_grace_ms), p))
-                .filter(|(t, _)| *t < st);
-            let timer_first = match (timer, close) {
-                (Some(d), Some((t, _))) => d <= t,
-                (Some(_), None) => true,
-                (None, _) => false,
-            };
-            if timer_first {
-                if let Some((d, jk)) = self.timers.pop_first() {
-                    self.timer_due(ctx, jk, d, processed, out);
-                }
-            } else if let Some((t, p)) = close {
-                self.close_period(ctx, p, t, out);
-            } else {
-                break;
-            }
-        }
-        while let Some((e, _)) = self.expiry.first() {
-            if *e >= st {
-                break;
-            }
-            let Some((e, jk)) = self.expiry.pop_first() else { break };
-            if self.jobs.get(&jk).is_some_and(|j| j.expires == Some(e)) {
-                if let Some(job) = self.jobs.remove(&jk) {
-                    for k in &job.keys {
-                        self.seen.remove(k);
-                    }
-                }
-                if let Some(d) = self.dirty.as_mut() {
-                    d.jobs.insert(jk);
-                }
-            }
-        }
-    }
-
-    /// A timer entry came due: fire it, or move it to the job's real
-    /// deadline if heartbeats pushed that out (or drop it if stale).
-    fn timer_due(
-        &mut self,
-        ctx: &Context<'_>,
-        jk: JobKey,
-        d: Timestamp,
-        processed: Option<Timestamp>,
-        out: &mut Vec<Output>,
-    ) {
-        let Some(job) = self.jobs.get_mut(&jk) else { return };
-        if job.timer != Some(d) {
-            return;
-        }
-        job.timer = None;
-        match deadline(job, ctx.config.orphan_timeout_ms) {
-            None => {}
-            Some(actual) if actual > d => {
-                job.timer = Some(actual);
-                self.timers.insert((actual, jk));
-            }
-            Some(_) => {
-                let at = processed.map_or(d, |p| p.max(d));
-                self.on_deadline(ctx, jk, at, out)
-            }
-        }
-    }
-
     /// Puts a job back, updating its timer and expiry entries. `old` is
     /// (had a deadline, expiry) from when it was taken.
-    fn put_job(
+    pub(crate) fn put_job(
         &mut self,
         ctx: &Context<'_>,
         jk: JobKey,
@@ -670,7 +398,7 @@ impl Meter {
 
     /// Charges a job from its start to `end` (a stop, or the orphan close).
     #[allow(clippy::too_many_arguments)]
-    fn charge(
+    pub(crate) fn charge(
         &mut self,
         ctx: &Context<'_>,
         jk: &JobKey,
@@ -808,29 +536,6 @@ fn billable(ctx: &Context<'_>, status: JobStatus) -> bool {
 
 /// Why an event `time` cannot be believed against its record's timestamp
 /// (decided from the log alone, so replays agree), or `None`.
-fn implausible(config: &MeterConfig, time: Timestamp, record: Timestamp) -> Option<Invalid> {
-    let ahead = time.0.saturating_sub(record.0);
-    if ahead > config.max_clock_skew_ms {
-        return Some(Invalid::new(
-            RejectReason::TimeOutOfRange,
-            format!(
-                "`time` {time} is {ahead} ms ahead of the record timestamp {record} (max_clock_skew {} ms)",
-                config.max_clock_skew_ms
-            ),
-        ));
-    }
-    if -ahead > config.max_event_age_ms {
-        return Some(Invalid::new(
-            RejectReason::TimeOutOfRange,
-            format!(
-                "`time` {time} is {} ms behind the record timestamp {record} (max_event_age {} ms)",
-                -ahead, config.max_event_age_ms
-            ),
-        ));
-    }
-    None
-}
-
 fn check_duration(ctx: &Context<'_>, start: Timestamp, stop: Timestamp) -> Result<(), Invalid> {
     let d = stop.0 - start.0;
     if d < 0 {

@@ -103,3 +103,20 @@ mod tests {
         );
     }
 }
+
+/// One charge to emit for a slice of a job.
+#[derive(Debug)]
+pub(crate) struct SliceCharge {
+    pub(crate) charge_id: String,
+    pub(crate) service_period: Period,
+    pub(crate) from: Timestamp,
+    pub(crate) to: Timestamp,
+    pub(crate) ms: i64,
+    pub(crate) seconds: rust_decimal::Decimal,
+    pub(crate) status: crate::event::JobStatus,
+    pub(crate) adjusts: Option<String>,
+    /// True when this slice adds the job to its statement line's job count.
+    pub(crate) new_job: bool,
+    /// Event time reported on limit events this charge triggers.
+    pub(crate) at: Timestamp,
+}
