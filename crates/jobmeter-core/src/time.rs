@@ -297,25 +297,6 @@ impl<'de> Deserialize<'de> for Period {
     }
 }
 
-/// Parses a human duration such as `"10m"`, `"1h"`, `"30s"`, `"7d"`,
-/// `"250ms"` into milliseconds; `None` for anything else and for more than
-/// [`MAX_DURATION_MS`].
-pub fn parse_duration_ms(s: &str) -> Option<i64> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit())?;
-    let (n, unit) = s.split_at(split);
-    let n: i64 = n.parse().ok()?;
-    let mult = match unit.trim() {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" | "min" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return None,
-    };
-    n.checked_mul(mult).filter(|ms| *ms <= MAX_DURATION_MS)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,16 +347,5 @@ mod tests {
         assert!(Timestamp::parse("9999-12-31T23:59:59-00:01").is_err());
         assert_eq!(Timestamp::MIN.to_string(), "0001-01-01T00:00:00.000Z");
         assert_eq!(Timestamp::MAX.to_string(), "9999-12-31T23:59:59.999Z");
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration_ms("3650d"), Some(MAX_DURATION_MS));
-        assert_eq!(parse_duration_ms("3651d"), None);
-        assert_eq!(parse_duration_ms("99999999999999999d"), None);
-        assert_eq!(parse_duration_ms("10m"), Some(600_000));
-        assert_eq!(parse_duration_ms("7d"), Some(604_800_000));
-        assert_eq!(parse_duration_ms("250ms"), Some(250));
-        assert_eq!(parse_duration_ms("x"), None);
     }
 }

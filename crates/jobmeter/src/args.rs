@@ -1,8 +1,7 @@
 //! Parsers of command-line values that several subcommands share.
 
 /// Parses a duration such as "250ms", "30s", "10m", "1h" or "7d" into
-/// milliseconds.
+/// milliseconds (the same forms as the configuration's).
 pub fn parse_duration(s: &str) -> Result<i64, String> {
-    jobmeter_core::time::parse_duration_ms(s)
-        .ok_or_else(|| format!("{s:?} is not a duration (examples: 250ms, 30s, 10m, 1h, 7d)"))
+    s.parse::<crate::dur::Dur>().map(crate::dur::Dur::ms)
 }

@@ -10,6 +10,7 @@
 
 pub mod args;
 pub mod cli;
+pub mod dur;
 pub mod emit;
 pub mod notify;
 pub mod progress;

@@ -6,7 +6,7 @@
 //! between levels), e.g. `JOBMETER__BATCH__MAX_EVENTS=2000`;
 //! `JOBMETER_KAFKA_BROKERS` is also honoured for `kafka.brokers`.
 
-use jobmeter_core::time::parse_duration_ms;
+use crate::dur::Dur;
 use jobmeter_core::MeterConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -50,7 +50,7 @@ pub struct KafkaConfig {
     pub group_id: String,
     /// Transaction timeout (also the longest a crashed instance's open
     /// transaction blocks `read_committed` readers).
-    pub transaction_timeout: String,
+    pub transaction_timeout: Dur,
     /// librdkafka properties passed through verbatim (SASL/SSL settings…).
     pub properties: BTreeMap<String, String>,
 }
@@ -81,7 +81,7 @@ pub struct StateConfig {
     /// discarded and restored from the changelog in full, because the
     /// changelog's tombstones are only kept for
     /// [`jobmeter_kafka::topics::CHANGELOG_TOMBSTONE_RETENTION_MS`] (checked).
-    pub max_local_age: String,
+    pub max_local_age: Dur,
 }
 
 /// `[batch]`.
@@ -91,13 +91,13 @@ pub struct BatchConfig {
     /// Commit after this many input events…
     pub max_events: usize,
     /// …or this long after the batch's first event, whichever is first.
-    pub interval: String,
+    pub interval: Dur,
     /// How long the instance waits for a partition that has records on the
     /// way (it has not reached its end) before it goes on without it: the
     /// instance applies its partitions' records in timestamp order, so an
     /// account whose events arrive on several partitions is metered in the
     /// order they were produced.
-    pub max_idle: String,
+    pub max_idle: Dur,
 }
 
 /// `[meter]`.
@@ -105,18 +105,19 @@ pub struct BatchConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct MeterTimeouts {
     /// Orphan timeout.
-    pub orphan_timeout: String,
+    pub orphan_timeout: Dur,
     /// Period close grace.
-    pub period_grace: String,
+    pub period_grace: Dur,
     /// Longest accepted job.
-    pub max_duration: String,
+    pub max_duration: Dur,
     /// How long finished jobs are remembered for duplicate detection.
-    pub retention: String,
+    pub retention: Dur,
     /// How far an event's `time` may be ahead of its record's timestamp.
-    pub max_clock_skew: String,
+    pub max_clock_skew: Dur,
     /// How far an event's `time` may be behind its record's timestamp;
-    /// empty means the retention.
-    pub max_event_age: String,
+    /// unset (or empty) means the retention.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "empty_is_none")]
+    pub max_event_age: Option<Dur>,
 }
 
 /// `[billing]`.
@@ -160,7 +161,7 @@ pub struct ApiConfig {
 pub struct ShutdownConfig {
     /// After SIGTERM/SIGINT, exit by force if the last batch has not been
     /// committed within this time (a second signal forces it at once).
-    pub deadline: String,
+    pub deadline: Dur,
 }
 
 impl Default for Config {
@@ -185,7 +186,7 @@ impl Default for KafkaConfig {
         KafkaConfig {
             brokers: "127.0.0.1:9092".into(),
             group_id: "jobmeter".into(),
-            transaction_timeout: "30s".into(),
+            transaction_timeout: Dur::from_ms(30_000),
             properties: BTreeMap::new(),
         }
     }
@@ -207,7 +208,7 @@ impl Default for StateConfig {
     fn default() -> Self {
         StateConfig {
             dir: PathBuf::from("data/jobmeter"),
-            max_local_age: "48h".into(),
+            max_local_age: Dur::from_ms(48 * 3_600_000),
         }
     }
 }
@@ -216,8 +217,8 @@ impl Default for BatchConfig {
     fn default() -> Self {
         BatchConfig {
             max_events: 5000,
-            interval: "50ms".into(),
-            max_idle: "500ms".into(),
+            interval: Dur::from_ms(50),
+            max_idle: Dur::from_ms(500),
         }
     }
 }
@@ -225,12 +226,12 @@ impl Default for BatchConfig {
 impl Default for MeterTimeouts {
     fn default() -> Self {
         MeterTimeouts {
-            orphan_timeout: "10m".into(),
-            period_grace: "1h".into(),
-            max_duration: "7d".into(),
-            retention: "35d".into(),
-            max_clock_skew: "5m".into(),
-            max_event_age: String::new(),
+            orphan_timeout: Dur::from_ms(10 * 60_000),
+            period_grace: Dur::from_ms(3_600_000),
+            max_duration: Dur::from_ms(7 * 86_400_000),
+            retention: Dur::from_ms(35 * 86_400_000),
+            max_clock_skew: Dur::from_ms(5 * 60_000),
+            max_event_age: None,
         }
     }
 }
@@ -255,7 +256,18 @@ impl Default for HttpConfig {
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        ShutdownConfig { deadline: "30s".into() }
+        ShutdownConfig {
+            deadline: Dur::from_ms(30_000),
+        }
+    }
+}
+
+/// An optional duration where an empty string means unset.
+fn empty_is_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Dur>, D::Error> {
+    let text = String::deserialize(d)?;
+    match text.trim() {
+        "" => Ok(None),
+        t => t.parse().map(Some).map_err(serde::de::Error::custom),
     }
 }
 
@@ -284,6 +296,47 @@ fn env_value(raw: &str, current: Option<&toml::Value>) -> toml::Value {
         // (always text).
         _ => text(),
     }
+}
+
+/// The typed configuration of `table`. A value of the wrong type is
+/// reported with its path and taken out (its default stands in), and the
+/// rest is read again, so that every such value is reported at once (and
+/// the other checks still run); `None` when a wrong value cannot be taken
+/// out.
+fn typed(mut table: toml::Table, errors: &mut Vec<String>) -> Option<Config> {
+    loop {
+        match serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(table.clone())) {
+            Ok(cfg) => return Some(cfg),
+            Err(e) => {
+                let path: Vec<String> = e.path().iter().map(ToString::to_string).collect();
+                let message = e.inner().to_string();
+                // The TOML error appends "in `path`" on a line of its own.
+                let message = message.lines().next().unwrap_or_default().trim();
+                errors.push(match path.as_slice() {
+                    [] | [_] if path.iter().all(|s| s == "?") => message.to_owned(),
+                    _ => format!("{}: {message}", e.path()),
+                });
+                if !remove_path(&mut table, &path) {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Removes the value at `path`; false when there is none.
+fn remove_path(root: &mut toml::Table, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut t = root;
+    for p in parents {
+        match t.get_mut(p).and_then(toml::Value::as_table_mut) {
+            Some(next) => t = next,
+            None => return false,
+        }
+    }
+    t.remove(last).is_some()
 }
 
 fn get_path<'a>(root: &'a toml::Table, path: &[String]) -> Option<&'a toml::Value> {
@@ -380,12 +433,8 @@ impl Config {
                 }
             }
         }
-        let cfg: Config = match toml::Value::Table(table).try_into() {
-            Ok(c) => c,
-            Err(e) => {
-                errors.push(e.to_string().trim().to_owned());
-                return Err(ConfigErrors(errors));
-            }
+        let Some(cfg) = typed(table, &mut errors) else {
+            return Err(ConfigErrors(errors));
         };
         errors.extend(cfg.problems());
         if errors.is_empty() {
@@ -398,11 +447,9 @@ impl Config {
     /// Every semantic problem.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
-        let dur = |p: &mut Vec<String>, field: &str, v: &str| {
-            if parse_duration_ms(v).is_none_or(|ms| ms <= 0) {
-                p.push(format!(
-                    "{field}: {v:?} is not a positive duration of at most 3650d (examples: 250ms, 30s, 10m, 1h, 7d)"
-                ));
+        let positive = |p: &mut Vec<String>, field: &str, v: Dur| {
+            if v.ms() <= 0 {
+                p.push(format!("{field}: must be more than 0"));
             }
         };
         if self.instance_id.is_empty()
@@ -422,7 +469,7 @@ impl Config {
         if self.kafka.group_id.trim().is_empty() {
             p.push("kafka.group_id: must not be empty".into());
         }
-        dur(&mut p, "kafka.transaction_timeout", &self.kafka.transaction_timeout);
+        positive(&mut p, "kafka.transaction_timeout", self.kafka.transaction_timeout);
         // The meter hands each instance's records to its meters from
         // per-partition queues and rebuilds them at every assignment, which
         // needs the eager protocol (every partition revoked, committed and
@@ -447,11 +494,11 @@ impl Config {
         if self.topics.partitions < 1 || self.topics.output_partitions < 1 || self.topics.replication < 1 {
             p.push("topics.partitions, output_partitions and replication must be at least 1".into());
         }
-        dur(&mut p, "state.max_local_age", &self.state.max_local_age);
+        positive(&mut p, "state.max_local_age", self.state.max_local_age);
         let tombstones = jobmeter_kafka::topics::CHANGELOG_TOMBSTONE_RETENTION_MS;
-        if parse_duration_ms(&self.state.max_local_age).is_some_and(|ms| ms >= tombstones) {
+        if self.state.max_local_age.ms() >= tombstones {
             p.push(format!(
-                "state.max_local_age: {:?} must be shorter than the changelog's tombstone retention ({} h): older local state could miss deletions",
+                "state.max_local_age: {} must be shorter than the changelog's tombstone retention ({} h): older local state could miss deletions",
                 self.state.max_local_age,
                 tombstones / 3_600_000
             ));
@@ -459,17 +506,30 @@ impl Config {
         if self.batch.max_events == 0 {
             p.push("batch.max_events: must be at least 1".into());
         }
-        dur(&mut p, "batch.interval", &self.batch.interval);
-        dur(&mut p, "batch.max_idle", &self.batch.max_idle);
-        dur(&mut p, "meter.orphan_timeout", &self.meter.orphan_timeout);
-        dur(&mut p, "meter.period_grace", &self.meter.period_grace);
-        dur(&mut p, "meter.max_duration", &self.meter.max_duration);
-        dur(&mut p, "meter.retention", &self.meter.retention);
-        dur(&mut p, "meter.max_clock_skew", &self.meter.max_clock_skew);
-        if !self.meter.max_event_age.is_empty() {
-            dur(&mut p, "meter.max_event_age", &self.meter.max_event_age);
+        for (field, v) in [
+            ("batch.interval", self.batch.interval),
+            ("batch.max_idle", self.batch.max_idle),
+            ("meter.orphan_timeout", self.meter.orphan_timeout),
+            ("meter.period_grace", self.meter.period_grace),
+            ("meter.max_duration", self.meter.max_duration),
+            ("meter.retention", self.meter.retention),
+            ("meter.max_clock_skew", self.meter.max_clock_skew),
+            ("shutdown.deadline", self.shutdown.deadline),
+        ] {
+            positive(&mut p, field, v);
         }
-        dur(&mut p, "shutdown.deadline", &self.shutdown.deadline);
+        if let Some(age) = self.meter.max_event_age {
+            positive(&mut p, "meter.max_event_age", age);
+        }
+        // The last batch's commit may take up to the transaction timeout;
+        // a shorter deadline cuts it off (safe, but not the clean exit the
+        // deadline is for).
+        if self.shutdown.deadline < self.kafka.transaction_timeout {
+            p.push(format!(
+                "shutdown.deadline: {} is shorter than kafka.transaction_timeout ({}): the last commit could be cut off",
+                self.shutdown.deadline, self.kafka.transaction_timeout
+            ));
+        }
         if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
             p.push(format!(
                 "http.listen: {:?} is not an address such as 127.0.0.1:9464",
@@ -560,23 +620,15 @@ impl Config {
         }
     }
 
-    /// A duration field in milliseconds (validated at load).
-    pub fn ms(v: &str) -> i64 {
-        parse_duration_ms(v).unwrap_or(0)
-    }
-
     /// The core's timeouts.
     pub fn meter_config(&self) -> MeterConfig {
         MeterConfig {
-            orphan_timeout_ms: Config::ms(&self.meter.orphan_timeout),
-            period_grace_ms: Config::ms(&self.meter.period_grace),
-            max_duration_ms: Config::ms(&self.meter.max_duration),
-            retention_ms: Config::ms(&self.meter.retention),
-            max_clock_skew_ms: Config::ms(&self.meter.max_clock_skew),
-            max_event_age_ms: match self.meter.max_event_age.as_str() {
-                "" => Config::ms(&self.meter.retention),
-                v => Config::ms(v),
-            },
+            orphan_timeout_ms: self.meter.orphan_timeout.ms(),
+            period_grace_ms: self.meter.period_grace.ms(),
+            max_duration_ms: self.meter.max_duration.ms(),
+            retention_ms: self.meter.retention.ms(),
+            max_clock_skew_ms: self.meter.max_clock_skew.ms(),
+            max_event_age_ms: self.meter.max_event_age.unwrap_or(self.meter.retention).ms(),
         }
     }
 
@@ -717,10 +769,36 @@ mod tests {
     }
 
     #[test]
+    fn durations_are_typed() {
+        let over = Overrides {
+            sets: vec![
+                ("batch.interval".into(), "1h 30m".into()),
+                ("meter.max_event_age".into(), "".into()),
+                ("billing.rate_card".into(), rate_card_path()),
+            ],
+        };
+        let cfg = Config::load(None, &[], &over).expect("valid");
+        assert_eq!(cfg.batch.interval.ms(), 5_400_000);
+        assert_eq!(cfg.meter.max_event_age, None, "empty means the retention");
+        assert_eq!(cfg.meter_config().max_event_age_ms, cfg.meter.retention.ms());
+        let over = Overrides {
+            sets: vec![
+                ("meter.max_event_age".into(), "2d".into()),
+                ("billing.rate_card".into(), rate_card_path()),
+            ],
+        };
+        let cfg = Config::load(None, &[], &over).expect("valid");
+        assert_eq!(cfg.meter_config().max_event_age_ms, 2 * 86_400_000);
+        assert!(toml::to_string(&cfg).expect("print").contains("max_event_age = \"2d\""));
+    }
+
+    #[test]
     fn reports_every_problem_at_once() {
         let env = vec![
             ("JOBMETER__BATCH__INTERVAL".to_owned(), "soon".to_owned()),
             ("JOBMETER__TOPICS__PARTITIONS".to_owned(), "0".to_owned()),
+            ("JOBMETER__METER__RETENTION".to_owned(), "forever".to_owned()),
+            ("JOBMETER__SHUTDOWN__DEADLINE".to_owned(), "10s".to_owned()),
         ];
         let over = Overrides {
             sets: vec![
@@ -739,7 +817,9 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         for needle in [
-            "batch.interval",
+            "batch.interval: \"soon\" is not a duration",
+            "meter.retention: \"forever\" is not a duration",
+            "shutdown.deadline: 10s is shorter than kafka.transaction_timeout (30s)",
             "batch.max_idle",
             "topics.partitions",
             "http.listen",

@@ -99,7 +99,7 @@ pub fn main(cmd: RunCmd) -> anyhow::Result<()> {
         .build()?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let signals = shutdown.clone();
-    let deadline = Duration::from_millis(Config::ms(&cfg.shutdown.deadline) as u64);
+    let deadline = cfg.shutdown.deadline.std();
     rt.spawn(async move {
         crate::signals::shutdown_requested().await;
         tracing::info!("shutdown requested: finishing the current batch");

@@ -3,7 +3,6 @@
 //! engine (in arrival order while every event arrives on its account's
 //! partition, in event-time order across partitions otherwise).
 
-use super::config::Config;
 use super::engine::{Engine, EngineConfig, EngineError, MeterContext};
 use super::Deps;
 use jobmeter_kafka::topics::partition_count;
@@ -53,16 +52,16 @@ fn pause_failed<C: rdkafka::consumer::ConsumerContext>(consumer: &BaseConsumer<C
 
 fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<(), EngineError> {
     let cfg = &deps.cfg;
-    let txn_timeout = Duration::from_millis(Config::ms(&cfg.kafka.transaction_timeout) as u64);
+    let txn_timeout = cfg.kafka.transaction_timeout.std();
     let producer = TxnProducer::new(&deps.settings, &cfg.transactional_id(), txn_timeout)?;
     let ecfg = EngineConfig {
         topics: deps.topics.clone(),
         settings: deps.settings.clone(),
         instance_id: cfg.instance_id.clone(),
         batch_max_events: cfg.batch.max_events,
-        batch_interval: Duration::from_millis(Config::ms(&cfg.batch.interval) as u64),
+        batch_interval: cfg.batch.interval.std(),
         meter: cfg.meter_config(),
-        max_local_age: Duration::from_millis(Config::ms(&cfg.state.max_local_age) as u64),
+        max_local_age: cfg.state.max_local_age.std(),
         restore_deadline: txn_timeout * 4,
         commit_stall_after: txn_timeout * 4,
         input_partitions: match deps.input_partitions.load(Ordering::Relaxed) {
@@ -281,7 +280,7 @@ fn merge_round<'e>(
     // reached its end: it holds the others back for `max_idle` at most,
     // until it delivers a record or reaches its end.
     let mut starved_since: Vec<Option<Instant>> = vec![None; queues.len()];
-    let max_idle = Duration::from_millis(Config::ms(&deps.cfg.batch.max_idle) as u64);
+    let max_idle = deps.cfg.batch.max_idle.std();
     // The event time of each queue's last record (where it stands).
     let mut last_key = vec![i64::MIN; queues.len()];
     let mut last_main = Instant::now();
