@@ -10,6 +10,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use jobmeter_core::wire::{CloudEvent, EventData};
 use jobmeter_core::*;
 use std::hint::black_box;
 
@@ -43,13 +44,11 @@ fn workload(jobs: usize) -> Vec<String> {
     let mut evs: Vec<(i64, u64, String)> = Vec::new();
     let mut seq = 0u64;
     let mut t = 1_714_521_600_000i64;
-    let mut push = |evs: &mut Vec<(i64, u64, String)>, ty: &str, job: &str, time: i64, acct: &str, data: &str| {
+    let mut push = |evs: &mut Vec<(i64, u64, String)>, ty: &str, job: &str, time: i64, data: EventData<'_>| {
         seq += 1;
-        let json = format!(
-            r#"{{"specversion":"1.0","id":"w-{seq:09}","source":"gpu-worker/us-east-1/node-{}","type":"{ty}","time":"{}","subject":"{job}","data":{{"account_id":"{acct}"{data}}}}}"#,
-            seq % 64,
-            Timestamp(time)
-        );
+        let id = format!("w-{seq:09}");
+        let source = format!("gpu-worker/us-east-1/node-{}", seq % 64);
+        let json = CloudEvent::new(&id, &source, ty, Timestamp(time), job, data).to_json();
         evs.push((time, seq, json));
     };
     for j in 0..jobs {
@@ -57,41 +56,47 @@ fn workload(jobs: usize) -> Vec<String> {
         let acct = format!("acct-{:04}", rng.below(300));
         let job = format!("job-{j:09}");
         let roll = rng.below(100);
-        let (data, dur) = if roll < 90 {
+        let of_account = EventData {
+            account_id: &acct,
+            ..EventData::default()
+        };
+        let run = format!("run-{}", j / 3);
+        let (started, dur) = if roll < 90 {
             let m = MODELS[rng.below(MODELS.len() as u64) as usize];
-            (
-                format!(r#","kind":"inference","model":"{m}","gpu":"A100-80GB""#),
-                500 + rng.below(30_000) as i64,
-            )
+            let data = EventData {
+                kind: Some("inference"),
+                model: Some(m),
+                gpu: Some("A100-80GB"),
+                ..of_account.clone()
+            };
+            (data, 500 + rng.below(30_000) as i64)
         } else if roll < 99 {
             let m = MODELS[rng.below(MODELS.len() as u64) as usize];
-            (
-                format!(
-                    r#","kind":"workflow_step","model":"{m}","workflow_run_id":"run-{}""#,
-                    j / 3
-                ),
-                500 + rng.below(20_000) as i64,
-            )
+            let data = EventData {
+                kind: Some("workflow_step"),
+                model: Some(m),
+                workflow_run_id: Some(&run),
+                ..of_account.clone()
+            };
+            (data, 500 + rng.below(20_000) as i64)
         } else {
-            (
-                r#","kind":"fine_tune""#.to_owned(),
-                600_000 + rng.below(3_000_000) as i64,
-            )
+            let data = EventData {
+                kind: Some("fine_tune"),
+                ..of_account.clone()
+            };
+            (data, 600_000 + rng.below(3_000_000) as i64)
         };
-        push(&mut evs, "job.started", &job, t, &acct, &data);
+        push(&mut evs, "job.started", &job, t, started);
         let mut hb = t + 10_000;
         while hb < t + dur {
-            push(&mut evs, "job.heartbeat", &job, hb, &acct, "");
+            push(&mut evs, "job.heartbeat", &job, hb, of_account.clone());
             hb += 10_000;
         }
-        push(
-            &mut evs,
-            "job.stopped",
-            &job,
-            t + dur,
-            &acct,
-            r#","status":"succeeded""#,
-        );
+        let stopped = EventData {
+            status: Some("succeeded"),
+            ..of_account
+        };
+        push(&mut evs, "job.stopped", &job, t + dur, stopped);
     }
     evs.sort_by_key(|(t, s, _)| (*t, *s));
     let mut out = Vec::with_capacity(evs.len() * 21 / 20);

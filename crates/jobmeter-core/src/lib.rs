@@ -42,7 +42,7 @@ pub mod state;
 pub mod time;
 mod timers;
 pub mod view;
-mod wire;
+pub mod wire;
 
 pub use config_error::{ConfigError, Problem};
 pub use event::{parse_job_event, JobEvent, JobKind, JobStatus, RejectReason};

@@ -36,6 +36,7 @@
 //!   idempotent producer (`enable.idempotence`, `acks=all`).
 //! - Delivery failures are counted; [`Emitter::flush`] reports them.
 
+use jobmeter_core::wire::{CloudEvent, EventData};
 use jobmeter_core::{JobKind, Timestamp};
 use jobmeter_kafka::client::KafkaSettings;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
@@ -220,36 +221,21 @@ pub fn event_json(source: &str, job: &JobSpec, ty: EventType, time: Timestamp) -
         EventType::Heartbeat(n) => ("job.heartbeat", format!("{}:hb:{n}", job.job_id)),
         EventType::Stopped(_) => ("job.stopped", format!("{}:stopped", job.job_id)),
     };
-    let mut data = serde_json::Map::new();
-    data.insert("account_id".into(), job.account_id.clone().into());
+    let mut data = EventData {
+        account_id: &job.account_id,
+        ..EventData::default()
+    };
     match ty {
         EventType::Started => {
-            data.insert("kind".into(), job.kind.as_str().into());
-            if let Some(m) = &job.model {
-                data.insert("model".into(), m.clone().into());
-            }
-            if let Some(r) = &job.workflow_run_id {
-                data.insert("workflow_run_id".into(), r.clone().into());
-            }
-            if let Some(g) = &job.gpu {
-                data.insert("gpu".into(), g.clone().into());
-            }
+            data.kind = Some(job.kind.as_str());
+            data.model = job.model.as_deref();
+            data.workflow_run_id = job.workflow_run_id.as_deref();
+            data.gpu = job.gpu.as_deref();
         }
         EventType::Heartbeat(_) => {}
-        EventType::Stopped(s) => {
-            data.insert("status".into(), s.as_str().into());
-        }
+        EventType::Stopped(s) => data.status = Some(s.as_str()),
     }
-    serde_json::json!({
-        "specversion": "1.0",
-        "id": id,
-        "source": source,
-        "type": type_name,
-        "time": time.to_string(),
-        "subject": job.job_id,
-        "data": data,
-    })
-    .to_string()
+    CloudEvent::new(&id, source, type_name, time, &job.job_id, data).to_json()
 }
 
 /// Counts delivery failures.

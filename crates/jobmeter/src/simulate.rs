@@ -8,8 +8,11 @@
 //! hours; heartbeats every `heartbeat_interval`; and configurable rates of
 //! duplicates, local reordering, lost stops, bad events and clock skew.
 
+use jobmeter_core::wire::{CloudEvent, EventData};
 use jobmeter_core::Timestamp;
-use std::fmt::Write as _;
+
+/// A job to simulate: id, kind, model, workflow run, start, duration.
+type SimJob = (String, &'static str, &'static str, Option<String>, i64, i64);
 
 /// A small, fast, seedable PRNG (SplitMix64): stable across versions, no
 /// dependency, good enough for workloads.
@@ -274,24 +277,14 @@ pub fn events(opts: &FleetOptions) -> Vec<SimEvent> {
                     ty: &str,
                     job: &str,
                     time: i64,
-                    acct: &str,
-                    data: &str| {
+                    data: EventData<'_>| {
         seq += 1;
         let time = Timestamp(time + skew[worker]);
-        let mut json = String::with_capacity(256);
-        let _ = write!(
-            json,
-            r#"{{"specversion":"1.0","id":"w{worker}-{seq:08}","source":"gpu-worker/sim/node-{worker}","type":"{ty}","time":"{time}","subject":"{job}","data":{{"account_id":"{acct}"{data}}}}}"#
-        );
-        evs.push((
-            time,
-            seq,
-            SimEvent {
-                time,
-                key: acct.to_owned(),
-                json,
-            },
-        ));
+        let id = format!("w{worker}-{seq:08}");
+        let source = format!("gpu-worker/sim/node-{worker}");
+        let key = data.account_id.to_owned();
+        let json = CloudEvent::new(&id, &source, ty, time, job, data).to_json();
+        evs.push((time, seq, SimEvent { time, key, json }));
     };
     while job_no < opts.jobs {
         t += rng.range(0, 2 * opts.mean_gap_ms);
@@ -300,16 +293,11 @@ pub fn events(opts: &FleetOptions) -> Vec<SimEvent> {
             (rng.below(opts.accounts as u64) * rng.below(opts.accounts as u64) / opts.accounts.max(1) as u64) as usize;
         let acct = account_id(a);
         let roll = rng.below(1000);
-        let mut jobs: Vec<(String, String, i64, i64)> = Vec::new(); // (job, data, start, duration)
+        let mut jobs: Vec<SimJob> = Vec::new();
         if roll < 880 {
             let m = pick_model(&mut rng);
             let d = rng.range(m.min_ms, m.max_ms);
-            jobs.push((
-                format!("job-{job_no:08}"),
-                format!(r#","kind":"inference","model":"{}","gpu":"A100-80GB""#, m.name),
-                t,
-                d,
-            ));
+            jobs.push((format!("job-{job_no:08}"), "inference", m.name, None, t, d));
         } else if roll < 985 {
             let steps = rng.range(2, 4);
             let run = format!("run-{job_no:08}");
@@ -319,10 +307,9 @@ pub fn events(opts: &FleetOptions) -> Vec<SimEvent> {
                 let d = rng.range(m.min_ms, m.max_ms.min(30_000));
                 jobs.push((
                     format!("job-{job_no:08}-s{s}"),
-                    format!(
-                        r#","kind":"workflow_step","model":"{}","workflow_run_id":"{run}""#,
-                        m.name
-                    ),
+                    "workflow_step",
+                    m.name,
+                    Some(run.clone()),
                     st,
                     d,
                 ));
@@ -330,20 +317,26 @@ pub fn events(opts: &FleetOptions) -> Vec<SimEvent> {
             }
         } else {
             let d = rng.range(10 * 60_000, 3 * 3_600_000);
-            jobs.push((
-                format!("job-{job_no:08}"),
-                r#","kind":"fine_tune","model":"llama-3-8b""#.to_owned(),
-                t,
-                d,
-            ));
+            jobs.push((format!("job-{job_no:08}"), "fine_tune", "llama-3-8b", None, t, d));
         }
-        for (job, data, start, d) in jobs {
+        for (job, kind, model, run, start, d) in jobs {
             job_no += 1;
             let worker = rng.below(workers as u64) as usize;
-            emit(&mut evs, worker, "job.started", &job, start, &acct, &data);
+            let of_account = EventData {
+                account_id: &acct,
+                ..EventData::default()
+            };
+            let started = EventData {
+                kind: Some(kind),
+                model: Some(model),
+                workflow_run_id: run.as_deref(),
+                gpu: (kind == "inference").then_some("A100-80GB"),
+                ..of_account.clone()
+            };
+            emit(&mut evs, worker, "job.started", &job, start, started);
             let mut hb = start + opts.heartbeat_interval_ms;
             while hb < start + d {
-                emit(&mut evs, worker, "job.heartbeat", &job, hb, &acct, "");
+                emit(&mut evs, worker, "job.heartbeat", &job, hb, of_account.clone());
                 hb += opts.heartbeat_interval_ms;
             }
             if !rng.chance(opts.lost_stop_permille) {
@@ -352,15 +345,11 @@ pub fn events(opts: &FleetOptions) -> Vec<SimEvent> {
                     3 => "cancelled",
                     _ => "succeeded",
                 };
-                emit(
-                    &mut evs,
-                    worker,
-                    "job.stopped",
-                    &job,
-                    start + d,
-                    &acct,
-                    &format!(r#","status":"{status}""#),
-                );
+                let stopped = EventData {
+                    status: Some(status),
+                    ..of_account
+                };
+                emit(&mut evs, worker, "job.stopped", &job, start + d, stopped);
             }
         }
     }
