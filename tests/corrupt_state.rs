@@ -6,8 +6,9 @@
 mod support;
 
 use jobmeter::simulate::FleetOptions;
-use jobmeter_core::state::{changelog, keys, Table};
+use jobmeter_core::state::{keys, Table};
 use jobmeter_core::{AccountId, JobId};
+use jobmeter_kafka::changelog;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use support::*;

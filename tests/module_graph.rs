@@ -156,3 +156,23 @@ fn the_cycle_finder_finds_cycles() {
         ["x", "z"].map(String::from).into()
     );
 }
+
+/// The billing core reads no clock: only `time.rs` (which defines
+/// `Timestamp::now` for the adapters) may name the system clock.
+#[test]
+fn the_core_reads_no_clock() {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crates/jobmeter-core/src");
+    let mut files = Vec::new();
+    rs_files(&src, &mut files);
+    assert!(files.len() > 10);
+    let offenders: Vec<String> = files
+        .iter()
+        .filter(|f| !f.ends_with("time.rs"))
+        .filter(|f| {
+            let text = code(f);
+            ["Timestamp::now", "SystemTime", "Instant::now"].iter().any(|n| text.contains(n))
+        })
+        .map(|f| f.display().to_string())
+        .collect();
+    assert!(offenders.is_empty(), "the core reads the clock in {offenders:?}");
+}

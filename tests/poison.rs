@@ -267,7 +267,11 @@ fn offline(w: &Workload, recs: &[Rec]) -> (Outputs, Vec<String>, BTreeMap<usize,
             record_time: Some(jobmeter_core::Timestamp(r.ts)),
         };
         meters.entry(r.partition).or_default().apply(
-            &ctx.with_partition(r.partition, w.partitions),
+            &ctx.with_partition(
+                r.partition,
+                w.partitions,
+                jobmeter_kafka::partitioner::partition_for_key,
+            ),
             r.value.as_deref().unwrap_or_default(),
             Some(&origin),
             &mut out,

@@ -324,7 +324,7 @@ pub struct Workload {
 /// The partition an account's events go to: Kafka's default partitioner,
 /// named explicitly so the offline expectation uses the same split.
 pub fn partition_of(key: &str, partitions: i32) -> i32 {
-    jobmeter_core::partition::partition_for_key(key.as_bytes(), partitions)
+    jobmeter_kafka::partitioner::partition_for_key(key.as_bytes(), partitions)
 }
 
 pub fn workload(opts: &FleetOptions, partitions: i32) -> Workload {
@@ -603,10 +603,12 @@ pub fn expected(w: &Workload, upto: usize) -> Outputs {
     let mut out = Vec::new();
     for e in &w.events[..upto] {
         let p = partition_of(&e.key, w.partitions);
-        meters
-            .entry(p)
-            .or_default()
-            .apply(&ctx.with_partition(p, w.partitions), e.json.as_bytes(), None, &mut out);
+        meters.entry(p).or_default().apply(
+            &ctx.with_partition(p, w.partitions, jobmeter_kafka::partitioner::partition_for_key),
+            e.json.as_bytes(),
+            None,
+            &mut out,
+        );
     }
     collect(out)
 }

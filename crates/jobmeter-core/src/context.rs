@@ -89,27 +89,47 @@ pub struct Context<'a> {
     pub accounts: &'a AccountBook,
     /// Timeouts.
     pub config: &'a MeterConfig,
-    /// The input partition this meter runs for and the partition count, or
-    /// `None` for a meter over every account (a replay). Decides which pro
-    /// accounts without usage this meter bills the monthly fee to.
-    pub partition: Option<(i32, i32)>,
+    /// The share of accounts this meter answers for, or `None` for a meter
+    /// over every account (a replay). Decides which pro accounts without
+    /// usage this meter bills the monthly fee to.
+    pub partition: Option<Share>,
+}
+
+/// Which partition an account's key belongs to, given the partition count
+/// (the Kafka adapter's murmur2, for the streaming meter).
+pub type Placement = fn(key: &[u8], partitions: i32) -> i32;
+
+/// The accounts of one partition: those `place` puts in `partition` of
+/// `partitions`.
+#[derive(Debug, Clone, Copy)]
+pub struct Share {
+    /// This meter's partition.
+    pub partition: i32,
+    /// How many partitions there are.
+    pub partitions: i32,
+    /// Where an account id goes.
+    pub place: Placement,
 }
 
 impl<'a> Context<'a> {
-    /// The same context for the meter of input partition `p` of `n`.
-    pub fn with_partition(self, p: i32, n: i32) -> Self {
+    /// The same context for the meter of partition `p` of `n`, answering
+    /// for the accounts `place` puts there.
+    pub fn with_partition(self, p: i32, n: i32, place: Placement) -> Self {
         Context {
-            partition: Some((p, n)),
+            partition: Some(Share {
+                partition: p,
+                partitions: n,
+                place,
+            }),
             ..self
         }
     }
 
-    /// True when this meter answers for `account`: Kafka's murmur2 of the
-    /// account id gives this meter's partition (the streaming meter applies
-    /// each event in that partition, wherever it arrived).
+    /// True when this meter answers for `account` (the streaming meter
+    /// applies each event in its account's partition, wherever it arrived).
     pub fn owns(&self, account: &crate::money::AccountId) -> bool {
         self.partition
-            .is_none_or(|(p, n)| crate::partition::partition_for_key(account.as_str().as_bytes(), n) == p)
+            .is_none_or(|s| (s.place)(account.as_str().as_bytes(), s.partitions) == s.partition)
     }
 
     /// Everything a meter consults, together.

@@ -8,7 +8,8 @@
 //!
 //! ## Invariants
 //! - **No I/O, no clock.** Time comes from events ("stream time": the
-//!   largest valid event time a partition has seen). The same input log
+//!   largest valid event time a partition has seen). `Timestamp::now` is
+//!   there for the adapters; no billing code calls it (a test checks). The same input log
 //!   always yields byte-identical outputs; output ids derive from inputs.
 //! - **Exact money.** [`money::Money`] is a `rust_decimal::Decimal`; no
 //!   floats, no rounding of charges. Statement totals are rounded once, to
@@ -33,7 +34,6 @@ mod jobs;
 pub mod meter;
 pub mod money;
 pub mod output;
-pub mod partition;
 mod persist;
 pub mod plans;
 pub mod ratecard;

@@ -5,7 +5,7 @@
 //! one partition, so counters, thresholds and statements of an account are
 //! owned by exactly one meter.
 
-pub use crate::context::{Context, MeterConfig, Stats};
+pub use crate::context::{Context, MeterConfig, Placement, Share, Stats};
 use crate::event::{parse_job_event, EventBody, EventKey, Invalid, JobEvent, JobStatus, RejectReason, StartInfo};
 use crate::fasthash::{FastMap, FastSet};
 use crate::output::{Origin, Output, Rejected};

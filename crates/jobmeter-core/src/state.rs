@@ -336,26 +336,6 @@ impl DecodeError {
     }
 }
 
-/// Keys of the state changelog: the records of every table share one
-/// compacted topic, so each key starts with its table's tag.
-pub mod changelog {
-    use super::Table;
-
-    /// The changelog key of `key` in `table`.
-    pub fn key(table: Table, key: &[u8]) -> Vec<u8> {
-        let mut k = Vec::with_capacity(1 + key.len());
-        k.push(table.tag());
-        k.extend_from_slice(key);
-        k
-    }
-
-    /// The table and state key of a changelog key (`None` if malformed).
-    pub fn split(key: &[u8]) -> Option<(Table, &[u8])> {
-        let (tag, rest) = key.split_first()?;
-        Some((Table::from_tag(*tag)?, rest))
-    }
-}
-
 /// Key codecs. Every string in a key is an identifier the parser bounds to
 /// [`crate::event::MAX_ID_BYTES`] (256) bytes, far below the u16 length
 /// prefix's 65 535; `put_str` still clamps, so a key can never be malformed.

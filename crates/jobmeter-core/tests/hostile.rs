@@ -163,7 +163,7 @@ proptest! {
     fn every_state_change_reads_back_and_restores_the_same_meter(steps in proptest::collection::vec(step(), 1..40)) {
         let (rates, plans, book, accounts, jobs) = world();
         let config = MeterConfig::default();
-        let ctx = Context::new(&rates, &plans, &book, &config).with_partition(0, 1);
+        let ctx = Context::new(&rates, &plans, &book, &config).with_partition(0, 1, |_, _| 0);
         let mut live = Meter::tracking_changes();
         let mut map = StateMap::new();
         let topic: std::sync::Arc<str> = "events".into();
@@ -275,7 +275,7 @@ fn ids_over_the_bound_are_refused_naming_the_field_never_truncated() {
 fn a_broken_clock_is_refused_and_moves_nothing() {
     let (rates, plans, book, _, _) = world();
     let config = MeterConfig::default();
-    let ctx = Context::new(&rates, &plans, &book, &config).with_partition(0, 1);
+    let ctx = Context::new(&rates, &plans, &book, &config).with_partition(0, 1, |_, _| 0);
     let ev = |id: &str, time: &str| {
         format!(
             r#"{{"specversion":"1.0","id":"{id}","source":"s","type":"job.started","time":"{time}","subject":"{id}","data":{{"account_id":"p","kind":"inference","model":"llm"}}}}"#

@@ -602,7 +602,7 @@ fn pro_accounts_without_usage_owe_the_fee_every_month() {
 
     // A meter of one partition bills only the accounts keyed to it.
     let n = 4;
-    let idle_home = jobmeter_core::partition::partition_for_key(b"idle", n);
+    let idle_home = common::place(b"idle", n);
     for p in 0..n {
         let (got, _) = run(Some((p, n)));
         let idle = got.iter().filter(|g| g.0 == "idle").count();

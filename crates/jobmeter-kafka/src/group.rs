@@ -12,7 +12,7 @@ use crate::KafkaAdapterError;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use std::time::Duration;
 
-pub use jobmeter_core::partition::partition_for_key;
+pub use crate::partitioner::partition_for_key;
 
 /// The client id a meter instance joins its group with.
 pub fn member_client_id(instance_id: &str, advertised_url: &str) -> String {

@@ -4,8 +4,11 @@
 //! creation ([`topics`]), client configuration ([`client`]), the
 //! transactional producer with librdkafka's error classes ([`txn`]), reading
 //! a partition to its end for restores and global tables ([`reader`]),
-//! producing under backpressure ([`produce`]), dead-letter records ([`dlq`]) and the repartition topic's forwarded
-//! records and order markers ([`repartition`]).
+//! producing under backpressure ([`produce`]), dead-letter records
+//! ([`dlq`]), the state changelog's record keys ([`changelog`]), Kafka's
+//! murmur2 partitioner, which decides the partition that meters an account
+//! ([`partitioner`]), and the repartition topic's forwarded records and
+//! order markers ([`repartition`]).
 //!
 //! Blocking librdkafka calls (transactions, flush, poll) are made from
 //! dedicated threads by the caller, never from async worker threads.
@@ -13,9 +16,11 @@
 //! ## Must never depend on
 //! RocksDB or HTTP; billing rules stay in `jobmeter-core`.
 
+pub mod changelog;
 pub mod client;
 pub mod dlq;
 pub mod group;
+pub mod partitioner;
 pub mod produce;
 pub mod reader;
 pub mod repartition;

@@ -438,7 +438,7 @@ mod tests {
         let plans = PlanCatalog::default();
         let book = AccountBook::new(&plans);
         let config = MeterConfig::default();
-        let ctx = Context::new(&rates, &plans, &book, &config).with_partition(7, 8);
+        let ctx = Context::new(&rates, &plans, &book, &config).with_partition(7, 8, |_, _| 7);
         // The longest ids accepted, in 1-, 2-, 3- and 4-byte characters.
         let long = |unit: &str, salt: &str| {
             let mut s = salt.to_owned();

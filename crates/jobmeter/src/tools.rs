@@ -87,7 +87,7 @@ pub fn produce_fleet_placed(
             rec = rec.key(key);
         }
         if event && placement == Placement::Misrouted {
-            let own = jobmeter_core::partition::partition_for_key(key.as_bytes(), partitions);
+            let own = jobmeter_kafka::partitioner::partition_for_key(key.as_bytes(), partitions);
             rec = rec.partition((own + 1) % partitions.max(1));
         }
         if let Some(ms) = timestamp {

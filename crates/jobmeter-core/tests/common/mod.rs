@@ -67,7 +67,7 @@ impl World {
     pub fn apply(&mut self, raw: &str) {
         let ctx = Context::new(&self.rates, &self.plans, &self.book, &self.config);
         let ctx = match self.partition {
-            Some((p, n)) => ctx.with_partition(p, n),
+            Some((p, n)) => ctx.with_partition(p, n, place),
             None => ctx,
         };
         self.meter.apply(&ctx, raw.as_bytes(), None, &mut self.out);
@@ -76,7 +76,7 @@ impl World {
     pub fn flush(&mut self) {
         let ctx = Context::new(&self.rates, &self.plans, &self.book, &self.config);
         let ctx = match self.partition {
-            Some((p, n)) => ctx.with_partition(p, n),
+            Some((p, n)) => ctx.with_partition(p, n, place),
             None => ctx,
         };
         self.meter.flush(&ctx, &mut self.out);
@@ -164,4 +164,13 @@ pub fn event(id: &str, ty: &str, job: &str, time: &str, data: &str) -> String {
 
 pub fn money(s: &str) -> Money {
     Money::parse(s).expect("test amount")
+}
+
+/// Where the tests' meters place an account (any stable function does; the
+/// streaming meter uses Kafka's murmur2).
+pub fn place(key: &[u8], partitions: i32) -> i32 {
+    let h = key
+        .iter()
+        .fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193));
+    (h % partitions.max(1) as u32) as i32
 }

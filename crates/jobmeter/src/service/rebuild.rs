@@ -166,7 +166,7 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
         let mut replayer = Replayer::new(markers, foreign);
         let mut meter = Meter::tracking_changes();
         let mut out = Vec::new();
-        let pctx = ctx.with_partition(p, parts);
+        let pctx = ctx.with_partition(p, parts, jobmeter_kafka::partitioner::partition_for_key);
         let mut n = 0u64;
         read_range(
             &settings,

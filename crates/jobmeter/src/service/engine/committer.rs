@@ -234,7 +234,7 @@ pub(super) fn commit_batch<T: Transactional, S: StateStore + ?Sized>(
     }
     for (p, ch) in &b.changes {
         for c in ch {
-            let key = jobmeter_core::state::changelog::key(c.table, &c.key);
+            let key = jobmeter_kafka::changelog::key(c.table, &c.key);
             producer.send(Outgoing {
                 topic: changelog,
                 key: &key,

@@ -72,6 +72,7 @@ use committer::Committer;
 use committer::OutRecord;
 use jobmeter_core::{AccountBook, Context, Meter, MeterConfig, Origin, Output, PlanCatalog, RateCard, Stats};
 use jobmeter_kafka::client::KafkaSettings;
+use jobmeter_kafka::partitioner::partition_for_key;
 use jobmeter_kafka::repartition::{is_marker, Lane, Source};
 use jobmeter_kafka::topics::Topics;
 use jobmeter_kafka::txn::{TxnError, TxnProducer};
@@ -434,8 +435,11 @@ impl Engine {
                 .accounts
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let ctx = Context::new(&self.billing.rates, &self.billing.plans, &book, &self.cfg.meter)
-                .with_partition(p, self.cfg.input_partitions);
+            let ctx = Context::new(&self.billing.rates, &self.billing.plans, &book, &self.cfg.meter).with_partition(
+                p,
+                self.cfg.input_partitions,
+                partition_for_key,
+            );
             if let Some(pm) = self.meters.get_mut(&p) {
                 match parsed {
                     Some(ev) => pm.meter.apply_event(&ctx, ev, payload, Some(origin), &mut self.out),

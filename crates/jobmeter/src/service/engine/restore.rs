@@ -147,7 +147,7 @@ pub(crate) type StateMap = BTreeMap<(Table, Vec<u8>), Vec<u8>>;
 /// tombstone) and returns it as a state change; `None` for a malformed key.
 pub(crate) fn overlay(map: &mut StateMap, rec: jobmeter_kafka::reader::Record) -> Option<StateChange> {
     let key = rec.key?;
-    let (table, k) = jobmeter_core::state::changelog::split(&key)?;
+    let (table, k) = jobmeter_kafka::changelog::split(&key)?;
     let entry = (table, k.to_vec());
     match &rec.value {
         Some(v) => {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 impl Engine {
     /// The partition that meters `ev`'s account.
     pub(super) fn owner(&self, ev: &jobmeter_core::JobEvent) -> i32 {
-        jobmeter_core::partition::partition_for_key(ev.account.as_str().as_bytes(), self.cfg.input_partitions)
+        jobmeter_kafka::partitioner::partition_for_key(ev.account.as_str().as_bytes(), self.cfg.input_partitions)
     }
 
     /// When the record should be applied relative to the others of this
@@ -115,7 +115,7 @@ pub(super) const REROUTE_LOG_EVERY: Duration = Duration::from_secs(60);
 pub(crate) fn route(payload: &[u8], arrival: i32, partitions: i32) -> (i32, Option<jobmeter_core::JobEvent>) {
     match jobmeter_core::parse_job_event(payload) {
         Ok(ev) => (
-            jobmeter_core::partition::partition_for_key(ev.account.as_str().as_bytes(), partitions),
+            jobmeter_kafka::partitioner::partition_for_key(ev.account.as_str().as_bytes(), partitions),
             Some(ev),
         ),
         Err(_) => (arrival, None),

@@ -1,0 +1,35 @@
+//! Changelog records: the meter's state changes as Kafka records. The key
+//! is the state record's table tag (one byte) followed by its key in the
+//! table; the value is the record's value, or a tombstone for a delete.
+//! The changelog is compacted, so it keeps the latest value of every key.
+
+use jobmeter_core::state::Table;
+
+/// The changelog key of `key` in `table`.
+pub fn key(table: Table, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + key.len());
+    k.push(table.tag());
+    k.extend_from_slice(key);
+    k
+}
+
+/// The table and state key of a changelog key (`None` if malformed).
+pub fn split(key: &[u8]) -> Option<(Table, &[u8])> {
+    let (tag, rest) = key.split_first()?;
+    Some((Table::from_tag(*tag)?, rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_split_back() {
+        for t in Table::ALL {
+            let k = key(t, b"abc");
+            assert_eq!(split(&k), Some((t, &b"abc"[..])));
+        }
+        assert_eq!(split(b""), None);
+        assert_eq!(split(&[0xee, 1, 2]), None);
+    }
+}
