@@ -170,7 +170,9 @@ fn the_core_reads_no_clock() {
         .filter(|f| !f.ends_with("time.rs"))
         .filter(|f| {
             let text = code(f);
-            ["Timestamp::now", "SystemTime", "Instant::now"].iter().any(|n| text.contains(n))
+            ["Timestamp::now", "SystemTime", "Instant::now"]
+                .iter()
+                .any(|n| text.contains(n))
         })
         .map(|f| f.display().to_string())
         .collect();
