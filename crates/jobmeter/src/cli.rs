@@ -269,6 +269,9 @@ pub struct SimulateCmd {
     /// many pro to enterprise).
     #[arg(long, default_value_t = 100)]
     pub plan_changes: u32,
+    /// Per-mille of jobs that are fine-tunes (10 min to 3 h).
+    #[arg(long, default_value_t = 15)]
+    pub fine_tunes: u32,
     /// Write events (JSON lines) here.
     #[arg(long)]
     pub events_out: Option<PathBuf>,
@@ -308,6 +311,7 @@ impl SimulateCmd {
             max_skew_ms: self.max_skew,
             skewed_worker_permille: self.skewed_workers,
             plan_change_permille: self.plan_changes,
+            fine_tune_permille: self.fine_tunes,
         })
     }
 }

@@ -80,6 +80,9 @@ pub struct FleetOptions {
     /// Per-mille of free accounts that upgrade to pro, and of pro accounts
     /// that move to enterprise, during the run.
     pub plan_change_permille: u32,
+    /// Per-mille of jobs that are fine-tunes (10 min to 3 h); of the rest,
+    /// 105 in 1000 are workflow steps and the others inference jobs.
+    pub fine_tune_permille: u32,
 }
 
 impl Default for FleetOptions {
@@ -98,6 +101,36 @@ impl Default for FleetOptions {
             max_skew_ms: 300,
             skewed_worker_permille: 100,
             plan_change_permille: 100,
+            fine_tune_permille: 15,
+        }
+    }
+}
+
+impl FleetOptions {
+    /// A fleet shaped like a real inference platform's: many short jobs
+    /// (most of them 1–60 s), 3 % fine-tunes of 10 min to 3 h, 2,000
+    /// accounts on all four plans, heartbeats every 30 s, 4.5 % duplicate
+    /// deliveries and 1 % malformed events, job starts spread over 12 hours
+    /// from six hours before a month's end, so that the run crosses the
+    /// month boundary (a period close and statements) and the rate card's
+    /// 2024-06 price change.
+    pub fn realistic(jobs: usize) -> FleetOptions {
+        FleetOptions {
+            seed: 7,
+            accounts: 2_000,
+            jobs,
+            start: Timestamp(1_717_178_400_000), // 2024-05-31T18:00:00Z
+            // Starts spread over 12 hours, whatever the number of jobs.
+            mean_gap_ms: (43_200_000 / jobs.max(1) as i64).max(1),
+            heartbeat_interval_ms: 30_000,
+            duplicate_permille: 45,
+            reorder_permille: 20,
+            lost_stop_permille: 5,
+            bad_permille: 10,
+            max_skew_ms: 300,
+            skewed_worker_permille: 100,
+            plan_change_permille: 100,
+            fine_tune_permille: 30,
         }
     }
 }
@@ -294,11 +327,12 @@ pub fn events(opts: &FleetOptions) -> Vec<SimEvent> {
         let acct = account_id(a);
         let roll = rng.below(1000);
         let mut jobs: Vec<SimJob> = Vec::new();
-        if roll < 880 {
+        let fine_tune_from = 1000 - u64::from(opts.fine_tune_permille.min(1000));
+        if roll < fine_tune_from.saturating_sub(105) {
             let m = pick_model(&mut rng);
             let d = rng.range(m.min_ms, m.max_ms);
             jobs.push((format!("job-{job_no:08}"), "inference", m.name, None, t, d));
-        } else if roll < 985 {
+        } else if roll < fine_tune_from {
             let steps = rng.range(2, 4);
             let run = format!("run-{job_no:08}");
             let mut st = t;
@@ -421,6 +455,35 @@ mod tests {
             to_pro > 200 && to_ent > 30,
             "{to_pro} free→pro, {to_ent} pro→enterprise"
         );
+    }
+
+    #[test]
+    fn the_realistic_fleet_has_its_shape() {
+        let o = FleetOptions::realistic(20_000);
+        let evs = events(&o);
+        let (mut started, mut fine_tunes, mut june, mut may) = (0usize, 0usize, 0usize, 0usize);
+        for e in &evs {
+            let v: serde_json::Value = serde_json::from_str(&e.json).unwrap_or_default();
+            if v["type"] == "job.started" {
+                started += 1;
+                fine_tunes += usize::from(v["data"]["kind"] == "fine_tune");
+            }
+            match e.time.period().to_string().as_str() {
+                "2024-05" => may += 1,
+                "2024-06" => june += 1,
+                _ => {}
+            }
+        }
+        let share = fine_tunes as f64 / started as f64;
+        assert!((0.02..0.04).contains(&share), "fine-tunes {share}");
+        assert!(
+            may > 1_000 && june > 1_000,
+            "crosses the month: {may} in May, {june} in June"
+        );
+        let per_job = evs.len() as f64 / started as f64;
+        assert!((3.0..7.0).contains(&per_job), "{per_job} events per job");
+        // The defaults are untouched by the preset's knob.
+        assert_eq!(FleetOptions::default().fine_tune_permille, 15);
     }
 
     #[test]

@@ -32,9 +32,13 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Parser)]
 struct Args {
-    /// Jobs in the throughput backlog (about 12 events per job).
-    #[arg(long, default_value_t = 40_000)]
-    jobs: usize,
+    /// The throughput backlog's workload.
+    #[arg(long, value_enum, default_value_t = Shape::Classic)]
+    shape: Shape,
+    /// Jobs in the throughput backlog (default: 40,000 for `classic`,
+    /// about 12 events per job; 216,574 for `realistic`, about 4.4).
+    #[arg(long)]
+    jobs: Option<usize>,
     /// Steady input rate for the latency run, events/s.
     #[arg(long, default_value_t = 10_000)]
     rate: u64,
@@ -68,6 +72,18 @@ struct Args {
     keep_topics: bool,
 }
 
+/// Workload shapes of the throughput backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Shape {
+    /// The original mix: 2,000 accounts, heartbeats every 10 s, 1.5 %
+    /// fine-tunes, 5 % duplicates, 0.2 % malformed, within one month.
+    Classic,
+    /// An inference platform's fleet: many short jobs, 3 % fine-tunes,
+    /// heartbeats every 30 s, 4.5 % duplicates, 1 % malformed, across a
+    /// month boundary and a price change (`FleetOptions::realistic`).
+    Realistic,
+}
+
 fn main() -> anyhow::Result<()> {
     let args = <Args as clap::Parser>::parse();
     let brokers = brokers_from_env();
@@ -81,8 +97,8 @@ fn main() -> anyhow::Result<()> {
         .as_secs();
     println!("machine: {} cores, {}", num_cores(), cpu_model());
     println!(
-        "broker: {brokers}; partitions: {}; placement: {:?}",
-        args.partitions, args.placement
+        "broker: {brokers}; partitions: {}; placement: {:?}; shape: {:?}",
+        args.partitions, args.placement, args.shape
     );
 
     // 1 + 2: backlog, ceiling, throughput.
@@ -90,14 +106,25 @@ fn main() -> anyhow::Result<()> {
     let dir = tempdir()?;
     let meter = start_meter(&bin, &prefix, &dir.join("tp"), args.partitions, &args.sets, 19464)?;
     wait_ready(19464)?;
-    let opts = FleetOptions {
-        jobs: args.jobs,
-        accounts: 2_000,
-        mean_gap_ms: 50,
-        ..FleetOptions::default()
+    let opts = match args.shape {
+        Shape::Classic => FleetOptions {
+            jobs: args.jobs.unwrap_or(40_000),
+            accounts: 2_000,
+            mean_gap_ms: 50,
+            ..FleetOptions::default()
+        },
+        Shape::Realistic => FleetOptions::realistic(args.jobs.unwrap_or(216_574)),
     };
     let evs = events(&opts);
     let accs = accounts(&opts);
+    println!(
+        "workload: {:?}, {} jobs, {} accounts, {} events (heartbeats every {} s)",
+        args.shape,
+        opts.jobs,
+        opts.accounts,
+        evs.len(),
+        opts.heartbeat_interval_ms / 1000
+    );
     // Stop the meter while the backlog is produced, so it starts on a full topic.
     drop(meter);
     let topics = jobmeter_kafka::topics::Topics::with_prefix(&prefix);
