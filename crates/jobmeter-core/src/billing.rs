@@ -16,7 +16,7 @@
 
 use crate::context::Context;
 use crate::event::JobKind;
-use crate::meter::Meter;
+use crate::meter::{Meter, Step};
 use crate::money::{AccountId, Money, CURRENCY};
 use crate::output::{Charge, LimitAction, LimitEvent, LimitKind, Output, Statement, StatementLine};
 use crate::plans::{Plan, PlanCatalog, PlanTerms};
@@ -302,17 +302,15 @@ impl Meter {
 
     /// Emits one charge: rates the slice, applies plan inclusion, updates
     /// the statement, then emits the limit events it triggers.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn emit_charge(
         &mut self,
-        ctx: &Context<'_>,
+        st: &mut Step<'_, '_>,
         jk: &JobKey,
         start: &StartRec,
         terms: &PlanTerms,
         s: SliceCharge,
-        now: Timestamp,
-        out: &mut Vec<Output>,
     ) {
+        let (ctx, now, out) = (st.ctx, st.now, &mut *st.out);
         let period = if Meter::is_closed(ctx, s.service_period, now) {
             self.stats.late_charges += 1;
             now.period()

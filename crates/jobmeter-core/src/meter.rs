@@ -14,6 +14,17 @@ use crate::state::{Billed, BilledPart, Counter, FiredKey, Job, JobKey, StartRec,
 use crate::time::{Period, Timestamp};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// The event being applied, as every handler sees it: the context, the
+/// stream time after the event, where outputs go, and the event's bytes
+/// and origin (for a dead letter; empty for a timer).
+pub(crate) struct Step<'s, 'c> {
+    pub(crate) ctx: &'s Context<'c>,
+    pub(crate) now: Timestamp,
+    pub(crate) out: &'s mut Vec<Output>,
+    pub(crate) raw: &'s [u8],
+    pub(crate) origin: Option<&'s Origin>,
+}
+
 /// Keys changed since the last [`Meter::take_changes`].
 #[derive(Debug, Default)]
 pub(crate) struct Dirty {
@@ -144,10 +155,17 @@ impl Meter {
         if !heartbeat {
             job.keys.push(ev.key);
         }
+        let mut st = Step {
+            ctx,
+            now,
+            out,
+            raw,
+            origin,
+        };
         let accepted = match ev.body {
-            EventBody::Started(info) => self.on_start(ctx, &jk, &mut job, ev.key, ev.time, info, raw, origin, now, out),
+            EventBody::Started(info) => self.on_start(&mut st, &jk, &mut job, ev.key, ev.time, info),
             EventBody::Heartbeat => {
-                self.on_heartbeat(ctx, &jk, &mut job, ev.time, now, out);
+                self.on_heartbeat(ctx, &jk, &mut job, ev.time, now, st.out);
                 true
             }
             EventBody::Stopped(status) => {
@@ -158,7 +176,7 @@ impl Meter {
                     pending_raw: None,
                     origin: None,
                 };
-                self.on_stop(ctx, &jk, &mut job, stop, raw, origin, now, out)
+                self.on_stop(&mut st, &jk, &mut job, stop)
             }
         };
         self.put_job(ctx, jk, idx, job, old, now);
@@ -180,28 +198,24 @@ impl Meter {
         self.fire_due_until(ctx, cap, processed, out);
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn on_start(
         &mut self,
-        ctx: &Context<'_>,
+        st: &mut Step<'_, '_>,
         jk: &JobKey,
         job: &mut Job,
         key: EventKey,
         time: Timestamp,
         info: StartInfo,
-        raw: &[u8],
-        origin: Option<&Origin>,
-        now: Timestamp,
-        out: &mut Vec<Output>,
     ) -> bool {
+        let (ctx, now) = (st.ctx, st.now);
         if let Some(first) = &job.start {
-            self.reject_conflict(jk, "start", first.time, raw, origin, out);
+            self.reject_conflict(jk, "start", first.time, st.raw, st.origin, st.out);
             return false;
         }
         let rate = match ctx.rates.rate_at(time, info.kind, info.model.as_ref()) {
             Ok(r) => (r.per_second, r.version.to_owned()),
             Err(inv) => {
-                self.reject(inv, raw.to_vec(), origin.cloned(), out);
+                self.reject(inv, st.raw.to_vec(), st.origin.cloned(), st.out);
                 return false;
             }
         };
@@ -213,32 +227,25 @@ impl Meter {
             version: rate.1,
         });
         if let Some(stop) = job.stop.take() {
-            self.pair(ctx, jk, job, stop, now, out);
+            self.pair(st, jk, job, stop);
         } else if job.last_heartbeat.is_some() {
-            self.accrue(ctx, jk, job, now, out);
+            self.accrue(ctx, jk, job, now, st.out);
         }
         true
     }
 
     /// A start has met a stop that was waiting for it.
-    fn pair(
-        &mut self,
-        ctx: &Context<'_>,
-        jk: &JobKey,
-        job: &mut Job,
-        mut stop: StopRec,
-        now: Timestamp,
-        out: &mut Vec<Output>,
-    ) {
+    fn pair(&mut self, st: &mut Step<'_, '_>, jk: &JobKey, job: &mut Job, mut stop: StopRec) {
+        let (ctx, now) = (st.ctx, st.now);
         let Some(start_time) = job.start.as_ref().map(|s| s.time) else {
             return;
         };
         if let Err(inv) = check_duration(ctx, start_time, stop.time) {
             let raw = stop.pending_raw.take().unwrap_or_default().into_bytes();
             // The stop is treated as if it never arrived: the job stays open.
-            self.reject(inv, raw, stop.origin.take(), out);
+            self.reject(inv, raw, stop.origin.take(), st.out);
             if job.last_heartbeat.is_some() {
-                self.accrue(ctx, jk, job, now, out);
+                self.accrue(ctx, jk, job, now, st.out);
             }
             return;
         }
@@ -246,7 +253,7 @@ impl Meter {
         stop.origin = None;
         let (time, status) = (stop.time, stop.status);
         job.stop = Some(stop);
-        self.charge(ctx, jk, job, time, status, false, now, out);
+        self.charge(st, jk, job, time, status, false);
     }
 
     fn on_heartbeat(
@@ -269,37 +276,26 @@ impl Meter {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn on_stop(
-        &mut self,
-        ctx: &Context<'_>,
-        jk: &JobKey,
-        job: &mut Job,
-        mut stop: StopRec,
-        raw: &[u8],
-        origin: Option<&Origin>,
-        now: Timestamp,
-        out: &mut Vec<Output>,
-    ) -> bool {
+    fn on_stop(&mut self, st: &mut Step<'_, '_>, jk: &JobKey, job: &mut Job, mut stop: StopRec) -> bool {
         if let Some(first) = &job.stop {
-            self.reject_conflict(jk, "stop", first.time, raw, origin, out);
+            self.reject_conflict(jk, "stop", first.time, st.raw, st.origin, st.out);
             return false;
         }
         let Some(start_time) = job.start.as_ref().map(|s| s.time) else {
-            stop.pending_raw = Some(String::from_utf8_lossy(raw).into_owned());
-            stop.origin = origin.cloned();
+            stop.pending_raw = Some(String::from_utf8_lossy(st.raw).into_owned());
+            stop.origin = st.origin.cloned();
             job.stop = Some(stop);
             return true;
         };
-        if let Err(inv) = check_duration(ctx, start_time, stop.time) {
-            self.reject(inv, raw.to_vec(), origin.cloned(), out);
+        if let Err(inv) = check_duration(st.ctx, start_time, stop.time) {
+            self.reject(inv, st.raw.to_vec(), st.origin.cloned(), st.out);
             return false;
         }
         let (time, status) = (stop.time, stop.status);
         job.stop = Some(stop);
         match job.billed.as_ref().map(|b| b.orphan) {
-            None => self.charge(ctx, jk, job, time, status, false, now, out),
-            Some(true) => self.adjust(ctx, jk, job, time, status, now, out),
+            None => self.charge(st, jk, job, time, status, false),
+            Some(true) => self.adjust(st, jk, job, time, status),
             Some(false) => {}
         }
         true
@@ -397,18 +393,16 @@ impl Meter {
     }
 
     /// Charges a job from its start to `end` (a stop, or the orphan close).
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn charge(
         &mut self,
-        ctx: &Context<'_>,
+        st: &mut Step<'_, '_>,
         jk: &JobKey,
         job: &mut Job,
         end: Timestamp,
         status: JobStatus,
         orphan: bool,
-        now: Timestamp,
-        out: &mut Vec<Output>,
     ) {
+        let ctx = st.ctx;
         self.release_accrual(job);
         let Some(start) = job.start.clone() else { return };
         let mut parts = Vec::new();
@@ -431,7 +425,7 @@ impl Meter {
                     new_job: true,
                     at: end,
                 };
-                self.emit_charge(ctx, jk, &start, &terms, slice, now, out);
+                self.emit_charge(st, jk, &start, &terms, slice);
                 parts.push(BilledPart {
                     service_period: s.period,
                     from: s.from,
@@ -452,17 +446,8 @@ impl Meter {
 
     /// A stop arrived for a job already charged as orphaned: charge the
     /// difference, period by period, against the orphan charge.
-    #[allow(clippy::too_many_arguments)]
-    fn adjust(
-        &mut self,
-        ctx: &Context<'_>,
-        jk: &JobKey,
-        job: &mut Job,
-        end: Timestamp,
-        status: JobStatus,
-        now: Timestamp,
-        out: &mut Vec<Output>,
-    ) {
+    fn adjust(&mut self, st: &mut Step<'_, '_>, jk: &JobKey, job: &mut Job, end: Timestamp, status: JobStatus) {
+        let ctx = st.ctx;
         let (Some(start), Some(billed)) = (job.start.clone(), job.billed.as_mut()) else {
             return;
         };
@@ -507,7 +492,7 @@ impl Meter {
                 at: end,
             };
             self.stats.adjustments += 1;
-            self.emit_charge(ctx, jk, &start, &terms, slice, now, out);
+            self.emit_charge(st, jk, &start, &terms, slice);
         }
         // The job is now billed as its full run (read by the usage API).
         billed.parts = full

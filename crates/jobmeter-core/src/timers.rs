@@ -3,7 +3,7 @@
 
 use crate::context::Context;
 use crate::event::{Invalid, JobStatus, RejectReason};
-use crate::meter::{deadline, Meter};
+use crate::meter::{deadline, Meter, Step};
 use crate::output::Output;
 use crate::state::JobKey;
 use crate::time::{Period, Timestamp};
@@ -17,7 +17,14 @@ impl Meter {
         if let Some(s) = job.start.as_ref().filter(|_| job.billed.is_none()) {
             let close = job.last_heartbeat.map_or(s.time, |h| h.max(s.time));
             self.stats.orphans += 1;
-            self.charge(ctx, &jk, &mut job, close, JobStatus::Orphaned, true, at, out);
+            let mut st = Step {
+                ctx,
+                now: at,
+                out,
+                raw: &[],
+                origin: None,
+            };
+            self.charge(&mut st, &jk, &mut job, close, JobStatus::Orphaned, true);
         } else if job.start.is_none() {
             if let Some(mut stop) = job.stop.take() {
                 let raw = stop.pending_raw.take().unwrap_or_default().into_bytes();
