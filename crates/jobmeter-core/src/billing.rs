@@ -197,6 +197,47 @@ fn clamp(x: Money, cap: Money) -> Money {
     x.max(Money::ZERO).min(cap)
 }
 
+/// The part of a new `amount` that is due, given the list amount `used`
+/// already charged against the limit and its cap (`None`: no cap, all
+/// due). The formula of the module documentation.
+pub(crate) fn due_part(used: Money, amount: Money, cap: Option<Money>) -> Money {
+    match cap {
+        Some(cap) => amount - (clamp(used + amount, cap) - clamp(used, cap)),
+        None => amount,
+    }
+}
+
+/// The period a charge is billed in: its service period, or the current
+/// one when the service period has closed (a late charge, `true`).
+pub(crate) fn billing_period(ctx: &Context<'_>, service: Period, now: Timestamp) -> (Period, bool) {
+    if Meter::is_closed(ctx, service, now) {
+        (now.period(), true)
+    } else {
+        (service, false)
+    }
+}
+
+/// What a threshold event asks of the platform: free credits used up
+/// block; a pro cap or quota reached suggests enterprise; anything else
+/// notifies.
+pub(crate) fn limit_action(limit: LimitKind, pct: Option<u32>) -> LimitAction {
+    match (limit, pct) {
+        (LimitKind::FreeCredits, Some(p)) if p >= 100 => LimitAction::Block,
+        (LimitKind::ModelApiCap | LimitKind::WorkflowQuota, Some(p)) if p >= 100 => LimitAction::UpgradeToEnterprise,
+        _ => LimitAction::Notify,
+    }
+}
+
+/// Where the included (not due) part of a charge shows on the statement:
+/// `(credits_applied, included_usage)`.
+pub(crate) fn included_as(plan: Plan, included: Money) -> (Money, Money) {
+    match plan {
+        Plan::Free => (included, Money::ZERO),
+        Plan::Pro => (Money::ZERO, included),
+        Plan::Enterprise | Plan::Payg => (Money::ZERO, Money::ZERO),
+    }
+}
+
 impl Meter {
     fn counter(&mut self, key: &UsageKey) -> &mut Counter {
         if let Some(d) = self.dirty.as_mut() {
@@ -230,13 +271,7 @@ impl Meter {
                 continue;
             }
             let scope = spec.key.period.map_or_else(|| "lifetime".to_owned(), |p| p.to_string());
-            let action = match (spec.key.limit, t.pct) {
-                (LimitKind::FreeCredits, Some(p)) if p >= 100 => LimitAction::Block,
-                (LimitKind::ModelApiCap | LimitKind::WorkflowQuota, Some(p)) if p >= 100 => {
-                    LimitAction::UpgradeToEnterprise
-                }
-                _ => LimitAction::Notify,
-            };
+            let action = limit_action(spec.key.limit, t.pct);
             out.push(Output::Limit(LimitEvent {
                 event_id: format!("{}/{}/{}/{}", spec.key.account, spec.key.limit.as_str(), scope, t.id),
                 account_id: spec.key.account.clone(),
@@ -283,10 +318,7 @@ impl Meter {
             return;
         }
         let terms = ctx.accounts.terms_at(ctx.plans, &jk.0, start.time);
-        let mut period = hb.period();
-        if Meter::is_closed(ctx, period, now) {
-            period = now.period();
-        }
+        let (period, _) = billing_period(ctx, hb.period(), now);
         let Some(spec) = limit_spec(ctx.plans, &terms, start.info.kind, &jk.0, period) else {
             return;
         };
@@ -311,24 +343,19 @@ impl Meter {
         s: SliceCharge,
     ) {
         let (ctx, now, out) = (st.ctx, st.now, &mut *st.out);
-        let period = if Meter::is_closed(ctx, s.service_period, now) {
+        let (period, late) = billing_period(ctx, s.service_period, now);
+        if late {
             self.stats.late_charges += 1;
-            now.period()
-        } else {
-            s.service_period
-        };
+        }
         let amount = start.rate * s.seconds;
         let spec = limit_spec(ctx.plans, terms, start.info.kind, &jk.0, period);
         let mut due = amount;
         if let Some(spec) = &spec {
             let counter = self.counter(&spec.key);
-            let before = counter.charged;
+            due = due_part(counter.charged, amount, spec.cap);
             counter.charged += amount;
-            if let Some(cap) = spec.cap {
-                due = amount - (clamp(before + amount, cap) - clamp(before, cap));
-            }
         }
-        let included = amount - due;
+        let (credits, included_usage) = included_as(terms.plan, amount - due);
         let acc = self
             .statements
             .entry(period)
@@ -343,11 +370,8 @@ impl Meter {
         line.seconds += s.seconds;
         line.amount += amount;
         acc.due += due;
-        match terms.plan {
-            Plan::Free => acc.credits_applied += included,
-            Plan::Pro => acc.included_usage += included,
-            Plan::Enterprise | Plan::Payg => {}
-        }
+        acc.credits_applied += credits;
+        acc.included_usage += included_usage;
         if let Some(d) = self.dirty.as_mut() {
             d.statements.insert((period, jk.0.clone()));
         }
@@ -432,5 +456,48 @@ impl Meter {
             }
             out.push(Output::Statement(statement));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(s: &str) -> Money {
+        Money::parse(s).unwrap_or_default()
+    }
+
+    #[test]
+    fn the_due_part_follows_the_inclusion_formula() {
+        let cap = Some(m("10"));
+        assert_eq!(due_part(m("0"), m("4"), cap), m("0"), "inside the cap");
+        assert_eq!(due_part(m("8"), m("4"), cap), m("2"), "across the cap");
+        assert_eq!(due_part(m("12"), m("4"), cap), m("4"), "beyond the cap");
+        assert_eq!(
+            due_part(m("12"), m("-4"), cap),
+            m("-2"),
+            "an adjustment gives back the due part first"
+        );
+        assert_eq!(due_part(m("5"), m("-4"), cap), m("0"), "then the included part");
+        assert_eq!(due_part(m("5"), m("4"), None), m("4"), "no cap: all due");
+        assert_eq!(
+            due_part(m("0"), m("4"), Some(m("0"))),
+            m("4"),
+            "a zero cap includes nothing"
+        );
+    }
+
+    #[test]
+    fn actions_and_statement_columns_by_plan() {
+        assert_eq!(limit_action(LimitKind::FreeCredits, Some(100)), LimitAction::Block);
+        assert_eq!(limit_action(LimitKind::FreeCredits, Some(80)), LimitAction::Notify);
+        assert_eq!(
+            limit_action(LimitKind::ModelApiCap, Some(100)),
+            LimitAction::UpgradeToEnterprise
+        );
+        assert_eq!(limit_action(LimitKind::Alert, None), LimitAction::Notify);
+        assert_eq!(included_as(Plan::Free, m("3")), (m("3"), m("0")));
+        assert_eq!(included_as(Plan::Pro, m("3")), (m("0"), m("3")));
+        assert_eq!(included_as(Plan::Payg, m("3")), (m("0"), m("0")));
     }
 }
