@@ -3,7 +3,7 @@
 //! engine (in arrival order while every event arrives on its account's
 //! partition, in event-time order across partitions otherwise).
 
-use super::engine::{Engine, EngineConfig, EngineError, MeterContext};
+use super::engine::{Engine, EngineConfig, EngineError, MeterContext, Rebalance};
 use super::Deps;
 use jobmeter_kafka::topics::partition_count;
 use jobmeter_kafka::txn::TxnProducer;
@@ -93,7 +93,7 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
             // the old incarnation, if alive, is fenced.
             .set("group.instance.id", &cfg.instance_id)
             .create_with_context(MeterContext {
-                engine: engine.clone(),
+                engine: engine.clone() as Arc<Mutex<dyn Rebalance>>,
                 input_topic: deps.topics.job_events.clone(),
                 repartition_topic: deps.topics.repartition.clone(),
             })

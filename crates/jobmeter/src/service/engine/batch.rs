@@ -64,6 +64,15 @@ impl Engine {
     /// still busy with the previous batch (at most one batch in commit and
     /// one being built). Returns an earlier batch's commit failure.
     pub fn commit<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> Result<(), EngineError> {
+        self.commit_with(|| consumer.group_metadata())
+    }
+
+    /// [`Engine::commit`] with the group's metadata (the generation the
+    /// offsets are committed under) given by `group`.
+    pub(super) fn commit_with(
+        &mut self,
+        group: impl FnOnce() -> Option<rdkafka::consumer::ConsumerGroupMetadata>,
+    ) -> Result<(), EngineError> {
         self.committer.check()?;
         if self.batch_events == 0 {
             return Ok(());
@@ -97,7 +106,7 @@ impl Engine {
                 pm.meter.open_jobs(),
             ));
         }
-        let group = consumer.group_metadata().ok_or(EngineError::NoGroup)?;
+        let group = group().ok_or(EngineError::NoGroup)?;
         let mut offsets: Vec<(String, i32, i64)> = Vec::new();
         for (p, o) in std::mem::take(&mut self.next_offsets) {
             offsets.push((self.cfg.topics.job_events.clone(), p, o));

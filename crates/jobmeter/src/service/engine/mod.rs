@@ -63,7 +63,7 @@ mod rebalance;
 mod restore;
 mod routing;
 
-pub use rebalance::MeterContext;
+pub use rebalance::{MeterContext, Rebalance};
 pub(crate) use restore::{overlay, StateMap};
 pub(crate) use routing::route;
 

@@ -4,15 +4,43 @@
 
 use super::{Engine, EngineError};
 use jobmeter_kafka::repartition::Lane;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata};
 use rdkafka::{ClientContext, TopicPartitionList};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// All the consumer context may do to the pipeline on a rebalance. The
+/// callbacks run on the pipeline thread, inside its `poll`; a revocation
+/// must commit the open batch before the partitions go (under the
+/// generation that still owns them), which is why the context reaches the
+/// engine at all, and why only through these two calls.
+pub trait Rebalance: Send + std::fmt::Debug {
+    /// Partitions given to this instance (input and repartition, at the
+    /// group's committed offsets), or why they could not be placed (the
+    /// pipeline is then rebuilt and joins again).
+    fn assigned(&mut self, tpl: &TopicPartitionList, failure: Option<EngineError>);
+    /// Partitions taken away: the open batch is committed under `group`
+    /// and every batch in commit is waited for, then they are forgotten.
+    fn revoked(&mut self, group: Option<ConsumerGroupMetadata>, tpl: &TopicPartitionList);
+}
+
+impl Rebalance for Engine {
+    fn assigned(&mut self, tpl: &TopicPartitionList, failure: Option<EngineError>) {
+        if let Some(f) = failure {
+            self.failed = Some(f);
+        }
+        self.on_assign(tpl);
+    }
+
+    fn revoked(&mut self, group: Option<ConsumerGroupMetadata>, tpl: &TopicPartitionList) {
+        self.on_revoke(group, tpl);
+    }
+}
+
 impl Engine {
     /// Partitions given to this instance; `tpl` holds the group's committed
     /// input offsets (where each partition's lane resumes).
-    pub(super) fn on_assign(&mut self, tpl: &TopicPartitionList) {
+    fn on_assign(&mut self, tpl: &TopicPartitionList) {
         for e in tpl.elements() {
             if e.topic() == self.cfg.topics.job_events {
                 let resume = e.offset().to_raw().filter(|o| *o >= 0).unwrap_or(0);
@@ -29,8 +57,9 @@ impl Engine {
         tracing::info!(partitions = ?self.assigned, "partitions assigned");
     }
 
-    pub(super) fn on_revoke<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, tpl: &TopicPartitionList) {
-        if let Err(e) = self.commit_and_wait(consumer) {
+    fn on_revoke(&mut self, group: Option<ConsumerGroupMetadata>, tpl: &TopicPartitionList) {
+        let committed = self.commit_with(|| group).and_then(|()| self.committer.wait());
+        if let Err(e) = committed {
             tracing::error!(error = %e, "commit on revoke failed");
             self.abort();
             self.failed = Some(e);
@@ -65,9 +94,9 @@ impl Engine {
 /// assignor), at the group's committed offsets for both.
 #[derive(Debug)]
 pub struct MeterContext {
-    /// The engine, shared with the poll loop (which never holds the lock
-    /// while polling, so callbacks can take it).
-    pub engine: Arc<Mutex<Engine>>,
+    /// The engine as a rebalance sees it, shared with the poll loop (which
+    /// never holds the lock while polling, so callbacks can take it).
+    pub engine: Arc<Mutex<dyn Rebalance>>,
     /// Input topic.
     pub input_topic: String,
     /// Repartition topic.
@@ -87,7 +116,7 @@ impl MeterContext {
         full
     }
 
-    pub(super) fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
+    fn engine(&self) -> std::sync::MutexGuard<'_, dyn Rebalance + 'static> {
         self.engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
@@ -132,19 +161,18 @@ impl ConsumerContext for MeterContext {
                     consumer.assign(&full)
                 }
                 .and_then(|()| consumer.pause(&full));
-                let mut e = self.engine();
-                if let Err(source) = fetched.and(assigned) {
-                    // Without the committed positions the lanes cannot be
-                    // placed: the pipeline is rebuilt and joins again.
-                    e.failed = Some(EngineError::Kafka(jobmeter_kafka::KafkaAdapterError::Op {
+                // Without the committed positions the lanes cannot be
+                // placed: the pipeline is rebuilt and joins again.
+                let failure = fetched.and(assigned).err().map(|source| {
+                    EngineError::Kafka(jobmeter_kafka::KafkaAdapterError::Op {
                         op: "assigning partitions at their committed offsets",
                         source,
-                    }));
-                }
-                e.on_assign(&full);
+                    })
+                });
+                self.engine().assigned(&full, failure);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                self.engine().on_revoke(consumer, tpl);
+                self.engine().revoked(consumer.group_metadata(), tpl);
                 let r = if cooperative {
                     consumer.incremental_unassign(&self.with_repartition(tpl))
                 } else {
