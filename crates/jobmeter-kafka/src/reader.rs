@@ -188,17 +188,24 @@ pub fn read_range(
                 });
             }
             Some(Err(KafkaError::PartitionEOF(p))) => {
-                // With read_committed, the end is the last stable offset; if
-                // a transaction is still open past it, keep waiting for it to
-                // end so that no committed record is missed.
-                let (_, high) = watermarks(&consumer, topic, p, deadline)?;
+                let Some(&end) = remaining.get(&p) else { continue };
                 let pos = consumer
                     .position()
                     .ok()
                     .and_then(|t| t.find_partition(topic, p).and_then(|e| e.offset().to_raw()))
                     .unwrap_or(-1);
-                let end = remaining.get(&p).copied().unwrap_or(high).min(high);
+                // Past the end measured at the start (its last record may
+                // be a transaction marker, which is never delivered): done,
+                // without another round trip.
                 if pos >= end {
+                    remaining.remove(&p);
+                    continue;
+                }
+                // With read_committed, the end is the last stable offset; if
+                // a transaction is still open past it, keep waiting for it to
+                // end so that no committed record is missed.
+                let (_, high) = watermarks(&consumer, topic, p, deadline)?;
+                if pos >= end.min(high) {
                     remaining.remove(&p);
                 }
             }

@@ -17,6 +17,10 @@
 //!    produced at a steady rate; after a warm-up (not counted), for every
 //!    job stop, the time from its produce call to its charge being visible
 //!    to a `read_committed` consumer is recorded: p50, p99, max.
+//! 4. **Restore** (printed as (d)): the throughput run's meter is
+//!    started again on an empty state directory and restores every
+//!    partition from the changelog: records, seconds spent restoring, and
+//!    how long until it is ready.
 
 use jobmeter::simulate::{accounts, events, FleetOptions};
 use jobmeter_kafka::client::{brokers_from_env, KafkaSettings};
@@ -191,6 +195,29 @@ fn main() -> anyhow::Result<()> {
         total / secs,
         (t_first - t1).as_secs_f64(),
         rss / 1024
+    );
+    drop(meter);
+
+    // (d) restore: the same instance on an empty state directory restores
+    // every partition from the changelog before it is ready.
+    let t_r = Instant::now();
+    let meter = start_meter(
+        &bin,
+        &prefix,
+        &dir.join("tp-restore"),
+        args.partitions,
+        &args.sets,
+        19464,
+    )?;
+    wait_ready_within(19464, Duration::from_secs(1800))?;
+    let ready_after = t_r.elapsed().as_secs_f64();
+    let records = metric(19464, "jobmeter_restored_records_total").unwrap_or(0.0);
+    let restoring = metric(19464, "jobmeter_restore_seconds_sum").unwrap_or(0.0);
+    let partitions = metric(19464, "jobmeter_restore_seconds_count").unwrap_or(0.0);
+    println!(
+        "(d) restore: {records:.0} changelog records of {partitions:.0} partitions in {restoring:.2}s of restoring = {:.0} records/s; ready {ready_after:.2}s after start; peak RSS {} MiB",
+        records / restoring.max(1e-3),
+        peak_rss_kib(meter.id()) / 1024
     );
     drop(meter);
     if !args.keep_topics {
@@ -400,8 +427,12 @@ fn terminate(c: &mut Child) {
 }
 
 fn wait_ready(port: u16) -> anyhow::Result<()> {
+    wait_ready_within(port, Duration::from_secs(120))
+}
+
+fn wait_ready_within(port: u16, limit: Duration) -> anyhow::Result<()> {
     let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(120) {
+    while t.elapsed() < limit {
         if metric(port, "jobmeter_ready") == Some(1.0) {
             return Ok(());
         }
