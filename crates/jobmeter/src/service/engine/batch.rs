@@ -138,7 +138,15 @@ impl Engine {
     /// Commits the open batch and waits until every batch handed over is
     /// committed (shutdown, revoke).
     pub fn commit_and_wait<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> Result<(), EngineError> {
-        self.commit(consumer)?;
+        self.commit_and_wait_with(|| consumer.group_metadata())
+    }
+
+    /// [`Engine::commit_and_wait`] with the group's metadata given by `group`.
+    pub(super) fn commit_and_wait_with(
+        &mut self,
+        group: impl FnOnce() -> Option<rdkafka::consumer::ConsumerGroupMetadata>,
+    ) -> Result<(), EngineError> {
+        self.commit_with(group)?;
         self.committer.wait()
     }
 

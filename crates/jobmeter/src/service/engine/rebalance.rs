@@ -58,8 +58,7 @@ impl Engine {
     }
 
     fn on_revoke(&mut self, group: Option<ConsumerGroupMetadata>, tpl: &TopicPartitionList) {
-        let committed = self.commit_with(|| group).and_then(|()| self.committer.wait());
-        if let Err(e) = committed {
+        if let Err(e) = self.commit_and_wait_with(|| group) {
             tracing::error!(error = %e, "commit on revoke failed");
             self.abort();
             self.failed = Some(e);
