@@ -28,6 +28,8 @@ pub struct MeterConfig {
     /// timestamp is refused (`time_out_of_range`). Defaults to the
     /// retention: a duplicate older than that could not be recognised.
     pub max_event_age_ms: i64,
+    /// The format state values are written in (both formats are read).
+    pub state_format: crate::state::StateFormat,
 }
 
 impl MeterConfig {
@@ -74,6 +76,7 @@ impl Default for MeterConfig {
             retention_ms: 35 * 86_400_000,
             max_clock_skew_ms: 5 * 60_000,
             max_event_age_ms: 35 * 86_400_000,
+            state_format: crate::state::StateFormat::Binary,
         }
     }
 }

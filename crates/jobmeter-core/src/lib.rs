@@ -25,6 +25,7 @@
 #![deny(clippy::float_arithmetic)]
 
 mod billing;
+pub mod codec;
 mod config_error;
 mod context;
 pub mod event;

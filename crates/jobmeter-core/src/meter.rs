@@ -54,6 +54,8 @@ pub struct Meter {
     pub(crate) stats: Stats,
     /// Jobs with a deadline (running, or a stop waiting for its start).
     pub(crate) open: usize,
+    /// The format [`Meter::take_changes`] writes values in.
+    pub(crate) format: crate::state::StateFormat,
 }
 
 /// When a job must be looked at again: its orphan deadline, or the deadline
@@ -82,6 +84,12 @@ impl Meter {
             dirty: Some(Dirty::default()),
             ..Meter::default()
         }
+    }
+
+    /// The same meter writing state values in `format`.
+    pub fn with_state_format(mut self, format: crate::state::StateFormat) -> Self {
+        self.format = format;
+        self
     }
 
     /// The partition's stream time: the largest valid event time seen.

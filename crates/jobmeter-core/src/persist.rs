@@ -16,6 +16,7 @@ impl Meter {
             return Ok(Vec::new());
         };
         let d = std::mem::take(d);
+        let f = self.format;
         let Dirty {
             jobs,
             usage,
@@ -31,7 +32,11 @@ impl Meter {
             out.push(StateChange {
                 table: Table::Jobs,
                 key: keys::job(&k),
-                value: self.jobs.get(&k).map(|v| values::encode(Table::Jobs, v)).transpose()?,
+                value: self
+                    .jobs
+                    .get(&k)
+                    .map(|v| values::encode(Table::Jobs, v, f))
+                    .transpose()?,
             });
         }
         let mut usage: Vec<_> = usage.into_iter().collect();
@@ -43,7 +48,7 @@ impl Meter {
                 value: self
                     .usage
                     .get(&k)
-                    .map(|v| values::encode(Table::Usage, v))
+                    .map(|v| values::encode(Table::Usage, v, f))
                     .transpose()?,
             });
         }
@@ -64,7 +69,7 @@ impl Meter {
                     .statements
                     .get(&p)
                     .and_then(|m| m.get(&a))
-                    .map(|v| values::encode(Table::Statements, v))
+                    .map(|v| values::encode(Table::Statements, v, f))
                     .transpose()?,
             });
         }
@@ -72,7 +77,7 @@ impl Meter {
             out.push(StateChange {
                 table: Table::Closed,
                 key: keys::statement(st.period, &st.account_id),
-                value: Some(values::encode(Table::Closed, &st)?),
+                value: Some(values::json(Table::Closed, &st)?),
             });
         }
         if meta {
@@ -110,6 +115,7 @@ impl Meter {
             stream_time: self.stream_time,
             fees_through: self.fees_through,
             dirty: Some(copy),
+            format: self.format,
             ..Meter::default()
         };
         view.jobs = self.jobs.clone();
@@ -124,7 +130,7 @@ impl Meter {
     where
         I: IntoIterator<Item = (Table, Vec<u8>, Vec<u8>)>,
     {
-        let mut m = Meter::tracking_changes();
+        let mut m = Meter::tracking_changes().with_state_format(config.state_format);
         for (table, k, v) in records {
             m.restore_record(table, &k, &v).map_err(|e| e.at_key(&k))?;
         }

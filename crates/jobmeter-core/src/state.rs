@@ -466,18 +466,112 @@ pub mod keys {
     pub const FEES_THROUGH: &[u8] = b"fees_through";
 }
 
-/// Value codec: JSON, so records stay readable with `ldb` and across versions.
+/// The format a meter writes state values in. Both are always read.
+///
+/// Every value of the jobs, usage and statements tables carries its format
+/// version: a version-1 value starts with the two bytes `00 01` (no JSON
+/// value starts with a zero byte); a value without that header is a JSON
+/// document, format version 0, as every release before the binary format
+/// wrote. Closed statements are always JSON (written once per account and
+/// month, and read by people with `ldb`). Fired thresholds (empty) and the
+/// meta records (fixed-width integers) have no payload to version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateFormat {
+    /// Version 0: JSON, as releases before the binary format wrote it —
+    /// the format to keep writing while such a release still runs (see
+    /// the README's upgrade steps).
+    Json,
+    /// Version 1: the compact binary layout of [`crate::codec`].
+    #[default]
+    Binary,
+}
+
+impl StateFormat {
+    /// The format version it writes.
+    pub fn version(self) -> u8 {
+        match self {
+            StateFormat::Json => 0,
+            StateFormat::Binary => 1,
+        }
+    }
+
+    /// The config name: `json` or `binary`.
+    pub fn name(self) -> &'static str {
+        match self {
+            StateFormat::Json => "json",
+            StateFormat::Binary => "binary",
+        }
+    }
+
+    /// Inverse of [`StateFormat::name`].
+    pub fn parse(s: &str) -> Option<StateFormat> {
+        match s {
+            "json" => Some(StateFormat::Json),
+            "binary" => Some(StateFormat::Binary),
+            _ => None,
+        }
+    }
+}
+
+/// Value codec: versioned; see [`StateFormat`].
 pub mod values {
     use super::*;
+    use crate::codec::Binary;
 
-    /// Encodes a state value of `table`.
-    pub fn encode<T: Serialize>(table: Table, v: &T) -> Result<Vec<u8>, DecodeError> {
+    /// The header of a version-1 (binary) value.
+    pub const BINARY_HEADER: [u8; 2] = [0x00, 0x01];
+
+    /// The format version of a stored value (0: JSON without a header).
+    pub fn version(b: &[u8]) -> u8 {
+        match b {
+            [0x00, v, ..] => *v,
+            _ => 0,
+        }
+    }
+
+    /// Encodes a state value of `table` in `format`.
+    pub fn encode<T: Serialize + Binary>(table: Table, v: &T, format: StateFormat) -> Result<Vec<u8>, DecodeError> {
+        match format {
+            StateFormat::Json => json(table, v),
+            StateFormat::Binary => Ok(crate::codec::encode(&BINARY_HEADER, v)),
+        }
+    }
+
+    /// Encodes a value as JSON (format version 0).
+    pub fn json<T: Serialize>(table: Table, v: &T) -> Result<Vec<u8>, DecodeError> {
         serde_json::to_vec(v).map_err(|e| DecodeError::new(table, e.to_string()))
     }
 
-    /// Decodes a state value of `table`.
-    pub fn decode<T: serde::de::DeserializeOwned>(table: Table, b: &[u8]) -> Result<T, DecodeError> {
+    /// Decodes a state value of `table`, whichever format version wrote it.
+    pub fn decode<T: serde::de::DeserializeOwned + Binary>(table: Table, b: &[u8]) -> Result<T, DecodeError> {
+        match version(b) {
+            0 => decode_json(table, b),
+            1 => crate::codec::decode(&b[2..]).map_err(|e| DecodeError::new(table, format!("binary value: {}", e.0))),
+            v => Err(DecodeError::new(
+                table,
+                format!("format version {v} is newer than this release reads"),
+            )),
+        }
+    }
+
+    /// Decodes a JSON (format version 0) value.
+    pub fn decode_json<T: serde::de::DeserializeOwned>(table: Table, b: &[u8]) -> Result<T, DecodeError> {
         serde_json::from_slice(b).map_err(|e| DecodeError::new(table, e.to_string()))
+    }
+
+    /// The value as JSON (format version 0), whichever format `b` is in:
+    /// two records hold the same state exactly when their canonical forms
+    /// are equal. JSON is the reference: serde writes every field the types
+    /// declare, so a field the binary layout forgot shows as a difference.
+    /// Tables without versioned values are returned as they are.
+    pub fn canonical(table: Table, b: &[u8]) -> Result<Vec<u8>, DecodeError> {
+        match table {
+            Table::Jobs => json(table, &decode::<Job>(table, b)?),
+            Table::Usage => json(table, &decode::<Counter>(table, b)?),
+            Table::Statements => json(table, &decode::<StatementAcc>(table, b)?),
+            Table::Fired | Table::Meta | Table::Closed => Ok(b.to_vec()),
+        }
     }
 }
 

@@ -468,7 +468,7 @@ mod tests {
                 }
                 Table::Closed => {
                     if keys::decode_statement(k) == Some((period, account.clone())) {
-                        st.closed = values::decode(table, v).ok();
+                        st.closed = values::decode_json(table, v).ok();
                     }
                 }
                 Table::Meta => {}

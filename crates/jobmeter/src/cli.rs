@@ -193,6 +193,7 @@ impl TimeoutArgs {
             retention_ms: self.retention,
             max_clock_skew_ms: self.max_clock_skew,
             max_event_age_ms: self.max_event_age.unwrap_or(self.retention),
+            state_format: Default::default(),
         }
     }
 }

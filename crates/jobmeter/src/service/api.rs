@@ -407,7 +407,7 @@ impl Api {
                 st.open = open.and_then(|v| values::decode(Table::Statements, &v).ok());
             }
             if st.closed.is_none() {
-                st.closed = closed.and_then(|v| values::decode(Table::Closed, &v).ok());
+                st.closed = closed.and_then(|v| values::decode_json(Table::Closed, &v).ok());
             }
         }
         st.stream_time = if found.is_empty() { any_time } else { found_time };

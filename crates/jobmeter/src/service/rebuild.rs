@@ -18,6 +18,7 @@ use super::config::Config;
 use super::engine::route;
 use super::RunCmd;
 use crate::sinks::{Format, OutputFiles};
+use jobmeter_core::state::{values, Table};
 use jobmeter_core::{AccountBook, Context, Meter, Origin, Output};
 use jobmeter_kafka::client::KafkaSettings;
 use jobmeter_kafka::reader::{read_range, read_to_end};
@@ -164,7 +165,7 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
             )?;
         }
         let mut replayer = Replayer::new(markers, foreign);
-        let mut meter = Meter::tracking_changes();
+        let mut meter = Meter::tracking_changes().with_state_format(cfg.state.format);
         let mut out = Vec::new();
         let pctx = ctx.with_partition(p, parts, jobmeter_kafka::partitioner::partition_for_key);
         let mut n = 0u64;
@@ -214,11 +215,18 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
                 let _ = super::engine::overlay(&mut from_changelog, r);
             },
         )?;
+        // Compared by content: the changelog may hold values of an older
+        // format version than the rebuild writes.
+        let canonical = |k: &(Table, Vec<u8>), v: Option<&Vec<u8>>| {
+            v.map(|v| values::canonical(k.0, v).map_err(|e| e.at_key(&k.1)))
+        };
         let keys: BTreeSet<_> = rebuilt.keys().chain(from_changelog.keys()).collect();
-        let differ = keys
-            .iter()
-            .filter(|k| rebuilt.get(**k) != from_changelog.get(**k))
-            .count();
+        let mut differ = 0;
+        for k in keys {
+            if canonical(k, rebuilt.get(k)).transpose()? != canonical(k, from_changelog.get(k)).transpose()? {
+                differ += 1;
+            }
+        }
         mismatched_state += differ;
         println!(
             "partition {p}: {n} own input events up to offset {until}, {local} from other partitions of its instance, {forwarded} forwarded up to offset {rp_until}; rebuilt {} state records, changelog holds {}; {} differ",

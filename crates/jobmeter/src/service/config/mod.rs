@@ -85,6 +85,10 @@ pub struct StateConfig {
     /// changelog's tombstones are only kept for
     /// [`jobmeter_kafka::topics::CHANGELOG_TOMBSTONE_RETENTION_MS`] (checked).
     pub max_local_age: Dur,
+    /// The format state values are written in: `binary` (version 1, the
+    /// default) or `json` (version 0, what releases before the binary
+    /// format wrote and read). Both are always read.
+    pub format: jobmeter_core::state::StateFormat,
 }
 
 /// `[batch]`.
@@ -212,6 +216,7 @@ impl Default for StateConfig {
         StateConfig {
             dir: PathBuf::from("data/jobmeter"),
             max_local_age: Dur::from_ms(48 * 3_600_000),
+            format: jobmeter_core::state::StateFormat::Binary,
         }
     }
 }
@@ -530,6 +535,7 @@ impl Config {
             retention_ms: self.meter.retention.ms(),
             max_clock_skew_ms: self.meter.max_clock_skew.ms(),
             max_event_age_ms: self.meter.max_event_age.unwrap_or(self.meter.retention).ms(),
+            state_format: self.state.format,
         }
     }
 
