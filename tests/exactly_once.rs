@@ -317,3 +317,72 @@ fn month_close_bills_every_pro_account_once() {
         );
     }
 }
+
+/// An instance running three pipelines (three group members, three
+/// transactional producers, one store) meters exactly once through kills,
+/// and the group shows its partitions spread over the three.
+#[test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
+fn parallel_pipelines_survive_kills() {
+    let prefix = fresh_prefix("threads");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut spec = MeterSpec::new(&prefix, "threads-0", dir.path().join("state"), 5);
+    spec.extra = vec!["--set".into(), "pipeline.threads=3".into()];
+    let mut meter = spec.start();
+    wait_for_topics(&prefix);
+    let w = workload(&fleet(3_000, 17), 5);
+    produce_accounts(&prefix, &w);
+    let want = expected(&w, w.events.len());
+    let total = w.events.len();
+    let settings = jobmeter_kafka::client::KafkaSettings::new(brokers());
+    let group = format!("{prefix}-group");
+    let topic = format!("{prefix}.job-events");
+    wait_until(
+        "three pipelines own the five partitions",
+        Duration::from_secs(90),
+        &[&meter],
+        || {
+            let m =
+                jobmeter_kafka::group::members(&settings, &group, &topic, Duration::from_secs(5)).unwrap_or_default();
+            let mut ids: Vec<&str> = m
+                .iter()
+                .filter(|m| !m.partitions.is_empty())
+                .map(|m| m.instance_id.as_str())
+                .collect();
+            ids.sort_unstable();
+            ids == ["threads-0", "threads-0-p1", "threads-0-p2"]
+                && m.iter().map(|m| m.partitions.len()).sum::<usize>() == 5
+                && meter.metric("jobmeter_ready") == Some(1.0)
+                && meter.metric("jobmeter_assigned_partitions") == Some(5.0)
+        },
+    );
+    let producer = {
+        let prefix = prefix.to_string();
+        std::thread::spawn(move || {
+            let w = workload(&fleet(3_000, 17), 5);
+            produce_events(&prefix, &w, 0..total, 8_000);
+        })
+    };
+    let mut rng = jobmeter::simulate::Rng::new(5);
+    for round in 0..4 {
+        std::thread::sleep(Duration::from_millis(500 + rng.below(1500)));
+        meter.kill9();
+        eprintln!("kill {round}: SIGKILL sent");
+        meter = spec.start();
+    }
+    producer.join().expect("producer thread");
+    wait_until(
+        "all charges",
+        Duration::from_secs(240),
+        &[&meter],
+        charges_reach(&prefix, want.charges.len()),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let got = read_outputs(&prefix);
+    assert_eq!(meter.terminate(), Some(0), "clean exit after SIGTERM");
+    assert_same(&got, &want);
+    assert_rebuild_matches(&spec, true);
+}

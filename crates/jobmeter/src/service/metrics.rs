@@ -66,6 +66,41 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// Usage API requests by route and status.
     pub api_requests: IntCounterVec,
+    /// This pipeline's slot behind the instance-wide gauges.
+    share: PipelineShare,
+}
+
+/// What one pipeline contributes to the instance-wide gauges (partitions
+/// assigned, producer queue, ready): each pipeline writes its own slot, and
+/// the gauge shows the instance's total (ready: every pipeline ready).
+#[derive(Debug, Clone)]
+struct PipelineShare {
+    slot: usize,
+    slots: std::sync::Arc<[PipelineSlot]>,
+}
+
+#[derive(Debug, Default)]
+struct PipelineSlot {
+    assigned: std::sync::atomic::AtomicI64,
+    queue: std::sync::atomic::AtomicI64,
+    ready: std::sync::atomic::AtomicBool,
+}
+
+impl PipelineShare {
+    fn new(n: usize) -> Self {
+        PipelineShare {
+            slot: 0,
+            slots: (0..n.max(1)).map(|_| PipelineSlot::default()).collect(),
+        }
+    }
+
+    fn mine(&self) -> &PipelineSlot {
+        &self.slots[self.slot]
+    }
+
+    fn sum(&self, f: impl Fn(&PipelineSlot) -> i64) -> i64 {
+        self.slots.iter().map(f).sum()
+    }
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> Result<T, prometheus::Error> {
@@ -235,6 +270,7 @@ impl Metrics {
                     &["route", "status"],
                 )?,
             )?,
+            share: PipelineShare::new(1),
         };
         // Create every bounded label up front so dashboards see zeros.
         for reason in RejectReason::ALL {
@@ -251,6 +287,44 @@ impl Metrics {
             m.rerouted.with_label_values(&[cause]);
         }
         Ok(m)
+    }
+
+    /// One handle per pipeline of an instance running `n` of them: they
+    /// share every metric, and each writes its own part of the gauges that
+    /// sum over pipelines.
+    pub fn for_pipelines(&self, n: usize) -> Vec<Metrics> {
+        let share = PipelineShare::new(n);
+        (0..n.max(1))
+            .map(|slot| Metrics {
+                share: PipelineShare {
+                    slot,
+                    slots: share.slots.clone(),
+                },
+                ..self.clone()
+            })
+            .collect()
+    }
+
+    /// This pipeline's assigned partitions.
+    pub fn set_assigned(&self, n: usize) {
+        let o = std::sync::atomic::Ordering::Relaxed;
+        self.share.mine().assigned.store(n as i64, o);
+        self.assigned_partitions.set(self.share.sum(|s| s.assigned.load(o)));
+    }
+
+    /// This pipeline's producer queue depth.
+    pub fn set_producer_queue(&self, n: i64) {
+        let o = std::sync::atomic::Ordering::Relaxed;
+        self.share.mine().queue.store(n, o);
+        self.producer_queue.set(self.share.sum(|s| s.queue.load(o)));
+    }
+
+    /// Whether this pipeline is ready; the gauge is 1 when every one is.
+    pub fn set_ready(&self, ready: bool) {
+        let o = std::sync::atomic::Ordering::Relaxed;
+        self.share.mine().ready.store(ready, o);
+        self.ready
+            .set(i64::from(self.share.slots.iter().all(|s| s.ready.load(o))));
     }
 
     /// Adds the difference between two snapshots of a meter's stats.

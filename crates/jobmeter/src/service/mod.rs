@@ -264,21 +264,10 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
             .spawn(move || t.tail(&s, &client, &tp, acc_parts, next, st))?
     };
 
-    let deps = Deps {
-        cfg: cfg.clone(),
-        settings,
-        topics,
-        billing,
-        store: store.clone(),
-        metrics: metrics.clone(),
-        owned,
-        failing,
-        input_partitions: input_partitions.clone(),
-    };
     let lag = {
         let (settings, topic, group, st, m) = (
-            deps.settings.clone(),
-            deps.topics.job_events.clone(),
+            settings.clone(),
+            topics.job_events.clone(),
             cfg.kafka.group_id.clone(),
             stop.clone(),
             metrics.clone(),
@@ -287,10 +276,35 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
             .name("jobmeter-lag".into())
             .spawn(move || lag_monitor(&settings, &topic, &group, &st, &m))?
     };
-    let (pstop, pready) = (stop.clone(), ready.clone());
-    let pipeline = std::thread::Builder::new()
-        .name("jobmeter-pipeline".into())
-        .spawn(move || pipeline::pipeline_loop(&deps, &pstop, &pready))?;
+    // One pipeline per configured thread, each a member of the group with
+    // its own partitions, producer and committer; they share the store,
+    // the accounts table and the metrics.
+    let threads = cfg.pipeline.threads.max(1);
+    let mut pipelines = Vec::with_capacity(threads);
+    for (i, m) in metrics.for_pipelines(threads).into_iter().enumerate() {
+        let deps = Deps {
+            cfg: cfg.for_pipeline(i),
+            settings: settings.clone(),
+            topics: topics.clone(),
+            billing: billing.clone(),
+            store: store.clone(),
+            metrics: m,
+            owned: owned.clone(),
+            failing: failing.clone(),
+            input_partitions: input_partitions.clone(),
+        };
+        let (pstop, pready) = (stop.clone(), Arc::new(AtomicBool::new(false)));
+        let name = if threads == 1 {
+            "jobmeter-pipeline".to_owned()
+        } else {
+            format!("jobmeter-pipeline-{i}")
+        };
+        let handle = std::thread::Builder::new().name(name).spawn({
+            let pready = pready.clone();
+            move || pipeline::pipeline_loop(&deps, &pstop, &pready)
+        })?;
+        pipelines.push((handle, pready));
+    }
     let watcher_stop = stop.clone();
     let done = shutdown.clone();
     tokio::spawn(async move {
@@ -299,13 +313,24 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
     });
     let accounts_gauge = metrics.accounts.clone();
     let book = table.book.clone();
-    while !pipeline.is_finished() {
+    // The instance is ready when every pipeline is; it stops when they all
+    // have (each returns only once the stop is asked for).
+    while pipelines.iter().any(|(h, _)| !h.is_finished()) {
         tokio::time::sleep(Duration::from_millis(100)).await;
+        ready.store(
+            pipelines.iter().all(|(_, r)| r.load(Ordering::SeqCst)),
+            Ordering::SeqCst,
+        );
         accounts_gauge.set(book.read().map(|b| b.len() as i64).unwrap_or(0));
     }
-    let result = pipeline
-        .join()
-        .map_err(|_| anyhow::anyhow!("the pipeline thread panicked"))?;
+    ready.store(false, Ordering::SeqCst);
+    let mut result = Ok(());
+    for (h, _) in pipelines {
+        let r = h.join().map_err(|_| anyhow::anyhow!("a pipeline thread panicked"))?;
+        if result.is_ok() {
+            result = r;
+        }
+    }
     stop.store(true, Ordering::SeqCst);
     let _ = tail.join();
     let _ = lag.join();

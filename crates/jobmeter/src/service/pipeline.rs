@@ -123,15 +123,19 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
         lock().abort();
     }
     ready.store(false, Ordering::SeqCst);
-    // The next incarnation retries every partition it is given.
+    deps.metrics.set_ready(false);
+    // The next incarnation retries every partition it is given. Other
+    // pipelines of the instance keep theirs.
+    let mine = lock().assigned().clone();
     deps.failing
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clear();
+        .retain(|p, _| !mine.contains(p));
     deps.owned
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clear();
+        .retain(|p| !mine.contains(p));
+    deps.metrics.set_assigned(0);
     consumer.unsubscribe();
     drop(consumer);
     result

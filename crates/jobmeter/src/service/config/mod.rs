@@ -31,6 +31,8 @@ pub struct Config {
     pub state: StateConfig,
     /// Transaction batching.
     pub batch: BatchConfig,
+    /// Parallel pipelines.
+    pub pipeline: PipelineConfig,
     /// Event-time timeouts.
     pub meter: MeterTimeouts,
     /// Rate card and plans.
@@ -42,6 +44,9 @@ pub struct Config {
     /// Shutdown.
     pub shutdown: ShutdownConfig,
 }
+
+/// The most pipelines an instance runs.
+pub const MAX_PIPELINES: usize = 64;
 
 /// `[kafka]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +110,18 @@ pub struct BatchConfig {
     /// account whose events arrive on several partitions is metered in the
     /// order they were produced.
     pub max_idle: Dur,
+}
+
+/// `[pipeline]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Pipelines of this instance (like Kafka Streams' `num.stream.threads`).
+    /// Each is a member of the consumer group with its own partitions, its
+    /// own transactional producer and its own committer, so an instance
+    /// uses up to this many cores for metering. Partitions are the unit:
+    /// more pipelines than input partitions leave some idle.
+    pub threads: usize,
 }
 
 /// `[meter]`.
@@ -179,6 +196,7 @@ impl Default for Config {
             topics: TopicsConfig::default(),
             state: StateConfig::default(),
             batch: BatchConfig::default(),
+            pipeline: PipelineConfig::default(),
             meter: MeterTimeouts::default(),
             billing: BillingConfig::default(),
             http: HttpConfig::default(),
@@ -218,6 +236,12 @@ impl Default for StateConfig {
             max_local_age: Dur::from_ms(48 * 3_600_000),
             format: jobmeter_core::state::StateFormat::Binary,
         }
+    }
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig { threads: 1 }
     }
 }
 
@@ -412,6 +436,12 @@ impl Config {
         if self.batch.max_events == 0 {
             p.push("batch.max_events: must be at least 1".into());
         }
+        if !(1..=MAX_PIPELINES).contains(&self.pipeline.threads) {
+            p.push(format!(
+                "pipeline.threads: {} must be 1 to {MAX_PIPELINES}",
+                self.pipeline.threads
+            ));
+        }
         for (field, v) in [
             ("batch.interval", self.batch.interval),
             ("batch.max_idle", self.batch.max_idle),
@@ -542,6 +572,18 @@ impl Config {
     /// The transactional id: `<prefix>-<instance_id>`.
     pub fn transactional_id(&self) -> String {
         format!("{}-{}", self.topics.prefix, self.instance_id)
+    }
+
+    /// The configuration pipeline `i` of this instance runs with: the
+    /// first keeps the instance's id (so its transactional id and static
+    /// group membership are the ones a single-pipeline instance had), the
+    /// others are `<instance_id>-p<i>`.
+    pub fn for_pipeline(&self, i: usize) -> Config {
+        let mut c = self.clone();
+        if i > 0 {
+            c.instance_id = format!("{}-p{i}", self.instance_id);
+        }
+        c
     }
 }
 

@@ -463,7 +463,7 @@ impl Engine {
     /// Updates the gauges that need no network call.
     pub fn report_local(&self) {
         self.metrics.store_bytes.set(self.store.size_bytes() as i64);
-        self.metrics.producer_queue.set(i64::from(self.committer.queue_depth()));
+        self.metrics.set_producer_queue(i64::from(self.committer.queue_depth()));
     }
 }
 

@@ -52,8 +52,8 @@ impl Engine {
             }
         }
         self.epoch += 1;
-        self.metrics.assigned_partitions.set(self.assigned.len() as i64);
-        self.metrics.ready.set(0);
+        self.metrics.set_assigned(self.assigned.len());
+        self.metrics.set_ready(false);
         tracing::info!(partitions = ?self.assigned, "partitions assigned");
     }
 
@@ -82,7 +82,7 @@ impl Engine {
             self.metrics.open_jobs.with_label_values(&[&p.to_string()]).set(0);
         }
         self.epoch += 1;
-        self.metrics.assigned_partitions.set(self.assigned.len() as i64);
+        self.metrics.set_assigned(self.assigned.len());
         tracing::info!(revoked = tpl.count(), remaining = ?self.assigned, "partitions revoked");
     }
 }

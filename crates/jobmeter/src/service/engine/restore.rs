@@ -37,7 +37,7 @@ impl Engine {
                 return Err(e);
             }
         }
-        self.metrics.ready.set(i64::from(self.ready()));
+        self.metrics.set_ready(self.ready());
         Ok(())
     }
 
