@@ -279,7 +279,8 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
     // One pipeline per configured thread, each a member of the group with
     // its own partitions, producer and committer; they share the store,
     // the accounts table and the metrics.
-    let threads = cfg.pipeline.threads.max(1);
+    let threads = cfg.pipelines();
+    tracing::info!(pipelines = threads, "starting the pipelines");
     let mut pipelines = Vec::with_capacity(threads);
     for (i, m) in metrics.for_pipelines(threads).into_iter().enumerate() {
         let deps = Deps {

@@ -113,14 +113,15 @@ pub struct BatchConfig {
 }
 
 /// `[pipeline]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
-    /// Pipelines of this instance (like Kafka Streams' `num.stream.threads`).
-    /// Each is a member of the consumer group with its own partitions, its
-    /// own transactional producer and its own committer, so an instance
-    /// uses up to this many cores for metering. Partitions are the unit:
-    /// more pipelines than input partitions leave some idle.
+    /// Pipelines of this instance (like Kafka Streams' `num.stream.threads`);
+    /// 0 (the default): one per core the process may use. Each is a member
+    /// of the consumer group with its own partitions, its own
+    /// transactional producer and its own committer, so an instance uses
+    /// up to this many cores for metering. Partitions are the unit: more
+    /// pipelines than input partitions leave some idle.
     pub threads: usize,
 }
 
@@ -236,12 +237,6 @@ impl Default for StateConfig {
             max_local_age: Dur::from_ms(48 * 3_600_000),
             format: jobmeter_core::state::StateFormat::Binary,
         }
-    }
-}
-
-impl Default for PipelineConfig {
-    fn default() -> Self {
-        PipelineConfig { threads: 1 }
     }
 }
 
@@ -436,9 +431,9 @@ impl Config {
         if self.batch.max_events == 0 {
             p.push("batch.max_events: must be at least 1".into());
         }
-        if !(1..=MAX_PIPELINES).contains(&self.pipeline.threads) {
+        if self.pipeline.threads > MAX_PIPELINES {
             p.push(format!(
-                "pipeline.threads: {} must be 1 to {MAX_PIPELINES}",
+                "pipeline.threads: {} must be 0 (one per core) to {MAX_PIPELINES}",
                 self.pipeline.threads
             ));
         }
@@ -572,6 +567,15 @@ impl Config {
     /// The transactional id: `<prefix>-<instance_id>`.
     pub fn transactional_id(&self) -> String {
         format!("{}-{}", self.topics.prefix, self.instance_id)
+    }
+
+    /// How many pipelines this instance runs: `pipeline.threads`, or one
+    /// per core the process may use when it is 0.
+    pub fn pipelines(&self) -> usize {
+        match self.pipeline.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_PIPELINES)),
+            n => n.min(MAX_PIPELINES),
+        }
     }
 
     /// The configuration pipeline `i` of this instance runs with: the

@@ -10,6 +10,10 @@ use jobmeter_kafka::txn::TAG_OUTPUT;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use std::time::Instant;
 
+/// How far a batch grows past `batch.max_events` while the committer is
+/// busy with the previous one.
+pub(super) const BATCH_GROWTH: usize = 8;
+
 impl Engine {
     pub(super) fn produce_output(&mut self, o: Output, input_key: Option<&[u8]>) -> Result<(), EngineError> {
         let t = &self.cfg.topics;
@@ -52,11 +56,18 @@ impl Engine {
         Ok(())
     }
 
-    /// True when the open batch should be committed.
+    /// True when the open batch should be committed: it has
+    /// `batch.max_events` events or is `batch.interval` old, and the
+    /// committer is free to take it. While the committer is still busy
+    /// with the previous batch (a backlog), the batch keeps growing instead
+    /// of waiting — fewer, larger transactions, and state written once per
+    /// key per batch — up to [`BATCH_GROWTH`] times `batch.max_events`.
     pub fn batch_due(&self) -> bool {
         self.batch_events > 0
-            && (self.batch_events >= self.cfg.batch_max_events
-                || self.batch_started.elapsed() >= self.cfg.batch_interval)
+            && (self.batch_events >= self.cfg.batch_max_events.saturating_mul(BATCH_GROWTH)
+                || (!self.committer.busy()
+                    && (self.batch_events >= self.cfg.batch_max_events
+                        || self.batch_started.elapsed() >= self.cfg.batch_interval)))
     }
 
     /// Hands the open batch to the committer, which commits it while the

@@ -67,6 +67,8 @@ pub(super) struct Committer<G> {
     pub(super) stalled: std::sync::atomic::AtomicBool,
     /// Set by the thread when it ends.
     pub(super) finished: Arc<std::sync::atomic::AtomicBool>,
+    /// True while the thread commits a batch.
+    pub(super) busy: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<G: Send + 'static> Committer<G> {
@@ -85,6 +87,8 @@ impl<G: Send + 'static> Committer<G> {
         let (f, q) = (failed.clone(), queue_depth.clone());
         let finished: Arc<std::sync::atomic::AtomicBool> = Arc::default();
         let done = finished.clone();
+        let busy: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let in_commit = busy.clone();
         let thread = std::thread::Builder::new()
             .name("jobmeter-commit".into())
             .spawn(move || {
@@ -92,6 +96,7 @@ impl<G: Send + 'static> Committer<G> {
                 for msg in rx {
                     match msg {
                         ToCommitter::Batch(b) => {
+                            let _idle_after = SetFalseOnDrop(&in_commit);
                             let ok = f.lock().map(|x| x.is_none()).unwrap_or(false);
                             if !ok {
                                 continue;
@@ -121,7 +126,14 @@ impl<G: Send + 'static> Committer<G> {
             stall_after,
             stalled: std::sync::atomic::AtomicBool::new(false),
             finished,
+            busy,
         }
+    }
+
+    /// True while a batch handed over is being committed: a batch handed
+    /// over now would wait for it.
+    pub(super) fn busy(&self) -> bool {
+        self.busy.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub(super) fn stall(&self) -> EngineError {
@@ -148,7 +160,13 @@ impl<G: Send + 'static> Committer<G> {
         }
         let tx = self.tx.as_ref().ok_or(EngineError::CommitterGone)?;
         let deadline = Instant::now() + self.stall_after;
+        let batch = matches!(m, ToCommitter::Batch(_));
         loop {
+            // Set before the hand-over, so the pipeline never sees the
+            // committer idle while it holds a batch.
+            if batch {
+                self.busy.store(true, std::sync::atomic::Ordering::Release);
+            }
             match tx.try_send(m) {
                 Ok(()) => return Ok(()),
                 Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err(EngineError::CommitterGone),
@@ -204,6 +222,15 @@ impl<G> Drop for Committer<G> {
 
 /// Sets the flag when dropped (the committer thread's end, however it ends).
 pub(super) struct SetOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+/// Clears a flag when dropped (also when a commit panics).
+struct SetFalseOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for SetFalseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
 
 impl Drop for SetOnDrop {
     fn drop(&mut self) {
