@@ -76,7 +76,7 @@ fn json_state_upgrades_to_binary_across_restarts() {
                 .and_then(jobmeter_kafka::changelog::split)
                 .map(|(t, _)| t);
             if let (Some(jobmeter_core::state::Table::Jobs), Some(v)) = (table, r.value.as_deref()) {
-                *versions.entry(jobmeter_core::state::values::version(v)).or_insert(0u64) += 1;
+                *versions.entry(jobmeter_core::values::version(v)).or_insert(0u64) += 1;
             }
         },
     )

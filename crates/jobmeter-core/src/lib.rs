@@ -42,6 +42,7 @@ pub mod rating;
 pub mod state;
 pub mod time;
 mod timers;
+pub mod values;
 pub mod view;
 pub mod wire;
 

@@ -5,8 +5,9 @@
 //! including its derived indexes, from the records a store holds.
 
 use crate::meter::{deadline, Dirty, Meter, MeterConfig};
-use crate::state::{keys, values, Counter, DecodeError, Job, StateChange, StatementAcc, Table};
+use crate::state::{keys, Counter, DecodeError, Job, StateChange, StatementAcc, Table};
 use crate::time::Timestamp;
+use crate::values;
 
 impl Meter {
     /// The state records changed since the last call, deletions included.

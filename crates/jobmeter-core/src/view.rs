@@ -422,7 +422,8 @@ mod tests {
     use crate::meter::{Context, Meter, MeterConfig};
     use crate::output::Output;
     use crate::ratecard::RateCard;
-    use crate::state::{keys, values, Table};
+    use crate::state::{keys, Table};
+    use crate::values;
 
     fn ev(ty: &str, id: &str, job: &str, t: &str, data: &str) -> String {
         format!(

@@ -14,7 +14,8 @@ mod common;
 
 use common::CARD;
 use jobmeter_core::event::{EVENT_TIME_MAX, EVENT_TIME_MIN, MAX_ID_BYTES};
-use jobmeter_core::state::{values, StateChange, StateFormat, Table};
+use jobmeter_core::state::{StateChange, StateFormat, Table};
+use jobmeter_core::values;
 use jobmeter_core::*;
 use proptest::prelude::*;
 use std::collections::BTreeMap;

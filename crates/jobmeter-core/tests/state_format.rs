@@ -5,7 +5,8 @@
 //! The JSON mode this release keeps for rolling upgrades writes that format
 //! byte for byte.
 
-use jobmeter_core::state::{values, StateChange, StateFormat, Table};
+use jobmeter_core::state::{StateChange, StateFormat, Table};
+use jobmeter_core::values;
 use jobmeter_core::*;
 use std::path::PathBuf;
 

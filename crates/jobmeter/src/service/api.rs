@@ -23,8 +23,9 @@
 
 use super::engine::Billing;
 use jobmeter_core::ratecard::{ModelPrice, RateVersion};
-use jobmeter_core::state::{keys, values, Counter, Job, Table};
+use jobmeter_core::state::{keys, Counter, Job, Table};
 use jobmeter_core::time::{Period, Timestamp};
+use jobmeter_core::values;
 use jobmeter_core::view::{self, AccountState};
 use jobmeter_core::AccountId;
 use jobmeter_kafka::client::KafkaSettings;

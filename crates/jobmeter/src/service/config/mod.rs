@@ -113,11 +113,11 @@ pub struct BatchConfig {
 }
 
 /// `[pipeline]`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
-    /// Pipelines of this instance (like Kafka Streams' `num.stream.threads`);
-    /// 0 (the default): one per core the process may use. Each is a member
+    /// Pipelines of this instance (like Kafka Streams' `num.stream.threads`),
+    /// default 1; 0: one per core the process may use. Each is a member
     /// of the consumer group with its own partitions, its own
     /// transactional producer and its own committer, so an instance uses
     /// up to this many cores for metering. Partitions are the unit: more
@@ -237,6 +237,12 @@ impl Default for StateConfig {
             max_local_age: Dur::from_ms(48 * 3_600_000),
             format: jobmeter_core::state::StateFormat::Binary,
         }
+    }
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig { threads: 1 }
     }
 }
 
