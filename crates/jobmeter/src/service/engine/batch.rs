@@ -14,6 +14,9 @@ use std::time::Instant;
 /// busy with the previous one.
 pub(super) const BATCH_GROWTH: usize = 8;
 
+/// The oldest a batch grows to while the committer is busy.
+pub(super) const GROWTH_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Engine {
     pub(super) fn produce_output(&mut self, o: Output, input_key: Option<&[u8]>) -> Result<(), EngineError> {
         let t = &self.cfg.topics;
@@ -61,13 +64,18 @@ impl Engine {
     /// committer is free to take it. While the committer is still busy
     /// with the previous batch (a backlog), the batch keeps growing instead
     /// of waiting — fewer, larger transactions, and state written once per
-    /// key per batch — up to [`BATCH_GROWTH`] times `batch.max_events`.
+    /// key per batch — up to [`BATCH_GROWTH`] times `batch.max_events` or
+    /// [`GROWTH_MAX_AGE`]; then it is handed over as before, waiting for
+    /// the committer (which is where a commit that hangs is detected).
     pub fn batch_due(&self) -> bool {
-        self.batch_events > 0
-            && (self.batch_events >= self.cfg.batch_max_events.saturating_mul(BATCH_GROWTH)
-                || (!self.committer.busy()
-                    && (self.batch_events >= self.cfg.batch_max_events
-                        || self.batch_started.elapsed() >= self.cfg.batch_interval)))
+        if self.batch_events == 0 {
+            return false;
+        }
+        let age = self.batch_started.elapsed();
+        let due = self.batch_events >= self.cfg.batch_max_events || age >= self.cfg.batch_interval;
+        let grown = self.batch_events >= self.cfg.batch_max_events.saturating_mul(BATCH_GROWTH)
+            || age >= GROWTH_MAX_AGE.max(self.cfg.batch_interval);
+        grown || (due && !self.committer.busy())
     }
 
     /// Hands the open batch to the committer, which commits it while the

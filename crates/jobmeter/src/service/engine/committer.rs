@@ -380,6 +380,8 @@ mod tests {
     struct FakeTxn {
         broker: Arc<Mutex<Broker>>,
         fail_at: Arc<Mutex<Option<Step>>>,
+        /// Held by a test to keep a commit from finishing.
+        gate: Arc<Mutex<()>>,
     }
 
     impl FakeTxn {
@@ -387,6 +389,7 @@ mod tests {
             FakeTxn {
                 broker: Arc::default(),
                 fail_at: Arc::default(),
+                gate: Arc::default(),
             }
         }
 
@@ -443,6 +446,7 @@ mod tests {
         }
 
         fn commit(&self) -> Result<HashMap<i32, i64>, TxnError> {
+            let _gate = self.gate.lock().expect("gate");
             self.step(Step::Commit)?;
             let mut b = self.broker();
             let mut changelog = HashMap::new();
@@ -621,6 +625,30 @@ mod tests {
         assert_eq!(st.changelog_offset, Some(2), "the store is one batch behind");
         assert_eq!(CatchUp::new(st).map, state_after(0));
         assert_eq!(restart_state(&txn, &store), state_after(1));
+    }
+
+    /// The pipeline lets a batch grow while the committer is busy: busy
+    /// from the hand-over until the commit and store write are done.
+    #[test]
+    fn the_committer_is_busy_exactly_while_it_commits() {
+        let (txn, store) = (FakeTxn::new(), Arc::new(MemStore::new()));
+        let c = Committer::start(
+            txn.clone(),
+            store.clone(),
+            metrics(),
+            CHANGELOG.into(),
+            Duration::from_secs(5),
+        );
+        assert!(!c.busy());
+        let held = txn.gate.lock().expect("gate");
+        c.submit(batch(0, 10)).expect("hand over");
+        assert!(c.busy(), "handed over, not committed");
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(c.busy(), "the commit cannot finish");
+        drop(held);
+        c.wait().expect("committed");
+        assert!(!c.busy());
+        assert_eq!(charges(&txn), ["charge-0"]);
     }
 
     /// The committer thread aborts a failed batch and refuses every later
