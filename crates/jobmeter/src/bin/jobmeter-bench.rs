@@ -186,15 +186,20 @@ fn main() -> anyhow::Result<()> {
     let (t_first, n_first) = first.unwrap_or((t1, 0.0));
     let sustained = (total - n_first) / (end - t_first).as_secs_f64().max(1e-3);
     let rss = peak_rss_kib(meter.id());
+    // The meter's own CPU time (user + system, every thread), so the cost
+    // per event can be compared across runs whatever else the machine did.
+    let cpu = metric(19464, "process_cpu_seconds_total").unwrap_or(0.0);
     println!(
-        "(a) throughput: {:.0} events/s sustained ({:.0} % of the ceiling), from the first committed batch to the last; {} events in {:.2}s = {:.0} events/s counting start-up ({:.2}s to the first commit); peak RSS {} MiB",
+        "(a) throughput: {:.0} events/s sustained ({:.0} % of the ceiling), from the first committed batch to the last; {} events in {:.2}s = {:.0} events/s counting start-up ({:.2}s to the first commit); peak RSS {} MiB; meter CPU {:.1}s = {:.1} µs/event",
         sustained,
         100.0 * sustained / ceiling,
         evs.len(),
         secs,
         total / secs,
         (t_first - t1).as_secs_f64(),
-        rss / 1024
+        rss / 1024,
+        cpu,
+        1e6 * cpu / total
     );
     drop(meter);
 
