@@ -103,6 +103,9 @@ pub enum EngineError {
     /// The committer thread is gone.
     #[error("the committer thread stopped")]
     CommitterGone,
+    /// A restore worker thread panicked.
+    #[error("a restore thread panicked")]
+    RestorePanicked,
     /// A batch's commit has not finished in time: a Kafka call hangs
     /// (seen after a broker restart, inside `send_offsets_to_transaction`).
     /// The pipeline is rebuilt; its new producer, with the same

@@ -29,39 +29,152 @@ impl Engine {
         self.newly_failed.push(p);
     }
 
-    /// Restores every partition assigned and not yet restored.
+    /// Restores every partition assigned and not yet restored, several at
+    /// a time when the machine has the cores: each reads its own store
+    /// records and changelog with its own reader.
     pub fn restore_pending(&mut self) -> Result<(), EngineError> {
-        while let Some(p) = self.to_restore.pop_first() {
-            if let Err(e) = self.restore(p) {
-                self.to_restore.insert(p);
-                return Err(e);
+        let pending: Vec<i32> = std::mem::take(&mut self.to_restore).into_iter().collect();
+        let workers = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(MAX_RESTORE_WORKERS)
+            .min(pending.len())
+            .max(1);
+        let loader = self.loader();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut loaded: Vec<(i32, Result<Loaded, EngineError>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut out = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(&p) = pending.get(i) else { break };
+                            out.push((p, loader.load(p)));
+                        }
+                        out
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| vec![(-1, Err(EngineError::RestorePanicked))])
+                })
+                .collect()
+        });
+        loaded.sort_by_key(|(p, _)| *p);
+        let mut first_err = None;
+        for (p, r) in loaded {
+            match r {
+                Ok(l) => self.install(p, l),
+                Err(EngineError::State(e)) => self.fail_partition(p, &e),
+                Err(e) => {
+                    // Retried by the rebuilt pipeline, with the others
+                    // that failed.
+                    if p >= 0 {
+                        self.to_restore.insert(p);
+                    }
+                    first_err.get_or_insert(e);
+                }
             }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
         }
         self.metrics.set_ready(self.ready());
         Ok(())
     }
 
-    /// Loads a partition's state, or marks it failing when a stored record
-    /// cannot be decoded (other errors, such as Kafka's, stop the pipeline,
-    /// which is then rebuilt and retries).
+    /// Stored state of `p` cannot be read back: only `p` stops; other
+    /// errors stop the pipeline, which is then rebuilt and retries.
     pub(super) fn restore(&mut self, p: i32) -> Result<(), EngineError> {
-        match self.load_partition(p) {
+        match self.loader().load(p) {
+            Ok(l) => {
+                self.install(p, l);
+                Ok(())
+            }
             Err(EngineError::State(e)) => {
                 self.fail_partition(p, &e);
                 Ok(())
             }
-            r => r,
+            Err(e) => Err(e),
         }
     }
 
+    fn loader(&self) -> Loader {
+        Loader {
+            store: self.store.clone(),
+            settings: self.cfg.settings.clone(),
+            changelog: self.cfg.topics.changelog.clone(),
+            instance_id: self.cfg.instance_id.clone(),
+            deadline: self.cfg.restore_deadline,
+            max_local_age: self.cfg.max_local_age,
+            meter: self.cfg.meter.clone(),
+        }
+    }
+
+    /// Makes a loaded partition's meter live.
+    fn install(&mut self, p: i32, l: Loaded) {
+        self.metrics.restore_seconds.observe(l.seconds);
+        self.metrics.restored_records.inc_by(l.changelog_records);
+        self.metrics
+            .open_jobs
+            .with_label_values(&[&p.to_string()])
+            .set(l.meter.open_jobs() as i64);
+        tracing::info!(
+            partition = p,
+            from_store = l.from_store,
+            changelog_records = l.changelog_records,
+            seconds = l.seconds,
+            "partition restored"
+        );
+        let reported = l.meter.stats().clone();
+        self.meters.insert(
+            p,
+            PartitionMeter {
+                meter: l.meter,
+                reported,
+            },
+        );
+        self.owned
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(p);
+    }
+}
+
+/// The most partitions one pipeline restores at once.
+const MAX_RESTORE_WORKERS: usize = 8;
+
+/// What restoring a partition needs, apart from the engine.
+struct Loader {
+    store: std::sync::Arc<jobmeter_store::Store>,
+    settings: jobmeter_kafka::client::KafkaSettings,
+    changelog: String,
+    instance_id: String,
+    deadline: std::time::Duration,
+    max_local_age: std::time::Duration,
+    meter: jobmeter_core::MeterConfig,
+}
+
+/// A partition's restored meter.
+struct Loaded {
+    meter: Meter,
+    from_store: usize,
+    changelog_records: u64,
+    seconds: f64,
+}
+
+impl Loader {
     /// RocksDB, then the changelog after the offset RocksDB reflects.
-    pub(super) fn load_partition(&mut self, p: i32) -> Result<(), EngineError> {
+    fn load(&self, p: i32) -> Result<Loaded, EngineError> {
         let t0 = Instant::now();
         let mut st = self.store.load(p)?;
         let now_ms = jobmeter_core::Timestamp::now().0;
         if st
             .written_at_ms
-            .is_some_and(|w| now_ms - w > self.cfg.max_local_age.as_millis() as i64)
+            .is_some_and(|w| now_ms - w > self.max_local_age.as_millis() as i64)
         {
             tracing::warn!(
                 partition = p,
@@ -73,38 +186,23 @@ impl Engine {
         let from_store = st.records.len();
         let mut up = CatchUp::new(st);
         let n = read_to_end(
-            &self.cfg.settings,
-            &format!("{}-restore-{p}", self.cfg.instance_id),
-            &self.cfg.topics.changelog,
+            &self.settings,
+            &format!("{}-restore-{p}", self.instance_id),
+            &self.changelog,
             &[(p, up.from)],
-            self.cfg.restore_deadline,
+            self.deadline,
             |rec| up.record(rec),
         )?;
         if n > 0 {
             self.store.commit(p, &up.replayed, up.last)?;
         }
-        let meter = Meter::restore(up.map.into_iter().map(|((t, k), v)| (t, k, v)), &self.cfg.meter)?;
-        let secs = t0.elapsed().as_secs_f64();
-        self.metrics.restore_seconds.observe(secs);
-        self.metrics.restored_records.inc_by(n);
-        self.metrics
-            .open_jobs
-            .with_label_values(&[&p.to_string()])
-            .set(meter.open_jobs() as i64);
-        tracing::info!(
-            partition = p,
+        let meter = Meter::restore(up.map.into_iter().map(|((t, k), v)| (t, k, v)), &self.meter)?;
+        Ok(Loaded {
+            meter,
             from_store,
-            changelog_records = n,
-            seconds = secs,
-            "partition restored"
-        );
-        let reported = meter.stats().clone();
-        self.meters.insert(p, PartitionMeter { meter, reported });
-        self.owned
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(p);
-        Ok(())
+            changelog_records: n,
+            seconds: t0.elapsed().as_secs_f64(),
+        })
     }
 }
 
