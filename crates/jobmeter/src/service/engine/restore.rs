@@ -33,6 +33,11 @@ impl Engine {
     /// a time when the machine has the cores: each reads its own store
     /// records and changelog with its own reader.
     pub fn restore_pending(&mut self) -> Result<(), EngineError> {
+        if self.to_restore.is_empty() {
+            // Called on every turn of the poll loop: nothing to start.
+            self.metrics.set_ready(self.ready());
+            return Ok(());
+        }
         let pending: Vec<i32> = std::mem::take(&mut self.to_restore).into_iter().collect();
         let workers = std::thread::available_parallelism()
             .map_or(1, usize::from)
