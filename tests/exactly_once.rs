@@ -25,33 +25,34 @@ fn charges_reach(prefix: &str, n: usize) -> impl FnMut() -> bool + '_ {
     move || read_all(&format!("{prefix}.charges")).len() >= n
 }
 
-#[test]
-#[cfg_attr(
-    not(feature = "broker"),
-    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
-)]
-fn survives_kill_at_any_point() {
-    let prefix = fresh_prefix("kill");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let spec = MeterSpec::new(&prefix, "kill-0", dir.path().join("state"), 3);
-    let mut meter = spec.start();
-    wait_for_topics(&prefix);
-    let w = workload(&fleet(3_000, 7), 3);
-    produce_accounts(&prefix, &w);
+/// Produces `opts`' fleet (accounts first) while the meter runs, kills it
+/// with SIGKILL `kills` times at moments spread over the run (`min_ms` plus
+/// up to `spread_ms`, pseudo-random from `seed` but reproducible),
+/// restarting it each time, then waits for every charge, stops it with
+/// SIGTERM (it must exit cleanly) and returns what was committed and what
+/// the offline computation gives.
+fn kill_while_producing(
+    spec: &MeterSpec,
+    mut meter: MeterProc,
+    opts: &FleetOptions,
+    kills: usize,
+    (min_ms, spread_ms): (u64, u64),
+    seed: u64,
+) -> (Outputs, Outputs) {
+    let w = workload(opts, spec.partitions);
+    produce_accounts(&spec.prefix, &w);
     let want = expected(&w, w.events.len());
     let total = w.events.len();
-    // Produce while the meter runs, and kill it with SIGKILL at moments
-    // spread over the run (pseudo-random but reproducible).
     let producer = {
-        let prefix = prefix.to_string();
+        let (prefix, opts, parts) = (spec.prefix.clone(), opts.clone(), spec.partitions);
         std::thread::spawn(move || {
-            let w = workload(&fleet(3_000, 7), 3);
+            let w = workload(&opts, parts);
             produce_events(&prefix, &w, 0..total, 8_000);
         })
     };
-    let mut rng = jobmeter::simulate::Rng::new(99);
-    for round in 0..6 {
-        std::thread::sleep(Duration::from_millis(300 + rng.below(1200)));
+    let mut rng = jobmeter::simulate::Rng::new(seed);
+    for round in 0..kills {
+        std::thread::sleep(Duration::from_millis(min_ms + rng.below(spread_ms)));
         meter.kill9();
         eprintln!("kill {round}: SIGKILL sent");
         meter = spec.start();
@@ -61,12 +62,27 @@ fn survives_kill_at_any_point() {
         "all charges",
         Duration::from_secs(240),
         &[&meter],
-        charges_reach(&prefix, want.charges.len()),
+        charges_reach(&spec.prefix, want.charges.len()),
     );
     // Let any last batch land, then compare everything.
     std::thread::sleep(Duration::from_secs(2));
-    let got = read_outputs(&prefix);
+    let got = read_outputs(&spec.prefix);
     assert_eq!(meter.terminate(), Some(0), "clean exit after SIGTERM");
+    (got, want)
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
+fn survives_kill_at_any_point() {
+    let prefix = fresh_prefix("kill");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = MeterSpec::new(&prefix, "kill-0", dir.path().join("state"), 3);
+    let meter = spec.start();
+    wait_for_topics(&prefix);
+    let (got, want) = kill_while_producing(&spec, meter, &fleet(3_000, 7), 6, (300, 1200), 99);
     assert_same(&got, &want);
     assert!(
         want.limits.len() > 5,
@@ -331,12 +347,8 @@ fn parallel_pipelines_survive_kills() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut spec = MeterSpec::new(&prefix, "threads-0", dir.path().join("state"), 5);
     spec.extra = vec!["--set".into(), "pipeline.threads=3".into()];
-    let mut meter = spec.start();
+    let meter = spec.start();
     wait_for_topics(&prefix);
-    let w = workload(&fleet(3_000, 17), 5);
-    produce_accounts(&prefix, &w);
-    let want = expected(&w, w.events.len());
-    let total = w.events.len();
     let settings = jobmeter_kafka::client::KafkaSettings::new(brokers());
     let group = format!("{prefix}-group");
     let topic = format!("{prefix}.job-events");
@@ -359,30 +371,7 @@ fn parallel_pipelines_survive_kills() {
                 && meter.metric("jobmeter_assigned_partitions") == Some(5.0)
         },
     );
-    let producer = {
-        let prefix = prefix.to_string();
-        std::thread::spawn(move || {
-            let w = workload(&fleet(3_000, 17), 5);
-            produce_events(&prefix, &w, 0..total, 8_000);
-        })
-    };
-    let mut rng = jobmeter::simulate::Rng::new(5);
-    for round in 0..4 {
-        std::thread::sleep(Duration::from_millis(500 + rng.below(1500)));
-        meter.kill9();
-        eprintln!("kill {round}: SIGKILL sent");
-        meter = spec.start();
-    }
-    producer.join().expect("producer thread");
-    wait_until(
-        "all charges",
-        Duration::from_secs(240),
-        &[&meter],
-        charges_reach(&prefix, want.charges.len()),
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    let got = read_outputs(&prefix);
-    assert_eq!(meter.terminate(), Some(0), "clean exit after SIGTERM");
+    let (got, want) = kill_while_producing(&spec, meter, &fleet(3_000, 17), 4, (500, 1500), 5);
     assert_same(&got, &want);
     assert_rebuild_matches(&spec, true);
 }

@@ -627,10 +627,8 @@ mod tests {
         assert_eq!(restart_state(&txn, &store), state_after(1));
     }
 
-    /// The pipeline lets a batch grow while the committer is busy: busy
-    /// from the hand-over until the commit and store write are done.
-    #[test]
-    fn the_committer_is_busy_exactly_while_it_commits() {
+    /// A committer thread over a fake broker and an in-memory store.
+    fn committer() -> (FakeTxn, Arc<MemStore>, Committer<()>) {
         let (txn, store) = (FakeTxn::new(), Arc::new(MemStore::new()));
         let c = Committer::start(
             txn.clone(),
@@ -639,6 +637,14 @@ mod tests {
             CHANGELOG.into(),
             Duration::from_secs(5),
         );
+        (txn, store, c)
+    }
+
+    /// The pipeline lets a batch grow while the committer is busy: busy
+    /// from the hand-over until the commit and store write are done.
+    #[test]
+    fn the_committer_is_busy_exactly_while_it_commits() {
+        let (txn, _store, c) = committer();
         assert!(!c.busy());
         let held = txn.gate.lock().expect("gate");
         c.submit(batch(0, 10)).expect("hand over");
@@ -655,14 +661,7 @@ mod tests {
     /// one; the pipeline learns of the failure at its next hand-over.
     #[test]
     fn the_committer_aborts_a_failed_batch_and_refuses_later_ones() {
-        let (txn, store) = (FakeTxn::new(), Arc::new(MemStore::new()));
-        let c = Committer::start(
-            txn.clone(),
-            store.clone(),
-            metrics(),
-            CHANGELOG.into(),
-            Duration::from_secs(5),
-        );
+        let (txn, store, c) = committer();
         c.submit(batch(0, 10)).expect("hand over");
         c.wait().expect("committed");
         txn.fail(Some(Step::Send));
