@@ -308,10 +308,32 @@ fn misdirected_requests_name_the_owner() {
         &[&ma, &mb],
         both_own,
     );
-    wait_until("all events counted", Duration::from_secs(90), &[&ma, &mb], || {
-        ma.metric("jobmeter_events_total").unwrap_or(0.0) + mb.metric("jobmeter_events_total").unwrap_or(0.0)
-            == w.events.len() as f64
-    });
+    // The counts as they stand are part of a failure's message: what each
+    // instance counted and how far behind each is.
+    let counted = std::cell::RefCell::new(String::new());
+    let all_counted = || {
+        let (a, b) = (ma.metric("jobmeter_events_total"), mb.metric("jobmeter_events_total"));
+        *counted.borrow_mut() = format!(
+            "{} events; a counted {a:?} (lag {:?}, batches {:?}), b {b:?} (lag {:?}, batches {:?})",
+            w.events.len(),
+            ma.metric("jobmeter_consumer_lag"),
+            ma.metric("jobmeter_batch_events_count"),
+            mb.metric("jobmeter_consumer_lag"),
+            mb.metric("jobmeter_batch_events_count"),
+        );
+        a.unwrap_or(0.0) + b.unwrap_or(0.0) == w.events.len() as f64
+    };
+    let started = std::time::Instant::now();
+    while !all_counted() {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "timed out waiting for all events counted: {}\n--- a ---\n{}\n--- b ---\n{}",
+            counted.borrow(),
+            ma.log_tail(),
+            mb.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let mut misdirected = 0;
     for (account, _) in &w.accounts {
         let path = format!("/v1/accounts/{account}/usage");
