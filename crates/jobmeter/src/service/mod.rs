@@ -314,9 +314,10 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
     });
     let accounts_gauge = metrics.accounts.clone();
     let book = table.book.clone();
-    // The instance is ready when every pipeline is; it stops when they all
-    // have (each returns only once the stop is asked for).
-    while pipelines.iter().any(|(h, _)| !h.is_finished()) {
+    // The instance is ready when every pipeline is. A pipeline returns only
+    // once the stop is asked for, or when its thread panics: then the
+    // others are stopped too and the process ends, as with one pipeline.
+    while pipelines.iter().all(|(h, _)| !h.is_finished()) {
         tokio::time::sleep(Duration::from_millis(100)).await;
         ready.store(
             pipelines.iter().all(|(_, r)| r.load(Ordering::SeqCst)),
@@ -325,14 +326,16 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
         accounts_gauge.set(book.read().map(|b| b.len() as i64).unwrap_or(0));
     }
     ready.store(false, Ordering::SeqCst);
+    stop.store(true, Ordering::SeqCst);
     let mut result = Ok(());
     for (h, _) in pipelines {
-        let r = h.join().map_err(|_| anyhow::anyhow!("a pipeline thread panicked"))?;
+        let r = h
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("a pipeline thread panicked")));
         if result.is_ok() {
             result = r;
         }
     }
-    stop.store(true, Ordering::SeqCst);
     let _ = tail.join();
     let _ = lag.join();
     shutdown.cancel();
