@@ -14,6 +14,13 @@ pub struct KafkaSettings {
     pub properties: BTreeMap<String, String>,
 }
 
+/// How long a consumer waits before fetching again for a partition whose
+/// local queue is over its threshold. librdkafka's default (1 s) starved the
+/// meter on a backlog: it applied a fetch's worth of records in about 0.4 s
+/// and then waited for the next fetch for the rest of the second (half the
+/// sustained rate of this setting, measured in `BENCHMARKS.md` §2g).
+const FETCH_QUEUE_BACKOFF_MS: &str = "5";
+
 impl KafkaSettings {
     /// Settings for `brokers` with no extra properties.
     pub fn new(brokers: impl Into<String>) -> Self {
@@ -55,7 +62,8 @@ impl KafkaSettings {
             // librdkafka default (500 ms) would add up to half a second
             // between a stop event and its charge when input is sparse.
             .set("fetch.wait.max.ms", "20")
-            .set("queued.max.messages.kbytes", "65536");
+            .set("queued.max.messages.kbytes", "65536")
+            .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
         self.finish(c)
     }
 
@@ -74,6 +82,7 @@ impl KafkaSettings {
             // default wait (500 ms) every restore of a partition took half
             // a second longer than its reading.
             .set("fetch.wait.max.ms", "10")
+            .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
             .set("auto.offset.reset", "earliest");
         self.finish(c)
     }
@@ -121,4 +130,22 @@ impl KafkaSettings {
 /// `127.0.0.1:9092`.
 pub fn brokers_from_env() -> String {
     std::env::var("JOBMETER_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consumers_fetch_again_soon_and_properties_override_it() {
+        let mut s = KafkaSettings::new("b:9092");
+        let group = s.group_consumer("g", "i");
+        let reader = s.reader("r");
+        for c in [&group, &reader] {
+            assert_eq!(c.get("fetch.queue.backoff.ms"), Some(FETCH_QUEUE_BACKOFF_MS));
+        }
+        s.properties.insert("fetch.queue.backoff.ms".into(), "250".into());
+        assert_eq!(s.group_consumer("g", "i").get("fetch.queue.backoff.ms"), Some("250"));
+        assert_eq!(s.reader("r").get("fetch.queue.backoff.ms"), Some("250"));
+    }
 }

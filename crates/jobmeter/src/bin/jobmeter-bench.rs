@@ -7,7 +7,10 @@
 //! ```
 //!
 //! 1. **Ceiling**: N simulated events are produced to a fresh input topic;
-//!    a plain rdkafka consumer reads them all, doing nothing: events/s.
+//!    a plain rdkafka consumer reads them all, doing nothing: events/s
+//!    (the median of `--ceiling-runs` reads with jobmeter's consumer
+//!    settings, and one read with librdkafka's default
+//!    `fetch.queue.backoff.ms`, printed as (c')).
 //! 2. **Throughput**: `jobmeter run` (exactly-once on) is started on that
 //!    backlog; sustained events/s is measured from its first committed
 //!    batch to the last (start-up — process, accounts table, group join —
@@ -142,8 +145,10 @@ fn main() -> anyhow::Result<()> {
             &topics.job_events,
             args.partitions,
             evs.len(),
+            false,
         )?);
     }
+    let untuned = raw_consume_rate(&settings, &topics.job_events, args.partitions, evs.len(), true)?;
     let mut sorted = reads.clone();
     sorted.sort_by(f64::total_cmp);
     let ceiling = sorted[sorted.len() / 2];
@@ -153,6 +158,9 @@ fn main() -> anyhow::Result<()> {
         ceiling,
         reads.len(),
         reads.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
+    );
+    println!(
+        "(c') the same plain consumer with librdkafka's default fetch.queue.backoff.ms (1 s): {untuned:.0} events/s (one read)"
     );
     let t1 = Instant::now();
     let meter = start_meter(&bin, &prefix, &dir.join("tp"), args.partitions, &args.sets, 19464)?;
@@ -471,11 +479,23 @@ fn metric(port: u16, name: &str) -> Option<f64> {
     total
 }
 
-fn raw_consume_rate(settings: &KafkaSettings, topic: &str, partitions: i32, n: usize) -> anyhow::Result<f64> {
-    let consumer: BaseConsumer = settings
-        .reader("bench-ceiling")
-        .set("enable.partition.eof", "false")
-        .create()?;
+/// How fast one plain read_committed consumer reads the topic, with
+/// jobmeter's consumer settings, or with librdkafka's default
+/// `fetch.queue.backoff.ms` when `default_backoff` (the plain consumer a
+/// user would write without tuning it).
+fn raw_consume_rate(
+    settings: &KafkaSettings,
+    topic: &str,
+    partitions: i32,
+    n: usize,
+    default_backoff: bool,
+) -> anyhow::Result<f64> {
+    let mut config = settings.reader("bench-ceiling");
+    config.set("enable.partition.eof", "false");
+    if default_backoff {
+        config.set("fetch.queue.backoff.ms", "1000");
+    }
+    let consumer: BaseConsumer = config.create()?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
