@@ -199,7 +199,7 @@ impl Loader {
             |rec| up.record(rec),
         )?;
         if n > 0 {
-            self.store.commit(p, &up.replayed, up.last)?;
+            self.store.commit(p, &up.changes(), up.last)?;
         }
         let meter = Meter::restore(up.map.into_iter().map(|((t, k), v)| (t, k, v)), &self.meter)?;
         Ok(Loaded {
@@ -215,54 +215,136 @@ impl Loader {
 /// the changelog records after the offset it reflects (the step after the
 /// commit that a crash may have cut off).
 pub(crate) struct CatchUp {
-    /// The state, by (table, key).
     pub(crate) map: StateMap,
-    /// The changelog offset to read from (`None`: the beginning).
     pub(crate) from: Option<i64>,
-    /// The changelog records applied, as state changes for the store.
-    pub(crate) replayed: Vec<StateChange>,
-    /// The last changelog offset the state reflects.
+    /// Keys the replayed changelog records touched (in changelog order,
+    /// repeated when a key changed more than once).
+    touched: Vec<(Table, Vec<u8>)>,
     pub(crate) last: Option<i64>,
 }
 
 impl CatchUp {
-    /// Starts from what the store holds.
     pub(crate) fn new(stored: jobmeter_store::PartitionState) -> CatchUp {
         CatchUp {
             from: stored.changelog_offset.map(|o| o + 1),
             last: stored.changelog_offset,
             map: stored.records.into_iter().map(|(t, k, v)| ((t, k), v)).collect(),
-            replayed: Vec::new(),
+            touched: Vec::new(),
         }
     }
 
-    /// Applies the next changelog record.
     pub(crate) fn record(&mut self, rec: jobmeter_kafka::reader::Record) {
         self.last = Some(rec.offset);
-        self.replayed.extend(overlay(&mut self.map, rec));
+        self.touched.extend(overlay(&mut self.map, rec));
+    }
+
+    /// What the store needs to hold the caught-up state: each touched key
+    /// once, with its final value (or its deletion), in key order. The
+    /// same end state as writing every replayed record in turn, with one
+    /// write per key instead of one per record (a changelog not compacted
+    /// yet holds many versions of a job).
+    pub(crate) fn changes(&mut self) -> Vec<StateChange> {
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.sort_unstable();
+        touched.dedup();
+        touched
+            .into_iter()
+            .map(|entry| {
+                let value = self.map.get(&entry).cloned();
+                let (table, key) = entry;
+                StateChange { table, key, value }
+            })
+            .collect()
     }
 }
 
-/// State records by (table, key), as restored.
 pub(crate) type StateMap = BTreeMap<(Table, Vec<u8>), Vec<u8>>;
 
 /// Applies one changelog record to `map` (an upsert, or a delete for a
-/// tombstone) and returns it as a state change; `None` for a malformed key.
-pub(crate) fn overlay(map: &mut StateMap, rec: jobmeter_kafka::reader::Record) -> Option<StateChange> {
+/// tombstone) and returns the key it touched; `None` for a malformed key.
+pub(crate) fn overlay(map: &mut StateMap, rec: jobmeter_kafka::reader::Record) -> Option<(Table, Vec<u8>)> {
     let key = rec.key?;
     let (table, k) = jobmeter_kafka::changelog::split(&key)?;
     let entry = (table, k.to_vec());
-    match &rec.value {
+    match rec.value {
         Some(v) => {
-            map.insert(entry, v.clone());
+            map.insert(entry.clone(), v);
         }
         None => {
             map.remove(&entry);
         }
     }
-    Some(StateChange {
-        table,
-        key: k.to_vec(),
-        value: rec.value,
-    })
+    Some(entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jobmeter_kafka::reader::Record;
+
+    fn rec(offset: i64, table: Table, key: &[u8], value: Option<&[u8]>) -> Record {
+        Record {
+            partition: 0,
+            offset,
+            key: Some(jobmeter_kafka::changelog::key(table, key)),
+            value: value.map(<[u8]>::to_vec),
+            headers: Vec::new(),
+            timestamp_ms: None,
+        }
+    }
+
+    /// The store written from a catch-up ends in the same state as one
+    /// that wrote every replayed record in turn, with each key written once.
+    #[test]
+    fn a_catch_up_writes_each_touched_key_once_with_its_final_value() {
+        let records_stored = vec![
+            (Table::Jobs, b"kept".to_vec(), b"0".to_vec()),
+            (Table::Jobs, b"gone".to_vec(), b"0".to_vec()),
+            (Table::Usage, b"u".to_vec(), b"0".to_vec()),
+        ];
+        let mut up = CatchUp::new(jobmeter_store::PartitionState {
+            records: records_stored.clone(),
+            changelog_offset: Some(9),
+            written_at_ms: None,
+        });
+        assert_eq!(up.from, Some(10));
+        let records = vec![
+            rec(10, Table::Jobs, b"new", Some(b"1")),
+            rec(11, Table::Usage, b"u", Some(b"1")),
+            rec(12, Table::Jobs, b"gone", None),
+            rec(13, Table::Jobs, b"new", Some(b"2")),
+            rec(14, Table::Jobs, b"brief", Some(b"1")),
+            rec(15, Table::Jobs, b"brief", None),
+            rec(16, Table::Usage, b"u", Some(b"3")),
+        ];
+        // Every record written in turn, as a store would apply them.
+        let mut naive: StateMap = records_stored.into_iter().map(|(t, k, v)| ((t, k), v)).collect();
+        for r in &records {
+            let (t, k) = jobmeter_kafka::changelog::split(r.key.as_deref().unwrap_or_default()).expect("key");
+            match &r.value {
+                Some(v) => naive.insert((t, k.to_vec()), v.clone()),
+                None => naive.remove(&(t, k.to_vec())),
+            };
+        }
+        for r in records {
+            up.record(r);
+        }
+        assert_eq!(up.last, Some(16));
+        assert_eq!(up.map, naive);
+        let changes = up.changes();
+        let written: Vec<_> = changes
+            .iter()
+            .map(|c| (c.table, c.key.as_slice(), c.value.as_deref()))
+            .collect();
+        assert_eq!(
+            written,
+            vec![
+                (Table::Jobs, &b"brief"[..], None),
+                (Table::Jobs, &b"gone"[..], None),
+                (Table::Jobs, &b"new"[..], Some(&b"2"[..])),
+                (Table::Usage, &b"u"[..], Some(&b"3"[..])),
+            ]
+        );
+        assert!(up.changes().is_empty(), "taken once");
+    }
 }
