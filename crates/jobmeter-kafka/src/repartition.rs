@@ -182,12 +182,6 @@ impl Lane {
         }
     }
 
-    /// One past the last own input record read, or the committed position
-    /// before the first: where this partition's input goes on.
-    pub fn own_pos(&self) -> i64 {
-        self.own_pos
-    }
-
     /// An own input record that another partition's meter applies.
     pub fn passed_on(&mut self, offset: i64) {
         self.own_pos = offset + 1;

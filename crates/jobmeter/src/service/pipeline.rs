@@ -109,13 +109,11 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
             source,
         })?;
     let lock = || engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    // The last assignment (epoch) whose partitions were sought to.
-    let mut sought = 0;
     let result = loop {
         // One round per assignment: each assigned partition's input and
         // repartition records get their own queue, and the loop hands the
         // engine the queued record with the smallest timestamp first.
-        match merge_round(deps, &consumer, &lock, stop, ready, &mut sought) {
+        match merge_round(deps, &consumer, &lock, stop, ready) {
             Ok(true) => continue,
             Ok(false) => break Ok(()),
             Err(e) => break Err(e),
@@ -141,45 +139,6 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
     consumer.unsubscribe();
     drop(consumer);
     result
-}
-
-/// Once per assignment, right after its partitions are resumed: seeks each
-/// to where the engine goes on ([`Engine::positions`]), which is where the
-/// consumer stands already unless librdkafka lost the start position of a
-/// partition paused right after its assignment. Records fetched before are
-/// discarded by librdkafka and fetched again.
-fn seek_once<'e>(
-    consumer: &BaseConsumer<MeterContext>,
-    lock: &dyn Fn() -> std::sync::MutexGuard<'e, Engine>,
-    epoch: u64,
-    sought: &mut u64,
-) -> Result<(), EngineError> {
-    if *sought == epoch {
-        return Ok(());
-    }
-    let positions = {
-        let e = lock();
-        if e.epoch() != epoch {
-            // Assigned again meanwhile: the next round seeks.
-            return Ok(());
-        }
-        e.positions()
-    };
-    *sought = epoch;
-    if positions.count() == 0 {
-        return Ok(());
-    }
-    let op = |source| jobmeter_kafka::KafkaAdapterError::Op {
-        op: "seek assigned partitions",
-        source,
-    };
-    let done = consumer
-        .seek_partitions(positions, Duration::from_secs(10))
-        .map_err(op)?;
-    for e in done.elements() {
-        e.error().map_err(op)?;
-    }
-    Ok(())
 }
 
 /// What every turn of the poll loop ends with: readiness, pausing newly
@@ -213,8 +172,7 @@ fn after_step(
 /// order). The first event that arrives elsewhere ends the round: the
 /// partitions are paused (which drops what was fetched but not applied)
 /// and the next round applies them in event-time order from
-/// per-partition queues. The caller has resumed (and sought) `all`, the
-/// assignment's partitions of both topics. Returns like [`merge_round`].
+/// per-partition queues. Returns like [`merge_round`].
 fn fast_round<'e>(
     deps: &Deps,
     consumer: &Arc<BaseConsumer<MeterContext>>,
@@ -222,8 +180,19 @@ fn fast_round<'e>(
     stop: &AtomicBool,
     ready: &AtomicBool,
     epoch: u64,
-    all: &rdkafka::TopicPartitionList,
+    assigned: &std::collections::BTreeSet<i32>,
 ) -> Result<bool, EngineError> {
+    let mut all = rdkafka::TopicPartitionList::new();
+    for p in assigned {
+        all.add_partition(&deps.topics.job_events, *p);
+        all.add_partition(&deps.topics.repartition, *p);
+    }
+    consumer
+        .resume(&all)
+        .map_err(|source| jobmeter_kafka::KafkaAdapterError::Op {
+            op: "resume partitions",
+            source,
+        })?;
     let mut last_report = Instant::now();
     loop {
         if stop.load(Ordering::SeqCst) {
@@ -245,7 +214,7 @@ fn fast_round<'e>(
         if e.rerouting() {
             tracing::info!("events arrive on other partitions than their accounts': applying this instance's partitions in event-time order from now on");
             consumer
-                .pause(all)
+                .pause(&all)
                 .map_err(|source| jobmeter_kafka::KafkaAdapterError::Op {
                     op: "pause partitions",
                     source,
@@ -274,7 +243,6 @@ fn merge_round<'e>(
     lock: &dyn Fn() -> std::sync::MutexGuard<'e, Engine>,
     stop: &AtomicBool,
     ready: &AtomicBool,
-    sought: &mut u64,
 ) -> Result<bool, EngineError> {
     use rdkafka::message::{BorrowedMessage, Headers, Message};
     let (epoch, assigned) = {
@@ -289,19 +257,7 @@ fn merge_round<'e>(
         }
     }
     if !lock().rerouting() {
-        let mut all = rdkafka::TopicPartitionList::new();
-        for p in &assigned {
-            all.add_partition(&deps.topics.job_events, *p);
-            all.add_partition(&deps.topics.repartition, *p);
-        }
-        consumer
-            .resume(&all)
-            .map_err(|source| jobmeter_kafka::KafkaAdapterError::Op {
-                op: "resume partitions",
-                source,
-            })?;
-        seek_once(consumer, lock, epoch, sought)?;
-        return fast_round(deps, consumer, lock, stop, ready, epoch, &all);
+        return fast_round(deps, consumer, lock, stop, ready, epoch, &assigned);
     }
     let mut queues = Vec::new();
     let mut resume = rdkafka::TopicPartitionList::new();
@@ -320,7 +276,6 @@ fn merge_round<'e>(
             op: "resume partitions",
             source,
         })?;
-    seek_once(consumer, lock, epoch, sought)?;
     // Each queue's next record, its event (parsed once) and merge key.
     type Head<'q> = (BorrowedMessage<'q>, Option<jobmeter_core::JobEvent>, i64);
     let mut heads: Vec<Option<Head<'_>>> = queues.iter().map(|_| None).collect();

@@ -194,9 +194,6 @@ pub struct Engine {
     next_offsets: BTreeMap<i32, i64>,
     /// Repartition offsets to commit with the batch.
     next_rp_offsets: BTreeMap<i32, i64>,
-    /// Per assigned partition: one past the last repartition record read,
-    /// or the committed position before the first.
-    rp_pos: BTreeMap<i32, i64>,
     /// Per assigned partition: where its two inputs interleave.
     lanes: HashMap<i32, Lane>,
     records: Vec<OutRecord>,
@@ -261,7 +258,6 @@ impl Engine {
             batch_events: 0,
             next_offsets: BTreeMap::new(),
             next_rp_offsets: BTreeMap::new(),
-            rp_pos: BTreeMap::new(),
             lanes: HashMap::new(),
             records: Vec::new(),
             charges_by_kind: [0; 3],
@@ -367,7 +363,6 @@ impl Engine {
         let payload = msg.payload().unwrap_or_default();
         if msg.topic() == &*self.repartition_topic {
             self.next_rp_offsets.insert(p, o + 1);
-            self.rp_pos.insert(p, o + 1);
             if is_marker(msg.headers()) {
                 return Ok(());
             }

@@ -5,7 +5,7 @@
 use super::{Engine, EngineError};
 use jobmeter_kafka::repartition::Lane;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, TopicPartitionList};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,45 +49,12 @@ impl Engine {
                 if !self.meters.contains_key(&e.partition()) {
                     self.to_restore.insert(e.partition());
                 }
-            } else if e.topic() == self.cfg.topics.repartition {
-                let resume = e.offset().to_raw().filter(|o| *o >= 0).unwrap_or(0);
-                self.rp_pos.insert(e.partition(), resume);
             }
         }
         self.epoch += 1;
         self.metrics.set_assigned(self.assigned.len());
         self.metrics.set_ready(false);
         tracing::info!(partitions = ?self.assigned, "partitions assigned");
-    }
-
-    /// Where the next record of each assigned partition is, for the input
-    /// and the repartition topic: one past the last record read, else the
-    /// group's committed position, else the beginning (the configured
-    /// `auto.offset.reset`). The poll loop seeks there once after each
-    /// assignment: librdkafka may drop the start position that `assign`
-    /// sets when `pause` follows it at once (its issues #2190 and #5591),
-    /// and the partition then never fetches, without an error.
-    pub fn positions(&self) -> TopicPartitionList {
-        let at = |pos: i64| {
-            if pos > 0 {
-                Offset::Offset(pos)
-            } else {
-                Offset::Beginning
-            }
-        };
-        let mut tpl = TopicPartitionList::new();
-        for p in &self.assigned {
-            let own = self.lanes.get(p).map_or(0, Lane::own_pos);
-            let forwarded = self.rp_pos.get(p).copied().unwrap_or(0);
-            for (topic, pos) in [
-                (&self.cfg.topics.job_events, own),
-                (&self.cfg.topics.repartition, forwarded),
-            ] {
-                // Only fails for an offset of a kind the list cannot hold.
-                let _ = tpl.add_partition_offset(topic, *p, at(pos));
-            }
-        }
-        tpl
     }
 
     fn on_revoke(&mut self, group: Option<ConsumerGroupMetadata>, tpl: &TopicPartitionList) {
@@ -102,7 +69,6 @@ impl Engine {
             self.to_restore.remove(&p);
             self.meters.remove(&p);
             self.lanes.remove(&p);
-            self.rp_pos.remove(&p);
             if self.failing_write().remove(&p).is_some() {
                 self.metrics
                     .partition_failed
