@@ -104,3 +104,60 @@ async fn resuming_again_neither_skips_nor_repeats_and_starts_a_partition_left_pa
     }
     eprintln!("the pause outlived the first resume in {left_paused} of 5 rounds");
 }
+
+/// One reader client serves reads of several partitions one after another
+/// (how a restore worker reads its partitions' changelogs): each read gets
+/// exactly its partition's records from its start offset, nothing left over
+/// from the read before.
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
+async fn one_reader_reads_partitions_one_after_another() {
+    let settings = jobmeter_kafka::client::KafkaSettings::new(brokers());
+    let topic = fresh_prefix("reader");
+    let admin: AdminClient<DefaultClientContext> = settings.admin().create().expect("admin client");
+    let res = admin
+        .create_topics(
+            &[NewTopic::new(&topic, 3, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create topic");
+    assert!(res.iter().all(Result::is_ok), "{res:?}");
+    let p = producer();
+    for part in 0..3 {
+        for i in 0..(10 + part * 5) {
+            send(&p, &topic, "k", Some(format!("p{part}-{i}").as_bytes()), Some(part));
+        }
+    }
+    rdkafka::producer::Producer::flush(&p, Duration::from_secs(30)).expect("flush");
+    let reader = jobmeter_kafka::reader::Reader::new(&settings, "it-reader").expect("reader");
+    let read = |part: i32, from: Option<i64>| {
+        let mut got = Vec::new();
+        let n = reader
+            .read_to_end(&topic, &[(part, from)], Duration::from_secs(30), |r| {
+                assert_eq!(r.partition, part);
+                got.push((
+                    r.offset,
+                    String::from_utf8_lossy(&r.value.unwrap_or_default()).into_owned(),
+                ));
+            })
+            .expect("read");
+        assert_eq!(n as usize, got.len());
+        got
+    };
+    let want = |part: i32, from: i64| -> Vec<(i64, String)> {
+        (from..i64::from(10 + part * 5))
+            .map(|i| (i, format!("p{part}-{i}")))
+            .collect()
+    };
+    for (part, from) in [(0, None), (1, None), (2, Some(3)), (0, Some(7)), (1, Some(15))] {
+        assert_eq!(
+            read(part, from),
+            want(part, from.unwrap_or(0)),
+            "partition {part} from {from:?}"
+        );
+    }
+}

@@ -118,102 +118,161 @@ pub fn read_range(
     topic: &str,
     partitions: &[(i32, Option<i64>, Option<i64>)],
     deadline: Duration,
-    mut f: impl FnMut(Record),
+    f: impl FnMut(Record),
 ) -> Result<u64, KafkaAdapterError> {
     if partitions.is_empty() {
         return Ok(0);
     }
-    let consumer: BaseConsumer<ReaderContext> = settings
-        .reader(client_id)
-        .create_with_context(ReaderContext)
-        .map_err(|source| KafkaAdapterError::Client { what: "reader", source })?;
-    let mut tpl = TopicPartitionList::new();
-    let mut remaining = std::collections::HashMap::new();
-    for (p, from, until) in partitions {
-        let (low, high) = watermarks(&consumer, topic, *p, deadline)?;
-        let start = from.map_or(low, |o| o.max(low));
-        let end = until.map_or(high, |u| u.min(high));
-        if start >= end {
-            continue;
-        }
-        tpl.add_partition_offset(topic, *p, Offset::Offset(start))
-            .map_err(KafkaAdapterError::op("assign reader"))?;
-        remaining.insert(*p, end);
+    Reader::new(settings, client_id)?.read_range(topic, partitions, deadline, f)
+}
+
+/// One reader client for several reads one after another (a restore
+/// worker's partitions): the client, its connection and metadata are set
+/// up once, which is most of the time a small partition takes.
+pub struct Reader {
+    consumer: BaseConsumer<ReaderContext>,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader").finish_non_exhaustive()
     }
-    if remaining.is_empty() {
-        return Ok(0);
+}
+
+impl Reader {
+    /// A reader client named `client_id`.
+    pub fn new(settings: &KafkaSettings, client_id: &str) -> Result<Reader, KafkaAdapterError> {
+        let consumer: BaseConsumer<ReaderContext> = settings
+            .reader(client_id)
+            .create_with_context(ReaderContext)
+            .map_err(|source| KafkaAdapterError::Client { what: "reader", source })?;
+        Ok(Reader { consumer })
     }
-    consumer.assign(&tpl).map_err(KafkaAdapterError::op("assign reader"))?;
-    let started = Instant::now();
-    let mut n = 0u64;
-    while !remaining.is_empty() {
-        if started.elapsed() > deadline {
-            return Err(KafkaAdapterError::Timeout {
-                op: "reading to the end of a partition",
-                seconds: deadline.as_secs(),
-            });
+
+    /// [`read_to_end`] with this client.
+    pub fn read_to_end(
+        &self,
+        topic: &str,
+        partitions: &[(i32, Option<i64>)],
+        deadline: Duration,
+        f: impl FnMut(Record),
+    ) -> Result<u64, KafkaAdapterError> {
+        let parts: Vec<(i32, Option<i64>, Option<i64>)> = partitions.iter().map(|(p, o)| (*p, *o, None)).collect();
+        self.read_range(topic, &parts, deadline, f)
+    }
+
+    /// [`read_range`] with this client. The partitions are unassigned
+    /// again when it returns (whatever was fetched beyond is dropped).
+    pub fn read_range(
+        &self,
+        topic: &str,
+        partitions: &[(i32, Option<i64>, Option<i64>)],
+        deadline: Duration,
+        f: impl FnMut(Record),
+    ) -> Result<u64, KafkaAdapterError> {
+        let r = self.read_assigned(topic, partitions, deadline, f);
+        if let Err(e) = self.consumer.unassign() {
+            tracing::warn!(error = %e, topic, "reader unassign failed");
         }
-        match consumer.poll(Duration::from_millis(200)) {
-            None => {}
-            Some(Ok(m)) => {
-                let end = remaining.get(&m.partition()).copied();
-                let Some(end) = end else { continue };
-                if m.offset() >= end {
-                    remaining.remove(&m.partition());
-                    continue;
-                }
-                if m.offset() + 1 >= end {
-                    remaining.remove(&m.partition());
-                }
-                n += 1;
-                f(Record {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    timestamp_ms: m.timestamp().to_millis(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    value: m.payload().map(<[u8]>::to_vec),
-                    headers: m
-                        .headers()
-                        .map(|h| {
-                            h.iter()
-                                .map(|x| {
-                                    (
-                                        x.key.to_owned(),
-                                        String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
-                                    )
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
+        r
+    }
+
+    fn read_assigned(
+        &self,
+        topic: &str,
+        partitions: &[(i32, Option<i64>, Option<i64>)],
+        deadline: Duration,
+        mut f: impl FnMut(Record),
+    ) -> Result<u64, KafkaAdapterError> {
+        let consumer = &self.consumer;
+        let mut tpl = TopicPartitionList::new();
+        let mut remaining = std::collections::HashMap::new();
+        for (p, from, until) in partitions {
+            let (low, high) = watermarks(consumer, topic, *p, deadline)?;
+            let start = from.map_or(low, |o| o.max(low));
+            let end = until.map_or(high, |u| u.min(high));
+            if start >= end {
+                continue;
+            }
+            tpl.add_partition_offset(topic, *p, Offset::Offset(start))
+                .map_err(KafkaAdapterError::op("assign reader"))?;
+            remaining.insert(*p, end);
+        }
+        if remaining.is_empty() {
+            return Ok(0);
+        }
+        consumer.assign(&tpl).map_err(KafkaAdapterError::op("assign reader"))?;
+        let started = Instant::now();
+        let mut n = 0u64;
+        while !remaining.is_empty() {
+            if started.elapsed() > deadline {
+                return Err(KafkaAdapterError::Timeout {
+                    op: "reading to the end of a partition",
+                    seconds: deadline.as_secs(),
                 });
             }
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                let Some(&end) = remaining.get(&p) else { continue };
-                let pos = consumer
-                    .position()
-                    .ok()
-                    .and_then(|t| t.find_partition(topic, p).and_then(|e| e.offset().to_raw()))
-                    .unwrap_or(-1);
-                // Past the end measured at the start (its last record may
-                // be a transaction marker, which is never delivered): done,
-                // without another round trip.
-                if pos >= end {
-                    remaining.remove(&p);
-                    continue;
+            match consumer.poll(Duration::from_millis(200)) {
+                None => {}
+                Some(Ok(m)) => {
+                    let end = remaining.get(&m.partition()).copied();
+                    let Some(end) = end else { continue };
+                    if m.offset() >= end {
+                        remaining.remove(&m.partition());
+                        continue;
+                    }
+                    if m.offset() + 1 >= end {
+                        remaining.remove(&m.partition());
+                    }
+                    n += 1;
+                    f(Record {
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        timestamp_ms: m.timestamp().to_millis(),
+                        key: m.key().map(<[u8]>::to_vec),
+                        value: m.payload().map(<[u8]>::to_vec),
+                        headers: m
+                            .headers()
+                            .map(|h| {
+                                h.iter()
+                                    .map(|x| {
+                                        (
+                                            x.key.to_owned(),
+                                            String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                                        )
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                    });
                 }
-                // With read_committed, the end is the last stable offset; if
-                // a transaction is still open past it, keep waiting for it to
-                // end so that no committed record is missed.
-                let (_, high) = watermarks(&consumer, topic, p, deadline)?;
-                if pos >= end.min(high) {
-                    remaining.remove(&p);
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    let Some(&end) = remaining.get(&p) else { continue };
+                    let pos = consumer
+                        .position()
+                        .ok()
+                        .and_then(|t| t.find_partition(topic, p).and_then(|e| e.offset().to_raw()))
+                        .unwrap_or(-1);
+                    // Past the end measured at the start (its last record may
+                    // be a transaction marker, which is never delivered): done,
+                    // without another round trip.
+                    if pos >= end {
+                        remaining.remove(&p);
+                        continue;
+                    }
+                    // With read_committed, the end is the last stable offset; if
+                    // a transaction is still open past it, keep waiting for it to
+                    // end so that no committed record is missed.
+                    let (_, high) = watermarks(consumer, topic, p, deadline)?;
+                    if pos >= end.min(high) {
+                        remaining.remove(&p);
+                    }
                 }
-            }
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, topic, "reader poll error; retrying");
-                std::thread::sleep(Duration::from_millis(200));
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, topic, "reader poll error; retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
             }
         }
+        Ok(n)
     }
-    Ok(n)
 }

@@ -5,7 +5,7 @@
 use super::{Engine, EngineError, PartitionMeter};
 use jobmeter_core::state::{StateChange, Table};
 use jobmeter_core::Meter;
-use jobmeter_kafka::reader::read_to_end;
+use jobmeter_kafka::reader::Reader;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -51,10 +51,13 @@ impl Engine {
                 .map(|_| {
                     s.spawn(|| {
                         let mut out = Vec::new();
+                        // One reader client for all of this worker's
+                        // partitions (set up when the first needs it).
+                        let mut reader = None;
                         loop {
                             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let Some(&p) = pending.get(i) else { break };
-                            out.push((p, loader.load(p)));
+                            out.push((p, loader.load(p, &mut reader)));
                         }
                         out
                     })
@@ -94,7 +97,7 @@ impl Engine {
     /// Stored state of `p` cannot be read back: only `p` stops; other
     /// errors stop the pipeline, which is then rebuilt and retries.
     pub(super) fn restore(&mut self, p: i32) -> Result<(), EngineError> {
-        match self.loader().load(p) {
+        match self.loader().load(p, &mut None) {
             Ok(l) => {
                 self.install(p, l);
                 Ok(())
@@ -173,7 +176,9 @@ struct Loaded {
 
 impl Loader {
     /// RocksDB, then the changelog after the offset RocksDB reflects.
-    fn load(&self, p: i32) -> Result<Loaded, EngineError> {
+    /// Restores partition `p`, reading the changelog with `reader` (created
+    /// on first use).
+    fn load(&self, p: i32, reader: &mut Option<Reader>) -> Result<Loaded, EngineError> {
         let t0 = Instant::now();
         let mut st = self.store.load(p)?;
         let now_ms = jobmeter_core::Timestamp::now().0;
@@ -190,14 +195,11 @@ impl Loader {
         }
         let from_store = st.records.len();
         let mut up = CatchUp::new(st);
-        let n = read_to_end(
-            &self.settings,
-            &format!("{}-restore-{p}", self.instance_id),
-            &self.changelog,
-            &[(p, up.from)],
-            self.deadline,
-            |rec| up.record(rec),
-        )?;
+        let reader = match reader {
+            Some(r) => r,
+            None => reader.insert(Reader::new(&self.settings, &format!("{}-restore", self.instance_id))?),
+        };
+        let n = reader.read_to_end(&self.changelog, &[(p, up.from)], self.deadline, |rec| up.record(rec))?;
         if n > 0 {
             self.store.commit(p, &up.changes(), up.last)?;
         }
