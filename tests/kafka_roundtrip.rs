@@ -8,6 +8,22 @@ use rdkafka::client::DefaultClientContext;
 use std::time::Duration;
 use support::*;
 
+/// A new topic of `partitions` partitions, named after `name` (deleted
+/// with the returned prefix when the test passes).
+async fn fresh_topic(settings: &jobmeter_kafka::client::KafkaSettings, name: &str, partitions: i32) -> Prefix {
+    let topic = fresh_prefix(name);
+    let admin: AdminClient<DefaultClientContext> = settings.admin().create().expect("admin client");
+    let res = admin
+        .create_topics(
+            &[NewTopic::new(&topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create topic");
+    assert!(res.iter().all(Result::is_ok), "{res:?}");
+    topic
+}
+
 #[tokio::test]
 #[cfg_attr(
     not(feature = "broker"),
@@ -15,16 +31,7 @@ use support::*;
 )]
 async fn produces_and_consumes_through_the_real_broker() {
     let settings = jobmeter_kafka::client::KafkaSettings::new(brokers());
-    let topic = fresh_prefix("roundtrip");
-    let admin: AdminClient<DefaultClientContext> = settings.admin().create().expect("admin client");
-    let res = admin
-        .create_topics(
-            &[NewTopic::new(&topic, 2, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .expect("create topic");
-    assert!(res.iter().all(Result::is_ok), "{res:?}");
+    let topic = fresh_topic(&settings, "roundtrip", 2).await;
     let p = producer();
     for i in 0..100 {
         send(&p, &topic, &format!("k{i}"), Some(format!("v{i}").as_bytes()), None);
@@ -54,16 +61,7 @@ async fn resuming_again_neither_skips_nor_repeats_and_starts_a_partition_left_pa
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Message;
     let settings = jobmeter_kafka::client::KafkaSettings::new(brokers());
-    let topic = fresh_prefix("resume");
-    let admin: AdminClient<DefaultClientContext> = settings.admin().create().expect("admin client");
-    let res = admin
-        .create_topics(
-            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .expect("create topic");
-    assert!(res.iter().all(Result::is_ok), "{res:?}");
+    let topic = fresh_topic(&settings, "resume", 1).await;
     let p = producer();
     for i in 0..50 {
         send(&p, &topic, "k", Some(format!("v{i}").as_bytes()), None);
@@ -116,16 +114,7 @@ async fn resuming_again_neither_skips_nor_repeats_and_starts_a_partition_left_pa
 )]
 async fn one_reader_reads_partitions_one_after_another() {
     let settings = jobmeter_kafka::client::KafkaSettings::new(brokers());
-    let topic = fresh_prefix("reader");
-    let admin: AdminClient<DefaultClientContext> = settings.admin().create().expect("admin client");
-    let res = admin
-        .create_topics(
-            &[NewTopic::new(&topic, 3, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .expect("create topic");
-    assert!(res.iter().all(Result::is_ok), "{res:?}");
+    let topic = fresh_topic(&settings, "reader", 3).await;
     let p = producer();
     for part in 0..3 {
         for i in 0..(10 + part * 5) {

@@ -106,8 +106,10 @@ pub fn read_to_end(
     deadline: Duration,
     f: impl FnMut(Record),
 ) -> Result<u64, KafkaAdapterError> {
-    let parts: Vec<(i32, Option<i64>, Option<i64>)> = partitions.iter().map(|(p, o)| (*p, *o, None)).collect();
-    read_range(settings, client_id, topic, &parts, deadline, f)
+    if partitions.is_empty() {
+        return Ok(0);
+    }
+    Reader::new(settings, client_id)?.read_to_end(topic, partitions, deadline, f)
 }
 
 /// Like [`read_to_end`], but each partition stops before `until` (an
