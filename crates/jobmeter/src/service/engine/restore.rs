@@ -217,15 +217,19 @@ impl Loader {
 /// the changelog records after the offset it reflects (the step after the
 /// commit that a crash may have cut off).
 pub(crate) struct CatchUp {
+    /// The state, by (table, key).
     pub(crate) map: StateMap,
+    /// The changelog offset to read from (`None`: the beginning).
     pub(crate) from: Option<i64>,
     /// Keys the replayed changelog records touched (in changelog order,
     /// repeated when a key changed more than once).
     touched: Vec<(Table, Vec<u8>)>,
+    /// The last changelog offset the state reflects.
     pub(crate) last: Option<i64>,
 }
 
 impl CatchUp {
+    /// Starts from what the store holds.
     pub(crate) fn new(stored: jobmeter_store::PartitionState) -> CatchUp {
         CatchUp {
             from: stored.changelog_offset.map(|o| o + 1),
@@ -235,6 +239,7 @@ impl CatchUp {
         }
     }
 
+    /// Applies the next changelog record.
     pub(crate) fn record(&mut self, rec: jobmeter_kafka::reader::Record) {
         self.last = Some(rec.offset);
         self.touched.extend(overlay(&mut self.map, rec));
@@ -260,6 +265,7 @@ impl CatchUp {
     }
 }
 
+/// State records by (table, key), as restored.
 pub(crate) type StateMap = BTreeMap<(Table, Vec<u8>), Vec<u8>>;
 
 /// Applies one changelog record to `map` (an upsert, or a delete for a
