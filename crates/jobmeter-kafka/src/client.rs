@@ -120,6 +120,23 @@ impl KafkaSettings {
         self.finish(c)
     }
 
+    /// What librdkafka refuses among the extra properties (an unknown name,
+    /// a value of the wrong type or out of range), one message each, found
+    /// without connecting: a configuration error to report at start-up,
+    /// not a client that fails to be created again and again.
+    pub fn property_problems(&self) -> Vec<String> {
+        self.properties
+            .iter()
+            .filter_map(|(k, v)| {
+                let mut c = ClientConfig::new();
+                c.set(k, v);
+                c.create_native_config()
+                    .err()
+                    .map(|e| format!("kafka.properties.{k}: {e}"))
+            })
+            .collect()
+    }
+
     /// An admin client.
     pub fn admin(&self) -> ClientConfig {
         self.finish(self.base())
@@ -147,5 +164,41 @@ mod tests {
         s.properties.insert("fetch.queue.backoff.ms".into(), "250".into());
         assert_eq!(s.group_consumer("g", "i").get("fetch.queue.backoff.ms"), Some("250"));
         assert_eq!(s.reader("r").get("fetch.queue.backoff.ms"), Some("250"));
+    }
+
+    #[test]
+    fn unknown_properties_and_bad_values_are_named_without_connecting() {
+        let mut s = KafkaSettings::new("b:9092");
+        for (k, v) in [
+            ("fetch.queue.backoff.ms", "5"),
+            ("security.protocol", "plaintext"),
+            ("linger.ms", "0"),
+        ] {
+            s.properties.insert(k.into(), v.into());
+        }
+        assert_eq!(s.property_problems(), Vec::<String>::new());
+        for (k, v) in [
+            ("fetch.queue.backoff.ms", "abc"),
+            ("linger.ms", "-1"),
+            ("queued.min.messages", "10000001"),
+            ("no.such.property", "1"),
+        ] {
+            s.properties.insert(k.into(), v.into());
+        }
+        let problems = s.property_problems();
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        for k in [
+            "fetch.queue.backoff.ms",
+            "linger.ms",
+            "queued.min.messages",
+            "no.such.property",
+        ] {
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.starts_with(&format!("kafka.properties.{k}: "))),
+                "{k}: {problems:?}"
+            );
+        }
     }
 }

@@ -412,6 +412,9 @@ impl Config {
                 ));
             }
         }
+        let mut settings = jobmeter_kafka::client::KafkaSettings::new(self.kafka.brokers.clone());
+        settings.properties = self.kafka.properties.clone();
+        p.extend(settings.property_problems());
         if let Some(s) = self.kafka.properties.get("group.protocol") {
             if s != "classic" {
                 p.push(format!(
@@ -758,6 +761,7 @@ mod tests {
                     "cooperative-sticky".into(),
                 ),
                 ("kafka.properties.group.protocol".into(), "consumer".into()),
+                ("kafka.properties.fetch.queue.backoff.ms".into(), "soon".into()),
             ],
         };
         let err = Config::load(None, &env, &over)
@@ -774,6 +778,7 @@ mod tests {
             "billing.rate_card",
             "partition.assignment.strategy",
             "group.protocol",
+            "kafka.properties.fetch.queue.backoff.ms: ",
         ] {
             assert!(err.contains(needle), "{needle} missing from: {err}");
         }
