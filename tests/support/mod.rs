@@ -555,6 +555,7 @@ pub struct Outputs {
     pub charges: BTreeMap<String, String>,
     pub limits: BTreeMap<String, String>,
     pub statements: BTreeMap<String, String>,
+    pub commands: BTreeMap<String, String>,
     pub rejects: usize,
 }
 
@@ -587,6 +588,13 @@ pub fn read_outputs(prefix: &str) -> Outputs {
         assert!(
             o.statements.insert(id.clone(), s).is_none(),
             "statement {id} emitted twice"
+        );
+    }
+    for c in read_all(&format!("{prefix}.commands")) {
+        let id = id_of(&c, "command_id");
+        assert!(
+            o.commands.insert(id.clone(), c).is_none(),
+            "command {id} published twice"
         );
     }
     o.rejects = read_all(&format!("{prefix}.dlq")).len();
@@ -641,6 +649,10 @@ pub fn collect(out: Vec<Output>) -> Outputs {
                     format!("{}/{}", s.account_id, s.period),
                     serde_json::to_string(&s).unwrap(),
                 );
+            }
+            Output::Command(c) => {
+                o.commands
+                    .insert(c.command_id.clone(), serde_json::to_string(&c).unwrap());
             }
             Output::Reject(_) => o.rejects += 1,
         }

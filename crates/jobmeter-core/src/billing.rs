@@ -19,7 +19,7 @@ use crate::event::JobKind;
 use crate::meter::{Meter, Step};
 use crate::money::{AccountId, Money, CURRENCY};
 use crate::output::{Charge, LimitAction, LimitEvent, LimitKind, Output, Statement, StatementLine};
-use crate::plans::{Plan, PlanCatalog, PlanTerms};
+use crate::plans::{Plan, PlanCatalog, PlanTerms, Policy};
 use crate::rating::SliceCharge;
 use crate::state::{Accrual, Counter, FiredKey, Job, JobKey, LineAcc, StartRec, ThresholdId, UsageKey};
 use crate::time::{Period, Timestamp};
@@ -70,17 +70,42 @@ impl Thresholds<'_> {
 
 /// The limit a job's usage counts toward, for one period.
 #[derive(Debug)]
-struct LimitSpec<'a> {
-    key: UsageKey,
-    /// Usage up to this amount is included (not due); `None` for alerts.
-    cap: Option<Money>,
+pub(crate) struct LimitSpec<'a> {
+    pub(crate) key: UsageKey,
+    /// Usage up to this amount is included (not due); `None` for alerts
+    /// and spend limits.
+    pub(crate) cap: Option<Money>,
     /// The value reported as `limit_value` for percentage thresholds.
-    limit_value: Money,
+    pub(crate) limit_value: Money,
     thresholds: Thresholds<'a>,
-    plan: Plan,
+    pub(crate) plan: Plan,
 }
 
-fn limit_spec<'a>(
+/// An account's own monthly spend limit, when its terms set one: a
+/// counter of the amount due for the period's usage (charges' `amount_due`,
+/// plus running jobs' in-flight usage beyond what their plan includes).
+/// It includes nothing: it never changes what is due.
+pub(crate) fn spend_spec<'a>(
+    plans: &'a PlanCatalog,
+    terms: &PlanTerms,
+    account: &AccountId,
+    period: Period,
+) -> Option<LimitSpec<'a>> {
+    let limit = terms.spend_limit?;
+    Some(LimitSpec {
+        key: UsageKey {
+            account: account.clone(),
+            limit: LimitKind::SpendLimit,
+            period: Some(period),
+        },
+        cap: None,
+        limit_value: limit,
+        thresholds: Thresholds::Pct(limit, &plans.spend_limit_thresholds_pct),
+        plan: terms.plan,
+    })
+}
+
+pub(crate) fn limit_spec<'a>(
     plans: &'a PlanCatalog,
     terms: &'a PlanTerms,
     kind: JobKind,
@@ -190,6 +215,15 @@ pub(crate) fn limits_for(
             cap: spec.cap,
         });
     }
+    if let Some(spec) = spend_spec(plans, terms, account, period) {
+        out.push(LimitInfo {
+            thresholds: spec.thresholds.iter().map(|t| (t.id, t.level)).collect(),
+            key: spec.key,
+            plan: spec.plan,
+            kinds: JobKind::ALL.to_vec(),
+            cap: Some(spec.limit_value),
+        });
+    }
     out
 }
 
@@ -218,12 +252,13 @@ pub(crate) fn billing_period(ctx: &Context<'_>, service: Period, now: Timestamp)
 }
 
 /// What a threshold event asks of the platform: free credits used up
-/// block; a pro cap or quota reached suggests enterprise; anything else
-/// notifies.
-pub(crate) fn limit_action(limit: LimitKind, pct: Option<u32>) -> LimitAction {
+/// block; a pro cap or quota reached suggests enterprise; a spend limit
+/// reached blocks where its policy stops jobs; anything else notifies.
+pub(crate) fn limit_action(limit: LimitKind, pct: Option<u32>, policy: Policy) -> LimitAction {
     match (limit, pct) {
         (LimitKind::FreeCredits, Some(p)) if p >= 100 => LimitAction::Block,
         (LimitKind::ModelApiCap | LimitKind::WorkflowQuota, Some(p)) if p >= 100 => LimitAction::UpgradeToEnterprise,
+        (LimitKind::SpendLimit, Some(p)) if p >= 100 && policy == Policy::Stop => LimitAction::Block,
         _ => LimitAction::Notify,
     }
 }
@@ -249,6 +284,7 @@ impl Meter {
     /// Fires every threshold of `spec` the counter has reached, once ever.
     fn check_thresholds(
         &mut self,
+        plans: &PlanCatalog,
         spec: &LimitSpec<'_>,
         period: Period,
         job: &JobKey,
@@ -271,7 +307,7 @@ impl Meter {
                 continue;
             }
             let scope = spec.key.period.map_or_else(|| "lifetime".to_owned(), |p| p.to_string());
-            let action = limit_action(spec.key.limit, t.pct);
+            let action = limit_action(spec.key.limit, t.pct, plans.policy(spec.plan, spec.key.limit));
             out.push(Output::Limit(LimitEvent {
                 event_id: format!("{}/{}/{}/{}", spec.key.account, spec.key.limit.as_str(), scope, t.id),
                 account_id: spec.key.account.clone(),
@@ -285,6 +321,9 @@ impl Meter {
                 triggered_by_job: job.1.clone(),
                 at,
                 action,
+                horizon_seconds: None,
+                runway_seconds: None,
+                burn_rate_per_second: None,
             }));
             self.stats.limit_events += 1;
             if let Some(d) = self.dirty.as_mut() {
@@ -299,10 +338,15 @@ impl Meter {
         if let Some(a) = job.accrual.take() {
             self.counter(&a.counter).inflight -= a.amount;
         }
+        if let Some(a) = job.spend.take() {
+            self.counter(&a.counter).inflight -= a.amount;
+        }
     }
 
     /// Counts a running job's seconds so far (to its latest heartbeat, at
-    /// list price, in the heartbeat's period) toward its limit.
+    /// list price, in the heartbeat's period) toward its limit, and the
+    /// part of them beyond what the plan includes toward the account's
+    /// spend limit. A job sent a stop counts only to where it is charged to.
     pub(crate) fn accrue(
         &mut self,
         ctx: &Context<'_>,
@@ -314,22 +358,39 @@ impl Meter {
         let (Some(start), Some(hb)) = (job.start.as_ref(), job.last_heartbeat) else {
             return;
         };
+        let hb = crate::spend::charge_until(ctx, job, hb);
         if hb < start.time {
             return;
         }
         let terms = ctx.accounts.terms_at(ctx.plans, &jk.0, start.time);
         let (period, _) = billing_period(ctx, hb.period(), now);
-        let Some(spec) = limit_spec(ctx.plans, &terms, start.info.kind, &jk.0, period) else {
+        let spec = limit_spec(ctx.plans, &terms, start.info.kind, &jk.0, period);
+        let spend = spend_spec(ctx.plans, &terms, &jk.0, period);
+        if spec.is_none() && spend.is_none() {
             return;
-        };
+        }
         let amount = start.rate * ctx.rates.policy.rounding.total_seconds(hb.0 - start.time.0);
         self.release_accrual(job);
-        self.counter(&spec.key).inflight += amount;
-        job.accrual = Some(Accrual {
-            counter: spec.key.clone(),
-            amount,
-        });
-        self.check_thresholds(&spec, period, jk, hb, out);
+        let mut due = amount;
+        if let Some(spec) = &spec {
+            let counter = self.counter(&spec.key);
+            due = due_part(counter.total(), amount, spec.cap);
+            counter.inflight += amount;
+            job.accrual = Some(Accrual {
+                counter: spec.key.clone(),
+                amount,
+            });
+        }
+        if let Some(spend) = &spend {
+            self.counter(&spend.key).inflight += due;
+            job.spend = Some(Accrual {
+                counter: spend.key.clone(),
+                amount: due,
+            });
+        }
+        for spec in [spec, spend].iter().flatten() {
+            self.check_thresholds(ctx.plans, spec, period, jk, hb, out);
+        }
     }
 
     /// Emits one charge: rates the slice, applies plan inclusion, updates
@@ -354,6 +415,10 @@ impl Meter {
             let counter = self.counter(&spec.key);
             due = due_part(counter.charged, amount, spec.cap);
             counter.charged += amount;
+        }
+        let spend = spend_spec(ctx.plans, terms, &jk.0, period);
+        if let Some(spend) = &spend {
+            self.counter(&spend.key).charged += due;
         }
         let (credits, included_usage) = included_as(terms.plan, amount - due);
         let acc = self
@@ -400,8 +465,8 @@ impl Meter {
             service_period: s.service_period,
             adjusts: s.adjusts,
         }));
-        if let Some(spec) = spec {
-            self.check_thresholds(&spec, period, jk, s.at, out);
+        for spec in [spec, spend].iter().flatten() {
+            self.check_thresholds(ctx.plans, spec, period, jk, s.at, out);
         }
     }
 
@@ -489,13 +554,28 @@ mod tests {
 
     #[test]
     fn actions_and_statement_columns_by_plan() {
-        assert_eq!(limit_action(LimitKind::FreeCredits, Some(100)), LimitAction::Block);
-        assert_eq!(limit_action(LimitKind::FreeCredits, Some(80)), LimitAction::Notify);
+        let stop = Policy::Stop;
         assert_eq!(
-            limit_action(LimitKind::ModelApiCap, Some(100)),
+            limit_action(LimitKind::FreeCredits, Some(100), stop),
+            LimitAction::Block
+        );
+        assert_eq!(
+            limit_action(LimitKind::FreeCredits, Some(80), stop),
+            LimitAction::Notify
+        );
+        assert_eq!(
+            limit_action(LimitKind::ModelApiCap, Some(100), Policy::Notify),
             LimitAction::UpgradeToEnterprise
         );
-        assert_eq!(limit_action(LimitKind::Alert, None), LimitAction::Notify);
+        assert_eq!(
+            limit_action(LimitKind::Alert, None, Policy::Notify),
+            LimitAction::Notify
+        );
+        assert_eq!(limit_action(LimitKind::SpendLimit, Some(100), stop), LimitAction::Block);
+        assert_eq!(
+            limit_action(LimitKind::SpendLimit, Some(100), Policy::Notify),
+            LimitAction::Notify
+        );
         assert_eq!(included_as(Plan::Free, m("3")), (m("3"), m("0")));
         assert_eq!(included_as(Plan::Pro, m("3")), (m("0"), m("3")));
         assert_eq!(included_as(Plan::Payg, m("3")), (m("0"), m("0")));

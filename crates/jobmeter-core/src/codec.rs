@@ -13,7 +13,9 @@
 //! milliseconds; periods as their month ordinal; money and decimals as a
 //! byte (scale in bits 0–4, sign in bit 7) then the 96-bit mantissa's
 //! magnitude as a varint. Enums are one byte, listed below; a new variant
-//! takes a new number, and a changed layout takes a new format version.
+//! takes a new number, and a changed layout takes a new format version —
+//! except fields appended at the end of a top-level record and written only
+//! when set (a job's spend-control fields), which older values simply lack.
 
 use crate::event::{EventKey, JobKind, JobStatus, StartInfo};
 use crate::money::{AccountId, ModelId, Money};
@@ -334,6 +336,7 @@ byte_enum!(
     LimitKind::ModelApiCap = 2,
     LimitKind::WorkflowQuota = 3,
     LimitKind::Alert = 4,
+    LimitKind::SpendLimit = 5,
 );
 
 /// Implements [`Binary`] for a struct as its fields in order. Fields after
@@ -388,7 +391,42 @@ record!(Billed {
     parts,
     adjusted
 });
-record!(Job { start, stop, last_heartbeat, accrual, billed, keys, expires; timer });
+/// A job is its fields in order; the spend-control fields (`spend`,
+/// `stop_sent`) follow only when one is set, so a job without them has the
+/// layout it had before they existed, and a value that ends before them
+/// reads them as absent.
+impl Binary for Job {
+    fn put(&self, w: &mut Vec<u8>) {
+        self.start.put(w);
+        self.stop.put(w);
+        self.last_heartbeat.put(w);
+        self.accrual.put(w);
+        self.billed.put(w);
+        self.keys.put(w);
+        self.expires.put(w);
+        if self.spend.is_some() || self.stop_sent.is_some() {
+            self.spend.put(w);
+            self.stop_sent.put(w);
+        }
+    }
+    fn take(r: &mut &[u8]) -> R<Self> {
+        let mut job = Job {
+            start: Binary::take(r)?,
+            stop: Binary::take(r)?,
+            last_heartbeat: Binary::take(r)?,
+            accrual: Binary::take(r)?,
+            billed: Binary::take(r)?,
+            keys: Binary::take(r)?,
+            expires: Binary::take(r)?,
+            ..Job::default()
+        };
+        if !r.is_empty() {
+            job.spend = Binary::take(r)?;
+            job.stop_sent = Binary::take(r)?;
+        }
+        Ok(job)
+    }
+}
 record!(Counter { charged, inflight });
 record!(LineAcc { jobs, seconds, amount });
 

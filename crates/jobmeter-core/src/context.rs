@@ -30,6 +30,12 @@ pub struct MeterConfig {
     pub max_event_age_ms: i64,
     /// The format state values are written in (both formats are read).
     pub state_format: crate::state::StateFormat,
+    /// A `runway` limit event fires when an account's runway against a
+    /// limit falls below each of these horizons.
+    pub runway_horizons_ms: Vec<i64>,
+    /// A job sent a `job.stop` is charged to at most the command's instant
+    /// plus this grace (the worker's time to react).
+    pub stop_grace_ms: i64,
 }
 
 impl MeterConfig {
@@ -77,6 +83,8 @@ impl Default for MeterConfig {
             max_clock_skew_ms: 5 * 60_000,
             max_event_age_ms: 35 * 86_400_000,
             state_format: crate::state::StateFormat::Binary,
+            runway_horizons_ms: vec![10 * 60_000],
+            stop_grace_ms: 30_000,
         }
     }
 }
@@ -169,8 +177,12 @@ pub struct Stats {
     pub orphans: u64,
     /// Charges billed in a later period than their usage.
     pub late_charges: u64,
-    /// Limit events emitted.
+    /// Limit events emitted (thresholds).
     pub limit_events: u64,
+    /// Runway limit events emitted.
+    pub runway_events: u64,
+    /// `job.stop` commands emitted.
+    pub stop_commands: u64,
     /// Statements emitted.
     pub statements: u64,
     /// Jobs not billed by policy (failed/cancelled).

@@ -54,6 +54,9 @@ pub struct Meter {
     pub(crate) stats: Stats,
     /// Jobs with a deadline (running, or a stop waiting for its start).
     pub(crate) open: usize,
+    /// Running jobs by account (derived from the jobs, never stored): what
+    /// burn rates and `job.stop` commands are computed from.
+    pub(crate) running: BTreeMap<crate::money::AccountId, BTreeSet<crate::money::JobId>>,
     /// The format [`Meter::take_changes`] writes values in.
     pub(crate) format: crate::state::StateFormat,
 }
@@ -187,10 +190,13 @@ impl Meter {
                 self.on_stop(&mut st, &jk, &mut job, stop)
             }
         };
-        self.put_job(ctx, jk, idx, job, old, now);
+        self.put_job(ctx, jk.clone(), idx, job, old, now);
         if accepted && self.stream_time != Some(now) {
             self.stream_time = Some(now);
             self.mark_meta();
+        }
+        if accepted {
+            self.control_spend(ctx, &jk, now, out);
         }
         self.fire_due(ctx, processed, out);
     }
@@ -349,6 +355,10 @@ impl Meter {
                 self.expiry.insert((e, jk.clone()));
             }
         }
+        let running = crate::spend::is_running(&job);
+        if running || self.running.contains_key(&jk.0) {
+            self.track_running(&jk, running);
+        }
         if let Some(d) = self.dirty.as_mut() {
             d.jobs.insert(jk.clone());
         }
@@ -413,6 +423,7 @@ impl Meter {
         let ctx = st.ctx;
         self.release_accrual(job);
         let Some(start) = job.start.clone() else { return };
+        let end = crate::spend::charge_until(ctx, job, end);
         let mut parts = Vec::new();
         if billable(ctx, status) {
             let terms = ctx.accounts.terms_at(ctx.plans, &jk.0, start.time);
@@ -456,6 +467,7 @@ impl Meter {
     /// difference, period by period, against the orphan charge.
     fn adjust(&mut self, st: &mut Step<'_, '_>, jk: &JobKey, job: &mut Job, end: Timestamp, status: JobStatus) {
         let ctx = st.ctx;
+        let end = crate::spend::charge_until(ctx, job, end);
         let (Some(start), Some(billed)) = (job.start.clone(), job.billed.as_mut()) else {
             return;
         };

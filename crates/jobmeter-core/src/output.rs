@@ -69,6 +69,9 @@ pub enum LimitKind {
     WorkflowQuota,
     /// Enterprise alert amount, per month.
     Alert,
+    /// An account's own monthly spend limit (`spend_limit` in its record):
+    /// the amount due for the month's usage.
+    SpendLimit,
 }
 
 impl LimitKind {
@@ -79,15 +82,17 @@ impl LimitKind {
             LimitKind::ModelApiCap => "model_api_cap",
             LimitKind::WorkflowQuota => "workflow_quota",
             LimitKind::Alert => "alert",
+            LimitKind::SpendLimit => "spend_limit",
         }
     }
 
     /// Every limit kind, for metrics registries.
-    pub const ALL: [LimitKind; 4] = [
+    pub const ALL: [LimitKind; 5] = [
         LimitKind::FreeCredits,
         LimitKind::ModelApiCap,
         LimitKind::WorkflowQuota,
         LimitKind::Alert,
+        LimitKind::SpendLimit,
     ];
 }
 
@@ -130,6 +135,68 @@ pub struct LimitEvent {
     pub at: Timestamp,
     /// What to do.
     pub action: LimitAction,
+    /// For a runway event: the horizon it warns about, in seconds (absent
+    /// on threshold events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub horizon_seconds: Option<u64>,
+    /// For a runway event: seconds until the limit is used up at the burn
+    /// rate, to the millisecond, rounded down.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_decimal")]
+    pub runway_seconds: Option<Decimal>,
+    /// For a runway event: the sum of the per-second rates of the jobs
+    /// running against the limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burn_rate_per_second: Option<Money>,
+}
+
+/// `Option<Decimal>` as an optional JSON string.
+pub(crate) mod opt_decimal {
+    use rust_decimal::Decimal;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(v: &Option<Decimal>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(d) => s.serialize_str(&d.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| s.parse().map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// What a command asks a worker to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandType {
+    /// Stop the job now.
+    #[serde(rename = "job.stop")]
+    JobStop,
+}
+
+/// A command to the workers (`jobmeter.commands`): today only `job.stop`,
+/// published once per job when a limit whose policy is `stop` is used up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// `<account>/<job>/stop`: one per job, ever.
+    pub command_id: String,
+    /// `job.stop`.
+    #[serde(rename = "type")]
+    pub kind: CommandType,
+    /// The account.
+    pub account_id: AccountId,
+    /// The job to stop.
+    pub job_id: JobId,
+    /// Why, machine-readable: `free_credits_exhausted`, `model_api_cap_reached`,
+    /// `workflow_quota_reached`, `spend_limit_reached`.
+    pub reason: String,
+    /// The limit that was used up.
+    pub limit: LimitKind,
+    /// Stream time when the command was issued. The job is charged to at
+    /// most this instant plus the stop grace.
+    pub at: Timestamp,
 }
 
 /// One line of a statement: one (kind, model).
@@ -213,6 +280,8 @@ pub enum Output {
     Limit(LimitEvent),
     /// A statement.
     Statement(Statement),
+    /// A command to the workers.
+    Command(Command),
     /// A refused input.
     Reject(Rejected),
 }

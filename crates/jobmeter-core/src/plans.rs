@@ -24,6 +24,19 @@ pub enum Plan {
 }
 
 impl Plan {
+    /// Every plan.
+    pub const ALL: [Plan; 4] = [Plan::Free, Plan::Pro, Plan::Enterprise, Plan::Payg];
+
+    /// Position in [`Plan::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            Plan::Free => 0,
+            Plan::Pro => 1,
+            Plan::Enterprise => 2,
+            Plan::Payg => 3,
+        }
+    }
+
     /// The stable snake_case name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -56,6 +69,26 @@ pub struct PlanCatalog {
     pub pro_thresholds_pct: Vec<u32>,
     /// Default enterprise alert amounts (USD per month).
     pub enterprise_alert_thresholds: std::sync::Arc<[Money]>,
+    /// What happens when a free account's credits are used up.
+    pub free_on_credits_exhausted: Policy,
+    /// What happens when a pro cap or quota is reached.
+    pub pro_on_cap: Policy,
+    /// What happens when an account's own `spend_limit` is reached, by plan
+    /// (indexed like [`Plan::ALL`]).
+    pub on_spend_limit: [Policy; 4],
+    /// Threshold percentages of an account's `spend_limit`.
+    pub spend_limit_thresholds_pct: Vec<u32>,
+}
+
+/// What the meter does when a limit is used up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Only the limit event (the notification service tells the user).
+    Notify,
+    /// The limit event, and a `job.stop` command for every job running
+    /// against the limit (and every job started against it later).
+    Stop,
 }
 
 impl Default for PlanCatalog {
@@ -71,6 +104,23 @@ impl Default for PlanCatalog {
             pro_workflow_quota: usd(5000),
             pro_thresholds_pct: vec![80, 100],
             enterprise_alert_thresholds: Vec::new().into(),
+            free_on_credits_exhausted: Policy::Stop,
+            pro_on_cap: Policy::Notify,
+            on_spend_limit: [Policy::Stop; 4],
+            spend_limit_thresholds_pct: vec![80, 100],
+        }
+    }
+}
+
+impl PlanCatalog {
+    /// The policy of a used-up limit of an account on `plan`.
+    pub fn policy(&self, plan: Plan, limit: crate::output::LimitKind) -> Policy {
+        use crate::output::LimitKind as L;
+        match limit {
+            L::FreeCredits => self.free_on_credits_exhausted,
+            L::ModelApiCap | L::WorkflowQuota => self.pro_on_cap,
+            L::SpendLimit => self.on_spend_limit[plan.index()],
+            L::Alert => Policy::Notify,
         }
     }
 }
@@ -86,6 +136,14 @@ struct RawCatalog {
     enterprise: RawEnterprise,
     #[serde(default)]
     payg: RawPayg,
+    #[serde(default)]
+    spend_limit: RawSpendLimit,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSpendLimit {
+    thresholds_pct: Option<Vec<u32>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -93,6 +151,8 @@ struct RawCatalog {
 struct RawFree {
     credits: Option<toml::Spanned<String>>,
     thresholds_pct: Option<Vec<u32>>,
+    on_credits_exhausted: Option<Policy>,
+    on_spend_limit: Option<Policy>,
 }
 
 #[derive(Deserialize, Default)]
@@ -104,17 +164,22 @@ struct RawPro {
     model_api_cap: Option<toml::Spanned<String>>,
     workflow_quota: Option<toml::Spanned<String>>,
     thresholds_pct: Option<Vec<u32>>,
+    on_cap: Option<Policy>,
+    on_spend_limit: Option<Policy>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawEnterprise {
     alert_thresholds: Option<Vec<toml::Spanned<String>>>,
+    on_spend_limit: Option<Policy>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct RawPayg {}
+struct RawPayg {
+    on_spend_limit: Option<Policy>,
+}
 
 fn amount(p: &mut Problems<'_>, v: &Option<toml::Spanned<String>>, field: &str, default: Money) -> Money {
     match v {
@@ -181,9 +246,22 @@ impl PlanCatalog {
                 &d.pro_thresholds_pct,
             ),
             enterprise_alert_thresholds: alerts.into(),
+            free_on_credits_exhausted: raw.free.on_credits_exhausted.unwrap_or(d.free_on_credits_exhausted),
+            pro_on_cap: raw.pro.on_cap.unwrap_or(d.pro_on_cap),
+            on_spend_limit: [
+                raw.free.on_spend_limit,
+                raw.pro.on_spend_limit,
+                raw.enterprise.on_spend_limit,
+                raw.payg.on_spend_limit,
+            ]
+            .map(|x| x.unwrap_or(Policy::Stop)),
+            spend_limit_thresholds_pct: pcts(
+                &mut p,
+                &raw.spend_limit.thresholds_pct,
+                "spend_limit.thresholds_pct",
+                &d.spend_limit_thresholds_pct,
+            ),
         };
-        // `[payg]` has no terms; the table is accepted for symmetry.
-        let RawPayg {} = raw.payg;
         p.finish("plan catalog")?;
         Ok(c)
     }
@@ -247,6 +325,10 @@ pub struct AccountRecord {
     /// Enterprise alert amounts (USD per month).
     #[serde(default, deserialize_with = "money_list_in", skip_serializing_if = "Option::is_none")]
     pub alert_thresholds: Option<std::sync::Arc<[Money]>>,
+    /// The most the account may owe for a calendar month's usage (USD),
+    /// any plan; what happens at it is the plan's `on_spend_limit` policy.
+    #[serde(default, deserialize_with = "money_in", skip_serializing_if = "Option::is_none")]
+    pub spend_limit: Option<Money>,
 }
 
 impl AccountRecord {
@@ -266,7 +348,7 @@ impl AccountRecord {
         let max = Money(rust_decimal::Decimal::from(MAX_ACCOUNT_AMOUNT_USD));
         let out_of_range = |m: &Money| *m < Money::ZERO || *m > max;
         let alerts = r.alert_thresholds.as_deref().unwrap_or_default();
-        if [&r.free_credits, &r.usage_cap, &r.workflow_quota]
+        if [&r.free_credits, &r.usage_cap, &r.workflow_quota, &r.spend_limit]
             .into_iter()
             .flatten()
             .chain(alerts)
@@ -314,6 +396,8 @@ pub struct PlanTerms {
     pub workflow_quota: Money,
     /// Enterprise alert amounts (shared, so resolving terms never copies them).
     pub alert_thresholds: std::sync::Arc<[Money]>,
+    /// The account's monthly spend limit, if it set one.
+    pub spend_limit: Option<Money>,
 }
 
 /// Every account's records, ordered by `effective_from`: the accounts table.
@@ -387,6 +471,7 @@ impl AccountBook {
             alert_thresholds: rec
                 .and_then(|r| r.alert_thresholds.clone())
                 .unwrap_or_else(|| catalog.enterprise_alert_thresholds.clone()),
+            spend_limit: rec.and_then(|r| r.spend_limit),
         }
     }
 
@@ -448,6 +533,7 @@ mod tests {
             usage_cap: None,
             workflow_quota: None,
             alert_thresholds: None,
+            spend_limit: None,
         }
     }
 

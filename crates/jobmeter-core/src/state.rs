@@ -119,6 +119,14 @@ pub struct Job {
     pub keys: Vec<EventKey>,
     /// Stream time after which an inert job is forgotten.
     pub expires: Option<Timestamp>,
+    /// The amount due a running job has contributed, in flight, to its
+    /// account's spend-limit counter (accounts with a `spend_limit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend: Option<Accrual>,
+    /// When a `job.stop` command was issued for this job (stream time).
+    /// The job is charged to at most this instant plus the stop grace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_sent: Option<Timestamp>,
     /// The time of this job's entry in the meter's timer index (derived,
     /// never stored). Always at or before the job's real deadline: a
     /// heartbeat that pushes the deadline out does not touch the index; the
@@ -161,14 +169,18 @@ pub enum ThresholdId {
     Pct(u32),
     /// An enterprise alert amount.
     Amount(Money),
+    /// Runway below a horizon, in seconds (spend control).
+    Runway(u64),
 }
 
 impl std::fmt::Display for ThresholdId {
-    /// `80`, `100`, or `$250.00`: the last segment of a limit event id.
+    /// `80`, `100`, `$250.00` or `runway-600s`: the last segment of a
+    /// limit event id.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ThresholdId::Pct(p) => write!(f, "{p}"),
             ThresholdId::Amount(a) => write!(f, "${a}"),
+            ThresholdId::Runway(s) => write!(f, "runway-{s}s"),
         }
     }
 }
@@ -176,6 +188,9 @@ impl std::fmt::Display for ThresholdId {
 impl ThresholdId {
     /// Inverse of `Display`.
     pub fn parse(s: &str) -> Option<ThresholdId> {
+        if let Some(secs) = s.strip_prefix("runway-").and_then(|r| r.strip_suffix('s')) {
+            return secs.parse().ok().map(ThresholdId::Runway);
+        }
         match s.strip_prefix('$') {
             Some(a) => Money::parse(a).map(ThresholdId::Amount),
             None => s.parse().ok().map(ThresholdId::Pct),
@@ -374,6 +389,7 @@ pub mod keys {
             LimitKind::ModelApiCap => 2,
             LimitKind::WorkflowQuota => 3,
             LimitKind::Alert => 4,
+            LimitKind::SpendLimit => 5,
         }
     }
 

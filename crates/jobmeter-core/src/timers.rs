@@ -37,7 +37,9 @@ impl Meter {
                 );
             }
         }
-        self.put_job(ctx, jk, idx, job, old, at);
+        self.put_job(ctx, jk.clone(), idx, job, old, at);
+        // An orphan charge may use up a limit other jobs run against.
+        self.control_spend(ctx, &jk, at, out);
     }
 
     /// Processes, in event-time order, every deadline and period close that

@@ -332,6 +332,19 @@ pub struct LimitView {
     pub next_threshold: Option<String>,
     /// Every threshold.
     pub thresholds: Vec<ThresholdView>,
+    /// What happens when it is used up: `notify` or `stop` (running jobs
+    /// are sent `job.stop`).
+    pub policy: crate::plans::Policy,
+    /// Jobs running against it now.
+    pub running_jobs: u64,
+    /// Sum of their per-second list rates (zero when none runs).
+    pub burn_rate_per_second: Money,
+    /// Seconds until it is used up at that rate, from `used` (`0` when used
+    /// up; `null` when nothing runs against it or it has no value).
+    #[serde(with = "crate::output::opt_decimal")]
+    pub runway_seconds: Option<Decimal>,
+    /// Runway horizons whose `runway` event has fired this period.
+    pub runway_events_fired: Vec<String>,
 }
 
 /// An account's limits.
@@ -365,9 +378,18 @@ pub fn limits_report(
         .filter(|t| t.period() == period)
         .unwrap_or(Timestamp(period.end().0 - 1));
     let terms = book.terms_at(plans, account, at);
+    let exposures = crate::spend::exposures(
+        plans,
+        book,
+        account,
+        period,
+        st.jobs.iter().map(|(id, j)| (id, j)),
+        |k| st.counters.get(k).copied().unwrap_or_default().total(),
+    );
     let limits = limits_for(plans, &terms, account, period)
         .into_iter()
         .map(|l| {
+            let exposure = exposures.iter().find(|e| e.key == l.key);
             let c = st.counters.get(&l.key).copied().unwrap_or_default();
             let used = c.total();
             let thresholds: Vec<ThresholdView> = l
@@ -377,7 +399,7 @@ pub fn limits_report(
                     threshold: id.to_string(),
                     threshold_pct: match id {
                         crate::state::ThresholdId::Pct(p) => Some(*p),
-                        crate::state::ThresholdId::Amount(_) => None,
+                        crate::state::ThresholdId::Amount(_) | crate::state::ThresholdId::Runway(_) => None,
                     },
                     level: *level,
                     fired: st.fired.contains(&FiredKey {
@@ -403,6 +425,20 @@ pub fn limits_report(
                 }),
                 next_threshold: thresholds.iter().find(|t| !t.fired).map(|t| t.threshold.clone()),
                 thresholds,
+                policy: plans.policy(l.plan, l.key.limit),
+                running_jobs: exposure.map_or(0, |e| e.jobs.len() as u64),
+                burn_rate_per_second: exposure.map_or(Money::ZERO, |e| e.burn),
+                runway_seconds: match (exposure, l.key.limit) {
+                    (_, LimitKind::Alert) => None,
+                    (Some(e), _) => e.runway_seconds(),
+                    (None, _) => l.cap.filter(|cap| used >= *cap).map(|_| Decimal::ZERO),
+                },
+                runway_events_fired: st
+                    .fired
+                    .iter()
+                    .filter(|f| f.usage == l.key && matches!(f.threshold, crate::state::ThresholdId::Runway(_)))
+                    .map(|f| f.threshold.to_string())
+                    .collect(),
             }
         })
         .collect();

@@ -105,6 +105,8 @@ fn events_of(jobs: &[GenJob]) -> Vec<String> {
 }
 
 fn world() -> World {
+    // Spend control is its own property (below): in this world credits used
+    // up only notify and no runway is watched, so delivery order cannot matter.
     let mut w = World::new();
     // Remember finished jobs for the whole run: duplicates arriving after
     // the retention are, by design, new events (see the retention rule test).

@@ -51,8 +51,14 @@ struct Fleet {
     events: Vec<String>,
 }
 
+/// The fixture's world. The release that wrote it had no spend control;
+/// it is off here too (no runway events, credits used up only notify), so
+/// the comparison is of state formats alone.
 fn fleet() -> Fleet {
-    let plans = PlanCatalog::default();
+    let plans = PlanCatalog {
+        free_on_credits_exhausted: Policy::Notify,
+        ..PlanCatalog::default()
+    };
     let mut book = AccountBook::new(&plans);
     for l in fixture("accounts.jsonl").lines() {
         book.insert(AccountRecord::parse(l.as_bytes()).expect("account"));
@@ -62,6 +68,13 @@ fn fleet() -> Fleet {
         plans,
         book,
         events: fixture("events.jsonl").lines().map(str::to_owned).collect(),
+    }
+}
+
+fn no_spend_control() -> MeterConfig {
+    MeterConfig {
+        runway_horizons_ms: Vec::new(),
+        ..MeterConfig::default()
     }
 }
 
@@ -89,7 +102,7 @@ fn json_mode_writes_the_previous_format_byte_for_byte() {
     let f = fleet();
     let config = MeterConfig {
         state_format: StateFormat::Json,
-        ..MeterConfig::default()
+        ..no_spend_control()
     };
     let mut m = Meter::tracking_changes().with_state_format(StateFormat::Json);
     run(&f, &config, &mut m, &f.events[..SPLIT], false);
@@ -104,7 +117,7 @@ fn json_mode_writes_the_previous_format_byte_for_byte() {
 #[test]
 fn previous_format_state_is_restored_and_goes_on_as_if_never_stopped() {
     let f = fleet();
-    let config = MeterConfig::default();
+    let config = no_spend_control();
     assert_eq!(config.state_format, StateFormat::Binary);
 
     // A meter of this release that never stopped.

@@ -26,6 +26,8 @@ pub struct Topics {
     pub statements: String,
     /// Dead letters out.
     pub dlq: String,
+    /// Commands to workers out (`job.stop`).
+    pub commands: String,
     /// State changelog (internal, compacted, one partition per input partition).
     pub changelog: String,
     /// Events forwarded to the partition that meters their account, and
@@ -45,6 +47,7 @@ impl Topics {
             limits: t("limits"),
             statements: t("statements"),
             dlq: t("dlq"),
+            commands: t("commands"),
             changelog: t("changelog"),
             repartition: t("repartition"),
         }
@@ -180,6 +183,7 @@ pub async fn ensure_topics(
         (&topics.limits, layout.output_partitions, &plain),
         (&topics.statements, layout.output_partitions, &plain),
         (&topics.dlq, layout.output_partitions, &plain),
+        (&topics.commands, layout.output_partitions, &plain),
     ];
     create_and_wait(settings, &specs, layout.replication).await?;
     let inp = partition_count(settings, &topics.job_events)?;

@@ -181,6 +181,14 @@ pub struct TimeoutArgs {
     /// timestamp (default: the retention).
     #[arg(long, value_parser = crate::args::parse_duration)]
     pub max_event_age: Option<i64>,
+    /// A `runway` limit event fires when a limit would be used up within
+    /// this (repeat the flag for several horizons).
+    #[arg(long = "runway-horizon", default_value = "10m", value_parser = crate::args::parse_duration)]
+    pub runway_horizons: Vec<i64>,
+    /// A job sent a `job.stop` is charged to at most the command's instant
+    /// plus this.
+    #[arg(long, default_value = "30s", value_parser = crate::args::parse_duration)]
+    pub stop_grace: i64,
 }
 
 impl TimeoutArgs {
@@ -194,6 +202,8 @@ impl TimeoutArgs {
             max_clock_skew_ms: self.max_clock_skew,
             max_event_age_ms: self.max_event_age.unwrap_or(self.retention),
             state_format: Default::default(),
+            runway_horizons_ms: self.runway_horizons.clone(),
+            stop_grace_ms: self.stop_grace,
         }
     }
 }

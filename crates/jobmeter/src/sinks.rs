@@ -1,6 +1,6 @@
 //! Writing output events to files: JSON lines, or CSV for spreadsheets.
 
-use jobmeter_core::{Charge, LimitEvent, Output, Rejected, Statement};
+use jobmeter_core::{Charge, Command, LimitEvent, Output, Rejected, Statement};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -15,12 +15,13 @@ pub enum Format {
     Csv,
 }
 
-/// The four output files of a replay.
+/// The output files of a replay.
 #[derive(Debug)]
 pub struct OutputFiles {
     charges: Sink,
     limits: Sink,
     statements: Sink,
+    commands: Sink,
     rejects: Sink,
 }
 
@@ -91,7 +92,7 @@ fn enum_str<T: serde::Serialize>(v: &T) -> String {
 }
 
 impl OutputFiles {
-    /// Creates `dir` and the four files in it (truncating old ones).
+    /// Creates `dir` and the five files in it (truncating old ones).
     pub fn create(dir: &Path, format: Format) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let ext = match format {
@@ -112,8 +113,9 @@ impl OutputFiles {
         };
         Ok(OutputFiles {
             charges: open("charges", "charge_id,account_id,job_id,kind,model,workflow_run_id,status,started_at,stopped_at,duration_ms,billable_seconds,rate_per_second,rate_card_version,amount,amount_due,currency,period,service_period,adjusts")?,
-            limits: open("limits", "event_id,account_id,plan,period,limit,threshold_pct,limit_value,usage_value,unit,triggered_by_job,at,action")?,
+            limits: open("limits", "event_id,account_id,plan,period,limit,threshold_pct,limit_value,usage_value,unit,triggered_by_job,at,action,horizon_seconds,runway_seconds,burn_rate_per_second")?,
             statements: open("statements", "account_id,period,plan,kind,model,jobs,billable_seconds,average_duration_seconds,amount,subscription_fee,credits_applied,included_usage,total_due,currency")?,
+            commands: open("commands", "command_id,type,account_id,job_id,reason,limit,at")?,
             rejects: open("rejects", "reason,detail,origin_topic,origin_partition,origin_offset,raw")?,
         })
     }
@@ -133,6 +135,10 @@ impl OutputFiles {
                 Output::Statement(s) => match &mut self.statements {
                     Sink::Jsonl(w) => json_line(w, s)?,
                     Sink::Csv(w) => csv_statement(w, s)?,
+                },
+                Output::Command(c) => match &mut self.commands {
+                    Sink::Jsonl(w) => json_line(w, c)?,
+                    Sink::Csv(w) => csv_command(w, c)?,
                 },
                 Output::Reject(r) => match &mut self.rejects {
                     Sink::Jsonl(w) => json_line(w, &reject_json(r))?,
@@ -158,6 +164,7 @@ impl OutputFiles {
         self.charges.flush()?;
         self.limits.flush()?;
         self.statements.flush()?;
+        self.commands.flush()?;
         self.rejects.flush()
     }
 }
@@ -210,6 +217,24 @@ fn csv_limit<W: Write>(w: &mut csv::Writer<W>, l: &LimitEvent) -> std::io::Resul
             l.triggered_by_job.to_string(),
             l.at.to_string(),
             enum_str(&l.action),
+            opt(&l.horizon_seconds),
+            opt(&l.runway_seconds),
+            opt(&l.burn_rate_per_second),
+        ],
+    )
+}
+
+fn csv_command<W: Write>(w: &mut csv::Writer<W>, c: &Command) -> std::io::Result<()> {
+    csv_row(
+        w,
+        &[
+            c.command_id.clone(),
+            enum_str(&c.kind),
+            c.account_id.to_string(),
+            c.job_id.to_string(),
+            c.reason.clone(),
+            c.limit.as_str().to_owned(),
+            c.at.to_string(),
         ],
     )
 }

@@ -45,18 +45,45 @@ impl World {
         World::with_card(CARD)
     }
 
+    /// A world whose meter applies rules 1–13 of the contract: spend
+    /// control (rule 14: runway events, `job.stop` on used-up credits) is
+    /// off; [`World::spend_control`] turns the defaults back on.
     pub fn with_card(card: &str) -> World {
-        let plans = PlanCatalog::default();
+        let plans = PlanCatalog {
+            free_on_credits_exhausted: Policy::Notify,
+            ..PlanCatalog::default()
+        };
         World {
             partition: None,
             rates: RateCard::from_toml(card).expect("test rate card"),
             book: AccountBook::new(&plans),
             plans,
-            config: MeterConfig::default(),
+            config: MeterConfig {
+                runway_horizons_ms: Vec::new(),
+                ..MeterConfig::default()
+            },
             meter: Meter::tracking_changes(),
             out: Vec::new(),
             seq: 0,
         }
+    }
+
+    /// The same world with spend control as shipped: runway events at the
+    /// default horizon, free accounts stopped when their credits are used up.
+    pub fn spend_control(mut self) -> World {
+        self.plans.free_on_credits_exhausted = PlanCatalog::default().free_on_credits_exhausted;
+        self.config.runway_horizons_ms = MeterConfig::default().runway_horizons_ms;
+        self
+    }
+
+    pub fn commands(&self) -> Vec<&Command> {
+        self.out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Command(c) => Some(c),
+                _ => None,
+            })
+            .collect()
     }
 
     pub fn account(&mut self, json: &str) {

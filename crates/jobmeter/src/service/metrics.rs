@@ -29,11 +29,13 @@ pub struct Metrics {
     pub orphans: IntCounter,
     /// Late charges (billed in a later period).
     pub late_charges: IntCounter,
-    /// Limit events by limit and threshold (`80`, `100`…, or `amount` for
-    /// enterprise alert amounts, which vary by account).
+    /// Limit events by limit and threshold (`80`, `100`…, `amount` for
+    /// enterprise alert amounts, which vary by account, or `runway`).
     pub limit_events: IntCounterVec,
     /// Statements.
     pub statements: IntCounter,
+    /// `job.stop` commands published (counted when committed).
+    pub stop_commands: IntCounter,
     /// Open jobs per partition.
     pub open_jobs: IntGaugeVec,
     /// 1 for an assigned partition whose stored state cannot be read back
@@ -170,6 +172,13 @@ impl Metrics {
                 )?,
             )?,
             statements: reg(r, IntCounter::new("jobmeter_statements_total", "Statements emitted")?)?,
+            stop_commands: reg(
+                r,
+                IntCounter::new(
+                    "jobmeter_stop_commands_total",
+                    "job.stop commands published to the commands topic (spend control)",
+                )?,
+            )?,
             partition_failed: reg(
                 r,
                 IntGaugeVec::new(
@@ -360,5 +369,6 @@ impl Metrics {
         self.orphans.inc_by(d(before.orphans, after.orphans));
         self.late_charges.inc_by(d(before.late_charges, after.late_charges));
         self.statements.inc_by(d(before.statements, after.statements));
+        self.stop_commands.inc_by(d(before.stop_commands, after.stop_commands));
     }
 }

@@ -277,6 +277,7 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
     let mut want_c = BTreeMap::new();
     let mut want_l = BTreeMap::new();
     let mut want_s = BTreeMap::new();
+    let mut want_cmd = BTreeMap::new();
     for o in &outputs {
         match o {
             Output::Charge(c) => {
@@ -287,6 +288,9 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
             }
             Output::Statement(s) => {
                 want_s.insert(format!("{}/{}", s.account_id, s.period), serde_json::to_string(s)?);
+            }
+            Output::Command(c) => {
+                want_cmd.insert(c.command_id.clone(), serde_json::to_string(c)?);
             }
             Output::Reject(_) => {}
         }
@@ -306,6 +310,7 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
     let bad = diff("charges", &want_c, &published(&topics.charges, "charge_id")?)
         + diff("limit events", &want_l, &published(&topics.limits, "event_id")?)
         + diff("statements", &want_s, &published(&topics.statements, "statement")?)
+        + diff("commands", &want_cmd, &published(&topics.commands, "command_id")?)
         + mismatched_state;
     if bad > 0 {
         anyhow::bail!(

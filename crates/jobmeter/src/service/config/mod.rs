@@ -143,6 +143,12 @@ pub struct MeterTimeouts {
     /// unset (or empty) means the retention.
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "empty_is_none")]
     pub max_event_age: Option<Dur>,
+    /// A `runway` limit event fires when an account's runway against a
+    /// limit falls below each of these (spend control).
+    pub runway_horizons: Vec<Dur>,
+    /// A job sent a `job.stop` is charged to at most the command's instant
+    /// plus this (the worker's time to react).
+    pub stop_grace: Dur,
 }
 
 /// `[billing]`.
@@ -265,6 +271,8 @@ impl Default for MeterTimeouts {
             retention: Dur::from_ms(35 * 86_400_000),
             max_clock_skew: Dur::from_ms(5 * 60_000),
             max_event_age: None,
+            runway_horizons: vec![Dur::from_ms(10 * 60_000)],
+            stop_grace: Dur::from_ms(30_000),
         }
     }
 }
@@ -454,12 +462,18 @@ impl Config {
             ("meter.max_duration", self.meter.max_duration),
             ("meter.retention", self.meter.retention),
             ("meter.max_clock_skew", self.meter.max_clock_skew),
+            ("meter.stop_grace", self.meter.stop_grace),
             ("shutdown.deadline", self.shutdown.deadline),
         ] {
             positive(&mut p, field, v);
         }
         if let Some(age) = self.meter.max_event_age {
             positive(&mut p, "meter.max_event_age", age);
+        }
+        for (i, h) in self.meter.runway_horizons.iter().enumerate() {
+            if h.ms() < 1000 {
+                p.push(format!("meter.runway_horizons[{i}]: {h} must be at least 1s"));
+            }
         }
         // The last batch's commit may take up to the transaction timeout;
         // a shorter deadline cuts it off (safe, but not the clean exit the
@@ -570,6 +584,8 @@ impl Config {
             max_clock_skew_ms: self.meter.max_clock_skew.ms(),
             max_event_age_ms: self.meter.max_event_age.unwrap_or(self.meter.retention).ms(),
             state_format: self.state.format,
+            runway_horizons_ms: self.meter.runway_horizons.iter().map(|h| h.ms()).collect(),
+            stop_grace_ms: self.meter.stop_grace.ms(),
         }
     }
 

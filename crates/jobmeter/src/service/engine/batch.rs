@@ -38,11 +38,16 @@ impl Engine {
                 rec(&t.charges, c.account_id.as_str().as_bytes(), json(&c)?)
             }
             Output::Limit(l) => {
-                let threshold = l.threshold_pct.map_or_else(|| "amount".to_owned(), |p| p.to_string());
+                let threshold = match (l.threshold_pct, l.horizon_seconds) {
+                    (Some(p), _) => p.to_string(),
+                    (None, Some(_)) => "runway".to_owned(),
+                    (None, None) => "amount".to_owned(),
+                };
                 *self.limits_by_label.entry((l.limit.as_str(), threshold)).or_default() += 1;
                 rec(&t.limits, l.account_id.as_str().as_bytes(), json(&l)?)
             }
             Output::Statement(st) => rec(&t.statements, st.account_id.as_str().as_bytes(), json(&st)?),
+            Output::Command(c) => rec(&t.commands, c.account_id.as_str().as_bytes(), json(&c)?),
             Output::Reject(r) => {
                 let (topic, partition, offset) = r
                     .origin

@@ -1,0 +1,258 @@
+//! Spend control: burn rate, runway, and `job.stop` commands.
+//!
+//! An account's **burn rate** against a limit is the sum of the per-second
+//! list rates of its running jobs that count toward that limit (a job runs
+//! from its accepted start until its stop is accepted or the meter closes
+//! it). **Runway** is what is left of the limit divided by the burn rate.
+//! Limits with a runway: free credits, the pro model-API cap and workflow
+//! quota, and an account's own monthly `spend_limit`. Enterprise alert
+//! amounts are notices, not limits: they have none.
+//!
+//! After every accepted event of an account that has running jobs (and
+//! after an orphan close), the meter looks at each of those limits:
+//! - **used up** (usage ≥ the limit) and the plan's policy is `stop`: one
+//!   `job.stop` command for every job running against it that has not had
+//!   one — in the same transaction as the charge, heartbeat or start that
+//!   was applied, since the commands are outputs of that step;
+//! - otherwise, with a burn rate: a `runway` limit event for each configured
+//!   horizon the runway is below, once per (account, limit, period, horizon).
+//!
+//! A job sent a stop is charged to at most the command's instant (stream
+//! time) plus the stop grace, whenever and however it ends: what a worker
+//! runs past that is not billed. So what an account is charged beyond a
+//! limit whose policy is `stop` is bounded, per job that was running when
+//! the limit was used up or started after it, by its rate × (the time since
+//! its last heartbeat, at most the heartbeat interval, + the stop grace +
+//! 1 s of rounding).
+
+use crate::billing::{limit_spec, spend_spec, LimitSpec};
+use crate::context::Context;
+use crate::money::{AccountId, JobId, Money, CURRENCY};
+use crate::output::{Command, CommandType, LimitAction, LimitEvent, LimitKind, Output};
+use crate::plans::{AccountBook, Plan, PlanCatalog, Policy};
+use crate::state::{FiredKey, Job, JobKey, ThresholdId, UsageKey};
+use crate::time::{Period, Timestamp};
+use rust_decimal::{Decimal, RoundingStrategy};
+
+/// True when the job counts toward its account's burn rate.
+pub(crate) fn is_running(job: &Job) -> bool {
+    job.start.is_some() && job.stop.is_none() && job.billed.is_none()
+}
+
+/// The latest instant a job sent a stop is charged to.
+pub(crate) fn charge_until(ctx: &Context<'_>, job: &Job, end: Timestamp) -> Timestamp {
+    match job.stop_sent {
+        Some(t) => end.min(t.plus_ms(ctx.config.stop_grace_ms)),
+        None => end,
+    }
+}
+
+/// One limit of an account with the jobs running against it.
+#[derive(Debug)]
+pub(crate) struct Exposure {
+    /// The counter.
+    pub(crate) key: UsageKey,
+    /// The plan that sets it.
+    pub(crate) plan: Plan,
+    /// The limit (credits, cap, quota, spend limit).
+    pub(crate) value: Money,
+    /// Usage counted toward it (charged plus in flight).
+    pub(crate) usage: Money,
+    /// Sum of the running jobs' per-second rates.
+    pub(crate) burn: Money,
+    /// What the plan does when it is used up.
+    pub(crate) policy: Policy,
+    /// The running jobs, in id order.
+    pub(crate) jobs: Vec<JobId>,
+}
+
+impl Exposure {
+    /// Seconds until the limit is used up at the burn rate (to the
+    /// millisecond, rounded down), `Some(0)` when it is used up, `None`
+    /// when nothing runs against it.
+    pub(crate) fn runway_seconds(&self) -> Option<Decimal> {
+        let left = self.value.0 - self.usage.0;
+        if left <= Decimal::ZERO {
+            return Some(Decimal::ZERO);
+        }
+        if self.burn.0 <= Decimal::ZERO {
+            return None;
+        }
+        let mut r = left
+            .checked_div(self.burn.0)?
+            .round_dp_with_strategy(3, RoundingStrategy::ToZero);
+        r.rescale(3);
+        Some(r)
+    }
+
+    /// True when usage has reached the limit.
+    pub(crate) fn used_up(&self) -> bool {
+        self.usage >= self.value
+    }
+}
+
+/// The limits `jobs` (those of them running) count toward in `period`,
+/// each with its burn rate and usage, ordered by counter: what both the
+/// meter and the limits view compute runway from.
+pub(crate) fn exposures<'j>(
+    plans: &PlanCatalog,
+    book: &AccountBook,
+    account: &AccountId,
+    period: Period,
+    jobs: impl Iterator<Item = (&'j JobId, &'j Job)>,
+    usage: impl Fn(&UsageKey) -> Money,
+) -> Vec<Exposure> {
+    let mut out: Vec<Exposure> = Vec::new();
+    for (id, job) in jobs {
+        let Some(start) = job.start.as_ref().filter(|_| is_running(job)) else {
+            continue;
+        };
+        let terms = book.terms_at(plans, account, start.time);
+        let plan_limit = limit_spec(plans, &terms, start.info.kind, account, period);
+        let specs: [Option<LimitSpec<'_>>; 2] = [
+            plan_limit.filter(|s| s.key.limit != LimitKind::Alert),
+            spend_spec(plans, &terms, account, period),
+        ];
+        for spec in specs.into_iter().flatten() {
+            match out.iter_mut().find(|e| e.key == spec.key) {
+                Some(e) => {
+                    e.burn += start.rate;
+                    e.jobs.push(id.clone());
+                }
+                None => out.push(Exposure {
+                    usage: usage(&spec.key),
+                    policy: plans.policy(spec.plan, spec.key.limit),
+                    key: spec.key,
+                    plan: spec.plan,
+                    value: spec.limit_value,
+                    burn: start.rate,
+                    jobs: vec![id.clone()],
+                }),
+            }
+        }
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out
+}
+
+impl crate::meter::Meter {
+    /// Keeps the running-jobs index in step with a job just put back.
+    pub(crate) fn track_running(&mut self, jk: &JobKey, running: bool) {
+        if running {
+            let ids = self.running.entry(jk.0.clone()).or_default();
+            if !ids.contains(&jk.1) {
+                ids.insert(jk.1.clone());
+            }
+        } else if let Some(ids) = self.running.get_mut(&jk.0) {
+            if ids.remove(&jk.1) && ids.is_empty() {
+                self.running.remove(&jk.0);
+            }
+        }
+    }
+
+    /// The limits `account`'s running jobs count toward at stream time
+    /// `now`, each with its burn rate, ordered by counter.
+    pub(crate) fn exposures(&self, ctx: &Context<'_>, account: &AccountId, now: Timestamp) -> Vec<Exposure> {
+        let Some(ids) = self.running.get(account) else {
+            return Vec::new();
+        };
+        let jobs = ids
+            .iter()
+            .filter_map(|id| self.jobs.get(&(account.clone(), id.clone())).map(|j| (id, j)));
+        exposures(ctx.plans, ctx.accounts, account, now.period(), jobs, |k| {
+            self.usage.get(k).map_or(Money::ZERO, |c| c.total())
+        })
+    }
+
+    /// Stops the jobs running against a used-up limit whose policy is
+    /// `stop`, and warns of short runways. `trigger` is the job whose event
+    /// (or orphan close) was just applied; `now` is stream time.
+    pub(crate) fn control_spend(&mut self, ctx: &Context<'_>, trigger: &JobKey, now: Timestamp, out: &mut Vec<Output>) {
+        if !self.running.contains_key(&trigger.0) {
+            return;
+        }
+        for e in self.exposures(ctx, &trigger.0, now) {
+            if e.used_up() {
+                if e.policy == Policy::Stop {
+                    self.stop_jobs(&e, now, out);
+                }
+                continue;
+            }
+            let Some(runway) = e.runway_seconds() else { continue };
+            for h in &ctx.config.runway_horizons_ms {
+                let secs = u64::try_from(*h / 1000).unwrap_or(0);
+                if runway >= Decimal::from(secs) {
+                    continue;
+                }
+                let fired = FiredKey {
+                    usage: e.key.clone(),
+                    threshold: ThresholdId::Runway(secs),
+                };
+                if self.fired.contains(&fired) {
+                    continue;
+                }
+                let scope = e.key.period.map_or_else(|| "lifetime".to_owned(), |p| p.to_string());
+                out.push(Output::Limit(LimitEvent {
+                    event_id: format!(
+                        "{}/{}/{}/{}",
+                        e.key.account,
+                        e.key.limit.as_str(),
+                        scope,
+                        fired.threshold
+                    ),
+                    account_id: e.key.account.clone(),
+                    plan: e.plan,
+                    period: now.period(),
+                    limit: e.key.limit,
+                    threshold_pct: None,
+                    limit_value: e.value,
+                    usage_value: e.usage,
+                    unit: CURRENCY.to_owned(),
+                    triggered_by_job: trigger.1.clone(),
+                    at: now,
+                    action: LimitAction::Notify,
+                    horizon_seconds: Some(secs),
+                    runway_seconds: Some(runway),
+                    burn_rate_per_second: Some(e.burn),
+                }));
+                self.stats.runway_events += 1;
+                if let Some(d) = self.dirty.as_mut() {
+                    d.fired.push(fired.clone());
+                }
+                self.fired.insert(fired);
+            }
+        }
+    }
+
+    /// One `job.stop` per running job of the exposure not yet sent one.
+    fn stop_jobs(&mut self, e: &Exposure, now: Timestamp, out: &mut Vec<Output>) {
+        let reason = match e.key.limit {
+            LimitKind::FreeCredits => "free_credits_exhausted",
+            LimitKind::ModelApiCap => "model_api_cap_reached",
+            LimitKind::WorkflowQuota => "workflow_quota_reached",
+            LimitKind::SpendLimit => "spend_limit_reached",
+            LimitKind::Alert => "alert_reached",
+        };
+        for id in &e.jobs {
+            let jk = (e.key.account.clone(), id.clone());
+            let Some(job) = self.jobs.get_mut(&jk) else { continue };
+            if job.stop_sent.is_some() {
+                continue;
+            }
+            job.stop_sent = Some(now);
+            out.push(Output::Command(Command {
+                command_id: format!("{}/{}/stop", jk.0, jk.1),
+                kind: CommandType::JobStop,
+                account_id: jk.0.clone(),
+                job_id: jk.1.clone(),
+                reason: reason.to_owned(),
+                limit: e.key.limit,
+                at: now,
+            }));
+            self.stats.stop_commands += 1;
+            if let Some(d) = self.dirty.as_mut() {
+                d.jobs.insert(jk);
+            }
+        }
+    }
+}
