@@ -397,3 +397,226 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Spend control (rule 14), against a reference that simulates a free
+// account's workers: jobs start, heartbeat and stop in time order; a worker
+// that is sent `job.stop` stops after its own reaction time (or never, if it
+// ignores commands). The reference decides, from the contract alone, when
+// the credits are used up (charges plus running jobs' usage to their latest
+// heartbeats), which jobs are stopped and when, where runway warnings fire,
+// and what each job is charged (to at most the command plus the grace).
+
+#[derive(Debug, Clone)]
+struct SpendJob {
+    model: usize,
+    start: i64,
+    duration: i64,
+    every: i64,
+    /// Milliseconds a worker takes to obey a stop; `None`: it never does.
+    reaction: Option<i64>,
+}
+
+fn spend_job_strategy() -> impl Strategy<Value = SpendJob> {
+    (
+        0usize..3,
+        0i64..1_800_000,
+        1i64..2_400_000,
+        10_000i64..120_000,
+        prop_oneof![3 => (0i64..90_000).prop_map(Some), 1 => Just(None)],
+    )
+        .prop_map(|(model, start, duration, every, reaction)| SpendJob {
+            model,
+            start: MAY + start,
+            duration,
+            every,
+            reaction,
+        })
+}
+
+#[derive(Debug, Default, PartialEq)]
+struct SpendOutcome {
+    /// (job, at) of every `job.stop`, in emission order.
+    commands: Vec<(String, i64)>,
+    /// (at, runway in ms) of the runway warning, if any.
+    runway: Vec<(i64, i64)>,
+    /// Billable seconds per job.
+    seconds: BTreeMap<String, Decimal>,
+}
+
+/// The reference: returns the event log the workers produce and what the
+/// meter must make of it.
+fn spend_reference(jobs: &[SpendJob], credits: Money, grace: i64, horizon: i64) -> (Vec<String>, SpendOutcome) {
+    let rate = |j: &SpendJob| match j.model {
+        0 => money("0.002"),
+        1 => money("0.0005"),
+        _ => money("0.001"),
+    };
+    let secs = |ms: i64| Decimal::from(((ms + 999) / 1000).max(1));
+    let name = |i: usize| format!("j{i:02}");
+    // Pending events: (time, seq, job, what) with what 0 start, 1 heartbeat, 2 stop.
+    let mut queue: BTreeSet<(i64, u64, usize, u8)> = BTreeSet::new();
+    let mut seq = 0u64;
+    let mut stop_at: Vec<i64> = Vec::new();
+    for (i, j) in jobs.iter().enumerate() {
+        let stop = j.start + j.duration;
+        stop_at.push(stop);
+        for (t, what) in std::iter::once((j.start, 0u8))
+            .chain(
+                (1..)
+                    .map(|k| (j.start + k * j.every, 1u8))
+                    .take_while(|(t, _)| *t < stop),
+            )
+            .chain(std::iter::once((stop, 2u8)))
+        {
+            queue.insert((t, seq, i, what));
+            seq += 1;
+        }
+    }
+    let mut log = Vec::new();
+    let mut out = SpendOutcome::default();
+    let mut running: BTreeSet<usize> = BTreeSet::new();
+    let mut accrued: BTreeMap<usize, Money> = BTreeMap::new();
+    let mut charged = Money::ZERO;
+    let mut commanded: BTreeMap<usize, i64> = BTreeMap::new();
+    while let Some((t, _, i, what)) = queue.pop_first() {
+        let j = &jobs[i];
+        let until = |end: i64| commanded.get(&i).map_or(end, |c| end.min(c + grace));
+        let (ty, data) = match what {
+            0 => {
+                running.insert(i);
+                let (kind, model) = match j.model {
+                    0 => ("inference", Some("llm")),
+                    1 => ("inference", Some("img")),
+                    _ => ("fine_tune", None),
+                };
+                let mut d = format!(r#""account_id":"free","kind":"{kind}""#);
+                if let Some(m) = model {
+                    d.push_str(&format!(r#","model":"{m}""#));
+                }
+                ("job.started", d)
+            }
+            1 => {
+                accrued.insert(i, rate(j) * secs(until(t) - j.start));
+                ("job.heartbeat", r#""account_id":"free""#.to_owned())
+            }
+            _ => {
+                running.remove(&i);
+                accrued.remove(&i);
+                let s = secs(until(t) - j.start);
+                charged += rate(j) * s;
+                out.seconds.insert(name(i), s);
+                ("job.stopped", r#""account_id":"free","status":"cancelled""#.to_owned())
+            }
+        };
+        log.push(event(
+            &format!("{i}.{what}.{t}"),
+            ty,
+            &name(i),
+            &Timestamp(t).to_string(),
+            &data,
+        ));
+        if running.is_empty() {
+            continue;
+        }
+        let used = charged + accrued.values().copied().sum::<Money>();
+        if used >= credits {
+            for r in running.clone() {
+                if commanded.contains_key(&r) {
+                    continue;
+                }
+                commanded.insert(r, t);
+                out.commands.push((name(r), t));
+                // An obedient worker stops after its reaction time; its
+                // later heartbeats never happen.
+                if let Some(react) = jobs[r].reaction {
+                    let new_stop = stop_at[r].min(t + react);
+                    queue.retain(|e| e.2 != r || (e.3 == 1 && e.0 < new_stop));
+                    queue.insert((new_stop, seq, r, 2));
+                    seq += 1;
+                    stop_at[r] = new_stop;
+                }
+            }
+        } else if out.runway.is_empty() {
+            let burn: Money = running.iter().map(|r| rate(&jobs[*r])).sum();
+            // Runway to the millisecond, rounded down.
+            let left_ms = (credits - used).0 * Decimal::from(1000) / burn.0;
+            let runway_ms = left_ms.trunc();
+            if runway_ms < Decimal::from(horizon) {
+                out.runway.push((
+                    t,
+                    i64::try_from(runway_ms.mantissa() / 10i128.pow(runway_ms.scale())).unwrap_or(i64::MAX),
+                ));
+            }
+        }
+    }
+    (log, out)
+}
+
+fn spend_observed(w: &World) -> SpendOutcome {
+    let mut o = SpendOutcome::default();
+    for c in w.commands() {
+        o.commands.push((c.job_id.to_string(), c.at.0));
+    }
+    for l in w.limits() {
+        if let (Some(_), Some(r)) = (l.horizon_seconds, l.runway_seconds) {
+            let ms = r * Decimal::from(1000);
+            o.runway.push((
+                l.at.0,
+                i64::try_from(ms.trunc().mantissa() / 10i128.pow(ms.trunc().scale())).unwrap_or(i64::MAX),
+            ));
+        }
+    }
+    for c in w.charges() {
+        *o.seconds.entry(c.job_id.to_string()).or_default() += c.billable_seconds;
+    }
+    o
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn spend_control_gives_the_reference_commands_warnings_and_charges(
+        jobs in proptest::collection::vec(spend_job_strategy(), 1..8),
+        credit_cents in 1i64..400,
+        grace_s in 0i64..120,
+        restart in any::<proptest::sample::Index>(),
+    ) {
+        let credits = Money(Decimal::new(credit_cents, 2));
+        let (grace, horizon) = (grace_s * 1000, 600_000);
+        let (log, want) = spend_reference(&jobs, credits, grace, horizon);
+        let world = || {
+            let mut w = World::new().spend_control();
+            w.config.stop_grace_ms = grace;
+            w.config.runway_horizons_ms = vec![horizon];
+            w.account(&format!(r#"{{"account_id":"free","plan":"free","effective_from":"2024-01-01T00:00:00Z","free_credits":"{credits}"}}"#));
+            w
+        };
+        // Straight through.
+        let mut w = world();
+        for e in &log {
+            w.apply(e);
+        }
+        prop_assert!(w.rejects().is_empty(), "{:?}", w.rejects());
+        let got = spend_observed(&w);
+        prop_assert_eq!(&got, &want);
+        // Each job is sent at most one stop.
+        let ids: BTreeSet<_> = w.commands().iter().map(|c| c.command_id.clone()).collect();
+        prop_assert_eq!(ids.len(), w.commands().len());
+        // And through a restart at any point: restored from its stored
+        // records, the meter sends nothing twice and ends the same.
+        let cut = restart.index(log.len() + 1);
+        let mut r = world();
+        for e in &log[..cut] {
+            r.apply(e);
+        }
+        let records: Vec<_> = r.meter.snapshot().expect("encode").into_iter()
+            .filter_map(|c| Some((c.table, c.key, c.value?))).collect();
+        r.meter = Meter::restore(records, &r.config).expect("restore");
+        for e in &log[cut..] {
+            r.apply(e);
+        }
+        prop_assert_eq!(&r.out, &w.out);
+    }
+}
