@@ -22,8 +22,7 @@ fn worker_jobs_are_started_heartbeated_stopped_and_charged() {
     let dir = tempfile::tempdir().expect("tempdir");
     let meter = MeterSpec::new(&prefix, "emit-0", dir.path().join("state"), 2).start();
     wait_for_topics(&prefix);
-    let mut cfg = EmitterConfig::new(brokers(), "gpu-worker/test/node-1");
-    cfg.topic = format!("{prefix}.job-events");
+    let mut cfg = EmitterConfig::new(brokers(), "gpu-worker/test/node-1").with_prefix(&prefix);
     cfg.heartbeat_interval = Duration::from_millis(250);
     let emitter = Emitter::new(cfg).expect("emitter");
     let acct = "acct-emit";

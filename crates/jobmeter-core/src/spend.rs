@@ -41,8 +41,14 @@ pub(crate) fn is_running(job: &Job) -> bool {
 
 /// The latest instant a job sent a stop is charged to.
 pub(crate) fn charge_until(ctx: &Context<'_>, job: &Job, end: Timestamp) -> Timestamp {
+    charge_until_with(job, end, ctx.config.stop_grace_ms)
+}
+
+/// The latest instant a job is charged to, given the stop grace: `end`,
+/// or the command's instant plus the grace for a job sent a stop.
+pub(crate) fn charge_until_with(job: &Job, end: Timestamp, stop_grace_ms: i64) -> Timestamp {
     match job.stop_sent {
-        Some(t) => end.min(t.plus_ms(ctx.config.stop_grace_ms)),
+        Some(t) => end.min(t.plus_ms(stop_grace_ms)),
         None => end,
     }
 }

@@ -452,6 +452,159 @@ pub fn limits_report(
     }
 }
 
+/// One limit a job being admitted would count toward.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AdmissionLimit {
+    /// Which limit.
+    pub limit: LimitKind,
+    /// The month, or `lifetime`.
+    pub period: String,
+    /// Its value.
+    pub limit_value: Money,
+    /// What happens when it is used up.
+    pub policy: crate::plans::Policy,
+    /// Usage charged against it.
+    pub charged: Money,
+    /// What the running jobs counting toward it have cost from their start
+    /// to `as_of` (their latest heartbeats may be behind it).
+    pub running_projected: Money,
+    /// limit − charged − running_projected (negative once overspent).
+    pub balance_after_running: Money,
+}
+
+/// The job a scheduler is about to place.
+#[derive(Debug, Clone, Copy)]
+pub struct AdmissionRequest<'a> {
+    /// Its kind.
+    pub kind: JobKind,
+    /// Its model (inference, workflow steps).
+    pub model: Option<&'a ModelId>,
+    /// How long it may run at most, if known.
+    pub max_seconds: Option<Decimal>,
+}
+
+/// An advisory admission decision: may a job of this kind start now?
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Admission {
+    /// The account.
+    pub account_id: AccountId,
+    /// Allowed or not.
+    pub allow: bool,
+    /// `ok`, `no_limit`, `over_limit_billed_at_list_price`, or why not:
+    /// `free_credits_exhausted`, `model_api_cap_reached`,
+    /// `workflow_quota_reached`, `spend_limit_reached`,
+    /// `max_seconds_exceeds_balance`.
+    pub reason: String,
+    /// The plan in force at `as_of`.
+    pub plan: Plan,
+    /// The job's rate now.
+    pub rate_per_second: Money,
+    /// rate × max_seconds, when `max_seconds` was given.
+    pub projected_job_cost: Option<Money>,
+    /// The smallest balance left after the running jobs' projected cost,
+    /// among the limits the job would count toward (`null`: none applies).
+    pub balance_after_running: Option<Money>,
+    /// Seconds the job could run on that balance at its rate.
+    #[serde(with = "crate::output::opt_decimal")]
+    pub affordable_seconds: Option<Decimal>,
+    /// Every limit the job would count toward.
+    pub limits: Vec<AdmissionLimit>,
+    /// The stream time the answer reflects.
+    pub as_of: Option<Timestamp>,
+}
+
+/// What a scheduler asks before placing a job: whether a job of `kind`
+/// (and `model`) may start on `account` at stream time `now`, given what
+/// is charged and what the running jobs have cost so far. A limit whose
+/// policy is `stop` denies once its balance is used up, or when
+/// `max_seconds` at the job's rate would exceed it; a `notify` limit
+/// allows (usage beyond it is billed at list price).
+pub fn admission(
+    account: &AccountId,
+    job: &AdmissionRequest<'_>,
+    st: &AccountState,
+    ctx: &crate::context::Context<'_>,
+    now: Timestamp,
+) -> Result<Admission, crate::event::Invalid> {
+    let (plans, book, rates) = (ctx.plans, ctx.accounts, ctx.rates);
+    let (kind, model, max_seconds) = (job.kind, job.model, job.max_seconds);
+    let rate = rates.rate_at(now, kind, model)?.per_second;
+    let terms = book.terms_at(plans, account, now);
+    let period = now.period();
+    let specs = [
+        crate::billing::limit_spec(plans, &terms, kind, account, period).filter(|s| s.key.limit != LimitKind::Alert),
+        crate::billing::spend_spec(plans, &terms, account, period),
+    ];
+    let projected = |key: &crate::state::UsageKey| -> Money {
+        st.jobs
+            .iter()
+            .filter(|(_, j)| crate::spend::is_running(j))
+            .filter_map(|(_, j)| {
+                let start = j.start.as_ref()?;
+                let t = book.terms_at(plans, account, start.time);
+                let counts = crate::billing::limit_spec(plans, &t, start.info.kind, account, period)
+                    .is_some_and(|s| &s.key == key)
+                    || crate::billing::spend_spec(plans, &t, account, period).is_some_and(|s| &s.key == key);
+                counts.then(|| {
+                    let end = crate::spend::charge_until(ctx, j, now);
+                    start.rate * rates.policy.rounding.total_seconds((end.0 - start.time.0).max(0))
+                })
+            })
+            .sum()
+    };
+    let mut limits = Vec::new();
+    for spec in specs.into_iter().flatten() {
+        let charged = st.counters.get(&spec.key).map_or(Money::ZERO, |c| c.charged);
+        let running_projected = projected(&spec.key);
+        limits.push(AdmissionLimit {
+            limit: spec.key.limit,
+            period: spec.key.period.map_or_else(|| "lifetime".to_owned(), |p| p.to_string()),
+            limit_value: spec.limit_value,
+            policy: plans.policy(spec.plan, spec.key.limit),
+            charged,
+            running_projected,
+            balance_after_running: spec.limit_value - charged - running_projected,
+        });
+    }
+    let cost = max_seconds.map(|s| rate * s);
+    let tightest = limits.iter().min_by_key(|l| l.balance_after_running);
+    let binding = limits
+        .iter()
+        .filter(|l| l.policy == crate::plans::Policy::Stop)
+        .find(|l| l.balance_after_running <= Money::ZERO || cost.is_some_and(|c| c > l.balance_after_running));
+    let (allow, reason) = match binding {
+        Some(l) if l.balance_after_running <= Money::ZERO => (
+            false,
+            match l.limit {
+                LimitKind::FreeCredits => "free_credits_exhausted",
+                LimitKind::ModelApiCap => "model_api_cap_reached",
+                LimitKind::WorkflowQuota => "workflow_quota_reached",
+                LimitKind::SpendLimit | LimitKind::Alert => "spend_limit_reached",
+            },
+        ),
+        Some(_) => (false, "max_seconds_exceeds_balance"),
+        None if limits.is_empty() => (true, "no_limit"),
+        None if tightest.is_some_and(|l| l.balance_after_running <= Money::ZERO) => {
+            (true, "over_limit_billed_at_list_price")
+        }
+        None => (true, "ok"),
+    };
+    let balance = tightest.map(|l| l.balance_after_running);
+    Ok(Admission {
+        account_id: account.clone(),
+        allow,
+        reason: reason.to_owned(),
+        plan: terms.plan,
+        rate_per_second: rate,
+        projected_job_cost: cost,
+        balance_after_running: balance,
+        affordable_seconds: balance
+            .and_then(|b| (rate > Money::ZERO).then(|| (b.0.max(Decimal::ZERO) / rate.0).trunc())),
+        limits,
+        as_of: st.stream_time,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

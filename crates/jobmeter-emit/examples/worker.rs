@@ -1,13 +1,15 @@
 //! An example GPU worker: takes jobs from a queue (here, a fixed list),
 //! runs each inside a job guard, and lets the guard report start,
-//! heartbeats and stop to jobmeter.
+//! heartbeats and stop to jobmeter. Between steps of its work it checks
+//! whether the meter has told the job to stop (the account's credits or
+//! spend limit are used up) and, if so, stops and reports `cancelled`.
 //!
 //! ```sh
 //! cargo run -p jobmeter-emit --example worker -- --brokers 127.0.0.1:9092 --account acct-0001
 //! ```
 
 use clap::Parser;
-use jobmeter_emit::{Emitter, EmitterConfig, JobSpec, StopStatus};
+use jobmeter_emit::{Cancellation, Emitter, EmitterConfig, JobSpec, StopStatus};
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
@@ -26,21 +28,35 @@ struct Args {
     jobs: u32,
 }
 
-/// Stands in for the real work: succeeds, except every third job fails.
-fn generate_image(n: u32) -> Result<(), String> {
-    std::thread::sleep(Duration::from_millis(700 + 300 * u64::from(n % 3)));
+/// How a job's work ended.
+enum Outcome {
+    Done,
+    Failed(String),
+    Stopped(String),
+}
+
+/// Stands in for the real work, in steps: succeeds, except every third job
+/// fails; gives up between steps when the job is told to stop.
+fn generate_image(n: u32, stop: &Cancellation) -> Outcome {
+    for _step in 0..(7 + 3 * (n % 3)) {
+        // Waiting on the cancellation doubles as the step's work here.
+        if stop.wait(Duration::from_millis(100)) {
+            let reason = stop.command().map(|c| c.reason).unwrap_or_default();
+            return Outcome::Stopped(reason);
+        }
+    }
     if n % 3 == 2 {
-        Err("CUDA out of memory".into())
+        Outcome::Failed("CUDA out of memory".into())
     } else {
-        Ok(())
+        Outcome::Done
     }
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let node = std::env::var("HOSTNAME").unwrap_or_else(|_| "example-node".into());
-    let mut cfg = EmitterConfig::new(&args.brokers, format!("gpu-worker/example/{node}"));
-    cfg.topic = format!("{}.job-events", args.topic_prefix);
+    let mut cfg =
+        EmitterConfig::new(&args.brokers, format!("gpu-worker/example/{node}")).with_prefix(&args.topic_prefix);
     cfg.heartbeat_interval = Duration::from_millis(500);
     let emitter = Emitter::new(cfg)?;
     let run = std::process::id();
@@ -49,11 +65,15 @@ fn main() -> anyhow::Result<()> {
         let job = emitter.start(JobSpec::inference(&args.account, &job_id, "sdxl-1.0").gpu("A100-80GB"))?;
         // `?` or a panic inside the job would still send a stop: the guard
         // sends `cancelled` (or `failed` while panicking) when dropped.
-        let status = match generate_image(n) {
-            Ok(()) => StopStatus::Succeeded,
-            Err(e) => {
+        let status = match generate_image(n, &job.cancellation()) {
+            Outcome::Done => StopStatus::Succeeded,
+            Outcome::Failed(e) => {
                 eprintln!("{job_id}: {e}");
                 StopStatus::Failed
+            }
+            Outcome::Stopped(reason) => {
+                eprintln!("{job_id}: stopped by the meter ({reason})");
+                StopStatus::Cancelled
             }
         };
         job.finish(status)?;

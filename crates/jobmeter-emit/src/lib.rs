@@ -35,7 +35,37 @@
 //!   there by the meter, at the cost of a detour), and produced with an
 //!   idempotent producer (`enable.idempotence`, `acks=all`).
 //! - Delivery failures are counted; [`Emitter::flush`] reports them.
+//!
+//! ## Stop commands
+//! When an account runs out of what it may spend (free credits used up, a
+//! spend limit reached — the plan's policy decides), the meter publishes a
+//! `job.stop` command per running job on `<prefix>.commands`. The emitter
+//! reads that topic (one consumer per emitter, read_committed, only the
+//! jobs it runs) and fires the job's [`Cancellation`]: poll it with
+//! [`JobGuard::cancelled`], or wait on a clone from
+//! [`JobGuard::cancellation`]. Stop the work, then end the guard
+//! (`finish(StopStatus::Cancelled)`, or drop it). A job that goes on is not
+//! billed past the command plus the meter's stop grace, but the platform
+//! pays for it.
+//!
+//! ```no_run
+//! # use jobmeter_emit::{Emitter, EmitterConfig, JobSpec, StopStatus};
+//! # fn train_one_step() {}
+//! # let emitter = Emitter::new(EmitterConfig::new("127.0.0.1:9092", "node-17"))?;
+//! let job = emitter.start(JobSpec::fine_tune("acct-42", "ft-7"))?;
+//! for _ in 0..10_000 {
+//!     if job.cancelled() {
+//!         return job.finish(StopStatus::Cancelled);
+//!     }
+//!     train_one_step();
+//! }
+//! job.finish(StopStatus::Succeeded)
+//! # }
+//! ```
 
+mod commands;
+
+pub use commands::{Cancellation, StopCommand};
 use jobmeter_core::wire::{CloudEvent, EventData};
 use jobmeter_core::{JobKind, Timestamp};
 use jobmeter_kafka::client::KafkaSettings;
@@ -108,10 +138,14 @@ pub struct EmitterConfig {
     pub heartbeat_interval: Duration,
     /// librdkafka properties passed through (SASL, SSL…).
     pub properties: BTreeMap<String, String>,
+    /// The meter's commands topic, read for `job.stop` commands to the jobs
+    /// this emitter runs; `None`: do not listen.
+    pub commands_topic: Option<String>,
 }
 
 impl EmitterConfig {
-    /// Defaults: topic `jobmeter.job-events`, heartbeats every 10 s.
+    /// Defaults: topic `jobmeter.job-events`, heartbeats every 10 s,
+    /// commands from `jobmeter.commands`.
     pub fn new(brokers: impl Into<String>, source: impl Into<String>) -> Self {
         EmitterConfig {
             brokers: brokers.into(),
@@ -119,7 +153,17 @@ impl EmitterConfig {
             source: source.into(),
             heartbeat_interval: Duration::from_secs(10),
             properties: BTreeMap::new(),
+            commands_topic: Some("jobmeter.commands".into()),
         }
+    }
+
+    /// Topics under `prefix` (`<prefix>.job-events`, `<prefix>.commands`).
+    pub fn with_prefix(mut self, prefix: &str) -> Self {
+        self.topic = format!("{prefix}.job-events");
+        if self.commands_topic.is_some() {
+            self.commands_topic = Some(format!("{prefix}.commands"));
+        }
+        self
     }
 }
 
@@ -267,6 +311,7 @@ impl ProducerContext for EmitContext {
 }
 
 struct Inner {
+    listener: Option<commands::Listener>,
     producer: ThreadedProducer<EmitContext>,
     context: EmitContext,
     topic: String,
@@ -299,8 +344,16 @@ impl Emitter {
             .producer()
             .create_with_context(context.clone())
             .map_err(EmitError::Client)?;
+        let listener = match &cfg.commands_topic {
+            Some(topic) => Some(
+                commands::Listener::start(&settings, topic, &format!("jobmeter-emit-{}", std::process::id()))
+                    .map_err(EmitError::Client)?,
+            ),
+            None => None,
+        };
         Ok(Emitter {
             inner: Arc::new(Inner {
+                listener,
                 producer,
                 context,
                 topic: cfg.topic,
@@ -332,7 +385,15 @@ impl Emitter {
         if let Some(p) = job.problem() {
             return Err(EmitError::InvalidJob(p));
         }
-        self.emit(&job, EventType::Started)?;
+        // Watched before the start is sent: its command cannot come earlier.
+        let cancel = match &self.inner.listener {
+            Some(l) => l.watch(&job.account_id, &job.job_id),
+            None => Cancellation::default(),
+        };
+        if let Err(e) = self.emit(&job, EventType::Started) {
+            self.forget(&job);
+            return Err(e);
+        }
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let heartbeats = {
             let (emitter, job, stop) = (self.clone(), job.clone(), stop.clone());
@@ -347,7 +408,14 @@ impl Emitter {
             stop,
             heartbeats,
             finished: false,
+            cancel,
         })
+    }
+
+    fn forget(&self, job: &JobSpec) {
+        if let Some(l) = &self.inner.listener {
+            l.forget(&job.account_id, &job.job_id);
+        }
     }
 
     fn heartbeat_loop(&self, job: &JobSpec, stop: &(Mutex<bool>, Condvar)) {
@@ -403,12 +471,25 @@ pub struct JobGuard {
     stop: Arc<(Mutex<bool>, Condvar)>,
     heartbeats: Option<std::thread::JoinHandle<()>>,
     finished: bool,
+    cancel: Cancellation,
 }
 
 impl JobGuard {
     /// The job.
     pub fn job(&self) -> &JobSpec {
         &self.job
+    }
+
+    /// True once the meter has sent this job a `job.stop` (its account may
+    /// not spend more): stop the work and end the guard.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// A handle on the job's cancellation, to poll or wait on from the code
+    /// that runs the job.
+    pub fn cancellation(&self) -> Cancellation {
+        self.cancel.clone()
     }
 
     fn end(&mut self, status: StopStatus) -> Result<(), EmitError> {
@@ -426,6 +507,7 @@ impl JobGuard {
         if let Some(h) = self.heartbeats.take() {
             let _ = h.join();
         }
+        self.emitter.forget(&self.job);
         self.emitter.emit(&self.job, EventType::Stopped(status))
     }
 

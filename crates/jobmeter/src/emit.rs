@@ -1,7 +1,9 @@
 //! `jobmeter emit`: lifecycle events from the shell, for workers that are
 //! scripts. `emit run -- CMD…` wraps a command: start, heartbeats while it
 //! runs, and a stop whose status is the command's outcome (succeeded on
-//! exit 0, failed otherwise, cancelled when interrupted).
+//! exit 0, failed otherwise, cancelled when interrupted or when the meter
+//! sends the job a `job.stop`: the command gets SIGTERM, then SIGKILL after
+//! `--kill-after`).
 
 use jobmeter_core::{JobKind, Timestamp};
 use jobmeter_emit::{Emitter, EmitterConfig, EventType, JobSpec, StopStatus};
@@ -129,20 +131,28 @@ pub enum EmitCmd {
         /// Heartbeat interval.
         #[arg(long, default_value = "10s", value_parser = crate::args::parse_duration)]
         heartbeat: i64,
+        /// After a `job.stop` from the meter (or an interruption), how long
+        /// the command has to exit after SIGTERM before it is sent SIGKILL.
+        #[arg(long, default_value = "10s", value_parser = crate::args::parse_duration)]
+        kill_after: i64,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
 }
 
-fn emitter(t: &Target, heartbeat: Duration) -> anyhow::Result<Emitter> {
+/// An emitter; `listen`: also read stop commands (a wrapped command).
+fn emitter(t: &Target, heartbeat: Duration, listen: bool) -> anyhow::Result<Emitter> {
     let mut cfg = EmitterConfig::new(
         &t.brokers,
         t.source
             .clone()
             .unwrap_or_else(|| format!("jobmeter-emit/{}", crate::tools::hostname())),
     );
-    cfg.topic = format!("{}.job-events", t.topic_prefix);
+    if !listen {
+        cfg.commands_topic = None;
+    }
+    cfg = cfg.with_prefix(&t.topic_prefix);
     cfg.heartbeat_interval = heartbeat;
     Ok(Emitter::new(cfg)?)
 }
@@ -180,12 +190,12 @@ pub fn main(cmd: EmitCmd) -> anyhow::Result<i32> {
             if let Some(p) = s.problem() {
                 anyhow::bail!("{p}");
             }
-            let e = emitter(&target, Duration::from_secs(10))?;
+            let e = emitter(&target, Duration::from_secs(10), false)?;
             e.emit(&s, EventType::Started)?;
             e.flush(FLUSH)?;
         }
         EmitCmd::Heartbeat { target, job, seq } => {
-            let e = emitter(&target, Duration::from_secs(10))?;
+            let e = emitter(&target, Duration::from_secs(10), false)?;
             let s = JobSpec::fine_tune(&job.account, &job.job);
             let n = seq.unwrap_or_else(|| Timestamp::now().0.max(0) as u64);
             e.emit(&s, EventType::Heartbeat(n))?;
@@ -196,7 +206,7 @@ pub fn main(cmd: EmitCmd) -> anyhow::Result<i32> {
             job,
             status: st,
         } => {
-            let e = emitter(&target, Duration::from_secs(10))?;
+            let e = emitter(&target, Duration::from_secs(10), false)?;
             e.emit(
                 &JobSpec::fine_tune(&job.account, &job.job),
                 EventType::Stopped(status(st)),
@@ -209,10 +219,28 @@ pub fn main(cmd: EmitCmd) -> anyhow::Result<i32> {
             job,
             start,
             heartbeat,
+            kill_after,
             command,
-        } => return run(&target, &account, job, &start, heartbeat, &command),
+        } => {
+            let timing = (
+                Duration::from_millis(heartbeat.max(1) as u64),
+                Duration::from_millis(kill_after.max(0) as u64),
+            );
+            return run(&target, &account, job, &start, timing, &command);
+        }
     }
     Ok(0)
+}
+
+/// How a wrapped command's wait ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// It exited by itself.
+    Exited,
+    /// This process was asked to stop.
+    Interrupted,
+    /// The meter sent the job a `job.stop`.
+    StopCommand,
 }
 
 fn run(
@@ -220,7 +248,7 @@ fn run(
     account: &str,
     job: Option<String>,
     start: &StartArgs,
-    heartbeat_ms: i64,
+    (heartbeat, kill_after): (Duration, Duration),
     command: &[String],
 ) -> anyhow::Result<i32> {
     let job = job.unwrap_or_else(|| {
@@ -234,7 +262,7 @@ fn run(
     let (program, args) = command
         .split_first()
         .ok_or_else(|| anyhow::anyhow!("no command given after --"))?;
-    let e = emitter(target, Duration::from_millis(heartbeat_ms.max(1) as u64))?;
+    let e = emitter(target, heartbeat, true)?;
     let mut child = std::process::Command::new(program)
         .args(args)
         .spawn()
@@ -242,35 +270,57 @@ fn run(
     eprintln!("jobmeter emit: job {job} started ({program}, pid {})", child.id());
     let guard = e.start(s)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let interrupted = rt.block_on(async {
+    let ended = rt.block_on(async {
         let signalled = crate::signals::shutdown_requested();
         tokio::pin!(signalled);
         loop {
             tokio::select! {
-                _ = &mut signalled => return true,
+                _ = &mut signalled => return Ended::Interrupted,
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {
                     if !matches!(child.try_wait(), Ok(None)) {
-                        return false;
+                        return Ended::Exited;
+                    }
+                    if guard.cancelled() {
+                        return Ended::StopCommand;
                     }
                 }
             }
         }
     });
-    if interrupted {
-        // Pass the interruption on and wait for the command to end.
-        let _ = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
+    if ended != Ended::Exited {
+        if let Some(c) = guard.cancellation().command() {
+            eprintln!(
+                "jobmeter emit: job {job}: the meter sent job.stop ({}); stopping the command",
+                c.reason
+            );
+        }
+        // Pass the stop on; a command that outlives the grace is killed.
+        signal(child.id(), "TERM");
+        let deadline = std::time::Instant::now() + kill_after;
+        while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if matches!(child.try_wait(), Ok(None)) {
+            eprintln!("jobmeter emit: job {job}: still running {kill_after:?} after SIGTERM; sending SIGKILL");
+            signal(child.id(), "KILL");
+        }
     }
     let exit = child.wait()?;
-    let st = match (interrupted, exit.success()) {
-        (true, _) => StopStatus::Cancelled,
-        (false, true) => StopStatus::Succeeded,
-        (false, false) => StopStatus::Failed,
+    let st = match (ended, exit.success()) {
+        (Ended::Interrupted | Ended::StopCommand, _) => StopStatus::Cancelled,
+        (Ended::Exited, true) => StopStatus::Succeeded,
+        (Ended::Exited, false) => StopStatus::Failed,
     };
     guard.finish(st)?;
     e.flush(FLUSH)?;
     eprintln!("jobmeter emit: job {job} {}", st.as_str());
-    Ok(exit.code().unwrap_or(if interrupted { 130 } else { 1 }))
+    Ok(exit.code().unwrap_or(if ended == Ended::Exited { 1 } else { 130 }))
+}
+
+/// Sends `SIG<name>` to `pid`.
+fn signal(pid: u32, name: &str) {
+    let _ = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status();
 }

@@ -27,7 +27,7 @@ use jobmeter_core::state::{keys, Counter, Job, Table};
 use jobmeter_core::time::{Period, Timestamp};
 use jobmeter_core::values;
 use jobmeter_core::view::{self, AccountState};
-use jobmeter_core::AccountId;
+use jobmeter_core::{AccountId, JobKind};
 use jobmeter_kafka::client::KafkaSettings;
 use jobmeter_store::Store;
 use serde::Serialize;
@@ -51,6 +51,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/models/{model}"),
     ("get", "/v1/accounts/{account_id}/usage"),
     ("get", "/v1/accounts/{account_id}/limits"),
+    ("get", "/v1/accounts/{account_id}/admission"),
 ];
 
 /// Who a token lets in.
@@ -135,7 +136,64 @@ pub struct Api {
     pub group: Option<(KafkaSettings, String, String)>,
     /// This instance's id.
     pub instance_id: String,
+    /// Timeouts and the stop grace (admission projects running jobs' cost).
+    pub meter: jobmeter_core::MeterConfig,
+    /// Input offsets of the last committed batch (`committed_offsets`).
+    pub committed: super::metrics::CommittedOffsets,
 }
+
+/// The query of an account route.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct AccountQuery {
+    /// `YYYY-MM` (usage, limits).
+    pub period: Option<String>,
+    /// Job kind (admission).
+    pub kind: Option<String>,
+    /// Model (admission).
+    pub model: Option<String>,
+    /// Longest the job may run, in seconds (admission).
+    pub max_seconds: Option<String>,
+}
+
+/// Kind, model and max seconds of an admission query, or the 400 answer.
+fn admission_request(q: &AccountQuery) -> Result<(JobKind, Option<String>, Option<rust_decimal::Decimal>), Answer> {
+    let kind = match q.kind.as_deref() {
+        None | Some("") => {
+            return Err(Answer::error(
+                400,
+                "bad_request",
+                "kind is required: inference, fine_tune or workflow_step",
+            ))
+        }
+        Some(k) => JobKind::ALL.into_iter().find(|x| x.as_str() == k).ok_or_else(|| {
+            Answer::error(
+                400,
+                "bad_request",
+                &format!("kind {k:?} is not inference, fine_tune or workflow_step"),
+            )
+        })?,
+    };
+    let model = q.model.clone().filter(|m| !m.is_empty());
+    let max_seconds = match q.max_seconds.as_deref() {
+        None | Some("") => None,
+        Some(s) => match s.parse::<rust_decimal::Decimal>() {
+            Ok(d) if d > rust_decimal::Decimal::ZERO && d <= rust_decimal::Decimal::from(MAX_ADMISSION_SECONDS) => {
+                Some(d)
+            }
+            _ => {
+                return Err(Answer::error(
+                    400,
+                    "bad_request",
+                    &format!("max_seconds must be a number of seconds above 0 and at most {MAX_ADMISSION_SECONDS}"),
+                ))
+            }
+        },
+    };
+    Ok((kind, model, max_seconds))
+}
+
+/// The longest job an admission query may ask about (a year, in seconds).
+const MAX_ADMISSION_SECONDS: i64 = 366 * 86_400;
 
 /// An API answer: status and JSON body.
 #[derive(Debug, Clone, PartialEq)]
@@ -169,6 +227,19 @@ pub enum AccountView {
     Usage,
     /// `/limits`.
     Limits,
+    /// `/admission`.
+    Admission,
+}
+
+impl AccountView {
+    /// The route's last path segment.
+    pub fn name(self) -> &'static str {
+        match self {
+            AccountView::Usage => "usage",
+            AccountView::Limits => "limits",
+            AccountView::Admission => "admission",
+        }
+    }
 }
 
 impl Api {
@@ -251,14 +322,22 @@ impl Api {
         }))
     }
 
-    /// `GET /v1/accounts/{account}/usage|limits[?period=YYYY-MM]`.
-    pub fn account(&self, scope: &Scope, account: &str, what: AccountView, period: Option<&str>) -> Answer {
+    /// `GET /v1/accounts/{account}/usage|limits[?period=YYYY-MM]` and
+    /// `GET /v1/accounts/{account}/admission?kind=&model=&max_seconds=`.
+    pub fn account(&self, scope: &Scope, account: &str, what: AccountView, q: &AccountQuery) -> Answer {
         if let Scope::Account(own) = scope {
             if own != account {
                 return Answer::error(403, "forbidden", "this token may only read its own account");
             }
         }
-        let period = match period.map(Period::parse) {
+        let job = match what {
+            AccountView::Admission => match admission_request(q) {
+                Ok(j) => Some(j),
+                Err(a) => return a,
+            },
+            _ => None,
+        };
+        let period = match q.period.as_deref().map(Period::parse) {
             Some(None) => return Answer::error(400, "bad_request", "period must look like 2024-05"),
             Some(Some(p)) => Some(p),
             None => None,
@@ -300,7 +379,25 @@ impl Api {
             );
         }
         let period = period.unwrap_or_else(|| st.stream_time.unwrap_or_else(Timestamp::now).period());
+        let partition = found_in.first().copied().unwrap_or(home);
         let mut body = match what {
+            AccountView::Admission => {
+                let Some((kind, model, max_seconds)) = job else {
+                    return Answer::error(500, "internal", "admission without its query");
+                };
+                let model = model.map(jobmeter_core::ModelId::from);
+                let ctx = jobmeter_core::Context::new(&self.billing.rates, &self.billing.plans, &book, &self.meter);
+                let req = view::AdmissionRequest {
+                    kind,
+                    model: model.as_ref(),
+                    max_seconds,
+                };
+                let now = st.stream_time.unwrap_or_else(Timestamp::now);
+                match view::admission(&account_id, &req, &st, &ctx, now) {
+                    Ok(a) => serde_json::to_value(a),
+                    Err(inv) => return Answer::error(400, inv.reason.as_str(), &inv.detail),
+                }
+            }
             AccountView::Usage => serde_json::to_value(view::usage_report(
                 &account_id,
                 period,
@@ -320,9 +417,25 @@ impl Api {
         .unwrap_or_default();
         if let Some(o) = body.as_object_mut() {
             o.insert("served_by".into(), json!(self.instance_id));
-            o.insert("partition".into(), json!(found_in.first().copied().unwrap_or(home)));
+            o.insert("partition".into(), json!(partition));
+            if what != AccountView::Usage {
+                o.insert("committed_offsets".into(), self.committed_offsets(partition));
+            }
         }
         Answer { status: 200, body }
+    }
+
+    /// The input offsets (next to read) of `partition` that the stored
+    /// state reflects at least, by topic.
+    fn committed_offsets(&self, partition: i32) -> serde_json::Value {
+        let committed = self.committed.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut m = serde_json::Map::new();
+        for ((topic, p), o) in committed.iter() {
+            if *p == partition {
+                m.insert(topic.clone(), json!(o));
+            }
+        }
+        serde_json::Value::Object(m)
     }
 
     fn misdirected(&self, partition: i32, account: &str, what: AccountView) -> Answer {
@@ -332,10 +445,7 @@ impl Api {
                 .into_iter()
                 .find(|m| m.partitions.contains(&partition))
         });
-        let path = match what {
-            AccountView::Usage => "usage",
-            AccountView::Limits => "limits",
-        };
+        let path = what.name();
         Answer {
             status: 421,
             body: json!({

@@ -3,7 +3,7 @@
 //! assigned and their state restored) and the usage API under `/v1` (see
 //! [`super::api`]).
 
-use super::api::{AccountView, Answer, Api, OPENAPI};
+use super::api::{AccountQuery, AccountView, Answer, Api, OPENAPI};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -20,11 +20,6 @@ struct AppState {
     failing: super::engine::FailingPartitions,
     api: Arc<Api>,
     requests: IntCounterVec,
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct PeriodQuery {
-    period: Option<String>,
 }
 
 fn reply(s: &AppState, route: &str, a: Answer) -> Response {
@@ -58,15 +53,12 @@ async fn model(State(s): State<AppState>, Path(m): Path<String>, h: HeaderMap) -
     reply(&s, "model", a)
 }
 
-async fn account(s: AppState, account: String, q: PeriodQuery, h: HeaderMap, what: AccountView) -> Response {
-    let route = match what {
-        AccountView::Usage => "usage",
-        AccountView::Limits => "limits",
-    };
+async fn account(s: AppState, account: String, q: AccountQuery, h: HeaderMap, what: AccountView) -> Response {
+    let route = what.name();
     let a = match s.api.authenticate(authorization(&h)) {
         Ok(scope) => {
             let api = s.api.clone();
-            tokio::task::spawn_blocking(move || api.account(&scope, &account, what, q.period.as_deref()))
+            tokio::task::spawn_blocking(move || api.account(&scope, &account, what, &q))
                 .await
                 .unwrap_or_else(|e| Answer {
                     status: 500,
@@ -81,7 +73,7 @@ async fn account(s: AppState, account: String, q: PeriodQuery, h: HeaderMap, wha
 async fn usage(
     State(s): State<AppState>,
     Path(a): Path<String>,
-    Query(q): Query<PeriodQuery>,
+    Query(q): Query<AccountQuery>,
     h: HeaderMap,
 ) -> Response {
     account(s, a, q, h, AccountView::Usage).await
@@ -90,10 +82,19 @@ async fn usage(
 async fn limits(
     State(s): State<AppState>,
     Path(a): Path<String>,
-    Query(q): Query<PeriodQuery>,
+    Query(q): Query<AccountQuery>,
     h: HeaderMap,
 ) -> Response {
     account(s, a, q, h, AccountView::Limits).await
+}
+
+async fn admission(
+    State(s): State<AppState>,
+    Path(a): Path<String>,
+    Query(q): Query<AccountQuery>,
+    h: HeaderMap,
+) -> Response {
+    account(s, a, q, h, AccountView::Admission).await
 }
 
 async fn openapi() -> impl IntoResponse {
@@ -164,6 +165,7 @@ pub fn router(
         .route("/v1/models/{model}", get(model))
         .route("/v1/accounts/{account_id}/usage", get(usage))
         .route("/v1/accounts/{account_id}/limits", get(limits))
+        .route("/v1/accounts/{account_id}/admission", get(admission))
         .fallback(not_found)
         .with_state(AppState {
             registry,

@@ -70,7 +70,14 @@ pub struct Metrics {
     pub api_requests: IntCounterVec,
     /// This pipeline's slot behind the instance-wide gauges.
     share: PipelineShare,
+    /// The input offsets (next to read) of the last committed batch, by
+    /// (topic, partition), shared by every pipeline: what the usage API's
+    /// answers reflect (`committed_offsets`).
+    pub committed: CommittedOffsets,
 }
+
+/// Committed input offsets by (topic, partition).
+pub type CommittedOffsets = std::sync::Arc<std::sync::RwLock<std::collections::BTreeMap<(String, i32), i64>>>;
 
 /// What one pipeline contributes to the instance-wide gauges (partitions
 /// assigned, producer queue, ready): each pipeline writes its own slot, and
@@ -280,6 +287,7 @@ impl Metrics {
                 )?,
             )?,
             share: PipelineShare::new(1),
+            committed: CommittedOffsets::default(),
         };
         // Create every bounded label up front so dashboards see zeros.
         for reason in RejectReason::ALL {

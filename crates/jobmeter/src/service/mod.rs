@@ -183,6 +183,8 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
         tokens: Arc::new(api::Tokens::new(tokens)),
         group: Some((settings.clone(), cfg.kafka.group_id.clone(), topics.job_events.clone())),
         instance_id: cfg.instance_id.clone(),
+        meter: cfg.meter_config(),
+        committed: metrics.committed.clone(),
     });
     let app = http::router(
         registry.clone(),

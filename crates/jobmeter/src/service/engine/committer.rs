@@ -293,6 +293,15 @@ pub(super) fn commit_batch<T: Transactional, S: StateStore + ?Sized>(
         .map(|(p, ch)| (*p, ch.as_slice(), changelog_offsets.get(p).copied()))
         .collect();
     store.commit_many(&steps)?;
+    {
+        let mut committed = metrics
+            .committed
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (topic, p, o) in &b.offsets {
+            committed.insert((topic.clone(), *p), *o);
+        }
+    }
     let step = |name: &str, d: Duration| {
         metrics
             .commit_seconds
