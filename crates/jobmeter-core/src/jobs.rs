@@ -81,6 +81,10 @@ impl JobTable {
         self.index.keys()
     }
 
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&JobKey, &Job)> {
+        self.index.iter().filter_map(|(k, s)| self.at(*s).map(|j| (k, j)))
+    }
+
     pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&JobKey, &mut Job)> {
         let slab = &mut self.slab;
         // Slots are distinct, so handing out one &mut per slot is sound; do

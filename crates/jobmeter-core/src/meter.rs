@@ -56,7 +56,10 @@ pub struct Meter {
     pub(crate) open: usize,
     /// Running jobs by account (derived from the jobs, never stored): what
     /// burn rates and `job.stop` commands are computed from.
-    pub(crate) running: BTreeMap<crate::money::AccountId, BTreeSet<crate::money::JobId>>,
+    pub(crate) running: FastMap<crate::money::AccountId, crate::spend::AccountRunning>,
+    /// True once `running` reflects the job table (built at the first
+    /// event after a restore, which has the plans it needs).
+    pub(crate) running_built: bool,
     /// The format [`Meter::take_changes`] writes values in.
     pub(crate) format: crate::state::StateFormat,
 }
@@ -355,9 +358,8 @@ impl Meter {
                 self.expiry.insert((e, jk.clone()));
             }
         }
-        let running = crate::spend::is_running(&job);
-        if running || self.running.contains_key(&jk.0) {
-            self.track_running(&jk, running);
+        if !self.running_built || crate::spend::is_running(&job) || self.running.contains_key(&jk.0) {
+            self.track_running(ctx, &jk, &job);
         }
         if let Some(d) = self.dirty.as_mut() {
             d.jobs.insert(jk.clone());

@@ -126,8 +126,8 @@ impl Meter {
     }
 
     /// Rebuilds a meter from stored records (`(table, key, value)`), with
-    /// change tracking on. Dedup keys, timers and the running-jobs index are
-    /// derived from the jobs.
+    /// change tracking on. Dedup keys and timers are derived from the jobs;
+    /// the running-jobs index, which needs the plans, at the first event.
     pub fn restore<I>(records: I, config: &MeterConfig) -> Result<Meter, DecodeError>
     where
         I: IntoIterator<Item = (Table, Vec<u8>, Vec<u8>)>,
@@ -147,9 +147,6 @@ impl Meter {
             }
             if let Some(e) = job.expires {
                 m.expiry.insert((e, jk.clone()));
-            }
-            if crate::spend::is_running(job) {
-                m.running.entry(jk.0.clone()).or_default().insert(jk.1.clone());
             }
         }
         Ok(m)

@@ -33,6 +33,7 @@ use crate::plans::{AccountBook, Plan, PlanCatalog, Policy};
 use crate::state::{FiredKey, Job, JobKey, ThresholdId, UsageKey};
 use crate::time::{Period, Timestamp};
 use rust_decimal::{Decimal, RoundingStrategy};
+use std::collections::BTreeMap;
 
 /// True when the job counts toward its account's burn rate.
 pub(crate) fn is_running(job: &Job) -> bool {
@@ -68,8 +69,12 @@ pub(crate) struct Exposure {
     pub(crate) burn: Money,
     /// What the plan does when it is used up.
     pub(crate) policy: Policy,
-    /// The running jobs, in id order.
+    /// The running jobs, in id order (views; the meter keeps counts).
     pub(crate) jobs: Vec<JobId>,
+    /// How many jobs run against it.
+    pub(crate) running: u64,
+    /// Of them, not yet sent a stop.
+    pub(crate) unstopped: u64,
 }
 
 impl Exposure {
@@ -97,6 +102,22 @@ impl Exposure {
     }
 }
 
+/// The limits with a runway a job of `kind` under `terms` counts toward in
+/// `period`: its plan's limit (not enterprise alerts) and the account's
+/// spend limit.
+pub(crate) fn job_limits<'a>(
+    plans: &'a PlanCatalog,
+    terms: &'a crate::plans::PlanTerms,
+    kind: crate::event::JobKind,
+    account: &AccountId,
+    period: Period,
+) -> impl Iterator<Item = LimitSpec<'a>> {
+    let plan_limit = limit_spec(plans, terms, kind, account, period).filter(|s| s.key.limit != LimitKind::Alert);
+    [plan_limit, spend_spec(plans, terms, account, period)]
+        .into_iter()
+        .flatten()
+}
+
 /// The limits `jobs` (those of them running) count toward in `period`,
 /// each with its burn rate and usage, ordered by counter: what both the
 /// meter and the limits view compute runway from.
@@ -114,16 +135,13 @@ pub(crate) fn exposures<'j>(
             continue;
         };
         let terms = book.terms_at(plans, account, start.time);
-        let plan_limit = limit_spec(plans, &terms, start.info.kind, account, period);
-        let specs: [Option<LimitSpec<'_>>; 2] = [
-            plan_limit.filter(|s| s.key.limit != LimitKind::Alert),
-            spend_spec(plans, &terms, account, period),
-        ];
-        for spec in specs.into_iter().flatten() {
+        for spec in job_limits(plans, &terms, start.info.kind, account, period) {
             match out.iter_mut().find(|e| e.key == spec.key) {
                 Some(e) => {
                     e.burn += start.rate;
                     e.jobs.push(id.clone());
+                    e.running += 1;
+                    e.unstopped += u64::from(job.stop_sent.is_none());
                 }
                 None => out.push(Exposure {
                     usage: usage(&spec.key),
@@ -133,6 +151,8 @@ pub(crate) fn exposures<'j>(
                     value: spec.limit_value,
                     burn: start.rate,
                     jobs: vec![id.clone()],
+                    running: 1,
+                    unstopped: u64::from(job.stop_sent.is_none()),
                 }),
             }
         }
@@ -141,33 +161,175 @@ pub(crate) fn exposures<'j>(
     out
 }
 
+/// What a running job adds to its account's burn rates: its rate, toward
+/// each limit it counts toward (with that limit's value and plan, from the
+/// terms in force at its start).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Share {
+    rate: Money,
+    limits: Vec<(LimitKind, Money, Plan)>,
+    stopped: bool,
+}
+
+/// The jobs running on an account against one limit (of one value, under
+/// one plan).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Burn {
+    rate: Money,
+    jobs: u64,
+    /// Of them, not yet sent a stop.
+    unstopped: u64,
+}
+
+/// An account's running jobs and their burn rates by (limit kind, value,
+/// plan), kept up to date job by job, so spend control costs the same per
+/// event however many jobs an account runs. (Jobs started under different
+/// account records can count toward one limit with different values; the
+/// largest is used, so the result depends on the running jobs alone.)
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AccountRunning {
+    jobs: BTreeMap<JobId, Share>,
+    burn: BTreeMap<(LimitKind, Money, Plan), Burn>,
+}
+
+impl AccountRunning {
+    fn add(&mut self, id: JobId, share: Share) {
+        for l in &share.limits {
+            let b = self.burn.entry(*l).or_default();
+            b.rate += share.rate;
+            b.jobs += 1;
+            b.unstopped += u64::from(!share.stopped);
+        }
+        self.jobs.insert(id, share);
+    }
+
+    fn remove(&mut self, id: &JobId) {
+        let Some(share) = self.jobs.remove(id) else { return };
+        for l in &share.limits {
+            if let Some(b) = self.burn.get_mut(l) {
+                b.rate -= share.rate;
+                b.jobs -= 1;
+                b.unstopped -= u64::from(!share.stopped);
+                if b.jobs == 0 {
+                    self.burn.remove(l);
+                }
+            }
+        }
+    }
+
+    fn mark_stopped(&mut self, id: &JobId) {
+        let Some(share) = self.jobs.get_mut(id).filter(|s| !s.stopped) else {
+            return;
+        };
+        share.stopped = true;
+        for l in &share.limits {
+            if let Some(b) = self.burn.get_mut(l) {
+                b.unstopped -= 1;
+            }
+        }
+    }
+}
+
+/// A running job's share of its account's burn rates (`None` when it is not
+/// running).
+fn share_of(ctx: &Context<'_>, account: &AccountId, job: &Job) -> Option<Share> {
+    let start = job.start.as_ref().filter(|_| is_running(job))?;
+    let terms = ctx.accounts.terms_at(ctx.plans, account, start.time);
+    let limits = job_limits(ctx.plans, &terms, start.info.kind, account, start.time.period())
+        .map(|s| (s.key.limit, s.limit_value, s.plan))
+        .collect();
+    Some(Share {
+        rate: start.rate,
+        limits,
+        stopped: job.stop_sent.is_some(),
+    })
+}
+
 impl crate::meter::Meter {
     /// Keeps the running-jobs index in step with a job just put back.
-    pub(crate) fn track_running(&mut self, jk: &JobKey, running: bool) {
-        if running {
-            let ids = self.running.entry(jk.0.clone()).or_default();
-            if !ids.contains(&jk.1) {
-                ids.insert(jk.1.clone());
+    pub(crate) fn track_running(&mut self, ctx: &Context<'_>, jk: &JobKey, job: &Job) {
+        self.ensure_running(ctx);
+        let running = is_running(job);
+        let known = self.running.get(&jk.0).is_some_and(|a| a.jobs.contains_key(&jk.1));
+        match (known, running) {
+            (true, true) => {
+                if job.stop_sent.is_some() {
+                    if let Some(a) = self.running.get_mut(&jk.0) {
+                        a.mark_stopped(&jk.1);
+                    }
+                }
             }
-        } else if let Some(ids) = self.running.get_mut(&jk.0) {
-            if ids.remove(&jk.1) && ids.is_empty() {
-                self.running.remove(&jk.0);
+            (true, false) => {
+                if let Some(a) = self.running.get_mut(&jk.0) {
+                    a.remove(&jk.1);
+                    if a.jobs.is_empty() {
+                        self.running.remove(&jk.0);
+                    }
+                }
             }
+            (false, true) => {
+                if let Some(share) = share_of(ctx, &jk.0, job) {
+                    self.running.entry(jk.0.clone()).or_default().add(jk.1.clone(), share);
+                }
+            }
+            (false, false) => {}
+        }
+    }
+
+    /// Builds the running-jobs index from the job table once (a restored
+    /// meter has the jobs but not the index: it needs the plans).
+    fn ensure_running(&mut self, ctx: &Context<'_>) {
+        if self.running_built {
+            return;
+        }
+        self.running_built = true;
+        let shares: Vec<(JobKey, Share)> = self
+            .jobs
+            .iter()
+            .filter_map(|(jk, job)| share_of(ctx, &jk.0, job).map(|s| (jk.clone(), s)))
+            .collect();
+        for (jk, share) in shares {
+            self.running.entry(jk.0).or_default().add(jk.1, share);
         }
     }
 
     /// The limits `account`'s running jobs count toward at stream time
     /// `now`, each with its burn rate, ordered by counter.
-    pub(crate) fn exposures(&self, ctx: &Context<'_>, account: &AccountId, now: Timestamp) -> Vec<Exposure> {
-        let Some(ids) = self.running.get(account) else {
+    pub(crate) fn exposures(&mut self, ctx: &Context<'_>, account: &AccountId, now: Timestamp) -> Vec<Exposure> {
+        self.ensure_running(ctx);
+        let Some(a) = self.running.get(account) else {
             return Vec::new();
         };
-        let jobs = ids
-            .iter()
-            .filter_map(|id| self.jobs.get(&(account.clone(), id.clone())).map(|j| (id, j)));
-        exposures(ctx.plans, ctx.accounts, account, now.period(), jobs, |k| {
-            self.usage.get(k).map_or(Money::ZERO, |c| c.total())
-        })
+        let mut out: Vec<Exposure> = Vec::new();
+        // Ordered by kind, then value: the last entry of a kind sets it.
+        for ((kind, value, plan), b) in &a.burn {
+            if let Some(e) = out.last_mut().filter(|e| e.key.limit == *kind) {
+                e.burn += b.rate;
+                e.running += b.jobs;
+                e.unstopped += b.unstopped;
+                e.value = *value;
+                e.plan = *plan;
+                e.policy = ctx.plans.policy(*plan, *kind);
+                continue;
+            }
+            let key = UsageKey {
+                account: account.clone(),
+                limit: *kind,
+                period: (*kind != LimitKind::FreeCredits).then(|| now.period()),
+            };
+            out.push(Exposure {
+                usage: self.usage.get(&key).map_or(Money::ZERO, |c| c.total()),
+                policy: ctx.plans.policy(*plan, *kind),
+                key,
+                plan: *plan,
+                value: *value,
+                burn: b.rate,
+                jobs: Vec::new(),
+                running: b.jobs,
+                unstopped: b.unstopped,
+            });
+        }
+        out
     }
 
     /// Stops the jobs running against a used-up limit whose policy is
@@ -179,7 +341,7 @@ impl crate::meter::Meter {
         }
         for e in self.exposures(ctx, &trigger.0, now) {
             if e.used_up() {
-                if e.policy == Policy::Stop {
+                if e.policy == Policy::Stop && e.unstopped > 0 {
                     self.stop_jobs(&e, now, out);
                 }
                 continue;
@@ -239,8 +401,19 @@ impl crate::meter::Meter {
             LimitKind::SpendLimit => "spend_limit_reached",
             LimitKind::Alert => "alert_reached",
         };
-        for id in &e.jobs {
-            let jk = (e.key.account.clone(), id.clone());
+        let ids: Vec<JobId> = self
+            .running
+            .get(&e.key.account)
+            .into_iter()
+            .flat_map(|a| a.jobs.iter())
+            .filter(|(_, s)| !s.stopped && s.limits.iter().any(|l| l.0 == e.key.limit))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            let jk = (e.key.account.clone(), id);
+            if let Some(a) = self.running.get_mut(&jk.0) {
+                a.mark_stopped(&jk.1);
+            }
             let Some(job) = self.jobs.get_mut(&jk) else { continue };
             if job.stop_sent.is_some() {
                 continue;
