@@ -602,6 +602,52 @@ mod tests {
     }
 
     #[test]
+    fn spend_control_policies_and_spend_limits() {
+        let d = PlanCatalog::default();
+        assert_eq!(
+            d.policy(Plan::Free, crate::output::LimitKind::FreeCredits),
+            Policy::Stop
+        );
+        assert_eq!(
+            d.policy(Plan::Pro, crate::output::LimitKind::ModelApiCap),
+            Policy::Notify
+        );
+        assert_eq!(d.policy(Plan::Payg, crate::output::LimitKind::SpendLimit), Policy::Stop);
+        let c = PlanCatalog::from_toml(
+            "[free]\non_credits_exhausted = \"notify\"\n[pro]\non_cap = \"stop\"\n[payg]\non_spend_limit = \"notify\"\n[spend_limit]\nthresholds_pct = [50, 100]\n",
+        )
+        .unwrap_or_default();
+        assert_eq!(c.free_on_credits_exhausted, Policy::Notify);
+        assert_eq!(c.pro_on_cap, Policy::Stop);
+        assert_eq!(
+            c.policy(Plan::Payg, crate::output::LimitKind::SpendLimit),
+            Policy::Notify
+        );
+        assert_eq!(
+            c.policy(Plan::Enterprise, crate::output::LimitKind::SpendLimit),
+            Policy::Stop
+        );
+        assert_eq!(c.spend_limit_thresholds_pct, vec![50, 100]);
+        let e = PlanCatalog::from_toml("[pro]\non_cap = \"halt\"\n")
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.unwrap_or_default().contains("halt"));
+        let r = AccountRecord::parse(
+            br#"{"account_id":"a","plan":"payg","effective_from":"2024-01-01T00:00:00Z","spend_limit":"250.00"}"#,
+        );
+        assert_eq!(
+            r.ok().and_then(|r| r.spend_limit).map(|m| m.to_string()),
+            Some("250.00".into())
+        );
+        for bad in ["\"-1\"", "1000000000001", "1.5"] {
+            let json = format!(
+                r#"{{"account_id":"a","plan":"payg","effective_from":"2024-01-01T00:00:00Z","spend_limit":{bad}}}"#
+            );
+            assert!(AccountRecord::parse(json.as_bytes()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn catalog_defaults_and_errors() {
         let c = PlanCatalog::from_toml("[pro]\nmonthly_fee = \"59.00\"\n").unwrap_or_default();
         assert_eq!(c.pro_fee.to_string(), "59.00");

@@ -669,6 +669,99 @@ mod tests {
     }
 
     #[test]
+    fn limits_show_runway_and_admission_answers_from_the_balance() {
+        let rates = RateCard::from_toml(
+            "[[versions]]\nversion='v'\neffective_from='2024-01-01T00:00:00Z'\nfine_tune_per_second='0.001'\nmodels.m={per_second='0.01'}\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let plans = PlanCatalog::default();
+        let mut book = AccountBook::new(&plans);
+        book.insert(
+            crate::plans::AccountRecord::parse(
+                br#"{"account_id":"a","plan":"free","effective_from":"2024-01-01T00:00:00Z","free_credits":"2.00"}"#,
+            )
+            .unwrap_or_else(|e| panic!("{e:?}")),
+        );
+        let config = MeterConfig::default();
+        let ctx = Context::new(&rates, &plans, &book, &config);
+        let mut meter = Meter::tracking_changes();
+        let mut out = Vec::new();
+        let inf = r#","kind":"inference","model":"m""#;
+        // $0.50 charged; j2 runs at $0.01/s, heartbeat at 30 s ($0.30 in flight).
+        for e in [
+            ev("job.started", "1", "j1", "2024-05-01T00:00:00Z", inf),
+            ev(
+                "job.stopped",
+                "2",
+                "j1",
+                "2024-05-01T00:00:50Z",
+                r#","status":"succeeded""#,
+            ),
+            ev("job.started", "3", "j2", "2024-05-01T00:01:00Z", inf),
+            ev("job.heartbeat", "4", "j2", "2024-05-01T00:01:30Z", ""),
+        ] {
+            meter.apply(&ctx, e.as_bytes(), None, &mut out);
+        }
+        let may = Period::new(2024, 5);
+        let mut store = Records::new();
+        let st = state_of(&mut store, &mut meter, may);
+        let a = AccountId::from("a");
+        let limits = limits_report(&a, may, &st, &plans, &book);
+        let credits = &limits.limits[0];
+        assert_eq!(credits.limit, LimitKind::FreeCredits);
+        assert_eq!(
+            (credits.running_jobs, credits.burn_rate_per_second),
+            (1, Money::parse("0.01").unwrap_or_default())
+        );
+        // $2.00 − $0.80 used = $1.20 at $0.01/s.
+        assert_eq!(credits.runway_seconds.map(|d| d.to_string()), Some("120.000".into()));
+        assert_eq!(credits.policy, crate::plans::Policy::Stop);
+        assert_eq!(credits.runway_events_fired, vec!["runway-600s".to_owned()]);
+        let ask = |max: Option<i64>, now: &str| {
+            let model = ModelId::from("m");
+            let req = AdmissionRequest {
+                kind: JobKind::Inference,
+                model: Some(&model),
+                max_seconds: max.map(Decimal::from),
+            };
+            let now = Timestamp::parse(now).unwrap_or_default();
+            admission(&a, &req, &st, &ctx, now).unwrap_or_else(|e| panic!("{e:?}"))
+        };
+        // At 00:01:30, j2 has cost $0.30: $1.20 left, 120 s of a $0.01/s job.
+        let ok = ask(Some(100), "2024-05-01T00:01:30Z");
+        assert_eq!((ok.allow, ok.reason.as_str()), (true, "ok"));
+        assert_eq!(ok.balance_after_running, Money::parse("1.20"));
+        assert_eq!(ok.affordable_seconds, Some(Decimal::from(120)));
+        let too_long = ask(Some(121), "2024-05-01T00:01:30Z");
+        assert_eq!(
+            (too_long.allow, too_long.reason.as_str()),
+            (false, "max_seconds_exceeds_balance")
+        );
+        // Projected past its last heartbeat to as_of: at 00:03:30 j2 has cost
+        // $1.50 and the credits are gone.
+        let gone = ask(None, "2024-05-01T00:03:30Z");
+        assert_eq!((gone.allow, gone.reason.as_str()), (false, "free_credits_exhausted"));
+        assert_eq!(
+            gone.limits[0].running_projected,
+            Money::parse("1.50").unwrap_or_default()
+        );
+        let unknown = ModelId::from("nope");
+        let req = AdmissionRequest {
+            kind: JobKind::Inference,
+            model: Some(&unknown),
+            max_seconds: None,
+        };
+        assert!(admission(
+            &a,
+            &req,
+            &st,
+            &ctx,
+            Timestamp::parse("2024-05-01T00:01:30Z").unwrap_or_default()
+        )
+        .is_err());
+    }
+
+    #[test]
     fn usage_matches_charges_and_statement() {
         let rates = RateCard::from_toml(
             "[[versions]]\nversion='v'\neffective_from='2024-01-01T00:00:00Z'\nfine_tune_per_second='0.001'\nmodels.m={per_second='0.01'}\nmodels.n={per_second='0.02'}\n",

@@ -470,6 +470,12 @@ impl Config {
         if let Some(age) = self.meter.max_event_age {
             positive(&mut p, "meter.max_event_age", age);
         }
+        if self.meter.runway_horizons.len() > 16 {
+            p.push(format!(
+                "meter.runway_horizons: {} horizons; at most 16 (each fires its own event per account and limit)",
+                self.meter.runway_horizons.len()
+            ));
+        }
         for (i, h) in self.meter.runway_horizons.iter().enumerate() {
             if h.ms() < 1000 {
                 p.push(format!("meter.runway_horizons[{i}]: {h} must be at least 1s"));
@@ -757,6 +763,35 @@ mod tests {
         let cfg = Config::load(None, &[], &over).expect("valid");
         assert_eq!(cfg.meter_config().max_event_age_ms, 2 * 86_400_000);
         assert!(toml::to_string(&cfg).expect("print").contains("max_event_age = \"2d\""));
+    }
+
+    #[test]
+    fn spend_control_settings_are_typed_and_checked() {
+        let load = |sets: &[(&str, &str)]| {
+            let mut v: Vec<(String, String)> = sets.iter().map(|(k, x)| ((*k).into(), (*x).into())).collect();
+            v.push(("billing.rate_card".into(), rate_card_path()));
+            Config::load(None, &[], &Overrides { sets: v })
+        };
+        let cfg = load(&[
+            ("meter.runway_horizons", r#"["1h", "10m"]"#),
+            ("meter.stop_grace", "5s"),
+        ])
+        .expect("valid");
+        let m = cfg.meter_config();
+        assert_eq!(m.runway_horizons_ms, vec![3_600_000, 600_000]);
+        assert_eq!(m.stop_grace_ms, 5_000);
+        let defaults = load(&[]).expect("valid").meter_config();
+        assert_eq!(
+            (defaults.runway_horizons_ms, defaults.stop_grace_ms),
+            (vec![600_000], 30_000)
+        );
+        let err = |sets: &[(&str, &str)]| load(sets).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err(&[("meter.runway_horizons", r#"["500ms"]"#)])
+            .contains("meter.runway_horizons[0]: 500ms must be at least 1s"));
+        let many = format!("[{}]", vec!["\"1m\""; 17].join(","));
+        assert!(err(&[("meter.runway_horizons", many.as_str())]).contains("at most 16"));
+        assert!(err(&[("meter.stop_grace", "0s")]).contains("meter.stop_grace"));
+        assert!(err(&[("meter.stop_grace", "soon")]).contains("meter.stop_grace"));
     }
 
     #[test]
