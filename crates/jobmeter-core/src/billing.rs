@@ -358,7 +358,7 @@ impl Meter {
         let (Some(start), Some(hb)) = (job.start.as_ref(), job.last_heartbeat) else {
             return;
         };
-        let hb = crate::spend::charge_until(ctx, job, hb);
+        let hb = job.charged_until(hb, ctx.config.stop_grace_ms);
         if hb < start.time {
             return;
         }

@@ -39,6 +39,7 @@ mod persist;
 pub mod plans;
 pub mod ratecard;
 pub mod rating;
+mod running;
 mod spend;
 pub mod state;
 pub mod time;

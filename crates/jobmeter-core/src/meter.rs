@@ -56,7 +56,7 @@ pub struct Meter {
     pub(crate) open: usize,
     /// Running jobs by account (derived from the jobs, never stored): what
     /// burn rates and `job.stop` commands are computed from.
-    pub(crate) running: FastMap<crate::money::AccountId, crate::spend::AccountRunning>,
+    pub(crate) running: FastMap<crate::money::AccountId, crate::running::AccountRunning>,
     /// True once `running` reflects the job table (built at the first
     /// event after a restore, which has the plans it needs).
     pub(crate) running_built: bool,
@@ -142,6 +142,7 @@ impl Meter {
         }
         let jk: JobKey = (ev.account, ev.job);
         let processed = self.stream_time;
+        let event_time = ev.time;
         // Starts and stops are deduplicated by their (source, id). Heartbeats
         // are idempotent by time instead: one that does not move its job's
         // last heartbeat forward changes nothing and is counted as a
@@ -199,7 +200,7 @@ impl Meter {
             self.mark_meta();
         }
         if accepted {
-            self.control_spend(ctx, &jk, now, out);
+            self.control_spend(ctx, &jk, event_time, now, out);
         }
         self.fire_due(ctx, processed, out);
     }
@@ -358,7 +359,7 @@ impl Meter {
                 self.expiry.insert((e, jk.clone()));
             }
         }
-        if !self.running_built || crate::spend::is_running(&job) || self.running.contains_key(&jk.0) {
+        if !self.running_built || job.is_running() || self.running.contains_key(&jk.0) {
             self.track_running(ctx, &jk, &job);
         }
         if let Some(d) = self.dirty.as_mut() {
@@ -425,7 +426,7 @@ impl Meter {
         let ctx = st.ctx;
         self.release_accrual(job);
         let Some(start) = job.start.clone() else { return };
-        let end = crate::spend::charge_until(ctx, job, end);
+        let end = job.charged_until(end, ctx.config.stop_grace_ms);
         let mut parts = Vec::new();
         if billable(ctx, status) {
             let terms = ctx.accounts.terms_at(ctx.plans, &jk.0, start.time);
@@ -469,7 +470,7 @@ impl Meter {
     /// difference, period by period, against the orphan charge.
     fn adjust(&mut self, st: &mut Step<'_, '_>, jk: &JobKey, job: &mut Job, end: Timestamp, status: JobStatus) {
         let ctx = st.ctx;
-        let end = crate::spend::charge_until(ctx, job, end);
+        let end = job.charged_until(end, ctx.config.stop_grace_ms);
         let (Some(start), Some(billed)) = (job.start.clone(), job.billed.as_mut()) else {
             return;
         };

@@ -112,19 +112,6 @@ impl Default for PlanCatalog {
     }
 }
 
-impl PlanCatalog {
-    /// The policy of a used-up limit of an account on `plan`.
-    pub fn policy(&self, plan: Plan, limit: crate::output::LimitKind) -> Policy {
-        use crate::output::LimitKind as L;
-        match limit {
-            L::FreeCredits => self.free_on_credits_exhausted,
-            L::ModelApiCap | L::WorkflowQuota => self.pro_on_cap,
-            L::SpendLimit => self.on_spend_limit[plan.index()],
-            L::Alert => Policy::Notify,
-        }
-    }
-}
-
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawCatalog {
@@ -603,30 +590,19 @@ mod tests {
 
     #[test]
     fn spend_control_policies_and_spend_limits() {
+        use crate::output::LimitKind;
         let d = PlanCatalog::default();
-        assert_eq!(
-            d.policy(Plan::Free, crate::output::LimitKind::FreeCredits),
-            Policy::Stop
-        );
-        assert_eq!(
-            d.policy(Plan::Pro, crate::output::LimitKind::ModelApiCap),
-            Policy::Notify
-        );
-        assert_eq!(d.policy(Plan::Payg, crate::output::LimitKind::SpendLimit), Policy::Stop);
+        assert_eq!(d.policy(Plan::Free, LimitKind::FreeCredits), Policy::Stop);
+        assert_eq!(d.policy(Plan::Pro, LimitKind::ModelApiCap), Policy::Notify);
+        assert_eq!(d.policy(Plan::Payg, LimitKind::SpendLimit), Policy::Stop);
         let c = PlanCatalog::from_toml(
             "[free]\non_credits_exhausted = \"notify\"\n[pro]\non_cap = \"stop\"\n[payg]\non_spend_limit = \"notify\"\n[spend_limit]\nthresholds_pct = [50, 100]\n",
         )
         .unwrap_or_default();
         assert_eq!(c.free_on_credits_exhausted, Policy::Notify);
         assert_eq!(c.pro_on_cap, Policy::Stop);
-        assert_eq!(
-            c.policy(Plan::Payg, crate::output::LimitKind::SpendLimit),
-            Policy::Notify
-        );
-        assert_eq!(
-            c.policy(Plan::Enterprise, crate::output::LimitKind::SpendLimit),
-            Policy::Stop
-        );
+        assert_eq!(c.policy(Plan::Payg, LimitKind::SpendLimit), Policy::Notify);
+        assert_eq!(c.policy(Plan::Enterprise, LimitKind::SpendLimit), Policy::Stop);
         assert_eq!(c.spend_limit_thresholds_pct, vec![50, 100]);
         let e = PlanCatalog::from_toml("[pro]\non_cap = \"halt\"\n")
             .err()

@@ -30,27 +30,20 @@ use crate::context::Context;
 use crate::money::{AccountId, JobId, Money, CURRENCY};
 use crate::output::{Command, CommandType, LimitAction, LimitEvent, LimitKind, Output};
 use crate::plans::{AccountBook, Plan, PlanCatalog, Policy};
+use crate::running::Share;
 use crate::state::{FiredKey, Job, JobKey, ThresholdId, UsageKey};
 use crate::time::{Period, Timestamp};
 use rust_decimal::{Decimal, RoundingStrategy};
-use std::collections::BTreeMap;
 
-/// True when the job counts toward its account's burn rate.
-pub(crate) fn is_running(job: &Job) -> bool {
-    job.start.is_some() && job.stop.is_none() && job.billed.is_none()
-}
-
-/// The latest instant a job sent a stop is charged to.
-pub(crate) fn charge_until(ctx: &Context<'_>, job: &Job, end: Timestamp) -> Timestamp {
-    charge_until_with(job, end, ctx.config.stop_grace_ms)
-}
-
-/// The latest instant a job is charged to, given the stop grace: `end`,
-/// or the command's instant plus the grace for a job sent a stop.
-pub(crate) fn charge_until_with(job: &Job, end: Timestamp, stop_grace_ms: i64) -> Timestamp {
-    match job.stop_sent {
-        Some(t) => end.min(t.plus_ms(stop_grace_ms)),
-        None => end,
+impl PlanCatalog {
+    /// The policy of a used-up limit of an account on `plan`.
+    pub fn policy(&self, plan: Plan, limit: LimitKind) -> Policy {
+        match limit {
+            LimitKind::FreeCredits => self.free_on_credits_exhausted,
+            LimitKind::ModelApiCap | LimitKind::WorkflowQuota => self.pro_on_cap,
+            LimitKind::SpendLimit => self.on_spend_limit[plan.index()],
+            LimitKind::Alert => Policy::Notify,
+        }
     }
 }
 
@@ -96,6 +89,12 @@ impl Exposure {
         Some(r)
     }
 
+    /// The burn rate in its shortest form (a sum's scale depends on the
+    /// order jobs started and stopped; its value does not).
+    pub(crate) fn burn_rate(&self) -> Money {
+        Money(self.burn.0.normalize())
+    }
+
     /// True when usage has reached the limit.
     pub(crate) fn used_up(&self) -> bool {
         self.usage >= self.value
@@ -131,7 +130,7 @@ pub(crate) fn exposures<'j>(
 ) -> Vec<Exposure> {
     let mut out: Vec<Exposure> = Vec::new();
     for (id, job) in jobs {
-        let Some(start) = job.start.as_ref().filter(|_| is_running(job)) else {
+        let Some(start) = job.start.as_ref().filter(|_| job.is_running()) else {
             continue;
         };
         let terms = book.terms_at(plans, account, start.time);
@@ -161,79 +160,10 @@ pub(crate) fn exposures<'j>(
     out
 }
 
-/// What a running job adds to its account's burn rates: its rate, toward
-/// each limit it counts toward (with that limit's value and plan, from the
-/// terms in force at its start).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Share {
-    rate: Money,
-    limits: Vec<(LimitKind, Money, Plan)>,
-    stopped: bool,
-}
-
-/// The jobs running on an account against one limit (of one value, under
-/// one plan).
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Burn {
-    rate: Money,
-    jobs: u64,
-    /// Of them, not yet sent a stop.
-    unstopped: u64,
-}
-
-/// An account's running jobs and their burn rates by (limit kind, value,
-/// plan), kept up to date job by job, so spend control costs the same per
-/// event however many jobs an account runs. (Jobs started under different
-/// account records can count toward one limit with different values; the
-/// largest is used, so the result depends on the running jobs alone.)
-#[derive(Debug, Clone, Default)]
-pub(crate) struct AccountRunning {
-    jobs: BTreeMap<JobId, Share>,
-    burn: BTreeMap<(LimitKind, Money, Plan), Burn>,
-}
-
-impl AccountRunning {
-    fn add(&mut self, id: JobId, share: Share) {
-        for l in &share.limits {
-            let b = self.burn.entry(*l).or_default();
-            b.rate += share.rate;
-            b.jobs += 1;
-            b.unstopped += u64::from(!share.stopped);
-        }
-        self.jobs.insert(id, share);
-    }
-
-    fn remove(&mut self, id: &JobId) {
-        let Some(share) = self.jobs.remove(id) else { return };
-        for l in &share.limits {
-            if let Some(b) = self.burn.get_mut(l) {
-                b.rate -= share.rate;
-                b.jobs -= 1;
-                b.unstopped -= u64::from(!share.stopped);
-                if b.jobs == 0 {
-                    self.burn.remove(l);
-                }
-            }
-        }
-    }
-
-    fn mark_stopped(&mut self, id: &JobId) {
-        let Some(share) = self.jobs.get_mut(id).filter(|s| !s.stopped) else {
-            return;
-        };
-        share.stopped = true;
-        for l in &share.limits {
-            if let Some(b) = self.burn.get_mut(l) {
-                b.unstopped -= 1;
-            }
-        }
-    }
-}
-
 /// A running job's share of its account's burn rates (`None` when it is not
 /// running).
 fn share_of(ctx: &Context<'_>, account: &AccountId, job: &Job) -> Option<Share> {
-    let start = job.start.as_ref().filter(|_| is_running(job))?;
+    let start = job.start.as_ref().filter(|_| job.is_running())?;
     let terms = ctx.accounts.terms_at(ctx.plans, account, start.time);
     let limits = job_limits(ctx.plans, &terms, start.info.kind, account, start.time.period())
         .map(|s| (s.key.limit, s.limit_value, s.plan))
@@ -249,7 +179,7 @@ impl crate::meter::Meter {
     /// Keeps the running-jobs index in step with a job just put back.
     pub(crate) fn track_running(&mut self, ctx: &Context<'_>, jk: &JobKey, job: &Job) {
         self.ensure_running(ctx);
-        let running = is_running(job);
+        let running = job.is_running();
         let known = self.running.get(&jk.0).is_some_and(|a| a.jobs.contains_key(&jk.1));
         match (known, running) {
             (true, true) => {
@@ -293,9 +223,9 @@ impl crate::meter::Meter {
         }
     }
 
-    /// The limits `account`'s running jobs count toward at stream time
-    /// `now`, each with its burn rate, ordered by counter.
-    pub(crate) fn exposures(&mut self, ctx: &Context<'_>, account: &AccountId, now: Timestamp) -> Vec<Exposure> {
+    /// The limits `account`'s running jobs count toward, monthly ones in
+    /// `period`, each with its burn rate, ordered by counter.
+    pub(crate) fn exposures(&mut self, ctx: &Context<'_>, account: &AccountId, period: Period) -> Vec<Exposure> {
         self.ensure_running(ctx);
         let Some(a) = self.running.get(account) else {
             return Vec::new();
@@ -315,7 +245,7 @@ impl crate::meter::Meter {
             let key = UsageKey {
                 account: account.clone(),
                 limit: *kind,
-                period: (*kind != LimitKind::FreeCredits).then(|| now.period()),
+                period: (*kind != LimitKind::FreeCredits).then_some(period),
             };
             out.push(Exposure {
                 usage: self.usage.get(&key).map_or(Money::ZERO, |c| c.total()),
@@ -335,14 +265,32 @@ impl crate::meter::Meter {
     /// Stops the jobs running against a used-up limit whose policy is
     /// `stop`, and warns of short runways. `trigger` is the job whose event
     /// (or orphan close) was just applied; `now` is stream time.
-    pub(crate) fn control_spend(&mut self, ctx: &Context<'_>, trigger: &JobKey, now: Timestamp, out: &mut Vec<Output>) {
+    ///
+    /// Commands and warnings carry the account's own time — the latest of
+    /// `event_time` (the trigger's) and its running jobs' starts and
+    /// heartbeats — never the partition's stream time, which depends on
+    /// how other accounts' events interleave with this one's: so the same
+    /// events of an account give the same commands, warnings and charges
+    /// however they were merged with others'. It is never before any usage
+    /// already counted, so a command's charge bound cuts none of it.
+    pub(crate) fn control_spend(
+        &mut self,
+        ctx: &Context<'_>,
+        trigger: &JobKey,
+        event_time: Timestamp,
+        now: Timestamp,
+        out: &mut Vec<Output>,
+    ) {
         if !self.running.contains_key(&trigger.0) {
             return;
         }
-        for e in self.exposures(ctx, &trigger.0, now) {
+        let (period, _) = crate::billing::billing_period(ctx, event_time.period(), now);
+        let mut at = None;
+        for e in self.exposures(ctx, &trigger.0, period) {
             if e.used_up() {
                 if e.policy == Policy::Stop && e.unstopped > 0 {
-                    self.stop_jobs(&e, now, out);
+                    let t = *at.get_or_insert_with(|| self.account_time(&trigger.0, event_time));
+                    self.stop_jobs(&e, t, out);
                 }
                 continue;
             }
@@ -359,6 +307,7 @@ impl crate::meter::Meter {
                 if self.fired.contains(&fired) {
                     continue;
                 }
+                let at = *at.get_or_insert_with(|| self.account_time(&trigger.0, event_time));
                 let scope = e.key.period.map_or_else(|| "lifetime".to_owned(), |p| p.to_string());
                 out.push(Output::Limit(LimitEvent {
                     event_id: format!(
@@ -370,18 +319,18 @@ impl crate::meter::Meter {
                     ),
                     account_id: e.key.account.clone(),
                     plan: e.plan,
-                    period: now.period(),
+                    period,
                     limit: e.key.limit,
                     threshold_pct: None,
                     limit_value: e.value,
                     usage_value: e.usage,
                     unit: CURRENCY.to_owned(),
                     triggered_by_job: trigger.1.clone(),
-                    at: now,
+                    at,
                     action: LimitAction::Notify,
                     horizon_seconds: Some(secs),
                     runway_seconds: Some(runway),
-                    burn_rate_per_second: Some(e.burn),
+                    burn_rate_per_second: Some(e.burn_rate()),
                 }));
                 self.stats.runway_events += 1;
                 if let Some(d) = self.dirty.as_mut() {
@@ -390,6 +339,21 @@ impl crate::meter::Meter {
                 self.fired.insert(fired);
             }
         }
+    }
+
+    /// The account's own time: the latest of `t` and its running jobs'
+    /// starts and latest heartbeats.
+    fn account_time(&self, account: &AccountId, t: Timestamp) -> Timestamp {
+        let Some(a) = self.running.get(account) else { return t };
+        a.jobs
+            .keys()
+            .filter_map(|id| self.jobs.get(&(account.clone(), id.clone())))
+            .filter_map(|j| {
+                j.start
+                    .as_ref()
+                    .map(|s| j.last_heartbeat.map_or(s.time, |h| h.max(s.time)))
+            })
+            .fold(t, Timestamp::max)
     }
 
     /// One `job.stop` per running job of the exposure not yet sent one.

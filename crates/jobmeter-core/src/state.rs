@@ -135,6 +135,24 @@ pub struct Job {
     pub timer: Option<Timestamp>,
 }
 
+impl Job {
+    /// True while the job runs: started, and neither stopped nor closed by
+    /// the meter. A running job counts toward its account's burn rate.
+    pub fn is_running(&self) -> bool {
+        self.start.is_some() && self.stop.is_none() && self.billed.is_none()
+    }
+
+    /// The latest instant the job is charged to, given the stop grace:
+    /// `end`, or for a job sent a `job.stop`, at most the command's instant
+    /// plus the grace.
+    pub fn charged_until(&self, end: Timestamp, stop_grace_ms: i64) -> Timestamp {
+        match self.stop_sent {
+            Some(t) => end.min(t.plus_ms(stop_grace_ms)),
+            None => end,
+        }
+    }
+}
+
 /// Identity of a usage counter.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct UsageKey {

@@ -14,8 +14,10 @@ impl Meter {
         let slot = self.jobs.slot(&jk);
         let (idx, mut job) = self.jobs.take(slot, &jk);
         let old = (deadline(&job, ctx.config.orphan_timeout_ms).is_some(), job.expires);
+        let mut closed_at = None;
         if let Some(s) = job.start.as_ref().filter(|_| job.billed.is_none()) {
             let close = job.last_heartbeat.map_or(s.time, |h| h.max(s.time));
+            closed_at = Some(close);
             self.stats.orphans += 1;
             let mut st = Step {
                 ctx,
@@ -39,7 +41,9 @@ impl Meter {
         }
         self.put_job(ctx, jk.clone(), idx, job, old, at);
         // An orphan charge may use up a limit other jobs run against.
-        self.control_spend(ctx, &jk, at, out);
+        if let Some(close) = closed_at {
+            self.control_spend(ctx, &jk, close, at, out);
+        }
     }
 
     /// Processes, in event-time order, every deadline and period close that

@@ -11,6 +11,7 @@ use crate::money::{AccountId, JobId, ModelId, Money, CURRENCY};
 use crate::output::{LimitKind, Statement, StatementLine};
 use crate::plans::{AccountBook, Plan, PlanCatalog};
 use crate::ratecard::Rounding;
+use crate::spend::Exposure;
 use crate::state::{Counter, FiredKey, Job, StatementAcc, UsageKey};
 use crate::time::{Period, Timestamp};
 use rust_decimal::Decimal;
@@ -427,7 +428,7 @@ pub fn limits_report(
                 thresholds,
                 policy: plans.policy(l.plan, l.key.limit),
                 running_jobs: exposure.map_or(0, |e| e.jobs.len() as u64),
-                burn_rate_per_second: exposure.map_or(Money::ZERO, |e| e.burn),
+                burn_rate_per_second: exposure.map_or(Money::ZERO, Exposure::burn_rate),
                 runway_seconds: match (exposure, l.key.limit) {
                     (_, LimitKind::Alert) => None,
                     (Some(e), _) => e.runway_seconds(),
@@ -538,7 +539,7 @@ pub fn admission(
     let projected = |key: &crate::state::UsageKey| -> Money {
         st.jobs
             .iter()
-            .filter(|(_, j)| crate::spend::is_running(j))
+            .filter(|(_, j)| j.is_running())
             .filter_map(|(_, j)| {
                 let start = j.start.as_ref()?;
                 let t = book.terms_at(plans, account, start.time);
@@ -546,7 +547,7 @@ pub fn admission(
                     .is_some_and(|s| &s.key == key)
                     || crate::billing::spend_spec(plans, &t, account, period).is_some_and(|s| &s.key == key);
                 counts.then(|| {
-                    let end = crate::spend::charge_until(ctx, j, now);
+                    let end = j.charged_until(now, ctx.config.stop_grace_ms);
                     start.rate * rates.policy.rounding.total_seconds((end.0 - start.time.0).max(0))
                 })
             })

@@ -49,18 +49,18 @@
 //! pays for it.
 //!
 //! ```no_run
-//! # use jobmeter_emit::{Emitter, EmitterConfig, JobSpec, StopStatus};
+//! use jobmeter_emit::{EmitError, Emitter, JobSpec, StopStatus};
 //! # fn train_one_step() {}
-//! # let emitter = Emitter::new(EmitterConfig::new("127.0.0.1:9092", "node-17"))?;
-//! let job = emitter.start(JobSpec::fine_tune("acct-42", "ft-7"))?;
-//! for _ in 0..10_000 {
-//!     if job.cancelled() {
-//!         return job.finish(StopStatus::Cancelled);
+//! fn fine_tune(emitter: &Emitter) -> Result<(), EmitError> {
+//!     let job = emitter.start(JobSpec::fine_tune("acct-42", "ft-7"))?;
+//!     for _ in 0..10_000 {
+//!         if job.cancelled() {
+//!             return job.finish(StopStatus::Cancelled);
+//!         }
+//!         train_one_step();
 //!     }
-//!     train_one_step();
+//!     job.finish(StopStatus::Succeeded)
 //! }
-//! job.finish(StopStatus::Succeeded)
-//! # }
 //! ```
 
 mod commands;

@@ -22,6 +22,11 @@ struct Fixture {
     accounts: PathBuf,
     current: PathBuf,
     proposed: PathBuf,
+    /// The shipped plans, except that free accounts out of credits are not
+    /// stopped: with spend control a price rise can end a free account's
+    /// jobs sooner and so lower its bill, which is not what this test is
+    /// about.
+    plans: PathBuf,
     out: PathBuf,
 }
 
@@ -54,11 +59,17 @@ fn fixture() -> Fixture {
     let proposed = dir.path().join("proposed.toml");
     std::fs::write(&proposed, raised).expect("proposed card");
     let out = dir.path().join("out");
+    let shipped = std::fs::read_to_string(root().join("config/plans.toml")).expect("plans");
+    let notify = shipped.replace(r#"on_credits_exhausted = "stop""#, r#"on_credits_exhausted = "notify""#);
+    assert_ne!(notify, shipped, "the fixture turns stopping off");
+    let plans = dir.path().join("plans.toml");
+    std::fs::write(&plans, notify).expect("plans");
     Fixture {
         events,
         accounts,
         current,
         proposed,
+        plans,
         out,
         _dir: dir,
     }
@@ -70,7 +81,7 @@ fn replay_bills(f: &Fixture, card: &Path) -> BTreeMap<(String, Period), Money> {
         events: f.events.clone(),
         accounts: Some(f.accounts.clone()),
         rate_card: card.to_owned(),
-        plans: Some(root().join("config/plans.toml")),
+        plans: Some(f.plans.clone()),
         out: f.out.clone(),
         format: Format::Jsonl,
         flush: true,
@@ -96,7 +107,7 @@ fn reprice_totals_equal_replay_under_each_card() {
         &RepriceArgs {
             events: f.events.clone(),
             accounts: Some(f.accounts.clone()),
-            plans: Some(root().join("config/plans.toml")),
+            plans: Some(f.plans.clone()),
             before: f.current.clone(),
             after: f.proposed.clone(),
             period: None,
