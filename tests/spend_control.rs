@@ -1,7 +1,8 @@
 //! Spend control end to end, on the real broker: a free account with $1.00
 //! of credits runs three long jobs through emitter-based workers (two
 //! linked to `jobmeter-emit`, one wrapped by `jobmeter emit run`), and the
-//! meter is SIGKILLed in the middle. When the credits are used up every
+//! meter is SIGKILLed twice: midway, and about when the credits run out.
+//! When the credits are used up every
 //! worker is told to stop and stops; each `job.stop` is published once; the
 //! charges exceed the credits by no more than the documented bound; and
 //! everything published equals what an offline meter computes from the
@@ -146,11 +147,14 @@ fn a_free_account_out_of_credits_has_its_workers_stopped_once_within_the_bound()
         .spawn()
         .expect("jobmeter emit run");
 
-    // SIGKILL the meter in the middle of the jobs, then bring it back.
-    std::thread::sleep(Duration::from_secs(6));
-    meter.kill9();
-    std::thread::sleep(Duration::from_secs(1));
-    let meter = spec.start();
+    // SIGKILL the meter in the middle of the jobs, and again about when the
+    // credits run out (17 s in), bringing it back each time.
+    for at in [6, 16] {
+        std::thread::sleep(Duration::from_secs(at).saturating_sub(started.elapsed()));
+        meter.kill9();
+        std::thread::sleep(Duration::from_millis(500));
+        meter = spec.start();
+    }
 
     let r1 = w1.join().expect("worker 1");
     let r2 = w2.join().expect("worker 2");
