@@ -294,9 +294,18 @@ impl crate::meter::Meter {
                 }
                 continue;
             }
-            let Some(runway) = e.runway_seconds() else { continue };
+            if e.burn <= Money::ZERO {
+                continue;
+            }
+            let left = e.value.0 - e.usage.0;
             for h in &ctx.config.runway_horizons_ms {
                 let secs = u64::try_from(*h / 1000).unwrap_or(0);
+                // runway < h, without dividing (this runs for every event
+                // of an account with running jobs).
+                if left >= e.burn.0 * Decimal::from(secs) {
+                    continue;
+                }
+                let Some(runway) = e.runway_seconds() else { continue };
                 if runway >= Decimal::from(secs) {
                     continue;
                 }

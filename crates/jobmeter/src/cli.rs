@@ -394,7 +394,7 @@ fn run_replay(cmd: ReplayCmd) -> anyhow::Result<()> {
     let s = &summary.stats;
     let rejected: u64 = s.rejected.iter().sum();
     eprintln!(
-        "replayed {} lines ({} accounts) in {:.2}s: {} events, {} duplicates, {} rejected, {} charges ({} adjustments, {} late), {} orphans, {} limit events, {} statements, {} jobs still open",
+        "replayed {} lines ({} accounts) in {:.2}s: {} events, {} duplicates, {} rejected, {} charges ({} adjustments, {} late), {} orphans, {} limit events ({} runway warnings), {} job.stop commands, {} statements, {} jobs still open",
         summary.lines,
         summary.accounts,
         started.elapsed().as_secs_f64(),
@@ -405,7 +405,9 @@ fn run_replay(cmd: ReplayCmd) -> anyhow::Result<()> {
         s.adjustments,
         s.late_charges,
         s.orphans,
-        s.limit_events,
+        s.limit_events + s.runway_events,
+        s.runway_events,
+        s.stop_commands,
         s.statements,
         summary.open_jobs
     );
