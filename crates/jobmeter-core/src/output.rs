@@ -194,8 +194,10 @@ pub struct Command {
     pub reason: String,
     /// The limit that was used up.
     pub limit: LimitKind,
-    /// Stream time when the command was issued. The job is charged to at
-    /// most this instant plus the stop grace.
+    /// The account's time when the command was issued: the latest event
+    /// time among the triggering event and the account's running jobs'
+    /// starts and heartbeats. The job is charged to at most this instant
+    /// plus the stop grace.
     pub at: Timestamp,
 }
 

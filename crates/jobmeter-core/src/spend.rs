@@ -17,13 +17,17 @@
 //! - otherwise, with a burn rate: a `runway` limit event for each configured
 //!   horizon the runway is below, once per (account, limit, period, horizon).
 //!
-//! A job sent a stop is charged to at most the command's instant (stream
-//! time) plus the stop grace, whenever and however it ends: what a worker
+//! A job sent a stop is charged to at most the command's instant (the
+//! account's own time; see [`crate::meter::Meter::control_spend`]) plus
+//! the stop grace, whenever and however it ends: what a worker
 //! runs past that is not billed. So what an account is charged beyond a
-//! limit whose policy is `stop` is bounded, per job that was running when
-//! the limit was used up or started after it, by its rate × (the time since
-//! its last heartbeat, at most the heartbeat interval, + the stop grace +
-//! 1 s of rounding).
+//! limit whose policy is `stop` is bounded by the sum, over the jobs
+//! running when the limit was used up (the one whose heartbeat or stop used
+//! it up included) and those started after, of rate × (heartbeat interval +
+//! stop grace + 1 s): a running job's usage is counted to its last
+//! heartbeat, at most an interval old, and the step that used the limit up
+//! added at most an interval's worth of one job past it; the grace is the
+//! worker's time to react; a second is rounding.
 
 use crate::billing::{limit_spec, spend_spec, LimitSpec};
 use crate::context::Context;

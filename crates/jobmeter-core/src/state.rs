@@ -123,7 +123,7 @@ pub struct Job {
     /// account's spend-limit counter (accounts with a `spend_limit`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spend: Option<Accrual>,
-    /// When a `job.stop` command was issued for this job (stream time).
+    /// When a `job.stop` command was issued for this job (the command's `at`).
     /// The job is charged to at most this instant plus the stop grace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_sent: Option<Timestamp>,

@@ -47,21 +47,13 @@ impl Cancellation {
 
     /// The command, once it has arrived.
     pub fn command(&self) -> Option<StopCommand> {
-        self.state
-            .command
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        lock(&self.state.command).clone()
     }
 
     /// Waits up to `timeout` for the job to be told to stop; true if it was.
     pub fn wait(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut c = self
-            .state
-            .command
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut c = lock(&self.state.command);
         while c.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -77,16 +69,18 @@ impl Cancellation {
 
     /// Fires the cancellation (the first command wins).
     pub(crate) fn fire(&self, cmd: StopCommand) {
-        let mut c = self
-            .state
-            .command
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut c = lock(&self.state.command);
         if c.is_none() {
             *c = Some(cmd);
             self.state.changed.notify_all();
         }
     }
+}
+
+/// Locks `m`; a panic elsewhere while it was held leaves nothing half
+/// written here (every update is one assignment), so its data is used.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Jobs running here, by (account, job).
@@ -128,19 +122,13 @@ impl Listener {
     /// Registers a job before its start is sent, so no command can be missed.
     pub(crate) fn watch(&self, account: &str, job: &str) -> Cancellation {
         let c = Cancellation::default();
-        self.running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert((account.to_owned(), job.to_owned()), c.clone());
+        lock(&self.running).insert((account.to_owned(), job.to_owned()), c.clone());
         c
     }
 
     /// Forgets a job that has stopped.
     pub(crate) fn forget(&self, account: &str, job: &str) {
-        self.running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&(account.to_owned(), job.to_owned()));
+        lock(&self.running).remove(&(account.to_owned(), job.to_owned()));
     }
 }
 
@@ -209,11 +197,7 @@ fn listen(consumer: &BaseConsumer, topic: &str, since_ms: i64, running: &Running
             cmd["account_id"].as_str().unwrap_or_default().to_owned(),
             cmd["job_id"].as_str().unwrap_or_default().to_owned(),
         );
-        let target = running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&key)
-            .cloned();
+        let target = lock(running).get(&key).cloned();
         if let Some(c) = target {
             let text = |f: &str| cmd[f].as_str().unwrap_or_default().to_owned();
             c.fire(StopCommand {
