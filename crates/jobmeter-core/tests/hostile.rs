@@ -163,7 +163,8 @@ fn world() -> (RateCard, PlanCatalog, AccountBook, Vec<String>, Vec<String>) {
     for (a, plan) in accounts.iter().zip(plans_of) {
         let rec = serde_json::json!({
             "account_id": a, "plan": plan, "effective_from": "2000-01-01T00:00:00Z",
-            "free_credits": "0.05", "usage_cap": "0.10", "alert_thresholds": ["0.01", "1000000000000"]
+            "free_credits": "0.05", "usage_cap": "0.10", "alert_thresholds": ["0.01", "1000000000000"],
+            "spend_limit": "0.03"
         });
         book.insert(AccountRecord::parse(rec.to_string().as_bytes()).expect("record"));
     }
