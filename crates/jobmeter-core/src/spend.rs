@@ -306,7 +306,7 @@ impl crate::meter::Meter {
                 let secs = u64::try_from(*h / 1000).unwrap_or(0);
                 // runway < h, without dividing (this runs for every event
                 // of an account with running jobs).
-                if left >= e.burn.0 * Decimal::from(secs) {
+                if e.burn.0.checked_mul(Decimal::from(secs)).is_some_and(|x| left >= x) {
                     continue;
                 }
                 let Some(runway) = e.runway_seconds() else { continue };
