@@ -763,6 +763,77 @@ mod tests {
     }
 
     #[test]
+    fn admission_names_the_limit_that_denies_or_why_it_allows() {
+        let rates = RateCard::from_toml(
+            "[[versions]]\nversion='v'\neffective_from='2024-01-01T00:00:00Z'\nfine_tune_per_second='0.001'\nmodels.m={per_second='0.01'}\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        // One account "a" per case: its record, the plans, and the reason.
+        let cases = [
+            (
+                r#"{"account_id":"a","plan":"payg","effective_from":"2024-01-01T00:00:00Z"}"#,
+                PlanCatalog::default(),
+                true,
+                "no_limit",
+            ),
+            (
+                r#"{"account_id":"a","plan":"pro","effective_from":"2024-01-01T00:00:00Z","usage_cap":"0.10"}"#,
+                PlanCatalog::default(),
+                true,
+                "over_limit_billed_at_list_price",
+            ),
+            (
+                r#"{"account_id":"a","plan":"pro","effective_from":"2024-01-01T00:00:00Z","usage_cap":"0.10"}"#,
+                PlanCatalog {
+                    pro_on_cap: crate::plans::Policy::Stop,
+                    ..PlanCatalog::default()
+                },
+                false,
+                "model_api_cap_reached",
+            ),
+            (
+                r#"{"account_id":"a","plan":"payg","effective_from":"2024-01-01T00:00:00Z","spend_limit":"0.10"}"#,
+                PlanCatalog::default(),
+                false,
+                "spend_limit_reached",
+            ),
+        ];
+        for (record, plans, allow, reason) in cases {
+            let mut book = AccountBook::new(&plans);
+            book.insert(crate::plans::AccountRecord::parse(record.as_bytes()).unwrap_or_else(|e| panic!("{e:?}")));
+            let config = MeterConfig::default();
+            let ctx = Context::new(&rates, &plans, &book, &config);
+            let mut meter = Meter::tracking_changes();
+            let mut out = Vec::new();
+            // $0.50 of inference charged this month.
+            let inf = r#","kind":"inference","model":"m""#;
+            for e in [
+                ev("job.started", "1", "j1", "2024-05-01T00:00:00Z", inf),
+                ev(
+                    "job.stopped",
+                    "2",
+                    "j1",
+                    "2024-05-01T00:00:50Z",
+                    r#","status":"succeeded""#,
+                ),
+            ] {
+                meter.apply(&ctx, e.as_bytes(), None, &mut out);
+            }
+            let mut store = Records::new();
+            let st = state_of(&mut store, &mut meter, Period::new(2024, 5));
+            let model = ModelId::from("m");
+            let req = AdmissionRequest {
+                kind: JobKind::Inference,
+                model: Some(&model),
+                max_seconds: None,
+            };
+            let now = Timestamp::parse("2024-05-01T00:01:00Z").unwrap_or_default();
+            let a = admission(&AccountId::from("a"), &req, &st, &ctx, now).unwrap_or_else(|e| panic!("{e:?}"));
+            assert_eq!((a.allow, a.reason.as_str()), (allow, reason), "{record}");
+        }
+    }
+
+    #[test]
     fn usage_matches_charges_and_statement() {
         let rates = RateCard::from_toml(
             "[[versions]]\nversion='v'\neffective_from='2024-01-01T00:00:00Z'\nfine_tune_per_second='0.001'\nmodels.m={per_second='0.01'}\nmodels.n={per_second='0.02'}\n",
