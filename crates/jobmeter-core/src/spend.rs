@@ -66,8 +66,6 @@ pub(crate) struct Exposure {
     pub(crate) burn: Money,
     /// What the plan does when it is used up.
     pub(crate) policy: Policy,
-    /// The running jobs, in id order (views; the meter keeps counts).
-    pub(crate) jobs: Vec<JobId>,
     /// How many jobs run against it.
     pub(crate) running: u64,
     /// Of them, not yet sent a stop.
@@ -122,18 +120,19 @@ pub(crate) fn job_limits<'a>(
 }
 
 /// The limits `jobs` (those of them running) count toward in `period`,
-/// each with its burn rate and usage, ordered by counter: what both the
-/// meter and the limits view compute runway from.
+/// each with its burn rate and usage, ordered by counter: what the limits
+/// view computes runway from (the meter keeps the same sums job by job, in
+/// its running-jobs index).
 pub(crate) fn exposures<'j>(
     plans: &PlanCatalog,
     book: &AccountBook,
     account: &AccountId,
     period: Period,
-    jobs: impl Iterator<Item = (&'j JobId, &'j Job)>,
+    jobs: impl Iterator<Item = &'j Job>,
     usage: impl Fn(&UsageKey) -> Money,
 ) -> Vec<Exposure> {
     let mut out: Vec<Exposure> = Vec::new();
-    for (id, job) in jobs {
+    for job in jobs {
         let Some(start) = job.start.as_ref().filter(|_| job.is_running()) else {
             continue;
         };
@@ -142,7 +141,6 @@ pub(crate) fn exposures<'j>(
             match out.iter_mut().find(|e| e.key == spec.key) {
                 Some(e) => {
                     e.burn += start.rate;
-                    e.jobs.push(id.clone());
                     e.running += 1;
                     e.unstopped += u64::from(job.stop_sent.is_none());
                 }
@@ -153,7 +151,6 @@ pub(crate) fn exposures<'j>(
                     plan: spec.plan,
                     value: spec.limit_value,
                     burn: start.rate,
-                    jobs: vec![id.clone()],
                     running: 1,
                     unstopped: u64::from(job.stop_sent.is_none()),
                 }),
@@ -258,7 +255,6 @@ impl crate::meter::Meter {
                 plan: *plan,
                 value: *value,
                 burn: b.rate,
-                jobs: Vec::new(),
                 running: b.jobs,
                 unstopped: b.unstopped,
             });

@@ -379,14 +379,9 @@ pub fn limits_report(
         .filter(|t| t.period() == period)
         .unwrap_or(Timestamp(period.end().0 - 1));
     let terms = book.terms_at(plans, account, at);
-    let exposures = crate::spend::exposures(
-        plans,
-        book,
-        account,
-        period,
-        st.jobs.iter().map(|(id, j)| (id, j)),
-        |k| st.counters.get(k).copied().unwrap_or_default().total(),
-    );
+    let exposures = crate::spend::exposures(plans, book, account, period, st.jobs.iter().map(|(_, j)| j), |k| {
+        st.counters.get(k).copied().unwrap_or_default().total()
+    });
     let limits = limits_for(plans, &terms, account, period)
         .into_iter()
         .map(|l| {
@@ -427,7 +422,7 @@ pub fn limits_report(
                 next_threshold: thresholds.iter().find(|t| !t.fired).map(|t| t.threshold.clone()),
                 thresholds,
                 policy: plans.policy(l.plan, l.key.limit),
-                running_jobs: exposure.map_or(0, |e| e.jobs.len() as u64),
+                running_jobs: exposure.map_or(0, |e| e.running),
                 burn_rate_per_second: exposure.map_or(Money::ZERO, Exposure::burn_rate),
                 runway_seconds: match (exposure, l.key.limit) {
                     (_, LimitKind::Alert) => None,
