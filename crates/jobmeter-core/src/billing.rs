@@ -306,10 +306,9 @@ impl Meter {
             if self.fired.contains(&fired) {
                 continue;
             }
-            let scope = spec.key.period.map_or_else(|| "lifetime".to_owned(), |p| p.to_string());
             let action = limit_action(spec.key.limit, t.pct, plans.policy(spec.plan, spec.key.limit));
             out.push(Output::Limit(LimitEvent {
-                event_id: format!("{}/{}/{}/{}", spec.key.account, spec.key.limit.as_str(), scope, t.id),
+                event_id: fired.event_id(),
                 account_id: spec.key.account.clone(),
                 plan: spec.plan,
                 period,

@@ -86,6 +86,18 @@ impl LimitKind {
         }
     }
 
+    /// Why jobs are stopped, or a job refused, when this limit is used up
+    /// (the `reason` of a `job.stop`).
+    pub fn used_up_reason(self) -> &'static str {
+        match self {
+            LimitKind::FreeCredits => "free_credits_exhausted",
+            LimitKind::ModelApiCap => "model_api_cap_reached",
+            LimitKind::WorkflowQuota => "workflow_quota_reached",
+            LimitKind::SpendLimit => "spend_limit_reached",
+            LimitKind::Alert => "alert_reached",
+        }
+    }
+
     /// Every limit kind, for metrics registries.
     pub const ALL: [LimitKind; 5] = [
         LimitKind::FreeCredits,

@@ -317,15 +317,8 @@ impl crate::meter::Meter {
                     continue;
                 }
                 let at = *at.get_or_insert_with(|| self.account_time(&trigger.0, event_time));
-                let scope = e.key.period.map_or_else(|| "lifetime".to_owned(), |p| p.to_string());
                 out.push(Output::Limit(LimitEvent {
-                    event_id: format!(
-                        "{}/{}/{}/{}",
-                        e.key.account,
-                        e.key.limit.as_str(),
-                        scope,
-                        fired.threshold
-                    ),
+                    event_id: fired.event_id(),
                     account_id: e.key.account.clone(),
                     plan: e.plan,
                     period,
@@ -367,13 +360,7 @@ impl crate::meter::Meter {
 
     /// One `job.stop` per running job of the exposure not yet sent one.
     fn stop_jobs(&mut self, e: &Exposure, now: Timestamp, out: &mut Vec<Output>) {
-        let reason = match e.key.limit {
-            LimitKind::FreeCredits => "free_credits_exhausted",
-            LimitKind::ModelApiCap => "model_api_cap_reached",
-            LimitKind::WorkflowQuota => "workflow_quota_reached",
-            LimitKind::SpendLimit => "spend_limit_reached",
-            LimitKind::Alert => "alert_reached",
-        };
+        let reason = e.key.limit.used_up_reason();
         let ids: Vec<JobId> = self
             .running
             .get(&e.key.account)

@@ -164,6 +164,14 @@ pub struct UsageKey {
     pub period: Option<Period>,
 }
 
+impl UsageKey {
+    /// The month of a monthly limit, or `lifetime`: the scope segment of
+    /// limit event ids.
+    pub fn scope(&self) -> String {
+        self.period.map_or_else(|| "lifetime".to_owned(), |p| p.to_string())
+    }
+}
+
 /// Usage counted toward one limit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counter {
@@ -223,6 +231,20 @@ pub struct FiredKey {
     pub usage: UsageKey,
     /// Which threshold.
     pub threshold: ThresholdId,
+}
+
+impl FiredKey {
+    /// The id of the limit event that fired it:
+    /// `<account>/<limit>/<month or lifetime>/<threshold>`.
+    pub fn event_id(&self) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            self.usage.account,
+            self.usage.limit.as_str(),
+            self.usage.scope(),
+            self.threshold
+        )
+    }
 }
 
 /// One (kind, model) line being accumulated.

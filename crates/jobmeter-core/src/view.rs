@@ -406,7 +406,7 @@ pub fn limits_report(
                 .collect();
             LimitView {
                 limit: l.key.limit,
-                period: l.key.period.map_or_else(|| "lifetime".to_owned(), |p| p.to_string()),
+                period: l.key.scope(),
                 kinds: l.kinds,
                 limit_value: l.cap,
                 charged: c.charged,
@@ -554,7 +554,7 @@ pub fn admission(
         let running_projected = projected(&spec.key);
         limits.push(AdmissionLimit {
             limit: spec.key.limit,
-            period: spec.key.period.map_or_else(|| "lifetime".to_owned(), |p| p.to_string()),
+            period: spec.key.scope(),
             limit_value: spec.limit_value,
             policy: plans.policy(spec.plan, spec.key.limit),
             charged,
@@ -569,15 +569,7 @@ pub fn admission(
         .filter(|l| l.policy == crate::plans::Policy::Stop)
         .find(|l| l.balance_after_running <= Money::ZERO || cost.is_some_and(|c| c > l.balance_after_running));
     let (allow, reason) = match binding {
-        Some(l) if l.balance_after_running <= Money::ZERO => (
-            false,
-            match l.limit {
-                LimitKind::FreeCredits => "free_credits_exhausted",
-                LimitKind::ModelApiCap => "model_api_cap_reached",
-                LimitKind::WorkflowQuota => "workflow_quota_reached",
-                LimitKind::SpendLimit | LimitKind::Alert => "spend_limit_reached",
-            },
-        ),
+        Some(l) if l.balance_after_running <= Money::ZERO => (false, l.limit.used_up_reason()),
         Some(_) => (false, "max_seconds_exceeds_balance"),
         None if limits.is_empty() => (true, "no_limit"),
         None if tightest.is_some_and(|l| l.balance_after_running <= Money::ZERO) => {
