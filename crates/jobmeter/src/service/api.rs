@@ -561,6 +561,32 @@ mod tests {
     }
 
     #[test]
+    fn admission_queries_are_checked_before_any_state_is_read() {
+        let q = |kind: Option<&str>, max: Option<&str>| AccountQuery {
+            kind: kind.map(str::to_owned),
+            model: Some("sdxl-1.0".into()),
+            max_seconds: max.map(str::to_owned),
+            period: None,
+        };
+        let ok = admission_request(&q(Some("fine_tune"), Some("600"))).ok();
+        assert_eq!(ok.map(|(k, _, m)| (k, m)), Some((JobKind::FineTune, Some(600.into()))));
+        assert!(admission_request(&q(Some("inference"), None)).is_ok_and(|(_, _, m)| m.is_none()));
+        for (kind, max) in [
+            (None, None),
+            (Some(""), None),
+            (Some("training"), None),
+            (Some("inference"), Some("0")),
+            (Some("inference"), Some("-5")),
+            (Some("inference"), Some("abc")),
+            (Some("inference"), Some("31622401")),
+            (Some("inference"), Some("1e99")),
+        ] {
+            let a = admission_request(&q(kind, max)).err();
+            assert_eq!(a.map(|a| a.status), Some(400), "{kind:?} {max:?}");
+        }
+    }
+
+    #[test]
     fn openapi_document_describes_exactly_the_routes() {
         let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap_or_else(|e| panic!("openapi.json: {e}"));
         assert!(doc["openapi"].as_str().unwrap_or_default().starts_with("3."));
