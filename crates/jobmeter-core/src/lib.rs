@@ -24,8 +24,10 @@
 // Money is exact: no float arithmetic anywhere in the billing domain.
 #![deny(clippy::float_arithmetic)]
 
+pub mod archive;
 mod billing;
 pub mod codec;
+mod cold;
 mod config_error;
 mod context;
 pub mod event;

@@ -62,6 +62,10 @@ pub struct Meter {
     pub(crate) running_built: bool,
     /// The format [`Meter::take_changes`] writes values in.
     pub(crate) format: crate::state::StateFormat,
+    /// Where finished jobs go once durable (`None`: they stay in memory
+    /// for their retention).
+    pub(crate) archive: Option<Box<dyn crate::archive::JobArchive>>,
+    pub(crate) cold: crate::cold::Cold,
 }
 
 /// When a job must be looked at again: its orphan deadline, or the deadline
@@ -149,12 +153,15 @@ impl Meter {
         // duplicate. Their ids are not remembered — a long job sends
         // thousands.
         let heartbeat = matches!(ev.body, EventBody::Heartbeat);
-        let slot = self.jobs.slot(&jk);
+        let slot = match self.jobs.slot(&jk) {
+            Some(s) => Some(s),
+            None => self.fault_in(ctx.config.orphan_timeout_ms, &jk),
+        };
         let duplicate = if heartbeat {
             slot.and_then(|s| self.jobs.at(s))
                 .is_some_and(|j| j.last_heartbeat.is_some_and(|h| h >= ev.time))
         } else {
-            !self.seen.insert(ev.key)
+            self.seen.contains(&ev.key) || self.archived_event(ev.key) || !self.seen.insert(ev.key)
         };
         if duplicate {
             self.stats.duplicates += 1;
@@ -332,7 +339,10 @@ impl Meter {
     ) {
         let new_deadline = deadline(&job, ctx.config.orphan_timeout_ms);
         match (old.0, new_deadline.is_some()) {
-            (false, true) => self.open += 1,
+            (false, true) => {
+                self.open += 1;
+                self.note_opened(&jk);
+            }
             (true, false) => self.open -= 1,
             _ => {}
         }

@@ -5,7 +5,7 @@
 //! including its derived indexes, from the records a store holds.
 
 use crate::meter::{deadline, Dirty, Meter, MeterConfig};
-use crate::state::{keys, Counter, DecodeError, Job, StateChange, StatementAcc, Table};
+use crate::state::{keys, Counter, DecodeError, Job, JobKey, StateChange, StatementAcc, Table};
 use crate::time::Timestamp;
 use crate::values;
 
@@ -29,17 +29,19 @@ impl Meter {
         let mut out = Vec::with_capacity(jobs.len() + usage.len() + fired.len() + statements.len() + 1);
         let mut jobs: Vec<_> = jobs.into_iter().collect();
         jobs.sort();
-        for k in jobs {
+        for k in &jobs {
             out.push(StateChange {
                 table: Table::Jobs,
-                key: keys::job(&k),
+                key: keys::job(k),
                 value: self
                     .jobs
-                    .get(&k)
+                    .get(k)
                     .map(|v| values::encode(Table::Jobs, v, f))
                     .transpose()?,
             });
         }
+        let archived = self.archive.is_some();
+        self.cold.take_index_changes(archived, &self.jobs, &jobs, &mut out);
         let mut usage: Vec<_> = usage.into_iter().collect();
         usage.sort();
         for k in usage {
@@ -136,20 +138,28 @@ impl Meter {
         for (table, k, v) in records {
             m.restore_record(table, &k, &v).map_err(|e| e.at_key(&k))?;
         }
-        for (jk, job) in m.jobs.iter_mut() {
-            for k in &job.keys {
-                m.seen.insert(*k);
-            }
-            if let Some(d) = deadline(job, config.orphan_timeout_ms) {
-                m.timers.insert((d, jk.clone()));
-                job.timer = Some(d);
-                m.open += 1;
-            }
-            if let Some(e) = job.expires {
-                m.expiry.insert((e, jk.clone()));
-            }
+        let mut jobs = std::mem::take(&mut m.jobs);
+        for (jk, job) in jobs.iter_mut() {
+            m.adopt(jk, job, config.orphan_timeout_ms);
         }
+        m.jobs = jobs;
         Ok(m)
+    }
+
+    /// Adds a job read from durable state to the derived indexes: its
+    /// event ids, its timer, its expiry.
+    pub(crate) fn adopt(&mut self, jk: &JobKey, job: &mut Job, orphan_timeout_ms: i64) {
+        for k in &job.keys {
+            self.seen.insert(*k);
+        }
+        if let Some(d) = deadline(job, orphan_timeout_ms) {
+            self.timers.insert((d, jk.clone()));
+            job.timer = Some(d);
+            self.open += 1;
+        }
+        if let Some(e) = job.expires {
+            self.expiry.insert((e, jk.clone()));
+        }
     }
 
     /// Loads one stored record into this meter.
@@ -176,6 +186,8 @@ impl Meter {
             }
             // Written for readers; the meter never needs them again.
             Table::Closed => {}
+            // Indexes of the store, read through the archive.
+            Table::EventIds | Table::Expiries | Table::OpenJobs => {}
             Table::Meta if k == keys::FEES_THROUGH => {
                 let b: [u8; 4] = v
                     .try_into()

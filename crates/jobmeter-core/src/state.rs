@@ -304,18 +304,34 @@ pub enum Table {
     Meta,
     /// Emitted [`crate::output::Statement`]s by (period, account).
     Closed,
+    /// Local index: event ids of archived jobs ([`crate::archive`]).
+    EventIds,
+    /// Local index: archived jobs by expiry ([`crate::archive`]).
+    Expiries,
+    /// Local index: jobs with a deadline ([`crate::archive`]).
+    OpenJobs,
 }
 
 impl Table {
     /// Every table, in a fixed order.
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 9] = [
         Table::Jobs,
         Table::Usage,
         Table::Fired,
         Table::Statements,
         Table::Meta,
         Table::Closed,
+        Table::EventIds,
+        Table::Expiries,
+        Table::OpenJobs,
     ];
+
+    /// True for the indexes a store derives from the jobs for
+    /// [`crate::archive`]: they never travel through the changelog and are
+    /// never part of a meter's restored state.
+    pub fn is_local(self) -> bool {
+        matches!(self, Table::EventIds | Table::Expiries | Table::OpenJobs)
+    }
 
     /// Stable name (RocksDB column family, changelog key prefix).
     pub fn name(self) -> &'static str {
@@ -326,6 +342,9 @@ impl Table {
             Table::Statements => "statements",
             Table::Meta => "meta",
             Table::Closed => "closed_statements",
+            Table::EventIds => "event_ids",
+            Table::Expiries => "expiries",
+            Table::OpenJobs => "open_jobs",
         }
     }
 
@@ -338,6 +357,9 @@ impl Table {
             Table::Statements => 4,
             Table::Meta => 5,
             Table::Closed => 6,
+            Table::EventIds => 7,
+            Table::Expiries => 8,
+            Table::OpenJobs => 9,
         }
     }
 

@@ -117,12 +117,14 @@ impl Meter {
                     for k in &job.keys {
                         self.seen.remove(k);
                     }
+                    self.forgotten(&jk, &job);
                 }
                 if let Some(d) = self.dirty.as_mut() {
                     d.jobs.insert(jk);
                 }
             }
         }
+        self.expire_archived(st);
     }
 
     /// A timer entry came due: fire it, or move it to the job's real

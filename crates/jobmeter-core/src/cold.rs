@@ -1,0 +1,326 @@
+//! A meter with a [`JobArchive`]: finished jobs leave memory once the batch
+//! that wrote them is durable, and are read back from the archive when an
+//! event names them or their retention ends.
+//!
+//! Read-your-writes without the store's help: a job stays in memory while
+//! any batch that changed it is not durable, and a job forgotten in such a
+//! batch is remembered as forgotten (a tombstone) until it is, so the
+//! archive (the durable state) is only asked about what it is current on.
+
+use crate::archive::{index_changes, unindex_changes, ArchiveError, JobArchive};
+use crate::event::EventKey;
+use crate::fasthash::FastMap;
+use crate::meter::Meter;
+use crate::state::{Job, JobKey, StateChange, Table};
+use crate::time::Timestamp;
+
+/// How many expiry entries one archive read returns.
+const EXPIRY_PAGE: usize = 256;
+
+/// The archive bookkeeping of a meter.
+#[derive(Debug, Default)]
+pub(crate) struct Cold {
+    /// The number of the batch being built ([`Meter::take_changes`] ends it).
+    gen: u64,
+    /// Batches up to this number are durable.
+    durable: Option<u64>,
+    /// Jobs in memory that may leave it once the batch of the given number
+    /// is durable (finished jobs written in it, jobs read back in it).
+    unstored: FastMap<JobKey, u64>,
+    /// Jobs forgotten in a batch not yet durable (the archive still has
+    /// them), and their event ids.
+    tombs: FastMap<JobKey, u64>,
+    tomb_keys: FastMap<EventKey, u64>,
+    /// The last archive expiry entry handled, and the first one after it
+    /// (`None`: not known; `Some(None)`: there is none).
+    cursor: Option<(Timestamp, JobKey)>,
+    next: Option<Option<Timestamp>>,
+    /// Index deletions of the batch being built.
+    local: Vec<StateChange>,
+    /// Jobs of the batch being built that became open.
+    opened: crate::fasthash::FastSet<JobKey>,
+    /// The first failed archive read since the last check.
+    failure: Option<ArchiveError>,
+}
+
+impl Meter {
+    /// The same meter keeping finished jobs in `archive` instead of memory.
+    /// Inert jobs it holds now (restored from durable state) leave memory
+    /// at once.
+    pub fn with_archive(mut self, archive: Box<dyn JobArchive>) -> Self {
+        self.archive = Some(archive);
+        let inert: Vec<JobKey> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.expires.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        let dirty = self.dirty.as_ref().map(|d| &d.jobs);
+        let inert: Vec<JobKey> = inert
+            .into_iter()
+            .filter(|jk| dirty.is_none_or(|d| !d.contains(jk)))
+            .collect();
+        for jk in inert {
+            self.evict(&jk);
+        }
+        self
+    }
+
+    /// The first archive read that failed since the last call. The meter
+    /// went on as if the job or id were not archived: the caller must drop
+    /// the open batch and rebuild the meter from durable state.
+    pub fn take_archive_failure(&mut self) -> Option<ArchiveError> {
+        self.cold.failure.take()
+    }
+
+    /// Every batch taken with [`Meter::take_changes`] before the last one
+    /// is durable: finished jobs written in them leave memory.
+    pub fn release_stored(&mut self) {
+        if let Some(through) = self.cold.gen.checked_sub(2) {
+            self.release_through(through);
+        }
+    }
+
+    /// Every batch taken with [`Meter::take_changes`] is durable.
+    pub fn release_all_stored(&mut self) {
+        if let Some(through) = self.cold.gen.checked_sub(1) {
+            self.release_through(through);
+        }
+    }
+
+    fn release_through(&mut self, through: u64) {
+        if self.cold.durable.is_some_and(|d| d >= through) {
+            return;
+        }
+        self.cold.durable = Some(through);
+        if self.archive.is_none() {
+            return;
+        }
+        let c = &mut self.cold;
+        c.tombs.retain(|_, g| *g > through);
+        c.tomb_keys.retain(|_, g| *g > through);
+        let mut due = Vec::new();
+        c.unstored.retain(|jk, g| {
+            if *g <= through {
+                due.push(jk.clone());
+                false
+            } else {
+                true
+            }
+        });
+        let dirty = self.dirty.as_ref().map(|d| &d.jobs);
+        let due: Vec<JobKey> = due
+            .into_iter()
+            .filter(|jk| dirty.is_none_or(|d| !d.contains(jk)))
+            .collect();
+        for jk in due {
+            self.evict(&jk);
+        }
+    }
+
+    /// Lets an inert job go from memory (it is durable in the archive).
+    fn evict(&mut self, jk: &JobKey) {
+        let Some(slot) = self.jobs.slot(jk) else { return };
+        // Inert: no deadline (a stale timer entry of a finished job is
+        // dropped when it comes due and finds no job).
+        if !self.jobs.at(slot).is_some_and(|j| j.expires.is_some()) {
+            return;
+        }
+        if let Some(job) = self.jobs.remove(jk) {
+            for k in &job.keys {
+                self.seen.remove(k);
+            }
+            if let Some(e) = job.expires {
+                self.expiry.remove(&(e, jk.clone()));
+            }
+        }
+    }
+
+    /// Reads `jk` back from the archive into memory; its slot, or `None`
+    /// when the archive does not have it (or forgot it in a batch that is
+    /// not durable yet).
+    pub(crate) fn fault_in(&mut self, ctx_timeout_ms: i64, jk: &JobKey) -> Option<u32> {
+        let archive = self.archive.as_ref()?;
+        if self.cold.tombs.contains_key(jk) {
+            return None;
+        }
+        let job = match archive.job(jk) {
+            Ok(j) => j?,
+            Err(e) => {
+                self.cold.failure.get_or_insert(e);
+                return None;
+            }
+        };
+        let mut job = Box::new(job);
+        self.adopt(jk, &mut job, ctx_timeout_ms);
+        self.cold.unstored.insert(jk.clone(), self.cold.gen);
+        self.jobs.insert(jk.clone(), job);
+        self.jobs.slot(jk)
+    }
+
+    /// True when `key` belongs to an archived job the meter has not
+    /// forgotten.
+    pub(crate) fn archived_event(&mut self, key: EventKey) -> bool {
+        let Some(archive) = self.archive.as_ref() else {
+            return false;
+        };
+        if self.cold.tomb_keys.contains_key(&key) {
+            return false;
+        }
+        match archive.has_event(key) {
+            Ok(b) => b,
+            Err(e) => {
+                self.cold.failure.get_or_insert(e);
+                false
+            }
+        }
+    }
+
+    /// A job became open in the batch being built (archive meters list
+    /// open jobs in an index).
+    pub(crate) fn note_opened(&mut self, jk: &JobKey) {
+        if self.archive.is_some() {
+            self.cold.opened.insert(jk.clone());
+        }
+    }
+
+    /// A job is forgotten: with an archive, its index entries go and the
+    /// archive's copy is ignored until the deletion is durable.
+    pub(crate) fn forgotten(&mut self, jk: &JobKey, job: &Job) {
+        if self.archive.is_some() {
+            self.tombstone(jk, job);
+        }
+    }
+
+    fn tombstone(&mut self, jk: &JobKey, job: &Job) {
+        let g = self.cold.gen;
+        self.cold.tombs.insert(jk.clone(), g);
+        for k in &job.keys {
+            self.cold.tomb_keys.insert(*k, g);
+        }
+        self.cold.unstored.remove(jk);
+        unindex_changes(jk, job, &mut self.cold.local);
+    }
+
+    /// Forgets the archived jobs whose retention ended before stream time
+    /// `st` (the ones in memory have their own index).
+    pub(crate) fn expire_archived(&mut self, st: Timestamp) {
+        let Some(archive) = self.archive.take() else { return };
+        self.expire_archived_with(archive.as_ref(), st);
+        self.archive = Some(archive);
+    }
+
+    fn expire_archived_with(&mut self, archive: &dyn JobArchive, st: Timestamp) {
+        loop {
+            let next = match self.cold.next {
+                Some(n) => n,
+                None => match archive.expiring(self.cold.cursor.as_ref(), Timestamp::MAX, 1) {
+                    Ok(v) => {
+                        let n = v.first().map(|(t, _)| *t);
+                        self.cold.next = Some(n);
+                        n
+                    }
+                    Err(e) => {
+                        self.cold.failure.get_or_insert(e);
+                        return;
+                    }
+                },
+            };
+            if next.is_none_or(|n| n >= st) {
+                return;
+            }
+            let page = match archive.expiring(self.cold.cursor.as_ref(), st, EXPIRY_PAGE) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.cold.failure.get_or_insert(e);
+                    return;
+                }
+            };
+            self.cold.next = None;
+            if page.is_empty() {
+                // The entry ahead of the cursor is not due after all (or
+                // went): look again on the next event.
+                return;
+            }
+            for (e, jk) in page {
+                self.cold.cursor = Some((e, jk.clone()));
+                if self.cold.tombs.contains_key(&jk) {
+                    continue;
+                }
+                if let Some(job) = self.jobs.get(&jk) {
+                    // In memory: the in-memory index decides; an entry of an
+                    // older expiry is stale.
+                    if job.expires != Some(e) {
+                        self.cold.local.push(stale(e, &jk));
+                    }
+                    continue;
+                }
+                match archive.job(&jk) {
+                    Ok(Some(job)) if job.expires == Some(e) => {
+                        self.tombstone(&jk, &job);
+                        if let Some(d) = self.dirty.as_mut() {
+                            d.jobs.insert(jk);
+                        }
+                    }
+                    Ok(_) => self.cold.local.push(stale(e, &jk)),
+                    Err(err) => {
+                        self.cold.failure.get_or_insert(err);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Cold {
+    /// The index changes of the batch being taken, after its job records:
+    /// the deletions of forgotten jobs' entries, then each written job's
+    /// (`written`: keys of the jobs written, looked up in `jobs`; a key not
+    /// there was deleted). Ends the batch.
+    pub(crate) fn take_index_changes(
+        &mut self,
+        archived: bool,
+        jobs: &crate::jobs::JobTable,
+        written: &[JobKey],
+        out: &mut Vec<StateChange>,
+    ) {
+        let g = self.gen;
+        self.gen += 1;
+        if !archived {
+            return;
+        }
+        let opened = std::mem::take(&mut self.opened);
+        // Deletions first: a job forgotten and then started again in the
+        // same batch is indexed as it is now.
+        out.append(&mut self.local);
+        let mut first = None::<Timestamp>;
+        for jk in written {
+            let Some(job) = jobs.get(jk) else { continue };
+            // A job has an expiry exactly when it has no deadline.
+            let open = job.expires.is_none();
+            if open && !opened.contains(jk) {
+                continue;
+            }
+            index_changes(jk, job, open, out);
+            if !open {
+                self.unstored.insert(jk.clone(), g);
+                if let Some(e) = job.expires {
+                    first = Some(first.map_or(e, |f| f.min(e)));
+                }
+            }
+        }
+        // The archive's first expiry can only have moved earlier.
+        if let (Some(e), Some(known)) = (first, self.next.as_mut()) {
+            *known = Some(known.map_or(e, |k| k.min(e)));
+        }
+    }
+}
+
+fn stale(e: Timestamp, jk: &JobKey) -> StateChange {
+    StateChange {
+        table: Table::Expiries,
+        key: crate::archive::expiry_key(e, jk),
+        value: None,
+    }
+}
