@@ -123,7 +123,7 @@ impl Meter {
         let Some(slot) = self.jobs.slot(jk) else { return };
         // Inert: no deadline (a stale timer entry of a finished job is
         // dropped when it comes due and finds no job).
-        if !self.jobs.at(slot).is_some_and(|j| j.expires.is_some()) {
+        if self.jobs.at(slot).is_none_or(|j| j.expires.is_none()) {
             return;
         }
         if let Some(job) = self.jobs.remove(jk) {

@@ -18,7 +18,17 @@
 //! cf meta        : partition:u32 BE | "fees_through"      -> u32 BE (period ordinal)
 //! cf closed_statements : partition:u32 BE | core statement key -> emitted statement
 //! cf progress    : partition:u32 BE                       -> changelog offset:i64 BE | written_at_ms:i64 BE
+//! cf event_ids   : partition:u32 BE | event key (16 bytes) -> (empty)   local index
+//! cf expiries    : partition:u32 BE | expiry | job key    -> (empty)   local index
+//! cf open_jobs   : partition:u32 BE | job key             -> (empty)   local index
+//! cf open_jobs   : partition:u32 BE                       -> "complete" when the indexes cover every job
 //! ```
+//!
+//! The local indexes serve [`jobmeter_core::archive`] (finished jobs read
+//! back from here instead of being held in memory); they never travel
+//! through the changelog. [`Store::build_index`] derives them from the
+//! jobs of a partition whose indexes are not marked complete (a store
+//! written by a release without them, or by a meter holding every job).
 //!
 //! The partition prefix is fixed-width big-endian, so one partition's
 //! records are one contiguous key range (loaded with one iterator, dropped
@@ -33,8 +43,10 @@
 //! ## Must never depend on
 //! Kafka or the network. Callers run it off async worker threads.
 
+mod archive;
 mod state_store;
 
+pub use archive::Archive;
 pub use state_store::{MemStore, StateStore};
 
 use jobmeter_core::state::{StateChange, Table};
@@ -100,12 +112,22 @@ pub fn write_options() -> WriteOptions {
 /// The RocksDB state store of one jobmeter instance.
 #[derive(Debug)]
 pub struct Store {
-    db: DB,
+    pub(crate) db: DB,
     path: PathBuf,
 }
 
 fn prefix(partition: i32) -> [u8; 4] {
     (partition as u32).to_be_bytes()
+}
+
+/// The key range `[from, to)` of every record of `partition`.
+fn partition_range(partition: i32) -> (Vec<u8>, Vec<u8>) {
+    let to = if partition == i32::MAX {
+        vec![0xFF; 5]
+    } else {
+        prefix(partition + 1).to_vec()
+    };
+    (prefix(partition).to_vec(), to)
 }
 
 fn prefixed(partition: i32, key: &[u8]) -> Vec<u8> {
@@ -127,19 +149,58 @@ pub struct PartitionState {
     pub written_at_ms: Option<i64>,
 }
 
+/// How much memory RocksDB may use for reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// The block cache shared by every column family; index and bloom
+    /// filter blocks are charged to it too, so it bounds what reads keep
+    /// in memory however many records the store holds.
+    pub block_cache_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            block_cache_bytes: 64 << 20,
+        }
+    }
+}
+
+/// The value of the marker that says a partition's indexes cover every job.
+const INDEX_COMPLETE: &[u8] = b"complete";
+
 impl Store {
-    /// Opens (or creates) the store at `path`.
+    /// Opens (or creates) the store at `path` with default options.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_with(path, StoreOptions::default())
+    }
+
+    /// Opens (or creates) the store at `path`.
+    pub fn open_with(path: &Path, o: StoreOptions) -> Result<Store, StoreError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         opts.set_max_background_jobs(2);
+        let cache = rocksdb::Cache::new_lru_cache(o.block_cache_bytes);
+        let cf_options = || {
+            let mut t = rocksdb::BlockBasedOptions::default();
+            t.set_block_cache(&cache);
+            // Point reads of absent keys (a new job's id, a new event id)
+            // are answered by the filter without reading a data block.
+            t.set_bloom_filter(10.0, false);
+            t.set_cache_index_and_filter_blocks(true);
+            t.set_pin_l0_filter_and_index_blocks_in_cache(true);
+            let mut c = Options::default();
+            c.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            c.set_block_based_table_factory(&t);
+            c
+        };
         let cfs = Table::ALL
             .iter()
             .map(|t| t.name())
             .chain([PROGRESS_CF])
-            .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+            .map(|n| ColumnFamilyDescriptor::new(n, cf_options()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| StoreError::Rocks {
             path: path.to_owned(),
             op: "open",
@@ -156,7 +217,7 @@ impl Store {
         &self.path
     }
 
-    fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, StoreError> {
+    pub(crate) fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, StoreError> {
         self.db.cf_handle(name).ok_or_else(|| StoreError::MissingCf {
             path: self.path.clone(),
             cf: name,
@@ -208,11 +269,44 @@ impl Store {
             .map_err(self.rocks("write batch"))
     }
 
-    /// Loads everything stored for `partition`.
+    /// Loads everything stored for `partition` (not the local indexes).
     pub fn load(&self, partition: i32) -> Result<PartitionState, StoreError> {
+        self.load_tables(partition, false)
+    }
+
+    /// What a meter restores from: every record of `partition` but the
+    /// local indexes and the closed statements (the meter never reads them
+    /// again), and with `open_only` only the jobs the `open_jobs` index
+    /// lists (a meter with an archive reads the others when it needs them).
+    pub fn load_meter_state(&self, partition: i32, open_only: bool) -> Result<PartitionState, StoreError> {
+        let mut st = self.load_tables(partition, open_only)?;
+        if open_only {
+            let p = prefix(partition);
+            let open = self.cf(Table::OpenJobs.name())?;
+            let jobs = self.cf(Table::Jobs.name())?;
+            for item in self.db.iterator_cf(open, IteratorMode::From(&p, Direction::Forward)) {
+                let (k, _) = item.map_err(self.rocks("iterate"))?;
+                if !k.starts_with(&p) {
+                    break;
+                }
+                if k.len() == p.len() {
+                    continue;
+                }
+                if let Some(v) = self.db.get_cf(jobs, &k).map_err(self.rocks("get"))? {
+                    st.records.push((Table::Jobs, k[4..].to_vec(), v));
+                }
+            }
+        }
+        Ok(st)
+    }
+
+    /// `partition`'s records: every table but the local indexes; with
+    /// `meter_only`, neither its jobs nor its closed statements.
+    fn load_tables(&self, partition: i32, meter_only: bool) -> Result<PartitionState, StoreError> {
         let mut records = Vec::new();
         let p = prefix(partition);
-        for table in Table::ALL {
+        let skipped = |t: &Table| t.is_local() || (meter_only && matches!(t, Table::Jobs | Table::Closed));
+        for table in Table::ALL.into_iter().filter(|t| !skipped(t)) {
             let cf = self.cf(table.name())?;
             for item in self.db.iterator_cf(cf, IteratorMode::From(&p, Direction::Forward)) {
                 let (k, v) = item.map_err(self.rocks("iterate"))?;
@@ -286,12 +380,7 @@ impl Store {
     /// Deletes everything stored for `partition` (a rebuild, or a partition
     /// this instance will restore from the changelog from scratch).
     pub fn drop_partition(&self, partition: i32) -> Result<(), StoreError> {
-        let from = prefix(partition).to_vec();
-        let to = if partition == i32::MAX {
-            vec![0xFF; 5]
-        } else {
-            prefix(partition + 1).to_vec()
-        };
+        let (from, to) = partition_range(partition);
         let mut batch = WriteBatch::default();
         for name in Table::ALL.iter().map(|t| t.name()).chain([PROGRESS_CF]) {
             let cf = self.cf(name)?;
@@ -300,6 +389,72 @@ impl Store {
         self.db
             .write_opt(batch, &write_options())
             .map_err(self.rocks("drop partition"))
+    }
+
+    /// True when `partition`'s local indexes cover every job it holds.
+    pub fn index_complete(&self, partition: i32) -> Result<bool, StoreError> {
+        let v = self
+            .db
+            .get_cf(self.cf(Table::OpenJobs.name())?, prefix(partition))
+            .map_err(self.rocks("get index marker"))?;
+        Ok(v.as_deref() == Some(INDEX_COMPLETE))
+    }
+
+    /// Marks `partition`'s local indexes complete, or not (a meter that
+    /// holds every job in memory does not keep them).
+    pub fn set_index_complete(&self, partition: i32, complete: bool) -> Result<(), StoreError> {
+        let cf = self.cf(Table::OpenJobs.name())?;
+        let mut batch = WriteBatch::default();
+        if complete {
+            batch.put_cf(cf, prefix(partition), INDEX_COMPLETE);
+        } else {
+            batch.delete_cf(cf, prefix(partition));
+        }
+        self.db
+            .write_opt(batch, &write_options())
+            .map_err(self.rocks("write index marker"))
+    }
+
+    /// Derives `partition`'s local indexes from its jobs and marks them
+    /// complete; returns how many jobs it read. Written in batches of a few
+    /// thousand jobs, so memory stays flat however many jobs there are.
+    pub fn build_index(&self, partition: i32) -> Result<u64, StoreError> {
+        let p = prefix(partition);
+        let (from, to) = partition_range(partition);
+        let mut batch = WriteBatch::default();
+        for t in [Table::EventIds, Table::Expiries, Table::OpenJobs] {
+            batch.delete_range_cf(self.cf(t.name())?, &from, &to);
+        }
+        self.db
+            .write_opt(batch, &write_options())
+            .map_err(self.rocks("clear index"))?;
+        let jobs = self.cf(Table::Jobs.name())?;
+        let mut n = 0u64;
+        let mut changes = Vec::new();
+        for item in self.db.iterator_cf(jobs, IteratorMode::From(&p, Direction::Forward)) {
+            let (k, v) = item.map_err(self.rocks("iterate"))?;
+            if !k.starts_with(&p) {
+                break;
+            }
+            let (Some(jk), Ok(job)) = (
+                jobmeter_core::state::keys::decode_job(&k[4..]),
+                jobmeter_core::values::decode::<jobmeter_core::state::Job>(Table::Jobs, &v),
+            ) else {
+                return Err(StoreError::Corrupt {
+                    path: self.path.clone(),
+                    what: "job record",
+                    partition,
+                });
+            };
+            jobmeter_core::archive::index_changes(&jk, &job, job.expires.is_none(), &mut changes);
+            n += 1;
+            if changes.len() >= 8192 {
+                self.commit(partition, &std::mem::take(&mut changes), None)?;
+            }
+        }
+        self.commit(partition, &changes, None)?;
+        self.set_index_complete(partition, true)?;
+        Ok(n)
     }
 
     /// Approximate bytes on disk (SST files), for metrics.

@@ -159,7 +159,12 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
     settings.properties = cfg.kafka.properties.clone();
     let topics = Topics::with_prefix(&cfg.topics.prefix);
     std::fs::create_dir_all(&cfg.state.dir)?;
-    let store = Arc::new(Store::open(&cfg.state.dir)?);
+    let store = Arc::new(Store::open_with(
+        &cfg.state.dir,
+        jobmeter_store::StoreOptions {
+            block_cache_bytes: (cfg.state.block_cache_mib as usize) << 20,
+        },
+    )?);
     let ready = Arc::new(AtomicBool::new(false));
     let table = AccountsTable::new(AccountBook::new(&plans), accounts_metrics);
     let owned = Arc::new(std::sync::RwLock::new(std::collections::BTreeSet::new()));

@@ -61,6 +61,7 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
         batch_max_events: cfg.batch.max_events,
         batch_interval: cfg.batch.interval.std(),
         meter: cfg.meter_config(),
+        archive: cfg.state.finished_jobs == super::config::FinishedJobs::Store,
         max_local_age: cfg.state.max_local_age.std(),
         restore_deadline: txn_timeout * 4,
         commit_stall_after: txn_timeout * 4,

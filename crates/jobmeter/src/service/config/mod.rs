@@ -94,6 +94,24 @@ pub struct StateConfig {
     /// default) or `json` (version 0, what releases before the binary
     /// format wrote and read). Both are always read.
     pub format: jobmeter_core::state::StateFormat,
+    /// Where finished jobs are kept for their retention: `store` (the
+    /// default: in RocksDB, read back when an event names them; memory
+    /// holds the open jobs) or `memory` (every job in memory).
+    pub finished_jobs: FinishedJobs,
+    /// RocksDB's block cache in MiB, shared by every partition: what reads
+    /// of finished jobs and event ids keep in memory.
+    pub block_cache_mib: u64,
+}
+
+/// `state.finished_jobs`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishedJobs {
+    /// In RocksDB; memory is bounded by the open jobs.
+    #[default]
+    Store,
+    /// In memory for their whole retention.
+    Memory,
 }
 
 /// `[batch]`.
@@ -242,6 +260,8 @@ impl Default for StateConfig {
             dir: PathBuf::from("data/jobmeter"),
             max_local_age: Dur::from_ms(48 * 3_600_000),
             format: jobmeter_core::state::StateFormat::Binary,
+            finished_jobs: FinishedJobs::Store,
+            block_cache_mib: 64,
         }
     }
 }
@@ -437,6 +457,12 @@ impl Config {
             p.push("topics.partitions, output_partitions and replication must be at least 1".into());
         }
         positive(&mut p, "state.max_local_age", self.state.max_local_age);
+        if !(8..=1 << 20).contains(&self.state.block_cache_mib) {
+            p.push(format!(
+                "state.block_cache_mib: {} is outside 8 to 1048576",
+                self.state.block_cache_mib
+            ));
+        }
         let tombstones = jobmeter_kafka::topics::CHANGELOG_TOMBSTONE_RETENTION_MS;
         if self.state.max_local_age.ms() >= tombstones {
             p.push(format!(

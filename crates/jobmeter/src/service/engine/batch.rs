@@ -152,6 +152,14 @@ impl Engine {
         self.batch_events = 0;
         let t = Instant::now();
         let r = self.committer.submit(batch);
+        if r.is_ok() {
+            // The committer took this batch, so it is done with the one
+            // before: what that one wrote is durable (a failure of it
+            // tears the pipeline down before any later batch commits).
+            for pm in self.meters.values_mut() {
+                pm.meter.release_stored();
+            }
+        }
         self.metrics
             .commit_seconds
             .with_label_values(&["handover"])
@@ -171,7 +179,11 @@ impl Engine {
         group: impl FnOnce() -> Option<rdkafka::consumer::ConsumerGroupMetadata>,
     ) -> Result<(), EngineError> {
         self.commit_with(group)?;
-        self.committer.wait()
+        self.committer.wait()?;
+        for pm in self.meters.values_mut() {
+            pm.meter.release_all_stored();
+        }
+        Ok(())
     }
 
     /// Drops the open batch (its transaction was never begun; a failed

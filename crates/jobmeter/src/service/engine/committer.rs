@@ -260,7 +260,8 @@ pub(super) fn commit_batch<T: Transactional, S: StateStore + ?Sized>(
         })?;
     }
     for (p, ch) in &b.changes {
-        for c in ch {
+        // The local indexes go to the store only.
+        for c in ch.iter().filter(|c| !c.table.is_local()) {
             let key = jobmeter_kafka::changelog::key(c.table, &c.key);
             producer.send(Outgoing {
                 topic: changelog,

@@ -118,6 +118,10 @@ pub enum EngineError {
     /// An output could not be encoded.
     #[error("encoding an output: {0}")]
     Encode(#[from] serde_json::Error),
+    /// A finished job could not be read back from the store; the open
+    /// batch is dropped and the pipeline rebuilt from durable state.
+    #[error("{0}")]
+    Archive(#[from] jobmeter_core::archive::ArchiveError),
 }
 
 /// What the engine needs besides its Kafka clients.
@@ -135,6 +139,8 @@ pub struct EngineConfig {
     pub batch_interval: Duration,
     /// Event-time timeouts.
     pub meter: MeterConfig,
+    /// Finished jobs live in the store, not in memory (`state.finished_jobs`).
+    pub archive: bool,
     /// Local state older than this is restored from the changelog in full.
     pub max_local_age: Duration,
     /// How long a restore may wait for the changelog's end.
@@ -447,6 +453,9 @@ impl Engine {
                 match parsed {
                     Some(ev) => pm.meter.apply_event(&ctx, ev, payload, Some(origin), &mut self.out),
                     None => pm.meter.apply(&ctx, payload, Some(origin), &mut self.out),
+                }
+                if let Some(e) = pm.meter.take_archive_failure() {
+                    return Err(e.into());
                 }
                 if let Some(t) = pm.meter.stream_time() {
                     self.billing

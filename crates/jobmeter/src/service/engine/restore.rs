@@ -1,6 +1,9 @@
-//! Restoring a partition: RocksDB, then the changelog after the offset
-//! RocksDB reflects. A partition whose stored state cannot be decoded is
-//! set aside (failing) while the others go on.
+//! Restoring a partition: the changelog after the offset RocksDB reflects
+//! is written into RocksDB (in chunks, each with the offset it reaches, so
+//! memory stays flat and an interrupted restore resumes), then the meter
+//! is built from RocksDB — with `state.finished_jobs = "store"`, from its
+//! open jobs only. A partition whose stored state cannot be decoded is set
+//! aside (failing) while the others go on.
 
 use super::{Engine, EngineError, PartitionMeter};
 use jobmeter_core::state::{StateChange, Table};
@@ -119,6 +122,7 @@ impl Engine {
             deadline: self.cfg.restore_deadline,
             max_local_age: self.cfg.max_local_age,
             meter: self.cfg.meter.clone(),
+            archive: self.cfg.archive,
         }
     }
 
@@ -164,7 +168,11 @@ struct Loader {
     deadline: std::time::Duration,
     max_local_age: std::time::Duration,
     meter: jobmeter_core::MeterConfig,
+    archive: bool,
 }
+
+/// How many changelog records a restore holds before it writes them.
+const RESTORE_CHUNK: usize = 50_000;
 
 /// A partition's restored meter.
 struct Loaded {
@@ -175,41 +183,108 @@ struct Loaded {
 }
 
 impl Loader {
-    /// RocksDB, then the changelog after the offset RocksDB reflects.
-    /// Restores partition `p`, reading the changelog with `reader` (created
-    /// on first use).
+    /// The changelog after the offset RocksDB reflects, into RocksDB; then
+    /// the meter from RocksDB. Restores partition `p`, reading the
+    /// changelog with `reader` (created on first use).
     fn load(&self, p: i32, reader: &mut Option<Reader>) -> Result<Loaded, EngineError> {
         let t0 = Instant::now();
-        let mut st = self.store.load(p)?;
+        let mut progress = self.store.progress(p)?;
         let now_ms = jobmeter_core::Timestamp::now().0;
-        if st
-            .written_at_ms
-            .is_some_and(|w| now_ms - w > self.max_local_age.as_millis() as i64)
-        {
+        if progress.is_some_and(|(_, written)| now_ms - written > self.max_local_age.as_millis() as i64) {
             tracing::warn!(
                 partition = p,
                 "local state is older than state.max_local_age; restoring from the changelog in full"
             );
             self.store.drop_partition(p)?;
-            st = Default::default();
+            progress = None;
         }
-        let from_store = st.records.len();
-        let mut up = CatchUp::new(st);
+        // Nothing stored: the (empty) indexes are complete, and the restore
+        // keeps them so.
+        if self.archive && progress.is_none() && self.store.scan(p, Table::Jobs, b"", 1)?.is_empty() {
+            self.store.set_index_complete(p, true)?;
+        }
+        let indexed = self.archive && self.store.index_complete(p)?;
+        let mut up = CatchUp::new(jobmeter_store::PartitionState {
+            changelog_offset: progress.map(|x| x.0),
+            ..Default::default()
+        });
         let reader = match reader {
             Some(r) => r,
             None => reader.insert(Reader::new(&self.settings, &format!("{}-restore", self.instance_id))?),
         };
-        let n = reader.read_to_end(&self.changelog, &[(p, up.from)], self.deadline, |rec| up.record(rec))?;
-        if n > 0 {
-            self.store.commit(p, &up.changes(), up.last)?;
+        let mut failed = None;
+        let n = reader.read_to_end(&self.changelog, &[(p, up.from)], self.deadline, |rec| {
+            up.record(rec);
+            if up.pending() >= RESTORE_CHUNK && failed.is_none() {
+                failed = self.write_caught_up(p, &mut up, indexed).err();
+            }
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
         }
-        let meter = Meter::restore(up.map.into_iter().map(|((t, k), v)| (t, k, v)), &self.meter)?;
+        if n > 0 {
+            self.write_caught_up(p, &mut up, indexed)?;
+        }
+        if self.archive && !indexed {
+            let t = Instant::now();
+            let jobs = self.store.build_index(p)?;
+            tracing::info!(
+                partition = p,
+                jobs,
+                seconds = t.elapsed().as_secs_f64(),
+                "indexed the partition's finished jobs in the store (once)"
+            );
+        } else if !self.archive {
+            // This meter does not keep the indexes: a later one that does
+            // must build them again.
+            self.store.set_index_complete(p, false)?;
+        }
+        let st = self.store.load_meter_state(p, self.archive)?;
+        let from_store = st.records.len();
+        let mut meter = Meter::restore(st.records, &self.meter)?;
+        if self.archive {
+            meter = meter.with_archive(Box::new(jobmeter_store::Archive::new(self.store.clone(), p)));
+        }
         Ok(Loaded {
             meter,
             from_store,
             changelog_records: n,
             seconds: t0.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Writes the changelog records read so far into RocksDB, with the
+    /// offset they reach, and (`indexed`) the index entries of the jobs
+    /// they change.
+    fn write_caught_up(&self, p: i32, up: &mut CatchUp, indexed: bool) -> Result<(), EngineError> {
+        let mut changes = up.changes();
+        up.map.clear();
+        if indexed {
+            let mut index = Vec::new();
+            for c in changes.iter().filter(|c| c.table == Table::Jobs) {
+                let Some(jk) = jobmeter_core::state::keys::decode_job(&c.key) else {
+                    continue;
+                };
+                let decode = |v: &[u8]| {
+                    jobmeter_core::values::decode::<jobmeter_core::state::Job>(Table::Jobs, v)
+                        .map_err(|e| e.at_key(&c.key))
+                };
+                match &c.value {
+                    Some(v) => {
+                        let job = decode(v)?;
+                        jobmeter_core::archive::index_changes(&jk, &job, job.expires.is_none(), &mut index);
+                    }
+                    None => {
+                        if let Some(old) = self.store.get(p, Table::Jobs, &c.key)? {
+                            jobmeter_core::archive::unindex_changes(&jk, &decode(&old)?, &mut index);
+                        }
+                    }
+                }
+            }
+            changes.append(&mut index);
+        }
+        self.store.commit(p, &changes, up.last)?;
+        Ok(())
     }
 }
 
@@ -237,6 +312,11 @@ impl CatchUp {
             map: stored.records.into_iter().map(|(t, k, v)| ((t, k), v)).collect(),
             touched: Vec::new(),
         }
+    }
+
+    /// Changelog records applied since the last [`CatchUp::changes`].
+    pub(crate) fn pending(&self) -> usize {
+        self.touched.len()
     }
 
     /// Applies the next changelog record.
