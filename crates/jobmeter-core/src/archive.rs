@@ -49,6 +49,32 @@ pub trait JobArchive: std::fmt::Debug + Send {
     ) -> Result<Vec<(Timestamp, JobKey)>, ArchiveError>;
 }
 
+/// The archive bookkeeping of a meter.
+#[derive(Debug, Default)]
+pub(crate) struct Cold {
+    /// The number of the batch being built (`Meter::take_changes` ends it).
+    pub(crate) gen: u64,
+    /// Batches up to this number are durable.
+    pub(crate) durable: Option<u64>,
+    /// Jobs in memory that may leave it once the batch of the given number
+    /// is durable (finished jobs written in it, jobs read back in it).
+    pub(crate) unstored: crate::fasthash::FastMap<JobKey, u64>,
+    /// Jobs forgotten in a batch not yet durable (the archive still has
+    /// them), and their event ids.
+    pub(crate) tombs: crate::fasthash::FastMap<JobKey, u64>,
+    pub(crate) tomb_keys: crate::fasthash::FastMap<EventKey, u64>,
+    /// The last archive expiry entry handled, and the first one after it
+    /// (`None`: not known; `Some(None)`: there is none).
+    pub(crate) cursor: Option<(Timestamp, JobKey)>,
+    pub(crate) next: Option<Option<Timestamp>>,
+    /// Index deletions of the batch being built.
+    pub(crate) local: Vec<StateChange>,
+    /// Jobs of the batch being built that became open.
+    pub(crate) opened: crate::fasthash::FastSet<JobKey>,
+    /// The first failed archive read since the last check.
+    pub(crate) failure: Option<ArchiveError>,
+}
+
 /// Key of an `event_ids` entry.
 pub fn event_id_key(k: EventKey) -> Vec<u8> {
     k.0.to_be_bytes().to_vec()

@@ -7,41 +7,14 @@
 //! batch is remembered as forgotten (a tombstone) until it is, so the
 //! archive (the durable state) is only asked about what it is current on.
 
-use crate::archive::{index_changes, unindex_changes, ArchiveError, JobArchive};
+use crate::archive::{index_changes, unindex_changes, ArchiveError, Cold, JobArchive};
 use crate::event::EventKey;
-use crate::fasthash::FastMap;
 use crate::meter::Meter;
 use crate::state::{Job, JobKey, StateChange, Table};
 use crate::time::Timestamp;
 
 /// How many expiry entries one archive read returns.
 const EXPIRY_PAGE: usize = 256;
-
-/// The archive bookkeeping of a meter.
-#[derive(Debug, Default)]
-pub(crate) struct Cold {
-    /// The number of the batch being built ([`Meter::take_changes`] ends it).
-    gen: u64,
-    /// Batches up to this number are durable.
-    durable: Option<u64>,
-    /// Jobs in memory that may leave it once the batch of the given number
-    /// is durable (finished jobs written in it, jobs read back in it).
-    unstored: FastMap<JobKey, u64>,
-    /// Jobs forgotten in a batch not yet durable (the archive still has
-    /// them), and their event ids.
-    tombs: FastMap<JobKey, u64>,
-    tomb_keys: FastMap<EventKey, u64>,
-    /// The last archive expiry entry handled, and the first one after it
-    /// (`None`: not known; `Some(None)`: there is none).
-    cursor: Option<(Timestamp, JobKey)>,
-    next: Option<Option<Timestamp>>,
-    /// Index deletions of the batch being built.
-    local: Vec<StateChange>,
-    /// Jobs of the batch being built that became open.
-    opened: crate::fasthash::FastSet<JobKey>,
-    /// The first failed archive read since the last check.
-    failure: Option<ArchiveError>,
-}
 
 impl Meter {
     /// The same meter keeping finished jobs in `archive` instead of memory.

@@ -65,7 +65,7 @@ pub struct Meter {
     /// Where finished jobs go once durable (`None`: they stay in memory
     /// for their retention).
     pub(crate) archive: Option<Box<dyn crate::archive::JobArchive>>,
-    pub(crate) cold: crate::cold::Cold,
+    pub(crate) cold: crate::archive::Cold,
 }
 
 /// When a job must be looked at again: its orphan deadline, or the deadline

@@ -166,6 +166,9 @@ impl Default for StoreOptions {
     }
 }
 
+/// The memory all memtables together may use before RocksDB flushes them.
+pub const MEMTABLE_BUDGET: usize = 128 << 20;
+
 /// The value of the marker that says a partition's indexes cover every job.
 const INDEX_COMPLETE: &[u8] = b"complete";
 
@@ -182,6 +185,9 @@ impl Store {
         opts.create_missing_column_families(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         opts.set_max_background_jobs(2);
+        // All column families' memtables together: a bound on write memory
+        // that does not grow with the number of tables.
+        opts.set_db_write_buffer_size(MEMTABLE_BUDGET);
         let cache = rocksdb::Cache::new_lru_cache(o.block_cache_bytes);
         let cf_options = || {
             let mut t = rocksdb::BlockBasedOptions::default();
