@@ -153,15 +153,24 @@ impl Meter {
         // duplicate. Their ids are not remembered — a long job sends
         // thousands.
         let heartbeat = matches!(ev.body, EventBody::Heartbeat);
-        let slot = match self.jobs.slot(&jk) {
-            Some(s) => Some(s),
-            None => self.fault_in(ctx.config.orphan_timeout_ms, &jk),
-        };
+        // A job let go to the archive is read back when an event may
+        // change it: a heartbeat, or a start or stop that is no duplicate
+        // (an archived job's ids are in the archive's index).
+        let mut slot = self.jobs.slot(&jk);
         let duplicate = if heartbeat {
+            if slot.is_none() {
+                slot = self.fault_in(ctx.config.orphan_timeout_ms, &jk);
+            }
             slot.and_then(|s| self.jobs.at(s))
                 .is_some_and(|j| j.last_heartbeat.is_some_and(|h| h >= ev.time))
+        } else if self.seen.contains(&ev.key) || self.archived_event(ev.key) {
+            true
         } else {
-            self.seen.contains(&ev.key) || self.archived_event(ev.key) || !self.seen.insert(ev.key)
+            if slot.is_none() {
+                slot = self.fault_in(ctx.config.orphan_timeout_ms, &jk);
+            }
+            self.seen.insert(ev.key);
+            false
         };
         if duplicate {
             self.stats.duplicates += 1;
