@@ -86,6 +86,11 @@ impl Meter {
             .into_iter()
             .filter(|jk| dirty.is_none_or(|d| !d.contains(jk)))
             .collect();
+        if !due.is_empty() {
+            // What the archive said about its first expiry was said before
+            // these jobs' entries were durable: ask again.
+            self.cold.next = None;
+        }
         for jk in due {
             self.evict(&jk);
         }
@@ -267,7 +272,6 @@ impl Cold {
         // Deletions first: a job forgotten and then started again in the
         // same batch is indexed as it is now.
         out.append(&mut self.local);
-        let mut first = None::<Timestamp>;
         for jk in written {
             let Some(job) = jobs.get(jk) else { continue };
             // A job has an expiry exactly when it has no deadline.
@@ -278,14 +282,7 @@ impl Cold {
             index_changes(jk, job, open, out);
             if !open {
                 self.unstored.insert(jk.clone(), g);
-                if let Some(e) = job.expires {
-                    first = Some(first.map_or(e, |f| f.min(e)));
-                }
             }
-        }
-        // The archive's first expiry can only have moved earlier.
-        if let (Some(e), Some(known)) = (first, self.next.as_mut()) {
-            *known = Some(known.map_or(e, |k| k.min(e)));
         }
     }
 }
