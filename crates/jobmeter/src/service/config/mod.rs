@@ -749,6 +749,32 @@ mod tests {
     }
 
     #[test]
+    fn where_finished_jobs_live_is_checked() {
+        let load = |k: &str, v: &str| {
+            let over = Overrides {
+                sets: vec![(k.into(), v.into()), ("billing.rate_card".into(), rate_card_path())],
+            };
+            Config::load(None, &[], &over).map_err(|e| e.to_string())
+        };
+        let c = load("state.finished_jobs", "memory").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.state.finished_jobs, FinishedJobs::Memory);
+        let c = load("state.block_cache_mib", "512").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (c.state.finished_jobs, c.state.block_cache_mib),
+            (FinishedJobs::Store, 512)
+        );
+        for (k, v, says) in [
+            ("state.finished_jobs", "disk", "finished_jobs"),
+            ("state.block_cache_mib", "0", "block_cache_mib"),
+            ("state.block_cache_mib", "4", "block_cache_mib"),
+            ("state.block_cache_mib", "-1", "block_cache_mib"),
+        ] {
+            let err = load(k, v).err();
+            assert!(err.as_deref().is_some_and(|e| e.contains(says)), "{k}={v}: {err:?}");
+        }
+    }
+
+    #[test]
     fn printed_config_hides_secrets() {
         let over = Overrides {
             sets: vec![
