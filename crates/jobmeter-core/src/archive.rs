@@ -69,8 +69,10 @@ pub(crate) struct Cold {
     pub(crate) next: Option<Option<Timestamp>>,
     /// Index deletions of the batch being built.
     pub(crate) local: Vec<StateChange>,
-    /// Jobs of the batch being built that became open.
-    pub(crate) opened: crate::fasthash::FastSet<JobKey>,
+    /// Open jobs whose `open_jobs` entry is written (in a durable batch or
+    /// one taken): an entry is written when a job is open at the end of a
+    /// batch, and deleted only if it was.
+    pub(crate) listed_open: crate::fasthash::FastSet<JobKey>,
     /// The first failed archive read since the last check.
     pub(crate) failure: Option<ArchiveError>,
 }
@@ -104,15 +106,18 @@ fn local(table: Table, key: Vec<u8>, put: bool) -> StateChange {
 }
 
 /// The index entries of `job` as just written: an `open` job (one with a
-/// deadline) is listed in `open_jobs`; a finished one is not, and its
-/// event ids and expiry are indexed.
-pub fn index_changes(jk: &JobKey, job: &Job, open: bool, out: &mut Vec<StateChange>) {
+/// deadline) is listed in `open_jobs`; a finished one is not (its entry is
+/// deleted when it may have one: `listed`), and its event ids and expiry
+/// are indexed.
+pub fn index_changes(jk: &JobKey, job: &Job, open: bool, listed: bool, out: &mut Vec<StateChange>) {
     let key = keys::job(jk);
     if open {
         out.push(local(Table::OpenJobs, key, true));
         return;
     }
-    out.push(local(Table::OpenJobs, key, false));
+    if listed {
+        out.push(local(Table::OpenJobs, key, false));
+    }
     for k in &job.keys {
         out.push(local(Table::EventIds, event_id_key(*k), true));
     }

@@ -22,6 +22,13 @@ impl Meter {
     /// at once.
     pub fn with_archive(mut self, archive: Box<dyn JobArchive>) -> Self {
         self.archive = Some(archive);
+        // Open jobs restored from durable state are listed there.
+        self.cold.listed_open = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.expires.is_none())
+            .map(|(k, _)| k.clone())
+            .collect();
         let inert: Vec<JobKey> = self
             .jobs
             .iter()
@@ -154,14 +161,6 @@ impl Meter {
         }
     }
 
-    /// A job became open in the batch being built (archive meters list
-    /// open jobs in an index).
-    pub(crate) fn note_opened(&mut self, jk: &JobKey) {
-        if self.archive.is_some() {
-            self.cold.opened.insert(jk.clone());
-        }
-    }
-
     /// A job is forgotten: with an archive, its index entries go and the
     /// archive's copy is ignored until the deletion is durable.
     pub(crate) fn forgotten(&mut self, jk: &JobKey, job: &Job) {
@@ -177,6 +176,8 @@ impl Meter {
             self.cold.tomb_keys.insert(*k, g);
         }
         self.cold.unstored.remove(jk);
+        // Its open-jobs entry, if any, is deleted with the rest.
+        self.cold.listed_open.remove(jk);
         unindex_changes(jk, job, &mut self.cold.local);
     }
 
@@ -268,7 +269,6 @@ impl Cold {
         if !archived {
             return;
         }
-        let opened = std::mem::take(&mut self.opened);
         // Deletions first: a job forgotten and then started again in the
         // same batch is indexed as it is now.
         out.append(&mut self.local);
@@ -276,13 +276,15 @@ impl Cold {
             let Some(job) = jobs.get(jk) else { continue };
             // A job has an expiry exactly when it has no deadline.
             let open = job.expires.is_none();
-            if open && !opened.contains(jk) {
+            if open {
+                if self.listed_open.insert(jk.clone()) {
+                    index_changes(jk, job, true, false, out);
+                }
                 continue;
             }
-            index_changes(jk, job, open, out);
-            if !open {
-                self.unstored.insert(jk.clone(), g);
-            }
+            let listed = self.listed_open.remove(jk);
+            index_changes(jk, job, false, listed, out);
+            self.unstored.insert(jk.clone(), g);
         }
     }
 }

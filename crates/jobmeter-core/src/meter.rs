@@ -348,10 +348,7 @@ impl Meter {
     ) {
         let new_deadline = deadline(&job, ctx.config.orphan_timeout_ms);
         match (old.0, new_deadline.is_some()) {
-            (false, true) => {
-                self.open += 1;
-                self.note_opened(&jk);
-            }
+            (false, true) => self.open += 1,
             (true, false) => self.open -= 1,
             _ => {}
         }

@@ -465,7 +465,8 @@ impl Store {
                     partition,
                 });
             };
-            jobmeter_core::archive::index_changes(&jk, &job, job.expires.is_none(), &mut changes);
+            // The indexes were cleared above: no open-jobs entry to delete.
+            jobmeter_core::archive::index_changes(&jk, &job, job.expires.is_none(), false, &mut changes);
             n += 1;
             if changes.len() >= 8192 {
                 self.commit(partition, &std::mem::take(&mut changes), None)?;

@@ -200,9 +200,13 @@ impl Loader {
         }
         // Nothing stored: the (empty) indexes are complete, and the restore
         // keeps them so.
-        if self.archive && progress.is_none() && self.store.scan(p, Table::Jobs, b"", 1)?.is_empty() {
+        let fresh = progress.is_none() && self.store.scan(p, Table::Jobs, b"", 1)?.is_empty();
+        if self.archive && fresh {
             self.store.set_index_complete(p, true)?;
         }
+        // Jobs this restore listed as open, when the store had none before
+        // (otherwise any job may have an entry to delete).
+        let mut listed = fresh.then(std::collections::HashSet::new);
         let indexed = self.archive && self.store.index_complete(p)?;
         let mut up = CatchUp::new(jobmeter_store::PartitionState {
             changelog_offset: progress.map(|x| x.0),
@@ -216,14 +220,14 @@ impl Loader {
         let n = reader.read_to_end(&self.changelog, &[(p, up.from)], self.deadline, |rec| {
             up.record(rec);
             if up.pending() >= RESTORE_CHUNK && failed.is_none() {
-                failed = self.write_caught_up(p, &mut up, indexed).err();
+                failed = write_caught_up(&self.store, p, &mut up, indexed, &mut listed).err();
             }
         })?;
         if let Some(e) = failed {
             return Err(e);
         }
         if n > 0 {
-            self.write_caught_up(p, &mut up, indexed)?;
+            write_caught_up(&self.store, p, &mut up, indexed, &mut listed)?;
         }
         if self.archive && !indexed {
             let t = Instant::now();
@@ -252,40 +256,59 @@ impl Loader {
             seconds: t0.elapsed().as_secs_f64(),
         })
     }
+}
 
-    /// Writes the changelog records read so far into RocksDB, with the
-    /// offset they reach, and (`indexed`) the index entries of the jobs
-    /// they change.
-    fn write_caught_up(&self, p: i32, up: &mut CatchUp, indexed: bool) -> Result<(), EngineError> {
-        let mut changes = up.changes();
-        up.map.clear();
-        if indexed {
-            let mut index = Vec::new();
-            for c in changes.iter().filter(|c| c.table == Table::Jobs) {
-                let Some(jk) = jobmeter_core::state::keys::decode_job(&c.key) else {
-                    continue;
-                };
-                let decode = |v: &[u8]| {
-                    jobmeter_core::values::decode::<jobmeter_core::state::Job>(Table::Jobs, v)
-                        .map_err(|e| e.at_key(&c.key))
-                };
-                match &c.value {
-                    Some(v) => {
-                        let job = decode(v)?;
-                        jobmeter_core::archive::index_changes(&jk, &job, job.expires.is_none(), &mut index);
+/// Writes the changelog records read so far into RocksDB, with the
+/// offset they reach, and (`indexed`) the index entries of the jobs
+/// they change. `listed`: the jobs listed as open so far, when only
+/// this restore has listed any.
+pub(crate) fn write_caught_up(
+    store: &jobmeter_store::Store,
+    p: i32,
+    up: &mut CatchUp,
+    indexed: bool,
+    listed: &mut Option<std::collections::HashSet<Vec<u8>>>,
+) -> Result<(), EngineError> {
+    let mut changes = up.changes();
+    up.map.clear();
+    if indexed {
+        let mut index = Vec::new();
+        for c in changes.iter().filter(|c| c.table == Table::Jobs) {
+            let Some(jk) = jobmeter_core::state::keys::decode_job(&c.key) else {
+                continue;
+            };
+            let decode = |v: &[u8]| {
+                jobmeter_core::values::decode::<jobmeter_core::state::Job>(Table::Jobs, v).map_err(|e| e.at_key(&c.key))
+            };
+            match &c.value {
+                Some(v) => {
+                    let job = decode(v)?;
+                    let open = job.expires.is_none();
+                    // An open job is listed once; a finished one's entry
+                    // is deleted when it may have one.
+                    let (write, was_listed) = match (open, listed.as_mut()) {
+                        (true, Some(l)) => (l.insert(c.key.clone()), false),
+                        (false, Some(l)) => (true, l.remove(&c.key)),
+                        (_, None) => (true, true),
+                    };
+                    if write {
+                        jobmeter_core::archive::index_changes(&jk, &job, open, was_listed, &mut index);
                     }
-                    None => {
-                        if let Some(old) = self.store.get(p, Table::Jobs, &c.key)? {
-                            jobmeter_core::archive::unindex_changes(&jk, &decode(&old)?, &mut index);
-                        }
+                }
+                None => {
+                    if let Some(l) = listed.as_mut() {
+                        l.remove(&c.key);
+                    }
+                    if let Some(old) = store.get(p, Table::Jobs, &c.key)? {
+                        jobmeter_core::archive::unindex_changes(&jk, &decode(&old)?, &mut index);
                     }
                 }
             }
-            changes.append(&mut index);
         }
-        self.store.commit(p, &changes, up.last)?;
-        Ok(())
+        changes.append(&mut index);
     }
+    store.commit(p, &changes, up.last)?;
+    Ok(())
 }
 
 /// A partition's state on restart: what the store holds, caught up with
@@ -379,6 +402,92 @@ mod tests {
             headers: Vec::new(),
             timestamp_ms: None,
         }
+    }
+
+    /// A restore that writes the changelog in chunks leaves the store with
+    /// the jobs and indexes a store holding the final state would build:
+    /// the same open jobs listed, the same event ids (expiry entries may
+    /// include stale ones, which the meter drops when it meets them).
+    #[test]
+    fn a_chunked_restore_indexes_like_a_full_build() {
+        use jobmeter_core::*;
+        let rates = RateCard::from_toml(
+            &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/rate-card.toml"))
+                .expect("rate card"),
+        )
+        .expect("rate card");
+        let plans = PlanCatalog::default();
+        let book = AccountBook::new(&plans);
+        let config = MeterConfig {
+            retention_ms: 4 * 3_600_000,
+            max_event_age_ms: 4 * 3_600_000,
+            ..MeterConfig::default()
+        };
+        let ctx = Context::new(&rates, &plans, &book, &config);
+        let opts = crate::simulate::FleetOptions {
+            jobs: 2_000,
+            mean_gap_ms: 10_000,
+            ..crate::simulate::FleetOptions::default()
+        };
+        // The changelog a meter writes, batch after batch.
+        let mut meter = Meter::tracking_changes();
+        let (mut records, mut out) = (Vec::new(), Vec::new());
+        for (i, ev) in crate::simulate::events(&opts).iter().enumerate() {
+            meter.apply(&ctx, ev.json.as_bytes(), None, &mut out);
+            if i % 50 == 49 {
+                for c in meter.take_changes().expect("encode") {
+                    records.push(Record {
+                        partition: 0,
+                        offset: records.len() as i64,
+                        key: Some(jobmeter_kafka::changelog::key(c.table, &c.key)),
+                        value: c.value,
+                        headers: Vec::new(),
+                        timestamp_ms: None,
+                    });
+                }
+            }
+        }
+        let deletes = records.iter().filter(|r| r.value.is_none()).count();
+        assert!(deletes > 100, "{deletes} deletions in the changelog");
+        let dirs = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+        let chunked = jobmeter_store::Store::open(dirs.0.path()).expect("open");
+        chunked.set_index_complete(0, true).expect("marker");
+        let mut up = CatchUp::new(jobmeter_store::PartitionState::default());
+        let mut listed = Some(std::collections::HashSet::new());
+        for r in records.iter().cloned() {
+            up.record(r);
+            if up.pending() >= 97 {
+                write_caught_up(&chunked, 0, &mut up, true, &mut listed).expect("write");
+            }
+        }
+        write_caught_up(&chunked, 0, &mut up, true, &mut listed).expect("write");
+        // The reference: every record at once, indexes built from the jobs.
+        let whole = jobmeter_store::Store::open(dirs.1.path()).expect("open");
+        let mut all = CatchUp::new(jobmeter_store::PartitionState::default());
+        for r in records {
+            all.record(r);
+        }
+        whole.commit(0, &all.changes(), all.last).expect("write");
+        whole.build_index(0).expect("index");
+        let scan = |s: &jobmeter_store::Store, t: Table| s.scan(0, t, b"", usize::MAX).expect("scan");
+        for t in [
+            Table::Jobs,
+            Table::OpenJobs,
+            Table::EventIds,
+            Table::Usage,
+            Table::Statements,
+        ] {
+            assert_eq!(scan(&chunked, t), scan(&whole, t), "{}", t.name());
+        }
+        let (ch, wh) = (scan(&chunked, Table::Expiries), scan(&whole, Table::Expiries));
+        assert!(wh.iter().all(|e| ch.contains(e)), "every live expiry is indexed");
+        let counts = (
+            scan(&whole, Table::OpenJobs).len(),
+            scan(&whole, Table::EventIds).len(),
+            scan(&whole, Table::Jobs).len(),
+        );
+        assert!(counts.0 >= 2 && counts.1 > 1000 && counts.2 > 500, "{counts:?}");
+        assert_eq!(chunked.progress(0).expect("progress").map(|p| p.0), all.last);
     }
 
     /// The store written from a catch-up ends in the same state as one
