@@ -25,12 +25,18 @@ use crate::state::{keys, Job, JobKey, StateChange, Table};
 use crate::time::Timestamp;
 use std::collections::{BTreeMap, BTreeSet};
 
-/// Why the archive could not answer (a store read failed). The meter
-/// cannot go on correctly without the answer: the caller must drop the
-/// batch and rebuild the meter from durable state.
+/// Why the archive could not answer. The meter cannot go on correctly
+/// without the answer: the caller must drop the batch and rebuild the meter
+/// from durable state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("job archive read failed: {0}")]
-pub struct ArchiveError(pub String);
+pub enum ArchiveError {
+    /// A store read failed (it may succeed when retried).
+    #[error("job archive read failed: {0}")]
+    Read(String),
+    /// A stored job cannot be decoded: retrying cannot help.
+    #[error("job archive: {0}")]
+    Corrupt(crate::state::DecodeError),
+}
 
 /// Read access to the jobs a meter has let go of: its partition's stored
 /// state as of the last durable batch.
@@ -192,7 +198,7 @@ impl JobArchive for MemArchive {
     fn job(&self, jk: &JobKey) -> Result<Option<Job>, ArchiveError> {
         self.jobs
             .get(&keys::job(jk))
-            .map(|v| crate::values::decode(Table::Jobs, v).map_err(|e| ArchiveError(e.to_string())))
+            .map(|v| crate::values::decode(Table::Jobs, v).map_err(|e| ArchiveError::Corrupt(e.at_key(&keys::job(jk)))))
             .transpose()
     }
 

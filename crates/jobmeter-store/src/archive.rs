@@ -23,7 +23,7 @@ impl Archive {
     }
 
     fn fail(&self, what: &str, e: impl std::fmt::Display) -> ArchiveError {
-        ArchiveError(format!("partition {}: {what}: {e}", self.partition))
+        ArchiveError::Read(format!("partition {}: {what}: {e}", self.partition))
     }
 }
 
@@ -35,8 +35,10 @@ impl JobArchive for Archive {
             .db
             .get_pinned_cf(cf, prefixed(self.partition, &keys::job(jk)))
             .map_err(|e| self.fail("read a job", e))?;
-        v.map(|v| jobmeter_core::values::decode(Table::Jobs, &v).map_err(|e| self.fail("decode a job", e)))
-            .transpose()
+        v.map(|v| {
+            jobmeter_core::values::decode(Table::Jobs, &v).map_err(|e| ArchiveError::Corrupt(e.at_key(&keys::job(jk))))
+        })
+        .transpose()
     }
 
     fn has_event(&self, key: EventKey) -> Result<bool, ArchiveError> {

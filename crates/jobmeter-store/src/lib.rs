@@ -87,6 +87,9 @@ pub enum StoreError {
         /// Why.
         reason: &'static str,
     },
+    /// A stored state record cannot be decoded.
+    #[error(transparent)]
+    Decode(#[from] jobmeter_core::state::DecodeError),
     /// A stored record is malformed.
     #[error("rocksdb at {path}: malformed {what} for partition {partition}")]
     Corrupt {
@@ -128,6 +131,12 @@ fn partition_range(partition: i32) -> (Vec<u8>, Vec<u8>) {
         prefix(partition + 1).to_vec()
     };
     (prefix(partition).to_vec(), to)
+}
+
+/// The key of a partition's corruption marker in the `open_jobs` family:
+/// one byte after the prefix, which no job key (two length prefixes) is.
+fn corrupt_key(partition: i32) -> Vec<u8> {
+    prefixed(partition, &[0xFF])
 }
 
 fn prefixed(partition: i32, key: &[u8]) -> Vec<u8> {
@@ -410,6 +419,27 @@ impl Store {
             .map_err(self.rocks("drop partition"))
     }
 
+    /// Records that `partition` holds a record that cannot be decoded (found
+    /// while metering, when a finished job was read back): its next restore
+    /// stops with that error, as for a record found at restore, until
+    /// `jobmeter rebuild` drops the partition's state.
+    pub fn mark_corrupt(&self, partition: i32, why: &str) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(Table::OpenJobs.name())?, corrupt_key(partition), why.as_bytes());
+        self.db
+            .write_opt(batch, &write_options())
+            .map_err(self.rocks("write corruption marker"))
+    }
+
+    /// What [`Store::mark_corrupt`] recorded for `partition`, if anything.
+    pub fn corrupt(&self, partition: i32) -> Result<Option<String>, StoreError> {
+        let v = self
+            .db
+            .get_cf(self.cf(Table::OpenJobs.name())?, corrupt_key(partition))
+            .map_err(self.rocks("get corruption marker"))?;
+        Ok(v.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
     /// True when `partition`'s local indexes cover every job it holds.
     pub fn index_complete(&self, partition: i32) -> Result<bool, StoreError> {
         let v = self
@@ -444,6 +474,10 @@ impl Store {
         for t in [Table::EventIds, Table::Expiries, Table::OpenJobs] {
             batch.delete_range_cf(self.cf(t.name())?, &from, &to);
         }
+        // A corruption marker stays until the partition is rebuilt.
+        if let Some(why) = self.corrupt(partition)? {
+            batch.put_cf(self.cf(Table::OpenJobs.name())?, corrupt_key(partition), why.as_bytes());
+        }
         self.db
             .write_opt(batch, &write_options())
             .map_err(self.rocks("clear index"))?;
@@ -455,16 +489,15 @@ impl Store {
             if !k.starts_with(&p) {
                 break;
             }
-            let (Some(jk), Ok(job)) = (
-                jobmeter_core::state::keys::decode_job(&k[4..]),
-                jobmeter_core::values::decode::<jobmeter_core::state::Job>(Table::Jobs, &v),
-            ) else {
+            let Some(jk) = jobmeter_core::state::keys::decode_job(&k[4..]) else {
                 return Err(StoreError::Corrupt {
                     path: self.path.clone(),
-                    what: "job record",
+                    what: "job key",
                     partition,
                 });
             };
+            let job = jobmeter_core::values::decode::<jobmeter_core::state::Job>(Table::Jobs, &v)
+                .map_err(|e| e.at_key(&k[4..]))?;
             // The indexes were cleared above: no open-jobs entry to delete.
             jobmeter_core::archive::index_changes(&jk, &job, job.expires.is_none(), false, &mut changes);
             n += 1;

@@ -454,8 +454,17 @@ impl Engine {
                     Some(ev) => pm.meter.apply_event(&ctx, ev, payload, Some(origin), &mut self.out),
                     None => pm.meter.apply(&ctx, payload, Some(origin), &mut self.out),
                 }
-                if let Some(e) = pm.meter.take_archive_failure() {
-                    return Err(e.into());
+                match pm.meter.take_archive_failure() {
+                    None => {}
+                    // A finished job that cannot be decoded: the partition
+                    // is marked, and its next restore (the pipeline's,
+                    // right after this error) sets it aside like a record
+                    // found at restore; the others go on.
+                    Some(jobmeter_core::archive::ArchiveError::Corrupt(e)) => {
+                        self.store.mark_corrupt(p, &e.to_string())?;
+                        return Err(EngineError::State(e));
+                    }
+                    Some(e) => return Err(e.into()),
                 }
                 if let Some(t) = pm.meter.stream_time() {
                     self.billing

@@ -188,6 +188,13 @@ impl Loader {
     /// changelog with `reader` (created on first use).
     fn load(&self, p: i32, reader: &mut Option<Reader>) -> Result<Loaded, EngineError> {
         let t0 = Instant::now();
+        if let Some(why) = self.store.corrupt(p)? {
+            return Err(EngineError::State(jobmeter_core::state::DecodeError {
+                table: Table::Jobs.name(),
+                key: String::new(),
+                why: format!("found while metering: {why}"),
+            }));
+        }
         let mut progress = self.store.progress(p)?;
         let now_ms = jobmeter_core::Timestamp::now().0;
         if progress.is_some_and(|(_, written)| now_ms - written > self.max_local_age.as_millis() as i64) {
@@ -231,7 +238,10 @@ impl Loader {
         }
         if self.archive && !indexed {
             let t = Instant::now();
-            let jobs = self.store.build_index(p)?;
+            let jobs = self.store.build_index(p).map_err(|e| match e {
+                jobmeter_store::StoreError::Decode(d) => EngineError::State(d),
+                e => EngineError::Store(e),
+            })?;
             tracing::info!(
                 partition = p,
                 jobs,
