@@ -6,7 +6,6 @@
 
 mod support;
 
-use jobmeter::simulate::FleetOptions;
 use jobmeter_core::state::{keys, StateChange, Table};
 use jobmeter_core::{AccountId, JobId};
 use std::time::Duration;
@@ -22,24 +21,7 @@ fn a_finished_job_that_cannot_be_read_back_stops_its_partition_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state");
     let spec = MeterSpec::new(&prefix, "corruptarch-0", state.clone(), 2);
-    let mut meter = spec.start();
-    wait_for_topics(&prefix);
-    let opts = FleetOptions {
-        seed: 11,
-        jobs: 1_000,
-        accounts: 40,
-        mean_gap_ms: 2_000,
-        ..FleetOptions::default()
-    };
-    let w = workload(&opts, 2);
-    produce_accounts(&prefix, &w);
-    let n = w.events.len();
-    let half = expected(&w, n / 2);
-    produce_events(&prefix, &w, 0..n / 2, 20_000);
-    wait_until("the first half's charges", Duration::from_secs(120), &[&meter], || {
-        read_all(&format!("{prefix}.charges")).len() >= half.charges.len()
-    });
-    assert_eq!(meter.terminate(), Some(0));
+    let (w, n, half) = meter_first_half(&prefix, &spec, 11, 1_000);
 
     // A charged job of partition 0, and its stop event.
     let (account, job, stop) = w.events[..n / 2]
@@ -101,13 +83,7 @@ fn a_finished_job_that_cannot_be_read_back_stops_its_partition_alone() {
     produce_events(&prefix, &w, n / 2..n, 20_000);
     let all = expected(&w, n);
     let by_partition = |charges: &std::collections::BTreeMap<String, String>, p: i32| {
-        charges
-            .values()
-            .filter(|c| {
-                let v: serde_json::Value = serde_json::from_str(c).expect("charge JSON");
-                partition_of(v["account_id"].as_str().unwrap_or_default(), 2) == p
-            })
-            .count()
+        charges_by_partition(charges, 2).get(&p).copied().unwrap_or(0)
     };
     wait_until("partition 1's charges", Duration::from_secs(120), &[&meter], || {
         by_partition(&read_outputs(&prefix).charges, 1) == by_partition(&all.charges, 1)

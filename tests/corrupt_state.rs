@@ -5,24 +5,11 @@
 
 mod support;
 
-use jobmeter::simulate::FleetOptions;
 use jobmeter_core::state::{keys, Table};
 use jobmeter_core::{AccountId, JobId};
 use jobmeter_kafka::changelog;
-use std::collections::BTreeMap;
 use std::time::Duration;
 use support::*;
-
-/// Charges by id, split by the input partition of their account.
-fn by_partition(charges: &BTreeMap<String, String>, partitions: i32) -> BTreeMap<i32, usize> {
-    let mut n = BTreeMap::new();
-    for c in charges.values() {
-        let v: serde_json::Value = serde_json::from_str(c).expect("charge JSON");
-        let account = v["account_id"].as_str().unwrap_or_default();
-        *n.entry(partition_of(account, partitions)).or_default() += 1;
-    }
-    n
-}
 
 #[test]
 #[cfg_attr(
@@ -33,24 +20,7 @@ fn a_partition_whose_state_cannot_be_read_stops_alone() {
     let prefix = fresh_prefix("corrupt");
     let dir = tempfile::tempdir().expect("tempdir");
     let spec = MeterSpec::new(&prefix, "corrupt-0", dir.path().join("state"), 2);
-    let mut meter = spec.start();
-    wait_for_topics(&prefix);
-    let opts = FleetOptions {
-        seed: 5,
-        jobs: 1_200,
-        accounts: 40,
-        mean_gap_ms: 2_000,
-        ..FleetOptions::default()
-    };
-    let w = workload(&opts, 2);
-    produce_accounts(&prefix, &w);
-    let n = w.events.len();
-    let half = expected(&w, n / 2);
-    produce_events(&prefix, &w, 0..n / 2, 20_000);
-    wait_until("the first half's charges", Duration::from_secs(120), &[&meter], || {
-        read_all(&format!("{prefix}.charges")).len() >= half.charges.len()
-    });
-    assert_eq!(meter.terminate(), Some(0));
+    let (w, n, half) = meter_first_half(&prefix, &spec, 5, 1_200);
 
     // A record no decoder accepts, written into partition 0's changelog
     // after what the local store holds: the next restore reads it.
@@ -72,11 +42,11 @@ fn a_partition_whose_state_cannot_be_read_stops_alone() {
     let mut meter = spec.start();
     produce_events(&prefix, &w, n / 2..n, 20_000);
     let all = expected(&w, n);
-    let want = by_partition(&all.charges, 2);
+    let want = charges_by_partition(&all.charges, 2);
     // Partition 1 meters everything; partition 0 nothing more.
     wait_until("partition 1's charges", Duration::from_secs(120), &[&meter], || {
         let got = read_outputs(&prefix);
-        by_partition(&got.charges, 2).get(&1) == want.get(&1)
+        charges_by_partition(&got.charges, 2).get(&1) == want.get(&1)
     });
     let (status, body) = http_call(&meter.http, "/readyz", None);
     assert_eq!(status, 503, "{body}");
@@ -93,9 +63,9 @@ fn a_partition_whose_state_cannot_be_read_stops_alone() {
             .join("\n")
     );
     let got = read_outputs(&prefix);
-    let first = by_partition(&half.charges, 2);
+    let first = charges_by_partition(&half.charges, 2);
     assert_eq!(
-        by_partition(&got.charges, 2).get(&0),
+        charges_by_partition(&got.charges, 2).get(&0),
         first.get(&0),
         "partition 0 stopped"
     );

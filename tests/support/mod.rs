@@ -717,3 +717,40 @@ pub fn assert_same(got: &Outputs, want: &Outputs) {
     assert_eq!(got.statements, want.statements, "statements");
     assert_eq!(got.rejects, want.rejects, "dead letters");
 }
+
+/// A meter over 2 partitions that has metered the first half of a small
+/// fleet (`seed`, `jobs` jobs, 40 accounts) and stopped cleanly: the
+/// workload, how many events it has, and the outputs of the first half.
+pub fn meter_first_half(prefix: &str, spec: &MeterSpec, seed: u64, jobs: usize) -> (Workload, usize, Outputs) {
+    let meter = spec.start();
+    wait_for_topics(prefix);
+    let opts = FleetOptions {
+        seed,
+        jobs,
+        accounts: 40,
+        mean_gap_ms: 2_000,
+        ..FleetOptions::default()
+    };
+    let w = workload(&opts, 2);
+    produce_accounts(prefix, &w);
+    let n = w.events.len();
+    let half = expected(&w, n / 2);
+    produce_events(prefix, &w, 0..n / 2, 20_000);
+    wait_until("the first half's charges", Duration::from_secs(120), &[&meter], || {
+        read_all(&format!("{prefix}.charges")).len() >= half.charges.len()
+    });
+    let mut meter = meter;
+    assert_eq!(meter.terminate(), Some(0));
+    (w, n, half)
+}
+
+/// Charges by id, counted by the input partition of their account.
+pub fn charges_by_partition(charges: &BTreeMap<String, String>, partitions: i32) -> BTreeMap<i32, usize> {
+    let mut n = BTreeMap::new();
+    for c in charges.values() {
+        let v: serde_json::Value = serde_json::from_str(c).expect("charge JSON");
+        let account = v["account_id"].as_str().unwrap_or_default();
+        *n.entry(partition_of(account, partitions)).or_default() += 1;
+    }
+    n
+}
