@@ -109,19 +109,5 @@ fn a_finished_job_that_cannot_be_read_back_stops_its_partition_alone() {
     // charge is there exactly once.
     let out = spec.command("rebuild", 0).output().expect("jobmeter rebuild");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let mut meter = spec.start();
-    wait_until(
-        "every charge after the rebuild",
-        Duration::from_secs(120),
-        &[&meter],
-        || read_all(&format!("{prefix}.charges")).len() >= all.charges.len(),
-    );
-    wait_until("ready", Duration::from_secs(60), &[&meter], || {
-        http_get(&meter.http, "/readyz").is_some_and(|b| b.starts_with("ready"))
-    });
-    std::thread::sleep(Duration::from_secs(2));
-    let got = read_outputs(&prefix);
-    assert_eq!(got.charges, all.charges);
-    assert_eq!(got.limits, all.limits);
-    assert_eq!(meter.terminate(), Some(0));
+    restart_and_expect_everything(&spec, &prefix, &all);
 }

@@ -77,19 +77,5 @@ fn a_partition_whose_state_cannot_be_read_stops_alone() {
     let out = spec.command("rebuild", 0).output().expect("jobmeter rebuild");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("partition 0:"), "{text}");
-    let mut meter = spec.start();
-    wait_until(
-        "every charge after the rebuild",
-        Duration::from_secs(120),
-        &[&meter],
-        || read_all(&format!("{prefix}.charges")).len() >= all.charges.len(),
-    );
-    wait_until("ready", Duration::from_secs(60), &[&meter], || {
-        http_get(&meter.http, "/readyz").is_some_and(|b| b.starts_with("ready"))
-    });
-    std::thread::sleep(Duration::from_secs(2));
-    let got = read_outputs(&prefix);
-    assert_eq!(got.charges, all.charges);
-    assert_eq!(got.limits, all.limits);
-    assert_eq!(meter.terminate(), Some(0));
+    restart_and_expect_everything(&spec, &prefix, &all);
 }

@@ -754,3 +754,23 @@ pub fn charges_by_partition(charges: &BTreeMap<String, String>, partitions: i32)
     }
     n
 }
+
+/// Starts `spec` again (after a rebuild) and checks that it ends with
+/// exactly the charges and limit events of `all`, and ready.
+pub fn restart_and_expect_everything(spec: &MeterSpec, prefix: &str, all: &Outputs) {
+    let mut meter = spec.start();
+    wait_until(
+        "every charge after the rebuild",
+        Duration::from_secs(120),
+        &[&meter],
+        || read_all(&format!("{prefix}.charges")).len() >= all.charges.len(),
+    );
+    wait_until("ready", Duration::from_secs(60), &[&meter], || {
+        http_get(&meter.http, "/readyz").is_some_and(|b| b.starts_with("ready"))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let got = read_outputs(prefix);
+    assert_eq!(got.charges, all.charges);
+    assert_eq!(got.limits, all.limits);
+    assert_eq!(meter.terminate(), Some(0));
+}

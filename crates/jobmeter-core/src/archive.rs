@@ -291,4 +291,46 @@ mod tests {
         }
         assert_eq!(decode_expiry_key(&[1, 2, 3]), None);
     }
+
+    /// The longest ids the parser lets through, in multi-byte text, at the
+    /// edges of time, survive the index keys and the in-memory archive.
+    #[test]
+    fn index_keys_hold_the_longest_multibyte_ids() {
+        let long = |unit: &str| {
+            let mut s = String::new();
+            while s.len() + unit.len() <= crate::event::MAX_ID_BYTES {
+                s.push_str(unit);
+            }
+            s
+        };
+        let jk: JobKey = (AccountId::from(long("界").as_str()), JobId::from(long("🚀").as_str()));
+        let job = Job {
+            keys: vec![EventKey(u128::MAX), EventKey(0)],
+            expires: Some(Timestamp::MAX),
+            ..Job::default()
+        };
+        let mut changes = vec![StateChange {
+            table: Table::Jobs,
+            key: keys::job(&jk),
+            value: Some(crate::values::encode(Table::Jobs, &job, crate::state::StateFormat::Binary).expect("encode")),
+        }];
+        index_changes(&jk, &job, false, true, &mut changes);
+        let mut a = MemArchive::new();
+        a.apply(&changes);
+        assert_eq!(a.job(&jk).expect("read"), Some(job.clone()));
+        assert!(a.has_event(EventKey(u128::MAX)).expect("read") && a.has_event(EventKey(0)).expect("read"));
+        assert_eq!(
+            a.expiring(None, Timestamp::MAX, 10).expect("read"),
+            Vec::<(Timestamp, JobKey)>::new(),
+            "an expiry at the end of time is never before it"
+        );
+        assert_eq!(
+            a.expiring(None, Timestamp(i64::MAX), 10).expect("read"),
+            vec![(Timestamp::MAX, jk.clone())]
+        );
+        let mut gone = Vec::new();
+        unindex_changes(&jk, &job, &mut gone);
+        a.apply(&gone);
+        assert_eq!(a.index_sizes(), (0, 0, 0));
+    }
 }
