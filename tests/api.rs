@@ -340,6 +340,14 @@ fn misdirected_requests_name_the_owner() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // `/readyz` can say ready for a moment after a rebalance hands an
+    // instance new partitions and before it has restored them; its usage
+    // API then answers 503 `not_ready` ("retry shortly"). Wait until both
+    // answer for real.
+    let first = format!("/v1/accounts/{}/usage", w.accounts[0].0);
+    wait_until("both instances answering", Duration::from_secs(30), &[&ma, &mb], || {
+        http_call(&ma.http, &first, Some(ADMIN)).0 != 503 && http_call(&mb.http, &first, Some(ADMIN)).0 != 503
+    });
     let mut misdirected = 0;
     for (account, _) in &w.accounts {
         let path = format!("/v1/accounts/{account}/usage");
