@@ -478,15 +478,14 @@ impl Meter {
     pub(crate) fn close_period(&mut self, ctx: &Context<'_>, p: Period, _at: Timestamp, out: &mut Vec<Output>) {
         let mut accounts = self.statements.remove(&p).unwrap_or_default();
         if self.fees_through.is_none_or(|f| f < p) {
-            // `records()` is ordered by account: emission order is stable.
-            let idle: Vec<&AccountId> = ctx
+            // `pro_accounts` is ordered by account: emission order is stable.
+            let idle = ctx
                 .accounts
-                .records()
-                .into_keys()
-                .filter(|a| !accounts.contains_key(*a) && ctx.owns(a) && ctx.accounts.pro_during(a, p))
-                .collect();
-            for a in idle {
-                accounts.insert(a.clone(), Default::default());
+                .pro_accounts(&|a| !accounts.contains_key(a) && ctx.owns(a))
+                .into_iter()
+                .filter(|a| ctx.accounts.pro_during(a, p));
+            for a in idle.collect::<Vec<_>>() {
+                accounts.insert(a, Default::default());
             }
             self.fees_through = Some(p);
             self.mark_meta();

@@ -4,7 +4,7 @@
 
 use crate::event::{Invalid, RejectReason};
 use crate::money::Money;
-use crate::plans::{AccountBook, PlanCatalog};
+use crate::plans::{Accounts, PlanCatalog};
 use crate::ratecard::RateCard;
 use crate::time::Timestamp;
 
@@ -97,7 +97,7 @@ pub struct Context<'a> {
     /// Plan defaults.
     pub plans: &'a PlanCatalog,
     /// The accounts table.
-    pub accounts: &'a AccountBook,
+    pub accounts: &'a dyn Accounts,
     /// Timeouts.
     pub config: &'a MeterConfig,
     /// The share of accounts this meter answers for, or `None` for a meter
@@ -147,7 +147,7 @@ impl<'a> Context<'a> {
     pub fn new(
         rates: &'a RateCard,
         plans: &'a PlanCatalog,
-        accounts: &'a AccountBook,
+        accounts: &'a dyn Accounts,
         config: &'a MeterConfig,
     ) -> Self {
         Context {

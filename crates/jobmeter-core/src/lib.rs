@@ -55,6 +55,6 @@ pub use event::{parse_job_event, JobEvent, JobKind, JobStatus, RejectReason};
 pub use meter::{Context, Meter, MeterConfig, Stats};
 pub use money::{AccountId, JobId, ModelId, Money};
 pub use output::{Charge, Command, LimitEvent, Origin, Output, Rejected, Statement};
-pub use plans::{AccountBook, AccountRecord, Plan, PlanCatalog, Policy};
+pub use plans::{AccountBook, AccountRecord, Accounts, Plan, PlanCatalog, Policy};
 pub use ratecard::RateCard;
 pub use time::{Period, Timestamp};

@@ -387,69 +387,33 @@ pub struct PlanTerms {
     pub spend_limit: Option<Money>,
 }
 
-/// Every account's records, ordered by `effective_from`: the accounts table.
-#[derive(Debug, Clone, Default)]
-pub struct AccountBook {
-    records: HashMap<AccountId, Vec<AccountRecord>>,
-    first_pro: BTreeSet<(Timestamp, AccountId)>,
-    first_pro_of: HashMap<AccountId, Timestamp>,
-    intro: BTreeSet<AccountId>,
-    intro_limit: usize,
+/// Where a meter looks up the account records in force: the whole table
+/// in memory ([`AccountBook`], for replays and tools) or, in the streaming
+/// meter, the records of the partitions an instance owns, kept on disk.
+pub trait Accounts: std::fmt::Debug + Sync {
+    /// The account's records, ordered by `effective_from` (empty for an
+    /// account without records).
+    fn records_of(&self, account: &AccountId) -> std::sync::Arc<[AccountRecord]>;
+
+    /// True when the account is among the first subscribers to pro (by the
+    /// `effective_from` of its first pro record, ties by account id).
+    fn has_intro_price(&self, account: &AccountId) -> bool;
+
+    /// The accounts with at least one pro record that `keep` accepts,
+    /// ordered by id (who may owe a monthly fee without usage).
+    fn pro_accounts(&self, keep: &dyn Fn(&AccountId) -> bool) -> Vec<AccountId>;
 }
 
-impl AccountBook {
-    /// An empty book; `catalog` sets how many pro subscribers get the intro fee.
-    pub fn new(catalog: &PlanCatalog) -> Self {
-        AccountBook {
-            intro_limit: catalog.pro_intro_subscribers,
-            ..AccountBook::default()
-        }
-    }
-
-    /// Adds a record. A record with the same `effective_from` as an existing
-    /// one replaces it. Returns true if the book changed.
-    pub fn insert(&mut self, r: AccountRecord) -> bool {
-        let list = self.records.entry(r.account_id.clone()).or_default();
-        let pos = list.partition_point(|x| x.effective_from < r.effective_from);
-        if list.get(pos).is_some_and(|x| x.effective_from == r.effective_from) {
-            if list[pos] == r {
-                return false;
-            }
-            list[pos] = r.clone();
-        } else {
-            list.insert(pos, r.clone());
-        }
-        let first = list.iter().find(|x| x.plan == Plan::Pro).map(|x| x.effective_from);
-        let old = self.first_pro_of.get(&r.account_id).copied();
-        if first != old {
-            if let Some(o) = old {
-                self.first_pro.remove(&(o, r.account_id.clone()));
-                self.first_pro_of.remove(&r.account_id);
-            }
-            if let Some(f) = first {
-                self.first_pro.insert((f, r.account_id.clone()));
-                self.first_pro_of.insert(r.account_id.clone(), f);
-            }
-            self.intro = self
-                .first_pro
-                .iter()
-                .take(self.intro_limit)
-                .map(|(_, a)| a.clone())
-                .collect();
-        }
-        true
-    }
-
+impl dyn Accounts + '_ {
     /// The record in force at `t`, if any.
-    pub fn record_at(&self, account: &AccountId, t: Timestamp) -> Option<&AccountRecord> {
-        let list = self.records.get(account)?;
-        let idx = list.partition_point(|x| x.effective_from <= t);
-        idx.checked_sub(1).and_then(|i| list.get(i))
+    pub fn record_at(&self, account: &AccountId, t: Timestamp) -> Option<AccountRecord> {
+        record_in(&self.records_of(account), t).cloned()
     }
 
     /// The terms in force for `account` at `t` (payg for unknown accounts).
     pub fn terms_at(&self, catalog: &PlanCatalog, account: &AccountId, t: Timestamp) -> PlanTerms {
-        let rec = self.record_at(account, t);
+        let list = self.records_of(account);
+        let rec = record_in(&list, t);
         PlanTerms {
             plan: rec.map_or(Plan::Payg, |r| r.plan),
             free_credits: rec.and_then(|r| r.free_credits).unwrap_or(catalog.free_credits),
@@ -462,19 +426,11 @@ impl AccountBook {
         }
     }
 
-    /// True when the account is among the first subscribers to pro (by the
-    /// `effective_from` of its first pro record, ties by account id).
-    pub fn has_intro_price(&self, account: &AccountId) -> bool {
-        self.intro.contains(account)
-    }
-
     /// True when the account was on pro at any instant of `period`.
     pub fn pro_during(&self, account: &AccountId, period: Period) -> bool {
-        let Some(list) = self.records.get(account) else {
-            return false;
-        };
+        let list = self.records_of(account);
         let (start, end) = (period.start(), period.end());
-        self.record_at(account, start).is_some_and(|r| r.plan == Plan::Pro)
+        record_in(&list, start).is_some_and(|r| r.plan == Plan::Pro)
             || list
                 .iter()
                 .any(|r| r.plan == Plan::Pro && r.effective_from >= start && r.effective_from < end)
@@ -490,10 +446,140 @@ impl AccountBook {
             catalog.pro_fee
         }
     }
+}
+
+/// The record of `list` (ordered by `effective_from`) in force at `t`.
+pub fn record_in(list: &[AccountRecord], t: Timestamp) -> Option<&AccountRecord> {
+    let idx = list.partition_point(|x| x.effective_from <= t);
+    idx.checked_sub(1).and_then(|i| list.get(i))
+}
+
+/// Adds `r` to `list` (ordered by `effective_from`): a record with the same
+/// `effective_from` as an existing one replaces it. Returns false when the
+/// list already held exactly `r`.
+pub fn insert_record(list: &mut Vec<AccountRecord>, r: AccountRecord) -> bool {
+    let pos = list.partition_point(|x| x.effective_from < r.effective_from);
+    match list.get_mut(pos) {
+        Some(x) if x.effective_from == r.effective_from => {
+            if *x == r {
+                return false;
+            }
+            *x = r;
+        }
+        _ => list.insert(pos, r),
+    }
+    true
+}
+
+/// The first pro subscribers: every account's first pro instant, and the
+/// `limit` first of them (by that instant, ties by account id), who pay
+/// the introductory fee.
+#[derive(Debug, Clone, Default)]
+pub struct FirstPro {
+    order: BTreeSet<(Timestamp, AccountId)>,
+    of: HashMap<AccountId, Timestamp>,
+    intro: BTreeSet<AccountId>,
+    limit: usize,
+}
+
+impl FirstPro {
+    /// No subscribers yet; the first `limit` get the intro fee.
+    pub fn new(limit: usize) -> Self {
+        FirstPro {
+            limit,
+            ..FirstPro::default()
+        }
+    }
+
+    /// Sets (or clears, with `None`) when `account` first subscribed.
+    /// Returns true when that changed.
+    pub fn set(&mut self, account: &AccountId, first: Option<Timestamp>) -> bool {
+        let old = self.of.get(account).copied();
+        if first == old {
+            return false;
+        }
+        if let Some(o) = old {
+            self.order.remove(&(o, account.clone()));
+            self.of.remove(account);
+        }
+        if let Some(f) = first {
+            self.order.insert((f, account.clone()));
+            self.of.insert(account.clone(), f);
+        }
+        // Only a change among (or into) the first `limit` moves the set.
+        let ranks = |t: Timestamp| {
+            self.limit > 0
+                && self
+                    .order
+                    .iter()
+                    .nth(self.limit - 1)
+                    .is_none_or(|last| (t, account) <= (last.0, &last.1))
+        };
+        if self.intro.contains(account) || first.is_some_and(ranks) {
+            self.intro = self.order.iter().take(self.limit).map(|(_, a)| a.clone()).collect();
+        }
+        true
+    }
+
+    /// True when `account` is among the first subscribers.
+    pub fn has_intro_price(&self, account: &AccountId) -> bool {
+        self.intro.contains(account)
+    }
+
+    /// Every account that has subscribed, in no particular order.
+    pub fn accounts(&self) -> impl Iterator<Item = &AccountId> {
+        self.of.keys()
+    }
+
+    /// How many accounts have subscribed.
+    pub fn len(&self) -> usize {
+        self.of.len()
+    }
+
+    /// True when none has.
+    pub fn is_empty(&self) -> bool {
+        self.of.is_empty()
+    }
+}
+
+/// When `list`'s account first subscribed to pro, if it did.
+pub fn first_pro_in(list: &[AccountRecord]) -> Option<Timestamp> {
+    list.iter().find(|x| x.plan == Plan::Pro).map(|x| x.effective_from)
+}
+
+/// Every account's records, ordered by `effective_from`, in memory: the
+/// whole accounts table (replays, tools, tests).
+#[derive(Debug, Clone, Default)]
+pub struct AccountBook {
+    records: HashMap<AccountId, std::sync::Arc<[AccountRecord]>>,
+    first_pro: FirstPro,
+}
+
+impl AccountBook {
+    /// An empty book; `catalog` sets how many pro subscribers get the intro fee.
+    pub fn new(catalog: &PlanCatalog) -> Self {
+        AccountBook {
+            records: HashMap::new(),
+            first_pro: FirstPro::new(catalog.pro_intro_subscribers),
+        }
+    }
+
+    /// Adds a record. A record with the same `effective_from` as an existing
+    /// one replaces it. Returns true if the book changed.
+    pub fn insert(&mut self, r: AccountRecord) -> bool {
+        let account = r.account_id.clone();
+        let mut list = self.records.get(&account).map(|l| l.to_vec()).unwrap_or_default();
+        if !insert_record(&mut list, r) {
+            return false;
+        }
+        self.first_pro.set(&account, first_pro_in(&list));
+        self.records.insert(account, list.into());
+        true
+    }
 
     /// Every record, ordered by account then `effective_from` (for snapshots).
     pub fn records(&self) -> BTreeMap<&AccountId, &[AccountRecord]> {
-        self.records.iter().map(|(k, v)| (k, v.as_slice())).collect()
+        self.records.iter().map(|(k, v)| (k, &v[..])).collect()
     }
 
     /// How many accounts the book knows.
@@ -504,6 +590,30 @@ impl AccountBook {
     /// True when no account is known.
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
+    }
+
+    /// The book as the [`Accounts`] a meter consults.
+    pub fn as_accounts(&self) -> &dyn Accounts {
+        self
+    }
+}
+
+impl Accounts for AccountBook {
+    fn records_of(&self, account: &AccountId) -> std::sync::Arc<[AccountRecord]> {
+        self.records
+            .get(account)
+            .cloned()
+            .unwrap_or_else(|| std::sync::Arc::new([]))
+    }
+
+    fn has_intro_price(&self, account: &AccountId) -> bool {
+        self.first_pro.has_intro_price(account)
+    }
+
+    fn pro_accounts(&self, keep: &dyn Fn(&AccountId) -> bool) -> Vec<AccountId> {
+        let mut v: Vec<AccountId> = self.first_pro.accounts().filter(|a| keep(a)).cloned().collect();
+        v.sort();
+        v
     }
 }
 
@@ -543,12 +653,42 @@ mod tests {
         assert!(!book.has_intro_price(&"b".into()));
     }
 
+    proptest::proptest! {
+        /// The intro set kept incrementally equals the first `limit`
+        /// subscribers recomputed from scratch, whatever the order of changes.
+        #[test]
+        fn first_pro_matches_a_recount(
+            limit in 0usize..5,
+            ops in proptest::collection::vec((0u8..8, proptest::option::of(0i64..6)), 0..60),
+        ) {
+            let mut fp = FirstPro::new(limit);
+            let mut naive: BTreeMap<AccountId, Timestamp> = BTreeMap::new();
+            for (a, t) in ops {
+                let account = AccountId::from(format!("a{a}").as_str());
+                fp.set(&account, t.map(Timestamp));
+                match t {
+                    Some(t) => naive.insert(account, Timestamp(t)),
+                    None => naive.remove(&account),
+                };
+                let mut order: Vec<(Timestamp, AccountId)> = naive.iter().map(|(a, t)| (*t, a.clone())).collect();
+                order.sort();
+                let intro: BTreeSet<AccountId> = order.into_iter().take(limit).map(|(_, a)| a).collect();
+                for a in 0..8u8 {
+                    let account = AccountId::from(format!("a{a}").as_str());
+                    proptest::prop_assert_eq!(fp.has_intro_price(&account), intro.contains(&account));
+                }
+                proptest::prop_assert_eq!(fp.len(), naive.len());
+            }
+        }
+    }
+
     #[test]
     fn record_in_force_and_defaults() {
         let catalog = PlanCatalog::default();
-        let mut book = AccountBook::new(&catalog);
-        book.insert(rec("a", Plan::Free, "2024-01-01T00:00:00Z"));
-        book.insert(rec("a", Plan::Pro, "2024-03-15T00:00:00Z"));
+        let mut owned = AccountBook::new(&catalog);
+        owned.insert(rec("a", Plan::Free, "2024-01-01T00:00:00Z"));
+        owned.insert(rec("a", Plan::Pro, "2024-03-15T00:00:00Z"));
+        let book = owned.as_accounts();
         let t = |s| Timestamp::parse(s).unwrap_or_default();
         let a = AccountId::from("a");
         assert_eq!(book.terms_at(&catalog, &a, t("2024-03-14T23:59:59Z")).plan, Plan::Free);

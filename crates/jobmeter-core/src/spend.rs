@@ -33,7 +33,7 @@ use crate::billing::{limit_spec, spend_spec, LimitSpec};
 use crate::context::Context;
 use crate::money::{AccountId, JobId, Money, CURRENCY};
 use crate::output::{Command, CommandType, LimitAction, LimitEvent, LimitKind, Output};
-use crate::plans::{AccountBook, Plan, PlanCatalog, Policy};
+use crate::plans::{Accounts, Plan, PlanCatalog, Policy};
 use crate::running::Share;
 use crate::state::{FiredKey, Job, JobKey, ThresholdId, UsageKey};
 use crate::time::{Period, Timestamp};
@@ -125,7 +125,7 @@ pub(crate) fn job_limits<'a>(
 /// its running-jobs index).
 pub(crate) fn exposures<'j>(
     plans: &PlanCatalog,
-    book: &AccountBook,
+    book: &dyn Accounts,
     account: &AccountId,
     period: Period,
     jobs: impl Iterator<Item = &'j Job>,

@@ -9,7 +9,7 @@ use crate::billing::{limits_for, statement_line};
 use crate::event::JobKind;
 use crate::money::{AccountId, JobId, ModelId, Money, CURRENCY};
 use crate::output::{LimitKind, Statement, StatementLine};
-use crate::plans::{AccountBook, Plan, PlanCatalog};
+use crate::plans::{Accounts, Plan, PlanCatalog};
 use crate::ratecard::Rounding;
 use crate::spend::Exposure;
 use crate::state::{Counter, FiredKey, Job, StatementAcc, UsageKey};
@@ -160,7 +160,7 @@ pub fn usage_report(
     period: Period,
     st: &AccountState,
     plans: &PlanCatalog,
-    book: &AccountBook,
+    book: &dyn Accounts,
     rounding: Rounding,
 ) -> UsageReport {
     let (status, lines, totals, plan) = match (&st.closed, &st.open) {
@@ -372,7 +372,7 @@ pub fn limits_report(
     period: Period,
     st: &AccountState,
     plans: &PlanCatalog,
-    book: &AccountBook,
+    book: &dyn Accounts,
 ) -> LimitsReport {
     let at = st
         .stream_time
@@ -663,7 +663,7 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let plans = PlanCatalog::default();
-        let mut book = AccountBook::new(&plans);
+        let mut book = crate::AccountBook::new(&plans);
         book.insert(
             crate::plans::AccountRecord::parse(
                 br#"{"account_id":"a","plan":"free","effective_from":"2024-01-01T00:00:00Z","free_credits":"2.00"}"#,
@@ -786,7 +786,7 @@ mod tests {
             ),
         ];
         for (record, plans, allow, reason) in cases {
-            let mut book = AccountBook::new(&plans);
+            let mut book = crate::AccountBook::new(&plans);
             book.insert(crate::plans::AccountRecord::parse(record.as_bytes()).unwrap_or_else(|e| panic!("{e:?}")));
             let config = MeterConfig::default();
             let ctx = Context::new(&rates, &plans, &book, &config);
@@ -827,7 +827,7 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let plans = PlanCatalog::default();
-        let mut book = AccountBook::new(&plans);
+        let mut book = crate::AccountBook::new(&plans);
         book.insert(
             crate::plans::AccountRecord::parse(
                 br#"{"account_id":"a","plan":"free","effective_from":"2024-01-01T00:00:00Z"}"#,

@@ -151,6 +151,11 @@ impl Reader {
         Ok(Reader { consumer })
     }
 
+    /// A partition's watermarks (see [`watermarks`]).
+    pub fn watermarks(&self, topic: &str, partition: i32, deadline: Duration) -> Result<(i64, i64), KafkaAdapterError> {
+        watermarks(&self.consumer, topic, partition, deadline)
+    }
+
     /// [`read_to_end`] with this client.
     pub fn read_to_end(
         &self,

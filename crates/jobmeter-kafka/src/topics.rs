@@ -34,6 +34,14 @@ pub struct Topics {
     /// the markers that record where they were applied (internal, one
     /// partition per input partition).
     pub repartition: String,
+    /// Account records, each in the partition of its account (murmur2 of
+    /// the account id over the input's partitions), keyed by instant and
+    /// account (internal, compacted, one partition per input partition).
+    pub accounts_by_partition: String,
+    /// Which account records put an account on pro: every instance reads
+    /// it whole to know the first pro subscribers (internal, compacted,
+    /// one partition).
+    pub pro_subscribers: String,
 }
 
 impl Topics {
@@ -50,6 +58,8 @@ impl Topics {
             commands: t("commands"),
             changelog: t("changelog"),
             repartition: t("repartition"),
+            accounts_by_partition: t("accounts-by-partition"),
+            pro_subscribers: t("pro-subscribers"),
         }
     }
 }
@@ -146,9 +156,9 @@ pub async fn create_topic(
     create_and_wait(settings, &[(name, partitions, &[])], replication).await
 }
 
-/// Creates the topics that do not exist yet and checks that the changelog
-/// and the repartition topic have as many partitions as the input (the
-/// meter maps each onto the other).
+/// Creates the topics that do not exist yet and checks that the changelog,
+/// the repartition topic and the accounts by partition have as many
+/// partitions as the input (the meter maps each onto the other).
 pub async fn ensure_topics(
     settings: &KafkaSettings,
     topics: &Topics,
@@ -179,6 +189,8 @@ pub async fn ensure_topics(
         (&topics.changelog, layout.partitions, &compacted),
         (&topics.repartition, layout.partitions, &forwarded),
         (&topics.accounts, 1, &compacted[..1]),
+        (&topics.accounts_by_partition, layout.partitions, &compacted[..1]),
+        (&topics.pro_subscribers, 1, &compacted),
         (&topics.charges, layout.output_partitions, &plain),
         (&topics.limits, layout.output_partitions, &plain),
         (&topics.statements, layout.output_partitions, &plain),
@@ -187,7 +199,7 @@ pub async fn ensure_topics(
     ];
     create_and_wait(settings, &specs, layout.replication).await?;
     let inp = partition_count(settings, &topics.job_events)?;
-    for internal in [&topics.changelog, &topics.repartition] {
+    for internal in [&topics.changelog, &topics.repartition, &topics.accounts_by_partition] {
         let n = partition_count(settings, internal)?;
         if n != inp {
             return Err(KafkaAdapterError::Topic {

@@ -22,6 +22,7 @@
 //! cf expiries    : partition:u32 BE | expiry | job key    -> (empty)   local index
 //! cf open_jobs   : partition:u32 BE | job key             -> (empty)   local index
 //! cf open_jobs   : partition:u32 BE                       -> "complete" when the indexes cover every job
+//! cf accounts    : partition:u32 BE | 0x00 | account | from -> account record (see `accounts.rs`)
 //! ```
 //!
 //! The local indexes serve [`jobmeter_core::archive`] (finished jobs read
@@ -43,9 +44,11 @@
 //! ## Must never depend on
 //! Kafka or the network. Callers run it off async worker threads.
 
+mod accounts;
 mod archive;
 mod state_store;
 
+pub use accounts::{AccountRow, ACCOUNTS_CF, MAX_ACCOUNT_KEY};
 pub use archive::Archive;
 pub use state_store::{MemStore, StateStore};
 
@@ -90,6 +93,12 @@ pub enum StoreError {
     /// A stored state record cannot be decoded.
     #[error(transparent)]
     Decode(#[from] jobmeter_core::state::DecodeError),
+    /// An account id longer than the accounts table's key layout holds.
+    #[error("an account id of {len} bytes does not fit the accounts table's keys")]
+    AccountIdTooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
     /// A stored record is malformed.
     #[error("rocksdb at {path}: malformed {what} for partition {partition}")]
     Corrupt {
@@ -227,7 +236,7 @@ impl Store {
         let cfs = Table::ALL
             .iter()
             .map(|t| t.name())
-            .chain([PROGRESS_CF])
+            .chain([PROGRESS_CF, ACCOUNTS_CF])
             .map(|n| ColumnFamilyDescriptor::new(n, cf_options()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| StoreError::Rocks {
             path: path.to_owned(),

@@ -1,31 +1,57 @@
-//! The accounts table: every instance reads the whole accounts topic
-//! (`read_committed`, from the beginning) into an in-memory
-//! [`AccountBook`], first to its end before metering starts, then by
-//! tailing it.
+//! The accounts table, co-partitioned with the events.
 //!
-//! A record is expected ahead of the usage it governs; one that arrives
-//! later does not re-rate charges already emitted. Such records are logged
-//! and counted (`jobmeter_account_records_total{outcome="late"}`): a record
-//! whose `effective_from` is earlier than the newest event time the meter
-//! had seen when the record arrived.
+//! Account records arrive on the accounts topic with whatever partitioner
+//! their producer used. Every instance runs a **forwarder**, a member of
+//! the consumer group `<group>.accounts`, which copies each valid record
+//! into `<prefix>.accounts-by-partition`, in the partition that meters the
+//! account (murmur2 of the account id over the input's partitions, as for
+//! events), keyed by instant and account. An instance holds in RocksDB the
+//! records of the partitions it owns only: a partition's restore first
+//! reads its accounts partition from where the store last stopped, and a
+//! tailer keeps the owned partitions current. Lookups go through a bounded
+//! cache ([`StoredAccounts`]).
+//!
+//! The introductory pro fee goes to the first pro subscribers of the whole
+//! platform, which no single partition knows. The forwarder therefore also
+//! writes, for each record that puts an account on pro at an instant (or
+//! replaces one that did), an entry in `<prefix>.pro-subscribers`, one
+//! compacted partition that every instance reads whole ([`ProTable`]).
+//! Memory holds that table (the pro subscribers, not the free accounts)
+//! and the cache.
+//!
+//! Forwarding is at least once: a record forwarded twice is stored twice
+//! under the same key, which changes nothing. At start-up an instance
+//! waits until the forwarders have passed the accounts topic's end as it
+//! was, so that records written before the meter started govern the usage
+//! after them. A record is expected ahead of the usage it governs; one
+//! that arrives later does not re-rate charges already emitted. Such
+//! records are logged and counted
+//! (`jobmeter_account_records_total{outcome="late"}`): a record whose
+//! `effective_from` is earlier than the newest event time the meter had
+//! seen when the record was forwarded.
 
-use jobmeter_core::{AccountBook, AccountRecord};
+use jobmeter_core::plans::FirstPro;
+use jobmeter_core::{AccountId, AccountRecord, Accounts, Plan, Timestamp};
 use jobmeter_kafka::client::KafkaSettings;
-use jobmeter_kafka::reader::read_to_end;
+use jobmeter_kafka::partitioner::partition_for_key;
+use jobmeter_kafka::reader::Reader;
+use jobmeter_store::Store;
 use prometheus::{IntCounterVec, Opts, Registry};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 /// Counters of the accounts table.
 #[derive(Debug, Clone)]
 pub struct AccountsMetrics {
     records: IntCounterVec,
+    lookups: IntCounterVec,
 }
 
 impl AccountsMetrics {
@@ -34,117 +60,766 @@ impl AccountsMetrics {
         let records = IntCounterVec::new(
             Opts::new(
                 "jobmeter_account_records_total",
-                "Account records read, by outcome (applied, late, invalid)",
+                "Account records by outcome: forwarded to their account's partition, late (forwarded after usage it would govern), invalid (refused), applied (stored for a partition this instance owns)",
             ),
             &["outcome"],
         )?;
         r.register(Box::new(records.clone()))?;
-        for o in ["applied", "late", "invalid"] {
+        for o in ["forwarded", "applied", "late", "invalid"] {
             records.with_label_values(&[o]);
         }
-        Ok(AccountsMetrics { records })
+        let lookups = IntCounterVec::new(
+            Opts::new(
+                "jobmeter_account_lookups_total",
+                "Account lookups by the meters and the usage API, by where they were answered (cache, store)",
+            ),
+            &["from"],
+        )?;
+        r.register(Box::new(lookups.clone()))?;
+        for o in ["cache", "store"] {
+            lookups.with_label_values(&[o]);
+        }
+        Ok(AccountsMetrics { records, lookups })
     }
 }
 
-/// The shared table plus what the tailer needs.
-#[derive(Debug, Clone)]
-pub struct AccountsTable {
-    /// The book every meter reads.
-    pub book: Arc<RwLock<AccountBook>>,
+/// The key of a record on the internal topics: its instant and account,
+/// so that compaction keeps the last record per instant and account (a
+/// record replaces an earlier one with the same `effective_from`).
+pub fn internal_key(r: &AccountRecord) -> Vec<u8> {
+    format!("{} {}", r.effective_from.0, r.account_id).into_bytes()
+}
+
+fn parse_internal_key(k: &[u8]) -> Option<(Timestamp, AccountId)> {
+    let s = std::str::from_utf8(k).ok()?;
+    let (t, a) = s.split_once(' ')?;
+    Some((Timestamp(t.parse().ok()?), AccountId::from(a)))
+}
+
+/// Which account records put accounts on pro, for the whole platform:
+/// each pro account's instants of pro records, and the first subscribers.
+#[derive(Debug)]
+pub struct ProTable {
+    instants: HashMap<AccountId, Vec<Timestamp>>,
+    first: FirstPro,
+}
+
+impl ProTable {
+    /// Empty; the first `limit` subscribers get the intro fee.
+    pub fn new(limit: usize) -> Self {
+        ProTable {
+            instants: HashMap::new(),
+            first: FirstPro::new(limit),
+        }
+    }
+
+    /// The record of `account` at `t` is (`pro`) or is not a pro record.
+    pub fn set(&mut self, account: &AccountId, t: Timestamp, pro: bool) {
+        let list = self.instants.entry(account.clone()).or_default();
+        let pos = list.partition_point(|x| *x < t);
+        let present = list.get(pos) == Some(&t);
+        match (pro, present) {
+            (true, false) => list.insert(pos, t),
+            (false, true) => {
+                list.remove(pos);
+            }
+            _ => return,
+        }
+        let first = list.first().copied();
+        if first.is_none() {
+            self.instants.remove(account);
+        }
+        self.first.set(account, first);
+    }
+
+    /// True when the record of `account` at `t` is a pro record.
+    pub fn is_pro(&self, account: &AccountId, t: Timestamp) -> bool {
+        self.instants.get(account).is_some_and(|l| l.binary_search(&t).is_ok())
+    }
+
+    /// How many accounts have a pro record.
+    pub fn len(&self) -> usize {
+        self.instants.len()
+    }
+
+    /// True when none has.
+    pub fn is_empty(&self) -> bool {
+        self.instants.is_empty()
+    }
+}
+
+/// A bounded cache of account records: two generations, a lookup that
+/// hits the old one moves the entry to the new one; when the new one is
+/// full, the old one is dropped. Unknown accounts are cached too (empty).
+#[derive(Debug, Default)]
+struct Cache {
+    young: HashMap<AccountId, Arc<[AccountRecord]>>,
+    old: HashMap<AccountId, Arc<[AccountRecord]>>,
+    half: usize,
+    /// Bumped by every invalidation: a value read from the store before a
+    /// bump may be stale and is not cached.
+    version: u64,
+}
+
+impl Cache {
+    fn get(&mut self, a: &AccountId) -> Option<Arc<[AccountRecord]>> {
+        if let Some(v) = self.young.get(a) {
+            return Some(v.clone());
+        }
+        let v = self.old.remove(a)?;
+        self.put(a.clone(), v.clone());
+        Some(v)
+    }
+
+    fn put(&mut self, a: AccountId, v: Arc<[AccountRecord]>) {
+        if self.young.len() >= self.half {
+            self.old = std::mem::take(&mut self.young);
+        }
+        self.young.insert(a, v);
+    }
+
+    fn invalidate(&mut self, a: &AccountId) {
+        self.young.remove(a);
+        self.old.remove(a);
+        self.version += 1;
+    }
+
+    fn len(&self) -> usize {
+        self.young.len() + self.old.len()
+    }
+}
+
+/// The accounts of the partitions this instance owns, in RocksDB behind a
+/// bounded cache, and the platform's pro subscribers: what the meters and
+/// the usage API consult.
+#[derive(Debug)]
+pub struct StoredAccounts {
+    store: Arc<Store>,
+    partitions: Arc<AtomicI32>,
+    cache: Mutex<Cache>,
+    /// The pro table, kept current by the pro tailer and the forwarder.
+    pub pro: RwLock<ProTable>,
+    failures: AtomicU64,
+    last_failure: Mutex<String>,
+    metrics: AccountsMetrics,
     /// Newest event time (ms) any local meter has seen, to detect late records.
     pub newest_event_ms: Arc<AtomicI64>,
-    metrics: AccountsMetrics,
 }
 
-impl AccountsTable {
-    /// An empty table.
-    pub fn new(book: AccountBook, metrics: AccountsMetrics) -> Self {
-        AccountsTable {
-            book: Arc::new(RwLock::new(book)),
-            newest_event_ms: Arc::new(AtomicI64::new(i64::MIN)),
+impl StoredAccounts {
+    /// Accounts in `store`, `cache_entries` of them cached; `partitions`
+    /// is the input's partition count (set once known).
+    pub fn new(
+        store: Arc<Store>,
+        partitions: Arc<AtomicI32>,
+        cache_entries: usize,
+        intro_limit: usize,
+        metrics: AccountsMetrics,
+    ) -> Self {
+        StoredAccounts {
+            store,
+            partitions,
+            cache: Mutex::new(Cache {
+                half: (cache_entries / 2).max(1),
+                ..Cache::default()
+            }),
+            pro: RwLock::new(ProTable::new(intro_limit)),
+            failures: AtomicU64::new(0),
+            last_failure: Mutex::new(String::new()),
             metrics,
+            newest_event_ms: Arc::new(AtomicI64::new(i64::MIN)),
         }
     }
 
-    fn apply(&self, bytes: Option<&[u8]>) {
-        let Some(bytes) = bytes else { return };
-        match AccountRecord::parse(bytes) {
-            Ok(r) => {
-                let late = r.effective_from.0 < self.newest_event_ms.load(Ordering::Relaxed);
-                if late {
-                    tracing::warn!(account = %r.account_id, effective_from = %r.effective_from, "account record arrived after usage it would govern; charges already emitted are not re-rated");
-                    self.metrics.records.with_label_values(&["late"]).inc();
-                }
-                let mut book = self.book.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-                book.insert(r);
-                self.metrics.records.with_label_values(&["applied"]).inc();
-            }
-            Err(e) => {
-                tracing::warn!(reason = %e.reason, detail = %e.detail, "invalid account record ignored");
-                self.metrics.records.with_label_values(&["invalid"]).inc();
-            }
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How many lookups could not read the store so far. A lookup that
+    /// fails answers "no records": whoever made lookups compares this
+    /// before and after, and a batch that saw it change must not commit.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::SeqCst)
+    }
+
+    /// Why the last failed lookup failed.
+    pub fn last_failure(&self) -> String {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// How many accounts the cache holds.
+    pub fn cached(&self) -> usize {
+        self.cache().len()
+    }
+
+    /// How many accounts have a pro record (the pro table's size).
+    pub fn pro_subscribers(&self) -> usize {
+        self.pro.read().map_or(0, |t| t.len())
+    }
+
+    fn read(&self, account: &AccountId) -> Result<Vec<AccountRecord>, String> {
+        let p = partition_for_key(account.as_str().as_bytes(), self.partitions.load(Ordering::Relaxed));
+        let rows = self
+            .store
+            .account_records(p, account.as_str())
+            .map_err(|e| e.to_string())?;
+        rows.iter()
+            .map(|v| {
+                AccountRecord::parse(v)
+                    .map_err(|e| format!("stored record of account {account} cannot be read: {}", e.detail))
+            })
+            .collect()
+    }
+
+    /// Stores `rows` (records of partition `p`, read up to `next_offset` of
+    /// its accounts partition when given) and drops their accounts from
+    /// the cache.
+    pub fn apply(
+        &self,
+        p: i32,
+        rows: &[AccountRecord],
+        next_offset: Option<i64>,
+    ) -> Result<(), jobmeter_store::StoreError> {
+        let values: Vec<String> = rows
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap_or_default())
+            .collect();
+        let keyed: Vec<jobmeter_store::AccountRow<'_>> = rows
+            .iter()
+            .zip(&values)
+            .map(|(r, v)| (r.account_id.as_str(), r.effective_from.0, v.as_bytes()))
+            .collect();
+        self.store.put_account_records(p, &keyed, next_offset)?;
+        let mut cache = self.cache();
+        for r in rows {
+            cache.invalidate(&r.account_id);
         }
+        self.metrics
+            .records
+            .with_label_values(&["applied"])
+            .inc_by(rows.len() as u64);
+        Ok(())
     }
+}
 
-    /// Reads the whole topic to its current end. Returns the next offset of
-    /// each partition.
-    pub fn load(
-        &self,
-        settings: &KafkaSettings,
-        client_id: &str,
-        topic: &str,
-        partitions: i32,
-    ) -> Result<HashMap<i32, i64>, jobmeter_kafka::KafkaAdapterError> {
-        let parts: Vec<(i32, Option<i64>)> = (0..partitions).map(|p| (p, None)).collect();
-        let mut next = HashMap::new();
-        read_to_end(settings, client_id, topic, &parts, Duration::from_secs(300), |rec| {
-            next.insert(rec.partition, rec.offset + 1);
-            self.apply(rec.value.as_deref());
-        })?;
-        Ok(next)
-    }
-
-    /// Tails the topic from `next` until `stop` is set (runs on its own thread).
-    pub fn tail(
-        &self,
-        settings: &KafkaSettings,
-        client_id: &str,
-        topic: &str,
-        partitions: i32,
-        next: HashMap<i32, i64>,
-        stop: Arc<AtomicBool>,
-    ) {
-        let consumer: BaseConsumer<jobmeter_kafka::reader::ReaderContext> = match settings
-            .reader(client_id)
-            .create_with_context(jobmeter_kafka::reader::ReaderContext)
-        {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot create the accounts tailer");
-                return;
+impl Accounts for StoredAccounts {
+    fn records_of(&self, account: &AccountId) -> Arc<[AccountRecord]> {
+        let version = {
+            let mut cache = self.cache();
+            if let Some(v) = cache.get(account) {
+                self.metrics.lookups.with_label_values(&["cache"]).inc();
+                return v;
             }
+            cache.version
         };
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            let off = next.get(&p).map_or(Offset::Beginning, |o| Offset::Offset(*o));
-            if let Err(e) = tpl.add_partition_offset(topic, p, off) {
-                tracing::error!(error = %e, "accounts tailer assignment");
-                return;
+        self.metrics.lookups.with_label_values(&["store"]).inc();
+        match self.read(account) {
+            Ok(list) => {
+                let v: Arc<[AccountRecord]> = list.into();
+                let mut cache = self.cache();
+                if cache.version == version {
+                    cache.put(account.clone(), v.clone());
+                }
+                v
+            }
+            Err(e) => {
+                tracing::error!(account = %account, error = %e, "account records cannot be read from the store");
+                *self
+                    .last_failure
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = e;
+                self.failures.fetch_add(1, Ordering::SeqCst);
+                Arc::new([])
             }
         }
-        if let Err(e) = consumer.assign(&tpl) {
-            tracing::error!(error = %e, "accounts tailer assignment");
+    }
+
+    fn has_intro_price(&self, account: &AccountId) -> bool {
+        self.pro.read().is_ok_and(|t| t.first.has_intro_price(account))
+    }
+
+    fn pro_accounts(&self, keep: &dyn Fn(&AccountId) -> bool) -> Vec<AccountId> {
+        let mut v: Vec<AccountId> = self
+            .pro
+            .read()
+            .map(|t| t.instants.keys().filter(|a| keep(a)).cloned().collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+/// Records of the accounts partitions read at once before they are stored.
+const CHUNK: usize = 10_000;
+
+/// Reads partition `p` of the accounts by partition from where the store
+/// stopped to its end into the store. Returns the records read.
+pub fn catch_up(
+    accounts: &StoredAccounts,
+    reader: &Reader,
+    topic: &str,
+    p: i32,
+    deadline: Duration,
+) -> Result<u64, super::engine::EngineError> {
+    let from = accounts.store.accounts_offset(p)?;
+    let mut rows = Vec::new();
+    let mut failed = None;
+    let mut last = None;
+    let n = reader.read_to_end(topic, &[(p, from)], deadline, |rec| {
+        last = Some(rec.offset + 1);
+        if let Some(r) = rec.value.as_deref().and_then(|v| AccountRecord::parse(v).ok()) {
+            rows.push(r);
+        }
+        if rows.len() >= CHUNK && failed.is_none() {
+            failed = accounts
+                .apply(p, &std::mem::take(&mut rows), Some(rec.offset + 1))
+                .err();
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    if let Some(next) = last {
+        accounts.apply(p, &rows, Some(next))?;
+    }
+    Ok(n)
+}
+
+/// Where the live tail of the accounts topic starts: its end when the
+/// instance starts (what is before it reaches the instance through the
+/// forwarders and each partition's catch-up).
+pub fn source_ends(
+    settings: &KafkaSettings,
+    client_id: &str,
+    source: &str,
+    partitions: i32,
+) -> Result<Vec<(i32, i64)>, jobmeter_kafka::KafkaAdapterError> {
+    let reader = Reader::new(settings, client_id)?;
+    (0..partitions)
+        .map(|p| {
+            reader
+                .watermarks(source, p, Duration::from_secs(60))
+                .map(|(_, high)| (p, high))
+        })
+        .collect()
+}
+
+/// Keeps the owned partitions' accounts current until `stop` (runs on its
+/// own thread). It reads two things with one consumer:
+///
+/// - the accounts topic itself, live, from `source_from` on: every record
+///   is stored at once, whatever its partition (a partition being restored
+///   here, or moving here a moment later, must not meter usage before
+///   it), and the pro table learns it;
+/// - the accounts partitions of the owned partitions, from where their
+///   catch-up left off (a partition is tailed once its restore has caught
+///   it up and it is in `owned`): records forwarded while the partition
+///   was not owned yet.
+///
+/// Both are idempotent: a record stored twice changes nothing.
+pub fn tail_owned(
+    accounts: &StoredAccounts,
+    settings: &KafkaSettings,
+    client_id: &str,
+    topics: (&str, &str),
+    source_from: Vec<(i32, i64)>,
+    owned: &RwLock<BTreeSet<i32>>,
+    stop: &AtomicBool,
+) {
+    let (source, by_partition) = topics;
+    let consumer: BaseConsumer<jobmeter_kafka::reader::ReaderContext> = match settings
+        .reader(client_id)
+        .set("enable.partition.eof", "false")
+        .create_with_context(jobmeter_kafka::reader::ReaderContext)
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot create the accounts tailer");
             return;
         }
-        while !stop.load(Ordering::Relaxed) {
-            match consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) => self.apply(m.payload()),
-                Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+    };
+    let mut source_next: HashMap<i32, i64> = source_from.into_iter().collect();
+    let mut assigned: Option<BTreeSet<i32>> = None;
+    let mut checked = Instant::now() - Duration::from_secs(1);
+    // Rows by partition, and the accounts partition offset they reach.
+    let mut pending: HashMap<i32, (Vec<AccountRecord>, Option<i64>)> = HashMap::new();
+    let mut held = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        if checked.elapsed() >= Duration::from_millis(200) {
+            checked = Instant::now();
+            let want = owned.read().map(|o| o.clone()).unwrap_or_default();
+            if assigned.as_ref() != Some(&want) {
+                flush(accounts, &mut pending);
+                held = 0;
+                let mut tpl = TopicPartitionList::new();
+                for (&p, &o) in &source_next {
+                    let _ = tpl.add_partition_offset(source, p, Offset::Offset(o));
+                }
+                for &p in &want {
+                    match accounts.store.accounts_offset(p) {
+                        Ok(o) => {
+                            let _ =
+                                tpl.add_partition_offset(by_partition, p, o.map_or(Offset::Beginning, Offset::Offset));
+                        }
+                        Err(e) => tracing::error!(error = %e, partition = p, "accounts tailer cannot read its offset"),
+                    }
+                }
+                match consumer.assign(&tpl) {
+                    Ok(()) => assigned = Some(want),
+                    Err(e) => tracing::warn!(error = %e, "accounts tailer assignment"),
+                }
+            }
+        }
+        // Block for the first record, then take what is queued without
+        // waiting: records are stored as soon as they are read.
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match consumer.poll(wait) {
+                Some(Ok(m)) => {
+                    wait = Duration::ZERO;
+                    let parsed = m.payload().and_then(|v| AccountRecord::parse(v).ok());
+                    if m.topic() == source {
+                        source_next.insert(m.partition(), m.offset() + 1);
+                        let Some(r) = parsed else { continue };
+                        if let Ok(mut t) = accounts.pro.write() {
+                            if r.plan == Plan::Pro || t.is_pro(&r.account_id, r.effective_from) {
+                                t.set(&r.account_id, r.effective_from, r.plan == Plan::Pro);
+                            }
+                        }
+                        let p = partition_for_key(
+                            r.account_id.as_str().as_bytes(),
+                            accounts.partitions.load(Ordering::Relaxed),
+                        );
+                        pending.entry(p).or_default().0.push(r);
+                        held += 1;
+                    } else {
+                        let entry = pending.entry(m.partition()).or_default();
+                        entry.1 = Some(m.offset() + 1);
+                        if let Some(r) = parsed {
+                            entry.0.push(r);
+                            held += 1;
+                        }
+                    }
+                    if held >= CHUNK {
+                        break;
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) | None => break,
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "accounts tailer");
                     std::thread::sleep(Duration::from_millis(500));
+                    break;
                 }
             }
         }
+        flush(accounts, &mut pending);
+        held = 0;
     }
+    flush(accounts, &mut pending);
+}
+
+fn flush(accounts: &StoredAccounts, pending: &mut HashMap<i32, (Vec<AccountRecord>, Option<i64>)>) {
+    for (p, (rows, next)) in pending.drain() {
+        if let Err(e) = accounts.apply(p, &rows, next) {
+            // Not stored, and the offset did not move: the next catch-up
+            // of the partition reads these records again.
+            tracing::error!(error = %e, partition = p, "account records not stored");
+        }
+    }
+}
+
+/// Reads the pro subscribers topic to its end into the pro table, then
+/// (with `stop`) keeps tailing it. Returns after the first read when
+/// `stop` is `None`, with the next offset.
+pub fn read_pro(
+    accounts: &StoredAccounts,
+    settings: &KafkaSettings,
+    client_id: &str,
+    topic: &str,
+    from: Option<i64>,
+    stop: Option<&AtomicBool>,
+) -> Result<i64, jobmeter_kafka::KafkaAdapterError> {
+    let apply = |key: Option<&[u8]>, value: Option<&[u8]>| {
+        if let Some((t, a)) = key.and_then(parse_internal_key) {
+            if let Ok(mut table) = accounts.pro.write() {
+                table.set(&a, t, value.is_some());
+            }
+        }
+    };
+    let Some(stop) = stop else {
+        let mut next = from.unwrap_or(0);
+        Reader::new(settings, client_id)?.read_to_end(topic, &[(0, from)], Duration::from_secs(300), |rec| {
+            next = rec.offset + 1;
+            apply(rec.key.as_deref(), rec.value.as_deref());
+        })?;
+        return Ok(next);
+    };
+    let consumer: BaseConsumer<jobmeter_kafka::reader::ReaderContext> = settings
+        .reader(client_id)
+        .set("enable.partition.eof", "false")
+        .create_with_context(jobmeter_kafka::reader::ReaderContext)
+        .map_err(|source| jobmeter_kafka::KafkaAdapterError::Client {
+            what: "pro subscribers tailer",
+            source,
+        })?;
+    let mut tpl = TopicPartitionList::new();
+    let assign = |source| jobmeter_kafka::KafkaAdapterError::Op {
+        op: "assign the pro subscribers",
+        source,
+    };
+    tpl.add_partition_offset(topic, 0, from.map_or(Offset::Beginning, Offset::Offset))
+        .map_err(assign)?;
+    consumer.assign(&tpl).map_err(assign)?;
+    let mut next = from.unwrap_or(0);
+    while !stop.load(Ordering::Relaxed) {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                next = m.offset() + 1;
+                apply(m.key(), m.payload());
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "pro subscribers tailer");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+    Ok(next)
+}
+
+/// What the forwarder needs.
+#[derive(Debug, Clone)]
+pub struct Forwarding {
+    /// Kafka settings.
+    pub settings: KafkaSettings,
+    /// The forwarders' consumer group.
+    pub group: String,
+    /// This instance's client id.
+    pub client_id: String,
+    /// The accounts topic (input).
+    pub source: String,
+    /// The accounts by partition.
+    pub by_partition: String,
+    /// The pro subscribers.
+    pub pro: String,
+}
+
+/// The consumer group of the forwarders of the meter's group `group`.
+pub fn forwarder_group(group: &str) -> String {
+    format!("{group}.accounts")
+}
+
+/// How often the forwarder commits what it forwarded.
+const FORWARD_COMMIT_EVERY: Duration = Duration::from_millis(200);
+
+/// Forwards account records until `stop` (runs on its own thread): see
+/// the module docs. Records are produced, flushed, then their offsets
+/// committed; a crash in between forwards them again.
+pub fn forward(accounts: &StoredAccounts, f: &Forwarding, forwarded: &AtomicU64, stop: &AtomicBool) {
+    let consumer: BaseConsumer<jobmeter_kafka::reader::ReaderContext> = match f
+        .settings
+        .group_consumer(&f.group, &f.client_id)
+        .create_with_context(jobmeter_kafka::reader::ReaderContext)
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot create the accounts forwarder");
+            return;
+        }
+    };
+    let producer: ThreadedProducer<DefaultProducerContext> = match f.settings.producer().create() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot create the accounts forwarder's producer");
+            return;
+        }
+    };
+    if let Err(e) = consumer.subscribe(&[&f.source]) {
+        tracing::error!(error = %e, "accounts forwarder cannot subscribe");
+        return;
+    }
+    // What this forwarder last wrote for an instant and account on the pro
+    // topic: newer than what the pro table may have read back yet.
+    let mut sent: HashMap<(AccountId, Timestamp), bool> = HashMap::new();
+    let mut dirty = false;
+    let mut last_commit = Instant::now();
+    let mut committed: Vec<(i32, i64)> = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let polled = consumer.poll(Duration::from_millis(50));
+        let idle = polled.is_none();
+        match polled {
+            Some(Ok(m)) => {
+                if let Some(bytes) = m.payload() {
+                    dirty |= forward_one(accounts, f, &producer, &mut sent, bytes, forwarded);
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "accounts forwarder");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+        if (dirty || idle) && last_commit.elapsed() >= FORWARD_COMMIT_EVERY {
+            last_commit = Instant::now();
+            if dirty {
+                if let Err(e) = producer.flush(Duration::from_secs(30)) {
+                    tracing::warn!(error = %e, "accounts forwarder flush; records are forwarded again");
+                    continue;
+                }
+            }
+            // The position: past every record handed to the producer (and
+            // past transaction markers at the end of a partition).
+            let Ok(pos) = consumer.position() else { continue };
+            let mut tpl = TopicPartitionList::new();
+            let mut now = Vec::new();
+            for e in pos.elements() {
+                if let Some(o) = e.offset().to_raw().filter(|o| *o >= 0) {
+                    let _ = tpl.add_partition_offset(e.topic(), e.partition(), Offset::Offset(o));
+                    now.push((e.partition(), o));
+                }
+            }
+            if !now.is_empty() && now != committed {
+                if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                    tracing::debug!(error = %e, "accounts forwarder commit");
+                    continue;
+                }
+                committed = now;
+            }
+            dirty = false;
+        }
+    }
+    let _ = producer.flush(Duration::from_secs(10));
+}
+
+/// Forwards one record; returns true when something was produced.
+fn forward_one(
+    accounts: &StoredAccounts,
+    f: &Forwarding,
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    sent: &mut HashMap<(AccountId, Timestamp), bool>,
+    bytes: &[u8],
+    forwarded: &AtomicU64,
+) -> bool {
+    let r = match AccountRecord::parse(bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(reason = %e.reason, detail = %e.detail, "invalid account record ignored");
+            accounts.metrics.records.with_label_values(&["invalid"]).inc();
+            return false;
+        }
+    };
+    if r.effective_from.0 < accounts.newest_event_ms.load(Ordering::Relaxed) {
+        tracing::warn!(account = %r.account_id, effective_from = %r.effective_from, "account record arrived after usage it would govern; charges already emitted are not re-rated");
+        accounts.metrics.records.with_label_values(&["late"]).inc();
+    }
+    let partitions = accounts.partitions.load(Ordering::Relaxed);
+    let key = internal_key(&r);
+    let owner = partition_for_key(r.account_id.as_str().as_bytes(), partitions);
+    send(
+        producer,
+        BaseRecord::to(&f.by_partition)
+            .key(&key[..])
+            .payload(bytes)
+            .partition(owner),
+    );
+    let pro = r.plan == Plan::Pro;
+    let slot = (r.account_id.clone(), r.effective_from);
+    let was_pro = sent.get(&slot).copied().unwrap_or_else(|| {
+        accounts
+            .pro
+            .read()
+            .is_ok_and(|t| t.is_pro(&r.account_id, r.effective_from))
+    });
+    if pro || was_pro {
+        let rec = BaseRecord::<[u8], [u8]>::to(&f.pro).key(&key[..]).partition(0);
+        send(producer, if pro { rec.payload(b"pro") } else { rec });
+        sent.insert(slot, pro);
+        if let Ok(mut t) = accounts.pro.write() {
+            t.set(&r.account_id, r.effective_from, pro);
+        }
+    }
+    accounts.metrics.records.with_label_values(&["forwarded"]).inc();
+    forwarded.fetch_add(1, Ordering::Relaxed);
+    true
+}
+
+/// Produces `rec`, waiting while the producer's queue is full.
+fn send(producer: &ThreadedProducer<DefaultProducerContext>, mut rec: BaseRecord<'_, [u8], [u8]>) {
+    loop {
+        match producer.send(rec) {
+            Ok(()) => return,
+            Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+                rec = r;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err((e, _)) => {
+                // Not committed past: forwarded again after the next
+                // failed flush or restart.
+                tracing::error!(error = %e, "accounts forwarder cannot produce");
+                return;
+            }
+        }
+    }
+}
+
+/// Waits until the forwarders' group has committed, on every partition of
+/// the accounts topic, at least the end the partition has now (so the
+/// records there are in the accounts by partition), or `deadline`
+/// passes. Returns false on timeout.
+pub fn wait_forwarded(
+    settings: &KafkaSettings,
+    group: &str,
+    client_id: &str,
+    source: &str,
+    partitions: i32,
+    deadline: Duration,
+) -> Result<bool, jobmeter_kafka::KafkaAdapterError> {
+    let consumer: BaseConsumer<jobmeter_kafka::reader::ReaderContext> = settings
+        .group_consumer(group, client_id)
+        .create_with_context(jobmeter_kafka::reader::ReaderContext)
+        .map_err(|source| jobmeter_kafka::KafkaAdapterError::Client {
+            what: "forwarding monitor",
+            source,
+        })?;
+    let mut ends = HashMap::new();
+    for p in 0..partitions {
+        let (low, high) = jobmeter_kafka::reader::watermarks(&consumer, source, p, deadline)?;
+        if high > low {
+            ends.insert(p, high);
+        }
+    }
+    let started = Instant::now();
+    let mut logged = Instant::now();
+    while !ends.is_empty() {
+        let mut tpl = TopicPartitionList::new();
+        for p in ends.keys() {
+            tpl.add_partition(source, *p);
+        }
+        if let Ok(c) = consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+            for e in c.elements() {
+                let done = e.offset().to_raw().unwrap_or(-1);
+                if ends.get(&e.partition()).is_some_and(|end| done >= *end) {
+                    ends.remove(&e.partition());
+                }
+            }
+        }
+        if ends.is_empty() {
+            break;
+        }
+        if started.elapsed() > deadline {
+            return Ok(false);
+        }
+        if logged.elapsed() > Duration::from_secs(10) {
+            logged = Instant::now();
+            tracing::info!(
+                partitions_left = ends.len(),
+                "waiting for the account records to be forwarded to their partitions"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(true)
 }

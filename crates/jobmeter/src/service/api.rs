@@ -366,12 +366,13 @@ impl Api {
         if found_in.is_empty() && n > 0 && !owned.contains(&home) {
             return self.misdirected(home, account, what);
         }
-        let book = self
-            .billing
-            .accounts
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if st.is_empty() && book.record_at(&account_id, Timestamp(i64::MAX)).is_none() {
+        let book: &dyn jobmeter_core::Accounts = &*self.billing.accounts;
+        let failures = self.billing.accounts.failures();
+        let records = book.records_of(&account_id);
+        if self.billing.accounts.failures() != failures {
+            return Answer::error(500, "store", &self.billing.accounts.last_failure());
+        }
+        if st.is_empty() && records.is_empty() {
             return Answer::error(
                 404,
                 "not_found",
@@ -386,7 +387,7 @@ impl Api {
                     return Answer::error(500, "internal", "admission without its query");
                 };
                 let model = model.map(jobmeter_core::ModelId::from);
-                let ctx = jobmeter_core::Context::new(&self.billing.rates, &self.billing.plans, &book, &self.meter);
+                let ctx = jobmeter_core::Context::new(&self.billing.rates, &self.billing.plans, book, &self.meter);
                 let req = view::AdmissionRequest {
                     kind,
                     model: model.as_ref(),
@@ -403,16 +404,12 @@ impl Api {
                 period,
                 &st,
                 &self.billing.plans,
-                &book,
+                book,
                 self.billing.rates.policy.rounding,
             )),
-            AccountView::Limits => serde_json::to_value(view::limits_report(
-                &account_id,
-                period,
-                &st,
-                &self.billing.plans,
-                &book,
-            )),
+            AccountView::Limits => {
+                serde_json::to_value(view::limits_report(&account_id, period, &st, &self.billing.plans, book))
+            }
         }
         .unwrap_or_default();
         if let Some(o) = body.as_object_mut() {

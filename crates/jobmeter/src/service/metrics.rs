@@ -64,6 +64,8 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     /// Account records known.
     pub accounts: IntGauge,
+    /// Accounts with a pro record, platform-wide.
+    pub pro_subscribers: IntGauge,
     /// 1 when state is restored and partitions assigned.
     pub ready: IntGauge,
     /// Usage API requests by route and status.
@@ -274,7 +276,20 @@ impl Metrics {
                     "Input partitions assigned to this instance",
                 )?,
             )?,
-            accounts: reg(r, IntGauge::new("jobmeter_accounts", "Accounts in the accounts table")?)?,
+            accounts: reg(
+                r,
+                IntGauge::new(
+                    "jobmeter_accounts",
+                    "Accounts whose records are held in memory (the account cache; the table itself is in RocksDB)",
+                )?,
+            )?,
+            pro_subscribers: reg(
+                r,
+                IntGauge::new(
+                    "jobmeter_pro_subscribers",
+                    "Accounts with a pro record on the platform (held by every instance for the intro fee)",
+                )?,
+            )?,
             ready: reg(
                 r,
                 IntGauge::new("jobmeter_ready", "1 when state is restored and partitions are assigned")?,

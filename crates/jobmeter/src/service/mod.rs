@@ -17,10 +17,9 @@ pub mod metrics;
 mod pipeline;
 pub mod rebuild;
 
-use accounts::{AccountsMetrics, AccountsTable};
+use accounts::{AccountsMetrics, StoredAccounts};
 use config::{Config, Overrides};
 use engine::Billing;
-use jobmeter_core::AccountBook;
 use jobmeter_kafka::client::KafkaSettings;
 use jobmeter_kafka::topics::{ensure_topics, partition_count, TopicLayout, Topics};
 use jobmeter_store::Store;
@@ -130,6 +129,10 @@ pub(crate) fn init_tracing() {
         .try_init();
 }
 
+/// How long start-up waits for the account records to be forwarded to
+/// their partitions (a first start forwards the whole accounts topic).
+const FORWARD_WAIT: Duration = Duration::from_secs(600);
+
 /// Everything the pipeline thread needs.
 #[derive(Debug, Clone)]
 struct Deps {
@@ -166,14 +169,20 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
         },
     )?);
     let ready = Arc::new(AtomicBool::new(false));
-    let table = AccountsTable::new(AccountBook::new(&plans), accounts_metrics);
     let owned = Arc::new(std::sync::RwLock::new(std::collections::BTreeSet::new()));
     let failing: engine::FailingPartitions = Arc::default();
     let input_partitions = Arc::new(std::sync::atomic::AtomicI32::new(0));
+    let table = Arc::new(StoredAccounts::new(
+        store.clone(),
+        input_partitions.clone(),
+        cfg.state.account_cache as usize,
+        plans.pro_intro_subscribers,
+        accounts_metrics,
+    ));
     let billing = Billing {
         rates,
         plans,
-        accounts: table.book.clone(),
+        accounts: table.clone(),
         newest_event_ms: table.newest_event_ms.clone(),
     };
     let tokens = cfg.api_tokens().map_err(|e| anyhow::anyhow!(e))?;
@@ -203,11 +212,11 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
     let http_shutdown = shutdown.clone();
     let http = tokio::spawn(http::serve(listener, app, http_shutdown));
 
-    // Topics and the accounts table, retried until Kafka is usable (a
-    // broker still starting, a topic whose leader is not elected yet); a
-    // wrong topic layout is reported and ends the process.
+    // Topics, retried until Kafka is usable (a broker still starting, a
+    // topic whose leader is not elected yet); a wrong topic layout is
+    // reported and ends the process.
     let mut backoff = Duration::from_millis(500);
-    let (acc_parts, next) = loop {
+    let acc_parts = loop {
         let attempt = async {
             if cfg.topics.create {
                 let layout = TopicLayout {
@@ -220,23 +229,35 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
             let acc_parts = partition_count(&settings, &topics.accounts)?;
             let inputs = partition_count(&settings, &topics.job_events)?;
             // Topics made by the operator (topics.create = false) must
-            // include the repartition topic, partitioned like the input.
-            let forwarded = partition_count(&settings, &topics.repartition)?;
-            if inputs > 0 && forwarded != inputs {
+            // include the internal topics, partitioned like the input.
+            for (internal, policy) in [
+                (
+                    &topics.repartition,
+                    "cleanup.policy=delete, message.timestamp.type=CreateTime",
+                ),
+                (&topics.accounts_by_partition, "cleanup.policy=compact"),
+            ] {
+                let n = partition_count(&settings, internal)?;
+                if inputs > 0 && n != inputs {
+                    return Err(jobmeter_kafka::KafkaAdapterError::Topic {
+                        topic: internal.clone(),
+                        message: format!(
+                            "has {n} partitions but {} has {inputs}; create it with {inputs} ({policy})",
+                            topics.job_events
+                        ),
+                    }
+                    .into());
+                }
+            }
+            if partition_count(&settings, &topics.pro_subscribers)? != 1 {
                 return Err(jobmeter_kafka::KafkaAdapterError::Topic {
-                    topic: topics.repartition.clone(),
-                    message: format!(
-                        "has {forwarded} partitions but {} has {inputs}; create it with {inputs} (cleanup.policy=delete, message.timestamp.type=CreateTime)",
-                        topics.job_events
-                    ),
+                    topic: topics.pro_subscribers.clone(),
+                    message: "must exist with exactly 1 partition (cleanup.policy=compact)".into(),
                 }
                 .into());
             }
             input_partitions.store(inputs, Ordering::Relaxed);
-            let (t2, s2, tp) = (table.clone(), settings.clone(), topics.accounts.clone());
-            let client = format!("{}-accounts", cfg.instance_id);
-            let next = tokio::task::spawn_blocking(move || t2.load(&s2, &client, &tp, acc_parts)).await??;
-            anyhow::Ok((acc_parts, next))
+            anyhow::Ok(acc_parts)
         }
         .await;
         match attempt {
@@ -258,17 +279,80 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
             }
         }
     };
-    metrics
-        .accounts
-        .set(table.book.read().map(|b| b.len() as i64).unwrap_or(0));
-    tracing::info!(accounts = metrics.accounts.get(), "accounts table loaded");
     let stop = Arc::new(AtomicBool::new(false));
+    // The forwarder copies account records to their partitions; start-up
+    // waits until it (with the other instances' forwarders) has passed
+    // the accounts topic's current end, then reads the pro subscribers.
+    let forwarding = accounts::Forwarding {
+        settings: settings.clone(),
+        group: accounts::forwarder_group(&cfg.kafka.group_id),
+        client_id: format!("{}-accounts-forwarder", cfg.instance_id),
+        source: topics.accounts.clone(),
+        by_partition: topics.accounts_by_partition.clone(),
+        pro: topics.pro_subscribers.clone(),
+    };
+    // The live tail of the accounts topic starts at its end as it is now.
+    let source_from = {
+        let (s, tp) = (settings.clone(), topics.accounts.clone());
+        let client = format!("{}-accounts-ends", cfg.instance_id);
+        tokio::task::spawn_blocking(move || accounts::source_ends(&s, &client, &tp, acc_parts)).await??
+    };
+    let forwarded = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let forwarder = {
+        let (t, f, n, st) = (table.clone(), forwarding.clone(), forwarded.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("jobmeter-accounts-fwd".into())
+            .spawn(move || accounts::forward(&t, &f, &n, &st))?
+    };
+    let started = Instant::now();
+    let waited = {
+        let f = forwarding.clone();
+        let client = format!("{}-accounts-wait", cfg.instance_id);
+        tokio::task::spawn_blocking(move || {
+            accounts::wait_forwarded(&f.settings, &f.group, &client, &f.source, acc_parts, FORWARD_WAIT)
+        })
+        .await??
+    };
+    if !waited {
+        tracing::warn!(
+            seconds = FORWARD_WAIT.as_secs(),
+            "account records not all forwarded to their partitions in time; metering starts, and records forwarded later govern only later usage"
+        );
+    }
+    let pro_next = {
+        let (t, s, tp) = (table.clone(), settings.clone(), topics.pro_subscribers.clone());
+        let client = format!("{}-pro-subscribers", cfg.instance_id);
+        tokio::task::spawn_blocking(move || accounts::read_pro(&t, &s, &client, &tp, None, None)).await??
+    };
+    tracing::info!(
+        forwarded = forwarded.load(Ordering::Relaxed),
+        pro_subscribers = table.pro_subscribers(),
+        seconds = started.elapsed().as_secs_f64(),
+        "account records forwarded to their partitions; pro subscribers read"
+    );
+    let pro_tail = {
+        let (t, s, tp, st) = (
+            table.clone(),
+            settings.clone(),
+            topics.pro_subscribers.clone(),
+            stop.clone(),
+        );
+        let client = format!("{}-pro-subscribers-tail", cfg.instance_id);
+        std::thread::Builder::new()
+            .name("jobmeter-pro-subs".into())
+            .spawn(move || {
+                if let Err(e) = accounts::read_pro(&t, &s, &client, &tp, Some(pro_next), Some(&st)) {
+                    tracing::error!(error = %e, "pro subscribers tailer stopped");
+                }
+            })?
+    };
     let tail = {
-        let (t, s, tp, st) = (table.clone(), settings.clone(), topics.accounts.clone(), stop.clone());
+        let (t, s, st, o) = (table.clone(), settings.clone(), stop.clone(), owned.clone());
+        let (source, by_partition) = (topics.accounts.clone(), topics.accounts_by_partition.clone());
         let client = format!("{}-accounts-tail", cfg.instance_id);
         std::thread::Builder::new()
             .name("jobmeter-accounts".into())
-            .spawn(move || t.tail(&s, &client, &tp, acc_parts, next, st))?
+            .spawn(move || accounts::tail_owned(&t, &s, &client, (&source, &by_partition), source_from, &o, &st))?
     };
 
     let lag = {
@@ -319,8 +403,7 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
         done.cancelled().await;
         watcher_stop.store(true, Ordering::SeqCst);
     });
-    let accounts_gauge = metrics.accounts.clone();
-    let book = table.book.clone();
+    let (accounts_gauge, pro_gauge) = (metrics.accounts.clone(), metrics.pro_subscribers.clone());
     // The instance is ready when every pipeline is. A pipeline returns only
     // once the stop is asked for, or when its thread panics: then the
     // others are stopped too and the process ends, as with one pipeline.
@@ -330,7 +413,8 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
             pipelines.iter().all(|(_, r)| r.load(Ordering::SeqCst)),
             Ordering::SeqCst,
         );
-        accounts_gauge.set(book.read().map(|b| b.len() as i64).unwrap_or(0));
+        accounts_gauge.set(table.cached() as i64);
+        pro_gauge.set(table.pro_subscribers() as i64);
     }
     ready.store(false, Ordering::SeqCst);
     stop.store(true, Ordering::SeqCst);
@@ -344,6 +428,8 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
         }
     }
     let _ = tail.join();
+    let _ = pro_tail.join();
+    let _ = forwarder.join();
     let _ = lag.join();
     shutdown.cancel();
     let _ = http.await;

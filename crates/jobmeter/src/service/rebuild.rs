@@ -13,7 +13,6 @@
 //!
 //! Exit status 0 when everything matches; 1 with a report when not.
 
-use super::accounts::{AccountsMetrics, AccountsTable};
 use super::config::Config;
 use super::engine::route;
 use super::RunCmd;
@@ -57,20 +56,27 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
     let topics = Topics::with_prefix(&cfg.topics.prefix);
     let rates = crate::replay::load_rate_card(&cfg.billing.rate_card)?;
     let plans = crate::replay::load_plans(cfg.billing.plans.as_deref())?;
-    let registry = prometheus::Registry::new();
-    let table = AccountsTable::new(AccountBook::new(&plans), AccountsMetrics::new(&registry)?);
+    // The whole accounts table, in memory: the rebuild meters every
+    // partition, with the meter stopped.
+    let mut book = AccountBook::new(&plans);
     let acc_parts = partition_count(&settings, &topics.accounts)?;
-    table.load(
+    let all: Vec<(i32, Option<i64>)> = (0..acc_parts).map(|p| (p, None)).collect();
+    jobmeter_kafka::reader::read_to_end(
         &settings,
         &format!("{}-rebuild-accounts", cfg.instance_id),
         &topics.accounts,
-        acc_parts,
+        &all,
+        Duration::from_secs(300),
+        |rec| {
+            if let Some(r) = rec
+                .value
+                .as_deref()
+                .and_then(|v| jobmeter_core::AccountRecord::parse(v).ok())
+            {
+                book.insert(r);
+            }
+        },
     )?;
-    let book = table
-        .book
-        .read()
-        .map_err(|_| anyhow::anyhow!("accounts lock poisoned"))?
-        .clone();
     let parts = partition_count(&settings, &topics.job_events)?;
     if parts == 0 {
         anyhow::bail!("topic {} does not exist", topics.job_events);

@@ -101,6 +101,9 @@ pub struct StateConfig {
     /// RocksDB's block cache in MiB, shared by every partition: what reads
     /// of finished jobs and event ids keep in memory.
     pub block_cache_mib: u64,
+    /// How many accounts' records are held in memory (the rest are read
+    /// from RocksDB when an event or API call names them).
+    pub account_cache: u64,
 }
 
 /// `state.finished_jobs`.
@@ -262,6 +265,7 @@ impl Default for StateConfig {
             format: jobmeter_core::state::StateFormat::Binary,
             finished_jobs: FinishedJobs::Store,
             block_cache_mib: 64,
+            account_cache: 100_000,
         }
     }
 }
@@ -461,6 +465,12 @@ impl Config {
             p.push(format!(
                 "state.block_cache_mib: {} is outside 8 to 1048576",
                 self.state.block_cache_mib
+            ));
+        }
+        if !(1_000..=100_000_000).contains(&self.state.account_cache) {
+            p.push(format!(
+                "state.account_cache: {} is outside 1000 to 100000000",
+                self.state.account_cache
             ));
         }
         let tombstones = jobmeter_kafka::topics::CHANGELOG_TOMBSTONE_RETENTION_MS;
@@ -768,6 +778,8 @@ mod tests {
             ("state.block_cache_mib", "0", "block_cache_mib"),
             ("state.block_cache_mib", "4", "block_cache_mib"),
             ("state.block_cache_mib", "-1", "block_cache_mib"),
+            ("state.account_cache", "10", "account_cache"),
+            ("state.account_cache", "1000000000", "account_cache"),
         ] {
             let err = load(k, v).err();
             assert!(err.as_deref().is_some_and(|e| e.contains(says)), "{k}={v}: {err:?}");

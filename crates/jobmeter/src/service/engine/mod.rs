@@ -70,7 +70,7 @@ pub(crate) use routing::route;
 use super::metrics::Metrics;
 use committer::Committer;
 use committer::OutRecord;
-use jobmeter_core::{AccountBook, Context, Meter, MeterConfig, Origin, Output, PlanCatalog, RateCard, Stats};
+use jobmeter_core::{Context, Meter, MeterConfig, Origin, Output, PlanCatalog, RateCard, Stats};
 use jobmeter_kafka::client::KafkaSettings;
 use jobmeter_kafka::partitioner::partition_for_key;
 use jobmeter_kafka::repartition::{is_marker, Lane, Source};
@@ -122,6 +122,10 @@ pub enum EngineError {
     /// batch is dropped and the pipeline rebuilt from durable state.
     #[error("{0}")]
     Archive(#[from] jobmeter_core::archive::ArchiveError),
+    /// An account's records could not be read from the store; the open
+    /// batch is dropped and the pipeline rebuilt.
+    #[error("accounts: {0}")]
+    Accounts(String),
 }
 
 /// What the engine needs besides its Kafka clients.
@@ -163,8 +167,8 @@ pub struct Billing {
     pub rates: Arc<RateCard>,
     /// Plan terms.
     pub plans: Arc<PlanCatalog>,
-    /// The accounts table, kept current by the accounts reader.
-    pub accounts: Arc<RwLock<AccountBook>>,
+    /// The accounts of the owned partitions and the pro subscribers.
+    pub accounts: Arc<crate::service::accounts::StoredAccounts>,
     /// Newest event time seen by any local meter (late account records).
     pub newest_event_ms: Arc<std::sync::atomic::AtomicI64>,
 }
@@ -439,12 +443,9 @@ impl Engine {
         key: Option<&[u8]>,
     ) -> Result<(), EngineError> {
         {
-            let book = self
-                .billing
-                .accounts
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let ctx = Context::new(&self.billing.rates, &self.billing.plans, &book, &self.cfg.meter).with_partition(
+            let book: &dyn jobmeter_core::Accounts = &*self.billing.accounts;
+            let failures = self.billing.accounts.failures();
+            let ctx = Context::new(&self.billing.rates, &self.billing.plans, book, &self.cfg.meter).with_partition(
                 p,
                 self.cfg.input_partitions,
                 partition_for_key,
@@ -453,6 +454,11 @@ impl Engine {
                 match parsed {
                     Some(ev) => pm.meter.apply_event(&ctx, ev, payload, Some(origin), &mut self.out),
                     None => pm.meter.apply(&ctx, payload, Some(origin), &mut self.out),
+                }
+                // An account lookup that could not read the store answered
+                // "no records": the batch must not commit.
+                if self.billing.accounts.failures() != failures {
+                    return Err(EngineError::Accounts(self.billing.accounts.last_failure()));
                 }
                 match pm.meter.take_archive_failure() {
                     None => {}

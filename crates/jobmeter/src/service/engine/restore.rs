@@ -123,6 +123,8 @@ impl Engine {
             max_local_age: self.cfg.max_local_age,
             meter: self.cfg.meter.clone(),
             archive: self.cfg.archive,
+            accounts: self.billing.accounts.clone(),
+            accounts_topic: self.cfg.topics.accounts_by_partition.clone(),
         }
     }
 
@@ -169,6 +171,8 @@ struct Loader {
     max_local_age: std::time::Duration,
     meter: jobmeter_core::MeterConfig,
     archive: bool,
+    accounts: std::sync::Arc<crate::service::accounts::StoredAccounts>,
+    accounts_topic: String,
 }
 
 /// How many changelog records a restore holds before it writes them.
@@ -223,6 +227,17 @@ impl Loader {
             Some(r) => r,
             None => reader.insert(Reader::new(&self.settings, &format!("{}-restore", self.instance_id))?),
         };
+        // The partition's account records first: its meter must not rate
+        // usage before the records that govern it.
+        let accounts =
+            crate::service::accounts::catch_up(&self.accounts, reader, &self.accounts_topic, p, self.deadline)?;
+        if accounts > 0 {
+            tracing::info!(
+                partition = p,
+                records = accounts,
+                "account records of the partition caught up"
+            );
+        }
         let mut failed = None;
         let n = reader.read_to_end(&self.changelog, &[(p, up.from)], self.deadline, |rec| {
             up.record(rec);
