@@ -77,6 +77,14 @@ struct Args {
     /// at the end.
     #[arg(long)]
     keep_topics: bool,
+    /// Instead of the runs above, measure the accounts table at this many
+    /// account records: first start (forwarding and loading), restart, and
+    /// a second instance joining (rebalance), with peak memory of each.
+    #[arg(long)]
+    accounts: Option<usize>,
+    /// With `--accounts`: per mille of the accounts on pro (the rest free).
+    #[arg(long, default_value_t = 10)]
+    pro_permille: usize,
 }
 
 /// Workload shapes of the throughput backlog.
@@ -103,6 +111,10 @@ fn main() -> anyhow::Result<()> {
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
     println!("machine: {} cores, {}", num_cores(), cpu_model());
+    if let Some(n) = args.accounts {
+        println!("broker: {brokers}; partitions: {}", args.partitions);
+        return accounts_scale(&args, &settings, &bin, n, stamp);
+    }
     println!(
         "broker: {brokers}; partitions: {}; placement: {:?}; shape: {:?}",
         args.partitions, args.placement, args.shape
@@ -377,6 +389,107 @@ fn main() -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// The accounts table at scale: `n` records on the accounts topic (the
+/// meter's topics created first), then (1) a first start on them, (2) a
+/// restart, (3) a second instance joining while the first runs. For each:
+/// seconds from process start until ready, account records stored by that
+/// instance, peak RSS.
+fn accounts_scale(args: &Args, settings: &KafkaSettings, bin: &PathBuf, n: usize, stamp: u64) -> anyhow::Result<()> {
+    let prefix = format!("bench-{stamp}-acc");
+    let topics = jobmeter_kafka::topics::Topics::with_prefix(&prefix);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let layout = jobmeter_kafka::topics::TopicLayout {
+        partitions: args.partitions,
+        output_partitions: args.partitions,
+        replication: 1,
+    };
+    rt.block_on(jobmeter_kafka::topics::ensure_topics(settings, &topics, &layout))?;
+    let producer: ThreadedProducer<DefaultProducerContext> = settings.producer().create()?;
+    let t0 = Instant::now();
+    let mut pro = 0usize;
+    for i in 0..n {
+        let account = format!("acct-{i:09}");
+        let plan = if (i * 7919) % 1000 < args.pro_permille {
+            pro += 1;
+            "pro"
+        } else {
+            "free"
+        };
+        let value = format!(r#"{{"account_id":"{account}","plan":"{plan}","effective_from":"2024-01-01T00:00:00Z"}}"#);
+        jobmeter_kafka::produce::send_waiting(
+            &producer,
+            BaseRecord::to(&topics.accounts)
+                .key(account.as_bytes())
+                .payload(value.as_bytes()),
+            None,
+        )?;
+    }
+    producer.flush(Duration::from_secs(120))?;
+    println!(
+        "produced {n} account records ({pro} pro) in {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    let dir = tempdir()?;
+    let run = |what: &str, state: &str, port: u16, others: &[u16]| -> anyhow::Result<MeterChild> {
+        let t = Instant::now();
+        let m = start_meter(bin, &prefix, &dir.join(state), args.partitions, &args.sets, port)?;
+        wait_ready_within(port, Duration::from_secs(1800))?;
+        let ready_at = t.elapsed().as_secs_f64();
+        // A joining instance is ready before the group has moved
+        // partitions to it: wait until every instance is ready again and
+        // what it stored has settled.
+        let mut stored = -1.0;
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = applied(port);
+            let all_ready = others
+                .iter()
+                .chain([&port])
+                .all(|p| metric(*p, "jobmeter_ready") == Some(1.0));
+            if all_ready && now == stored && metric(port, "jobmeter_assigned_partitions").unwrap_or(1.0) > 0.0 {
+                break;
+            }
+            stored = now;
+        }
+        println!(
+            "{what}: ready after {:.2}s (settled after {:.2}s); account records stored: {}; partitions assigned: {}; pro subscribers known: {}; accounts cached: {}; peak RSS {} MiB",
+            ready_at,
+            t.elapsed().as_secs_f64(),
+            stored,
+            metric(port, "jobmeter_assigned_partitions").unwrap_or(f64::NAN),
+            metric(port, "jobmeter_pro_subscribers").unwrap_or(f64::NAN),
+            metric(port, "jobmeter_accounts").unwrap_or(f64::NAN),
+            peak_rss_kib(m.id()) / 1024
+        );
+        Ok(m)
+    };
+    let first = run("(1) first start, empty state", "a", 19464, &[])?;
+    drop(first);
+    let first = run("(2) restart on its state", "a", 19464, &[])?;
+    let second = run("(3) a second instance joins, empty state", "b", 19465, &[19464])?;
+    println!(
+        "    first instance after the rebalance: partitions assigned {}, peak RSS {} MiB",
+        metric(19464, "jobmeter_assigned_partitions").unwrap_or(f64::NAN),
+        peak_rss_kib(first.id()) / 1024
+    );
+    drop(second);
+    drop(first);
+    if !args.keep_topics {
+        delete_topics(settings, &prefix)?;
+    }
+    Ok(())
+}
+
+/// Account records an instance stored (`applied`).
+fn applied(port: u16) -> f64 {
+    metrics_text(port)
+        .lines()
+        .find(|l| l.starts_with(r#"jobmeter_account_records_total{outcome="applied"}"#))
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// A run's topics would otherwise stay on the broker, which starts slower

@@ -355,6 +355,17 @@ impl Accounts for StoredAccounts {
 /// Records of the accounts partitions read at once before they are stored.
 const CHUNK: usize = 10_000;
 
+/// Why a partition's account records could not be caught up.
+#[derive(Debug, thiserror::Error)]
+pub enum CatchUpError {
+    /// Reading the accounts partition failed.
+    #[error(transparent)]
+    Kafka(#[from] jobmeter_kafka::KafkaAdapterError),
+    /// Storing its records failed.
+    #[error(transparent)]
+    Store(#[from] jobmeter_store::StoreError),
+}
+
 /// Reads partition `p` of the accounts by partition from where the store
 /// stopped to its end into the store. Returns the records read.
 pub fn catch_up(
@@ -363,7 +374,7 @@ pub fn catch_up(
     topic: &str,
     p: i32,
     deadline: Duration,
-) -> Result<u64, super::engine::EngineError> {
+) -> Result<u64, CatchUpError> {
     let from = accounts.store.accounts_offset(p)?;
     let mut rows = Vec::new();
     let mut failed = None;

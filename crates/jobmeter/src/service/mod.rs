@@ -3,8 +3,9 @@
 //! crash argument.
 //!
 //! Threads: the meter pipeline runs on one dedicated thread (librdkafka's
-//! transactional calls and RocksDB writes block); the accounts tailer on
-//! another; tokio serves HTTP and signals. Every queue is bounded: the
+//! transactional calls and RocksDB writes block); the accounts forwarder,
+//! the accounts tailer and the pro subscribers tailer on threads of their
+//! own (see [`accounts`]); tokio serves HTTP and signals. Every queue is bounded: the
 //! producer's local queue (when full, the pipeline stops consuming until it
 //! drains) and librdkafka's fetch queue (`queued.max.messages.kbytes`).
 

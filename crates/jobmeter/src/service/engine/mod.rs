@@ -517,3 +517,12 @@ impl Reroute {
         }
     }
 }
+
+impl From<crate::service::accounts::CatchUpError> for EngineError {
+    fn from(e: crate::service::accounts::CatchUpError) -> Self {
+        match e {
+            crate::service::accounts::CatchUpError::Kafka(k) => EngineError::Kafka(k),
+            crate::service::accounts::CatchUpError::Store(s) => EngineError::Store(s),
+        }
+    }
+}
