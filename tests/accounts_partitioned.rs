@@ -5,7 +5,7 @@
 
 mod support;
 
-use jobmeter_core::{AccountBook, AccountRecord, Context, Meter, MeterConfig, PlanCatalog, RateCard};
+use jobmeter_core::{AccountBook, AccountRecord, PlanCatalog};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use support::*;
@@ -21,27 +21,13 @@ fn plans_with_intro(dir: &std::path::Path, intro: usize) -> (std::path::PathBuf,
 }
 
 /// The outputs of the workload metered offline with `plans`.
-fn expected_with(w: &Workload, plans: &PlanCatalog) -> Outputs {
-    let rates = RateCard::from_toml(&std::fs::read_to_string(root().join("config/rate-card.toml")).expect("rates"))
-        .expect("rates parse");
+fn expected_with_plans(w: &Workload, plans: &PlanCatalog) -> Outputs {
+    let (rates, _, _) = billing(w);
     let mut book = AccountBook::new(plans);
     for (_, r) in &w.accounts {
         book.insert(AccountRecord::parse(r.as_bytes()).expect("record"));
     }
-    let config = MeterConfig::default();
-    let ctx = Context::new(&rates, plans, &book, &config);
-    let mut meters: BTreeMap<i32, Meter> = BTreeMap::new();
-    let mut out = Vec::new();
-    for e in &w.events {
-        let p = partition_of(&e.key, w.partitions);
-        meters.entry(p).or_default().apply(
-            &ctx.with_partition(p, w.partitions, jobmeter_kafka::partitioner::partition_for_key),
-            e.json.as_bytes(),
-            None,
-            &mut out,
-        );
-    }
-    collect(out)
+    expected_with(w, w.events.len(), &rates, plans, &book)
 }
 
 /// Account records per partition of the workload.
@@ -134,7 +120,7 @@ fn each_instance_loads_its_own_partitions_accounts_and_the_intro_fee_is_platform
     // Usage metered by both: the intro fee goes to the 3 first pro
     // subscribers of the platform, in whichever partition they are.
     produce_events(&prefix, &w, 0..w.events.len(), 0);
-    let want = expected_with(&w, &plans);
+    let want = expected_with_plans(&w, &plans);
     let intro = want
         .statements
         .values()

@@ -605,8 +605,13 @@ pub fn read_outputs(prefix: &str) -> Outputs {
 /// order they were produced to it, same rate card, plans and timeouts.
 pub fn expected(w: &Workload, upto: usize) -> Outputs {
     let (rates, plans, book) = billing(w);
+    expected_with(w, upto, &rates, &plans, &book)
+}
+
+/// [`expected`] with the given prices, plans and accounts.
+pub fn expected_with(w: &Workload, upto: usize, rates: &RateCard, plans: &PlanCatalog, book: &AccountBook) -> Outputs {
     let config = MeterConfig::default();
-    let ctx = Context::new(&rates, &plans, &book, &config);
+    let ctx = Context::new(rates, plans, book, &config);
     let mut meters: BTreeMap<i32, Meter> = BTreeMap::new();
     let mut out = Vec::new();
     for e in &w.events[..upto] {

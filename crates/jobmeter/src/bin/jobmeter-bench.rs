@@ -434,7 +434,16 @@ fn accounts_scale(args: &Args, settings: &KafkaSettings, bin: &PathBuf, n: usize
     let dir = tempdir()?;
     let run = |what: &str, state: &str, port: u16, others: &[u16]| -> anyhow::Result<MeterChild> {
         let t = Instant::now();
-        let m = start_meter(bin, &prefix, &dir.join(state), args.partitions, &args.sets, port)?;
+        // Each instance its own id (transactional ids, group membership).
+        let m = start_meter_as(
+            bin,
+            &prefix,
+            &format!("{prefix}-{state}"),
+            &dir.join(state),
+            args.partitions,
+            &args.sets,
+            port,
+        )?;
         wait_ready_within(port, Duration::from_secs(1800))?;
         let ready_at = t.elapsed().as_secs_f64();
         // A joining instance is ready before the group has moved
@@ -530,12 +539,24 @@ fn start_meter(
     sets: &[String],
     port: u16,
 ) -> anyhow::Result<MeterChild> {
+    start_meter_as(bin, prefix, prefix, state, partitions, sets, port)
+}
+
+fn start_meter_as(
+    bin: &PathBuf,
+    prefix: &str,
+    instance: &str,
+    state: &std::path::Path,
+    partitions: i32,
+    sets: &[String],
+    port: u16,
+) -> anyhow::Result<MeterChild> {
     let log = std::fs::File::create(state.with_extension("log"))?;
     let mut cmd = Command::new(bin);
     cmd.arg("run")
         .args(["--state-dir", &state.display().to_string()])
         .args(["--http-listen", &format!("127.0.0.1:{port}")])
-        .args(["--instance-id", prefix])
+        .args(["--instance-id", instance])
         .args(["--set", &format!("topics.prefix={prefix}")])
         .args(["--set", &format!("topics.partitions={partitions}")])
         .args(["--set", "billing.plans=config/plans.toml"]);

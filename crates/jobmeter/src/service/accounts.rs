@@ -51,7 +51,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone)]
 pub struct AccountsMetrics {
     records: IntCounterVec,
-    lookups: IntCounterVec,
+    from_cache: prometheus::IntCounter,
+    from_store: prometheus::IntCounter,
 }
 
 impl AccountsMetrics {
@@ -76,10 +77,11 @@ impl AccountsMetrics {
             &["from"],
         )?;
         r.register(Box::new(lookups.clone()))?;
-        for o in ["cache", "store"] {
-            lookups.with_label_values(&[o]);
-        }
-        Ok(AccountsMetrics { records, lookups })
+        Ok(AccountsMetrics {
+            records,
+            from_cache: lookups.with_label_values(&["cache"]),
+            from_store: lookups.with_label_values(&["store"]),
+        })
     }
 }
 
@@ -310,12 +312,12 @@ impl Accounts for StoredAccounts {
         let version = {
             let mut cache = self.cache();
             if let Some(v) = cache.get(account) {
-                self.metrics.lookups.with_label_values(&["cache"]).inc();
+                self.metrics.from_cache.inc();
                 return v;
             }
             cache.version
         };
-        self.metrics.lookups.with_label_values(&["store"]).inc();
+        self.metrics.from_store.inc();
         match self.read(account) {
             Ok(list) => {
                 let v: Arc<[AccountRecord]> = list.into();
@@ -441,11 +443,7 @@ pub fn tail_owned(
     stop: &AtomicBool,
 ) {
     let (source, by_partition) = topics;
-    let consumer: BaseConsumer<jobmeter_kafka::reader::ReaderContext> = match settings
-        .reader(client_id)
-        .set("enable.partition.eof", "false")
-        .create_with_context(jobmeter_kafka::reader::ReaderContext)
-    {
+    let consumer = match tailer(settings, client_id, "accounts tailer") {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot create the accounts tailer");
@@ -532,6 +530,20 @@ pub fn tail_owned(
     flush(accounts, &mut pending);
 }
 
+/// A consumer that reads assigned partitions without end-of-partition
+/// events (it tails them).
+fn tailer(
+    settings: &KafkaSettings,
+    client_id: &str,
+    what: &'static str,
+) -> Result<BaseConsumer<jobmeter_kafka::reader::ReaderContext>, jobmeter_kafka::KafkaAdapterError> {
+    settings
+        .reader(client_id)
+        .set("enable.partition.eof", "false")
+        .create_with_context(jobmeter_kafka::reader::ReaderContext)
+        .map_err(|source| jobmeter_kafka::KafkaAdapterError::Client { what, source })
+}
+
 fn flush(accounts: &StoredAccounts, pending: &mut HashMap<i32, (Vec<AccountRecord>, Option<i64>)>) {
     for (p, (rows, next)) in pending.drain() {
         if let Err(e) = accounts.apply(p, &rows, next) {
@@ -568,14 +580,7 @@ pub fn read_pro(
         })?;
         return Ok(next);
     };
-    let consumer: BaseConsumer<jobmeter_kafka::reader::ReaderContext> = settings
-        .reader(client_id)
-        .set("enable.partition.eof", "false")
-        .create_with_context(jobmeter_kafka::reader::ReaderContext)
-        .map_err(|source| jobmeter_kafka::KafkaAdapterError::Client {
-            what: "pro subscribers tailer",
-            source,
-        })?;
+    let consumer = tailer(settings, client_id, "pro subscribers tailer")?;
     let mut tpl = TopicPartitionList::new();
     let assign = |source| jobmeter_kafka::KafkaAdapterError::Op {
         op: "assign the pro subscribers",
