@@ -839,3 +839,52 @@ pub fn wait_forwarded(
     }
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(account: &str, plan: &str, from: &str) -> AccountRecord {
+        let json = format!(r#"{{"account_id":{account:?},"plan":"{plan}","effective_from":"{from}"}}"#);
+        AccountRecord::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    #[test]
+    fn internal_keys_hold_any_instant_and_any_account_id() {
+        let long = format!("é a {}", "ü".repeat(120));
+        for (account, from) in [
+            ("acct-1", "2024-01-01T00:00:00Z"),
+            ("with space", "0001-01-01T00:00:00Z"),
+            (long.as_str(), "9999-12-31T23:59:59.999Z"),
+            (" leading", "1970-01-01T00:00:00Z"),
+        ] {
+            let r = record(account, "pro", from);
+            let k = internal_key(&r);
+            assert_eq!(
+                parse_internal_key(&k),
+                Some((r.effective_from, r.account_id.clone())),
+                "{account} at {from}"
+            );
+        }
+        assert_eq!(parse_internal_key(b"not-a-number acct"), None);
+        assert_eq!(parse_internal_key(b"12"), None);
+    }
+
+    #[test]
+    fn the_pro_table_follows_replacements_at_the_same_instant() {
+        let mut t = ProTable::new(1);
+        let (a, b) = (AccountId::from("a"), AccountId::from("b"));
+        let (t1, t2) = (Timestamp(1), Timestamp(2));
+        t.set(&b, t2, true);
+        assert!(t.first.has_intro_price(&b));
+        t.set(&a, t1, true);
+        assert!(t.first.has_intro_price(&a) && !t.first.has_intro_price(&b));
+        // A free record replaces a's pro record at the same instant: a is
+        // no longer a subscriber and b moves up.
+        t.set(&a, t1, false);
+        assert!(!t.is_pro(&a, t1) && t.first.has_intro_price(&b));
+        assert_eq!(t.len(), 1);
+        t.set(&b, t2, false);
+        assert!(t.is_empty());
+    }
+}
