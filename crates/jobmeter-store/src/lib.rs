@@ -75,6 +75,14 @@ pub enum StoreError {
         /// RocksDB's error.
         source: rocksdb::Error,
     },
+    /// A file or directory of the store could not be written.
+    #[error("state store at {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The system's error.
+        source: std::io::Error,
+    },
     /// A column family is missing (the directory is not a jobmeter store).
     #[error("rocksdb at {path}: column family {cf} is missing")]
     MissingCf {
@@ -126,7 +134,25 @@ pub fn write_options() -> WriteOptions {
 pub struct Store {
     pub(crate) db: DB,
     path: PathBuf,
+    /// How the table files of a bulk load are built.
+    table_files: TableFileOptions,
+    /// Where they are built, in the store's directory.
+    ingest_dir: PathBuf,
+    /// Table files built so far (their names).
+    ingested: std::sync::atomic::AtomicU64,
 }
+
+/// RocksDB options for building table files (opaque to `Debug`).
+struct TableFileOptions(Options);
+
+impl std::fmt::Debug for TableFileOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TableFileOptions")
+    }
+}
+
+/// The directory, inside the store's, where bulk loads build table files.
+const INGEST_DIR: &str = "ingest";
 
 fn prefix(partition: i32) -> [u8; 4] {
     (partition as u32).to_be_bytes()
@@ -144,6 +170,25 @@ fn partition_range(partition: i32) -> (Vec<u8>, Vec<u8>) {
 
 /// The key of a partition's corruption marker in the `open_jobs` family:
 /// one byte after the prefix, which no job key (two length prefixes) is.
+/// The progress record of `partition`: the changelog offset, and when it
+/// was written (now).
+fn progress_value(offset: i64) -> [u8; 16] {
+    progress_value_at(offset, jobmeter_core::Timestamp::now().0)
+}
+
+fn progress_value_at(offset: i64, now_ms: i64) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&offset.to_be_bytes());
+    v[8..].copy_from_slice(&now_ms.to_be_bytes());
+    v
+}
+
+/// The mark of a bulk load under way in `partition`, in the progress
+/// table (inside the partition's key range: dropped with it).
+fn bulk_key(partition: i32) -> Vec<u8> {
+    prefixed(partition, b"bulk")
+}
+
 fn corrupt_key(partition: i32) -> Vec<u8> {
     prefixed(partition, &[0xFF])
 }
@@ -209,7 +254,7 @@ impl Store {
         // that does not grow with the number of tables.
         opts.set_db_write_buffer_size(MEMTABLE_BUDGET);
         let cache = rocksdb::Cache::new_lru_cache(o.block_cache_bytes);
-        let cf_options = || {
+        let table_options = || {
             let mut t = rocksdb::BlockBasedOptions::default();
             t.set_block_cache(&cache);
             // Point reads of absent keys (a new job's id, a new event id)
@@ -222,9 +267,19 @@ impl Store {
             // take about 1.3 bytes a key for the filter and a few for the
             // index (16 KiB data blocks keep it small).
             t.set_block_size(16 << 10);
+            t
+        };
+        let cf_options = || {
             let mut c = Options::default();
             c.set_compression_type(rocksdb::DBCompressionType::Lz4);
-            c.set_block_based_table_factory(&t);
+            // Memtables are flushed to level 0 uncompressed (flushes are
+            // frequent and level 0 is soon compacted); compacted levels
+            // are compressed.
+            {
+                use rocksdb::DBCompressionType::{Lz4, None as Plain};
+                c.set_compression_per_level(&[Plain, Lz4, Lz4, Lz4, Lz4, Lz4, Lz4]);
+            }
+            c.set_block_based_table_factory(&table_options());
             // Small memtables with a bloom filter of their own: most point
             // reads are of absent keys, and a read of a large memtable's
             // skiplist (or an insert into it) costs microseconds.
@@ -243,9 +298,24 @@ impl Store {
             op: "open",
             source,
         })?;
+        // Table files of a bulk load (`Store::ingest`), built uncompressed
+        // with the column families' filters and block size. A file left
+        // by a load that a crash cut off was never ingested: it goes.
+        let mut files = Options::default();
+        files.set_compression_type(rocksdb::DBCompressionType::None);
+        files.set_block_based_table_factory(&table_options());
+        let ingest_dir = path.join(INGEST_DIR);
+        let _ = std::fs::remove_dir_all(&ingest_dir);
+        std::fs::create_dir_all(&ingest_dir).map_err(|source| StoreError::Io {
+            path: ingest_dir.clone(),
+            source,
+        })?;
         Ok(Store {
             db,
             path: path.to_owned(),
+            table_files: TableFileOptions(files),
+            ingest_dir,
+            ingested: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -295,15 +365,115 @@ impl Store {
                 }
             }
             if let Some(o) = changelog_offset {
-                let mut v = [0u8; 16];
-                v[..8].copy_from_slice(&o.to_be_bytes());
-                v[8..].copy_from_slice(&now.to_be_bytes());
-                batch.put_cf(self.cf(PROGRESS_CF)?, prefix(*partition), v);
+                batch.put_cf(self.cf(PROGRESS_CF)?, prefix(*partition), progress_value_at(*o, now));
             }
         }
         self.db
             .write_opt(batch, &write_options())
             .map_err(self.rocks("write batch"))
+    }
+
+    /// Writes `changes` of `partition` as table files that RocksDB takes
+    /// in whole (one per table, ingested, not written through the memtable
+    /// and its log), then the changelog offset they reach, synced. The
+    /// same end state as [`Store::commit`] — a key changed more than once
+    /// ends with its last change — at a fraction of the cost for a bulk
+    /// load: a restore into a partition that held nothing.
+    ///
+    /// The tables are ingested one after another, then the offset. While
+    /// they are, the partition carries a mark ([`Store::bulk_load_cut_off`])
+    /// that goes with the offset's write: a crash in between leaves tables
+    /// ahead of others (the jobs of one chunk without their index entries,
+    /// or the reverse) and the mark, and the next restore of the partition
+    /// drops it and reads the changelog in full.
+    pub fn ingest(
+        &self,
+        partition: i32,
+        changes: &[StateChange],
+        changelog_offset: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.mark_bulk_load(partition)?;
+        self.ingest_tables(partition, changes)?;
+        self.finish_bulk_load(partition, changelog_offset)
+    }
+
+    /// The first step of [`Store::ingest`]: the mark, synced.
+    pub fn mark_bulk_load(&self, partition: i32) -> Result<(), StoreError> {
+        self.db
+            .put_cf_opt(self.cf(PROGRESS_CF)?, bulk_key(partition), [], &write_options())
+            .map_err(self.rocks("mark a bulk load"))
+    }
+
+    /// The second step of [`Store::ingest`]: the table files, one table
+    /// after another.
+    pub fn ingest_tables(&self, partition: i32, changes: &[StateChange]) -> Result<(), StoreError> {
+        for table in Table::ALL {
+            // In key order (a stable sort: a key's changes keep their
+            // order), each key once with its last change.
+            let mut rows: Vec<&StateChange> = changes.iter().filter(|c| c.table == table).collect();
+            rows.sort_by(|a, b| a.key.cmp(&b.key));
+            let mut last: Vec<&StateChange> = Vec::with_capacity(rows.len());
+            for c in rows {
+                match last.last_mut() {
+                    Some(prev) if prev.key == c.key => *prev = c,
+                    _ => last.push(c),
+                }
+            }
+            if !last.is_empty() {
+                self.ingest_table(partition, table, &last)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The last step of [`Store::ingest`]: the offset, and the mark gone,
+    /// in one synced write.
+    pub fn finish_bulk_load(&self, partition: i32, changelog_offset: Option<i64>) -> Result<(), StoreError> {
+        let progress = self.cf(PROGRESS_CF)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(progress, bulk_key(partition));
+        if let Some(o) = changelog_offset {
+            batch.put_cf(progress, prefix(partition), progress_value(o));
+        }
+        self.db
+            .write_opt(batch, &write_options())
+            .map_err(self.rocks("write batch"))
+    }
+
+    /// True when a bulk load into `partition` ([`Store::ingest`]) was cut
+    /// off: some of its tables may hold changes that others lack, and the
+    /// partition's state is to be dropped and restored in full.
+    pub fn bulk_load_cut_off(&self, partition: i32) -> Result<bool, StoreError> {
+        let v = self
+            .db
+            .get_cf(self.cf(PROGRESS_CF)?, bulk_key(partition))
+            .map_err(self.rocks("get bulk load mark"))?;
+        Ok(v.is_some())
+    }
+
+    /// Builds one table file of `rows` (in key order, each key once) and
+    /// has RocksDB take it.
+    fn ingest_table(&self, partition: i32, table: Table, rows: &[&StateChange]) -> Result<(), StoreError> {
+        let n = self.ingested.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let file = self.ingest_dir.join(format!("{partition}-{}-{n}.sst", table.name()));
+        let cf = self.cf(table.name())?;
+        let built = (|| {
+            let mut w = rocksdb::SstFileWriter::create(&self.table_files.0);
+            w.open(&file)?;
+            for c in rows {
+                let key = prefixed(partition, &c.key);
+                match &c.value {
+                    Some(v) => w.put(key, v)?,
+                    None => w.delete(key)?,
+                }
+            }
+            w.finish()?;
+            let mut o = rocksdb::IngestExternalFileOptions::default();
+            o.set_move_files(true);
+            self.db.ingest_external_file_cf_opts(cf, &o, vec![&file])
+        })();
+        let _ = std::fs::remove_file(&file);
+        built.map_err(self.rocks("ingest table file"))
     }
 
     /// Loads everything stored for `partition` (not the local indexes).
@@ -388,6 +558,21 @@ impl Store {
             out.push((k[4..].to_vec(), v.to_vec()));
         }
         Ok(out)
+    }
+
+    /// True when nothing is stored for `partition`: no changelog offset and
+    /// no record in any table (a bulk load that a crash cut off between
+    /// its table files leaves records without an offset).
+    pub fn holds_nothing(&self, partition: i32) -> Result<bool, StoreError> {
+        if self.progress(partition)?.is_some() {
+            return Ok(false);
+        }
+        for t in Table::ALL {
+            if !self.scan(partition, t, b"", 1)?.is_empty() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// The changelog offset `partition`'s stored state reflects, and when it
@@ -544,6 +729,88 @@ mod tests {
             key: key.to_vec(),
             value: value.map(<[u8]>::to_vec),
         }
+    }
+
+    /// A bulk load ends in the state the same changes written through the
+    /// memtable give: the last change of a key wins, deletions hide what
+    /// was there (in the memtable or in earlier table files), other
+    /// partitions are untouched, the offset is written and the mark gone.
+    #[test]
+    fn ingest_ends_like_commit() -> Result<(), Box<dyn std::error::Error>> {
+        let dirs = (tempfile::tempdir()?, tempfile::tempdir()?);
+        let (bulk, plain) = (Store::open(dirs.0.path())?, Store::open(dirs.1.path())?);
+        let before = vec![
+            change(Table::Jobs, b"old", Some(b"0")),
+            change(Table::Jobs, b"gone", Some(b"0")),
+            change(Table::EventIds, b"e-old", Some(b"old")),
+        ];
+        let chunks = [
+            vec![
+                change(Table::Jobs, b"b", Some(b"1")),
+                change(Table::Jobs, b"a", Some(b"1")),
+                change(Table::EventIds, b"e2", Some(b"b")),
+                change(Table::EventIds, b"e1", Some(b"a")),
+                change(Table::Jobs, b"a", Some(b"2")),
+                change(Table::Jobs, b"gone", None),
+                change(Table::Usage, b"u", Some(b"1")),
+            ],
+            vec![
+                change(Table::Jobs, b"b", None),
+                change(Table::EventIds, b"e2", None),
+                change(Table::EventIds, b"e-old", None),
+                change(Table::EventIds, b"e3", Some(b"c")),
+                change(Table::EventIds, b"e3", None),
+                change(Table::EventIds, b"e3", Some(b"c2")),
+                change(Table::Usage, b"u", Some(b"2")),
+            ],
+        ];
+        for s in [&bulk, &plain] {
+            s.commit(0, &before, None)?;
+            s.commit(1, &[change(Table::Jobs, b"a", Some(b"p1"))], Some(3))?;
+        }
+        for (i, c) in chunks.iter().enumerate() {
+            bulk.ingest(0, c, Some(10 + i as i64))?;
+            plain.commit(0, c, Some(10 + i as i64))?;
+        }
+        for p in [0, 1] {
+            for t in Table::ALL {
+                assert_eq!(
+                    bulk.scan(p, t, b"", usize::MAX)?,
+                    plain.scan(p, t, b"", usize::MAX)?,
+                    "{p} {}",
+                    t.name()
+                );
+            }
+            assert_eq!(bulk.progress(p)?.map(|x| x.0), plain.progress(p)?.map(|x| x.0));
+            assert!(!bulk.bulk_load_cut_off(p)?);
+        }
+        assert_eq!(
+            bulk.scan(0, Table::Jobs, b"", usize::MAX)?,
+            vec![(b"a".to_vec(), b"2".to_vec()), (b"old".to_vec(), b"0".to_vec())]
+        );
+        assert_eq!(
+            bulk.scan(0, Table::EventIds, b"", usize::MAX)?,
+            vec![(b"e1".to_vec(), b"a".to_vec()), (b"e3".to_vec(), b"c2".to_vec())]
+        );
+        assert_eq!(bulk.progress(0)?.map(|x| x.0), Some(11));
+        // No table file is left behind, and one a crash left goes at the
+        // next open; the data survives a reopen.
+        let files = dirs.0.path().join(INGEST_DIR);
+        assert_eq!(std::fs::read_dir(&files)?.count(), 0);
+        std::fs::write(files.join("0-jobs-7.sst"), b"cut off")?;
+        drop(bulk);
+        let bulk = Store::open(dirs.0.path())?;
+        assert_eq!(std::fs::read_dir(&files)?.count(), 0);
+        assert_eq!(bulk.scan(0, Table::Jobs, b"", usize::MAX)?.len(), 2);
+        // A load cut off after its mark is seen, and dropping the
+        // partition clears it.
+        bulk.mark_bulk_load(0)?;
+        assert!(bulk.bulk_load_cut_off(0)? && !bulk.bulk_load_cut_off(1)?);
+        assert!(!bulk.holds_nothing(0)?);
+        bulk.drop_partition(0)?;
+        assert!(!bulk.bulk_load_cut_off(0)?);
+        assert!(bulk.holds_nothing(0)? && !bulk.holds_nothing(1)?);
+        Ok(())
     }
 
     #[test]

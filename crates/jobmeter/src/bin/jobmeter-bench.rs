@@ -85,6 +85,11 @@ struct Args {
     /// With `--accounts`: per mille of the accounts on pro (the rest free).
     #[arg(long, default_value_t = 10)]
     pro_permille: usize,
+    /// The broker's process id, when it runs on this machine (the local
+    /// broker's is in `~/.cache/jobmeter/kafka-run-9092/broker.pid`): its
+    /// CPU time per event is reported for the ceiling and throughput runs.
+    #[arg(long)]
+    broker_pid: Option<u32>,
 }
 
 /// Workload shapes of the throughput backlog.
@@ -151,6 +156,8 @@ fn main() -> anyhow::Result<()> {
     jobmeter::tools::produce_fleet_placed(&brokers, &topics, &accs, &evs, 0, args.placement)?;
     println!("produced {} events in {:.1}s", evs.len(), t0.elapsed().as_secs_f64());
     let mut reads = Vec::new();
+    let broker_cpu = || args.broker_pid.map(cpu_seconds);
+    let (c_broker, c_machine) = (broker_cpu(), MachineCpu::now());
     for _ in 0..args.ceiling_runs.max(1) {
         reads.push(raw_consume_rate(
             &settings,
@@ -160,6 +167,7 @@ fn main() -> anyhow::Result<()> {
             false,
         )?);
     }
+    let c_share = CpuShare::since(c_broker, broker_cpu(), &c_machine, reads.len() * evs.len());
     let untuned = raw_consume_rate(&settings, &topics.job_events, args.partitions, evs.len(), true)?;
     let mut sorted = reads.clone();
     sorted.sort_by(f64::total_cmp);
@@ -171,9 +179,11 @@ fn main() -> anyhow::Result<()> {
         reads.len(),
         reads.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
     );
+    println!("(c) during the ceiling reads: {c_share}");
     println!(
         "(c') the same plain consumer with librdkafka's default fetch.queue.backoff.ms (1 s): {untuned:.0} events/s (one read)"
     );
+    let (a_broker, a_machine) = (broker_cpu(), MachineCpu::now());
     let t1 = Instant::now();
     let meter = start_meter(&bin, &prefix, &dir.join("tp"), args.partitions, &args.sets, 19464)?;
     let total = evs.len() as f64;
@@ -220,6 +230,10 @@ fn main() -> anyhow::Result<()> {
         rss / 1024,
         cpu,
         1e6 * cpu / total
+    );
+    println!(
+        "(a) during the run (start-up included): {}",
+        CpuShare::since(a_broker, broker_cpu(), &a_machine, evs.len())
     );
     drop(meter);
 
@@ -672,6 +686,61 @@ fn cpu_seconds(pid: u32) -> f64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The whole machine's CPU time from `/proc/stat`: busy and total ticks
+/// over all cores (idle and iowait count as not busy).
+struct MachineCpu {
+    busy: u64,
+    total: u64,
+}
+
+impl MachineCpu {
+    fn now() -> Self {
+        let line = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| s.lines().next().map(str::to_owned))
+            .unwrap_or_default();
+        let f: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+        let total: u64 = f.iter().take(8).sum();
+        let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+        Self {
+            busy: total.saturating_sub(idle),
+            total,
+        }
+    }
+}
+
+/// Where the machine's CPU went over a measured stretch: how busy all its
+/// cores were, and the broker's CPU time per event.
+struct CpuShare {
+    busy_percent: f64,
+    broker_us_per_event: Option<f64>,
+}
+
+impl CpuShare {
+    fn since(broker_before: Option<f64>, broker_after: Option<f64>, machine: &MachineCpu, events: usize) -> Self {
+        let now = MachineCpu::now();
+        let total = now.total.saturating_sub(machine.total).max(1) as f64;
+        let broker_us_per_event = match (broker_before, broker_after) {
+            (Some(b), Some(a)) => Some(1e6 * (a - b) / events.max(1) as f64),
+            _ => None,
+        };
+        Self {
+            busy_percent: 100.0 * now.busy.saturating_sub(machine.busy) as f64 / total,
+            broker_us_per_event,
+        }
+    }
+}
+
+impl std::fmt::Display for CpuShare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "machine {:.0} % busy (all cores)", self.busy_percent)?;
+        match self.broker_us_per_event {
+            Some(us) => write!(f, "; broker CPU {us:.1} µs/event"),
+            None => write!(f, "; broker CPU not measured (--broker-pid)"),
+        }
+    }
 }
 
 fn num_cores() -> usize {

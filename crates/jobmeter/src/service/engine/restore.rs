@@ -141,6 +141,8 @@ impl Engine {
             from_store = l.from_store,
             changelog_records = l.changelog_records,
             seconds = l.seconds,
+            write_seconds = l.write_seconds,
+            load_seconds = l.load_seconds,
             "partition restored"
         );
         let reported = l.meter.stats().clone();
@@ -184,6 +186,10 @@ struct Loaded {
     from_store: usize,
     changelog_records: u64,
     seconds: f64,
+    /// Of `seconds`: writing the changelog into RocksDB, and building the
+    /// meter from RocksDB.
+    write_seconds: f64,
+    load_seconds: f64,
 }
 
 impl Loader {
@@ -199,19 +205,10 @@ impl Loader {
                 why: format!("found while metering: {why}"),
             }));
         }
-        let mut progress = self.store.progress(p)?;
-        let now_ms = jobmeter_core::Timestamp::now().0;
-        if progress.is_some_and(|(_, written)| now_ms - written > self.max_local_age.as_millis() as i64) {
-            tracing::warn!(
-                partition = p,
-                "local state is older than state.max_local_age; restoring from the changelog in full"
-            );
-            self.store.drop_partition(p)?;
-            progress = None;
-        }
+        let progress = stored_progress(&self.store, p, self.max_local_age)?;
         // Nothing stored: the (empty) indexes are complete, and the restore
         // keeps them so.
-        let fresh = progress.is_none() && self.store.scan(p, Table::Jobs, b"", 1)?.is_empty();
+        let fresh = self.store.holds_nothing(p)?;
         if self.archive && fresh {
             self.store.set_index_complete(p, true)?;
         }
@@ -239,18 +236,24 @@ impl Loader {
             );
         }
         let mut failed = None;
+        let mut writing = std::time::Duration::ZERO;
         let n = reader.read_to_end(&self.changelog, &[(p, up.from)], self.deadline, |rec| {
             up.record(rec);
             if up.pending() >= RESTORE_CHUNK && failed.is_none() {
+                let t = Instant::now();
                 failed = write_caught_up(&self.store, p, &mut up, indexed, &mut listed).err();
+                writing += t.elapsed();
             }
         })?;
         if let Some(e) = failed {
             return Err(e);
         }
         if n > 0 {
+            let t = Instant::now();
             write_caught_up(&self.store, p, &mut up, indexed, &mut listed)?;
+            writing += t.elapsed();
         }
+        let t_load = Instant::now();
         if self.archive && !indexed {
             let t = Instant::now();
             let jobs = self.store.build_index(p).map_err(|e| match e {
@@ -279,8 +282,33 @@ impl Loader {
             from_store,
             changelog_records: n,
             seconds: t0.elapsed().as_secs_f64(),
+            write_seconds: writing.as_secs_f64(),
+            load_seconds: t_load.elapsed().as_secs_f64(),
         })
     }
+}
+
+/// The changelog offset a restore of `p` starts after (`None`: the
+/// beginning), and when it was written: what the store holds, unless that
+/// is older than `max_local_age` or a bulk load cut off, which are
+/// dropped.
+fn stored_progress(
+    store: &jobmeter_store::Store,
+    p: i32,
+    max_local_age: std::time::Duration,
+) -> Result<Option<(i64, i64)>, EngineError> {
+    let progress = store.progress(p)?;
+    let now_ms = jobmeter_core::Timestamp::now().0;
+    let why = if progress.is_some_and(|(_, written)| now_ms - written > max_local_age.as_millis() as i64) {
+        "local state is older than state.max_local_age; restoring from the changelog in full"
+    } else if store.bulk_load_cut_off(p)? {
+        "an earlier restore of this partition was cut off while loading table files; restoring from the changelog in full"
+    } else {
+        return Ok(progress);
+    };
+    tracing::warn!(partition = p, "{why}");
+    store.drop_partition(p)?;
+    Ok(None)
 }
 
 /// Writes the changelog records read so far into RocksDB, with the
@@ -294,6 +322,29 @@ pub(crate) fn write_caught_up(
     indexed: bool,
     listed: &mut Option<std::collections::HashSet<Vec<u8>>>,
 ) -> Result<(), EngineError> {
+    let mut changes = caught_up_changes(store, p, up, indexed, listed)?;
+    if listed.is_some() {
+        // Nothing but this restore has written the partition: its changes
+        // go in as table files, not through the memtable and its log.
+        store.ingest(p, &changes, up.last)?;
+    } else {
+        // In key order (the changes are; their index entries follow): the
+        // memtable inserts a key after the last one faster than anywhere.
+        changes.sort_by(|a, b| (a.table, &a.key).cmp(&(b.table, &b.key)));
+        store.commit(p, &changes, up.last)?;
+    }
+    Ok(())
+}
+
+/// What [`write_caught_up`] writes: the changes of the records read so
+/// far, and (`indexed`) their index entries.
+fn caught_up_changes(
+    store: &jobmeter_store::Store,
+    p: i32,
+    up: &mut CatchUp,
+    indexed: bool,
+    listed: &mut Option<std::collections::HashSet<Vec<u8>>>,
+) -> Result<Vec<StateChange>, EngineError> {
     let mut changes = up.changes();
     up.map.clear();
     if indexed {
@@ -332,8 +383,7 @@ pub(crate) fn write_caught_up(
         }
         changes.append(&mut index);
     }
-    store.commit(p, &changes, up.last)?;
-    Ok(())
+    Ok(changes)
 }
 
 /// A partition's state on restart: what the store holds, caught up with
@@ -377,19 +427,27 @@ impl CatchUp {
     /// once, with its final value (or its deletion), in key order. The
     /// same end state as writing every replayed record in turn, with one
     /// write per key instead of one per record (a changelog not compacted
-    /// yet holds many versions of a job).
+    /// yet holds many versions of a job). The touched keys leave the map.
     pub(crate) fn changes(&mut self) -> Vec<StateChange> {
         let mut touched = std::mem::take(&mut self.touched);
         touched.sort_unstable();
         touched.dedup();
-        touched
-            .into_iter()
-            .map(|entry| {
-                let value = self.map.get(&entry).cloned();
-                let (table, key) = entry;
-                StateChange { table, key, value }
-            })
-            .collect()
+        // One pass over both, in key order: the touched keys' values move
+        // out, the others stay.
+        let mut out = Vec::with_capacity(touched.len());
+        let mut kept = Vec::new();
+        let mut map = std::mem::take(&mut self.map).into_iter().peekable();
+        for entry in touched {
+            while let Some(k) = map.next_if(|(k, _)| *k < entry) {
+                kept.push(k);
+            }
+            let value = map.next_if(|(k, _)| *k == entry).map(|(_, v)| v);
+            let (table, key) = entry;
+            out.push(StateChange { table, key, value });
+        }
+        kept.extend(map);
+        self.map = kept.into_iter().collect();
+        out
     }
 }
 
@@ -429,12 +487,9 @@ mod tests {
         }
     }
 
-    /// A restore that writes the changelog in chunks leaves the store with
-    /// the jobs and indexes a store holding the final state would build:
-    /// the same open jobs listed, the same event ids (expiry entries may
-    /// include stale ones, which the meter drops when it meets them).
-    #[test]
-    fn a_chunked_restore_indexes_like_a_full_build() {
+    /// The changelog a meter writes for a small fleet, batch after batch
+    /// (with deletions: finished jobs expire).
+    fn fleet_changelog() -> Vec<Record> {
         use jobmeter_core::*;
         let rates = RateCard::from_toml(
             &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/rate-card.toml"))
@@ -454,7 +509,6 @@ mod tests {
             mean_gap_ms: 10_000,
             ..crate::simulate::FleetOptions::default()
         };
-        // The changelog a meter writes, batch after batch.
         let mut meter = Meter::tracking_changes();
         let (mut records, mut out) = (Vec::new(), Vec::new());
         for (i, ev) in crate::simulate::events(&opts).iter().enumerate() {
@@ -474,22 +528,18 @@ mod tests {
         }
         let deletes = records.iter().filter(|r| r.value.is_none()).count();
         assert!(deletes > 100, "{deletes} deletions in the changelog");
-        let dirs = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
-        let chunked = jobmeter_store::Store::open(dirs.0.path()).expect("open");
-        chunked.set_index_complete(0, true).expect("marker");
-        let mut up = CatchUp::new(jobmeter_store::PartitionState::default());
-        let mut listed = Some(std::collections::HashSet::new());
-        for r in records.iter().cloned() {
-            up.record(r);
-            if up.pending() >= 97 {
-                write_caught_up(&chunked, 0, &mut up, true, &mut listed).expect("write");
-            }
-        }
-        write_caught_up(&chunked, 0, &mut up, true, &mut listed).expect("write");
-        // The reference: every record at once, indexes built from the jobs.
-        let whole = jobmeter_store::Store::open(dirs.1.path()).expect("open");
+        records
+    }
+
+    /// Asserts that `chunked` holds the jobs and indexes a store holding
+    /// the final state of `records` builds: the same open jobs listed, the
+    /// same event ids (expiry entries may include stale ones, which the
+    /// meter drops when it meets them), and the last offset.
+    fn assert_indexed_like_a_full_build(chunked: &jobmeter_store::Store, records: &[Record]) {
+        let dir = tempfile::tempdir().expect("dir");
+        let whole = jobmeter_store::Store::open(dir.path()).expect("open");
         let mut all = CatchUp::new(jobmeter_store::PartitionState::default());
-        for r in records {
+        for r in records.iter().cloned() {
             all.record(r);
         }
         whole.commit(0, &all.changes(), all.last).expect("write");
@@ -502,9 +552,9 @@ mod tests {
             Table::Usage,
             Table::Statements,
         ] {
-            assert_eq!(scan(&chunked, t), scan(&whole, t), "{}", t.name());
+            assert_eq!(scan(chunked, t), scan(&whole, t), "{}", t.name());
         }
-        let (ch, wh) = (scan(&chunked, Table::Expiries), scan(&whole, Table::Expiries));
+        let (ch, wh) = (scan(chunked, Table::Expiries), scan(&whole, Table::Expiries));
         assert!(wh.iter().all(|e| ch.contains(e)), "every live expiry is indexed");
         let counts = (
             scan(&whole, Table::OpenJobs).len(),
@@ -513,6 +563,80 @@ mod tests {
         );
         assert!(counts.0 >= 2 && counts.1 > 1000 && counts.2 > 500, "{counts:?}");
         assert_eq!(chunked.progress(0).expect("progress").map(|p| p.0), all.last);
+    }
+
+    /// A restore that writes the changelog in chunks (into a partition that
+    /// held nothing: as table files) leaves the store with the jobs and
+    /// indexes a full build gives.
+    #[test]
+    fn a_chunked_restore_indexes_like_a_full_build() {
+        let records = fleet_changelog();
+        let dir = tempfile::tempdir().expect("dir");
+        let chunked = jobmeter_store::Store::open(dir.path()).expect("open");
+        assert!(chunked.holds_nothing(0).expect("empty"));
+        chunked.set_index_complete(0, true).expect("marker");
+        let mut up = CatchUp::new(jobmeter_store::PartitionState::default());
+        let mut listed = Some(std::collections::HashSet::new());
+        for r in records.iter().cloned() {
+            up.record(r);
+            if up.pending() >= 97 {
+                write_caught_up(&chunked, 0, &mut up, true, &mut listed).expect("write");
+            }
+        }
+        write_caught_up(&chunked, 0, &mut up, true, &mut listed).expect("write");
+        assert_indexed_like_a_full_build(&chunked, &records);
+    }
+
+    /// A bulk load that a crash cuts off between its table files (here:
+    /// the index tables written, the jobs table and the offset not) is
+    /// dropped by the next restore, which reads the changelog in full. Had
+    /// it gone on from what the store held, the open-jobs entries of jobs
+    /// open at the crash and deleted since would stay: the jobs table,
+    /// where it would look up their entries, never had them. The crash in
+    /// the first chunk (no offset written yet) and in a later one.
+    #[test]
+    fn a_bulk_load_cut_off_between_its_tables_is_dropped_by_the_next_restore() {
+        let records = fleet_changelog();
+        for crash_at in [0usize, 5] {
+            let dir = tempfile::tempdir().expect("dir");
+            let store = jobmeter_store::Store::open(dir.path()).expect("open");
+            store.set_index_complete(0, true).expect("marker");
+            let mut up = CatchUp::new(jobmeter_store::PartitionState::default());
+            let mut listed = Some(std::collections::HashSet::new());
+            for (i, chunk) in records.chunks(97).enumerate().take(crash_at + 1) {
+                for r in chunk.iter().cloned() {
+                    up.record(r);
+                }
+                if i < crash_at {
+                    write_caught_up(&store, 0, &mut up, true, &mut listed).expect("write");
+                } else {
+                    let changes = caught_up_changes(&store, 0, &mut up, true, &mut listed).expect("changes");
+                    let index: Vec<StateChange> = changes.into_iter().filter(|c| c.table != Table::Jobs).collect();
+                    assert!(!index.is_empty(), "chunk {i} has index entries");
+                    store.mark_bulk_load(0).expect("mark");
+                    store.ingest_tables(0, &index).expect("ingest");
+                    // The crash.
+                }
+            }
+            drop(store);
+            // The next start, as `Loader::load` begins it.
+            let store = jobmeter_store::Store::open(dir.path()).expect("reopen");
+            assert!(store.bulk_load_cut_off(0).expect("read"));
+            let from = stored_progress(&store, 0, std::time::Duration::from_secs(3600)).expect("progress");
+            assert_eq!(from, None, "crash in chunk {crash_at}: dropped");
+            assert!(store.holds_nothing(0).expect("read"));
+            assert!(!store.bulk_load_cut_off(0).expect("read"));
+            store.set_index_complete(0, true).expect("marker");
+            let mut up = CatchUp::new(jobmeter_store::PartitionState::default());
+            let mut listed = Some(std::collections::HashSet::new());
+            // In one chunk, as a restore of a changelog this small reads it.
+            for r in records.iter().cloned() {
+                up.record(r);
+            }
+            write_caught_up(&store, 0, &mut up, true, &mut listed).expect("write");
+            assert_indexed_like_a_full_build(&store, &records);
+            assert!(!store.bulk_load_cut_off(0).expect("read"));
+        }
     }
 
     /// The store written from a catch-up ends in the same state as one
