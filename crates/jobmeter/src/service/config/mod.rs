@@ -279,7 +279,7 @@ impl Default for PipelineConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         BatchConfig {
-            max_events: 5000,
+            max_events: 20_000,
             interval: Dur::from_ms(50),
             max_idle: Dur::from_ms(500),
         }
