@@ -140,6 +140,8 @@ pub struct Store {
     ingest_dir: PathBuf,
     /// Table files built so far (their names).
     ingested: std::sync::atomic::AtomicU64,
+    /// [`StoreOptions::ingest_min_rows`].
+    ingest_min_rows: usize,
 }
 
 /// RocksDB options for building table files (opaque to `Debug`).
@@ -183,6 +185,27 @@ fn progress_value_at(offset: i64, now_ms: i64) -> [u8; 16] {
     v
 }
 
+/// `changes` per table (in [`Table::ALL`]'s order), in key order, each key
+/// once with its last change (a stable sort keeps a key's changes in
+/// their order).
+fn in_key_order(changes: &[StateChange]) -> Vec<Vec<&StateChange>> {
+    Table::ALL
+        .into_iter()
+        .map(|table| {
+            let mut rows: Vec<&StateChange> = changes.iter().filter(|c| c.table == table).collect();
+            rows.sort_by(|a, b| a.key.cmp(&b.key));
+            let mut last: Vec<&StateChange> = Vec::with_capacity(rows.len());
+            for c in rows {
+                match last.last_mut() {
+                    Some(prev) if prev.key == c.key => *prev = c,
+                    _ => last.push(c),
+                }
+            }
+            last
+        })
+        .collect()
+}
+
 /// The mark of a bulk load under way in `partition`, in the progress
 /// table (inside the partition's key range: dropped with it).
 fn bulk_key(partition: i32) -> Vec<u8> {
@@ -218,12 +241,17 @@ pub struct StoreOptions {
     /// The block cache shared by every column family (data blocks; the
     /// index and bloom filter blocks are held apart, a few bytes a key).
     pub block_cache_bytes: usize,
+    /// The fewest rows of a table [`Store::ingest`] loads as a table file;
+    /// smaller tables go through the memtable with the offset (a table file
+    /// costs a few synced writes of its own).
+    pub ingest_min_rows: usize,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             block_cache_bytes: 64 << 20,
+            ingest_min_rows: 4096,
         }
     }
 }
@@ -316,6 +344,7 @@ impl Store {
             table_files: TableFileOptions(files),
             ingest_dir,
             ingested: std::sync::atomic::AtomicU64::new(0),
+            ingest_min_rows: o.ingest_min_rows,
         })
     }
 
@@ -374,27 +403,43 @@ impl Store {
     }
 
     /// Writes `changes` of `partition` as table files that RocksDB takes
-    /// in whole (one per table, ingested, not written through the memtable
-    /// and its log), then the changelog offset they reach, synced. The
-    /// same end state as [`Store::commit`] — a key changed more than once
-    /// ends with its last change — at a fraction of the cost for a bulk
-    /// load: a restore into a partition that held nothing.
+    /// in whole (one per table of at least [`StoreOptions::ingest_min_rows`] rows,
+    /// ingested, not written through the memtable and its log); the
+    /// smaller tables go in one synced write with the changelog offset the
+    /// changes reach. The same end state as [`Store::commit`] — a key
+    /// changed more than once ends with its last change — at a fraction of
+    /// the cost for a bulk load: a restore into a partition that held
+    /// nothing.
     ///
-    /// The tables are ingested one after another, then the offset. While
-    /// they are, the partition carries a mark ([`Store::bulk_load_cut_off`])
-    /// that goes with the offset's write: a crash in between leaves tables
-    /// ahead of others (the jobs of one chunk without their index entries,
-    /// or the reverse) and the mark, and the next restore of the partition
-    /// drops it and reads the changelog in full.
+    /// The table files are ingested one after another, then the last
+    /// write. While they are, the partition carries a mark
+    /// ([`Store::bulk_load_cut_off`]) that goes with that write: a crash in
+    /// between leaves tables ahead of others (the jobs of one chunk without
+    /// their index entries, or the reverse) and the mark, and the next
+    /// restore of the partition drops it and reads the changelog in full.
     pub fn ingest(
         &self,
         partition: i32,
         changes: &[StateChange],
         changelog_offset: Option<i64>,
     ) -> Result<(), StoreError> {
+        let tables = in_key_order(changes);
+        if tables.iter().all(|rows| rows.len() < self.ingest_min_rows) {
+            // A table file costs a few synced writes: for this little, one
+            // write through the memtable is cheaper (and atomic: no mark).
+            let rows: Vec<&StateChange> = tables.into_iter().flatten().collect();
+            return self.finish(partition, &rows, changelog_offset, false);
+        }
         self.mark_bulk_load(partition)?;
-        self.ingest_tables(partition, changes)?;
-        self.finish_bulk_load(partition, changelog_offset)
+        let mut rest = Vec::new();
+        for rows in tables {
+            if rows.len() >= self.ingest_min_rows {
+                self.ingest_table(partition, &rows)?;
+            } else {
+                rest.extend(rows);
+            }
+        }
+        self.finish(partition, &rest, changelog_offset, true)
     }
 
     /// The first step of [`Store::ingest`]: the mark, synced.
@@ -404,34 +449,37 @@ impl Store {
             .map_err(self.rocks("mark a bulk load"))
     }
 
-    /// The second step of [`Store::ingest`]: the table files, one table
-    /// after another.
+    /// A step of [`Store::ingest`]: `changes` of every table they touch as
+    /// table files, one table after another.
     pub fn ingest_tables(&self, partition: i32, changes: &[StateChange]) -> Result<(), StoreError> {
-        for table in Table::ALL {
-            // In key order (a stable sort: a key's changes keep their
-            // order), each key once with its last change.
-            let mut rows: Vec<&StateChange> = changes.iter().filter(|c| c.table == table).collect();
-            rows.sort_by(|a, b| a.key.cmp(&b.key));
-            let mut last: Vec<&StateChange> = Vec::with_capacity(rows.len());
-            for c in rows {
-                match last.last_mut() {
-                    Some(prev) if prev.key == c.key => *prev = c,
-                    _ => last.push(c),
-                }
-            }
-            if !last.is_empty() {
-                self.ingest_table(partition, table, &last)?;
-            }
+        for rows in in_key_order(changes).iter().filter(|rows| !rows.is_empty()) {
+            self.ingest_table(partition, rows)?;
         }
         Ok(())
     }
 
-    /// The last step of [`Store::ingest`]: the offset, and the mark gone,
-    /// in one synced write.
-    pub fn finish_bulk_load(&self, partition: i32, changelog_offset: Option<i64>) -> Result<(), StoreError> {
+    /// The last step of [`Store::ingest`]: the changes not loaded as table
+    /// files, the offset, and (`marked`) the mark gone, in one synced write.
+    fn finish(
+        &self,
+        partition: i32,
+        rows: &[&StateChange],
+        changelog_offset: Option<i64>,
+        marked: bool,
+    ) -> Result<(), StoreError> {
         let progress = self.cf(PROGRESS_CF)?;
         let mut batch = WriteBatch::default();
-        batch.delete_cf(progress, bulk_key(partition));
+        for c in rows {
+            let cf = self.cf(c.table.name())?;
+            let key = prefixed(partition, &c.key);
+            match &c.value {
+                Some(v) => batch.put_cf(cf, key, v),
+                None => batch.delete_cf(cf, key),
+            }
+        }
+        if marked {
+            batch.delete_cf(progress, bulk_key(partition));
+        }
         if let Some(o) = changelog_offset {
             batch.put_cf(progress, prefix(partition), progress_value(o));
         }
@@ -453,7 +501,10 @@ impl Store {
 
     /// Builds one table file of `rows` (in key order, each key once) and
     /// has RocksDB take it.
-    fn ingest_table(&self, partition: i32, table: Table, rows: &[&StateChange]) -> Result<(), StoreError> {
+    fn ingest_table(&self, partition: i32, rows: &[&StateChange]) -> Result<(), StoreError> {
+        let Some(table) = rows.first().map(|c| c.table) else {
+            return Ok(());
+        };
         let n = self.ingested.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let file = self.ingest_dir.join(format!("{partition}-{}-{n}.sst", table.name()));
         let cf = self.cf(table.name())?;
@@ -764,6 +815,18 @@ mod tests {
                 change(Table::Usage, b"u", Some(b"2")),
             ],
         ];
+        // Enough event ids for a table file in both chunks (the other
+        // tables are written with the offset), the second deleting half.
+        let mut chunks = chunks;
+        for i in 0..2 * StoreOptions::default().ingest_min_rows {
+            let k = format!("many-{i:05}").into_bytes();
+            chunks[0].push(change(Table::EventIds, &k, Some(b"m")));
+            if i % 2 == 0 {
+                chunks[1].push(change(Table::EventIds, &k, None));
+            } else {
+                chunks[1].push(change(Table::EventIds, &k, Some(b"m2")));
+            }
+        }
         for s in [&bulk, &plain] {
             s.commit(0, &before, None)?;
             s.commit(1, &[change(Table::Jobs, b"a", Some(b"p1"))], Some(3))?;
@@ -788,10 +851,20 @@ mod tests {
             bulk.scan(0, Table::Jobs, b"", usize::MAX)?,
             vec![(b"a".to_vec(), b"2".to_vec()), (b"old".to_vec(), b"0".to_vec())]
         );
+        let ids = bulk.scan(0, Table::EventIds, b"", usize::MAX)?;
+        assert_eq!(ids.len(), 2 + StoreOptions::default().ingest_min_rows);
         assert_eq!(
-            bulk.scan(0, Table::EventIds, b"", usize::MAX)?,
-            vec![(b"e1".to_vec(), b"a".to_vec()), (b"e3".to_vec(), b"c2".to_vec())]
+            ids[..2],
+            [(b"e1".to_vec(), b"a".to_vec()), (b"e3".to_vec(), b"c2".to_vec())]
         );
+        assert!(ids[2..].iter().all(|(k, v)| k.starts_with(b"many-") && v == b"m2"));
+        let files: usize = bulk
+            .db
+            .live_files()?
+            .iter()
+            .filter(|f| f.column_family_name == "event_ids")
+            .count();
+        assert!(files >= 2, "the event ids went in as table files: {files}");
         assert_eq!(bulk.progress(0)?.map(|x| x.0), Some(11));
         // No table file is left behind, and one a crash left goes at the
         // next open; the data survives a reopen.

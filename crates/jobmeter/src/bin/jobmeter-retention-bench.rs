@@ -198,6 +198,7 @@ fn main() -> anyhow::Result<()> {
     }
     let options = StoreOptions {
         block_cache_bytes: args.block_cache_mib << 20,
+        ..Default::default()
     };
     let store = Arc::new(Store::open_with(&args.dir, options)?);
     store.set_index_complete(0, archive)?;

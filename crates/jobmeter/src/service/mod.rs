@@ -167,6 +167,7 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
         &cfg.state.dir,
         jobmeter_store::StoreOptions {
             block_cache_bytes: (cfg.state.block_cache_mib as usize) << 20,
+            ..Default::default()
         },
     )?);
     let ready = Arc::new(AtomicBool::new(false));

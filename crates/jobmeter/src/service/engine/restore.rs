@@ -571,20 +571,29 @@ mod tests {
     #[test]
     fn a_chunked_restore_indexes_like_a_full_build() {
         let records = fleet_changelog();
-        let dir = tempfile::tempdir().expect("dir");
-        let chunked = jobmeter_store::Store::open(dir.path()).expect("open");
-        assert!(chunked.holds_nothing(0).expect("empty"));
-        chunked.set_index_complete(0, true).expect("marker");
-        let mut up = CatchUp::new(jobmeter_store::PartitionState::default());
-        let mut listed = Some(std::collections::HashSet::new());
-        for r in records.iter().cloned() {
-            up.record(r);
-            if up.pending() >= 97 {
-                write_caught_up(&chunked, 0, &mut up, true, &mut listed).expect("write");
+        // Small chunks (written through the memtable) and large ones
+        // (their big tables loaded as table files).
+        for chunk in [97, 6_000] {
+            let dir = tempfile::tempdir().expect("dir");
+            let options = jobmeter_store::StoreOptions {
+                ingest_min_rows: 1_000,
+                ..Default::default()
+            };
+            let chunked = jobmeter_store::Store::open_with(dir.path(), options).expect("open");
+            assert!(chunked.holds_nothing(0).expect("empty"));
+            chunked.set_index_complete(0, true).expect("marker");
+            let mut up = CatchUp::new(jobmeter_store::PartitionState::default());
+            let mut listed = Some(std::collections::HashSet::new());
+            for r in records.iter().cloned() {
+                up.record(r);
+                if up.pending() >= chunk {
+                    write_caught_up(&chunked, 0, &mut up, true, &mut listed).expect("write");
+                }
             }
+            write_caught_up(&chunked, 0, &mut up, true, &mut listed).expect("write");
+            assert_indexed_like_a_full_build(&chunked, &records);
+            assert!(!chunked.bulk_load_cut_off(0).expect("read"));
         }
-        write_caught_up(&chunked, 0, &mut up, true, &mut listed).expect("write");
-        assert_indexed_like_a_full_build(&chunked, &records);
     }
 
     /// A bulk load that a crash cuts off between its table files (here:
