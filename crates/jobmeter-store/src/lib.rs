@@ -189,21 +189,31 @@ fn progress_value_at(offset: i64, now_ms: i64) -> [u8; 16] {
 /// once with its last change (a stable sort keeps a key's changes in
 /// their order).
 fn in_key_order(changes: &[StateChange]) -> Vec<Vec<&StateChange>> {
-    Table::ALL
-        .into_iter()
-        .map(|table| {
-            let mut rows: Vec<&StateChange> = changes.iter().filter(|c| c.table == table).collect();
-            rows.sort_by(|a, b| a.key.cmp(&b.key));
-            let mut last: Vec<&StateChange> = Vec::with_capacity(rows.len());
-            for c in rows {
-                match last.last_mut() {
-                    Some(prev) if prev.key == c.key => *prev = c,
-                    _ => last.push(c),
-                }
+    let mut tables: Vec<Vec<&StateChange>> = vec![Vec::new(); Table::ALL.len()];
+    for c in changes {
+        if let Some(i) = Table::ALL.iter().position(|t| *t == c.table) {
+            tables[i].push(c);
+        }
+    }
+    for rows in &mut tables {
+        // The rows point into `changes`: their addresses order a key's
+        // changes as they came, which makes the unstable sort stable.
+        rows.sort_unstable_by(|a, b| {
+            a.key
+                .cmp(&b.key)
+                .then_with(|| std::ptr::from_ref(*a).cmp(&std::ptr::from_ref(*b)))
+        });
+        rows.dedup_by(|later, earlier| {
+            // A key's last change wins: it takes the earlier one's place.
+            if later.key == earlier.key {
+                *earlier = *later;
+                true
+            } else {
+                false
             }
-            last
-        })
-        .collect()
+        });
+    }
+    tables
 }
 
 /// The mark of a bulk load under way in `partition`, in the progress
@@ -511,11 +521,13 @@ impl Store {
         let built = (|| {
             let mut w = rocksdb::SstFileWriter::create(&self.table_files.0);
             w.open(&file)?;
+            let mut key = prefix(partition).to_vec();
             for c in rows {
-                let key = prefixed(partition, &c.key);
+                key.truncate(4);
+                key.extend_from_slice(&c.key);
                 match &c.value {
-                    Some(v) => w.put(key, v)?,
-                    None => w.delete(key)?,
+                    Some(v) => w.put(&key, v)?,
+                    None => w.delete(&key)?,
                 }
             }
             w.finish()?;

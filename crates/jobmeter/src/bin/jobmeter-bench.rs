@@ -23,7 +23,8 @@
 //! 4. **Restore** (printed as (d)): the throughput run's meter is
 //!    started again on an empty state directory and restores every
 //!    partition from the changelog: records, seconds spent restoring, and
-//!    how long until it is ready.
+//!    how long until it is ready (`--restore-runs` times, each on a new
+//!    directory).
 
 use jobmeter::simulate::{accounts, events, FleetOptions};
 use jobmeter_kafka::client::{brokers_from_env, KafkaSettings};
@@ -85,6 +86,10 @@ struct Args {
     /// With `--accounts`: per mille of the accounts on pro (the rest free).
     #[arg(long, default_value_t = 10)]
     pro_permille: usize,
+    /// Times the restore (d) is measured, each on a new empty state
+    /// directory.
+    #[arg(long, default_value_t = 1)]
+    restore_runs: usize,
     /// The broker's process id, when it runs on this machine (the local
     /// broker's is in `~/.cache/jobmeter/kafka-run-9092/broker.pid`): its
     /// CPU time per event is reported for the ceiling and throughput runs.
@@ -239,26 +244,28 @@ fn main() -> anyhow::Result<()> {
 
     // (d) restore: the same instance on an empty state directory restores
     // every partition from the changelog before it is ready.
-    let t_r = Instant::now();
-    let meter = start_meter(
-        &bin,
-        &prefix,
-        &dir.join("tp-restore"),
-        args.partitions,
-        &args.sets,
-        19464,
-    )?;
-    wait_ready_within(19464, Duration::from_secs(1800))?;
-    let ready_after = t_r.elapsed().as_secs_f64();
-    let records = metric(19464, "jobmeter_restored_records_total").unwrap_or(0.0);
-    let restoring = metric(19464, "jobmeter_restore_seconds_sum").unwrap_or(0.0);
-    let partitions = metric(19464, "jobmeter_restore_seconds_count").unwrap_or(0.0);
-    println!(
-        "(d) restore: {records:.0} changelog records of {partitions:.0} partitions in {restoring:.2}s of restoring = {:.0} records/s; ready {ready_after:.2}s after start; peak RSS {} MiB",
-        records / restoring.max(1e-3),
-        peak_rss_kib(meter.id()) / 1024
-    );
-    drop(meter);
+    for run in 0..args.restore_runs.max(1) {
+        let t_r = Instant::now();
+        let meter = start_meter(
+            &bin,
+            &prefix,
+            &dir.join(format!("tp-restore-{run}")),
+            args.partitions,
+            &args.sets,
+            19464,
+        )?;
+        wait_ready_within(19464, Duration::from_secs(1800))?;
+        let ready_after = t_r.elapsed().as_secs_f64();
+        let records = metric(19464, "jobmeter_restored_records_total").unwrap_or(0.0);
+        let restoring = metric(19464, "jobmeter_restore_seconds_sum").unwrap_or(0.0);
+        let partitions = metric(19464, "jobmeter_restore_seconds_count").unwrap_or(0.0);
+        println!(
+            "(d) restore: {records:.0} changelog records of {partitions:.0} partitions in {restoring:.2}s of restoring = {:.0} records/s; ready {ready_after:.2}s after start; peak RSS {} MiB",
+            records / restoring.max(1e-3),
+            peak_rss_kib(meter.id()) / 1024
+        );
+        drop(meter);
+    }
     if !args.keep_topics {
         delete_topics(&settings, &prefix)?;
     }
