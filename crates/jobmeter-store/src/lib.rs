@@ -170,8 +170,6 @@ fn partition_range(partition: i32) -> (Vec<u8>, Vec<u8>) {
     (prefix(partition).to_vec(), to)
 }
 
-/// The key of a partition's corruption marker in the `open_jobs` family:
-/// one byte after the prefix, which no job key (two length prefixes) is.
 /// The progress record of `partition`: the changelog offset, and when it
 /// was written (now).
 fn progress_value(offset: i64) -> [u8; 16] {
@@ -222,6 +220,8 @@ fn bulk_key(partition: i32) -> Vec<u8> {
     prefixed(partition, b"bulk")
 }
 
+/// The key of a partition's corruption marker in the `open_jobs` family:
+/// one byte after the prefix, which no job key (two length prefixes) is.
 fn corrupt_key(partition: i32) -> Vec<u8> {
     prefixed(partition, &[0xFF])
 }
@@ -395,14 +395,7 @@ impl Store {
         let mut batch = WriteBatch::default();
         let now = jobmeter_core::Timestamp::now().0;
         for (partition, changes, changelog_offset) in steps {
-            for ch in changes.iter() {
-                let cf = self.cf(ch.table.name())?;
-                let key = prefixed(*partition, &ch.key);
-                match &ch.value {
-                    Some(v) => batch.put_cf(cf, key, v),
-                    None => batch.delete_cf(cf, key),
-                }
-            }
+            self.add_changes(&mut batch, *partition, changes.iter())?;
             if let Some(o) = changelog_offset {
                 batch.put_cf(self.cf(PROGRESS_CF)?, prefix(*partition), progress_value_at(*o, now));
             }
@@ -479,14 +472,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let progress = self.cf(PROGRESS_CF)?;
         let mut batch = WriteBatch::default();
-        for c in rows {
-            let cf = self.cf(c.table.name())?;
-            let key = prefixed(partition, &c.key);
-            match &c.value {
-                Some(v) => batch.put_cf(cf, key, v),
-                None => batch.delete_cf(cf, key),
-            }
-        }
+        self.add_changes(&mut batch, partition, rows.iter().copied())?;
         if marked {
             batch.delete_cf(progress, bulk_key(partition));
         }
@@ -521,9 +507,10 @@ impl Store {
         let built = (|| {
             let mut w = rocksdb::SstFileWriter::create(&self.table_files.0);
             w.open(&file)?;
-            let mut key = prefix(partition).to_vec();
+            let head = prefix(partition);
+            let mut key = head.to_vec();
             for c in rows {
-                key.truncate(4);
+                key.truncate(head.len());
                 key.extend_from_slice(&c.key);
                 match &c.value {
                     Some(v) => w.put(&key, v)?,
@@ -537,6 +524,24 @@ impl Store {
         })();
         let _ = std::fs::remove_file(&file);
         built.map_err(self.rocks("ingest table file"))
+    }
+
+    /// Adds `changes` of `partition` to `batch`: a put, or a delete.
+    fn add_changes<'c>(
+        &self,
+        batch: &mut WriteBatch,
+        partition: i32,
+        changes: impl Iterator<Item = &'c StateChange>,
+    ) -> Result<(), StoreError> {
+        for ch in changes {
+            let cf = self.cf(ch.table.name())?;
+            let key = prefixed(partition, &ch.key);
+            match &ch.value {
+                Some(v) => batch.put_cf(cf, key, v),
+                None => batch.delete_cf(cf, key),
+            }
+        }
+        Ok(())
     }
 
     /// Loads everything stored for `partition` (not the local indexes).
