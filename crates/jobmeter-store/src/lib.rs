@@ -903,6 +903,54 @@ mod tests {
         Ok(())
     }
 
+    /// The edges through a bulk load, as through a commit: the first and
+    /// last partitions, an empty key, a 64 KiB multi-byte key, empty and
+    /// 1 MiB values, and a restore that reads them back.
+    #[test]
+    fn ingest_keeps_the_edges_like_commit() -> Result<(), Box<dyn std::error::Error>> {
+        let dirs = (tempfile::tempdir()?, tempfile::tempdir()?);
+        let every_row = StoreOptions {
+            ingest_min_rows: 1,
+            ..Default::default()
+        };
+        let (bulk, plain) = (Store::open_with(dirs.0.path(), every_row)?, Store::open(dirs.1.path())?);
+        let long_key = "é€😀".repeat(64 * 1024 / 9).into_bytes();
+        let big = vec![0xA5u8; 1 << 20];
+        let changes = vec![
+            change(Table::Usage, b"", Some(b"")),
+            change(Table::Usage, &long_key, Some(&big)),
+            change(Table::Meta, &[0xFF; 8], Some(b"x")),
+            change(Table::Meta, &[0x00], None),
+        ];
+        for p in [0, i32::MAX] {
+            bulk.ingest(p, &changes, Some(i64::MAX))?;
+            plain.commit(p, &changes, Some(i64::MAX))?;
+        }
+        assert!(bulk
+            .db
+            .live_files()?
+            .iter()
+            .any(|f| f.column_family_name == Table::Usage.name()));
+        drop(bulk);
+        let bulk = Store::open_with(dirs.0.path(), every_row)?;
+        for p in [0, i32::MAX] {
+            for t in [Table::Usage, Table::Meta] {
+                assert_eq!(
+                    bulk.scan(p, t, b"", usize::MAX)?,
+                    plain.scan(p, t, b"", usize::MAX)?,
+                    "{p}"
+                );
+            }
+            let usage = bulk.scan(p, Table::Usage, b"", usize::MAX)?;
+            assert_eq!(usage.len(), 2);
+            assert_eq!((usage[1].0.len(), usage[1].1.len()), (long_key.len(), 1 << 20));
+            assert_eq!(bulk.progress(p)?.map(|x| x.0), Some(i64::MAX));
+            assert!(!bulk.holds_nothing(p)? && !bulk.bulk_load_cut_off(p)?);
+        }
+        assert!(bulk.holds_nothing(1)?);
+        Ok(())
+    }
+
     #[test]
     fn commit_load_and_drop_per_partition() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;

@@ -121,6 +121,11 @@ fn main() -> anyhow::Result<()> {
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
     println!("machine: {} cores, {}", num_cores(), cpu_model());
+    if let Some(pid) = args.broker_pid {
+        if process_cpu_seconds(pid).is_none() {
+            anyhow::bail!("--broker-pid {pid}: no such process on this machine (the local broker's pid is in ~/.cache/jobmeter/kafka-run-9092/broker.pid)");
+        }
+    }
     if let Some(n) = args.accounts {
         println!("broker: {brokers}; partitions: {}", args.partitions);
         return accounts_scale(&args, &settings, &bin, n, stamp);
@@ -684,15 +689,18 @@ fn peak_rss_kib(pid: u32) -> u64 {
 /// User + system CPU seconds of a running process so far, from
 /// `/proc/<pid>/stat` (clock ticks of 10 ms).
 fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
+    process_cpu_seconds(pid).unwrap_or(0.0)
+}
+
+/// [`cpu_seconds`], or `None` when there is no such process to read.
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are the
     // 14th and 15th fields of the whole line.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+    Some((ticks(11) + ticks(12)) / 100.0)
 }
 
 /// The whole machine's CPU time from `/proc/stat`: busy and total ticks
