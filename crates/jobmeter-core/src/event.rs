@@ -123,7 +123,11 @@ pub(crate) fn in_range(time: Timestamp, field: &str) -> Result<Timestamp, Invali
     Ok(time)
 }
 
-/// Refuses an identifier longer than [`MAX_ID_BYTES`].
+/// Refuses an identifier longer than [`MAX_ID_BYTES`], one that starts or
+/// ends with white space, and one with a control character: `" acct-1 "`
+/// would otherwise bill as another customer than `"acct-1"` (a worker's
+/// formatting bug creating a phantom account), and a control character is
+/// never part of a real id. White space inside an id is kept.
 pub(crate) fn bounded<'a>(value: &'a str, field: &str) -> Result<&'a str, Invalid> {
     if value.len() > MAX_ID_BYTES {
         return Err(Invalid::new(
@@ -132,6 +136,19 @@ pub(crate) fn bounded<'a>(value: &'a str, field: &str) -> Result<&'a str, Invali
                 "`{field}` is {} bytes long; at most {MAX_ID_BYTES} are accepted",
                 value.len()
             ),
+        ));
+    }
+    let edge = |c: Option<char>| c.is_some_and(char::is_whitespace);
+    if edge(value.chars().next()) || edge(value.chars().next_back()) {
+        return Err(Invalid::new(
+            RejectReason::SchemaViolation,
+            format!("`{field}` {value:?} starts or ends with white space"),
+        ));
+    }
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(Invalid::new(
+            RejectReason::SchemaViolation,
+            format!("`{field}` {value:?} holds the control character {:?}", c),
         ));
     }
     Ok(value)

@@ -635,3 +635,41 @@ fn fee_statements_are_not_repeated_after_a_restore() {
     a.apply(&e3);
     assert_eq!(idle(&a), 1, "not billed again after the restore");
 }
+
+/// Rule 12: an id with white space at either end, or a control character,
+/// is a schema violation naming the field — `" acct-1 "` is a worker's bug,
+/// never a second customer. White space inside an id is kept.
+#[test]
+fn ids_with_white_space_at_an_end_or_control_characters_are_refused() {
+    for (acct, job, field) in [
+        (" acct-1 ", "j1", "data.account_id"),
+        ("acct-1\t", "j2", "data.account_id"),
+        ("acct\u{7}1", "j3", "data.account_id"),
+        ("acct-1", " j4", "subject"),
+        ("acct-1", "j5\n", "subject"),
+    ] {
+        let mut w = World::new();
+        let e = w.start(acct, job, "2024-05-01T00:00:00Z", "inference", Some("img"));
+        let e = e.replace('\t', "\\t").replace('\n', "\\n").replace('\u{7}', "\\u0007");
+        let err = jobmeter_core::parse_job_event(e.as_bytes()).expect_err("refused");
+        assert_eq!(err.reason, RejectReason::SchemaViolation, "{acct:?} {job:?}");
+        assert!(err.detail.contains(field), "{}", err.detail);
+        w.apply(&e);
+        assert_eq!(w.rejects(), vec![RejectReason::SchemaViolation]);
+        assert!(w.charges().is_empty());
+    }
+    let mut w = World::new();
+    let e = w.start("acct 1", "job 1", "2024-05-01T00:00:00Z", "inference", Some("img"));
+    assert!(
+        jobmeter_core::parse_job_event(e.as_bytes()).is_ok(),
+        "white space inside an id is kept"
+    );
+    for bad in [" a", "a ", "a\u{0}b"] {
+        let json = format!(
+            r#"{{"account_id":{},"plan":"pro","effective_from":"2024-01-01T00:00:00Z"}}"#,
+            serde_json::to_string(bad).expect("json")
+        );
+        let err = AccountRecord::parse(json.as_bytes()).expect_err("refused");
+        assert!(err.detail.contains("account_id"), "{}", err.detail);
+    }
+}
