@@ -856,7 +856,7 @@ mod tests {
             ("acct-1", "2024-01-01T00:00:00Z"),
             ("with space", "0001-01-01T00:00:00Z"),
             (long.as_str(), "9999-12-31T23:59:59.999Z"),
-            (" leading", "1970-01-01T00:00:00Z"),
+            ("inner  spaces", "1970-01-01T00:00:00Z"),
         ] {
             let r = record(account, "pro", from);
             let k = internal_key(&r);

@@ -253,11 +253,11 @@ fn fast_round<'e>(
         })?;
     let mut chores = Chores::new();
     lock().set_fast(true);
-    // No batch commits until every input partition has delivered its first
-    // records (or its end): a meter bills in arrival order only while no
-    // event arrives on another partition than its account's, and the first
-    // fetch of each partition is where one would show up.
-    let mut unseen: std::collections::BTreeSet<i32> = assigned.clone();
+    // No batch commits until every input partition has delivered
+    // FIRST_RECORDS records (or its end): a meter bills in arrival order
+    // only while no event arrives on another partition than its account's,
+    // and the first records of each partition are where one shows up.
+    let mut unseen: std::collections::BTreeMap<i32, usize> = assigned.iter().map(|p| (*p, 0)).collect();
     lock().hold_commits(!unseen.is_empty());
     loop {
         if stop.load(Ordering::SeqCst) {
@@ -272,15 +272,23 @@ fn fast_round<'e>(
         }
         match msg {
             Some(Ok(m)) => {
-                if rdkafka::message::Message::topic(&m) == deps.topics.job_events
-                    && unseen.remove(&rdkafka::message::Message::partition(&m))
-                    && unseen.is_empty()
-                {
-                    e.hold_commits(false);
+                if !unseen.is_empty() && rdkafka::message::Message::topic(&m) == deps.topics.job_events {
+                    let p = rdkafka::message::Message::partition(&m);
+                    if unseen.get_mut(&p).is_some_and(|n| {
+                        *n += 1;
+                        *n >= FIRST_RECORDS
+                    }) {
+                        unseen.remove(&p);
+                    }
+                    if unseen.is_empty() {
+                        e.hold_commits(false);
+                    }
                 }
                 e.process(&m)?;
             }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) if unseen.remove(&p) && unseen.is_empty() => {
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p)))
+                if unseen.remove(&p).is_some() && unseen.is_empty() =>
+            {
                 e.hold_commits(false);
             }
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) | None => {}
@@ -289,6 +297,10 @@ fn fast_round<'e>(
         after_step(deps, consumer, &mut e, ready, &mut chores)?;
     }
 }
+
+/// How many records of each input partition the fast round applies before
+/// its first commit (unless the partition reaches its end first).
+const FIRST_RECORDS: usize = 1_000;
 
 /// How long the merge waits for one partition before it says so in the
 /// log (then once per [`WAIT_LOG_EVERY`] while the wait goes on).
@@ -372,11 +384,7 @@ fn merge_round<'e>(
             lock().process(&m)?;
         }
     }
-    // Arrival order is the merge order only for a pipeline that reads every
-    // input partition (and while no event arrives elsewhere): a pipeline
-    // that holds a part cannot see what the others may forward to it.
-    let holds_all = i32::try_from(assigned.len()).is_ok_and(|n| n == lock().input_partitions());
-    if !lock().merge_mode() && holds_all {
+    if !lock().merge_mode() {
         return fast_round(deps, consumer, lock, stop, ready, epoch, &assigned);
     }
     lock().set_fast(false);

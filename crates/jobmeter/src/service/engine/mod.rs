@@ -356,11 +356,6 @@ impl Engine {
         self.hold = hold;
     }
 
-    /// Partitions of the input topic.
-    pub fn input_partitions(&self) -> i32 {
-        self.cfg.input_partitions
-    }
-
     /// True when every assigned partition is restored (and none failed).
     pub fn ready(&self) -> bool {
         !self.assigned.is_empty() && self.to_restore.is_empty() && self.failing_read().is_empty()
