@@ -259,6 +259,7 @@ fn fast_round<'e>(
     // and the first records of each partition are where one shows up.
     let mut unseen: std::collections::BTreeMap<i32, usize> = assigned.iter().map(|p| (*p, 0)).collect();
     lock().hold_commits(!unseen.is_empty());
+    let held_since = Instant::now();
     loop {
         if stop.load(Ordering::SeqCst) {
             lock().commit_and_wait(consumer)?;
@@ -267,6 +268,12 @@ fn fast_round<'e>(
         }
         let msg = consumer.poll(Duration::from_millis(20));
         let mut e = lock();
+        if !unseen.is_empty() && held_since.elapsed() >= HOLD_AT_MOST {
+            // A partition's end may have been reported before this round
+            // began: its first fetch has long arrived.
+            unseen.clear();
+            e.hold_commits(false);
+        }
         if e.begin_turn(epoch)? {
             return Ok(true);
         }
@@ -301,6 +308,9 @@ fn fast_round<'e>(
 /// How many records of each input partition the fast round applies before
 /// its first commit (unless the partition reaches its end first).
 const FIRST_RECORDS: usize = 1_000;
+
+/// The longest the fast round holds its first commit.
+const HOLD_AT_MOST: Duration = Duration::from_secs(2);
 
 /// How long the merge waits for one partition before it says so in the
 /// log (then once per [`WAIT_LOG_EVERY`] while the wait goes on).
