@@ -72,7 +72,8 @@ fn catch_up(name: &str, seed: u64, instances: usize, kills: usize) {
         meters[i] = specs[i].start();
     }
     let refs: Vec<&MeterProc> = meters.iter().collect();
-    wait_until("all charges", Duration::from_secs(300), &refs, || {
+    // Two instances merge at the pace of their commits: minutes here.
+    wait_until("all charges", Duration::from_secs(900), &refs, || {
         read_all(&format!("{prefix}.charges")).len() >= want.charges.len()
     });
     wait_until("all statements", Duration::from_secs(60), &refs, || {

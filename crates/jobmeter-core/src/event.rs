@@ -123,11 +123,7 @@ pub(crate) fn in_range(time: Timestamp, field: &str) -> Result<Timestamp, Invali
     Ok(time)
 }
 
-/// Refuses an identifier longer than [`MAX_ID_BYTES`], one that starts or
-/// ends with white space, and one with a control character: `" acct-1 "`
-/// would otherwise bill as another customer than `"acct-1"` (a worker's
-/// formatting bug creating a phantom account), and a control character is
-/// never part of a real id. White space inside an id is kept.
+/// Refuses an identifier longer than [`MAX_ID_BYTES`].
 pub(crate) fn bounded<'a>(value: &'a str, field: &str) -> Result<&'a str, Invalid> {
     if value.len() > MAX_ID_BYTES {
         return Err(Invalid::new(
@@ -138,6 +134,15 @@ pub(crate) fn bounded<'a>(value: &'a str, field: &str) -> Result<&'a str, Invali
             ),
         ));
     }
+    Ok(value)
+}
+
+/// Refuses an account id that [`bounded`] refuses, one that starts or ends
+/// with white space, and one with a control character: `" acct-1 "` would
+/// otherwise bill as another customer than `"acct-1"` (a worker's
+/// formatting bug creating a phantom account). White space inside is kept.
+pub(crate) fn account_id<'a>(value: &'a str, field: &str) -> Result<&'a str, Invalid> {
+    let value = bounded(value, field)?;
     let edge = |c: Option<char>| c.is_some_and(char::is_whitespace);
     if edge(value.chars().next()) || edge(value.chars().next_back()) {
         return Err(Invalid::new(
@@ -148,7 +153,7 @@ pub(crate) fn bounded<'a>(value: &'a str, field: &str) -> Result<&'a str, Invali
     if let Some(c) = value.chars().find(|c| c.is_control()) {
         return Err(Invalid::new(
             RejectReason::SchemaViolation,
-            format!("`{field}` {value:?} holds the control character {:?}", c),
+            format!("`{field}` {value:?} holds the control character {c:?}"),
         ));
     }
     Ok(value)
@@ -372,7 +377,7 @@ fn validate(raw: RawEvent<'_>) -> Result<JobEvent, Invalid> {
         .data
         .as_ref()
         .ok_or_else(|| Invalid::new(RejectReason::SchemaViolation, "`data` is missing"))?;
-    let account = bounded(required(&data.account_id, "data.account_id")?, "data.account_id")?;
+    let account = account_id(required(&data.account_id, "data.account_id")?, "data.account_id")?;
     let body = match ty {
         "job.started" => {
             let kind = match required(&data.kind, "data.kind")? {

@@ -331,7 +331,7 @@ impl AccountRecord {
         if r.account_id.0.trim().is_empty() {
             return Err(Invalid::new(RejectReason::SchemaViolation, "`account_id` is empty"));
         }
-        crate::event::bounded(&r.account_id.0, "account_id")?;
+        crate::event::account_id(&r.account_id.0, "account_id")?;
         let max = Money(rust_decimal::Decimal::from(MAX_ACCOUNT_AMOUNT_USD));
         let out_of_range = |m: &Money| *m < Money::ZERO || *m > max;
         let alerts = r.alert_thresholds.as_deref().unwrap_or_default();

@@ -309,6 +309,13 @@ fn fast_round<'e>(
 /// its first commit (unless the partition reaches its end first).
 const FIRST_RECORDS: usize = 1_000;
 
+/// How often the merge asks the broker where an idle partition ends.
+const HW_CHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// After this long in a merge round, a repartition partition counts as
+/// read to its end even if its end was never reported.
+const RP_END_AFTER: Duration = Duration::from_secs(2);
+
 /// The longest the fast round holds its first commit.
 const HOLD_AT_MOST: Duration = Duration::from_secs(2);
 
@@ -431,6 +438,8 @@ fn merge_round<'e>(
     let mut last_main = Instant::now();
     let mut chores = Chores::new();
     let mut last_ends = Instant::now();
+    let round_started = Instant::now();
+    let mut last_hw = Instant::now();
     let mut idle = false;
     loop {
         if stop.load(Ordering::SeqCst) {
@@ -457,8 +466,15 @@ fn merge_round<'e>(
         if e.begin_turn(epoch)? {
             return Ok(true);
         }
-        // What other instances forwarded, and their progress.
+        // What other instances forwarded, and their progress. A repartition
+        // partition whose end was reported before its queue was split
+        // reports none again: after RP_END_AFTER with nothing more read it
+        // counts as read to its end.
+        let rp_settled = round_started.elapsed() >= RP_END_AFTER;
         for (p, q) in &forwarded {
+            if rp_settled {
+                e.repartition_at_end(*p);
+            }
             if e.is_failing(*p) {
                 continue;
             }
@@ -481,6 +497,29 @@ fn merge_round<'e>(
             last_ends = Instant::now();
         }
         idle = false;
+        // A partition's end is reported once: one reported before this
+        // round began is found from the position and the high watermark
+        // instead (asked of the broker at most twice a second).
+        if last_hw.elapsed() >= HW_CHECK_EVERY && at_end.iter().zip(&heads).any(|(end, h)| !end && h.is_none()) {
+            last_hw = Instant::now();
+            if let Ok(pos) = consumer.position() {
+                for (i, (p, _)) in inputs.iter().enumerate() {
+                    if at_end[i] || heads[i].is_some() {
+                        continue;
+                    }
+                    let position = pos
+                        .find_partition(&deps.topics.job_events, *p)
+                        .and_then(|x| x.offset().to_raw());
+                    let high = consumer
+                        .fetch_watermarks(&deps.topics.job_events, *p, Duration::from_millis(500))
+                        .ok()
+                        .map(|(_, h)| h);
+                    if let (Some(pos), Some(high)) = (position, high) {
+                        at_end[i] = pos >= 0 && pos >= high;
+                    }
+                }
+            }
+        }
         for round in 0..4096 {
             for (i, (p, q)) in inputs.iter().enumerate() {
                 if heads[i].is_some() || (at_end[i] && (!ends_due || round > 0)) {
