@@ -36,7 +36,6 @@ mod fastjson;
 mod jobs;
 pub mod meter;
 pub mod money;
-pub mod order;
 pub mod output;
 mod persist;
 pub mod plans;
