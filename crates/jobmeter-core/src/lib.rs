@@ -36,6 +36,7 @@ mod fastjson;
 mod jobs;
 pub mod meter;
 pub mod money;
+pub mod order;
 pub mod output;
 mod persist;
 pub mod plans;
