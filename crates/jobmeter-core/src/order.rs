@@ -44,6 +44,14 @@
 //! than run its stream time past records that exist. Only a partition that
 //! is caught up may be passed; then what arrives later can be out of the
 //! merge order by at most the producer's delay, as with any live stream.
+//!
+//! ## Status
+//!
+//! This module is the definition and its reference; the streaming meter
+//! does not follow it yet. Its event-time merge (`service/pipeline.rs`)
+//! shares only [`merge_time`], still orders by a record's own event time,
+//! and goes on without a partition after `batch.max_idle`, so on a backlog
+//! of misplaced events its order can still depend on the fetch schedule.
 
 use crate::meter::MeterConfig;
 use crate::time::Timestamp;

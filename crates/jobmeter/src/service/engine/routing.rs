@@ -21,10 +21,8 @@ impl Engine {
     /// time the meter will refuse as implausible, a marker).
     pub fn merge_key<M: Message>(&self, msg: &M, parsed: Option<&jobmeter_core::JobEvent>) -> i64 {
         let Some(ev) = parsed else { return i64::MIN };
-        match msg.timestamp().to_millis() {
-            Some(rt) if !self.cfg.meter.plausible(ev.time, jobmeter_core::Timestamp(rt)) => i64::MIN,
-            _ => ev.time.0,
-        }
+        let record_time = msg.timestamp().to_millis().map(jobmeter_core::Timestamp);
+        jobmeter_core::order::merge_time(&self.cfg.meter, ev.time, record_time).map_or(i64::MIN, |t| t.0)
     }
 
     /// The lane of `p` (created at assignment; `offset` is where a lane
