@@ -557,6 +557,8 @@ pub struct Outputs {
     pub statements: BTreeMap<String, String>,
     pub commands: BTreeMap<String, String>,
     pub rejects: usize,
+    /// Dead letters by reason (`jobmeter.reason`).
+    pub reasons: BTreeMap<String, usize>,
 }
 
 fn id_of(json: &str, field: &str) -> String {
@@ -597,7 +599,17 @@ pub fn read_outputs(prefix: &str) -> Outputs {
             "command {id} published twice"
         );
     }
-    o.rejects = read_all(&format!("{prefix}.dlq")).len();
+    let settings = KafkaSettings::new(brokers());
+    let dlq = format!("{prefix}.dlq");
+    let n = jobmeter_kafka::topics::partition_count(&settings, &dlq).unwrap();
+    let parts: Vec<(i32, Option<i64>)> = (0..n).map(|p| (p, None)).collect();
+    read_to_end(&settings, "it-dlq", &dlq, &parts, Duration::from_secs(120), |r| {
+        o.rejects += 1;
+        if let Some((_, reason)) = r.headers.iter().find(|(k, _)| k == jobmeter_kafka::dlq::REASON) {
+            *o.reasons.entry(reason.clone()).or_default() += 1;
+        }
+    })
+    .unwrap();
     o
 }
 
@@ -659,7 +671,10 @@ pub fn collect(out: Vec<Output>) -> Outputs {
                 o.commands
                     .insert(c.command_id.clone(), serde_json::to_string(&c).unwrap());
             }
-            Output::Reject(_) => o.rejects += 1,
+            Output::Reject(r) => {
+                o.rejects += 1;
+                *o.reasons.entry(r.reason.as_str().to_owned()).or_default() += 1;
+            }
         }
     }
     o
@@ -778,4 +793,96 @@ pub fn restart_and_expect_everything(spec: &MeterSpec, prefix: &str, all: &Outpu
     assert_eq!(got.charges, all.charges);
     assert_eq!(got.limits, all.limits);
     assert_eq!(meter.terminate(), Some(0));
+}
+
+/// Produces `w.events` as a mixed fleet does: each worker (the event's
+/// `source`) sends all its events through one client, the client picked
+/// by a hash of the worker's name from `placements`. Events go out in the
+/// workload's order, each client at full speed.
+pub fn produce_by_worker(prefix: &str, w: &Workload, placements: &[Placement]) {
+    let topic = format!("{prefix}.job-events");
+    let clients: Vec<_> = placements.iter().map(|p| producer_for(*p)).collect();
+    for e in &w.events {
+        let source = serde_json::from_str::<serde_json::Value>(&e.json)
+            .ok()
+            .and_then(|v| v["source"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let pick = source.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        let c = (pick % placements.len() as u64) as usize;
+        let key = (placements[c] != Placement::Keyless).then_some(e.key.as_bytes());
+        let at = jobmeter_core::parse_job_event(e.json.as_bytes())
+            .ok()
+            .map(|ev| ev.time.0);
+        let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&topic).payload(e.json.as_bytes());
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        if let Some(ms) = at {
+            rec = rec.timestamp(ms);
+        }
+        jobmeter_kafka::produce::send_waiting(&clients[c], rec, None).expect("produce");
+    }
+    for c in &clients {
+        c.flush(Duration::from_secs(60)).unwrap();
+    }
+}
+
+/// The outputs the contract alone gives for the input topic as it is in
+/// Kafka: every record read back with its partition, offset and
+/// timestamp, put in the merge order of `jobmeter_core::order` (computed
+/// here from the records, not from anything the meter did), and applied
+/// to the meter of its account's partition (murmur2 of `data.account_id`;
+/// a record that is not an event, to the partition it is on).
+pub fn expected_in_merge_order(prefix: &str, w: &Workload) -> Outputs {
+    let (rates, plans, book) = billing(w);
+    let config = MeterConfig::default();
+    let settings = KafkaSettings::new(brokers());
+    let parts: Vec<(i32, Option<i64>)> = (0..w.partitions).map(|p| (p, None)).collect();
+    let mut log: Vec<Vec<jobmeter_kafka::reader::Record>> = (0..w.partitions).map(|_| Vec::new()).collect();
+    read_to_end(
+        &settings,
+        "it-merge-order",
+        &format!("{prefix}.job-events"),
+        &parts,
+        Duration::from_secs(120),
+        |r| log[r.partition as usize].push(r),
+    )
+    .expect("read the input topic");
+    let times: Vec<Vec<Option<jobmeter_core::Timestamp>>> = log
+        .iter()
+        .map(|records| {
+            records
+                .iter()
+                .map(|r| {
+                    let ev = jobmeter_core::parse_job_event(r.value.as_deref().unwrap_or_default()).ok()?;
+                    jobmeter_core::order::merge_time(&config, ev.time, r.timestamp_ms.map(jobmeter_core::Timestamp))
+                })
+                .collect()
+        })
+        .collect();
+    let ctx = Context::new(&rates, &plans, &book, &config);
+    let mut meters: BTreeMap<i32, Meter> = BTreeMap::new();
+    let mut out = Vec::new();
+    for (p, o) in jobmeter_core::order::merge_order(&times) {
+        let r = &log[p as usize][o as usize];
+        assert_eq!(r.offset, o, "offsets of a fresh topic are dense");
+        let payload = r.value.as_deref().unwrap_or_default();
+        let owner =
+            jobmeter_core::parse_job_event(payload).map_or(p, |ev| partition_of(ev.account.as_str(), w.partitions));
+        let origin = jobmeter_core::Origin {
+            topic: format!("{prefix}.job-events").into(),
+            partition: p,
+            offset: o,
+            record_time: r.timestamp_ms.map(jobmeter_core::Timestamp),
+        };
+        meters.entry(owner).or_default().apply(
+            &ctx.with_partition(owner, w.partitions, jobmeter_kafka::partitioner::partition_for_key),
+            payload,
+            Some(&origin),
+            &mut out,
+        );
+    }
+    collect(out)
 }

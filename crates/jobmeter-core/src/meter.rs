@@ -43,6 +43,14 @@ pub struct Meter {
     /// The last period whose statements have been emitted, pro accounts
     /// without usage included (set at the first event).
     pub(crate) fees_through: Option<Period>,
+    /// The event-time watermark of the input partition of the same number
+    /// (see [`crate::order`]); kept here so it commits with the partition.
+    pub(crate) input_watermark: Option<Timestamp>,
+    /// True once the partition's events are applied in the merge order of
+    /// [`crate::order`] (set for good once events arrive elsewhere).
+    pub(crate) merge_order: bool,
+    /// The merge's bookkeeping of forwarded inputs (opaque here).
+    pub(crate) merge_sources: Option<Vec<u8>>,
     pub(crate) jobs: crate::jobs::JobTable,
     pub(crate) seen: FastSet<EventKey>,
     pub(crate) usage: FastMap<UsageKey, Counter>,
@@ -416,6 +424,50 @@ impl Meter {
             raw,
             origin,
         }));
+    }
+
+    /// The event-time watermark of this partition's input: the latest
+    /// [`crate::order::merge_time`] among the input records read so far,
+    /// wherever they were applied.
+    pub fn input_watermark(&self) -> Option<Timestamp> {
+        self.input_watermark
+    }
+
+    /// Raises the input watermark to `t` (a record of this partition's
+    /// input was read); it commits with the partition's next changes.
+    pub fn raise_input_watermark(&mut self, t: Timestamp) {
+        if self.input_watermark.is_none_or(|w| w < t) {
+            self.input_watermark = Some(t);
+            self.mark_meta();
+        }
+    }
+
+    /// True once this partition's events are applied in the merge order.
+    pub fn in_merge_order(&self) -> bool {
+        self.merge_order
+    }
+
+    /// Records that this partition's events are applied in the merge
+    /// order from now on (durable with its next changes).
+    pub fn set_merge_order(&mut self) {
+        if !self.merge_order {
+            self.merge_order = true;
+            self.mark_meta();
+        }
+    }
+
+    /// The merge's bookkeeping of the inputs forwarded to this partition,
+    /// as last set (opaque to the core; it commits with the partition).
+    pub fn merge_sources(&self) -> Option<&[u8]> {
+        self.merge_sources.as_deref()
+    }
+
+    /// Replaces the merge's bookkeeping (durable with the next changes).
+    pub fn set_merge_sources(&mut self, v: Vec<u8>) {
+        if self.merge_sources.as_deref() != Some(&v) {
+            self.merge_sources = Some(v);
+            self.mark_meta();
+        }
     }
 
     pub(crate) fn mark_meta(&mut self) {

@@ -45,13 +45,12 @@
 //! is caught up may be passed; then what arrives later can be out of the
 //! merge order by at most the producer's delay, as with any live stream.
 //!
-//! ## Status
+//! ## Where it is used
 //!
-//! This module is the definition and its reference; the streaming meter
-//! does not follow it yet. Its event-time merge (`service/pipeline.rs`)
-//! shares only [`merge_time`], still orders by a record's own event time,
-//! and goes on without a partition after `batch.max_idle`, so on a backlog
-//! of misplaced events its order can still depend on the fetch schedule.
+//! The streaming meter's merge (`service/pipeline.rs`, `merge_round`) takes
+//! records by [`pick`]; instances tell each other how far they have read
+//! through progress records, so a meter fed from several instances merges
+//! the same way. `jobmeter rebuild` replays the order a meter applied.
 
 use crate::meter::MeterConfig;
 use crate::time::Timestamp;

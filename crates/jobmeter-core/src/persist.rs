@@ -94,6 +94,29 @@ impl Meter {
                 key: keys::FEES_THROUGH.to_vec(),
                 value: self.fees_through.map(|p| p.ordinal().to_be_bytes().to_vec()),
             });
+            // Written only once set, so the state of a partition that
+            // never saw either is the same as before they existed.
+            if let Some(w) = self.input_watermark {
+                out.push(StateChange {
+                    table: Table::Meta,
+                    key: keys::INPUT_WATERMARK.to_vec(),
+                    value: Some(w.0.to_be_bytes().to_vec()),
+                });
+            }
+            if self.merge_order {
+                out.push(StateChange {
+                    table: Table::Meta,
+                    key: keys::EVENT_ORDER.to_vec(),
+                    value: Some(Vec::new()),
+                });
+            }
+            if let Some(v) = &self.merge_sources {
+                out.push(StateChange {
+                    table: Table::Meta,
+                    key: keys::MERGE_SOURCES.to_vec(),
+                    value: Some(v.clone()),
+                });
+            }
         }
         Ok(out)
     }
@@ -117,6 +140,9 @@ impl Meter {
         let mut view = Meter {
             stream_time: self.stream_time,
             fees_through: self.fees_through,
+            input_watermark: self.input_watermark,
+            merge_order: self.merge_order,
+            merge_sources: self.merge_sources.clone(),
             dirty: Some(copy),
             format: self.format,
             ..Meter::default()
@@ -194,21 +220,27 @@ impl Meter {
                     .map_err(|_| DecodeError::new(table, "fees_through is not 4 bytes"))?;
                 self.fees_through = Some(crate::time::Period::from_ordinal(u32::from_be_bytes(b)));
             }
-            Table::Meta if k == keys::STREAM_TIME => {
-                let b: [u8; 8] = v
-                    .try_into()
-                    .map_err(|_| DecodeError::new(table, "stream_time is not 8 bytes"))?;
-                let t = Timestamp(i64::from_be_bytes(b));
-                if t < Timestamp::MIN || t > Timestamp::MAX {
-                    return Err(DecodeError::new(
-                        table,
-                        format!("stream_time {} ms is out of range", t.0),
-                    ));
-                }
-                self.stream_time = Some(t);
+            Table::Meta if k == keys::STREAM_TIME => self.stream_time = Some(decode_time(table, "stream_time", v)?),
+            Table::Meta if k == keys::INPUT_WATERMARK => {
+                self.input_watermark = Some(decode_time(table, "input_watermark", v)?);
             }
+            Table::Meta if k == keys::EVENT_ORDER => self.merge_order = true,
+            Table::Meta if k == keys::MERGE_SOURCES => self.merge_sources = Some(v.to_vec()),
             Table::Meta => {}
         }
         Ok(())
     }
+}
+
+/// A meta record holding a time: 8 bytes, big-endian milliseconds, inside
+/// the range of [`Timestamp`].
+fn decode_time(table: Table, what: &str, v: &[u8]) -> Result<Timestamp, DecodeError> {
+    let b: [u8; 8] = v
+        .try_into()
+        .map_err(|_| DecodeError::new(table, format!("{what} is not 8 bytes")))?;
+    let t = Timestamp(i64::from_be_bytes(b));
+    if t < Timestamp::MIN || t > Timestamp::MAX {
+        return Err(DecodeError::new(table, format!("{what} {} ms is out of range", t.0)));
+    }
+    Ok(t)
 }

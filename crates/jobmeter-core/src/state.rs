@@ -542,6 +542,19 @@ pub mod keys {
 
     /// The key of the last period whose statements were all emitted.
     pub const FEES_THROUGH: &[u8] = b"fees_through";
+
+    /// The key of the input partition's event-time watermark (see
+    /// [`crate::order`]): 8 bytes, big-endian milliseconds.
+    pub const INPUT_WATERMARK: &[u8] = b"input_watermark";
+
+    /// The key of the record that says the partition's events are applied
+    /// in the merge order of [`crate::order`] (empty value).
+    pub const EVENT_ORDER: &[u8] = b"event_order";
+
+    /// The key of the merge's bookkeeping of the input partitions other
+    /// instances forward to this partition (opaque to the core; written
+    /// by the streaming meter).
+    pub const MERGE_SOURCES: &[u8] = b"merge_sources";
 }
 
 /// The format a meter writes state values in. Both are always read.

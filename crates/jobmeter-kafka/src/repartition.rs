@@ -22,6 +22,73 @@ use std::collections::{BTreeMap, VecDeque};
 /// Header present (value `1`) on marker records.
 pub const MARKER: &str = "jobmeter.marker";
 
+/// Header of a forwarded record: the watermark of its input partition
+/// through it (decimal milliseconds), the time part of its merge key
+/// (`jobmeter_core::order`), which only its forwarder can compute.
+pub const MERGE_TIME: &str = "jobmeter.merge_time";
+
+/// Header present (value `1`) on progress records.
+pub const PROGRESS: &str = "jobmeter.progress";
+
+/// What an instance says, in every repartition partition it does not
+/// meter, about the input partitions it reads: for each, the smallest
+/// merge time a record it has not forwarded yet can have, and whether it
+/// has read everything Kafka held (see `jobmeter_core::order`). Written in
+/// the same transaction as the forwarded records before it, so an owner
+/// that reads a progress record has read every record it speaks of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// `(input partition, bound in ms or i64::MIN, caught up)`.
+    pub sources: Vec<(i32, i64, bool)>,
+}
+
+impl Progress {
+    /// The record value: `partition:bound:end` per source (`end` `1` when
+    /// caught up, `0` otherwise), separated by spaces.
+    pub fn encode(&self) -> Vec<u8> {
+        let parts: Vec<String> = self
+            .sources
+            .iter()
+            .map(|(p, b, end)| format!("{p}:{b}:{}", u8::from(*end)))
+            .collect();
+        parts.join(" ").into_bytes()
+    }
+
+    /// Reads a progress record's value.
+    pub fn decode(v: &[u8]) -> Option<Progress> {
+        let s = std::str::from_utf8(v).ok()?;
+        let mut sources = Vec::new();
+        for part in s.split(' ').filter(|x| !x.is_empty()) {
+            let mut f = part.split(':');
+            let p = f.next()?.parse().ok()?;
+            let b = f.next()?.parse().ok()?;
+            let end = match f.next()? {
+                "1" => true,
+                "0" => false,
+                _ => return None,
+            };
+            if f.next().is_some() {
+                return None;
+            }
+            sources.push((p, b, end));
+        }
+        Some(Progress { sources })
+    }
+
+    /// The headers of a progress record.
+    pub fn headers() -> OwnedHeaders {
+        OwnedHeaders::new_with_capacity(1).insert(Header {
+            key: PROGRESS,
+            value: Some("1"),
+        })
+    }
+}
+
+/// True when a record with these headers is a progress record.
+pub fn is_progress<H: Headers>(headers: Option<&H>) -> bool {
+    headers.is_some_and(|h| h.iter().any(|x| x.key == PROGRESS))
+}
+
 /// Where a record applied by a partition's meter was read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Source {
@@ -113,17 +180,44 @@ pub fn is_marker<H: Headers>(headers: Option<&H>) -> bool {
 
 /// The headers of a forwarded record: the original ones, then where it was
 /// first read (the dead-letter headers' layout, so a reject of a forwarded
-/// event names its original position).
-pub fn forward_headers<H: Headers>(original: Option<&H>, topic: &str, partition: i32, offset: i64) -> OwnedHeaders {
-    let mut h = OwnedHeaders::new_with_capacity(original.map_or(0, |o| o.count()) + 3);
+/// event names its original position) and its merge time, when its
+/// partition has a watermark.
+pub fn forward_headers<H: Headers>(
+    original: Option<&H>,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    merge_time: Option<i64>,
+) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new_with_capacity(original.map_or(0, |o| o.count()) + 4);
     if let Some(o) = original {
         for x in o.iter() {
-            if !x.key.starts_with("jobmeter.source.") && x.key != MARKER {
+            if !x.key.starts_with("jobmeter.source.") && x.key != MARKER && x.key != MERGE_TIME {
                 h = h.insert(x);
             }
         }
     }
-    crate::dlq::insert_source(h, topic, partition, offset)
+    let h = crate::dlq::insert_source(h, topic, partition, offset);
+    match merge_time {
+        Some(t) => {
+            let v = t.to_string();
+            h.insert(Header {
+                key: MERGE_TIME,
+                value: Some(v.as_str()),
+            })
+        }
+        None => h,
+    }
+}
+
+/// A forwarded record's merge time, from its headers (`None`: forwarded
+/// by a release that did not write it, or from a partition without a
+/// watermark yet).
+pub fn merge_time_of<'a>(headers: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Option<i64> {
+    headers
+        .into_iter()
+        .find(|(k, _)| *k == MERGE_TIME)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())
 }
 
 /// Where a forwarded record was first read, from its headers.
@@ -167,19 +261,34 @@ impl Lane {
 
     /// The meter applied the record of `source` at `offset`.
     pub fn applied(&mut self, source: Source, offset: i64) {
+        self.applied_unless(source, offset, |_| false);
+    }
+
+    /// [`Lane::applied`] for records that may be applied out of offset
+    /// order (forwarded records of several instances, each applied in the
+    /// merge order): the last run grows to include `offset` only when
+    /// `offset` is past its end and `pending(to)` says no record of the
+    /// source in `[to, offset)` is still waiting to be applied; otherwise a
+    /// new run begins.
+    pub fn applied_unless(&mut self, source: Source, offset: i64, pending: impl FnOnce(i64) -> bool) {
         if source == Source::Own {
             self.own_pos = offset + 1;
         } else {
             self.foreign = true;
         }
         match self.runs.last_mut() {
-            Some(r) if r.source == source => r.to = offset + 1,
+            Some(r) if r.source == source && offset >= r.to && !pending(r.to) => r.to = offset + 1,
             _ => self.runs.push(Run {
                 source,
                 from: offset,
                 to: offset + 1,
             }),
         }
+    }
+
+    /// Where the open batch's last run ends (`None` before the first).
+    pub fn last_run_end(&self) -> Option<i64> {
+        self.runs.last().map(|r| r.to)
     }
 
     /// An own input record that another partition's meter applies.

@@ -42,6 +42,41 @@ pub enum Placement {
     /// Keyed by account, always on the partition after the account's own:
     /// every event is on the wrong partition (a benchmark's worst case).
     Misrouted,
+    /// A mixed fleet: each worker (the event's `source`) keeps one client
+    /// for all its events — a third murmur2, a third librdkafka's default
+    /// (CRC32 of the key), a third keyless (spread over the partitions).
+    Mixed,
+}
+
+/// librdkafka's `consistent_random` partition for a key: CRC32 (IEEE) of
+/// the key, modulo the partitions.
+fn crc32_partition(key: &[u8], partitions: i32) -> i32 {
+    let mut crc = 0xffff_ffffu32;
+    for b in key {
+        crc ^= u32::from(*b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    let crc = !crc;
+    i32::try_from(crc % partitions.max(1).unsigned_abs()).unwrap_or(0)
+}
+
+/// Which client of a mixed fleet the worker of `json` uses (0 murmur2,
+/// 1 librdkafka's default, 2 keyless).
+fn mixed_client(json: &str) -> u64 {
+    let source = json
+        .split("\"source\":\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_default();
+    source.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    }) % 3
 }
 
 /// Produces account records, then events (keyed by account), at `rate`
@@ -80,15 +115,32 @@ pub fn produce_fleet_placed(
     let producer: ThreadedProducer<DefaultProducerContext> = config.create().context("creating the producer")?;
     // Events carry their own time as the record timestamp, as a platform
     // loading recorded history does: the meter checks one against the other.
+    let spread = std::cell::Cell::new(0i32);
     let send = |topic: &str, key: &str, payload: &str, timestamp: Option<i64>| -> anyhow::Result<()> {
         let event = topic == topics.job_events;
         let mut rec = BaseRecord::to(topic).payload(payload);
-        if !(event && placement == Placement::Keyless) {
+        let client = if event && placement == Placement::Mixed {
+            mixed_client(payload)
+        } else {
+            0
+        };
+        if !(event && (placement == Placement::Keyless || client == 2)) {
             rec = rec.key(key);
         }
         if event && placement == Placement::Misrouted {
             let own = jobmeter_kafka::partitioner::partition_for_key(key.as_bytes(), partitions);
             rec = rec.partition((own + 1) % partitions.max(1));
+        }
+        if event && placement == Placement::Mixed {
+            let p = match client {
+                0 => jobmeter_kafka::partitioner::partition_for_key(key.as_bytes(), partitions),
+                1 => crc32_partition(key.as_bytes(), partitions),
+                _ => {
+                    spread.set((spread.get() + 1) % partitions.max(1));
+                    spread.get()
+                }
+            };
+            rec = rec.partition(p);
         }
         if let Some(ms) = timestamp {
             rec = rec.timestamp(ms);
@@ -169,4 +221,24 @@ pub fn dump(brokers: &str, topic: &str, last: Option<usize>, timestamps: bool) -
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_default_client_partitions_by_crc32_and_a_worker_keeps_its_client() {
+        // The check value of CRC-32 (IEEE): 0xcbf43926.
+        assert_eq!(
+            super::crc32_partition(b"123456789", 1_000),
+            (0xcbf4_3926u32 % 1_000) as i32
+        );
+        assert_eq!(
+            super::mixed_client(r#"{"id":"a","source":"gpu-worker/sim/node-3"}"#),
+            super::mixed_client(r#"{"id":"b","source":"gpu-worker/sim/node-3"}"#)
+        );
+        let clients: std::collections::BTreeSet<u64> = (0..50)
+            .map(|w| super::mixed_client(&format!(r#"{{"source":"gpu-worker/sim/node-{w}"}}"#)))
+            .collect();
+        assert_eq!(clients.len(), 3, "all three clients are used");
+    }
 }

@@ -53,6 +53,9 @@ pub struct Metrics {
     pub restored_records: IntCounter,
     /// Pipeline restarts after errors.
     pub restarts: IntCounter,
+    /// Seconds the event-time merge waited for a partition that had
+    /// records in Kafka not yet fetched (stream time held back).
+    pub merge_wait_seconds: prometheus::Counter,
     /// Input records forwarded to the partition that meters their account,
     /// by cause (counted when committed).
     pub rerouted: IntCounterVec,
@@ -250,6 +253,13 @@ impl Metrics {
             restarts: reg(
                 r,
                 IntCounter::new("jobmeter_pipeline_restarts_total", "Pipeline restarts after errors")?,
+            )?,
+            merge_wait_seconds: reg(
+                r,
+                prometheus::Counter::new(
+                    "jobmeter_merge_wait_seconds_total",
+                    "Seconds the event-time merge held stream time back, waiting for a partition with records in Kafka not yet fetched",
+                )?,
             )?,
             rerouted: reg(
                 r,

@@ -17,6 +17,14 @@ pub(super) fn pipeline_loop(deps: &Deps, stop: &Arc<AtomicBool>, ready: &Arc<Ato
     loop {
         match run_pipeline(deps, stop, ready) {
             Ok(()) => return Ok(()),
+            Err(e @ EngineError::MergeOrder { .. }) => {
+                // Not a failure: from the last commit on, every record is
+                // applied in the merge order (for good: the partitions'
+                // state says so from their next commit).
+                ready.store(false, Ordering::SeqCst);
+                deps.merge_order.store(true, Ordering::SeqCst);
+                tracing::info!(reason = %e, "rebuilding the pipeline from durable state in the merge order");
+            }
             Err(e) => {
                 ready.store(false, Ordering::SeqCst);
                 deps.metrics.restarts.inc();
@@ -70,7 +78,7 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
             n => n,
         },
     };
-    let engine = Arc::new(Mutex::new(Engine::new(
+    let mut engine = Engine::new(
         ecfg,
         deps.billing.clone(),
         producer,
@@ -78,7 +86,11 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
         deps.metrics.clone(),
         deps.owned.clone(),
         deps.failing.clone(),
-    )));
+    );
+    if deps.merge_order.load(Ordering::SeqCst) {
+        engine.enter_merge_mode();
+    }
+    let engine = Arc::new(Mutex::new(engine));
     let consumer: Arc<BaseConsumer<MeterContext>> = Arc::new(
         deps.settings
             .group_consumer(
@@ -214,10 +226,11 @@ fn after_step(
 /// Runs the pipeline for one assignment while every event arrives on its
 /// account's partition: records are applied in arrival order from the
 /// consumer's queue (each meter then sees only its own partition, in
-/// order). The first event that arrives elsewhere ends the round: the
-/// partitions are paused (which drops what was fetched but not applied)
-/// and the next round applies them in event-time order from
-/// per-partition queues. Returns like [`merge_round`].
+/// order — which is the merge order when no meter has events from two
+/// partitions). The first event that arrives elsewhere fails the round
+/// with [`EngineError::MergeOrder`] before it is applied: the open batch
+/// is dropped and the pipeline rebuilt from durable state in the merge
+/// order. Returns like [`merge_round`].
 fn fast_round<'e>(
     deps: &Deps,
     consumer: &Arc<BaseConsumer<MeterContext>>,
@@ -239,6 +252,14 @@ fn fast_round<'e>(
             source,
         })?;
     let mut chores = Chores::new();
+    lock().set_fast(true);
+    // No batch commits until every input partition has delivered
+    // FIRST_RECORDS records (or its end): a meter bills in arrival order
+    // only while no event arrives on another partition than its account's,
+    // and the first records of each partition are where one shows up.
+    let mut unseen: std::collections::BTreeMap<i32, usize> = assigned.iter().map(|p| (*p, 0)).collect();
+    lock().hold_commits(!unseen.is_empty());
+    let held_since = Instant::now();
     loop {
         if stop.load(Ordering::SeqCst) {
             lock().commit_and_wait(consumer)?;
@@ -247,40 +268,112 @@ fn fast_round<'e>(
         }
         let msg = consumer.poll(Duration::from_millis(20));
         let mut e = lock();
+        if !unseen.is_empty() && held_since.elapsed() >= HOLD_AT_MOST {
+            // A partition's end may have been reported before this round
+            // began: its first fetch has long arrived.
+            unseen.clear();
+            e.hold_commits(false);
+        }
         if e.begin_turn(epoch)? {
             return Ok(true);
         }
         match msg {
-            Some(Ok(m)) => e.process(&m)?,
+            Some(Ok(m)) => {
+                if !unseen.is_empty() && rdkafka::message::Message::topic(&m) == deps.topics.job_events {
+                    let p = rdkafka::message::Message::partition(&m);
+                    if unseen.get_mut(&p).is_some_and(|n| {
+                        *n += 1;
+                        *n >= FIRST_RECORDS
+                    }) {
+                        unseen.remove(&p);
+                    }
+                    if unseen.is_empty() {
+                        e.hold_commits(false);
+                    }
+                }
+                e.process(&m)?;
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p)))
+                if unseen.remove(&p).is_some() && unseen.is_empty() =>
+            {
+                e.hold_commits(false);
+            }
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) | None => {}
             Some(Err(err)) => tracing::warn!(error = %err, "consumer error"),
         }
         after_step(deps, consumer, &mut e, ready, &mut chores)?;
-        if e.rerouting() {
-            tracing::info!("events arrive on other partitions than their accounts': applying this instance's partitions in event-time order from now on");
-            consumer
-                .pause(&all)
-                .map_err(|source| jobmeter_kafka::KafkaAdapterError::Op {
-                    op: "pause partitions",
-                    source,
-                })?;
-            return Ok(true);
+    }
+}
+
+/// How many records of each input partition the fast round applies before
+/// its first commit (unless the partition reaches its end first).
+const FIRST_RECORDS: usize = 1_000;
+
+/// How often the merge asks the broker where an idle partition ends.
+const HW_CHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// After this long in a merge round, a repartition partition counts as
+/// read to its end even if its end was never reported.
+const RP_END_AFTER: Duration = Duration::from_secs(2);
+
+/// The longest the fast round holds its first commit.
+const HOLD_AT_MOST: Duration = Duration::from_secs(2);
+
+/// How long the merge waits for one partition before it says so in the
+/// log (then once per [`WAIT_LOG_EVERY`] while the wait goes on).
+const WAIT_LOG_AFTER: Duration = Duration::from_secs(5);
+/// See [`WAIT_LOG_AFTER`].
+const WAIT_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// The queue the merge is waiting for, since when, and when that was last
+/// counted and logged.
+struct Waiting {
+    queue: usize,
+    since: Instant,
+    counted: Instant,
+    logged: Option<Instant>,
+}
+
+impl Waiting {
+    /// The merge waits for `queue` (of `topic`, partition `p`): counts the
+    /// time in `jobmeter_merge_wait_seconds_total`, and says so in the log
+    /// when the wait is long.
+    fn on(slot: &mut Option<Waiting>, queue: usize, topic: &str, p: i32, deps: &Deps) {
+        let now = Instant::now();
+        let w = match slot {
+            Some(w) if w.queue == queue => w,
+            _ => slot.insert(Waiting {
+                queue,
+                since: now,
+                counted: now,
+                logged: None,
+            }),
+        };
+        deps.metrics
+            .merge_wait_seconds
+            .inc_by(now.duration_since(w.counted).as_secs_f64());
+        w.counted = now;
+        if now.duration_since(w.since) >= WAIT_LOG_AFTER
+            && w.logged.is_none_or(|t| now.duration_since(t) >= WAIT_LOG_EVERY)
+        {
+            w.logged = Some(now);
+            tracing::warn!(
+                topic,
+                partition = p,
+                waited_seconds = now.duration_since(w.since).as_secs(),
+                "stream time held back: this partition has records in Kafka that are not fetched yet, and they may come before the records waiting to be applied (the meter waits rather than bill past them; see jobmeter_merge_wait_seconds_total)"
+            );
         }
     }
 }
 
-/// Records of different partitions less than this much event time apart
-/// may be applied in arrival order: live traffic (event time moving with
-/// the clock) then never waits for a partition's next fetch.
-const MERGE_TOLERANCE_MS: i64 = 1_000;
-
 /// Runs the pipeline for one assignment (see [`fast_round`] for a fleet
 /// that places every event on its account's partition). Records are handed
-/// to the engine in event-time order across this instance's partitions (ties by
-/// partition), waiting up to `batch.max_idle` for a partition that has not
-/// reached its end and has nothing queued: an account's events that arrive on several partitions
-/// are then metered close to the order they were produced in, even when
-/// the instance catches up on a backlog. Returns `Ok(true)` when the
+/// to the engine in the merge order of [`jobmeter_core::order`] across
+/// this instance's partitions: the smallest merge key among the queues'
+/// heads goes first, once no queue that has not reached its end can still
+/// deliver a smaller one ([`jobmeter_core::order::pick`]); a queue that may
+/// is waited for, however long its fetch takes. Returns `Ok(true)` when the
 /// assignment changed, `Ok(false)` on shutdown.
 fn merge_round<'e>(
     deps: &Deps,
@@ -289,9 +382,16 @@ fn merge_round<'e>(
     stop: &AtomicBool,
     ready: &AtomicBool,
 ) -> Result<bool, EngineError> {
-    use rdkafka::message::{BorrowedMessage, Headers, Message};
+    use jobmeter_core::order::{pick, Head, Pick, QueueState};
+    use rdkafka::message::{BorrowedMessage, Message};
     let (epoch, assigned) = {
-        let e = lock();
+        let mut e = lock();
+        // Restored first: a restored partition may say its records are
+        // applied in the merge order.
+        let epoch = e.epoch();
+        if e.begin_turn(epoch)? {
+            return Ok(true);
+        }
         (e.epoch(), e.assigned().clone())
     };
     // Records fetched before the queues were split wait in the main queue:
@@ -301,17 +401,24 @@ fn merge_round<'e>(
             lock().process(&m)?;
         }
     }
-    if !lock().rerouting() {
+    if !lock().merge_mode() {
         return fast_round(deps, consumer, lock, stop, ready, epoch, &assigned);
     }
-    let mut queues = Vec::new();
+    lock().set_fast(false);
+    // The input partitions read here are merge queues; each repartition
+    // partition is read as it comes, its forwarded records queued by the
+    // input partition they came from (the engine's remote queues).
+    let mut inputs = Vec::new();
+    let mut forwarded = Vec::new();
     let mut resume = rdkafka::TopicPartitionList::new();
     for p in &assigned {
-        for topic in [&deps.topics.job_events, &deps.topics.repartition] {
-            if let Some(q) = consumer.split_partition_queue(topic, *p) {
-                queues.push((*p, q));
-                resume.add_partition(topic, *p);
-            }
+        if let Some(q) = consumer.split_partition_queue(&deps.topics.job_events, *p) {
+            inputs.push((*p, q));
+            resume.add_partition(&deps.topics.job_events, *p);
+        }
+        if let Some(q) = consumer.split_partition_queue(&deps.topics.repartition, *p) {
+            forwarded.push((*p, q));
+            resume.add_partition(&deps.topics.repartition, *p);
         }
     }
     // Assigned partitions start paused (see the rebalance callback).
@@ -321,20 +428,18 @@ fn merge_round<'e>(
             op: "resume partitions",
             source,
         })?;
-    // Each queue's next record, its event (parsed once) and merge key.
-    type Head<'q> = (BorrowedMessage<'q>, Option<jobmeter_core::JobEvent>, i64);
-    let mut heads: Vec<Option<Head<'_>>> = queues.iter().map(|_| None).collect();
-    let mut at_end = vec![false; queues.len()];
-    // Since when each queue has had nothing while its partition has not
-    // reached its end: it holds the others back for `max_idle` at most,
-    // until it delivers a record or reaches its end.
-    let mut starved_since: Vec<Option<Instant>> = vec![None; queues.len()];
-    let max_idle = deps.cfg.batch.max_idle.std();
-    // The event time of each queue's last record (where it stands).
-    let mut last_key = vec![i64::MIN; queues.len()];
+    // Each input queue's next record, its event (parsed once) and merge key.
+    type Fetched<'q> = (BorrowedMessage<'q>, Option<jobmeter_core::JobEvent>, Head);
+    let mut heads: Vec<Option<Fetched<'_>>> = inputs.iter().map(|_| None).collect();
+    let mut at_end = vec![false; inputs.len()];
+    let mut states: Vec<QueueState> = Vec::new();
+    let mut remote: Vec<((i32, i32), QueueState)> = Vec::new();
+    let mut waiting: Option<Waiting> = None;
     let mut last_main = Instant::now();
     let mut chores = Chores::new();
     let mut last_ends = Instant::now();
+    let round_started = Instant::now();
+    let mut last_hw = Instant::now();
     let mut idle = false;
     loop {
         if stop.load(Ordering::SeqCst) {
@@ -361,6 +466,30 @@ fn merge_round<'e>(
         if e.begin_turn(epoch)? {
             return Ok(true);
         }
+        // What other instances forwarded, and their progress. A repartition
+        // partition whose end was reported before its queue was split
+        // reports none again: after RP_END_AFTER with nothing more read it
+        // counts as read to its end.
+        let rp_settled = round_started.elapsed() >= RP_END_AFTER;
+        for (p, q) in &forwarded {
+            if rp_settled {
+                e.repartition_at_end(*p);
+            }
+            if e.is_failing(*p) {
+                continue;
+            }
+            for _ in 0..4096 {
+                match q.poll(Duration::ZERO) {
+                    Some(Ok(m)) => e.read_repartition(&m)?,
+                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
+                        e.repartition_at_end(*p);
+                        break;
+                    }
+                    Some(Err(err)) => tracing::warn!(error = %err, partition = *p, "consumer error"),
+                    None => break,
+                }
+            }
+        }
         // A queue at its end is asked again at most once a millisecond (it
         // holds nothing back meanwhile); the others whenever they are empty.
         let ends_due = idle || last_ends.elapsed() >= Duration::from_millis(1);
@@ -368,8 +497,31 @@ fn merge_round<'e>(
             last_ends = Instant::now();
         }
         idle = false;
-        for round in 0..256 {
-            for (i, (p, q)) in queues.iter().enumerate() {
+        // A partition's end is reported once: one reported before this
+        // round began is found from the position and the high watermark
+        // instead (asked of the broker at most twice a second).
+        if last_hw.elapsed() >= HW_CHECK_EVERY && at_end.iter().zip(&heads).any(|(end, h)| !end && h.is_none()) {
+            last_hw = Instant::now();
+            if let Ok(pos) = consumer.position() {
+                for (i, (p, _)) in inputs.iter().enumerate() {
+                    if at_end[i] || heads[i].is_some() {
+                        continue;
+                    }
+                    let position = pos
+                        .find_partition(&deps.topics.job_events, *p)
+                        .and_then(|x| x.offset().to_raw());
+                    let high = consumer
+                        .fetch_watermarks(&deps.topics.job_events, *p, Duration::from_millis(500))
+                        .ok()
+                        .map(|(_, h)| h);
+                    if let (Some(pos), Some(high)) = (position, high) {
+                        at_end[i] = pos >= 0 && pos >= high;
+                    }
+                }
+            }
+        }
+        for round in 0..4096 {
+            for (i, (p, q)) in inputs.iter().enumerate() {
                 if heads[i].is_some() || (at_end[i] && (!ends_due || round > 0)) {
                     continue;
                 }
@@ -379,63 +531,66 @@ fn merge_round<'e>(
                 }
                 match q.poll(Duration::ZERO) {
                     Some(Ok(m)) => {
-                        let marker = m
-                            .headers()
-                            .is_some_and(|h| h.iter().any(|x| x.key == jobmeter_kafka::repartition::MARKER));
-                        let parsed = if marker {
-                            None
-                        } else {
-                            jobmeter_core::parse_job_event(m.payload().unwrap_or_default()).ok()
-                        };
-                        let key = e.merge_key(&m, parsed.as_ref());
-                        heads[i] = Some((m, parsed, key));
+                        let parsed = jobmeter_core::parse_job_event(m.payload().unwrap_or_default()).ok();
+                        let key = e.merge_key(&m, parsed.as_ref())?;
+                        let dest = e.dest(*p, parsed.as_ref());
+                        heads[i] = Some((m, parsed, Head { key, dest }));
                         at_end[i] = false;
-                        starved_since[i] = None;
                     }
-                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
-                        at_end[i] = true;
-                        starved_since[i] = None;
-                    }
+                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => at_end[i] = true,
                     Some(Err(err)) => tracing::warn!(error = %err, partition = *p, "consumer error"),
-                    None => {
-                        if !at_end[i] {
-                            starved_since[i].get_or_insert_with(Instant::now);
-                        }
+                    None => {}
+                }
+            }
+            e.remote_queues(&mut remote);
+            states.clear();
+            states.extend(inputs.iter().enumerate().map(|(i, (p, _))| QueueState {
+                head: heads[i].as_ref().map(|h| h.2),
+                bound: e.input_bound(*p),
+                at_end: at_end[i] || e.is_failing(*p),
+                serves: None,
+            }));
+            states.extend(remote.iter().map(|(_, s)| *s));
+            match pick(&states) {
+                Pick::Take(i) if i < inputs.len() => {
+                    waiting = None;
+                    if let Some((m, parsed, _)) = heads[i].take() {
+                        e.process_parsed(&m, parsed)?;
                     }
                 }
-            }
-            // Records that cannot move stream time go at once; otherwise
-            // the oldest head, unless a partition with
-            // records on the way has none queued, is more than
-            // MERGE_TOLERANCE_MS of event time behind it, and the wait for
-            // it is not over.
-            let next = heads
-                .iter()
-                .enumerate()
-                .filter_map(|(i, h)| h.as_ref().map(|(_, _, key)| (*key, i)))
-                .min();
-            let Some((key, i)) = next else {
-                idle = true;
-                break;
-            };
-            let waiting = key != i64::MIN
-                && (0..queues.len()).any(|j| {
-                    heads[j].is_none()
-                        && last_key[j].saturating_add(MERGE_TOLERANCE_MS) < key
-                        && starved_since[j].is_some_and(|t| t.elapsed() < max_idle)
-                });
-            if waiting {
-                idle = true;
-                break;
-            }
-            if let Some((m, parsed, key)) = heads[i].take() {
-                if key != i64::MIN {
-                    last_key[i] = key;
+                Pick::Take(i) => {
+                    waiting = None;
+                    let ((p, q), _) = remote[i - inputs.len()];
+                    e.take_remote(p, q)?;
                 }
-                e.process_parsed(&m, parsed)?;
+                Pick::Wait(j) => {
+                    let (topic, p) = match inputs.get(j) {
+                        Some((p, _)) => (deps.topics.job_events.as_str(), *p),
+                        None => (deps.topics.repartition.as_str(), remote[j - inputs.len()].0 .0),
+                    };
+                    Waiting::on(&mut waiting, j, topic, p, deps);
+                    idle = true;
+                    break;
+                }
+                Pick::Fetch => {
+                    waiting = None;
+                    idle = true;
+                    break;
+                }
             }
             if e.batch_due() {
                 break;
+            }
+        }
+        // What this instance says of its inputs to the meters of others:
+        // the smallest merge time each can still deliver.
+        for (i, (p, _)) in inputs.iter().enumerate() {
+            let bound = match &heads[i] {
+                Some(h) => Some(h.2.key.time),
+                None => e.input_bound(*p).map(|b| b.0),
+            };
+            if let Some(b) = bound {
+                e.set_source_state(*p, b, at_end[i] && heads[i].is_none());
             }
         }
         after_step(deps, consumer, &mut e, ready, &mut chores)?;

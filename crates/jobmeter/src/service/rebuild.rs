@@ -22,7 +22,7 @@ use jobmeter_core::values;
 use jobmeter_core::{AccountBook, Context, Meter, Origin, Output};
 use jobmeter_kafka::client::KafkaSettings;
 use jobmeter_kafka::reader::{read_range, read_to_end};
-use jobmeter_kafka::repartition::{source_of, Marker, Replayer, Source, MARKER};
+use jobmeter_kafka::repartition::{source_of, Marker, Replayer, Source, MARKER, PROGRESS};
 use jobmeter_kafka::topics::{partition_count, Topics};
 use jobmeter_store::Store;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -131,6 +131,10 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
             &[(p, None, Some(rp_until))],
             Duration::from_secs(3600),
             |r| {
+                if r.headers.iter().any(|(k, _)| k == PROGRESS) {
+                    // Another instance's word on its inputs: not an event.
+                    return;
+                }
                 if r.headers.iter().any(|(k, _)| k == MARKER) {
                     if let Some(m) = Marker::decode(r.value.as_deref().unwrap_or_default()) {
                         markers.push(m);
@@ -183,7 +187,15 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
             &[(p, None, Some(until))],
             Duration::from_secs(3600),
             |r| {
-                let here = route(r.value.as_deref().unwrap_or_default(), p, parts).0 == p;
+                let (owner, ev) = route(r.value.as_deref().unwrap_or_default(), p, parts);
+                let here = owner == p;
+                // The input watermark covers every record of the partition,
+                // wherever it was applied.
+                if let Some(t) = ev.and_then(|ev| {
+                    jobmeter_core::order::merge_time(&meter_cfg, ev.time, r.timestamp_ms.map(jobmeter_core::Timestamp))
+                }) {
+                    meter.raise_input_watermark(t);
+                }
                 n += u64::from(here);
                 let origin = input_origin(p, &r);
                 replayer.own(r.offset, (origin, r), here, |(origin, r)| {
@@ -201,14 +213,6 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
             );
             mismatched_state += misplaced + unplaced;
         }
-        // Every record the replay wrote (closed statements included), with
-        // deletions as `None`.
-        let changes = meter.take_changes()?;
-        let rebuilt: StateMap = changes
-            .iter()
-            .cloned()
-            .filter_map(|c| c.value.map(|v| ((c.table, c.key), v)))
-            .collect();
         let mut from_changelog: StateMap = BTreeMap::new();
         let mut last_offset = None;
         read_to_end(
@@ -222,13 +226,38 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
                 let _ = super::engine::overlay(&mut from_changelog, r);
             },
         )?;
+        // How the live meter orders its inputs is a mode, not a result of
+        // them: the rebuilt state keeps the stored one.
+        if from_changelog.contains_key(&(Table::Meta, jobmeter_core::state::keys::EVENT_ORDER.to_vec())) {
+            meter.set_merge_order();
+        }
+        // So is what it knew of the inputs other instances forwarded.
+        if let Some(v) = from_changelog.get(&(Table::Meta, jobmeter_core::state::keys::MERGE_SOURCES.to_vec())) {
+            meter.set_merge_sources(v.clone());
+        }
+        // Every record the replay wrote (closed statements included), with
+        // deletions as `None`.
+        let changes = meter.take_changes()?;
+        let rebuilt: StateMap = changes
+            .iter()
+            .cloned()
+            .filter_map(|c| c.value.map(|v| ((c.table, c.key), v)))
+            .collect();
         // Compared by content: the changelog may hold values of an older
         // format version than the rebuild writes.
         // A value no decoder reads stays as it is, and so differs.
         let canonical = |k: &(Table, Vec<u8>), v: Option<&Vec<u8>>| {
             v.map(|v| values::canonical(k.0, v).unwrap_or_else(|_| v.clone()))
         };
-        let keys: BTreeSet<_> = rebuilt.keys().chain(from_changelog.keys()).collect();
+        // The input watermark of a deployment that ran an older release
+        // covers only what it read since: not compared (the rebuilt one,
+        // from every input record, is the one written).
+        let watermark = (Table::Meta, jobmeter_core::state::keys::INPUT_WATERMARK.to_vec());
+        let keys: BTreeSet<_> = rebuilt
+            .keys()
+            .chain(from_changelog.keys())
+            .filter(|k| **k != watermark)
+            .collect();
         let differ = keys
             .iter()
             .filter(|k| canonical(k, rebuilt.get(**k)) != canonical(k, from_changelog.get(**k)))

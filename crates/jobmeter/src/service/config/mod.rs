@@ -125,11 +125,10 @@ pub struct BatchConfig {
     pub max_events: usize,
     /// …or this long after the batch's first event, whichever is first.
     pub interval: Dur,
-    /// How long the instance waits for a partition that has records on the
-    /// way (it has not reached its end) before it goes on without it: the
-    /// instance applies its partitions' records in timestamp order, so an
-    /// account whose events arrive on several partitions is metered in the
-    /// order they were produced.
+    /// No longer used (accepted so that older files still load): the
+    /// merge waits for a partition that has records on the way as long as
+    /// its fetch takes, since going on without it could bill past records
+    /// that exist (`jobmeter_core::order`).
     pub max_idle: Dur,
 }
 

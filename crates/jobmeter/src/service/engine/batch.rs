@@ -73,8 +73,13 @@ impl Engine {
     /// [`GROWTH_MAX_AGE`]; then it is handed over as before, waiting for
     /// the committer (which is where a commit that hangs is detected).
     pub fn batch_due(&self) -> bool {
-        if self.batch_events == 0 {
+        if self.hold {
             return false;
+        }
+        if self.batch_events == 0 {
+            // Nothing applied, but other instances wait for word of this
+            // one's inputs.
+            return self.progress_due() && !self.committer.busy();
         }
         let age = self.batch_started.elapsed();
         let due = self.batch_events >= self.cfg.batch_max_events || age >= self.cfg.batch_interval;
@@ -98,9 +103,10 @@ impl Engine {
         group: impl FnOnce() -> Option<rdkafka::consumer::ConsumerGroupMetadata>,
     ) -> Result<(), EngineError> {
         self.committer.check()?;
-        if self.batch_events == 0 {
+        if self.batch_events == 0 && !self.progress_due() {
             return Ok(());
         }
+        self.push_progress();
         let markers: Vec<(i32, Marker)> = self
             .lanes
             .iter_mut()
@@ -135,7 +141,18 @@ impl Engine {
         for (p, o) in std::mem::take(&mut self.next_offsets) {
             offsets.push((self.cfg.topics.job_events.clone(), p, o));
         }
-        for (p, o) in std::mem::take(&mut self.next_rp_offsets) {
+        let mut rp = std::mem::take(&mut self.next_rp_offsets);
+        if !self.fast {
+            // Forwarded records are applied in the merge order: commit the
+            // oldest one still waiting (those after it that were applied
+            // are skipped by their source offset when read again).
+            for p in self.meters.keys() {
+                if let Some(o) = self.rp_commit_offset(*p) {
+                    rp.insert(*p, o);
+                }
+            }
+        }
+        for (p, o) in rp {
             offsets.push((self.cfg.topics.repartition.clone(), p, o));
         }
         let batch = Batch {

@@ -59,6 +59,7 @@
 
 mod batch;
 mod committer;
+mod merge;
 mod rebalance;
 mod restore;
 mod routing;
@@ -126,6 +127,18 @@ pub enum EngineError {
     /// batch is dropped and the pipeline rebuilt.
     #[error("accounts: {0}")]
     Accounts(String),
+    /// An event arrived on another partition than its account's while
+    /// the pipeline applied records in arrival order (or a restored
+    /// partition says they are applied in the merge order): the open
+    /// batch is dropped and the pipeline rebuilt from durable state,
+    /// applying every partition in the merge order from then on.
+    #[error("partition {partition}, offset {offset}: events arrive on other partitions than their accounts'; applying records in the event-time merge order from the last commit on")]
+    MergeOrder {
+        /// Where the record was read.
+        partition: i32,
+        /// Its offset.
+        offset: i64,
+    },
 }
 
 /// What the engine needs besides its Kafka clients.
@@ -211,12 +224,39 @@ pub struct Engine {
     rerouted_by_cause: [u64; 3],
     /// When each cause of rerouting was last logged.
     reroute_logged: [Option<Instant>; 3],
-    /// When an event last arrived on another partition than its account's.
-    rerouted_at: Option<Instant>,
     limits_by_label: BTreeMap<(&'static str, String), u64>,
     out: Vec<Output>,
     input_topic: Arc<str>,
     repartition_topic: Arc<str>,
+    /// True once records are applied in the merge order
+    /// ([`jobmeter_core::order`]): set for good by the first event that
+    /// arrives on another partition than its account's, and by a restored
+    /// partition that says so.
+    merge_mode: bool,
+    /// True while the poll loop hands records over in arrival order (the
+    /// fast path of a fleet that places every event on its account's
+    /// partition).
+    fast: bool,
+    /// No batch is due while set.
+    hold: bool,
+    /// Per (meter, input partition read elsewhere): the records forwarded
+    /// from there and what its forwarder said (see `merge.rs`).
+    remote: BTreeMap<(i32, i32), merge::Remote>,
+    /// Per meter: the repartition offsets read and waiting to be applied.
+    rp_pending: HashMap<i32, BTreeSet<i64>>,
+    /// Per meter: the next repartition offset to read.
+    rp_read: HashMap<i32, i64>,
+    /// Meters whose repartition partition was read to its end since they
+    /// were assigned.
+    rp_at_end: BTreeSet<i32>,
+    /// Meters whose merge bookkeeping changed since the last commit.
+    remote_dirty: BTreeSet<i32>,
+    /// What the poll loop says of the input partitions it reads (bound,
+    /// caught up), and what was last written as progress.
+    sources: BTreeMap<i32, (i64, bool)>,
+    published: BTreeMap<i32, (i64, bool)>,
+    /// When progress was last written.
+    progress_at: Instant,
     /// An error raised inside a rebalance callback, surfaced by the loop.
     pub failed: Option<EngineError>,
 }
@@ -273,11 +313,47 @@ impl Engine {
             charges_by_kind: [0; 3],
             rerouted_by_cause: [0; 3],
             reroute_logged: [None; 3],
-            rerouted_at: None,
             limits_by_label: BTreeMap::new(),
             out: Vec::new(),
+            merge_mode: false,
+            fast: false,
+            hold: false,
+            remote: BTreeMap::new(),
+            rp_pending: HashMap::new(),
+            rp_read: HashMap::new(),
+            rp_at_end: BTreeSet::new(),
+            remote_dirty: BTreeSet::new(),
+            sources: BTreeMap::new(),
+            published: BTreeMap::new(),
+            progress_at: Instant::now(),
             failed: None,
         }
+    }
+
+    /// True once records are applied in the merge order.
+    pub fn merge_mode(&self) -> bool {
+        self.merge_mode
+    }
+
+    /// Applies records in the merge order from now on, and says so in the
+    /// state of every partition (durable with the next commit).
+    pub fn enter_merge_mode(&mut self) {
+        self.merge_mode = true;
+        for pm in self.meters.values_mut() {
+            pm.meter.set_merge_order();
+        }
+    }
+
+    /// Says whether the poll loop hands records over in arrival order.
+    pub fn set_fast(&mut self, fast: bool) {
+        self.fast = fast;
+        self.hold = false;
+    }
+
+    /// While `hold`, no batch is due (a shutdown or revocation still
+    /// commits): see the fast round's first fetches.
+    pub fn hold_commits(&mut self, hold: bool) {
+        self.hold = hold;
     }
 
     /// True when every assigned partition is restored (and none failed).
@@ -324,13 +400,6 @@ impl Engine {
         Ok(false)
     }
 
-    /// True while events keep arriving on other partitions than their
-    /// accounts' (within the last 10 minutes): the poll loop then keeps
-    /// the partitions in event-time step.
-    pub fn rerouting(&self) -> bool {
-        self.rerouted_at.is_some_and(|t| t.elapsed() < Duration::from_secs(600))
-    }
-
     /// True when `p`'s stored state cannot be decoded (it is not metered).
     pub fn is_failing(&self, p: i32) -> bool {
         self.failing_read().contains_key(&p)
@@ -373,8 +442,16 @@ impl Engine {
         let payload = msg.payload().unwrap_or_default();
         if msg.topic() == &*self.repartition_topic {
             self.next_rp_offsets.insert(p, o + 1);
-            if is_marker(msg.headers()) {
+            if is_marker(msg.headers()) || jobmeter_kafka::repartition::is_progress(msg.headers()) {
                 return Ok(());
+            }
+            if self.fast {
+                // Another instance forwards events to this partition: they
+                // arrive on other partitions than their accounts'.
+                return Err(EngineError::MergeOrder {
+                    partition: p,
+                    offset: o,
+                });
             }
             let headers = msg.headers().map(|h| {
                 use rdkafka::message::Headers;
@@ -391,17 +468,40 @@ impl Engine {
                 offset,
                 record_time,
             };
-            self.lane(p, o).applied(Source::Forwarded, o);
+            // A run of forwarded records must not cover one still waiting.
+            let pending = self
+                .lanes
+                .get(&p)
+                .and_then(Lane::last_run_end)
+                .is_some_and(|to| self.rp_waiting(p, to, o));
+            self.lane(p, o).applied_unless(Source::Forwarded, o, |_| pending);
             return self.apply(p, payload, parsed, &origin, msg.key());
         }
         self.next_offsets.insert(p, o + 1);
+        let target = parsed.as_ref().map_or(p, |ev| self.owner(ev));
+        if self.fast && (target != p || self.merge_mode) {
+            return Err(EngineError::MergeOrder {
+                partition: p,
+                offset: o,
+            });
+        }
+        // Every record read moves its partition's input watermark, wherever
+        // it is applied (the merge keys of the partition's later records).
+        let merge_time = parsed
+            .as_ref()
+            .and_then(|ev| jobmeter_core::order::merge_time(&self.cfg.meter, ev.time, record_time));
+        let watermark = self.meters.get_mut(&p).and_then(|pm| {
+            if let Some(t) = merge_time {
+                pm.meter.raise_input_watermark(t);
+            }
+            pm.meter.input_watermark()
+        });
         let origin = Origin {
             topic: self.input_topic.clone(),
             partition: p,
             offset: o,
             record_time,
         };
-        let target = parsed.as_ref().map_or(p, |ev| self.owner(ev));
         if target == p {
             self.lane(p, o).applied(Source::Own, o);
             return self.apply(p, payload, parsed, &origin, msg.key());
@@ -413,7 +513,7 @@ impl Engine {
             self.lane(target, 0).applied(Source::Input(p), o);
             self.apply(target, payload, Some(ev), &origin, msg.key())
         } else {
-            self.forward(msg, &ev, target);
+            self.forward(msg, &ev, target, watermark);
             Ok(())
         }
     }

@@ -42,6 +42,12 @@ impl Engine {
     /// input offsets (where each partition's lane resumes).
     fn on_assign(&mut self, tpl: &TopicPartitionList) {
         for e in tpl.elements() {
+            if e.topic() == self.cfg.topics.repartition {
+                self.forget_remote(e.partition());
+                if let Some(o) = e.offset().to_raw().filter(|o| *o >= 0) {
+                    self.rp_read.insert(e.partition(), o);
+                }
+            }
             if e.topic() == self.cfg.topics.job_events {
                 let resume = e.offset().to_raw().filter(|o| *o >= 0).unwrap_or(0);
                 self.lanes.insert(e.partition(), Lane::new(resume));
@@ -69,6 +75,8 @@ impl Engine {
             self.to_restore.remove(&p);
             self.meters.remove(&p);
             self.lanes.remove(&p);
+            self.forget_remote(p);
+            self.sources.remove(&p);
             if self.failing_write().remove(&p).is_some() {
                 self.metrics
                     .partition_failed

@@ -146,6 +146,9 @@ impl Engine {
             "partition restored"
         );
         let reported = l.meter.stats().clone();
+        let merge_order = l.meter.in_merge_order();
+        let sources = l.meter.merge_sources().map(<[u8]>::to_vec);
+        self.load_sources(p, sources.as_deref());
         self.meters.insert(
             p,
             PartitionMeter {
@@ -153,6 +156,9 @@ impl Engine {
                 reported,
             },
         );
+        if merge_order || self.merge_mode {
+            self.enter_merge_mode();
+        }
         self.owned
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

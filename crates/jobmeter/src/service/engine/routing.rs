@@ -3,7 +3,8 @@
 //! instance that holds it.
 
 use super::committer::OutRecord;
-use super::{Engine, Reroute};
+use super::{Engine, EngineError, Reroute};
+use jobmeter_core::order::MergeKey;
 use jobmeter_kafka::repartition::{Lane, Marker};
 use jobmeter_kafka::txn::TAG_OUTPUT;
 use rdkafka::message::Message;
@@ -15,14 +16,39 @@ impl Engine {
         jobmeter_kafka::partitioner::partition_for_key(ev.account.as_str().as_bytes(), self.cfg.input_partitions)
     }
 
-    /// When the record should be applied relative to the others of this
-    /// instance: its event time, or as soon as possible (`i64::MIN`) for a
-    /// record whose time cannot move stream time (not a valid event, a
-    /// time the meter will refuse as implausible, a marker).
-    pub fn merge_key<M: Message>(&self, msg: &M, parsed: Option<&jobmeter_core::JobEvent>) -> i64 {
-        let Some(ev) = parsed else { return i64::MIN };
+    /// Where an input record sorts in the merge order
+    /// ([`jobmeter_core::order`]): by its partition's watermark through it
+    /// (the partition is restored first when it is waiting for it).
+    pub fn merge_key<M: Message>(
+        &mut self,
+        msg: &M,
+        parsed: Option<&jobmeter_core::JobEvent>,
+    ) -> Result<MergeKey, EngineError> {
         let record_time = msg.timestamp().to_millis().map(jobmeter_core::Timestamp);
-        jobmeter_core::order::merge_time(&self.cfg.meter, ev.time, record_time).map_or(i64::MIN, |t| t.0)
+        let merge_time = parsed.and_then(|ev| jobmeter_core::order::merge_time(&self.cfg.meter, ev.time, record_time));
+        let p = msg.partition();
+        if !self.local(p)? {
+            return Ok(MergeKey::FIRST);
+        }
+        let mut watermark = self.meters.get(&p).and_then(|pm| pm.meter.input_watermark());
+        Ok(MergeKey::next(&mut watermark, merge_time, p, msg.offset()))
+    }
+
+    /// The meter that applies an input record of partition `arrival` here:
+    /// its account's partition when this pipeline holds it, `None` when it
+    /// is forwarded to another's; a record that is not an event, where it
+    /// arrived (it is dead-lettered there).
+    pub fn dest(&self, arrival: i32, parsed: Option<&jobmeter_core::JobEvent>) -> Option<i32> {
+        let p = parsed.map_or(arrival, |ev| self.owner(ev));
+        self.assigned.contains(&p).then_some(p)
+    }
+
+    /// The smallest merge key the next record of input partition `p` can
+    /// have (`None` when `p` is not metered here).
+    pub fn input_bound(&self, p: i32) -> Option<(i64, i32)> {
+        self.meters
+            .get(&p)
+            .map(|pm| MergeKey::bound(pm.meter.input_watermark(), p))
     }
 
     /// The lane of `p` (created at assignment; `offset` is where a lane
@@ -41,7 +67,6 @@ impl Engine {
             Some(_) => Reroute::KeyNotAccount,
         };
         self.rerouted_by_cause[cause as usize] += 1;
-        self.rerouted_at = Some(Instant::now());
         let logged = &mut self.reroute_logged[cause as usize];
         if logged.is_some_and(|t| t.elapsed() < REROUTE_LOG_EVERY) {
             return;
@@ -71,12 +96,19 @@ impl Engine {
     /// the partition that meters its account (same transaction as its
     /// input offset, so exactly once), keeping its timestamp and naming
     /// where it came from in headers.
-    pub(super) fn forward<M: Message>(&mut self, msg: &M, ev: &jobmeter_core::JobEvent, owner: i32) {
+    pub(super) fn forward<M: Message>(
+        &mut self,
+        msg: &M,
+        ev: &jobmeter_core::JobEvent,
+        owner: i32,
+        watermark: Option<jobmeter_core::Timestamp>,
+    ) {
         let headers = jobmeter_kafka::repartition::forward_headers(
             msg.headers(),
             &self.input_topic,
             msg.partition(),
             msg.offset(),
+            watermark.map(|w| w.0),
         );
         self.records.push(OutRecord {
             topic: self.cfg.topics.repartition.clone(),
@@ -85,6 +117,20 @@ impl Engine {
             headers: Some(headers),
             partition: Some(owner),
             timestamp_ms: msg.timestamp().to_millis(),
+            tag: TAG_OUTPUT,
+        });
+    }
+
+    /// Adds a progress record for meter `p` (held elsewhere) to the open
+    /// batch.
+    pub(super) fn push_progress_record(&mut self, p: i32, pr: &jobmeter_kafka::repartition::Progress) {
+        self.records.push(OutRecord {
+            topic: self.cfg.topics.repartition.clone(),
+            key: Vec::new(),
+            payload: Some(pr.encode()),
+            headers: Some(jobmeter_kafka::repartition::Progress::headers()),
+            partition: Some(p),
+            timestamp_ms: None,
             tag: TAG_OUTPUT,
         });
     }

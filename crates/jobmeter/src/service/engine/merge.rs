@@ -1,0 +1,334 @@
+//! The merge order across instances ([`jobmeter_core::order`]).
+//!
+//! A meter's events come from every input partition. Those this pipeline
+//! reads are merge queues of the poll loop. Those another instance reads
+//! reach the meter through its repartition partition, forwarded in that
+//! instance's transactions: here they are split by the input partition
+//! they came from into one queue each, a [`Remote`], which the poll loop
+//! merges like the others. What bounds a remote queue that is empty is
+//! the forwarder's word: with every commit an instance writes a
+//! [`Progress`] record into the repartition partition of each meter it
+//! does not hold, naming for each input partition it reads the smallest
+//! merge time it can still forward and whether it has read all Kafka held.
+//! The owner takes a forwarded record once no queue can deliver a smaller
+//! one, so two instances bill a backlog exactly as one does.
+//!
+//! ## What is durable
+//!
+//! Forwarded records are applied out of their repartition order (in the
+//! merge order), so the repartition offset committed for a meter is that
+//! of its oldest record still waiting; records after it that were applied
+//! before a restart are recognised by their source offset
+//! (`applied_through`) and skipped when read again. That, and each remote
+//! partition's last progress, live in the meter's state
+//! (`merge_sources`, written with each commit that changed them), so a
+//! restarted owner knows at once what it knew.
+//!
+//! ## Deadlock freedom
+//!
+//! An instance's published bound for an input partition includes the
+//! record at its head, and every instance takes its smallest head as soon
+//! as nothing may precede it: the smallest unapplied record of the whole
+//! group is always taken once its forwarders' latest progress has been
+//! read, so the group never waits on itself.
+
+use super::{Engine, EngineError};
+use jobmeter_core::order::{Head, MergeKey, QueueState};
+use jobmeter_kafka::repartition::{is_marker, is_progress, merge_time_of, source_of, Progress};
+use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedMessage};
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// A forwarded record waiting to be applied.
+#[derive(Debug)]
+pub(super) struct Pending {
+    msg: OwnedMessage,
+    parsed: Option<jobmeter_core::JobEvent>,
+    key: MergeKey,
+}
+
+/// One input partition read by another instance, as one meter knows it.
+#[derive(Debug)]
+pub(super) struct Remote {
+    pending: VecDeque<Pending>,
+    /// The source offset of the last record applied from it.
+    applied_through: i64,
+    /// The smallest merge time its forwarder can still forward.
+    bound: Option<i64>,
+    /// Its forwarder had read all Kafka held.
+    caught_up: bool,
+}
+
+impl Default for Remote {
+    fn default() -> Self {
+        Remote {
+            pending: VecDeque::new(),
+            // Before the first offset: nothing applied yet.
+            applied_through: -1,
+            bound: None,
+            caught_up: false,
+        }
+    }
+}
+
+/// How often an instance whose inputs changed writes progress while it
+/// has nothing else to commit.
+pub(super) const PROGRESS_EVERY: Duration = Duration::from_millis(50);
+
+impl Engine {
+    /// Takes a record of meter `p`'s repartition partition (merge mode):
+    /// a forwarded event is queued by the input partition it came from, a
+    /// progress record updates what the meter knows of those partitions,
+    /// a marker is passed over.
+    pub fn read_repartition(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), EngineError> {
+        let p = msg.partition();
+        if !self.local(p)? {
+            return Ok(());
+        }
+        let o = msg.offset();
+        self.rp_read.insert(p, o + 1);
+        if is_marker(msg.headers()) {
+            // Committed like an event, so that the repartition offset a
+            // rebuild reads markers up to covers the last one written.
+            if self.batch_events == 0 {
+                self.batch_started = std::time::Instant::now();
+            }
+            self.batch_events += 1;
+            return Ok(());
+        }
+        if is_progress(msg.headers()) {
+            if let Some(pr) = Progress::decode(msg.payload().unwrap_or_default()) {
+                for (q, bound, end) in pr.sources {
+                    if q == p || !(0..self.cfg.input_partitions).contains(&q) {
+                        continue;
+                    }
+                    let r = self.remote.entry((p, q)).or_default();
+                    if r.bound.is_none_or(|b| b < bound) {
+                        r.bound = Some(bound);
+                    }
+                    r.caught_up = end;
+                    self.remote_dirty.insert(p);
+                }
+            }
+            return Ok(());
+        }
+        let pairs = || {
+            msg.headers()
+                .into_iter()
+                .flat_map(|h| h.iter().map(|x| (x.key, x.value.unwrap_or_default())))
+        };
+        let (_, q, so) = source_of(pairs()).unwrap_or((String::new(), p, o));
+        let r = self.remote.entry((p, q)).or_default();
+        if so <= r.applied_through {
+            // Applied before a restart (the committed repartition offset
+            // is that of the oldest record that was still waiting).
+            return Ok(());
+        }
+        let parsed = jobmeter_core::parse_job_event(msg.payload().unwrap_or_default()).ok();
+        let record_time = msg.timestamp().to_millis().map(jobmeter_core::Timestamp);
+        let time = merge_time_of(pairs())
+            .or_else(|| {
+                parsed
+                    .as_ref()
+                    .and_then(|ev| jobmeter_core::order::merge_time(&self.cfg.meter, ev.time, record_time))
+                    .map(|t| t.0)
+            })
+            .unwrap_or(i64::MIN);
+        let key = MergeKey {
+            time,
+            partition: q,
+            offset: so,
+        };
+        r.pending.push_back(Pending {
+            msg: msg.detach(),
+            parsed,
+            key,
+        });
+        self.rp_pending.entry(p).or_default().insert(o);
+        Ok(())
+    }
+
+    /// Meter `p`'s repartition partition has been read to its end.
+    pub fn repartition_at_end(&mut self, p: i32) {
+        self.rp_at_end.insert(p);
+    }
+
+    /// The merge queues of forwarded records, with what they hold for the
+    /// poll loop's merge; `(meter, input partition)` each.
+    pub fn remote_queues(&self, out: &mut Vec<((i32, i32), QueueState)>) {
+        out.clear();
+        for p in self.meters.keys() {
+            if !self.rp_at_end.contains(p) {
+                // Not read to its end yet: it may hold anything for `p`.
+                out.push((
+                    (*p, -1),
+                    QueueState {
+                        head: None,
+                        bound: None,
+                        at_end: false,
+                        serves: Some(*p),
+                    },
+                ));
+            }
+        }
+        let none = Remote::default();
+        for p in self.meters.keys() {
+            for q in (0..self.cfg.input_partitions).filter(|q| q != p) {
+                let r = self.remote.get(&(*p, q)).unwrap_or(&none);
+                let local = self.assigned.contains(&q);
+                if local && r.pending.is_empty() {
+                    continue;
+                }
+                out.push((
+                    (*p, q),
+                    QueueState {
+                        head: r.pending.front().map(|x| Head {
+                            key: x.key,
+                            dest: Some(*p),
+                        }),
+                        bound: if local { None } else { r.bound.map(|b| (b, q)) },
+                        // What this instance reads itself was forwarded
+                        // before it took the partition: all of it is in the
+                        // repartition partition, read to its end.
+                        at_end: r.pending.is_empty() && (local || r.caught_up),
+                        serves: Some(*p),
+                    },
+                ));
+            }
+        }
+    }
+
+    /// Applies the next forwarded record of `(meter, input partition)`.
+    pub fn take_remote(&mut self, p: i32, q: i32) -> Result<(), EngineError> {
+        let Some(x) = self.remote.get_mut(&(p, q)).and_then(|r| r.pending.pop_front()) else {
+            return Ok(());
+        };
+        if let Some(r) = self.remote.get_mut(&(p, q)) {
+            r.applied_through = x.key.offset;
+        }
+        if let Some(set) = self.rp_pending.get_mut(&p) {
+            set.remove(&x.msg.offset());
+        }
+        self.remote_dirty.insert(p);
+        self.process_parsed(&x.msg, x.parsed)
+    }
+
+    /// True when a forwarded record of meter `p` in `[from, to)` is still
+    /// waiting (a marker run must not cover it).
+    pub(super) fn rp_waiting(&self, p: i32, from: i64, to: i64) -> bool {
+        from < to
+            && self
+                .rp_pending
+                .get(&p)
+                .is_some_and(|s| s.range(from..to).next().is_some())
+    }
+
+    /// The repartition offset to commit for meter `p`: its oldest waiting
+    /// record's, or the next to read.
+    pub(super) fn rp_commit_offset(&self, p: i32) -> Option<i64> {
+        self.rp_pending
+            .get(&p)
+            .and_then(|s| s.first().copied())
+            .or_else(|| self.rp_read.get(&p).copied())
+    }
+
+    /// What the poll loop says of an input partition it reads: the
+    /// smallest merge time its next record can have (its head's when one
+    /// is fetched) and whether it has read all Kafka holds.
+    pub fn set_source_state(&mut self, q: i32, bound: i64, caught_up: bool) {
+        self.sources.insert(q, (bound, caught_up));
+    }
+
+    /// True when progress changed since it was last written and other
+    /// partitions' meters are held elsewhere.
+    pub(super) fn progress_due(&self) -> bool {
+        self.sources != self.published
+            && (0..self.cfg.input_partitions).any(|p| !self.assigned.contains(&p))
+            && self.progress_at.elapsed() >= PROGRESS_EVERY
+    }
+
+    /// Adds to the open batch a progress record for every repartition
+    /// partition of a meter held elsewhere, and the merge bookkeeping of
+    /// every meter whose changed.
+    pub(super) fn push_progress(&mut self) {
+        let dirty: Vec<i32> = std::mem::take(&mut self.remote_dirty).into_iter().collect();
+        for p in dirty {
+            let v = self.encode_sources(p);
+            if let Some(pm) = self.meters.get_mut(&p) {
+                pm.meter.set_merge_sources(v);
+            }
+        }
+        if self.sources == self.published {
+            return;
+        }
+        let pr = Progress {
+            sources: self
+                .sources
+                .iter()
+                .filter(|(q, _)| self.assigned.contains(q))
+                .map(|(q, (b, end))| (*q, *b, *end))
+                .collect(),
+        };
+        let elsewhere: Vec<i32> = (0..self.cfg.input_partitions)
+            .filter(|p| !self.assigned.contains(p))
+            .collect();
+        for p in elsewhere {
+            self.push_progress_record(p, &pr);
+        }
+        self.published = self.sources.clone();
+        self.progress_at = std::time::Instant::now();
+    }
+
+    /// Meter `p`'s knowledge of forwarded partitions, for its state:
+    /// `q:applied_through:bound:end` per partition, spaces between.
+    fn encode_sources(&self, p: i32) -> Vec<u8> {
+        let parts: Vec<String> = self
+            .remote
+            .range((p, i32::MIN)..=(p, i32::MAX))
+            .map(|((_, q), r)| {
+                format!(
+                    "{q}:{}:{}:{}",
+                    r.applied_through,
+                    r.bound.unwrap_or(i64::MIN),
+                    u8::from(r.caught_up)
+                )
+            })
+            .collect();
+        parts.join(" ").into_bytes()
+    }
+
+    /// Loads meter `p`'s knowledge of forwarded partitions from its state.
+    pub(super) fn load_sources(&mut self, p: i32, v: Option<&[u8]>) {
+        let Some(s) = v.and_then(|v| std::str::from_utf8(v).ok()) else {
+            return;
+        };
+        for part in s.split(' ').filter(|x| !x.is_empty()) {
+            let f: Vec<&str> = part.split(':').collect();
+            let [q, applied, bound, end] = f.as_slice() else {
+                continue;
+            };
+            let (Ok(q), Ok(applied), Ok(bound)) = (q.parse::<i32>(), applied.parse::<i64>(), bound.parse::<i64>())
+            else {
+                continue;
+            };
+            let r = self.remote.entry((p, q)).or_default();
+            r.applied_through = r.applied_through.max(applied);
+            r.bound = (bound != i64::MIN).then_some(bound).max(r.bound);
+            r.caught_up = *end == "1";
+        }
+    }
+
+    /// Forgets meter `p`'s forwarded records and repartition position
+    /// (revoked; or assigned again, read from its committed offset).
+    pub(super) fn forget_remote(&mut self, p: i32) {
+        self.remote.retain(|(m, _), _| *m != p);
+        self.rp_pending.remove(&p);
+        self.rp_read.remove(&p);
+        self.rp_at_end.remove(&p);
+    }
+
+    /// Forwarded records waiting to be applied, over all meters.
+    pub fn remote_waiting(&self) -> usize {
+        self.rp_pending.values().map(std::collections::BTreeSet::len).sum()
+    }
+}
