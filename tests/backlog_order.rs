@@ -36,6 +36,12 @@ fn three_day_fleet(seed: u64) -> FleetOptions {
 /// `kills` times at random moments, each restarted at once), and compares
 /// the outputs with the merge order of the log and with `rebuild`.
 fn catch_up(name: &str, seed: u64, instances: usize, kills: usize) {
+    catch_up_padded(name, seed, instances, kills, None);
+}
+
+/// [`catch_up`], with partition `pad.0`'s murmur2 records padded to
+/// `pad.1` bytes more ([`produce_by_worker_padded`]): a slow partition.
+fn catch_up_padded(name: &str, seed: u64, instances: usize, kills: usize, pad: Option<(i32, usize)>) {
     let prefix = fresh_prefix(name);
     let dir = tempfile::tempdir().expect("tempdir");
     let specs: Vec<MeterSpec> = (0..instances)
@@ -56,10 +62,11 @@ fn catch_up(name: &str, seed: u64, instances: usize, kills: usize) {
     let w = workload(&three_day_fleet(seed), PARTITIONS);
     assert!(w.events.len() > 20_000, "{} events", w.events.len());
     produce_accounts(&prefix, &w);
-    produce_by_worker(
+    produce_by_worker_padded(
         &prefix,
         &w,
         &[Placement::Murmur2, Placement::ConsistentRandom, Placement::Keyless],
+        pad,
     );
     let want = expected_in_merge_order(&prefix, &w);
     let mut meters: Vec<MeterProc> = specs.iter().map(MeterSpec::start).collect();
@@ -80,6 +87,15 @@ fn catch_up(name: &str, seed: u64, instances: usize, kills: usize) {
         read_all(&format!("{prefix}.statements")).len() >= want.statements.len()
     });
     std::thread::sleep(Duration::from_secs(2));
+    if pad.is_some() {
+        // The slow partition was waited for, not passed.
+        let waited: f64 = meters
+            .iter()
+            .filter_map(|m| m.metric("jobmeter_merge_wait_seconds_total"))
+            .sum();
+        assert!(waited > 0.0, "the merge never waited for the slow partition");
+        eprintln!("the merge waited {waited:.2} s in all");
+    }
     // read_outputs fails on any charge, limit event or statement seen twice.
     let got = read_outputs(&prefix);
     for m in meters.iter_mut().rev() {
@@ -132,4 +148,18 @@ fn two_instances_bill_a_mixed_fleet_backlog_as_one() {
 )]
 fn two_instances_bill_a_mixed_fleet_backlog_as_one_through_sigkills() {
     catch_up("backlog2k", 64, 2, 4);
+}
+
+/// One partition's fetches are slow: its murmur2 records are padded by
+/// 24 KiB, so a fetch of the 1 MiB partition limit brings a few dozen of
+/// them while the other partitions' fetches bring thousands. The merge
+/// must wait for it (the test checks it did) and nothing may be
+/// dead-lettered or orphaned that the merge order does not.
+#[test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
+fn a_slow_partition_is_waited_for_not_passed() {
+    catch_up_padded("backlogslow", 65, 1, 0, Some((0, 24 * 1024)));
 }

@@ -800,7 +800,17 @@ pub fn restart_and_expect_everything(spec: &MeterSpec, prefix: &str, all: &Outpu
 /// by a hash of the worker's name from `placements`. Events go out in the
 /// workload's order, each client at full speed.
 pub fn produce_by_worker(prefix: &str, w: &Workload, placements: &[Placement]) {
+    produce_by_worker_padded(prefix, w, placements, None);
+}
+
+/// [`produce_by_worker`], where the records the murmur2 client puts on
+/// partition `pad.0` carry an extra top-level field of `pad.1` bytes (a
+/// field the meter does not read): that partition's fetches then hold few
+/// records, so its event time falls far behind the others' while a backlog
+/// is read — a slow partition.
+pub fn produce_by_worker_padded(prefix: &str, w: &Workload, placements: &[Placement], pad: Option<(i32, usize)>) {
     let topic = format!("{prefix}.job-events");
+    let padding = pad.map(|(_, n)| format!("{{\"padding\":\"{}\",", "p".repeat(n)));
     let clients: Vec<_> = placements.iter().map(|p| producer_for(*p)).collect();
     for e in &w.events {
         let source = serde_json::from_str::<serde_json::Value>(&e.json)
@@ -815,7 +825,18 @@ pub fn produce_by_worker(prefix: &str, w: &Workload, placements: &[Placement]) {
         let at = jobmeter_core::parse_job_event(e.json.as_bytes())
             .ok()
             .map(|ev| ev.time.0);
-        let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&topic).payload(e.json.as_bytes());
+        let padded = match (&padding, pad, key) {
+            (Some(fill), Some((p, _)), Some(k))
+                if placements[c] == Placement::Murmur2
+                    && jobmeter_kafka::partitioner::partition_for_key(k, w.partitions) == p
+                    && e.json.starts_with('{') =>
+            {
+                Some(format!("{fill}{}", &e.json[1..]))
+            }
+            _ => None,
+        };
+        let payload = padded.as_deref().unwrap_or(&e.json);
+        let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&topic).payload(payload.as_bytes());
         if let Some(k) = key {
             rec = rec.key(k);
         }

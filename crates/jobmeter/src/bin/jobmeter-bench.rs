@@ -25,6 +25,12 @@
 //!    partition from the changelog: records, seconds spent restoring, and
 //!    how long until it is ready (`--restore-runs` times, each on a new
 //!    directory).
+//!
+//! `--placement` sets how the backlog's records sit on partitions (a fleet
+//! of murmur2, librdkafka-default, keyless or mixed clients);
+//! `--instances N` runs the throughput with N meters in one group;
+//! `--shape realistic --minutes M` makes the backlog an outage of M minutes
+//! leaves at the realistic fleet's rate (the catch-up time).
 
 use jobmeter::simulate::{accounts, events, FleetOptions};
 use jobmeter_kafka::client::{brokers_from_env, KafkaSettings};
@@ -95,6 +101,20 @@ struct Args {
     /// CPU time per event is reported for the ceiling and throughput runs.
     #[arg(long)]
     broker_pid: Option<u32>,
+    /// Meter instances of the throughput run (one consumer group; each on
+    /// its own state directory and port): with two or more, events of
+    /// accounts held elsewhere cross through the repartition topic.
+    #[arg(long, default_value_t = 1)]
+    instances: u16,
+    /// With `--shape realistic`: job starts spread over this many minutes
+    /// at the realistic fleet's rate (216,574 jobs in 12 hours, unless
+    /// `--jobs` says otherwise): the backlog an outage of that length
+    /// leaves.
+    #[arg(long)]
+    minutes: Option<u32>,
+    /// Stop after the throughput run (a): no restore (d), no latency (b).
+    #[arg(long)]
+    throughput_only: bool,
 }
 
 /// Workload shapes of the throughput backlog.
@@ -147,7 +167,17 @@ fn main() -> anyhow::Result<()> {
             mean_gap_ms: 50,
             ..FleetOptions::default()
         },
-        Shape::Realistic => FleetOptions::realistic(args.jobs.unwrap_or(216_574)),
+        Shape::Realistic => match args.minutes {
+            None => FleetOptions::realistic(args.jobs.unwrap_or(216_574)),
+            Some(m) => {
+                let m = i64::from(m.max(1));
+                let jobs = args.jobs.unwrap_or((216_574 * m as usize).div_ceil(720));
+                FleetOptions {
+                    mean_gap_ms: (m * 60_000 / jobs.max(1) as i64).max(1),
+                    ..FleetOptions::realistic(jobs)
+                }
+            }
+        },
     };
     let evs = events(&opts);
     let accs = accounts(&opts);
@@ -195,13 +225,38 @@ fn main() -> anyhow::Result<()> {
     );
     let (a_broker, a_machine) = (broker_cpu(), MachineCpu::now());
     let t1 = Instant::now();
-    let meter = start_meter(&bin, &prefix, &dir.join("tp"), args.partitions, &args.sets, 19464)?;
+    let instances = args.instances.max(1);
+    let ports: Vec<u16> = (0..instances).map(|i| 19464 + i).collect();
+    let meters = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| match instances {
+            1 => start_meter(&bin, &prefix, &dir.join("tp"), args.partitions, &args.sets, *port),
+            _ => start_meter_as(
+                &bin,
+                &prefix,
+                &format!("{prefix}-{i}"),
+                &dir.join(format!("tp-{i}")),
+                args.partitions,
+                &args.sets,
+                *port,
+            ),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // Every instance counts the events its own meters applied: the sum is
+    // the backlog once each is applied somewhere.
+    let consumed_all = || {
+        ports
+            .iter()
+            .map(|p| metric(*p, "jobmeter_events_total").unwrap_or(0.0))
+            .sum::<f64>()
+    };
     let total = evs.len() as f64;
     // The first committed batch: from here on the meter is at work (before
     // it: process start, accounts table, group join, restore).
     let mut first: Option<(Instant, f64)> = None;
     loop {
-        let consumed = metric(19464, "jobmeter_events_total").unwrap_or(0.0);
+        let consumed = consumed_all();
         if first.is_none() && consumed > 0.0 {
             first = Some((Instant::now(), consumed));
         }
@@ -225,10 +280,10 @@ fn main() -> anyhow::Result<()> {
     let secs = (end - t1).as_secs_f64();
     let (t_first, n_first) = first.unwrap_or((t1, 0.0));
     let sustained = (total - n_first) / (end - t_first).as_secs_f64().max(1e-3);
-    let rss = peak_rss_kib(meter.id());
-    // The meter's own CPU time (user + system, every thread), so the cost
+    let rss: u64 = meters.iter().map(|m| peak_rss_kib(m.id())).sum();
+    // The meters' own CPU time (user + system, every thread), so the cost
     // per event can be compared across runs whatever else the machine did.
-    let cpu = cpu_seconds(meter.id());
+    let cpu: f64 = meters.iter().map(|m| cpu_seconds(m.id())).sum();
     println!(
         "(a) throughput: {:.0} events/s sustained ({:.0} % of the ceiling), from the first committed batch to the last; {} events in {:.2}s = {:.0} events/s counting start-up ({:.2}s to the first commit); peak RSS {} MiB; meter CPU {:.2}s = {:.1} µs/event",
         sustained,
@@ -245,7 +300,17 @@ fn main() -> anyhow::Result<()> {
         "(a) during the run (start-up included): {}",
         CpuShare::since(a_broker, broker_cpu(), &a_machine, evs.len())
     );
-    drop(meter);
+    drop(meters);
+    if args.throughput_only {
+        return Ok(());
+    }
+    if instances > 1 {
+        // The restore and latency runs below are one instance's; the
+        // stopped static members would hold their partitions until their
+        // session times out.
+        println!("(d) and (b) are measured with one instance only: run again without --instances");
+        return Ok(());
+    }
 
     // (d) restore: the same instance on an empty state directory restores
     // every partition from the changelog before it is ready.
