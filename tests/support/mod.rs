@@ -806,8 +806,7 @@ pub fn produce_by_worker(prefix: &str, w: &Workload, placements: &[Placement]) {
 /// [`produce_by_worker`], where the records the murmur2 client puts on
 /// partition `pad.0` carry an extra top-level field of `pad.1` bytes (a
 /// field the meter does not read): that partition's fetches then hold few
-/// records, so its event time falls far behind the others' while a backlog
-/// is read — a slow partition.
+/// records while the others' hold thousands — a slow partition.
 pub fn produce_by_worker_padded(prefix: &str, w: &Workload, placements: &[Placement], pad: Option<(i32, usize)>) {
     let topic = format!("{prefix}.job-events");
     let padding = pad.map(|(_, n)| format!("{{\"padding\":\"{}\",", "p".repeat(n)));
