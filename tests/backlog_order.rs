@@ -69,6 +69,23 @@ fn catch_up_padded(name: &str, seed: u64, instances: usize, kills: usize, pad: O
         pad,
     );
     let want = expected_in_merge_order(&prefix, &w);
+    if let Some((slow, _)) = pad {
+        // The slow partition is slow enough: after one fetch of each
+        // partition, every other one reaches further in event time than
+        // the slow one by more than the orphan timeout, so a merge that
+        // went on without it would run stream time past stops whose
+        // starts it has not fetched yet.
+        let reach = first_fetch_reach(&prefix, PARTITIONS, 1 << 20);
+        let orphan_timeout = jobmeter_core::MeterConfig::default().orphan_timeout_ms;
+        let behind = reach[slow as usize].expect("the slow partition has events");
+        for (p, r) in reach.iter().enumerate().filter(|(p, _)| *p != slow as usize) {
+            let ahead = r.expect("every partition has events") - behind;
+            assert!(
+                ahead > orphan_timeout,
+                "partition {p} reaches only {ahead} ms past the slow one after one fetch"
+            );
+        }
+    }
     let mut meters: Vec<MeterProc> = specs.iter().map(MeterSpec::start).collect();
     let mut rng = jobmeter::simulate::Rng::new(seed);
     for k in 0..kills {

@@ -849,6 +849,37 @@ pub fn produce_by_worker_padded(prefix: &str, w: &Workload, placements: &[Placem
     }
 }
 
+/// Per input partition, the latest event time among the records one fetch
+/// of it brings at most: those that fit, in offset order, in `bytes` of
+/// record values (librdkafka's `max.partition.fetch.bytes`, 1 MiB by
+/// default). How far a merge that went on with what it had after one
+/// fetch per partition would have run each partition's stream time.
+pub fn first_fetch_reach(prefix: &str, partitions: i32, bytes: usize) -> Vec<Option<i64>> {
+    let settings = KafkaSettings::new(brokers());
+    let parts: Vec<(i32, Option<i64>)> = (0..partitions).map(|p| (p, None)).collect();
+    let mut used = vec![0usize; partitions as usize];
+    let mut reach: Vec<Option<i64>> = vec![None; partitions as usize];
+    read_to_end(
+        &settings,
+        "it-first-fetch",
+        &format!("{prefix}.job-events"),
+        &parts,
+        Duration::from_secs(120),
+        |r| {
+            let p = r.partition as usize;
+            let value = r.value.as_deref().unwrap_or_default();
+            used[p] += value.len();
+            if used[p] <= bytes {
+                if let Ok(ev) = jobmeter_core::parse_job_event(value) {
+                    reach[p] = reach[p].max(Some(ev.time.0));
+                }
+            }
+        },
+    )
+    .expect("read the input topic");
+    reach
+}
+
 /// The outputs the contract alone gives for the input topic as it is in
 /// Kafka: every record read back with its partition, offset and
 /// timestamp, put in the merge order of `jobmeter_core::order` (computed

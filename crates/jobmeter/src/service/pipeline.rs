@@ -367,14 +367,103 @@ impl Waiting {
     }
 }
 
+/// How many records of one input partition the merge reads ahead of what
+/// it has applied, at most (what it holds in memory; the partition is not
+/// read further until its head is taken).
+const READ_AHEAD: usize = 8_192;
+
+/// How many records of one input partition one turn of the merge reads.
+const READ_AHEAD_TURN: usize = 1_024;
+
+/// A record read ahead by the merge: its event (parsed once), merge key and
+/// meter, and whether it was forwarded already.
+struct ReadRecord<'q> {
+    msg: rdkafka::message::BorrowedMessage<'q>,
+    parsed: Option<jobmeter_core::JobEvent>,
+    head: jobmeter_core::order::Head,
+    forwarded: bool,
+}
+
+/// One input partition as the merge reads it: the records read and not yet
+/// taken, in offset order; the partition's watermark through the last one
+/// read (`None` before the first read); whether it has reached the end of
+/// what Kafka holds.
+#[derive(Default)]
+struct ReadAhead<'q> {
+    buf: std::collections::VecDeque<ReadRecord<'q>>,
+    watermark: Option<Option<jobmeter_core::Timestamp>>,
+    at_end: bool,
+}
+
+impl<'q> ReadAhead<'q> {
+    /// Reads up to `max` more records of partition `p` from `queue`, while
+    /// fewer than [`READ_AHEAD`] wait. Each is keyed as it is read, and a
+    /// record for a meter held elsewhere is forwarded at once.
+    fn fill(
+        &mut self,
+        e: &mut Engine,
+        p: i32,
+        queue: &'q rdkafka::consumer::base_consumer::PartitionQueue<MeterContext>,
+        max: usize,
+    ) -> Result<(), EngineError> {
+        use rdkafka::message::Message;
+        if e.is_failing(p) {
+            self.at_end = true;
+            return Ok(());
+        }
+        for _ in 0..max {
+            if self.buf.len() >= READ_AHEAD {
+                break;
+            }
+            match queue.poll(Duration::ZERO) {
+                Some(Ok(m)) => {
+                    let parsed = jobmeter_core::parse_job_event(m.payload().unwrap_or_default()).ok();
+                    let key = e.read_key(&m, parsed.as_ref(), &mut self.watermark)?;
+                    let forwarded = e.forward_ahead(&m, parsed.as_ref(), key)?;
+                    let dest = if forwarded { None } else { e.dest(p, parsed.as_ref()) };
+                    self.buf.push_back(ReadRecord {
+                        msg: m,
+                        parsed,
+                        head: jobmeter_core::order::Head { key, dest },
+                        forwarded,
+                    });
+                    self.at_end = false;
+                }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
+                    self.at_end = true;
+                    break;
+                }
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, partition = p, "consumer error");
+                    break;
+                }
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// The smallest merge key the partition's next unread record can have
+    /// (`None` when `p` is not metered here).
+    fn bound(&self, e: &Engine, p: i32) -> Option<(i64, i32)> {
+        match self.watermark {
+            Some(w) => Some(jobmeter_core::order::MergeKey::bound(w, p)),
+            None => e.input_bound(p),
+        }
+    }
+}
+
 /// Runs the pipeline for one assignment (see [`fast_round`] for a fleet
 /// that places every event on its account's partition). Records are handed
 /// to the engine in the merge order of [`jobmeter_core::order`] across
 /// this instance's partitions: the smallest merge key among the queues'
 /// heads goes first, once no queue that has not reached its end can still
 /// deliver a smaller one ([`jobmeter_core::order::pick`]); a queue that may
-/// is waited for, however long its fetch takes. Returns `Ok(true)` when the
-/// assignment changed, `Ok(false)` on shutdown.
+/// is waited for, however long its fetch takes. Each input partition is
+/// read ahead of the merge ([`ReadAhead`]): what another instance's meter
+/// bills is forwarded as soon as it is read, so that what this instance
+/// publishes of the partition is how far it has read it. Returns
+/// `Ok(true)` when the assignment changed, `Ok(false)` on shutdown.
 fn merge_round<'e>(
     deps: &Deps,
     consumer: &Arc<BaseConsumer<MeterContext>>,
@@ -382,8 +471,7 @@ fn merge_round<'e>(
     stop: &AtomicBool,
     ready: &AtomicBool,
 ) -> Result<bool, EngineError> {
-    use jobmeter_core::order::{pick, Head, Pick, QueueState};
-    use rdkafka::message::{BorrowedMessage, Message};
+    use jobmeter_core::order::{pick, Pick, QueueState};
     let (epoch, assigned) = {
         let mut e = lock();
         // Restored first: a restored partition may say its records are
@@ -428,10 +516,7 @@ fn merge_round<'e>(
             op: "resume partitions",
             source,
         })?;
-    // Each input queue's next record, its event (parsed once) and merge key.
-    type Fetched<'q> = (BorrowedMessage<'q>, Option<jobmeter_core::JobEvent>, Head);
-    let mut heads: Vec<Option<Fetched<'_>>> = inputs.iter().map(|_| None).collect();
-    let mut at_end = vec![false; inputs.len()];
+    let mut ins: Vec<ReadAhead<'_>> = inputs.iter().map(|_| ReadAhead::default()).collect();
     let mut states: Vec<QueueState> = Vec::new();
     let mut remote: Vec<((i32, i32), QueueState)> = Vec::new();
     let mut waiting: Option<Waiting> = None;
@@ -500,11 +585,11 @@ fn merge_round<'e>(
         // A partition's end is reported once: one reported before this
         // round began is found from the position and the high watermark
         // instead (asked of the broker at most twice a second).
-        if last_hw.elapsed() >= HW_CHECK_EVERY && at_end.iter().zip(&heads).any(|(end, h)| !end && h.is_none()) {
+        if last_hw.elapsed() >= HW_CHECK_EVERY && ins.iter().any(|r| !r.at_end && r.buf.is_empty()) {
             last_hw = Instant::now();
             if let Ok(pos) = consumer.position() {
-                for (i, (p, _)) in inputs.iter().enumerate() {
-                    if at_end[i] || heads[i].is_some() {
+                for (r, (p, _)) in ins.iter_mut().zip(&inputs) {
+                    if r.at_end || !r.buf.is_empty() {
                         continue;
                     }
                     let position = pos
@@ -515,47 +600,35 @@ fn merge_round<'e>(
                         .ok()
                         .map(|(_, h)| h);
                     if let (Some(pos), Some(high)) = (position, high) {
-                        at_end[i] = pos >= 0 && pos >= high;
+                        r.at_end = pos >= 0 && pos >= high;
                     }
                 }
             }
         }
-        for round in 0..4096 {
-            for (i, (p, q)) in inputs.iter().enumerate() {
-                if heads[i].is_some() || (at_end[i] && (!ends_due || round > 0)) {
-                    continue;
-                }
-                if e.is_failing(*p) {
-                    at_end[i] = true;
-                    continue;
-                }
-                match q.poll(Duration::ZERO) {
-                    Some(Ok(m)) => {
-                        let parsed = jobmeter_core::parse_job_event(m.payload().unwrap_or_default()).ok();
-                        let key = e.merge_key(&m, parsed.as_ref())?;
-                        let dest = e.dest(*p, parsed.as_ref());
-                        heads[i] = Some((m, parsed, Head { key, dest }));
-                        at_end[i] = false;
-                    }
-                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => at_end[i] = true,
-                    Some(Err(err)) => tracing::warn!(error = %err, partition = *p, "consumer error"),
-                    None => {}
-                }
+        for (r, (p, q)) in ins.iter_mut().zip(&inputs) {
+            if !r.at_end || ends_due {
+                r.fill(&mut e, *p, q, READ_AHEAD_TURN)?;
             }
+        }
+        for _ in 0..4096 {
             e.remote_queues(&mut remote);
             states.clear();
-            states.extend(inputs.iter().enumerate().map(|(i, (p, _))| QueueState {
-                head: heads[i].as_ref().map(|h| h.2),
-                bound: e.input_bound(*p),
-                at_end: at_end[i] || e.is_failing(*p),
+            states.extend(ins.iter().zip(&inputs).map(|(r, (p, _))| QueueState {
+                head: r.buf.front().map(|h| h.head),
+                bound: r.bound(&e, *p),
+                at_end: (r.at_end && r.buf.is_empty()) || e.is_failing(*p),
                 serves: None,
             }));
             states.extend(remote.iter().map(|(_, s)| *s));
             match pick(&states) {
                 Pick::Take(i) if i < inputs.len() => {
                     waiting = None;
-                    if let Some((m, parsed, _)) = heads[i].take() {
-                        e.process_parsed(&m, parsed)?;
+                    if let Some(x) = ins[i].buf.pop_front() {
+                        e.process_read(&x.msg, x.parsed, x.forwarded)?;
+                    }
+                    if ins[i].buf.is_empty() {
+                        let (p, q) = &inputs[i];
+                        ins[i].fill(&mut e, *p, q, READ_AHEAD_TURN)?;
                     }
                 }
                 Pick::Take(i) => {
@@ -583,14 +656,12 @@ fn merge_round<'e>(
             }
         }
         // What this instance says of its inputs to the meters of others:
-        // the smallest merge time each can still deliver.
-        for (i, (p, _)) in inputs.iter().enumerate() {
-            let bound = match &heads[i] {
-                Some(h) => Some(h.2.key.time),
-                None => e.input_bound(*p).map(|b| b.0),
-            };
-            if let Some(b) = bound {
-                e.set_source_state(*p, b, at_end[i] && heads[i].is_none());
+        // how far it has read each (every record read whose account's
+        // partition is held elsewhere is forwarded already), and whether
+        // that is all Kafka holds.
+        for (r, (p, _)) in ins.iter().zip(&inputs) {
+            if let Some(b) = r.bound(&e, *p) {
+                e.set_source_state(*p, b.0, r.at_end);
             }
         }
         after_step(deps, consumer, &mut e, ready, &mut chores)?;

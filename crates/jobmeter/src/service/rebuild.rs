@@ -180,6 +180,21 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
         let mut out = Vec::new();
         let pctx = ctx.with_partition(p, parts, jobmeter_kafka::partitioner::partition_for_key);
         let mut n = 0u64;
+        // As live: another partition's records reach this meter in offset
+        // order, so one at or below the last applied from its partition is
+        // a copy (forwarded again after its forwarder restarted behind what
+        // it had read ahead) and is not applied.
+        let mut applied_from: BTreeMap<i32, i64> = BTreeMap::new();
+        let input_topic = topics.job_events.as_str();
+        let mut first = |origin: &Origin| {
+            if origin.partition == p || &*origin.topic != input_topic {
+                return true;
+            }
+            let last = applied_from.entry(origin.partition).or_insert(-1);
+            let fresh = origin.offset > *last;
+            *last = (*last).max(origin.offset);
+            fresh
+        };
         read_range(
             &settings,
             &format!("{}-rebuild-{p}", cfg.instance_id),
@@ -199,14 +214,30 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<()> {
                 n += u64::from(here);
                 let origin = input_origin(p, &r);
                 replayer.own(r.offset, (origin, r), here, |(origin, r)| {
-                    meter.apply(&pctx, r.value.as_deref().unwrap_or_default(), Some(&origin), &mut out);
+                    if first(&origin) {
+                        meter.apply(&pctx, r.value.as_deref().unwrap_or_default(), Some(&origin), &mut out);
+                    }
                 });
             },
         )?;
         let misplaced = replayer.misplaced;
-        let unplaced = replayer.finish(|(origin, r)| {
-            meter.apply(&pctx, r.value.as_deref().unwrap_or_default(), Some(&origin), &mut out);
+        let left = replayer.finish(|(origin, r)| {
+            if first(&origin) {
+                meter.apply(&pctx, r.value.as_deref().unwrap_or_default(), Some(&origin), &mut out);
+            }
         });
+        // A record no marker placed is a defect, unless it is a copy of one
+        // applied already (passed over live as well).
+        let unplaced = left
+            .iter()
+            .filter(|(origin, _)| {
+                origin.partition == p
+                    || &*origin.topic != input_topic
+                    || applied_from
+                        .get(&origin.partition)
+                        .is_none_or(|last| origin.offset > *last)
+            })
+            .count();
         if misplaced + unplaced > 0 {
             println!(
                 "partition {p}: {misplaced} own and {unplaced} other events below the committed positions are not where the markers place them"

@@ -13,6 +13,21 @@
 //! The owner takes a forwarded record once no queue can deliver a smaller
 //! one, so two instances bill a backlog exactly as one does.
 //!
+//! ## Reading ahead
+//!
+//! The poll loop reads each input partition ahead of its merge (up to a
+//! bound, in memory) and forwards a record whose meter is held elsewhere as
+//! soon as it is read ([`Engine::forward_ahead`]). So the bound an instance
+//! publishes is how far it has *read* a partition, not how far its own merge
+//! has got: an owner waiting for another instance's word waits one commit
+//! of it, not one turn of its merge (which may itself be waiting for the
+//! owner's word — the two would otherwise advance a step a commit). The
+//! input offset committed stays at the first record not yet taken by the
+//! merge, so a forwarder that restarts forwards again what it had read
+//! beyond it; the owner knows those copies by their source offset (a
+//! partition's records reach a meter in offset order, whatever the route)
+//! and skips them, as `jobmeter rebuild` does.
+//!
 //! ## What is durable
 //!
 //! Forwarded records are applied out of their repartition order (in the
@@ -26,11 +41,15 @@
 //!
 //! ## Deadlock freedom
 //!
-//! An instance's published bound for an input partition includes the
-//! record at its head, and every instance takes its smallest head as soon
-//! as nothing may precede it: the smallest unapplied record of the whole
-//! group is always taken once its forwarders' latest progress has been
-//! read, so the group never waits on itself.
+//! An instance's published bound for an input partition is at least the
+//! merge time of the first record its merge has not taken (reading ahead
+//! only raises it), and every instance takes its smallest head as soon as
+//! nothing may precede it: the smallest unapplied record of the whole group
+//! is always taken once its forwarders' latest progress has been read, so
+//! the group never waits on itself. A partition whose read-ahead is full
+//! stops raising its bound, but its merge then holds a head no larger than
+//! that bound (keys grow along a partition), which is all the argument
+//! needs.
 
 use super::{Engine, EngineError};
 use jobmeter_core::order::{Head, MergeKey, QueueState};
@@ -51,8 +70,12 @@ pub(super) struct Pending {
 #[derive(Debug)]
 pub(super) struct Remote {
     pending: VecDeque<Pending>,
-    /// The source offset of the last record applied from it.
+    /// The source offset of the last record applied from it (forwarded,
+    /// or read here directly since this instance took the partition).
     applied_through: i64,
+    /// The source offset of the last forwarded record queued from it (not
+    /// durable: the queue is read again from its committed offset).
+    queued_through: i64,
     /// The smallest merge time its forwarder can still forward.
     bound: Option<i64>,
     /// Its forwarder had read all Kafka held.
@@ -65,6 +88,7 @@ impl Default for Remote {
             pending: VecDeque::new(),
             // Before the first offset: nothing applied yet.
             applied_through: -1,
+            queued_through: -1,
             bound: None,
             caught_up: false,
         }
@@ -119,11 +143,15 @@ impl Engine {
         };
         let (_, q, so) = source_of(pairs()).unwrap_or((String::new(), p, o));
         let r = self.remote.entry((p, q)).or_default();
-        if so <= r.applied_through {
+        if so <= r.applied_through.max(r.queued_through) {
             // Applied before a restart (the committed repartition offset
-            // is that of the oldest record that was still waiting).
+            // is that of the oldest record that was still waiting), or
+            // forwarded again: a forwarder reads ahead of the input offset
+            // it commits, and after a restart forwards once more what it
+            // had forwarded beyond it.
             return Ok(());
         }
+        r.queued_through = so;
         let parsed = jobmeter_core::parse_job_event(msg.payload().unwrap_or_default()).ok();
         let record_time = msg.timestamp().to_millis().map(jobmeter_core::Timestamp);
         let time = merge_time_of(pairs())
@@ -203,14 +231,85 @@ impl Engine {
         let Some(x) = self.remote.get_mut(&(p, q)).and_then(|r| r.pending.pop_front()) else {
             return Ok(());
         };
-        if let Some(r) = self.remote.get_mut(&(p, q)) {
-            r.applied_through = x.key.offset;
-        }
         if let Some(set) = self.rp_pending.get_mut(&p) {
             set.remove(&x.msg.offset());
         }
         self.remote_dirty.insert(p);
+        if !self.first_from(p, q, x.key.offset) {
+            // Read here directly first (this instance holds `q` now).
+            return Ok(());
+        }
         self.process_parsed(&x.msg, x.parsed)
+    }
+
+    /// Meter `p` is about to apply the record at `offset` of input
+    /// partition `q` (not its own): true the first time, false when it
+    /// applied it already. Each partition's records reach a meter in offset
+    /// order (their merge keys grow along the partition), by whichever
+    /// route — forwarded, or read here — so an offset at or below the last
+    /// one applied is a copy: the same record forwarded again after its
+    /// forwarder restarted behind what it had read ahead, or forwarded
+    /// before this instance took `q` and then read here again.
+    pub(super) fn first_from(&mut self, p: i32, q: i32, offset: i64) -> bool {
+        let r = self.remote.entry((p, q)).or_default();
+        if offset <= r.applied_through {
+            return false;
+        }
+        r.applied_through = offset;
+        self.remote_dirty.insert(p);
+        true
+    }
+
+    /// Where a record read ahead from input partition `msg.partition()`
+    /// sorts in the merge order: `watermark` is the partition's watermark
+    /// through the previous record read (`None` until the first read of the
+    /// round, when it is the partition's own, through the last record
+    /// applied), raised to include this one. The partition is restored
+    /// first when it is waiting for it; a record of a failing one sorts
+    /// first (it is not metered).
+    pub fn read_key<M: Message>(
+        &mut self,
+        msg: &M,
+        parsed: Option<&jobmeter_core::JobEvent>,
+        watermark: &mut Option<Option<jobmeter_core::Timestamp>>,
+    ) -> Result<MergeKey, EngineError> {
+        let record_time = msg.timestamp().to_millis().map(jobmeter_core::Timestamp);
+        let merge_time = parsed.and_then(|ev| jobmeter_core::order::merge_time(&self.cfg.meter, ev.time, record_time));
+        let p = msg.partition();
+        if !self.local(p)? {
+            return Ok(MergeKey::FIRST);
+        }
+        let w = watermark.get_or_insert_with(|| self.meters.get(&p).and_then(|pm| pm.meter.input_watermark()));
+        Ok(MergeKey::next(w, merge_time, p, msg.offset()))
+    }
+
+    /// Forwards at once, when it is read, an input record whose account's
+    /// partition another instance holds (its order there is its owner's
+    /// business), so that what this instance can tell others of the
+    /// partition is how far it has read, not how far its own merge has
+    /// got. Returns true when it did; the record is then taken by the merge
+    /// with [`Engine::process_read`] like the others (its partition's
+    /// offset, lane and watermark move in offset order).
+    pub fn forward_ahead<M: Message>(
+        &mut self,
+        msg: &M,
+        parsed: Option<&jobmeter_core::JobEvent>,
+        key: MergeKey,
+    ) -> Result<bool, EngineError> {
+        let Some(ev) = parsed else { return Ok(false) };
+        let p = msg.partition();
+        let target = self.owner(ev);
+        if target == p || self.assigned.contains(&target) || !self.local(p)? {
+            return Ok(false);
+        }
+        self.note_rerouted(msg, ev, target);
+        let watermark = (key.time != i64::MIN).then_some(jobmeter_core::Timestamp(key.time));
+        self.forward(msg, ev, target, watermark);
+        if self.batch_events == 0 {
+            self.batch_started = std::time::Instant::now();
+        }
+        self.batch_events += 1;
+        Ok(true)
     }
 
     /// True when a forwarded record of meter `p` in `[from, to)` is still

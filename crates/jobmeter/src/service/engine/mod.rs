@@ -425,6 +425,18 @@ impl Engine {
         msg: &M,
         parsed: Option<jobmeter_core::JobEvent>,
     ) -> Result<(), EngineError> {
+        self.process_read(msg, parsed, false)
+    }
+
+    /// [`Engine::process_parsed`] for an input record read ahead by the
+    /// merge: `forwarded` when [`Engine::forward_ahead`] forwarded it
+    /// already (then only its partition's bookkeeping is left to do).
+    pub fn process_read<M: Message>(
+        &mut self,
+        msg: &M,
+        parsed: Option<jobmeter_core::JobEvent>,
+        forwarded: bool,
+    ) -> Result<(), EngineError> {
         let p = msg.partition();
         if !self.local(p)? {
             // A failing partition has no meter: its records are not
@@ -508,8 +520,16 @@ impl Engine {
         }
         self.lane(p, o).passed_on(o);
         let Some(ev) = parsed else { return Ok(()) };
+        if forwarded {
+            return Ok(());
+        }
         self.note_rerouted(msg, &ev, target);
         if self.local(target)? {
+            if !self.first_from(target, p, o) {
+                // Forwarded before this instance held `target`, and applied
+                // from there.
+                return Ok(());
+            }
             self.lane(target, 0).applied(Source::Input(p), o);
             self.apply(target, payload, Some(ev), &origin, msg.key())
         } else {

@@ -3,7 +3,7 @@
 //! instance that holds it.
 
 use super::committer::OutRecord;
-use super::{Engine, EngineError, Reroute};
+use super::{Engine, Reroute};
 use jobmeter_core::order::MergeKey;
 use jobmeter_kafka::repartition::{Lane, Marker};
 use jobmeter_kafka::txn::TAG_OUTPUT;
@@ -14,24 +14,6 @@ impl Engine {
     /// The partition that meters `ev`'s account.
     pub(super) fn owner(&self, ev: &jobmeter_core::JobEvent) -> i32 {
         jobmeter_kafka::partitioner::partition_for_key(ev.account.as_str().as_bytes(), self.cfg.input_partitions)
-    }
-
-    /// Where an input record sorts in the merge order
-    /// ([`jobmeter_core::order`]): by its partition's watermark through it
-    /// (the partition is restored first when it is waiting for it).
-    pub fn merge_key<M: Message>(
-        &mut self,
-        msg: &M,
-        parsed: Option<&jobmeter_core::JobEvent>,
-    ) -> Result<MergeKey, EngineError> {
-        let record_time = msg.timestamp().to_millis().map(jobmeter_core::Timestamp);
-        let merge_time = parsed.and_then(|ev| jobmeter_core::order::merge_time(&self.cfg.meter, ev.time, record_time));
-        let p = msg.partition();
-        if !self.local(p)? {
-            return Ok(MergeKey::FIRST);
-        }
-        let mut watermark = self.meters.get(&p).and_then(|pm| pm.meter.input_watermark());
-        Ok(MergeKey::next(&mut watermark, merge_time, p, msg.offset()))
     }
 
     /// The meter that applies an input record of partition `arrival` here:
