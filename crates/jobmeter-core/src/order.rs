@@ -48,7 +48,8 @@
 //! ## Where it is used
 //!
 //! The streaming meter's merge (`service/pipeline.rs`, `merge_round`) takes
-//! records by [`pick`]; instances tell each other how far they have read
+//! records by [`pick`], and the run of one partition that may follow
+//! with [`run_limit`]; instances tell each other how far they have read
 //! through progress records, so a meter fed from several instances merges
 //! the same way. `jobmeter rebuild` replays the order a meter applied.
 
@@ -98,6 +99,17 @@ impl MergeKey {
     pub fn bound(watermark: Option<Timestamp>, partition: i32) -> (i64, i32) {
         (watermark.map_or(i64::MIN, |w| w.0), partition)
     }
+
+    /// A queue's bound ([`MergeKey::bound`]) as a key: below every key its
+    /// partition can still have; [`MergeKey::FIRST`] when nothing bounds
+    /// it.
+    pub fn below(bound: Option<(i64, i32)>) -> MergeKey {
+        bound.map_or(MergeKey::FIRST, |(time, partition)| MergeKey {
+            time,
+            partition,
+            offset: i64::MIN,
+        })
+    }
 }
 
 /// A record's merge time: the event time of a job event whose time is
@@ -141,16 +153,33 @@ pub struct QueueState {
     pub serves: Option<i32>,
 }
 
-impl QueueState {
-    /// True when this queue may still deliver, for `dest`, a record that
-    /// sorts before `key`.
-    fn may_precede(&self, key: MergeKey, dest: i32) -> bool {
+/// A queue of the live merge, as [`pick`] sees it: the record at its head,
+/// and the smallest key it may still deliver for one meter.
+pub trait MergeQueue {
+    /// The fetched record waiting at its head, if any.
+    fn head(&self) -> Option<Head>;
+    /// The smallest key among the records this queue may still deliver for
+    /// partition `dest`'s meter, with `true` when that record is at hand
+    /// (fetched) and `false` when it is only a bound on records not
+    /// fetched yet; `None` when it can deliver nothing more for `dest`.
+    fn first_for(&self, dest: i32) -> Option<(MergeKey, bool)>;
+}
+
+impl MergeQueue for QueueState {
+    fn head(&self) -> Option<Head> {
+        self.head
+    }
+
+    /// Only the head is known: a queue that serves every meter may hold a
+    /// record for any of them right behind it.
+    fn first_for(&self, dest: i32) -> Option<(MergeKey, bool)> {
         if self.serves.is_some_and(|s| s != dest) {
-            return false;
+            return None;
         }
         match self.head {
-            Some(h) => h.key < key,
-            None => !self.at_end && self.bound.is_none_or(|b| b <= (key.time, key.partition)),
+            Some(h) => Some((h.key, true)),
+            None if self.at_end => None,
+            None => Some((MergeKey::below(self.bound), false)),
         }
     }
 }
@@ -160,8 +189,8 @@ impl QueueState {
 pub enum Pick {
     /// Take the head of this queue now.
     Take(usize),
-    /// Every head must wait; this empty queue, which may still deliver a
-    /// smaller record (its fetch is on the way), is the first they wait for.
+    /// Every head must wait; this queue, which may still deliver a smaller
+    /// record (its fetch is on the way), is the first they wait for.
     Wait(usize),
     /// No queue has a head: fetch.
     Fetch,
@@ -170,14 +199,14 @@ pub enum Pick {
 /// Which queue's head goes next (see the module docs). Heads are looked
 /// at from the smallest key up: a head not applied here, or keyed
 /// [`MergeKey::FIRST`], goes at once; a head for partition `p`'s meter
-/// goes once no other queue that serves `p` can still deliver a record
-/// that sorts before it — a smaller head, or an empty queue that has not
-/// reached its end and whose bound does not already sort after it.
-pub fn pick(queues: &[QueueState]) -> Pick {
+/// goes once no other queue can still deliver a record for `p` that sorts
+/// before it — one it holds, or one not fetched yet that its bound does
+/// not already sort after.
+pub fn pick<Q: MergeQueue>(queues: &[Q]) -> Pick {
     let mut order: Vec<(MergeKey, usize)> = queues
         .iter()
         .enumerate()
-        .filter_map(|(i, q)| q.head.map(|h| (h.key, i)))
+        .filter_map(|(i, q)| q.head().map(|h| (h.key, i)))
         .collect();
     if order.is_empty() {
         return Pick::Fetch;
@@ -185,31 +214,50 @@ pub fn pick(queues: &[QueueState]) -> Pick {
     order.sort_unstable();
     let mut wait = None;
     for (key, i) in order {
-        let Some(h) = queues[i].head else { continue };
+        let Some(h) = queues[i].head() else { continue };
         let Some(dest) = h.dest else { return Pick::Take(i) };
         if key == MergeKey::FIRST {
             return Pick::Take(i);
         }
-        let blocker = queues
-            .iter()
-            .enumerate()
-            .find(|(j, q)| *j != i && q.may_precede(key, dest));
+        let blocker = queues.iter().enumerate().filter(|(j, _)| *j != i).find_map(|(j, q)| {
+            q.first_for(dest)
+                .filter(|(k, _)| *k < key)
+                .map(|(_, at_hand)| (j, at_hand))
+        });
         match blocker {
             None => return Pick::Take(i),
-            Some((j, q)) => {
-                if q.head.is_none() {
-                    wait.get_or_insert(j);
-                }
+            Some((j, false)) => {
+                wait.get_or_insert(j);
             }
+            Some((_, true)) => {}
         }
     }
     match wait {
         Some(j) => Pick::Wait(j),
         // Every head waits behind a smaller one that waits for a queue
         // serving another meter only: cannot happen (the smallest head's
-        // blockers are empty queues), but fetching is the safe answer.
+        // blockers are queues with nothing at hand), but fetching is the
+        // safe answer.
         None => Pick::Fetch,
     }
+}
+
+/// After [`pick`] took the head of queue `i`: the key below which the
+/// queue's next head, when it is for partition `dest`'s meter, may be
+/// taken as well without asking [`pick`] again, while the other queues
+/// stay as they are: the smallest key any other queue may still deliver
+/// for `dest` (`None`: none may deliver anything for it). Such a head is
+/// the smallest record `dest`'s meter can still be given, so it goes next
+/// in that meter's order (only records for other meters might have gone
+/// before it): a run of one queue costs a comparison a record, however
+/// many queues there are.
+pub fn run_limit<Q: MergeQueue>(queues: &[Q], i: usize, dest: i32) -> Option<MergeKey> {
+    queues
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != i)
+        .filter_map(|(_, q)| q.first_for(dest).map(|(k, _)| k))
+        .min()
 }
 
 /// The merge order of a whole log, the reference the live merge is held

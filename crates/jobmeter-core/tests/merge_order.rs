@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use jobmeter_core::order::{self, Head, MergeKey, Pick, QueueState};
+use jobmeter_core::order::{self, Head, MergeKey, MergeQueue, Pick, QueueState};
 use jobmeter_core::Timestamp;
 use proptest::prelude::*;
 
@@ -17,6 +17,13 @@ use proptest::prelude::*;
 /// Returns the order in which records were taken, and how often the merge
 /// waited for a partition.
 fn live(log: &[Vec<Option<Timestamp>>], schedule: &[(usize, usize)]) -> (Vec<(i32, i64)>, usize) {
+    live_with(log, schedule, false)
+}
+
+/// [`live`]; with `runs`, after each pick the merge goes on taking the
+/// same partition's delivered records while they sort below
+/// [`order::run_limit`], as the streaming merge does.
+fn live_with(log: &[Vec<Option<Timestamp>>], schedule: &[(usize, usize)], runs: bool) -> (Vec<(i32, i64)>, usize) {
     let n = log.len();
     let mut delivered = vec![0usize; n];
     let mut taken = vec![0usize; n];
@@ -44,9 +51,20 @@ fn live(log: &[Vec<Option<Timestamp>>], schedule: &[(usize, usize)]) -> (Vec<(i3
             .collect();
         match order::pick(&queues) {
             Pick::Take(p) => {
-                MergeKey::next(&mut watermark[p], log[p][taken[p]], p as i32, taken[p] as i64);
-                out.push((p as i32, taken[p] as i64));
-                taken[p] += 1;
+                let limit = order::run_limit(&queues, p, 0);
+                loop {
+                    MergeKey::next(&mut watermark[p], log[p][taken[p]], p as i32, taken[p] as i64);
+                    out.push((p as i32, taken[p] as i64));
+                    taken[p] += 1;
+                    if !runs || taken[p] == delivered[p] {
+                        break;
+                    }
+                    let mut w = watermark[p];
+                    let key = MergeKey::next(&mut w, log[p][taken[p]], p as i32, taken[p] as i64);
+                    if limit.is_some_and(|l| key >= l) {
+                        break;
+                    }
+                }
             }
             pick => {
                 if matches!(pick, Pick::Wait(_)) {
@@ -86,6 +104,131 @@ proptest! {
     ) {
         let (got, _) = live(&log, &schedule);
         prop_assert_eq!(got, order::merge_order(&log));
+    }
+
+    #[test]
+    fn runs_below_the_limit_take_the_merge_order(
+        log in log_strategy(),
+        schedule in prop::collection::vec((0usize..6, 1usize..8), 0..40),
+    ) {
+        let (got, _) = live_with(&log, &schedule, true);
+        prop_assert_eq!(got, order::merge_order(&log));
+    }
+}
+
+/// A partition read ahead of the merge: every record read is at hand,
+/// with its meter, so it holds back a meter only with a record for that
+/// meter, or with its bound while it has records not read yet.
+struct ReadAhead<'a> {
+    keys: &'a [MergeKey],
+    dests: &'a [i32],
+    taken: usize,
+    read: usize,
+    /// `(watermark, partition)` through the last record read.
+    bound: (i64, i32),
+}
+
+impl MergeQueue for ReadAhead<'_> {
+    fn head(&self) -> Option<Head> {
+        (self.taken < self.read).then(|| Head {
+            key: self.keys[self.taken],
+            dest: Some(self.dests[self.taken]),
+        })
+    }
+
+    fn first_for(&self, dest: i32) -> Option<(MergeKey, bool)> {
+        if let Some(i) = (self.taken..self.read).find(|i| self.dests[*i] == dest) {
+            return Some((self.keys[i], true));
+        }
+        (self.read < self.keys.len()).then_some((MergeKey::below(Some(self.bound)), false))
+    }
+}
+
+/// The streaming merge over partitions read ahead as `schedule` says, each
+/// record for one of several meters (`dests`): after each pick, the run of
+/// the same partition below [`order::run_limit`] of its record's meter.
+/// Returns, per meter, the records in the order it was given them.
+fn live_read_ahead(
+    log: &[Vec<Option<Timestamp>>],
+    dests: &[Vec<i32>],
+    schedule: &[(usize, usize)],
+) -> std::collections::BTreeMap<i32, Vec<(i32, i64)>> {
+    let n = log.len();
+    let keys: Vec<Vec<MergeKey>> = log
+        .iter()
+        .enumerate()
+        .map(|(p, times)| {
+            let mut w = None;
+            times
+                .iter()
+                .enumerate()
+                .map(|(o, t)| MergeKey::next(&mut w, *t, p as i32, o as i64))
+                .collect()
+        })
+        .collect();
+    let mut qs: Vec<ReadAhead<'_>> = (0..n)
+        .map(|p| ReadAhead {
+            keys: &keys[p],
+            dests: &dests[p],
+            taken: 0,
+            read: 0,
+            bound: MergeKey::bound(None, p as i32),
+        })
+        .collect();
+    let mut steps = schedule.iter();
+    let mut out: std::collections::BTreeMap<i32, Vec<(i32, i64)>> = Default::default();
+    loop {
+        match order::pick(&qs) {
+            Pick::Take(p) => loop {
+                let d = qs[p].dests[qs[p].taken];
+                out.entry(d).or_default().push((p as i32, qs[p].taken as i64));
+                qs[p].taken += 1;
+                let Some(next) = qs[p].head() else { break };
+                let limit = order::run_limit(&qs, p, next.dest.unwrap_or_default());
+                if limit.is_some_and(|l| next.key >= l) {
+                    break;
+                }
+            },
+            pick => {
+                let step = steps
+                    .next()
+                    .map(|(p, k)| (p % n.max(1), *k))
+                    .or_else(|| (0..n).find(|p| qs[*p].read < log[*p].len()).map(|p| (p, usize::MAX)));
+                let Some((p, k)) = step else {
+                    assert!(matches!(pick, Pick::Fetch), "waits with nothing left: {pick:?}");
+                    return out;
+                };
+                let q = &mut qs[p];
+                q.read = q.read.saturating_add(k).min(q.keys.len());
+                if q.read > 0 {
+                    q.bound = (q.keys[q.read - 1].time, p as i32);
+                }
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+    /// Several meters, partitions read ahead in any chunks: every meter is
+    /// given its records in the merge order of the whole log.
+    #[test]
+    fn read_ahead_gives_every_meter_the_merge_order(
+        parts in prop::collection::vec(
+            prop::collection::vec((prop::option::weighted(0.9, (0i64..50).prop_map(Timestamp)), 0i32..3), 0..30),
+            1..6,
+        ),
+        schedule in prop::collection::vec((0usize..6, 1usize..12), 0..40),
+    ) {
+        let log: Vec<Vec<Option<Timestamp>>> = parts.iter().map(|p| p.iter().map(|r| r.0).collect()).collect();
+        let dests: Vec<Vec<i32>> = parts.iter().map(|p| p.iter().map(|r| r.1).collect()).collect();
+        let got = live_read_ahead(&log, &dests, &schedule);
+        let mut want: std::collections::BTreeMap<i32, Vec<(i32, i64)>> = Default::default();
+        for (p, o) in order::merge_order(&log) {
+            want.entry(dests[p as usize][o as usize]).or_default().push((p, o));
+        }
+        prop_assert_eq!(got, want);
     }
 }
 

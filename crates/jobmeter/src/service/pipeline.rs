@@ -388,14 +388,38 @@ struct ReadRecord<'q> {
 /// taken, in offset order; the partition's watermark through the last one
 /// read (`None` before the first read); whether it has reached the end of
 /// what Kafka holds.
+/// `firsts[d]` holds the merge keys of the records read for partition
+/// `d`'s meter, in order: what the partition holds back of that meter.
 #[derive(Default)]
 struct ReadAhead<'q> {
     buf: std::collections::VecDeque<ReadRecord<'q>>,
+    firsts: Vec<std::collections::VecDeque<jobmeter_core::order::MergeKey>>,
     watermark: Option<Option<jobmeter_core::Timestamp>>,
     at_end: bool,
 }
 
 impl<'q> ReadAhead<'q> {
+    /// Takes the next record read.
+    fn pop(&mut self) -> Option<ReadRecord<'q>> {
+        let x = self.buf.pop_front()?;
+        if let Some(d) = x.head.dest {
+            if let Some(keys) = usize::try_from(d).ok().and_then(|d| self.firsts.get_mut(d)) {
+                keys.pop_front();
+            }
+        }
+        Some(x)
+    }
+
+    fn push(&mut self, x: ReadRecord<'q>) {
+        if let Some(d) = x.head.dest.and_then(|d| usize::try_from(d).ok()) {
+            if self.firsts.len() <= d {
+                self.firsts.resize_with(d + 1, Default::default);
+            }
+            self.firsts[d].push_back(x.head.key);
+        }
+        self.buf.push_back(x);
+    }
+
     /// Reads up to `max` more records of partition `p` from `queue`, while
     /// fewer than [`READ_AHEAD`] wait. Each is keyed as it is read, and a
     /// record for a meter held elsewhere is forwarded at once.
@@ -421,7 +445,7 @@ impl<'q> ReadAhead<'q> {
                     let key = e.read_key(&m, parsed.as_ref(), &mut self.watermark)?;
                     let forwarded = e.forward_ahead(&m, parsed.as_ref(), key)?;
                     let dest = if forwarded { None } else { e.dest(p, parsed.as_ref()) };
-                    self.buf.push_back(ReadRecord {
+                    self.push(ReadRecord {
                         msg: m,
                         parsed,
                         head: jobmeter_core::order::Head { key, dest },
@@ -453,6 +477,60 @@ impl<'q> ReadAhead<'q> {
     }
 }
 
+/// One of the merge's queues as [`jobmeter_core::order::pick`] sees it: an
+/// input partition read ahead (every record read is at hand, with its
+/// meter; `bound` and `ended` say what it may still deliver), or a queue
+/// of records forwarded by another instance.
+enum View<'a, 'q> {
+    Input {
+        r: &'a ReadAhead<'q>,
+        bound: Option<(i64, i32)>,
+        ended: bool,
+    },
+    Other(jobmeter_core::order::QueueState),
+}
+
+impl jobmeter_core::order::MergeQueue for View<'_, '_> {
+    fn head(&self) -> Option<jobmeter_core::order::Head> {
+        match self {
+            View::Input { r, .. } => r.buf.front().map(|x| x.head),
+            View::Other(q) => q.head(),
+        }
+    }
+
+    /// A partition read ahead holds back a meter with the first record it
+    /// read for it, or, when it read none, with its bound until it has
+    /// read all Kafka holds.
+    fn first_for(&self, dest: i32) -> Option<(jobmeter_core::order::MergeKey, bool)> {
+        match self {
+            View::Input { r, bound, ended } => usize::try_from(dest)
+                .ok()
+                .and_then(|d| r.firsts.get(d))
+                .and_then(|keys| keys.front())
+                .map(|k| (*k, true))
+                .or_else(|| (!ended).then(|| (jobmeter_core::order::MergeKey::below(*bound), false))),
+            View::Other(q) => q.first_for(dest),
+        }
+    }
+}
+
+/// The merge's queues: the input partitions (`ends[i]`: their bound, and
+/// whether they have nothing left to read), then the forwarded ones.
+fn views<'a, 'q>(
+    ins: &'a [ReadAhead<'q>],
+    ends: &[(Option<(i64, i32)>, bool)],
+    remote: &[((i32, i32), jobmeter_core::order::QueueState)],
+    out: &mut Vec<View<'a, 'q>>,
+) {
+    out.clear();
+    out.extend(ins.iter().zip(ends).map(|(r, (bound, ended))| View::Input {
+        r,
+        bound: *bound,
+        ended: *ended,
+    }));
+    out.extend(remote.iter().map(|(_, s)| View::Other(*s)));
+}
+
 /// Runs the pipeline for one assignment (see [`fast_round`] for a fleet
 /// that places every event on its account's partition). Records are handed
 /// to the engine in the merge order of [`jobmeter_core::order`] across
@@ -471,7 +549,7 @@ fn merge_round<'e>(
     stop: &AtomicBool,
     ready: &AtomicBool,
 ) -> Result<bool, EngineError> {
-    use jobmeter_core::order::{pick, Pick, QueueState};
+    use jobmeter_core::order::{pick, run_limit, MergeKey, Pick, QueueState};
     let (epoch, assigned) = {
         let mut e = lock();
         // Restored first: a restored partition may say its records are
@@ -517,7 +595,7 @@ fn merge_round<'e>(
             source,
         })?;
     let mut ins: Vec<ReadAhead<'_>> = inputs.iter().map(|_| ReadAhead::default()).collect();
-    let mut states: Vec<QueueState> = Vec::new();
+    let mut ends: Vec<(Option<(i64, i32)>, bool)> = Vec::new();
     let mut remote: Vec<((i32, i32), QueueState)> = Vec::new();
     let mut waiting: Option<Waiting> = None;
     let mut last_main = Instant::now();
@@ -612,23 +690,51 @@ fn merge_round<'e>(
         }
         for _ in 0..4096 {
             e.remote_queues(&mut remote);
-            states.clear();
-            states.extend(ins.iter().zip(&inputs).map(|(r, (p, _))| QueueState {
-                head: r.buf.front().map(|h| h.head),
-                bound: r.bound(&e, *p),
-                at_end: (r.at_end && r.buf.is_empty()) || e.is_failing(*p),
-                serves: None,
-            }));
-            states.extend(remote.iter().map(|(_, s)| *s));
-            match pick(&states) {
+            ends.clear();
+            ends.extend(
+                ins.iter()
+                    .zip(&inputs)
+                    .map(|(r, (p, _))| (r.bound(&e, *p), r.at_end || e.is_failing(*p))),
+            );
+            let picked = {
+                let mut v = Vec::with_capacity(ins.len() + remote.len());
+                views(&ins, &ends, &remote, &mut v);
+                pick(&v)
+            };
+            match picked {
                 Pick::Take(i) if i < inputs.len() => {
                     waiting = None;
-                    if let Some(x) = ins[i].buf.pop_front() {
+                    // The head, then the run of this partition's records
+                    // that sort below what any other queue may still
+                    // deliver for their meter (the other queues do not
+                    // change meanwhile).
+                    let (p, q) = &inputs[i];
+                    let mut limits: Vec<(i32, Option<MergeKey>)> = Vec::new();
+                    for _ in 0..READ_AHEAD_TURN {
+                        let Some(x) = ins[i].pop() else { break };
                         e.process_read(&x.msg, x.parsed, x.forwarded)?;
-                    }
-                    if ins[i].buf.is_empty() {
-                        let (p, q) = &inputs[i];
-                        ins[i].fill(&mut e, *p, q, READ_AHEAD_TURN)?;
+                        if ins[i].buf.is_empty() {
+                            ins[i].fill(&mut e, *p, q, READ_AHEAD_TURN)?;
+                        }
+                        let Some(next) = ins[i].buf.front().map(|h| h.head) else {
+                            break;
+                        };
+                        let Some(d) = next.dest.filter(|_| next.key != MergeKey::FIRST) else {
+                            continue;
+                        };
+                        let limit = match limits.iter().find(|(x, _)| *x == d) {
+                            Some((_, l)) => *l,
+                            None => {
+                                let mut v = Vec::with_capacity(ins.len() + remote.len());
+                                views(&ins, &ends, &remote, &mut v);
+                                let l = run_limit(&v, i, d);
+                                limits.push((d, l));
+                                l
+                            }
+                        };
+                        if limit.is_some_and(|l| next.key >= l) {
+                            break;
+                        }
                     }
                 }
                 Pick::Take(i) => {
