@@ -146,9 +146,6 @@ struct Deps {
     owned: Arc<std::sync::RwLock<std::collections::BTreeSet<i32>>>,
     failing: engine::FailingPartitions,
     input_partitions: Arc<std::sync::atomic::AtomicI32>,
-    /// True once this instance applies records in the merge order
-    /// ([`jobmeter_core::order`]); kept across pipeline rebuilds.
-    merge_order: Arc<AtomicBool>,
 }
 
 /// Runs the meter until `shutdown` is cancelled: topics, accounts table,
@@ -177,7 +174,6 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
     let owned = Arc::new(std::sync::RwLock::new(std::collections::BTreeSet::new()));
     let failing: engine::FailingPartitions = Arc::default();
     let input_partitions = Arc::new(std::sync::atomic::AtomicI32::new(0));
-    let merge_order = Arc::new(AtomicBool::new(false));
     let table = Arc::new(StoredAccounts::new(
         store.clone(),
         input_partitions.clone(),
@@ -390,7 +386,6 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
             owned: owned.clone(),
             failing: failing.clone(),
             input_partitions: input_partitions.clone(),
-            merge_order: merge_order.clone(),
         };
         let (pstop, pready) = (stop.clone(), Arc::new(AtomicBool::new(false)));
         let name = if threads == 1 {

@@ -1,7 +1,7 @@
 //! The pipeline thread: a consumer and an engine, rebuilt from durable
 //! state after any failure, and the poll loop that hands records to the
-//! engine (in arrival order while every event arrives on its account's
-//! partition, in event-time order across partitions otherwise).
+//! engine in the merge order of [`jobmeter_core::order`] across the
+//! partitions it reads.
 
 use super::engine::{Engine, EngineConfig, EngineError, MeterContext, Rebalance};
 use super::Deps;
@@ -17,14 +17,6 @@ pub(super) fn pipeline_loop(deps: &Deps, stop: &Arc<AtomicBool>, ready: &Arc<Ato
     loop {
         match run_pipeline(deps, stop, ready) {
             Ok(()) => return Ok(()),
-            Err(e @ EngineError::MergeOrder { .. }) => {
-                // Not a failure: from the last commit on, every record is
-                // applied in the merge order (for good: the partitions'
-                // state says so from their next commit).
-                ready.store(false, Ordering::SeqCst);
-                deps.merge_order.store(true, Ordering::SeqCst);
-                tracing::info!(reason = %e, "rebuilding the pipeline from durable state in the merge order");
-            }
             Err(e) => {
                 ready.store(false, Ordering::SeqCst);
                 deps.metrics.restarts.inc();
@@ -78,7 +70,7 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
             n => n,
         },
     };
-    let mut engine = Engine::new(
+    let engine = Engine::new(
         ecfg,
         deps.billing.clone(),
         producer,
@@ -87,9 +79,6 @@ fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<()
         deps.owned.clone(),
         deps.failing.clone(),
     );
-    if deps.merge_order.load(Ordering::SeqCst) {
-        engine.enter_merge_mode();
-    }
     let engine = Arc::new(Mutex::new(engine));
     let consumer: Arc<BaseConsumer<MeterContext>> = Arc::new(
         deps.settings
@@ -223,101 +212,12 @@ fn after_step(
     Ok(())
 }
 
-/// Runs the pipeline for one assignment while every event arrives on its
-/// account's partition: records are applied in arrival order from the
-/// consumer's queue (each meter then sees only its own partition, in
-/// order — which is the merge order when no meter has events from two
-/// partitions). The first event that arrives elsewhere fails the round
-/// with [`EngineError::MergeOrder`] before it is applied: the open batch
-/// is dropped and the pipeline rebuilt from durable state in the merge
-/// order. Returns like [`merge_round`].
-fn fast_round<'e>(
-    deps: &Deps,
-    consumer: &Arc<BaseConsumer<MeterContext>>,
-    lock: &dyn Fn() -> std::sync::MutexGuard<'e, Engine>,
-    stop: &AtomicBool,
-    ready: &AtomicBool,
-    epoch: u64,
-    assigned: &std::collections::BTreeSet<i32>,
-) -> Result<bool, EngineError> {
-    let mut all = rdkafka::TopicPartitionList::new();
-    for p in assigned {
-        all.add_partition(&deps.topics.job_events, *p);
-        all.add_partition(&deps.topics.repartition, *p);
-    }
-    consumer
-        .resume(&all)
-        .map_err(|source| jobmeter_kafka::KafkaAdapterError::Op {
-            op: "resume partitions",
-            source,
-        })?;
-    let mut chores = Chores::new();
-    lock().set_fast(true);
-    // No batch commits until every input partition has delivered
-    // FIRST_RECORDS records (or its end): a meter bills in arrival order
-    // only while no event arrives on another partition than its account's,
-    // and the first records of each partition are where one shows up.
-    let mut unseen: std::collections::BTreeMap<i32, usize> = assigned.iter().map(|p| (*p, 0)).collect();
-    lock().hold_commits(!unseen.is_empty());
-    let held_since = Instant::now();
-    loop {
-        if stop.load(Ordering::SeqCst) {
-            lock().commit_and_wait(consumer)?;
-            tracing::info!("last batch committed");
-            return Ok(false);
-        }
-        let msg = consumer.poll(Duration::from_millis(20));
-        let mut e = lock();
-        if !unseen.is_empty() && held_since.elapsed() >= HOLD_AT_MOST {
-            // A partition's end may have been reported before this round
-            // began: its first fetch has long arrived.
-            unseen.clear();
-            e.hold_commits(false);
-        }
-        if e.begin_turn(epoch)? {
-            return Ok(true);
-        }
-        match msg {
-            Some(Ok(m)) => {
-                if !unseen.is_empty() && rdkafka::message::Message::topic(&m) == deps.topics.job_events {
-                    let p = rdkafka::message::Message::partition(&m);
-                    if unseen.get_mut(&p).is_some_and(|n| {
-                        *n += 1;
-                        *n >= FIRST_RECORDS
-                    }) {
-                        unseen.remove(&p);
-                    }
-                    if unseen.is_empty() {
-                        e.hold_commits(false);
-                    }
-                }
-                e.process(&m)?;
-            }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p)))
-                if unseen.remove(&p).is_some() && unseen.is_empty() =>
-            {
-                e.hold_commits(false);
-            }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) | None => {}
-            Some(Err(err)) => tracing::warn!(error = %err, "consumer error"),
-        }
-        after_step(deps, consumer, &mut e, ready, &mut chores)?;
-    }
-}
-
-/// How many records of each input partition the fast round applies before
-/// its first commit (unless the partition reaches its end first).
-const FIRST_RECORDS: usize = 1_000;
-
 /// How often the merge asks the broker where an idle partition ends.
 const HW_CHECK_EVERY: Duration = Duration::from_millis(500);
 
 /// After this long in a merge round, a repartition partition counts as
 /// read to its end even if its end was never reported.
 const RP_END_AFTER: Duration = Duration::from_secs(2);
-
-/// The longest the fast round holds its first commit.
-const HOLD_AT_MOST: Duration = Duration::from_secs(2);
 
 /// How long the merge waits for one partition before it says so in the
 /// log (then once per [`WAIT_LOG_EVERY`] while the wait goes on).
@@ -531,17 +431,20 @@ fn views<'a, 'q>(
     out.extend(remote.iter().map(|(_, s)| View::Other(*s)));
 }
 
-/// Runs the pipeline for one assignment (see [`fast_round`] for a fleet
-/// that places every event on its account's partition). Records are handed
-/// to the engine in the merge order of [`jobmeter_core::order`] across
-/// this instance's partitions: the smallest merge key among the queues'
-/// heads goes first, once no queue that has not reached its end can still
-/// deliver a smaller one ([`jobmeter_core::order::pick`]); a queue that may
-/// is waited for, however long its fetch takes. Each input partition is
-/// read ahead of the merge ([`ReadAhead`]): what another instance's meter
-/// bills is forwarded as soon as it is read, so that what this instance
-/// publishes of the partition is how far it has read it. Returns
-/// `Ok(true)` when the assignment changed, `Ok(false)` on shutdown.
+/// Runs the pipeline for one assignment. Records are handed to the engine
+/// in the merge order of [`jobmeter_core::order`] across this instance's
+/// partitions: a record goes once no other queue can still deliver a
+/// smaller one for its meter ([`jobmeter_core::order::pick`]), and the run
+/// of its partition's records that follows goes while they sort below what
+/// the others may deliver ([`jobmeter_core::order::run_limit`]); a queue
+/// that may deliver a smaller one is waited for, however long its fetch
+/// takes. Each input partition is read ahead of the merge ([`ReadAhead`]):
+/// what it holds back of a meter is known from what was read (a fleet that
+/// places every event on its account's partition holds back no meter but
+/// its own with a record read), and what another instance's meter bills is
+/// forwarded as soon as it is read, so that what this instance publishes
+/// of the partition is how far it has read it. Returns `Ok(true)` when the
+/// assignment changed, `Ok(false)` on shutdown.
 fn merge_round<'e>(
     deps: &Deps,
     consumer: &Arc<BaseConsumer<MeterContext>>,
@@ -567,10 +470,6 @@ fn merge_round<'e>(
             lock().process(&m)?;
         }
     }
-    if !lock().merge_mode() {
-        return fast_round(deps, consumer, lock, stop, ready, epoch, &assigned);
-    }
-    lock().set_fast(false);
     // The input partitions read here are merge queues; each repartition
     // partition is read as it comes, its forwarded records queued by the
     // input partition they came from (the engine's remote queues).

@@ -73,9 +73,6 @@ impl Engine {
     /// [`GROWTH_MAX_AGE`]; then it is handed over as before, waiting for
     /// the committer (which is where a commit that hangs is detected).
     pub fn batch_due(&self) -> bool {
-        if self.hold {
-            return false;
-        }
         if self.batch_events == 0 {
             // Nothing applied, but other instances wait for word of this
             // one's inputs.
@@ -142,14 +139,12 @@ impl Engine {
             offsets.push((self.cfg.topics.job_events.clone(), p, o));
         }
         let mut rp = std::mem::take(&mut self.next_rp_offsets);
-        if !self.fast {
-            // Forwarded records are applied in the merge order: commit the
-            // oldest one still waiting (those after it that were applied
-            // are skipped by their source offset when read again).
-            for p in self.meters.keys() {
-                if let Some(o) = self.rp_commit_offset(*p) {
-                    rp.insert(*p, o);
-                }
+        // Forwarded records are applied in the merge order: commit the
+        // oldest one still waiting (those after it that were applied are
+        // skipped by their source offset when read again).
+        for p in self.meters.keys() {
+            if let Some(o) = self.rp_commit_offset(*p) {
+                rp.insert(*p, o);
             }
         }
         for (p, o) in rp {

@@ -43,13 +43,15 @@
 //!
 //! An instance's published bound for an input partition is at least the
 //! merge time of the first record its merge has not taken (reading ahead
-//! only raises it), and every instance takes its smallest head as soon as
-//! nothing may precede it: the smallest unapplied record of the whole group
-//! is always taken once its forwarders' latest progress has been read, so
-//! the group never waits on itself. A partition whose read-ahead is full
-//! stops raising its bound, but its merge then holds a head no larger than
-//! that bound (keys grow along a partition), which is all the argument
-//! needs.
+//! only raises it), and a queue holds back a meter only with a record for
+//! that meter it holds, or with its bound while it has records not read
+//! yet. So the smallest unapplied record of the whole group is held back
+//! by nothing but records that are not read yet: it is taken once they
+//! are read (or its forwarders' latest progress is), and the group never
+//! waits on itself. A partition whose read-ahead is full stops raising its
+//! bound, but every record it holds then sorts below that bound (keys grow
+//! along a partition), and those records are not held back by it, which
+//! is all the argument needs.
 
 use super::{Engine, EngineError};
 use jobmeter_core::order::{Head, MergeKey, QueueState};

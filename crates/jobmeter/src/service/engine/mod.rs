@@ -127,18 +127,6 @@ pub enum EngineError {
     /// batch is dropped and the pipeline rebuilt.
     #[error("accounts: {0}")]
     Accounts(String),
-    /// An event arrived on another partition than its account's while
-    /// the pipeline applied records in arrival order (or a restored
-    /// partition says they are applied in the merge order): the open
-    /// batch is dropped and the pipeline rebuilt from durable state,
-    /// applying every partition in the merge order from then on.
-    #[error("partition {partition}, offset {offset}: events arrive on other partitions than their accounts'; applying records in the event-time merge order from the last commit on")]
-    MergeOrder {
-        /// Where the record was read.
-        partition: i32,
-        /// Its offset.
-        offset: i64,
-    },
 }
 
 /// What the engine needs besides its Kafka clients.
@@ -228,17 +216,6 @@ pub struct Engine {
     out: Vec<Output>,
     input_topic: Arc<str>,
     repartition_topic: Arc<str>,
-    /// True once records are applied in the merge order
-    /// ([`jobmeter_core::order`]): set for good by the first event that
-    /// arrives on another partition than its account's, and by a restored
-    /// partition that says so.
-    merge_mode: bool,
-    /// True while the poll loop hands records over in arrival order (the
-    /// fast path of a fleet that places every event on its account's
-    /// partition).
-    fast: bool,
-    /// No batch is due while set.
-    hold: bool,
     /// Per (meter, input partition read elsewhere): the records forwarded
     /// from there and what its forwarder said (see `merge.rs`).
     remote: BTreeMap<(i32, i32), merge::Remote>,
@@ -315,9 +292,6 @@ impl Engine {
             reroute_logged: [None; 3],
             limits_by_label: BTreeMap::new(),
             out: Vec::new(),
-            merge_mode: false,
-            fast: false,
-            hold: false,
             remote: BTreeMap::new(),
             rp_pending: HashMap::new(),
             rp_read: HashMap::new(),
@@ -328,32 +302,6 @@ impl Engine {
             progress_at: Instant::now(),
             failed: None,
         }
-    }
-
-    /// True once records are applied in the merge order.
-    pub fn merge_mode(&self) -> bool {
-        self.merge_mode
-    }
-
-    /// Applies records in the merge order from now on, and says so in the
-    /// state of every partition (durable with the next commit).
-    pub fn enter_merge_mode(&mut self) {
-        self.merge_mode = true;
-        for pm in self.meters.values_mut() {
-            pm.meter.set_merge_order();
-        }
-    }
-
-    /// Says whether the poll loop hands records over in arrival order.
-    pub fn set_fast(&mut self, fast: bool) {
-        self.fast = fast;
-        self.hold = false;
-    }
-
-    /// While `hold`, no batch is due (a shutdown or revocation still
-    /// commits): see the fast round's first fetches.
-    pub fn hold_commits(&mut self, hold: bool) {
-        self.hold = hold;
     }
 
     /// True when every assigned partition is restored (and none failed).
@@ -457,14 +405,6 @@ impl Engine {
             if is_marker(msg.headers()) || jobmeter_kafka::repartition::is_progress(msg.headers()) {
                 return Ok(());
             }
-            if self.fast {
-                // Another instance forwards events to this partition: they
-                // arrive on other partitions than their accounts'.
-                return Err(EngineError::MergeOrder {
-                    partition: p,
-                    offset: o,
-                });
-            }
             let headers = msg.headers().map(|h| {
                 use rdkafka::message::Headers;
                 h.iter()
@@ -491,12 +431,6 @@ impl Engine {
         }
         self.next_offsets.insert(p, o + 1);
         let target = parsed.as_ref().map_or(p, |ev| self.owner(ev));
-        if self.fast && (target != p || self.merge_mode) {
-            return Err(EngineError::MergeOrder {
-                partition: p,
-                offset: o,
-            });
-        }
         // Every record read moves its partition's input watermark, wherever
         // it is applied (the merge keys of the partition's later records).
         let merge_time = parsed

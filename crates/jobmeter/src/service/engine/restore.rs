@@ -146,19 +146,13 @@ impl Engine {
             "partition restored"
         );
         let reported = l.meter.stats().clone();
-        let merge_order = l.meter.in_merge_order();
         let sources = l.meter.merge_sources().map(<[u8]>::to_vec);
         self.load_sources(p, sources.as_deref());
-        self.meters.insert(
-            p,
-            PartitionMeter {
-                meter: l.meter,
-                reported,
-            },
-        );
-        if merge_order || self.merge_mode {
-            self.enter_merge_mode();
-        }
+        // Records are applied in the merge order, and the partition's
+        // state says so from its next commit (`jobmeter rebuild` reads it).
+        let mut meter = l.meter;
+        meter.set_merge_order();
+        self.meters.insert(p, PartitionMeter { meter, reported });
         self.owned
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
