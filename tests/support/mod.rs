@@ -425,7 +425,16 @@ pub enum Placement {
 
 /// A producer that places records like `placement`.
 pub fn producer_for(placement: Placement) -> ThreadedProducer<DefaultProducerContext> {
+    producer_batching(placement, None)
+}
+
+/// [`producer_for`], with record batches of at most `batch_bytes` when
+/// given (a fetch returns whole batches, whatever its byte limit).
+pub fn producer_batching(placement: Placement, batch_bytes: Option<usize>) -> ThreadedProducer<DefaultProducerContext> {
     let mut c = KafkaSettings::new(brokers()).producer();
+    if let Some(b) = batch_bytes {
+        c.set("batch.size", b.to_string());
+    }
     c.set(
         "partitioner",
         match placement {
@@ -810,8 +819,19 @@ pub fn produce_by_worker(prefix: &str, w: &Workload, placements: &[Placement]) {
 pub fn produce_by_worker_padded(prefix: &str, w: &Workload, placements: &[Placement], pad: Option<(i32, usize)>) {
     let topic = format!("{prefix}.job-events");
     let padding = pad.map(|(_, n)| format!("{{\"padding\":\"{}\",", "p".repeat(n)));
-    let clients: Vec<_> = placements.iter().map(|p| producer_for(*p)).collect();
-    for e in &w.events {
+    // Small batches when padding: one padded record a batch, so that the
+    // meter's small fetches hold two or three of them.
+    let batch = pad.map(|(_, n)| n + 8 * 1024);
+    let clients: Vec<_> = placements.iter().map(|p| producer_batching(*p, batch)).collect();
+    for (i, e) in w.events.iter().enumerate() {
+        if pad.is_some() && i % 200 == 0 {
+            // The clients stay within 200 events of each other, so each
+            // partition's log keeps to event order (the big records of the
+            // padded client would otherwise fall behind the others').
+            for c in &clients {
+                c.flush(Duration::from_secs(60)).unwrap();
+            }
+        }
         let source = serde_json::from_str::<serde_json::Value>(&e.json)
             .ok()
             .and_then(|v| v["source"].as_str().map(str::to_owned))

@@ -215,6 +215,17 @@ fn after_step(
 /// How often the merge asks the broker where an idle partition ends.
 const HW_CHECK_EVERY: Duration = Duration::from_millis(500);
 
+/// True when partition `p` of `topic` holds nothing this consumer has not
+/// read: it is empty, or the position is at its high watermark (asked of
+/// the broker). False when either is unknown.
+fn read_to_end(consumer: &BaseConsumer<MeterContext>, pos: &rdkafka::TopicPartitionList, topic: &str, p: i32) -> bool {
+    let Ok((low, high)) = consumer.fetch_watermarks(topic, p, Duration::from_millis(500)) else {
+        return false;
+    };
+    let position = pos.find_partition(topic, p).and_then(|x| x.offset().to_raw());
+    low >= high || position.is_some_and(|pos| pos >= 0 && pos >= high)
+}
+
 /// After this long in a merge round, a repartition partition counts as
 /// read to its end even if its end was never reported.
 const RP_END_AFTER: Duration = Duration::from_secs(2);
@@ -235,6 +246,16 @@ struct Waiting {
 }
 
 impl Waiting {
+    /// The merge goes on: the time since the wait was last counted is
+    /// counted too (a wait that one fetch ends is still a wait).
+    fn end(slot: &mut Option<Waiting>, deps: &Deps) {
+        if let Some(w) = slot.take() {
+            deps.metrics
+                .merge_wait_seconds
+                .inc_by(Instant::now().duration_since(w.counted).as_secs_f64());
+        }
+    }
+
     /// The merge waits for `queue` (of `topic`, partition `p`): counts the
     /// time in `jobmeter_merge_wait_seconds_total`, and says so in the log
     /// when the wait is long.
@@ -501,7 +522,8 @@ fn merge_round<'e>(
     let mut chores = Chores::new();
     let mut last_ends = Instant::now();
     let round_started = Instant::now();
-    let mut last_hw = Instant::now();
+    // The first check of where the partitions end comes at once.
+    let mut last_hw = Instant::now().checked_sub(HW_CHECK_EVERY).unwrap_or_else(Instant::now);
     let mut idle = false;
     loop {
         if stop.load(Ordering::SeqCst) {
@@ -562,22 +584,27 @@ fn merge_round<'e>(
         // A partition's end is reported once: one reported before this
         // round began is found from the position and the high watermark
         // instead (asked of the broker at most twice a second).
-        if last_hw.elapsed() >= HW_CHECK_EVERY && ins.iter().any(|r| !r.at_end && r.buf.is_empty()) {
+        let rp_open: Vec<i32> = forwarded
+            .iter()
+            .map(|(p, _)| *p)
+            .filter(|p| !e.repartition_read_to_end(*p) && !e.is_failing(*p))
+            .collect();
+        if last_hw.elapsed() >= HW_CHECK_EVERY
+            && (ins.iter().any(|r| !r.at_end && r.buf.is_empty()) || !rp_open.is_empty())
+        {
             last_hw = Instant::now();
             if let Ok(pos) = consumer.position() {
                 for (r, (p, _)) in ins.iter_mut().zip(&inputs) {
-                    if r.at_end || !r.buf.is_empty() {
-                        continue;
+                    if !r.at_end && r.buf.is_empty() {
+                        r.at_end = read_to_end(consumer, &pos, &deps.topics.job_events, *p);
                     }
-                    let position = pos
-                        .find_partition(&deps.topics.job_events, *p)
-                        .and_then(|x| x.offset().to_raw());
-                    let high = consumer
-                        .fetch_watermarks(&deps.topics.job_events, *p, Duration::from_millis(500))
-                        .ok()
-                        .map(|(_, h)| h);
-                    if let (Some(pos), Some(high)) = (position, high) {
-                        r.at_end = pos >= 0 && pos >= high;
+                }
+                // A meter waits for its repartition partition to be read to
+                // its end (records forwarded before this round); an empty
+                // one is at its end at once.
+                for p in rp_open {
+                    if read_to_end(consumer, &pos, &deps.topics.repartition, p) {
+                        e.repartition_at_end(p);
                     }
                 }
             }
@@ -602,7 +629,7 @@ fn merge_round<'e>(
             };
             match picked {
                 Pick::Take(i) if i < inputs.len() => {
-                    waiting = None;
+                    Waiting::end(&mut waiting, deps);
                     // The head, then the run of this partition's records
                     // that sort below what any other queue may still
                     // deliver for their meter (the other queues do not
@@ -637,7 +664,7 @@ fn merge_round<'e>(
                     }
                 }
                 Pick::Take(i) => {
-                    waiting = None;
+                    Waiting::end(&mut waiting, deps);
                     let ((p, q), _) = remote[i - inputs.len()];
                     e.take_remote(p, q)?;
                 }
@@ -651,7 +678,7 @@ fn merge_round<'e>(
                     break;
                 }
                 Pick::Fetch => {
-                    waiting = None;
+                    Waiting::end(&mut waiting, deps);
                     idle = true;
                     break;
                 }

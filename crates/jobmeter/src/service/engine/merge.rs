@@ -183,6 +183,12 @@ impl Engine {
         self.rp_at_end.insert(p);
     }
 
+    /// True once meter `p`'s repartition partition has been read to its
+    /// end in this assignment.
+    pub fn repartition_read_to_end(&self, p: i32) -> bool {
+        self.rp_at_end.contains(&p)
+    }
+
     /// The merge queues of forwarded records, with what they hold for the
     /// poll loop's merge; `(meter, input partition)` each.
     pub fn remote_queues(&self, out: &mut Vec<((i32, i32), QueueState)>) {
