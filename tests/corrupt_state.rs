@@ -77,5 +77,14 @@ fn a_partition_whose_state_cannot_be_read_stops_alone() {
     let out = spec.command("rebuild", 0).output().expect("jobmeter rebuild");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("partition 0:"), "{text}");
+    // A difference is a finding, not an error: exit status 1 (2 is an
+    // error), after the report.
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("rebuild differs"), "{text}");
     restart_and_expect_everything(&spec, &prefix, &all);
 }

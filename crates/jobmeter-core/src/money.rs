@@ -26,8 +26,10 @@ impl Money {
         s.trim().parse::<Decimal>().ok().map(Money)
     }
 
-    /// Rounds to cents, half-even (banker's rounding). The only rounding
-    /// jobmeter does; it applies to statement totals, never to charges.
+    /// Rounds to cents, half-even (banker's rounding): the only rounding
+    /// of money jobmeter does; it applies to statement totals, never to
+    /// charges. (The usage API's `used_pct`, a percentage, is rounded to
+    /// two decimals the same way; it is not money.)
     pub fn round_cents(self) -> Money {
         Money(self.0.round_dp_with_strategy(2, RoundingStrategy::MidpointNearestEven))
     }

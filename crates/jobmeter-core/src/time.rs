@@ -1,7 +1,9 @@
 //! Event time: RFC 3339 timestamps as milliseconds since the Unix epoch, and
 //! calendar-month billing periods in UTC.
 //!
-//! No clock is ever read here: every instant comes from an event.
+//! Billing never reads a clock: every instant it uses comes from an event.
+//! The one clock read in the crate is [`Timestamp::now`], for adapters that
+//! stamp what they send or check the age of what they stored.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;

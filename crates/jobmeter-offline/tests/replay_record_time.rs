@@ -3,9 +3,9 @@
 //! dump --timestamps` prints it), and the event is checked against it; a
 //! bare event is checked against the absolute bounds only.
 
-use jobmeter::replay::{replay, split_record_time, ReplayArgs};
-use jobmeter::sinks::Format;
 use jobmeter_core::{MeterConfig, Timestamp};
+use jobmeter_offline::replay::{replay, split_record_time, ReplayArgs};
+use jobmeter_offline::sinks::Format;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 

@@ -3,11 +3,11 @@
 //! table, CSV and an SVG chart without progress noise when not on a
 //! terminal.
 
-use jobmeter::replay::{replay, ReplayArgs};
-use jobmeter::reprice::{reprice, RepriceArgs};
-use jobmeter::simulate::{accounts, events, FleetOptions};
-use jobmeter::sinks::Format;
 use jobmeter_core::{MeterConfig, Money, Period};
+use jobmeter_offline::replay::{replay, ReplayArgs};
+use jobmeter_offline::reprice::{reprice, RepriceArgs};
+use jobmeter_offline::simulate::{accounts, events, FleetOptions};
+use jobmeter_offline::sinks::Format;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -151,7 +151,7 @@ fn cli_writes_table_csv_and_svg_quietly() {
     let svg = f.out.with_extension("svg");
     let csv = f.out.with_extension("csv");
     let run = |extra: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_jobmeter"))
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_jobmeter-offline"))
             .current_dir(root())
             .arg("reprice")
             .arg("--events")
@@ -179,7 +179,7 @@ fn cli_writes_table_csv_and_svg_quietly() {
     let rows = std::fs::read_to_string(&csv).expect("csv");
     assert!(rows.starts_with("account_id,period,plan,bill_before,bill_after,change,change_pct\n"));
     assert!(rows.lines().skip(1).all(|l| l.contains(",2024-05,")));
-    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_jobmeter"))
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_jobmeter-offline"))
         .args([
             "reprice",
             "--events",

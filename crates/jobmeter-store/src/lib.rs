@@ -36,10 +36,17 @@
 //! with one range delete).
 //!
 //! ## Writes
-//! Every write goes through [`Store::commit`]: one `WriteBatch` holding a
-//! step's changes for one partition and its new progress offset, written
-//! with the WAL on and `sync = true` ([`write_options`]). A crash leaves
-//! either all of a step or none of it.
+//! A meter's step is written by [`Store::commit`]: one `WriteBatch` holding
+//! the step's changes for one partition and its new progress offset,
+//! written with the WAL on and `sync = true` ([`write_options`]). A crash
+//! leaves either all of a step or none of it. The other writes are a
+//! restore's: [`Store::ingest`] loads table files and then records the
+//! offset in one such synced batch, under a mark that makes the next
+//! restore drop a load cut off half-way; [`Store::drop_partition`] clears a
+//! partition with a range delete per table in one synced batch;
+//! [`Store::mark_corrupt`] records a record that cannot be read back; the
+//! accounts table has its own batches. Every write uses
+//! [`write_options`].
 //!
 //! ## Must never depend on
 //! Kafka or the network. Callers run it off async worker threads.

@@ -1,13 +1,11 @@
-//! The `jobmeter` command line: argument parsing and dispatch only.
+//! The `jobmeter` command line: argument parsing and dispatch only. The
+//! offline commands' flags and bodies live in `jobmeter-offline` (its
+//! `cli` module), shared with the `jobmeter-offline` binary.
 
-use crate::replay::{load_plans, load_rate_card, replay, ReplayArgs};
-use crate::simulate::{accounts, events, FleetOptions};
-use crate::sinks::Format;
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use jobmeter_core::{MeterConfig, Timestamp};
-use std::io::Write;
-use std::path::PathBuf;
+pub use jobmeter_offline::cli::{
+    run_replay, run_reprice, CheckConfigCmd, FleetArgs, ReplayCmd, RepriceCmd, RepriceFormat, TimeoutArgs,
+};
 
 /// jobmeter: an exactly-once, per-second usage meter for GPU jobs.
 #[derive(Debug, Parser)]
@@ -45,100 +43,6 @@ pub enum Command {
     Notify(crate::notify::NotifyCmd),
 }
 
-/// Output of `jobmeter reprice`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum RepriceFormat {
-    /// A readable table: the most affected rows, totals per plan and model.
-    Table,
-    /// Every row, exact amounts.
-    Csv,
-}
-
-/// `jobmeter reprice`.
-#[derive(Debug, clap::Args)]
-pub struct RepriceCmd {
-    /// Lifecycle events, one CloudEvent JSON per line (a period's worth).
-    #[arg(long)]
-    pub events: PathBuf,
-    /// Account records, one JSON per line.
-    #[arg(long)]
-    pub accounts: Option<PathBuf>,
-    /// Plan catalog (TOML); built-in defaults when omitted.
-    #[arg(long)]
-    pub plans: Option<PathBuf>,
-    /// The rate card in force.
-    #[arg(long, default_value = "config/rate-card.toml")]
-    pub current: PathBuf,
-    /// The proposed rate card.
-    #[arg(long)]
-    pub proposed: PathBuf,
-    /// Only this month (YYYY-MM); every month with a statement otherwise.
-    #[arg(long, value_parser = parse_period)]
-    pub period: Option<jobmeter_core::Period>,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = RepriceFormat::Table)]
-    pub format: RepriceFormat,
-    /// Rows shown in the table.
-    #[arg(long, default_value_t = 25)]
-    pub top: usize,
-    /// Write the report here instead of standard output.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Also write an SVG chart of the distribution of changes here.
-    #[arg(long)]
-    pub svg: Option<PathBuf>,
-    /// Timeouts.
-    #[command(flatten)]
-    pub timeouts: TimeoutArgs,
-}
-
-fn parse_period(s: &str) -> Result<jobmeter_core::Period, String> {
-    jobmeter_core::Period::parse(s).ok_or_else(|| format!("{s:?} is not a month such as 2024-05"))
-}
-
-fn run_reprice(cmd: RepriceCmd) -> anyhow::Result<()> {
-    let args = crate::reprice::RepriceArgs {
-        events: cmd.events,
-        accounts: cmd.accounts,
-        plans: cmd.plans,
-        before: cmd.current.clone(),
-        after: cmd.proposed.clone(),
-        period: cmd.period,
-        meter: cmd.timeouts.meter_config(),
-    };
-    let mut bar = crate::progress::Progress::new("reprice", 0, crate::progress::Unit::Bytes);
-    let mut pass = String::new();
-    let report = crate::reprice::reprice(&args, |p, done, total| {
-        if pass != p {
-            bar.finish();
-            pass = p.to_owned();
-            bar = crate::progress::Progress::new(format!("reprice ({p})"), total, crate::progress::Unit::Bytes);
-        }
-        bar.set(done);
-    })?;
-    bar.finish();
-    let text = match cmd.format {
-        RepriceFormat::Table => crate::reprice::table(&report, cmd.top),
-        RepriceFormat::Csv => crate::reprice::csv(&report),
-    };
-    match &cmd.out {
-        Some(path) => std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?,
-        None => print!("{text}"),
-    }
-    if let Some(path) = &cmd.svg {
-        let title = format!(
-            "Bill impact: {} → {}{}",
-            cmd.current.display(),
-            cmd.proposed.display(),
-            cmd.period.map(|p| format!(", {p}")).unwrap_or_default()
-        );
-        std::fs::write(path, crate::reprice::svg(&report, &title))
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("chart written to {}", path.display());
-    }
-    Ok(())
-}
-
 /// `jobmeter dump`.
 #[derive(Debug, clap::Args)]
 pub struct DumpCmd {
@@ -158,134 +62,12 @@ pub struct DumpCmd {
     pub timestamps: bool,
 }
 
-/// Timeouts shared by replay and run.
-#[derive(Debug, Clone, clap::Args)]
-pub struct TimeoutArgs {
-    /// Orphan timeout (event time), e.g. "10m".
-    #[arg(long, default_value = "10m", value_parser = crate::args::parse_duration)]
-    pub orphan_timeout: i64,
-    /// Grace after a period's end before it closes, e.g. "1h".
-    #[arg(long, default_value = "1h", value_parser = crate::args::parse_duration)]
-    pub period_grace: i64,
-    /// Longest accepted job, e.g. "7d".
-    #[arg(long, default_value = "7d", value_parser = crate::args::parse_duration)]
-    pub max_duration: i64,
-    /// How long finished jobs are remembered for duplicate detection.
-    #[arg(long, default_value = "35d", value_parser = crate::args::parse_duration)]
-    pub retention: i64,
-    /// Refuse events whose time is further than this ahead of their
-    /// record timestamp (lines of the form `<ms><TAB><event>`).
-    #[arg(long, default_value = "5m", value_parser = crate::args::parse_duration)]
-    pub max_clock_skew: i64,
-    /// Refuse events whose time is further than this behind their record
-    /// timestamp (default: the retention).
-    #[arg(long, value_parser = crate::args::parse_duration)]
-    pub max_event_age: Option<i64>,
-    /// A `runway` limit event fires when a limit would be used up within
-    /// this (repeat the flag for several horizons).
-    #[arg(long = "runway-horizon", default_value = "10m", value_parser = crate::args::parse_duration)]
-    pub runway_horizons: Vec<i64>,
-    /// A job sent a `job.stop` is charged to at most the command's instant
-    /// plus this.
-    #[arg(long, default_value = "30s", value_parser = crate::args::parse_duration)]
-    pub stop_grace: i64,
-}
-
-impl TimeoutArgs {
-    /// As the core's config.
-    pub fn meter_config(&self) -> MeterConfig {
-        MeterConfig {
-            orphan_timeout_ms: self.orphan_timeout,
-            period_grace_ms: self.period_grace,
-            max_duration_ms: self.max_duration,
-            retention_ms: self.retention,
-            max_clock_skew_ms: self.max_clock_skew,
-            max_event_age_ms: self.max_event_age.unwrap_or(self.retention),
-            state_format: Default::default(),
-            runway_horizons_ms: self.runway_horizons.clone(),
-            stop_grace_ms: self.stop_grace,
-        }
-    }
-}
-
-/// `jobmeter replay`.
-#[derive(Debug, clap::Args)]
-pub struct ReplayCmd {
-    /// Lifecycle events, one CloudEvent JSON per line.
-    #[arg(long)]
-    pub events: PathBuf,
-    /// Account records, one JSON per line.
-    #[arg(long)]
-    pub accounts: Option<PathBuf>,
-    /// Rate card (TOML).
-    #[arg(long, default_value = "config/rate-card.toml")]
-    pub rate_card: PathBuf,
-    /// Plan catalog (TOML); built-in defaults when omitted.
-    #[arg(long)]
-    pub plans: Option<PathBuf>,
-    /// Output directory (charges, limits, statements, rejects).
-    #[arg(long, default_value = "jobmeter-out")]
-    pub out: PathBuf,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Jsonl)]
-    pub format: Format,
-    /// At the end, close open jobs as orphans and emit every open period's statements.
-    #[arg(long)]
-    pub flush: bool,
-    /// Timeouts.
-    #[command(flatten)]
-    pub timeouts: TimeoutArgs,
-}
-
-/// `jobmeter simulate`.
+/// `jobmeter simulate`: the offline fleet flags, plus producing to Kafka.
 #[derive(Debug, clap::Args)]
 pub struct SimulateCmd {
-    /// Seed: the same seed gives the same fleet.
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-    /// Accounts.
-    #[arg(long, default_value_t = 200)]
-    pub accounts: usize,
-    /// Jobs.
-    #[arg(long, default_value_t = 10_000)]
-    pub jobs: usize,
-    /// Event time of the first job (RFC 3339).
-    #[arg(long, default_value = "2024-05-01T00:00:00Z")]
-    pub start: String,
-    /// Mean gap between job starts, e.g. "200ms".
-    #[arg(long, default_value = "200ms", value_parser = crate::args::parse_duration)]
-    pub mean_gap: i64,
-    /// Heartbeat interval.
-    #[arg(long, default_value = "10s", value_parser = crate::args::parse_duration)]
-    pub heartbeat: i64,
-    /// Per-mille of events delivered twice.
-    #[arg(long, default_value_t = 50)]
-    pub duplicates: u32,
-    /// Per-mille of events swapped with a neighbour.
-    #[arg(long, default_value_t = 20)]
-    pub reorder: u32,
-    /// Per-mille of jobs whose stop is lost.
-    #[arg(long, default_value_t = 5)]
-    pub lost_stops: u32,
-    /// Per-mille of extra malformed events.
-    #[arg(long, default_value_t = 2)]
-    pub bad: u32,
-    /// Largest worker clock skew.
-    #[arg(long, default_value = "300ms", value_parser = crate::args::parse_duration)]
-    pub max_skew: i64,
-    /// Per-mille of workers whose clock is skewed (by up to --max-skew).
-    #[arg(long, default_value_t = 100)]
-    pub skewed_workers: u32,
-    /// Per-mille of accounts that change plan mid-run (free to pro; half as
-    /// many pro to enterprise).
-    #[arg(long, default_value_t = 100)]
-    pub plan_changes: u32,
-    /// Per-mille of jobs that are fine-tunes (10 min to 3 h).
-    #[arg(long, default_value_t = 15)]
-    pub fine_tunes: u32,
-    /// Write events (JSON lines) here.
-    #[arg(long)]
-    pub events_out: Option<PathBuf>,
+    /// The fleet and the files it is written to.
+    #[command(flatten)]
+    pub fleet: jobmeter_offline::cli::FleetArgs,
     /// Produce to Kafka instead (accounts first, then events, keyed by account).
     #[arg(long)]
     pub brokers: Option<String>,
@@ -300,166 +82,48 @@ pub struct SimulateCmd {
     /// on it).
     #[arg(long, value_enum, default_value_t = crate::tools::Placement::Murmur2)]
     pub placement: crate::tools::Placement,
-    /// Write account records (JSON lines) here.
-    #[arg(long)]
-    pub accounts_out: Option<PathBuf>,
 }
 
-impl SimulateCmd {
-    /// As fleet options.
-    pub fn options(&self) -> anyhow::Result<FleetOptions> {
-        Ok(FleetOptions {
-            seed: self.seed,
-            accounts: self.accounts.max(1),
-            jobs: self.jobs,
-            start: Timestamp::parse(&self.start).map_err(|e| anyhow::anyhow!("--start: {e}"))?,
-            mean_gap_ms: self.mean_gap,
-            heartbeat_interval_ms: self.heartbeat.max(1),
-            duplicate_permille: self.duplicates,
-            reorder_permille: self.reorder,
-            lost_stop_permille: self.lost_stops,
-            bad_permille: self.bad,
-            max_skew_ms: self.max_skew,
-            skewed_worker_permille: self.skewed_workers,
-            plan_change_permille: self.plan_changes,
-            fine_tune_permille: self.fine_tunes,
-        })
-    }
-}
-
-/// `jobmeter check-config`.
-#[derive(Debug, clap::Args)]
-pub struct CheckConfigCmd {
-    /// Rate card (TOML).
-    #[arg(long, default_value = "config/rate-card.toml")]
-    pub rate_card: PathBuf,
-    /// Plan catalog (TOML).
-    #[arg(long)]
-    pub plans: Option<PathBuf>,
-}
-
-/// Runs the command line; the binary's `main` calls this.
-pub fn main() -> anyhow::Result<()> {
+/// Runs the command line; the binary's `main` calls this. The exit status
+/// of a command that ran: 0, or what the command reports (`rebuild`: 1
+/// when the rebuild differs; `emit run`: the job's own status). An error
+/// is for the binary to print; it exits 2.
+pub fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
+    let ok = std::process::ExitCode::SUCCESS;
     match cli.command {
-        Command::Replay(cmd) => run_replay(cmd),
-        Command::Simulate(cmd) => run_simulate(cmd),
-        Command::CheckConfig(cmd) => {
-            let card = load_rate_card(&cmd.rate_card)?;
-            let plans = load_plans(cmd.plans.as_deref())?;
-            let models: usize = card.versions.last().map_or(0, |v| v.models.len());
-            println!(
-                "ok: {} rate-card version(s), {} model(s) in the latest; pro fee {} (intro {} for the first {})",
-                card.versions.len(),
-                models,
-                plans.pro_fee,
-                plans.pro_intro_fee,
-                plans.pro_intro_subscribers
-            );
-            Ok(())
-        }
-        Command::Run(cmd) => crate::service::main(cmd),
-        Command::Dump(cmd) => crate::tools::dump(&cmd.brokers, &cmd.topic, cmd.last, cmd.timestamps),
-        Command::Rebuild(cmd) => crate::service::rebuild::main(cmd),
-        Command::Reprice(cmd) => run_reprice(cmd),
-        Command::Notify(cmd) => crate::notify::main(cmd),
+        Command::Replay(cmd) => run_replay(cmd).map(|()| ok),
+        Command::Simulate(cmd) => run_simulate(cmd).map(|()| ok),
+        Command::CheckConfig(cmd) => cmd.run().map(|()| ok),
+        Command::Run(cmd) => crate::service::main(cmd).map(|()| ok),
+        Command::Dump(cmd) => crate::tools::dump(&cmd.brokers, &cmd.topic, cmd.last, cmd.timestamps).map(|()| ok),
+        Command::Rebuild(cmd) => Ok(if crate::service::rebuild::main(cmd)? {
+            ok
+        } else {
+            std::process::ExitCode::from(1)
+        }),
+        Command::Reprice(cmd) => run_reprice(cmd).map(|()| ok),
+        Command::Notify(cmd) => crate::notify::main(cmd).map(|()| ok),
+        // As a shell reports a status: its low eight bits.
         Command::Emit(cmd) => {
-            let code = crate::emit::main(cmd)?;
-            if code != 0 {
-                std::process::exit(code);
-            }
-            Ok(())
+            crate::emit::main(cmd).map(|code| std::process::ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)))
         }
     }
-}
-
-fn run_replay(cmd: ReplayCmd) -> anyhow::Result<()> {
-    let args = ReplayArgs {
-        events: cmd.events,
-        accounts: cmd.accounts,
-        rate_card: cmd.rate_card,
-        plans: cmd.plans,
-        out: cmd.out.clone(),
-        format: cmd.format,
-        flush: cmd.flush,
-        meter: cmd.timeouts.meter_config(),
-    };
-    let started = std::time::Instant::now();
-    let mut bar = crate::progress::Progress::new("replay", 0, crate::progress::Unit::Bytes);
-    let summary = replay(&args, |done, total| {
-        bar.set_total(total);
-        bar.set(done);
-    })?;
-    bar.finish();
-    let s = &summary.stats;
-    let rejected: u64 = s.rejected.iter().sum();
-    eprintln!(
-        "replayed {} lines ({} accounts) in {:.2}s: {} events, {} duplicates, {} rejected, {} charges ({} adjustments, {} late), {} orphans, {} limit events ({} runway warnings), {} job.stop commands, {} statements, {} jobs still open",
-        summary.lines,
-        summary.accounts,
-        started.elapsed().as_secs_f64(),
-        s.events,
-        s.duplicates,
-        rejected,
-        s.charges,
-        s.adjustments,
-        s.late_charges,
-        s.orphans,
-        s.limit_events + s.runway_events,
-        s.runway_events,
-        s.stop_commands,
-        s.statements,
-        summary.open_jobs
-    );
-    eprintln!("outputs in {}", cmd.out.display());
-    Ok(())
 }
 
 fn run_simulate(cmd: SimulateCmd) -> anyhow::Result<()> {
-    let opts = cmd.options()?;
-    for (flag, v) in [
-        ("--duplicates", cmd.duplicates),
-        ("--reorder", cmd.reorder),
-        ("--lost-stops", cmd.lost_stops),
-        ("--bad", cmd.bad),
-        ("--skewed-workers", cmd.skewed_workers),
-        ("--plan-changes", cmd.plan_changes),
-    ] {
-        if v > 1000 {
-            anyhow::bail!("{flag} {v}: a per-mille rate is at most 1000");
-        }
-    }
-    let evs = events(&opts);
-    let accs = accounts(&opts);
-    if let Some(path) = &cmd.events_out {
-        let mut w = std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-        );
-        let mut bar = crate::progress::Progress::new("write", evs.len() as u64, crate::progress::Unit::Items("events"));
-        for (i, e) in evs.iter().enumerate() {
-            writeln!(w, "{}", e.json)?;
-            if i % 8192 == 0 {
-                bar.set(i as u64);
-            }
-        }
-        w.flush()?;
-        bar.set(evs.len() as u64);
-        bar.finish();
-        eprintln!("wrote {} events to {}", evs.len(), path.display());
-    }
-    if let Some(path) = &cmd.accounts_out {
-        let mut w = std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-        );
-        for (_, rec) in &accs {
-            writeln!(w, "{rec}")?;
-        }
-        w.flush()?;
-    }
+    let fleet = cmd.fleet.generate()?;
     if let Some(brokers) = &cmd.brokers {
         let topics = jobmeter_kafka::topics::Topics::with_prefix(&cmd.topic_prefix);
-        crate::tools::produce_fleet_placed(brokers, &topics, &accs, &evs, cmd.rate, cmd.placement)?;
-    } else if cmd.events_out.is_none() {
+        crate::tools::produce_fleet_placed(
+            brokers,
+            &topics,
+            &fleet.accounts,
+            &fleet.events,
+            cmd.rate,
+            cmd.placement,
+        )?;
+    } else if cmd.fleet.events_out.is_none() {
         anyhow::bail!("say where the fleet goes: --events-out FILE and/or --brokers HOST:PORT");
     }
     Ok(())

@@ -8,21 +8,9 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     match jobmeter::cli::main() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
-            // The error and its causes, each said once (library errors
-            // already name their cause in their own message).
-            let mut msg = String::new();
-            for cause in e.chain() {
-                let text = cause.to_string();
-                if msg.is_empty() {
-                    msg = text;
-                } else if !msg.contains(&text) {
-                    msg.push_str(": ");
-                    msg.push_str(&text);
-                }
-            }
-            eprintln!("error: {msg}");
+            eprintln!("error: {}", jobmeter_offline::cli::error_text(&e));
             std::process::ExitCode::from(2)
         }
     }

@@ -41,7 +41,10 @@ pub struct Metrics {
     /// 1 for an assigned partition whose stored state cannot be read back
     /// (it is not metered until it is rebuilt); 0 otherwise.
     pub partition_failed: IntGaugeVec,
-    /// Consumer lag per partition (high watermark − position).
+    /// Consumer lag per input partition: the high watermark minus the
+    /// group's committed offset (the log start when none is committed),
+    /// so records read but not yet committed count as lag. Sampled every
+    /// 5 s by a thread of its own, for every partition of the topic.
     pub lag: IntGaugeVec,
     /// Events per committed batch.
     pub batch_events: Histogram,

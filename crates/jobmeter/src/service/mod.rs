@@ -2,8 +2,9 @@
 //! out, exactly once. See [`engine`] for the transaction design and its
 //! crash argument.
 //!
-//! Threads: the meter pipeline runs on one dedicated thread (librdkafka's
-//! transactional calls and RocksDB writes block); the accounts forwarder,
+//! Threads: each meter pipeline (`pipeline.threads` of them, one by
+//! default) runs on a dedicated thread, with a committer thread beside it
+//! (librdkafka's transactional calls and RocksDB writes block); the accounts forwarder,
 //! the accounts tailer and the pro subscribers tailer on threads of their
 //! own (see [`accounts`]); tokio serves HTTP and signals. Every queue is bounded: the
 //! producer's local queue (when full, the pipeline stops consuming until it
