@@ -49,9 +49,9 @@ pub struct DumpCmd {
     /// Topic to read.
     #[arg(long)]
     pub topic: String,
-    /// Brokers.
-    #[arg(long, env = "JOBMETER_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    pub brokers: String,
+    /// How to reach Kafka (the meter's configuration).
+    #[command(flatten)]
+    pub kafka: crate::service::KafkaArgs,
     /// Print only the last N records.
     #[arg(long)]
     pub last: Option<usize>,
@@ -96,7 +96,10 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Simulate(cmd) => run_simulate(cmd).map(|()| ok),
         Command::CheckConfig(cmd) => cmd.run().map(|()| ok),
         Command::Run(cmd) => crate::service::main(cmd).map(|()| ok),
-        Command::Dump(cmd) => crate::tools::dump(&cmd.brokers, &cmd.topic, cmd.last, cmd.timestamps).map(|()| ok),
+        Command::Dump(cmd) => {
+            let settings = cmd.kafka.load()?.kafka_settings();
+            crate::tools::dump(&settings, &cmd.topic, cmd.last, cmd.timestamps).map(|()| ok)
+        }
         Command::Rebuild(cmd) => Ok(if crate::service::rebuild::main(cmd)? {
             ok
         } else {

@@ -27,7 +27,6 @@
 
 use anyhow::Context as _;
 use hmac::{Hmac, Mac};
-use jobmeter_kafka::client::KafkaSettings;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Header, Message};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -40,12 +39,14 @@ use std::time::{Duration, Instant};
 /// `jobmeter notify`.
 #[derive(Debug, clap::Args)]
 pub struct NotifyCmd {
-    /// Kafka brokers.
-    #[arg(long, env = "JOBMETER_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    pub brokers: String,
-    /// Topic prefix of the meter (reads `<prefix>.limits`).
-    #[arg(long, default_value = "jobmeter")]
-    pub topic_prefix: String,
+    /// How to reach Kafka: the meter's configuration (`--config`,
+    /// `--brokers`, `--set kafka.properties.…`).
+    #[command(flatten)]
+    pub kafka: crate::service::KafkaArgs,
+    /// Topic prefix of the meter (reads `<prefix>.limits`); default: the
+    /// configuration's `topics.prefix` (`jobmeter`).
+    #[arg(long)]
+    pub topic_prefix: Option<String>,
     /// Consumer group (its committed offsets are the delivery progress).
     #[arg(long, default_value = "jobmeter-notify")]
     pub group: String,
@@ -186,8 +187,9 @@ pub fn main(cmd: NotifyCmd) -> anyhow::Result<()> {
                 stop.store(true, Ordering::SeqCst);
             })?;
     }
-    let settings = KafkaSettings::new(cmd.brokers.clone());
-    let topics = jobmeter_kafka::topics::Topics::with_prefix(&cmd.topic_prefix);
+    let cfg = cmd.kafka.load()?;
+    let settings = cfg.kafka_settings();
+    let topics = jobmeter_kafka::topics::Topics::with_prefix(cmd.topic_prefix.as_deref().unwrap_or(&cfg.topics.prefix));
     let dlq_topic = cmd
         .dlq_topic
         .clone()

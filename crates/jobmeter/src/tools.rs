@@ -183,33 +183,25 @@ pub fn produce_fleet_placed(
 
 /// Prints every committed record of `topic` as one JSON document per line
 /// (the value as is when it is JSON; DLQ records with their headers).
-pub fn dump(brokers: &str, topic: &str, last: Option<usize>, timestamps: bool) -> anyhow::Result<()> {
-    let settings = KafkaSettings::new(brokers);
-    let n = partition_count(&settings, topic)?;
+pub fn dump(settings: &KafkaSettings, topic: &str, last: Option<usize>, timestamps: bool) -> anyhow::Result<()> {
+    let n = partition_count(settings, topic)?;
     if n == 0 {
-        anyhow::bail!("topic {topic} does not exist on {brokers}");
+        anyhow::bail!("topic {topic} does not exist on {}", settings.brokers);
     }
     let parts: Vec<(i32, Option<i64>)> = (0..n).map(|p| (p, None)).collect();
     let mut lines = Vec::new();
-    read_to_end(
-        &settings,
-        "jobmeter-dump",
-        topic,
-        &parts,
-        Duration::from_secs(60),
-        |r| {
-            let v = r
-                .value
-                .as_deref()
-                .map(String::from_utf8_lossy)
-                .unwrap_or_default()
-                .into_owned();
-            lines.push(match (timestamps, r.timestamp_ms) {
-                (true, Some(ms)) => format!("{ms}\t{v}"),
-                _ => v,
-            });
-        },
-    )?;
+    read_to_end(settings, "jobmeter-dump", topic, &parts, Duration::from_secs(60), |r| {
+        let v = r
+            .value
+            .as_deref()
+            .map(String::from_utf8_lossy)
+            .unwrap_or_default()
+            .into_owned();
+        lines.push(match (timestamps, r.timestamp_ms) {
+            (true, Some(ms)) => format!("{ms}\t{v}"),
+            _ => v,
+        });
+    })?;
     let skip = last.map_or(0, |l| lines.len().saturating_sub(l));
     let mut out = std::io::stdout().lock();
     for l in &lines[skip..] {

@@ -61,16 +61,7 @@ pub struct RunCmd {
 impl RunCmd {
     /// The configuration this command describes.
     pub fn load_config(&self) -> anyhow::Result<Config> {
-        let mut over = Overrides::default();
-        for s in &self.sets {
-            let (k, v) = s
-                .split_once('=')
-                .ok_or_else(|| anyhow::anyhow!("--set {s:?}: expected KEY=VALUE"))?;
-            over.sets.push((k.trim().to_owned(), v.trim().to_owned()));
-        }
-        if let Some(b) = &self.brokers {
-            over.sets.push(("kafka.brokers".into(), b.clone()));
-        }
+        let mut over = overrides(&self.sets, self.brokers.as_deref())?;
         if let Some(i) = &self.instance_id {
             over.sets.push(("instance_id".into(), i.clone()));
         }
@@ -82,6 +73,51 @@ impl RunCmd {
         }
         let env: Vec<(String, String)> = std::env::vars().collect();
         Ok(Config::load(self.config.as_deref(), &env, &over)?)
+    }
+}
+
+/// `--set KEY=VALUE` flags (and `--brokers`, when given) as overrides of
+/// the configuration's layers.
+pub fn overrides(sets: &[String], brokers: Option<&str>) -> anyhow::Result<Overrides> {
+    let mut over = Overrides::default();
+    for s in sets {
+        let (k, v) = s
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--set {s:?}: expected KEY=VALUE"))?;
+        over.sets.push((k.trim().to_owned(), v.trim().to_owned()));
+    }
+    if let Some(b) = brokers {
+        over.sets.push(("kafka.brokers".into(), b.to_owned()));
+    }
+    Ok(over)
+}
+
+/// How an operator tool (`dump`, `notify`) reaches Kafka: with the meter's
+/// own configuration — its `[kafka]` brokers and librdkafka properties
+/// (SASL, SSL…) and its topic prefix — layered as for `jobmeter run`
+/// (defaults, `--config` file, `JOBMETER_KAFKA_BROKERS` and `JOBMETER__…`
+/// environment, flags), so a tool reaches every cluster the meter does.
+/// Only what reaching Kafka needs is validated.
+#[derive(Debug, clap::Args)]
+pub struct KafkaArgs {
+    /// The meter's configuration file (TOML; see `config/jobmeter.toml`).
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Override `kafka.brokers`.
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Override a setting: `--set kafka.properties.security.protocol=SASL_SSL`
+    /// (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+impl KafkaArgs {
+    /// The configuration these flags describe (Kafka and topics checked).
+    pub fn load(&self) -> anyhow::Result<Config> {
+        let over = overrides(&self.sets, self.brokers.as_deref())?;
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Ok(Config::load_for_kafka(self.config.as_deref(), &env, &over)?)
     }
 }
 
@@ -160,8 +196,7 @@ pub async fn run(cfg: Config, shutdown: tokio_util::sync::CancellationToken) -> 
     let accounts_metrics = AccountsMetrics::new(&registry)?;
     let rates = Arc::new(crate::replay::load_rate_card(&cfg.billing.rate_card)?);
     let plans = Arc::new(crate::replay::load_plans(cfg.billing.plans.as_deref())?);
-    let mut settings = KafkaSettings::new(cfg.kafka.brokers.clone());
-    settings.properties = cfg.kafka.properties.clone();
+    let settings = cfg.kafka_settings();
     let topics = Topics::with_prefix(&cfg.topics.prefix);
     std::fs::create_dir_all(&cfg.state.dir)?;
     let store = Arc::new(Store::open_with(

@@ -21,7 +21,6 @@ use crate::sinks::{Format, OutputFiles};
 use jobmeter_core::state::Table;
 use jobmeter_core::values;
 use jobmeter_core::{AccountBook, Context, Meter, Origin, Output};
-use jobmeter_kafka::client::KafkaSettings;
 use jobmeter_kafka::reader::{read_range, read_to_end};
 use jobmeter_kafka::repartition::{source_of, Marker, Replayer, Source, MARKER, PROGRESS};
 use jobmeter_kafka::topics::{partition_count, Topics};
@@ -53,8 +52,7 @@ use super::engine::StateMap;
 pub fn main(cmd: RebuildCmd) -> anyhow::Result<bool> {
     super::init_tracing();
     let cfg: Config = cmd.run.load_config()?;
-    let mut settings = KafkaSettings::new(cfg.kafka.brokers.clone());
-    settings.properties = cfg.kafka.properties.clone();
+    let settings = cfg.kafka_settings();
     let topics = Topics::with_prefix(&cfg.topics.prefix);
     let rates = crate::replay::load_rate_card(&cfg.billing.rate_card)?;
     let plans = crate::replay::load_plans(cfg.billing.plans.as_deref())?;

@@ -351,6 +351,26 @@ impl Config {
     /// Loads: defaults, then `file`, then environment (`env`), then
     /// `overrides`; then validates everything.
     pub fn load(file: Option<&Path>, env: &[(String, String)], overrides: &Overrides) -> Result<Config, ConfigErrors> {
+        Self::load_checked(file, env, overrides, Config::problems)
+    }
+
+    /// Loads like [`Config::load`] for a tool that only talks to Kafka
+    /// (`dump`, `notify`): the same layers, but only what reaching Kafka
+    /// needs is validated (no rate card, state directory or API tokens).
+    pub fn load_for_kafka(
+        file: Option<&Path>,
+        env: &[(String, String)],
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigErrors> {
+        Self::load_checked(file, env, overrides, Config::kafka_problems)
+    }
+
+    fn load_checked(
+        file: Option<&Path>,
+        env: &[(String, String)],
+        overrides: &Overrides,
+        problems: fn(&Config) -> Vec<String>,
+    ) -> Result<Config, ConfigErrors> {
         let mut errors = Vec::new();
         let mut table = match toml::Table::try_from(Config::default()) {
             Ok(t) => t,
@@ -398,12 +418,34 @@ impl Config {
         let Some(cfg) = typed(table, &mut errors) else {
             return Err(ConfigErrors(errors));
         };
-        errors.extend(cfg.problems());
+        errors.extend(problems(&cfg));
         if errors.is_empty() {
             Ok(cfg)
         } else {
             Err(ConfigErrors(errors))
         }
+    }
+
+    /// What reaching Kafka needs: brokers, librdkafka properties it
+    /// accepts, a topic prefix.
+    pub fn kafka_problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.kafka.brokers.trim().is_empty() {
+            p.push("kafka.brokers: must not be empty".into());
+        }
+        p.extend(self.kafka_settings().property_problems());
+        if self.topics.prefix.is_empty() {
+            p.push("topics.prefix: must not be empty".into());
+        }
+        p
+    }
+
+    /// The Kafka client settings every client of the meter and of its
+    /// tools uses: the brokers and the librdkafka properties.
+    pub fn kafka_settings(&self) -> jobmeter_kafka::client::KafkaSettings {
+        let mut settings = jobmeter_kafka::client::KafkaSettings::new(self.kafka.brokers.clone());
+        settings.properties = self.kafka.properties.clone();
+        settings
     }
 
     /// Every semantic problem.
@@ -425,9 +467,7 @@ impl Config {
                 self.instance_id
             ));
         }
-        if self.kafka.brokers.trim().is_empty() {
-            p.push("kafka.brokers: must not be empty".into());
-        }
+        p.extend(self.kafka_problems());
         if self.kafka.group_id.trim().is_empty() {
             p.push("kafka.group_id: must not be empty".into());
         }
@@ -443,18 +483,12 @@ impl Config {
                 ));
             }
         }
-        let mut settings = jobmeter_kafka::client::KafkaSettings::new(self.kafka.brokers.clone());
-        settings.properties = self.kafka.properties.clone();
-        p.extend(settings.property_problems());
         if let Some(s) = self.kafka.properties.get("group.protocol") {
             if s != "classic" {
                 p.push(format!(
                     "kafka.properties.group.protocol: {s:?} assigns incrementally; jobmeter needs \"classic\" (the default)"
                 ));
             }
-        }
-        if self.topics.prefix.is_empty() {
-            p.push("topics.prefix: must not be empty".into());
         }
         if self.topics.partitions < 1 || self.topics.output_partitions < 1 || self.topics.replication < 1 {
             p.push("topics.partitions, output_partitions and replication must be at least 1".into());
@@ -783,6 +817,51 @@ mod tests {
             let err = load(k, v).err();
             assert!(err.as_deref().is_some_and(|e| e.contains(says)), "{k}={v}: {err:?}");
         }
+    }
+
+    #[test]
+    fn kafka_tools_read_the_meters_kafka_settings_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("jobmeter.toml");
+        std::fs::write(
+            &file,
+            "[kafka]\nbrokers = \"kafka-1:9093\"\n[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n[topics]\nprefix = \"billing\"\n[billing]\nrate_card = \"/no/such/card.toml\"\n",
+        )
+        .expect("write");
+        // The meter itself refuses the file (its rate card is missing)...
+        let err = Config::load(Some(&file), &[], &Overrides::default())
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            err.as_deref().is_some_and(|e| e.contains("billing.rate_card")),
+            "{err:?}"
+        );
+        // ...a tool that only talks to Kafka takes what it needs from it,
+        // with the same layers (environment, then flags).
+        let env = vec![("JOBMETER_KAFKA_BROKERS".to_owned(), "kafka-2:9093".to_owned())];
+        let over = Overrides {
+            sets: vec![("kafka.properties.sasl.username".into(), "notify".into())],
+        };
+        let c = Config::load_for_kafka(Some(&file), &env, &over).unwrap_or_else(|e| panic!("{e}"));
+        let settings = c.kafka_settings();
+        assert_eq!(settings.brokers, "kafka-2:9093");
+        assert_eq!(
+            settings.properties.get("security.protocol").map(String::as_str),
+            Some("SASL_SSL")
+        );
+        assert_eq!(
+            settings.properties.get("sasl.username").map(String::as_str),
+            Some("notify")
+        );
+        assert_eq!(c.topics.prefix, "billing");
+        // What reaching Kafka needs is still checked.
+        let over = Overrides {
+            sets: vec![("kafka.brokers".into(), " ".into())],
+        };
+        let err = Config::load_for_kafka(Some(&file), &[], &over)
+            .err()
+            .map(|e| e.to_string());
+        assert!(err.as_deref().is_some_and(|e| e.contains("kafka.brokers")), "{err:?}");
     }
 
     #[test]
