@@ -178,3 +178,43 @@ fn the_core_reads_no_clock() {
         .collect();
     assert!(offenders.is_empty(), "the core reads the clock in {offenders:?}");
 }
+
+/// Every relative link of the README and the `docs/` pages points at a
+/// file of the repository, and every page of `docs/` is linked from the
+/// README: the manual cannot lose a page or point at a moved one.
+#[test]
+fn the_docs_link_to_files_that_exist() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut pages = vec![root.join("README.md")];
+    let mut docs: Vec<PathBuf> = std::fs::read_dir(root.join("docs"))
+        .expect("docs/")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "md"))
+        .collect();
+    docs.sort();
+    assert!(!docs.is_empty(), "docs/ has pages");
+    pages.extend(docs.iter().cloned());
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README");
+    for page in &pages {
+        let text = std::fs::read_to_string(page).expect("page");
+        let base = page.parent().expect("folder");
+        for (i, _) in text.match_indices("](") {
+            let rest = &text[i + 2..];
+            let target = &rest[..rest.find(')').expect("closing parenthesis")];
+            if target.starts_with("http") || target.starts_with('#') {
+                continue;
+            }
+            let file = target.split('#').next().unwrap_or_default();
+            assert!(
+                base.join(file).exists(),
+                "{}: link to {target}, which does not exist",
+                page.display()
+            );
+        }
+    }
+    for d in &docs {
+        let name = format!("docs/{}", d.file_name().and_then(|n| n.to_str()).expect("name"));
+        assert!(readme.contains(&format!("]({name})")), "README does not link {name}");
+    }
+}

@@ -571,7 +571,7 @@ pub mod keys {
 pub enum StateFormat {
     /// Version 0: JSON, as releases before the binary format wrote it —
     /// the format to keep writing while such a release still runs (see
-    /// the README's upgrade steps).
+    /// the upgrade steps in `docs/operations.md`).
     Json,
     /// Version 1: the compact binary layout of [`crate::codec`].
     #[default]

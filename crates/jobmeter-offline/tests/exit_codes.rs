@@ -1,4 +1,4 @@
-//! The offline binary's exit statuses, as the README states them: 0 when a
+//! The offline binary's exit statuses, as `docs/tools.md` states them: 0 when a
 //! command ran, 2 with `error: …` naming the file or flag when it could
 //! not.
 

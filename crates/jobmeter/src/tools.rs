@@ -28,7 +28,7 @@ pub fn hostname() -> String {
 
 /// How a producer places event records on partitions: what the workers of
 /// a real fleet may do (the meter meters each account on its own partition
-/// whatever they do; see the README).
+/// whatever they do; see `docs/topics.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Placement {
     /// Keyed by account, Kafka's murmur2 partitioner (Java's default; the
