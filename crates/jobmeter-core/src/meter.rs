@@ -442,11 +442,6 @@ impl Meter {
         }
     }
 
-    /// True once this partition's events are applied in the merge order.
-    pub fn in_merge_order(&self) -> bool {
-        self.merge_order
-    }
-
     /// Records that this partition's events are applied in the merge
     /// order from now on (durable with its next changes).
     pub fn set_merge_order(&mut self) {
