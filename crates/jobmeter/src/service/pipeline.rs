@@ -584,13 +584,9 @@ fn merge_round<'e>(
         // A partition's end is reported once: one reported before this
         // round began is found from the position and the high watermark
         // instead (asked of the broker at most twice a second).
-        let rp_open: Vec<i32> = forwarded
-            .iter()
-            .map(|(p, _)| *p)
-            .filter(|p| !e.repartition_read_to_end(*p) && !e.is_failing(*p))
-            .collect();
+        let rp_open = |e: &Engine, p: i32| !e.repartition_read_to_end(p) && !e.is_failing(p);
         if last_hw.elapsed() >= HW_CHECK_EVERY
-            && (ins.iter().any(|r| !r.at_end && r.buf.is_empty()) || !rp_open.is_empty())
+            && (ins.iter().any(|r| !r.at_end && r.buf.is_empty()) || forwarded.iter().any(|(p, _)| rp_open(&e, *p)))
         {
             last_hw = Instant::now();
             if let Ok(pos) = consumer.position() {
@@ -602,9 +598,9 @@ fn merge_round<'e>(
                 // A meter waits for its repartition partition to be read to
                 // its end (records forwarded before this round); an empty
                 // one is at its end at once.
-                for p in rp_open {
-                    if read_to_end(consumer, &pos, &deps.topics.repartition, p) {
-                        e.repartition_at_end(p);
+                for (p, _) in &forwarded {
+                    if rp_open(&e, *p) && read_to_end(consumer, &pos, &deps.topics.repartition, *p) {
+                        e.repartition_at_end(*p);
                     }
                 }
             }
