@@ -9,7 +9,7 @@
 
 mod support;
 
-use jobmeter::simulate::FleetOptions;
+use jobmeter_offline::simulate::FleetOptions;
 use std::time::Duration;
 use support::*;
 
@@ -65,7 +65,7 @@ fn mixed_partitioners_bill_each_account_once() {
             );
         })
     };
-    let mut rng = jobmeter::simulate::Rng::new(5);
+    let mut rng = jobmeter_offline::simulate::Rng::new(5);
     for round in 0..4 {
         std::thread::sleep(Duration::from_millis(400 + rng.below(1200)));
         meter.kill9();

@@ -5,7 +5,7 @@
 
 mod support;
 
-use jobmeter::simulate::FleetOptions;
+use jobmeter_offline::simulate::FleetOptions;
 use rust_decimal::Decimal;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -253,7 +253,7 @@ fn usage_api_and_metrics_match_the_run() {
     assert_eq!(s, 200);
     assert_eq!(
         serde_json::from_str::<Value>(&doc).expect("present"),
-        serde_json::from_str::<Value>(jobmeter::service::api::OPENAPI).expect("present")
+        serde_json::from_str::<Value>(jobmeter_service::api::OPENAPI).expect("present")
     );
     assert!(meter.metric("jobmeter_api_requests_total").unwrap_or(0.0) > 40.0);
 }

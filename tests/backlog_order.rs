@@ -12,7 +12,7 @@
 
 mod support;
 
-use jobmeter::simulate::FleetOptions;
+use jobmeter_offline::simulate::FleetOptions;
 use std::time::Duration;
 use support::*;
 
@@ -99,7 +99,7 @@ fn catch_up_padded(name: &str, seed: u64, instances: usize, kills: usize, pad: O
         }
     }
     let mut meters: Vec<MeterProc> = specs.iter().map(MeterSpec::start).collect();
-    let mut rng = jobmeter::simulate::Rng::new(seed);
+    let mut rng = jobmeter_offline::simulate::Rng::new(seed);
     for k in 0..kills {
         std::thread::sleep(Duration::from_millis(1_500 + rng.below(2_500)));
         let i = rng.below(instances as u64) as usize;

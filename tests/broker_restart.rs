@@ -5,7 +5,7 @@
 
 mod support;
 
-use jobmeter::simulate::FleetOptions;
+use jobmeter_offline::simulate::FleetOptions;
 use std::process::Command;
 use std::time::Duration;
 use support::*;

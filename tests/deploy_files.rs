@@ -11,7 +11,7 @@ fn root() -> std::path::PathBuf {
 /// Names of every series the meter exports (histograms with their suffixes).
 fn exported() -> BTreeSet<String> {
     let r = prometheus::Registry::new();
-    let m = jobmeter::service::metrics::Metrics::new(&r).expect("metrics");
+    let m = jobmeter_service::metrics::Metrics::new(&r).expect("metrics");
     // Per-partition series exist once a partition is assigned.
     m.lag.with_label_values(&["0"]);
     m.open_jobs.with_label_values(&["0"]);
@@ -19,7 +19,7 @@ fn exported() -> BTreeSet<String> {
     m.commit_seconds.with_label_values(&["commit"]);
     m.limit_events.with_label_values(&["free_credits", "80"]);
     m.api_requests.with_label_values(&["usage", "200"]);
-    let _a = jobmeter::service::accounts::AccountsMetrics::new(&r).expect("account metrics");
+    let _a = jobmeter_service::accounts::AccountsMetrics::new(&r).expect("account metrics");
     let mut names = BTreeSet::new();
     for fam in r.gather() {
         let n = fam.name().to_owned();

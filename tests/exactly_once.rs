@@ -5,7 +5,7 @@
 
 mod support;
 
-use jobmeter::simulate::FleetOptions;
+use jobmeter_offline::simulate::FleetOptions;
 use std::time::Duration;
 use support::*;
 
@@ -50,7 +50,7 @@ fn kill_while_producing(
             produce_events(&prefix, &w, 0..total, 8_000);
         })
     };
-    let mut rng = jobmeter::simulate::Rng::new(seed);
+    let mut rng = jobmeter_offline::simulate::Rng::new(seed);
     for round in 0..kills {
         std::thread::sleep(Duration::from_millis(min_ms + rng.below(spread_ms)));
         meter.kill9();

@@ -7,8 +7,8 @@
 
 mod support;
 
-use jobmeter::simulate::FleetOptions;
 use jobmeter_core::{Context, Meter, MeterConfig, Origin, Output};
+use jobmeter_offline::simulate::FleetOptions;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use support::*;

@@ -8,7 +8,7 @@
 
 mod support;
 
-use jobmeter::simulate::FleetOptions;
+use jobmeter_offline::simulate::FleetOptions;
 use std::time::Duration;
 use support::*;
 

@@ -4,10 +4,10 @@
 //! computed offline by the same core, one meter per partition.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
-use jobmeter::simulate::{accounts, events, FleetOptions, SimEvent};
 use jobmeter_core::{AccountBook, AccountRecord, Context, Meter, MeterConfig, Output, PlanCatalog, RateCard};
 use jobmeter_kafka::client::{brokers_from_env, KafkaSettings};
 use jobmeter_kafka::reader::read_to_end;
+use jobmeter_offline::simulate::{accounts, events, FleetOptions, SimEvent};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -1,6 +1,8 @@
-//! The `jobmeter` command line: argument parsing and dispatch only. The
-//! offline commands' flags and bodies live in `jobmeter-offline` (its
-//! `cli` module), shared with the `jobmeter-offline` binary.
+//! The `jobmeter` command line: argument parsing and dispatch only. Each
+//! command's flags and body live in the crate that does it: the offline
+//! commands in `jobmeter-offline` (its `cli` module, shared with the
+//! `jobmeter-offline` binary), `run` in `jobmeter-service`, the operator
+//! tools in `jobmeter-ops`.
 
 use clap::{Parser, Subcommand};
 pub use jobmeter_offline::cli::{
@@ -26,21 +28,21 @@ pub enum Command {
     /// Validate a rate card and a plan catalog, reporting every problem.
     CheckConfig(CheckConfigCmd),
     /// Run the streaming meter against Kafka.
-    Run(crate::service::RunCmd),
+    Run(jobmeter_service::RunCmd),
     /// Print a topic's committed records (read_committed) as JSON lines.
     Dump(DumpCmd),
     /// Rebuild state and outputs from the input topics and check them
     /// against the changelog and the published topics (meter stopped).
-    Rebuild(crate::service::rebuild::RebuildCmd),
+    Rebuild(jobmeter_ops::rebuild::RebuildCmd),
     /// Bill impact of a rate-card change: every account's monthly bill
     /// under the current and a proposed card, most affected first.
     Reprice(RepriceCmd),
     /// Publish job lifecycle events (or run a command as a job) for workers
     /// that are scripts.
     #[command(subcommand)]
-    Emit(crate::emit::EmitCmd),
+    Emit(jobmeter_ops::emit::EmitCmd),
     /// Deliver limit events to a webhook (signed, retried, dead-lettered).
-    Notify(crate::notify::NotifyCmd),
+    Notify(jobmeter_ops::notify::NotifyCmd),
 }
 
 /// `jobmeter dump`.
@@ -51,7 +53,7 @@ pub struct DumpCmd {
     pub topic: String,
     /// How to reach Kafka (the meter's configuration).
     #[command(flatten)]
-    pub kafka: crate::service::KafkaArgs,
+    pub kafka: jobmeter_service::KafkaArgs,
     /// Print only the last N records.
     #[arg(long)]
     pub last: Option<usize>,
@@ -80,8 +82,8 @@ pub struct SimulateCmd {
     /// How event records are placed on partitions when producing to Kafka,
     /// as different Kafka clients would (the meter's results do not depend
     /// on it).
-    #[arg(long, value_enum, default_value_t = crate::tools::Placement::Murmur2)]
-    pub placement: crate::tools::Placement,
+    #[arg(long, value_enum, default_value_t = jobmeter_ops::tools::Placement::Murmur2)]
+    pub placement: jobmeter_ops::tools::Placement,
 }
 
 /// Runs the command line; the binary's `main` calls this. The exit status
@@ -95,30 +97,41 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Replay(cmd) => run_replay(cmd).map(|()| ok),
         Command::Simulate(cmd) => run_simulate(cmd).map(|()| ok),
         Command::CheckConfig(cmd) => cmd.run().map(|()| ok),
-        Command::Run(cmd) => crate::service::main(cmd).map(|()| ok),
+        Command::Run(cmd) => run(&cmd).map(|()| ok),
         Command::Dump(cmd) => {
             let settings = cmd.kafka.load()?.kafka_settings();
-            crate::tools::dump(&settings, &cmd.topic, cmd.last, cmd.timestamps).map(|()| ok)
+            jobmeter_ops::tools::dump(&settings, &cmd.topic, cmd.last, cmd.timestamps).map(|()| ok)
         }
-        Command::Rebuild(cmd) => Ok(if crate::service::rebuild::main(cmd)? {
+        Command::Rebuild(cmd) => Ok(if jobmeter_ops::rebuild::main(cmd)? {
             ok
         } else {
             std::process::ExitCode::from(1)
         }),
         Command::Reprice(cmd) => run_reprice(cmd).map(|()| ok),
-        Command::Notify(cmd) => crate::notify::main(cmd).map(|()| ok),
+        Command::Notify(cmd) => jobmeter_ops::notify::main(cmd).map(|()| ok),
         // As a shell reports a status: its low eight bits.
-        Command::Emit(cmd) => {
-            crate::emit::main(cmd).map(|code| std::process::ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)))
-        }
+        Command::Emit(cmd) => jobmeter_ops::emit::main(cmd)
+            .map(|code| std::process::ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1))),
     }
+}
+
+/// `jobmeter run`: the effective configuration, printed or run until a
+/// signal.
+fn run(cmd: &jobmeter_service::RunCmd) -> anyhow::Result<()> {
+    jobmeter_service::init_tracing();
+    let cfg = cmd.load_config()?;
+    if cmd.print_config {
+        println!("{}", toml::to_string_pretty(&cfg.redacted())?);
+        return Ok(());
+    }
+    Ok(jobmeter_service::run_until_signalled(cfg)?)
 }
 
 fn run_simulate(cmd: SimulateCmd) -> anyhow::Result<()> {
     let fleet = cmd.fleet.generate()?;
     if let Some(brokers) = &cmd.brokers {
         let topics = jobmeter_kafka::topics::Topics::with_prefix(&cmd.topic_prefix);
-        crate::tools::produce_fleet_placed(
+        jobmeter_ops::tools::produce_fleet_placed(
             brokers,
             &topics,
             &fleet.accounts,

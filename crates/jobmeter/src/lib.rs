@@ -1,21 +1,11 @@
-//! # jobmeter: the service and its command line
+//! # jobmeter: the command line
 //!
-//! The binary's `main` only calls [`cli::main`]. Everything here is library
-//! code that tests call directly: [`service`] is the streaming meter (Kafka
-//! in, RocksDB state, Kafka out, exactly once), beside the operator tools
-//! that need Kafka (`rebuild`, `notify`, `emit`, `dump`).
-//!
-//! This crate wires adapters together; billing rules live only in
-//! `jobmeter-core`, storage in `jobmeter-store`, Kafka in `jobmeter-kafka`,
-//! and the file-based tools (replay, reprice, simulate, the output sinks,
-//! the rate-card and plan loaders) in `jobmeter-offline`, one floor down:
-//! re-exported here under their old paths.
-
-pub use jobmeter_offline::{args, dur, progress, replay, reprice, simulate, sinks};
+//! The binary's `main` only calls [`cli::main`], which parses the command
+//! line and hands each command to the crate that does it: the streaming
+//! meter to `jobmeter-service`, the Kafka operator tools (`rebuild`,
+//! `notify`, `emit`, `dump`, producing a simulated fleet) to
+//! `jobmeter-ops`, the file-based tools (`replay`, `reprice`, `simulate`,
+//! `check-config`) to `jobmeter-offline`. Nothing here bills, stores or
+//! talks to Kafka: it parses, starts a runtime for `run`, and dispatches.
 
 pub mod cli;
-pub mod emit;
-pub mod notify;
-pub mod service;
-pub mod signals;
-pub mod tools;

@@ -32,8 +32,8 @@
 //! `--shape realistic --minutes M` makes the backlog an outage of M minutes
 //! leaves at the realistic fleet's rate (the catch-up time).
 
-use jobmeter::simulate::{accounts, events, FleetOptions};
 use jobmeter_kafka::client::{brokers_from_env, KafkaSettings};
+use jobmeter_offline::simulate::{accounts, events, FleetOptions};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -78,8 +78,8 @@ struct Args {
     /// How the backlog's event records are placed on partitions (the
     /// throughput run): `misrouted` puts every event on another partition
     /// than its account's.
-    #[arg(long, value_enum, default_value_t = jobmeter::tools::Placement::Murmur2)]
-    placement: jobmeter::tools::Placement,
+    #[arg(long, value_enum, default_value_t = jobmeter_ops::tools::Placement::Murmur2)]
+    placement: jobmeter_ops::tools::Placement,
     /// Keep the run's topics (`bench-<time>-*`) instead of deleting them
     /// at the end.
     #[arg(long)]
@@ -193,7 +193,7 @@ fn main() -> anyhow::Result<()> {
     drop(meter);
     let topics = jobmeter_kafka::topics::Topics::with_prefix(&prefix);
     let t0 = Instant::now();
-    jobmeter::tools::produce_fleet_placed(&brokers, &topics, &accs, &evs, 0, args.placement)?;
+    jobmeter_ops::tools::produce_fleet_placed(&brokers, &topics, &accs, &evs, 0, args.placement)?;
     println!("produced {} events in {:.1}s", evs.len(), t0.elapsed().as_secs_f64());
     let mut reads = Vec::new();
     let broker_cpu = || args.broker_pid.map(cpu_seconds);

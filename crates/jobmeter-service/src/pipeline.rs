@@ -11,20 +11,24 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
-pub(super) fn pipeline_loop(deps: &Deps, stop: &Arc<AtomicBool>, ready: &Arc<AtomicBool>) -> anyhow::Result<()> {
+/// Runs one pipeline until `stop` is cancelled. A failure rebuilds the
+/// pipeline from durable state after a backoff (doubling to 15 s); it
+/// never ends the pipeline, so this returns only on stop.
+pub(super) fn pipeline_loop(deps: &Deps, stop: &CancellationToken, ready: &AtomicBool) {
     let mut backoff = Duration::from_millis(500);
     loop {
         match run_pipeline(deps, stop, ready) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return,
             Err(e) => {
                 ready.store(false, Ordering::SeqCst);
                 deps.metrics.restarts.inc();
                 tracing::error!(error = %e, backoff_ms = backoff.as_millis() as u64, "pipeline failed; rebuilding it from durable state");
                 let until = Instant::now() + backoff;
                 while Instant::now() < until {
-                    if stop.load(Ordering::SeqCst) {
-                        return Ok(());
+                    if stop.is_cancelled() {
+                        return;
                     }
                     std::thread::sleep(Duration::from_millis(50));
                 }
@@ -50,7 +54,7 @@ fn pause_failed<C: rdkafka::consumer::ConsumerContext>(consumer: &BaseConsumer<C
     }
 }
 
-fn run_pipeline(deps: &Deps, stop: &AtomicBool, ready: &AtomicBool) -> Result<(), EngineError> {
+fn run_pipeline(deps: &Deps, stop: &CancellationToken, ready: &AtomicBool) -> Result<(), EngineError> {
     let cfg = &deps.cfg;
     let txn_timeout = cfg.kafka.transaction_timeout.std();
     let producer = TxnProducer::new(&deps.settings, &cfg.transactional_id(), txn_timeout)?;
@@ -470,7 +474,7 @@ fn merge_round<'e>(
     deps: &Deps,
     consumer: &Arc<BaseConsumer<MeterContext>>,
     lock: &dyn Fn() -> std::sync::MutexGuard<'e, Engine>,
-    stop: &AtomicBool,
+    stop: &CancellationToken,
     ready: &AtomicBool,
 ) -> Result<bool, EngineError> {
     use jobmeter_core::order::{pick, run_limit, MergeKey, Pick, QueueState};
@@ -526,7 +530,7 @@ fn merge_round<'e>(
     let mut last_hw = Instant::now().checked_sub(HW_CHECK_EVERY).unwrap_or_else(Instant::now);
     let mut idle = false;
     loop {
-        if stop.load(Ordering::SeqCst) {
+        if stop.is_cancelled() {
             lock().commit_and_wait(consumer)?;
             tracing::info!("last batch committed");
             return Ok(false);

@@ -42,7 +42,7 @@ pub struct NotifyCmd {
     /// How to reach Kafka: the meter's configuration (`--config`,
     /// `--brokers`, `--set kafka.properties.…`).
     #[command(flatten)]
-    pub kafka: crate::service::KafkaArgs,
+    pub kafka: jobmeter_service::KafkaArgs,
     /// Topic prefix of the meter (reads `<prefix>.limits`); default: the
     /// configuration's `topics.prefix` (`jobmeter`).
     #[arg(long)]
@@ -60,16 +60,16 @@ pub struct NotifyCmd {
     #[arg(long)]
     pub secret_file: Option<std::path::PathBuf>,
     /// Timeout of one request.
-    #[arg(long, default_value = "10s", value_parser = crate::args::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = jobmeter_offline::args::parse_duration)]
     pub request_timeout: i64,
     /// First retry delay (doubles each attempt).
-    #[arg(long, default_value = "500ms", value_parser = crate::args::parse_duration)]
+    #[arg(long, default_value = "500ms", value_parser = jobmeter_offline::args::parse_duration)]
     pub initial_backoff: i64,
     /// Longest retry delay.
-    #[arg(long, default_value = "1m", value_parser = crate::args::parse_duration)]
+    #[arg(long, default_value = "1m", value_parser = jobmeter_offline::args::parse_duration)]
     pub max_backoff: i64,
     /// Dead-letter an event still undelivered this long after its first attempt.
-    #[arg(long, default_value = "1h", value_parser = crate::args::parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = jobmeter_offline::args::parse_duration)]
     pub give_up_after: i64,
     /// Dead-letter topic (default `<prefix>.limits-dlq`; created if missing).
     #[arg(long)]
@@ -157,7 +157,7 @@ fn event_id_of(payload: &[u8], topic: &str, partition: i32, offset: i64) -> Stri
 
 /// Runs the notifier until SIGTERM/SIGINT.
 pub fn main(cmd: NotifyCmd) -> anyhow::Result<()> {
-    crate::service::init_tracing();
+    jobmeter_service::init_tracing();
     if !(cmd.webhook.starts_with("http://") || cmd.webhook.starts_with("https://")) {
         anyhow::bail!("--webhook {:?}: must be an http:// or https:// URL", cmd.webhook);
     }
@@ -182,7 +182,7 @@ pub fn main(cmd: NotifyCmd) -> anyhow::Result<()> {
                 let Ok(srt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
                     return;
                 };
-                srt.block_on(crate::signals::shutdown_requested());
+                srt.block_on(jobmeter_service::signals::shutdown_requested());
                 tracing::info!("shutdown requested: finishing the current event");
                 stop.store(true, Ordering::SeqCst);
             })?;

@@ -8,8 +8,8 @@
 
 mod layers;
 
-use crate::dur::Dur;
 use jobmeter_core::MeterConfig;
+use jobmeter_offline::dur::Dur;
 use layers::{env_value, get_path, merge, property_path, set_path, typed};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -589,10 +589,10 @@ impl Config {
             }
             Err(e) => p.push(e),
         }
-        if let Err(e) = crate::replay::load_rate_card(&self.billing.rate_card) {
+        if let Err(e) = jobmeter_offline::replay::load_rate_card(&self.billing.rate_card) {
             p.push(format!("billing.rate_card: {e}"));
         }
-        if let Err(e) = crate::replay::load_plans(self.billing.plans.as_deref()) {
+        if let Err(e) = jobmeter_offline::replay::load_plans(self.billing.plans.as_deref()) {
             p.push(format!("billing.plans: {e}"));
         }
         p
@@ -642,7 +642,7 @@ impl Config {
         }
         match self.http.listen.parse::<std::net::SocketAddr>() {
             Ok(a) if a.ip().is_unspecified() => {
-                let host = crate::tools::hostname();
+                let host = hostname();
                 format!("http://{host}:{}", a.port())
             }
             _ => format!("http://{}", self.http.listen),
@@ -689,6 +689,21 @@ impl Config {
         }
         c
     }
+}
+
+/// This machine's name: `$HOSTNAME`, else `/etc/hostname`, else `localhost`
+/// (event sources of `jobmeter emit`, the advertised URL of a wildcard listener).
+pub fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 #[cfg(test)]

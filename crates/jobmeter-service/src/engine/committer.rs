@@ -2,7 +2,7 @@
 
 use super::EngineError;
 use super::Reroute;
-use crate::service::metrics::Metrics;
+use crate::metrics::Metrics;
 use jobmeter_core::state::StateChange;
 use jobmeter_core::Stats;
 use jobmeter_kafka::txn::{tag_changelog, Outgoing, Transactional};

@@ -14,16 +14,16 @@
 //! Exit status 0 when everything matches; 1, after the report, when
 //! anything differs; 2 when the rebuild cannot run (an error).
 
-use super::config::Config;
-use super::engine::route;
-use super::RunCmd;
-use crate::sinks::{Format, OutputFiles};
 use jobmeter_core::state::Table;
 use jobmeter_core::values;
 use jobmeter_core::{AccountBook, Context, Meter, Origin, Output};
 use jobmeter_kafka::reader::{read_range, read_to_end};
 use jobmeter_kafka::repartition::{source_of, Marker, Replayer, Source, MARKER, PROGRESS};
 use jobmeter_kafka::topics::{partition_count, Topics};
+use jobmeter_offline::sinks::{Format, OutputFiles};
+use jobmeter_service::config::Config;
+use jobmeter_service::engine::route;
+use jobmeter_service::RunCmd;
 use jobmeter_store::Store;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::TopicPartitionList;
@@ -45,17 +45,17 @@ pub struct RebuildCmd {
     pub dry_run: bool,
 }
 
-use super::engine::StateMap;
+use jobmeter_service::engine::StateMap;
 
 /// Runs the rebuild; returns whether everything matched (a difference is
 /// reported, not an error).
 pub fn main(cmd: RebuildCmd) -> anyhow::Result<bool> {
-    super::init_tracing();
+    jobmeter_service::init_tracing();
     let cfg: Config = cmd.run.load_config()?;
     let settings = cfg.kafka_settings();
     let topics = Topics::with_prefix(&cfg.topics.prefix);
-    let rates = crate::replay::load_rate_card(&cfg.billing.rate_card)?;
-    let plans = crate::replay::load_plans(cfg.billing.plans.as_deref())?;
+    let rates = jobmeter_offline::replay::load_rate_card(&cfg.billing.rate_card)?;
+    let plans = jobmeter_offline::replay::load_plans(cfg.billing.plans.as_deref())?;
     // The whole accounts table, in memory: the rebuild meters every
     // partition, with the meter stopped.
     let mut book = AccountBook::new(&plans);
@@ -254,7 +254,7 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<bool> {
             Duration::from_secs(3600),
             |r| {
                 last_offset = Some(r.offset);
-                let _ = super::engine::overlay(&mut from_changelog, r);
+                let _ = jobmeter_service::engine::overlay(&mut from_changelog, r);
             },
         )?;
         // How the live meter orders its inputs is a mode, not a result of

@@ -43,9 +43,10 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 /// Counters of the accounts table.
 #[derive(Debug, Clone)]
@@ -440,7 +441,7 @@ pub fn tail_owned(
     topics: (&str, &str),
     source_from: Vec<(i32, i64)>,
     owned: &RwLock<BTreeSet<i32>>,
-    stop: &AtomicBool,
+    stop: &CancellationToken,
 ) {
     let (source, by_partition) = topics;
     let consumer = match tailer(settings, client_id, "accounts tailer") {
@@ -456,7 +457,7 @@ pub fn tail_owned(
     // Rows by partition, and the accounts partition offset they reach.
     let mut pending: HashMap<i32, (Vec<AccountRecord>, Option<i64>)> = HashMap::new();
     let mut held = 0usize;
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.is_cancelled() {
         if checked.elapsed() >= Duration::from_millis(200) {
             checked = Instant::now();
             let want = owned.read().map(|o| o.clone()).unwrap_or_default();
@@ -563,7 +564,7 @@ pub fn read_pro(
     client_id: &str,
     topic: &str,
     from: Option<i64>,
-    stop: Option<&AtomicBool>,
+    stop: Option<&CancellationToken>,
 ) -> Result<i64, jobmeter_kafka::KafkaAdapterError> {
     let apply = |key: Option<&[u8]>, value: Option<&[u8]>| {
         if let Some((t, a)) = key.and_then(parse_internal_key) {
@@ -590,7 +591,7 @@ pub fn read_pro(
         .map_err(assign)?;
     consumer.assign(&tpl).map_err(assign)?;
     let mut next = from.unwrap_or(0);
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.is_cancelled() {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 next = m.offset() + 1;
@@ -634,7 +635,7 @@ const FORWARD_COMMIT_EVERY: Duration = Duration::from_millis(200);
 /// Forwards account records until `stop` (runs on its own thread): see
 /// the module docs. Records are produced, flushed, then their offsets
 /// committed; a crash in between forwards them again.
-pub fn forward(accounts: &StoredAccounts, f: &Forwarding, forwarded: &AtomicU64, stop: &AtomicBool) {
+pub fn forward(accounts: &StoredAccounts, f: &Forwarding, forwarded: &AtomicU64, stop: &CancellationToken) {
     let consumer: BaseConsumer<jobmeter_kafka::reader::ReaderContext> = match f
         .settings
         .group_consumer(&f.group, &f.client_id)
@@ -663,7 +664,7 @@ pub fn forward(accounts: &StoredAccounts, f: &Forwarding, forwarded: &AtomicU64,
     let mut dirty = false;
     let mut last_commit = Instant::now();
     let mut committed: Vec<(i32, i64)> = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.is_cancelled() {
         let polled = consumer.poll(Duration::from_millis(50));
         let idle = polled.is_none();
         match polled {

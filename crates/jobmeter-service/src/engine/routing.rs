@@ -138,7 +138,7 @@ pub(super) const REROUTE_LOG_EVERY: Duration = Duration::from_secs(60);
 /// account's (Kafka's murmur2 of `data.account_id` over `partitions`), or
 /// `arrival` itself for a record that is not a valid event (it is
 /// dead-lettered where it arrived). Returns the event when it parsed.
-pub(crate) fn route(payload: &[u8], arrival: i32, partitions: i32) -> (i32, Option<jobmeter_core::JobEvent>) {
+pub fn route(payload: &[u8], arrival: i32, partitions: i32) -> (i32, Option<jobmeter_core::JobEvent>) {
     match jobmeter_core::parse_job_event(payload) {
         Ok(ev) => (
             jobmeter_kafka::partitioner::partition_for_key(ev.account.as_str().as_bytes(), partitions),

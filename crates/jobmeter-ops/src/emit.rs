@@ -129,11 +129,11 @@ pub enum EmitCmd {
         #[command(flatten)]
         start: StartArgs,
         /// Heartbeat interval.
-        #[arg(long, default_value = "10s", value_parser = crate::args::parse_duration)]
+        #[arg(long, default_value = "10s", value_parser = jobmeter_offline::args::parse_duration)]
         heartbeat: i64,
         /// After a `job.stop` from the meter (or an interruption), how long
         /// the command has to exit after SIGTERM before it is sent SIGKILL.
-        #[arg(long, default_value = "10s", value_parser = crate::args::parse_duration)]
+        #[arg(long, default_value = "10s", value_parser = jobmeter_offline::args::parse_duration)]
         kill_after: i64,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
@@ -271,7 +271,7 @@ fn run(
     let guard = e.start(s)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let ended = rt.block_on(async {
-        let signalled = crate::signals::shutdown_requested();
+        let signalled = jobmeter_service::signals::shutdown_requested();
         tokio::pin!(signalled);
         loop {
             tokio::select! {

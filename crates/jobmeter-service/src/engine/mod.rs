@@ -65,8 +65,8 @@ mod restore;
 mod routing;
 
 pub use rebalance::{MeterContext, Rebalance};
-pub(crate) use restore::{overlay, StateMap};
-pub(crate) use routing::route;
+pub use restore::{overlay, StateMap};
+pub use routing::route;
 
 use super::metrics::Metrics;
 use committer::Committer;
@@ -169,7 +169,7 @@ pub struct Billing {
     /// Plan terms.
     pub plans: Arc<PlanCatalog>,
     /// The accounts of the owned partitions and the pro subscribers.
-    pub accounts: Arc<crate::service::accounts::StoredAccounts>,
+    pub accounts: Arc<crate::accounts::StoredAccounts>,
     /// Newest event time seen by any local meter (late account records).
     pub newest_event_ms: Arc<std::sync::atomic::AtomicI64>,
 }
@@ -572,11 +572,11 @@ impl Reroute {
     }
 }
 
-impl From<crate::service::accounts::CatchUpError> for EngineError {
-    fn from(e: crate::service::accounts::CatchUpError) -> Self {
+impl From<crate::accounts::CatchUpError> for EngineError {
+    fn from(e: crate::accounts::CatchUpError) -> Self {
         match e {
-            crate::service::accounts::CatchUpError::Kafka(k) => EngineError::Kafka(k),
-            crate::service::accounts::CatchUpError::Store(s) => EngineError::Store(s),
+            crate::accounts::CatchUpError::Kafka(k) => EngineError::Kafka(k),
+            crate::accounts::CatchUpError::Store(s) => EngineError::Store(s),
         }
     }
 }

@@ -173,7 +173,7 @@ struct Loader {
     max_local_age: std::time::Duration,
     meter: jobmeter_core::MeterConfig,
     archive: bool,
-    accounts: std::sync::Arc<crate::service::accounts::StoredAccounts>,
+    accounts: std::sync::Arc<crate::accounts::StoredAccounts>,
     accounts_topic: String,
 }
 
@@ -226,8 +226,7 @@ impl Loader {
         };
         // The partition's account records first: its meter must not rate
         // usage before the records that govern it.
-        let accounts =
-            crate::service::accounts::catch_up(&self.accounts, reader, &self.accounts_topic, p, self.deadline)?;
+        let accounts = crate::accounts::catch_up(&self.accounts, reader, &self.accounts_topic, p, self.deadline)?;
         if accounts > 0 {
             tracing::info!(
                 partition = p,
@@ -452,11 +451,11 @@ impl CatchUp {
 }
 
 /// State records by (table, key), as restored.
-pub(crate) type StateMap = BTreeMap<(Table, Vec<u8>), Vec<u8>>;
+pub type StateMap = BTreeMap<(Table, Vec<u8>), Vec<u8>>;
 
 /// Applies one changelog record to `map` (an upsert, or a delete for a
 /// tombstone) and returns the key it touched; `None` for a malformed key.
-pub(crate) fn overlay(map: &mut StateMap, rec: jobmeter_kafka::reader::Record) -> Option<(Table, Vec<u8>)> {
+pub fn overlay(map: &mut StateMap, rec: jobmeter_kafka::reader::Record) -> Option<(Table, Vec<u8>)> {
     let key = rec.key?;
     let (table, k) = jobmeter_kafka::changelog::split(&key)?;
     let entry = (table, k.to_vec());
@@ -504,14 +503,14 @@ mod tests {
             ..MeterConfig::default()
         };
         let ctx = Context::new(&rates, &plans, &book, &config);
-        let opts = crate::simulate::FleetOptions {
+        let opts = jobmeter_offline::simulate::FleetOptions {
             jobs: 2_000,
             mean_gap_ms: 10_000,
-            ..crate::simulate::FleetOptions::default()
+            ..jobmeter_offline::simulate::FleetOptions::default()
         };
         let mut meter = Meter::tracking_changes();
         let (mut records, mut out) = (Vec::new(), Vec::new());
-        for (i, ev) in crate::simulate::events(&opts).iter().enumerate() {
+        for (i, ev) in jobmeter_offline::simulate::events(&opts).iter().enumerate() {
             meter.apply(&ctx, ev.json.as_bytes(), None, &mut out);
             if i % 50 == 49 {
                 for c in meter.take_changes().expect("encode") {

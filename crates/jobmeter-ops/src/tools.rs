@@ -1,30 +1,17 @@
 //! Small Kafka tools for demos and operators: producing a simulated fleet,
 //! dumping a topic's committed records.
 
-use crate::simulate::SimEvent;
 use anyhow::Context as _;
 use jobmeter_kafka::client::KafkaSettings;
 use jobmeter_kafka::reader::read_to_end;
 use jobmeter_kafka::topics::{partition_count, Topics};
+use jobmeter_offline::simulate::SimEvent;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-/// This machine's name: `$HOSTNAME`, else `/etc/hostname`, else `localhost`
-/// (event sources of `jobmeter emit`, the advertised URL of a wildcard listener).
-pub fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|h| h.trim().to_owned())
-        })
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into())
-}
+pub use jobmeter_service::config::hostname;
 
 /// How a producer places event records on partitions: what the workers of
 /// a real fleet may do (the meter meters each account on its own partition
@@ -153,8 +140,11 @@ pub fn produce_fleet_placed(
     }
     producer.flush(Duration::from_secs(30))?;
     let started = Instant::now();
-    let mut bar =
-        crate::progress::Progress::new("produce", events.len() as u64, crate::progress::Unit::Items("events"));
+    let mut bar = jobmeter_offline::progress::Progress::new(
+        "produce",
+        events.len() as u64,
+        jobmeter_offline::progress::Unit::Items("events"),
+    );
     for (i, e) in events.iter().enumerate() {
         send(&topics.job_events, &e.key, &e.json, Some(e.time.0))?;
         if rate > 0 {
