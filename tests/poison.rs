@@ -266,16 +266,20 @@ fn offline(w: &Workload, recs: &[Rec]) -> (Outputs, Vec<String>, BTreeMap<usize,
             offset: i as i64,
             record_time: Some(jobmeter_core::Timestamp(r.ts)),
         };
-        meters.entry(r.partition).or_default().apply(
-            &ctx.with_partition(
-                r.partition,
-                w.partitions,
-                jobmeter_kafka::partitioner::partition_for_key,
-            ),
-            r.value.as_deref().unwrap_or_default(),
-            Some(&origin),
-            &mut out,
-        );
+        meters
+            .entry(r.partition)
+            .or_default()
+            .apply(
+                &ctx.with_partition(
+                    r.partition,
+                    w.partitions,
+                    jobmeter_kafka::partitioner::partition_for_key,
+                ),
+                r.value.as_deref().unwrap_or_default(),
+                Some(&origin),
+                &mut out,
+            )
+            .expect("apply");
     }
     let mut reasons = Vec::new();
     let mut by_record = BTreeMap::new();

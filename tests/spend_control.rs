@@ -81,7 +81,9 @@ fn offline(prefix: &str, card: &RateCard, plans: &PlanCatalog, book: &AccountBoo
                     offset: r.offset,
                     record_time: r.timestamp_ms.map(Timestamp),
                 };
-                meter.apply(&ctx, r.value.as_deref().unwrap_or_default(), Some(&origin), &mut out);
+                meter
+                    .apply(&ctx, r.value.as_deref().unwrap_or_default(), Some(&origin), &mut out)
+                    .expect("apply");
             },
         )
         .expect("read");

@@ -637,12 +637,16 @@ pub fn expected_with(w: &Workload, upto: usize, rates: &RateCard, plans: &PlanCa
     let mut out = Vec::new();
     for e in &w.events[..upto] {
         let p = partition_of(&e.key, w.partitions);
-        meters.entry(p).or_default().apply(
-            &ctx.with_partition(p, w.partitions, jobmeter_kafka::partitioner::partition_for_key),
-            e.json.as_bytes(),
-            None,
-            &mut out,
-        );
+        meters
+            .entry(p)
+            .or_default()
+            .apply(
+                &ctx.with_partition(p, w.partitions, jobmeter_kafka::partitioner::partition_for_key),
+                e.json.as_bytes(),
+                None,
+                &mut out,
+            )
+            .expect("apply");
     }
     collect(out)
 }
@@ -948,12 +952,16 @@ pub fn expected_in_merge_order(prefix: &str, w: &Workload) -> Outputs {
             offset: o,
             record_time: r.timestamp_ms.map(jobmeter_core::Timestamp),
         };
-        meters.entry(owner).or_default().apply(
-            &ctx.with_partition(owner, w.partitions, jobmeter_kafka::partitioner::partition_for_key),
-            payload,
-            Some(&origin),
-            &mut out,
-        );
+        meters
+            .entry(owner)
+            .or_default()
+            .apply(
+                &ctx.with_partition(owner, w.partitions, jobmeter_kafka::partitioner::partition_for_key),
+                payload,
+                Some(&origin),
+                &mut out,
+            )
+            .expect("apply");
     }
     collect(out)
 }

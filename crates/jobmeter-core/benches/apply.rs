@@ -132,7 +132,7 @@ fn bench(c: &mut Criterion) {
             |mut meter| {
                 let mut out = Vec::with_capacity(64);
                 for e in &events {
-                    meter.apply(&ctx, e.as_bytes(), None, &mut out);
+                    meter.apply(&ctx, e.as_bytes(), None, &mut out).expect("apply");
                     out.clear();
                 }
                 // Returned so that dropping it is not timed (a live meter

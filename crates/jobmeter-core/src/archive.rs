@@ -79,8 +79,6 @@ pub(crate) struct Cold {
     /// one taken): an entry is written when a job is open at the end of a
     /// batch, and deleted only if it was.
     pub(crate) listed_open: crate::fasthash::FastSet<JobKey>,
-    /// The first failed archive read since the last check.
-    pub(crate) failure: Option<ArchiveError>,
 }
 
 /// Key of an `event_ids` entry.

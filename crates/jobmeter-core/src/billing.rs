@@ -19,7 +19,7 @@ use crate::event::JobKind;
 use crate::meter::{Meter, Step};
 use crate::money::{AccountId, Money, CURRENCY};
 use crate::output::{Charge, LimitAction, LimitEvent, LimitKind, Output, Statement, StatementLine};
-use crate::plans::{Plan, PlanCatalog, PlanTerms, Policy};
+use crate::plans::{LookupError, Plan, PlanCatalog, PlanTerms, Policy};
 use crate::rating::SliceCharge;
 use crate::state::{Accrual, Counter, FiredKey, Job, JobKey, LineAcc, StartRec, ThresholdId, UsageKey};
 use crate::time::{Period, Timestamp};
@@ -353,20 +353,20 @@ impl Meter {
         job: &mut Job,
         now: Timestamp,
         out: &mut Vec<Output>,
-    ) {
+    ) -> Result<(), LookupError> {
         let (Some(start), Some(hb)) = (job.start.as_ref(), job.last_heartbeat) else {
-            return;
+            return Ok(());
         };
         let hb = job.charged_until(hb, ctx.config.stop_grace_ms);
         if hb < start.time {
-            return;
+            return Ok(());
         }
-        let terms = ctx.accounts.terms_at(ctx.plans, &jk.0, start.time);
+        let terms = ctx.accounts.terms_at(ctx.plans, &jk.0, start.time)?;
         let (period, _) = billing_period(ctx, hb.period(), now);
         let spec = limit_spec(ctx.plans, &terms, start.info.kind, &jk.0, period);
         let spend = spend_spec(ctx.plans, &terms, &jk.0, period);
         if spec.is_none() && spend.is_none() {
-            return;
+            return Ok(());
         }
         let amount = start.rate * ctx.rates.policy.rounding.total_seconds(hb.0 - start.time.0);
         self.release_accrual(job);
@@ -390,6 +390,7 @@ impl Meter {
         for spec in [spec, spend].iter().flatten() {
             self.check_thresholds(ctx.plans, spec, period, jk, hb, out);
         }
+        Ok(())
     }
 
     /// Emits one charge: rates the slice, applies plan inclusion, updates
@@ -475,25 +476,49 @@ impl Meter {
     /// usage in `p` get a statement too: the monthly fee is owed whether or
     /// not the plan was used. Each period is closed once
     /// (`fees_through` records how far).
-    pub(crate) fn close_period(&mut self, ctx: &Context<'_>, p: Period, _at: Timestamp, out: &mut Vec<Output>) {
-        let mut accounts = self.statements.remove(&p).unwrap_or_default();
-        if self.fees_through.is_none_or(|f| f < p) {
+    ///
+    /// Every account lookup is made before anything changes: a failed one
+    /// leaves the period open.
+    pub(crate) fn close_period(
+        &mut self,
+        ctx: &Context<'_>,
+        p: Period,
+        _at: Timestamp,
+        out: &mut Vec<Output>,
+    ) -> Result<(), LookupError> {
+        let fees_due = self.fees_through.is_none_or(|f| f < p);
+        let mut idle = Vec::new();
+        if fees_due {
+            let used = self.statements.get(&p);
             // `pro_accounts` is ordered by account: emission order is stable.
-            let idle = ctx
+            for a in ctx
                 .accounts
-                .pro_accounts(&|a| !accounts.contains_key(a) && ctx.owns(a))
-                .into_iter()
-                .filter(|a| ctx.accounts.pro_during(a, p));
-            for a in idle.collect::<Vec<_>>() {
+                .pro_accounts(&|a| !used.is_some_and(|u| u.contains_key(a)) && ctx.owns(a))
+            {
+                if ctx.accounts.pro_during(&a, p)? {
+                    idle.push(a);
+                }
+            }
+        }
+        let last_instant = Timestamp(p.end().0 - 1);
+        let mut terms = std::collections::BTreeMap::new();
+        for account in self.statements.get(&p).into_iter().flat_map(|m| m.keys()).chain(&idle) {
+            let plan = ctx.accounts.terms_at(ctx.plans, account, last_instant)?.plan;
+            let fee = ctx.accounts.subscription_fee(ctx.plans, account, p)?;
+            terms.insert(account.clone(), (plan, fee));
+        }
+        let mut accounts = self.statements.remove(&p).unwrap_or_default();
+        if fees_due {
+            for a in idle {
                 accounts.insert(a, Default::default());
             }
             self.fees_through = Some(p);
             self.mark_meta();
         }
-        let last_instant = Timestamp(p.end().0 - 1);
         for (account, acc) in accounts {
-            let plan = ctx.accounts.terms_at(ctx.plans, &account, last_instant).plan;
-            let fee = ctx.accounts.subscription_fee(ctx.plans, &account, p);
+            let Some((plan, fee)) = terms.remove(&account) else {
+                continue;
+            };
             let lines = acc
                 .lines
                 .iter()
@@ -519,6 +544,7 @@ impl Meter {
             }
             out.push(Output::Statement(statement));
         }
+        Ok(())
     }
 }
 

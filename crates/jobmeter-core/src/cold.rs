@@ -46,13 +46,6 @@ impl Meter {
         self
     }
 
-    /// The first archive read that failed since the last call. The meter
-    /// went on as if the job or id were not archived: the caller must drop
-    /// the open batch and rebuild the meter from durable state.
-    pub fn take_archive_failure(&mut self) -> Option<ArchiveError> {
-        self.cold.failure.take()
-    }
-
     /// Every batch taken with [`Meter::take_changes`] before the last one
     /// is durable: finished jobs written in them leave memory.
     pub fn release_stored(&mut self) {
@@ -124,41 +117,33 @@ impl Meter {
     /// Reads `jk` back from the archive into memory; its slot, or `None`
     /// when the archive does not have it (or forgot it in a batch that is
     /// not durable yet).
-    pub(crate) fn fault_in(&mut self, ctx_timeout_ms: i64, jk: &JobKey) -> Option<u32> {
-        let archive = self.archive.as_ref()?;
+    pub(crate) fn fault_in(&mut self, ctx_timeout_ms: i64, jk: &JobKey) -> Result<Option<u32>, ArchiveError> {
+        let Some(archive) = self.archive.as_ref() else {
+            return Ok(None);
+        };
         if self.cold.tombs.contains_key(jk) {
-            return None;
+            return Ok(None);
         }
-        let job = match archive.job(jk) {
-            Ok(j) => j?,
-            Err(e) => {
-                self.cold.failure.get_or_insert(e);
-                return None;
-            }
+        let Some(job) = archive.job(jk)? else {
+            return Ok(None);
         };
         let mut job = Box::new(job);
         self.adopt(jk, &mut job, ctx_timeout_ms);
         self.cold.unstored.insert(jk.clone(), self.cold.gen);
         self.jobs.insert(jk.clone(), job);
-        self.jobs.slot(jk)
+        Ok(self.jobs.slot(jk))
     }
 
     /// True when `key` belongs to an archived job the meter has not
     /// forgotten.
-    pub(crate) fn archived_event(&mut self, key: EventKey) -> bool {
+    pub(crate) fn archived_event(&mut self, key: EventKey) -> Result<bool, ArchiveError> {
         let Some(archive) = self.archive.as_ref() else {
-            return false;
+            return Ok(false);
         };
         if self.cold.tomb_keys.contains_key(&key) {
-            return false;
+            return Ok(false);
         }
-        match archive.has_event(key) {
-            Ok(b) => b,
-            Err(e) => {
-                self.cold.failure.get_or_insert(e);
-                false
-            }
-        }
+        archive.has_event(key)
     }
 
     /// A job is forgotten: with an archive, its index entries go and the
@@ -183,43 +168,35 @@ impl Meter {
 
     /// Forgets the archived jobs whose retention ended before stream time
     /// `st` (the ones in memory have their own index).
-    pub(crate) fn expire_archived(&mut self, st: Timestamp) {
-        let Some(archive) = self.archive.take() else { return };
-        self.expire_archived_with(archive.as_ref(), st);
+    pub(crate) fn expire_archived(&mut self, st: Timestamp) -> Result<(), ArchiveError> {
+        let Some(archive) = self.archive.take() else {
+            return Ok(());
+        };
+        let r = self.expire_archived_with(archive.as_ref(), st);
         self.archive = Some(archive);
+        r
     }
 
-    fn expire_archived_with(&mut self, archive: &dyn JobArchive, st: Timestamp) {
+    fn expire_archived_with(&mut self, archive: &dyn JobArchive, st: Timestamp) -> Result<(), ArchiveError> {
         loop {
             let next = match self.cold.next {
                 Some(n) => n,
-                None => match archive.expiring(self.cold.cursor.as_ref(), Timestamp::MAX, 1) {
-                    Ok(v) => {
-                        let n = v.first().map(|(t, _)| *t);
-                        self.cold.next = Some(n);
-                        n
-                    }
-                    Err(e) => {
-                        self.cold.failure.get_or_insert(e);
-                        return;
-                    }
-                },
-            };
-            if next.is_none_or(|n| n >= st) {
-                return;
-            }
-            let page = match archive.expiring(self.cold.cursor.as_ref(), st, EXPIRY_PAGE) {
-                Ok(p) => p,
-                Err(e) => {
-                    self.cold.failure.get_or_insert(e);
-                    return;
+                None => {
+                    let v = archive.expiring(self.cold.cursor.as_ref(), Timestamp::MAX, 1)?;
+                    let n = v.first().map(|(t, _)| *t);
+                    self.cold.next = Some(n);
+                    n
                 }
             };
+            if next.is_none_or(|n| n >= st) {
+                return Ok(());
+            }
+            let page = archive.expiring(self.cold.cursor.as_ref(), st, EXPIRY_PAGE)?;
             self.cold.next = None;
             if page.is_empty() {
                 // The entry ahead of the cursor is not due after all (or
                 // went): look again on the next event.
-                return;
+                return Ok(());
             }
             for (e, jk) in page {
                 self.cold.cursor = Some((e, jk.clone()));
@@ -234,18 +211,14 @@ impl Meter {
                     }
                     continue;
                 }
-                match archive.job(&jk) {
-                    Ok(Some(job)) if job.expires == Some(e) => {
+                match archive.job(&jk)? {
+                    Some(job) if job.expires == Some(e) => {
                         self.tombstone(&jk, &job);
                         if let Some(d) = self.dirty.as_mut() {
                             d.jobs.insert(jk);
                         }
                     }
-                    Ok(_) => self.cold.local.push(stale(e, &jk)),
-                    Err(err) => {
-                        self.cold.failure.get_or_insert(err);
-                        return;
-                    }
+                    _ => self.cold.local.push(stale(e, &jk)),
                 }
             }
         }

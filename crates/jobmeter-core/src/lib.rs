@@ -53,9 +53,9 @@ pub mod wire;
 
 pub use config_error::{ConfigError, Problem};
 pub use event::{parse_job_event, JobEvent, JobKind, JobStatus, RejectReason};
-pub use meter::{Context, Meter, MeterConfig, Stats};
+pub use meter::{ApplyError, Context, Meter, MeterConfig, Stats};
 pub use money::{AccountId, JobId, ModelId, Money};
 pub use output::{Charge, Command, LimitEvent, Origin, Output, Rejected, Statement};
-pub use plans::{AccountBook, AccountRecord, Accounts, Plan, PlanCatalog, Policy};
+pub use plans::{AccountBook, AccountRecord, Accounts, LookupError, Plan, PlanCatalog, Policy};
 pub use ratecard::RateCard;
 pub use time::{Period, Timestamp};

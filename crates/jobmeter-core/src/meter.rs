@@ -14,6 +14,21 @@ use crate::state::{Billed, BilledPart, Counter, FiredKey, Job, JobKey, StartRec,
 use crate::time::{Period, Timestamp};
 use std::collections::{BTreeMap, BTreeSet};
 
+/// Why a meter could not apply an event: a fact it does not hold could not
+/// be read. The meter's memory may be partly changed and the outputs of
+/// the event partly written: drop both (and the batch being built) and
+/// rebuild the meter from durable state. Bad input is never an error (it
+/// is an [`Output::Reject`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    /// An account's records could not be read.
+    #[error(transparent)]
+    Lookup(#[from] crate::plans::LookupError),
+    /// The job archive could not be read.
+    #[error(transparent)]
+    Archive(#[from] crate::archive::ArchiveError),
+}
+
 /// The event being applied, as every handler sees it: the context, the
 /// stream time after the event, where outputs go, and the event's bytes
 /// and origin (for a dead letter; empty for a timer).
@@ -131,11 +146,21 @@ impl Meter {
     }
 
     /// Parses `raw` and applies it. Every input yields either state changes
-    /// and outputs, a duplicate count, or a [`Output::Reject`].
-    pub fn apply(&mut self, ctx: &Context<'_>, raw: &[u8], origin: Option<&Origin>, out: &mut Vec<Output>) {
+    /// and outputs, a duplicate count, or a [`Output::Reject`]; an error
+    /// only when a lookup fails (see [`ApplyError`]).
+    pub fn apply(
+        &mut self,
+        ctx: &Context<'_>,
+        raw: &[u8],
+        origin: Option<&Origin>,
+        out: &mut Vec<Output>,
+    ) -> Result<(), ApplyError> {
         match parse_job_event(raw) {
             Ok(ev) => self.apply_event(ctx, ev, raw, origin, out),
-            Err(inv) => self.reject(inv, raw.to_vec(), origin.cloned(), out),
+            Err(inv) => {
+                self.reject(inv, raw.to_vec(), origin.cloned(), out);
+                Ok(())
+            }
         }
     }
 
@@ -147,10 +172,10 @@ impl Meter {
         raw: &[u8],
         origin: Option<&Origin>,
         out: &mut Vec<Output>,
-    ) {
+    ) -> Result<(), ApplyError> {
         if let Some(inv) = origin.and_then(|o| ctx.config.implausible(ev.time, o.record_time?)) {
             self.reject(inv, raw.to_vec(), origin.cloned(), out);
-            return;
+            return Ok(());
         }
         let jk: JobKey = (ev.account, ev.job);
         let processed = self.stream_time;
@@ -167,22 +192,22 @@ impl Meter {
         let mut slot = self.jobs.slot(&jk);
         let duplicate = if heartbeat {
             if slot.is_none() {
-                slot = self.fault_in(ctx.config.orphan_timeout_ms, &jk);
+                slot = self.fault_in(ctx.config.orphan_timeout_ms, &jk)?;
             }
             slot.and_then(|s| self.jobs.at(s))
                 .is_some_and(|j| j.last_heartbeat.is_some_and(|h| h >= ev.time))
-        } else if self.seen.contains(&ev.key) || self.archived_event(ev.key) {
+        } else if self.seen.contains(&ev.key) || self.archived_event(ev.key)? {
             true
         } else {
             if slot.is_none() {
-                slot = self.fault_in(ctx.config.orphan_timeout_ms, &jk);
+                slot = self.fault_in(ctx.config.orphan_timeout_ms, &jk)?;
             }
             self.seen.insert(ev.key);
             false
         };
         if duplicate {
             self.stats.duplicates += 1;
-            return;
+            return Ok(());
         }
         self.stats.events += 1;
         // Stream time moves only for events that are accepted: a rejected
@@ -202,9 +227,9 @@ impl Meter {
             origin,
         };
         let accepted = match ev.body {
-            EventBody::Started(info) => self.on_start(&mut st, &jk, &mut job, ev.key, ev.time, info),
+            EventBody::Started(info) => self.on_start(&mut st, &jk, &mut job, ev.key, ev.time, info)?,
             EventBody::Heartbeat => {
-                self.on_heartbeat(ctx, &jk, &mut job, ev.time, now, st.out);
+                self.on_heartbeat(ctx, &jk, &mut job, ev.time, now, st.out)?;
                 true
             }
             EventBody::Stopped(status) => {
@@ -215,29 +240,29 @@ impl Meter {
                     pending_raw: None,
                     origin: None,
                 };
-                self.on_stop(&mut st, &jk, &mut job, stop)
+                self.on_stop(&mut st, &jk, &mut job, stop)?
             }
         };
-        self.put_job(ctx, jk.clone(), idx, job, old, now);
+        self.put_job(ctx, jk.clone(), idx, job, old, now)?;
         if accepted && self.stream_time != Some(now) {
             self.stream_time = Some(now);
             self.mark_meta();
         }
         if accepted {
-            self.control_spend(ctx, &jk, event_time, now, out);
+            self.control_spend(ctx, &jk, event_time, now, out)?;
         }
-        self.fire_due(ctx, processed, out);
+        self.fire_due(ctx, processed, out)
     }
 
     /// Closes everything as if stream time had run to the end: orphans open
     /// jobs, dead-letters stops still missing their start, and emits the
     /// statements of every open period. Used at the end of a replay.
-    pub fn flush(&mut self, ctx: &Context<'_>, out: &mut Vec<Output>) {
+    pub fn flush(&mut self, ctx: &Context<'_>, out: &mut Vec<Output>) -> Result<(), ApplyError> {
         let cap = self.stream_time.map(Timestamp::period);
         let processed = self.stream_time;
         self.stream_time = Some(Timestamp::MAX);
         self.mark_meta();
-        self.fire_due_until(ctx, cap, processed, out);
+        self.fire_due_until(ctx, cap, processed, out)
     }
 
     fn on_start(
@@ -248,17 +273,17 @@ impl Meter {
         key: EventKey,
         time: Timestamp,
         info: StartInfo,
-    ) -> bool {
+    ) -> Result<bool, ApplyError> {
         let (ctx, now) = (st.ctx, st.now);
         if let Some(first) = &job.start {
             self.reject_conflict(jk, "start", first.time, st.raw, st.origin, st.out);
-            return false;
+            return Ok(false);
         }
         let rate = match ctx.rates.rate_at(time, info.kind, info.model.as_ref()) {
             Ok(r) => (r.per_second, r.version.to_owned()),
             Err(inv) => {
                 self.reject(inv, st.raw.to_vec(), st.origin.cloned(), st.out);
-                return false;
+                return Ok(false);
             }
         };
         job.start = Some(StartRec {
@@ -269,33 +294,33 @@ impl Meter {
             version: rate.1,
         });
         if let Some(stop) = job.stop.take() {
-            self.pair(st, jk, job, stop);
+            self.pair(st, jk, job, stop)?;
         } else if job.last_heartbeat.is_some() {
-            self.accrue(ctx, jk, job, now, st.out);
+            self.accrue(ctx, jk, job, now, st.out)?;
         }
-        true
+        Ok(true)
     }
 
     /// A start has met a stop that was waiting for it.
-    fn pair(&mut self, st: &mut Step<'_, '_>, jk: &JobKey, job: &mut Job, mut stop: StopRec) {
+    fn pair(&mut self, st: &mut Step<'_, '_>, jk: &JobKey, job: &mut Job, mut stop: StopRec) -> Result<(), ApplyError> {
         let (ctx, now) = (st.ctx, st.now);
         let Some(start_time) = job.start.as_ref().map(|s| s.time) else {
-            return;
+            return Ok(());
         };
         if let Err(inv) = check_duration(ctx, start_time, stop.time) {
             let raw = stop.pending_raw.take().unwrap_or_default().into_bytes();
             // The stop is treated as if it never arrived: the job stays open.
             self.reject(inv, raw, stop.origin.take(), st.out);
             if job.last_heartbeat.is_some() {
-                self.accrue(ctx, jk, job, now, st.out);
+                self.accrue(ctx, jk, job, now, st.out)?;
             }
-            return;
+            return Ok(());
         }
         stop.pending_raw = None;
         stop.origin = None;
         let (time, status) = (stop.time, stop.status);
         job.stop = Some(stop);
-        self.charge(st, jk, job, time, status, false);
+        self.charge(st, jk, job, time, status, false)
     }
 
     fn on_heartbeat(
@@ -306,41 +331,48 @@ impl Meter {
         time: Timestamp,
         now: Timestamp,
         out: &mut Vec<Output>,
-    ) {
+    ) -> Result<(), ApplyError> {
         // A charged job's heartbeats change nothing (a late stop of an
         // orphan is adjusted from its stop, not its heartbeats).
         if job.billed.is_some() || job.last_heartbeat.is_some_and(|h| h >= time) {
-            return;
+            return Ok(());
         }
         job.last_heartbeat = Some(time);
         if job.start.is_some() && job.stop.is_none() {
-            self.accrue(ctx, jk, job, now, out);
+            self.accrue(ctx, jk, job, now, out)?;
         }
+        Ok(())
     }
 
-    fn on_stop(&mut self, st: &mut Step<'_, '_>, jk: &JobKey, job: &mut Job, mut stop: StopRec) -> bool {
+    fn on_stop(
+        &mut self,
+        st: &mut Step<'_, '_>,
+        jk: &JobKey,
+        job: &mut Job,
+        mut stop: StopRec,
+    ) -> Result<bool, ApplyError> {
         if let Some(first) = &job.stop {
             self.reject_conflict(jk, "stop", first.time, st.raw, st.origin, st.out);
-            return false;
+            return Ok(false);
         }
         let Some(start_time) = job.start.as_ref().map(|s| s.time) else {
             stop.pending_raw = Some(String::from_utf8_lossy(st.raw).into_owned());
             stop.origin = st.origin.cloned();
             job.stop = Some(stop);
-            return true;
+            return Ok(true);
         };
         if let Err(inv) = check_duration(st.ctx, start_time, stop.time) {
             self.reject(inv, st.raw.to_vec(), st.origin.cloned(), st.out);
-            return false;
+            return Ok(false);
         }
         let (time, status) = (stop.time, stop.status);
         job.stop = Some(stop);
         match job.billed.as_ref().map(|b| b.orphan) {
-            None => self.charge(st, jk, job, time, status, false),
-            Some(true) => self.adjust(st, jk, job, time, status),
+            None => self.charge(st, jk, job, time, status, false)?,
+            Some(true) => self.adjust(st, jk, job, time, status)?,
             Some(false) => {}
         }
-        true
+        Ok(true)
     }
 
     /// Puts a job back, updating its timer and expiry entries. `old` is
@@ -353,7 +385,7 @@ impl Meter {
         mut job: Box<Job>,
         old: (bool, Option<Timestamp>),
         now: Timestamp,
-    ) {
+    ) -> Result<(), ApplyError> {
         let new_deadline = deadline(&job, ctx.config.orphan_timeout_ms);
         match (old.0, new_deadline.is_some()) {
             (false, true) => self.open += 1,
@@ -383,13 +415,17 @@ impl Meter {
                 self.expiry.insert((e, jk.clone()));
             }
         }
-        if !self.running_built || job.is_running() || self.running.contains_key(&jk.0) {
-            self.track_running(ctx, &jk, &job);
-        }
         if let Some(d) = self.dirty.as_mut() {
             d.jobs.insert(jk.clone());
         }
+        let tracked = if !self.running_built || job.is_running() || self.running.contains_key(&jk.0) {
+            self.track_running(ctx, &jk, &job)
+        } else {
+            Ok(())
+        };
+        // The job goes back even when its share could not be looked up.
         self.jobs.put(idx, job);
+        Ok(tracked?)
     }
 
     /// A second, different start or stop: the first one wins.
@@ -485,14 +521,21 @@ impl Meter {
         end: Timestamp,
         status: JobStatus,
         orphan: bool,
-    ) {
+    ) -> Result<(), ApplyError> {
         let ctx = st.ctx;
+        let Some(start) = job.start.clone() else {
+            self.release_accrual(job);
+            return Ok(());
+        };
+        let terms = if billable(ctx, status) {
+            Some(ctx.accounts.terms_at(ctx.plans, &jk.0, start.time)?)
+        } else {
+            None
+        };
         self.release_accrual(job);
-        let Some(start) = job.start.clone() else { return };
         let end = job.charged_until(end, ctx.config.stop_grace_ms);
         let mut parts = Vec::new();
-        if billable(ctx, status) {
-            let terms = ctx.accounts.terms_at(ctx.plans, &jk.0, start.time);
+        if let Some(terms) = terms {
             for s in split(start.time, end, ctx.rates.policy.rounding) {
                 if s.seconds.is_zero() {
                     continue;
@@ -527,16 +570,25 @@ impl Meter {
             parts,
             adjusted: false,
         });
+        Ok(())
     }
 
     /// A stop arrived for a job already charged as orphaned: charge the
     /// difference, period by period, against the orphan charge.
-    fn adjust(&mut self, st: &mut Step<'_, '_>, jk: &JobKey, job: &mut Job, end: Timestamp, status: JobStatus) {
+    fn adjust(
+        &mut self,
+        st: &mut Step<'_, '_>,
+        jk: &JobKey,
+        job: &mut Job,
+        end: Timestamp,
+        status: JobStatus,
+    ) -> Result<(), ApplyError> {
         let ctx = st.ctx;
         let end = job.charged_until(end, ctx.config.stop_grace_ms);
         let (Some(start), Some(billed)) = (job.start.clone(), job.billed.as_mut()) else {
-            return;
+            return Ok(());
         };
+        let terms = ctx.accounts.terms_at(ctx.plans, &jk.0, start.time)?;
         billed.adjusted = true;
         let old = billed.parts.clone();
         let full = if billable(ctx, status) {
@@ -550,7 +602,6 @@ impl Meter {
             .chain(old.iter().map(|p| p.service_period))
             .collect();
         let first_id = old.first().map(|p| p.charge_id.clone());
-        let terms = ctx.accounts.terms_at(ctx.plans, &jk.0, start.time);
         for p in periods {
             let f = full.iter().find(|s| s.period == p);
             let o = old.iter().find(|x| x.service_period == p);
@@ -594,6 +645,7 @@ impl Meter {
                 ),
             })
             .collect();
+        Ok(())
     }
 }
 

@@ -387,13 +387,28 @@ pub struct PlanTerms {
     pub spend_limit: Option<Money>,
 }
 
+/// An account's records could not be read (the store failed, or holds a
+/// record it cannot decode). Billing must not go on as if the account had
+/// no records: the meter that asked stops with this error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("account {account}: records cannot be read: {reason}")]
+pub struct LookupError {
+    /// The account asked about.
+    pub account: AccountId,
+    /// Why its records cannot be read.
+    pub reason: String,
+    /// True when a stored record cannot be decoded (reading again cannot
+    /// help); false when the read itself failed (it may succeed later).
+    pub corrupt: bool,
+}
+
 /// Where a meter looks up the account records in force: the whole table
 /// in memory ([`AccountBook`], for replays and tools) or, in the streaming
 /// meter, the records of the partitions an instance owns, kept on disk.
 pub trait Accounts: std::fmt::Debug + Sync {
     /// The account's records, ordered by `effective_from` (empty for an
-    /// account without records).
-    fn records_of(&self, account: &AccountId) -> std::sync::Arc<[AccountRecord]>;
+    /// account without records), or why they cannot be read.
+    fn records_of(&self, account: &AccountId) -> Result<std::sync::Arc<[AccountRecord]>, LookupError>;
 
     /// True when the account is among the first subscribers to pro (by the
     /// `effective_from` of its first pro record, ties by account id).
@@ -406,15 +421,15 @@ pub trait Accounts: std::fmt::Debug + Sync {
 
 impl dyn Accounts + '_ {
     /// The record in force at `t`, if any.
-    pub fn record_at(&self, account: &AccountId, t: Timestamp) -> Option<AccountRecord> {
-        record_in(&self.records_of(account), t).cloned()
+    pub fn record_at(&self, account: &AccountId, t: Timestamp) -> Result<Option<AccountRecord>, LookupError> {
+        Ok(record_in(&self.records_of(account)?, t).cloned())
     }
 
     /// The terms in force for `account` at `t` (payg for unknown accounts).
-    pub fn terms_at(&self, catalog: &PlanCatalog, account: &AccountId, t: Timestamp) -> PlanTerms {
-        let list = self.records_of(account);
+    pub fn terms_at(&self, catalog: &PlanCatalog, account: &AccountId, t: Timestamp) -> Result<PlanTerms, LookupError> {
+        let list = self.records_of(account)?;
         let rec = record_in(&list, t);
-        PlanTerms {
+        Ok(PlanTerms {
             plan: rec.map_or(Plan::Payg, |r| r.plan),
             free_credits: rec.and_then(|r| r.free_credits).unwrap_or(catalog.free_credits),
             usage_cap: rec.and_then(|r| r.usage_cap).unwrap_or(catalog.pro_model_api_cap),
@@ -423,28 +438,33 @@ impl dyn Accounts + '_ {
                 .and_then(|r| r.alert_thresholds.clone())
                 .unwrap_or_else(|| catalog.enterprise_alert_thresholds.clone()),
             spend_limit: rec.and_then(|r| r.spend_limit),
-        }
+        })
     }
 
     /// True when the account was on pro at any instant of `period`.
-    pub fn pro_during(&self, account: &AccountId, period: Period) -> bool {
-        let list = self.records_of(account);
+    pub fn pro_during(&self, account: &AccountId, period: Period) -> Result<bool, LookupError> {
+        let list = self.records_of(account)?;
         let (start, end) = (period.start(), period.end());
-        record_in(&list, start).is_some_and(|r| r.plan == Plan::Pro)
+        Ok(record_in(&list, start).is_some_and(|r| r.plan == Plan::Pro)
             || list
                 .iter()
-                .any(|r| r.plan == Plan::Pro && r.effective_from >= start && r.effective_from < end)
+                .any(|r| r.plan == Plan::Pro && r.effective_from >= start && r.effective_from < end))
     }
 
     /// The subscription fee an account owes for `period` (zero unless on pro).
-    pub fn subscription_fee(&self, catalog: &PlanCatalog, account: &AccountId, period: Period) -> Money {
-        if !self.pro_during(account, period) {
+    pub fn subscription_fee(
+        &self,
+        catalog: &PlanCatalog,
+        account: &AccountId,
+        period: Period,
+    ) -> Result<Money, LookupError> {
+        Ok(if !self.pro_during(account, period)? {
             Money(rust_decimal::Decimal::new(0, 2))
         } else if self.has_intro_price(account) {
             catalog.pro_intro_fee
         } else {
             catalog.pro_fee
-        }
+        })
     }
 }
 
@@ -599,11 +619,12 @@ impl AccountBook {
 }
 
 impl Accounts for AccountBook {
-    fn records_of(&self, account: &AccountId) -> std::sync::Arc<[AccountRecord]> {
-        self.records
+    fn records_of(&self, account: &AccountId) -> Result<std::sync::Arc<[AccountRecord]>, LookupError> {
+        Ok(self
+            .records
             .get(account)
             .cloned()
-            .unwrap_or_else(|| std::sync::Arc::new([]))
+            .unwrap_or_else(|| std::sync::Arc::new([])))
     }
 
     fn has_intro_price(&self, account: &AccountId) -> bool {
@@ -691,17 +712,30 @@ mod tests {
         let book = owned.as_accounts();
         let t = |s| Timestamp::parse(s).unwrap_or_default();
         let a = AccountId::from("a");
-        assert_eq!(book.terms_at(&catalog, &a, t("2024-03-14T23:59:59Z")).plan, Plan::Free);
-        assert_eq!(book.terms_at(&catalog, &a, t("2024-03-15T00:00:00Z")).plan, Plan::Pro);
-        assert_eq!(book.terms_at(&catalog, &a, t("2023-03-15T00:00:00Z")).plan, Plan::Payg);
         assert_eq!(
-            book.terms_at(&catalog, &"zz".into(), t("2024-03-15T00:00:00Z")).plan,
+            book.terms_at(&catalog, &a, t("2024-03-14T23:59:59Z")).unwrap().plan,
+            Plan::Free
+        );
+        assert_eq!(
+            book.terms_at(&catalog, &a, t("2024-03-15T00:00:00Z")).unwrap().plan,
+            Plan::Pro
+        );
+        assert_eq!(
+            book.terms_at(&catalog, &a, t("2023-03-15T00:00:00Z")).unwrap().plan,
             Plan::Payg
         );
-        assert!(book.pro_during(&a, Period::new(2024, 3)));
-        assert!(!book.pro_during(&a, Period::new(2024, 2)));
         assert_eq!(
-            book.subscription_fee(&catalog, &a, Period::new(2024, 4)).to_string(),
+            book.terms_at(&catalog, &"zz".into(), t("2024-03-15T00:00:00Z"))
+                .unwrap()
+                .plan,
+            Plan::Payg
+        );
+        assert!(book.pro_during(&a, Period::new(2024, 3)).unwrap());
+        assert!(!book.pro_during(&a, Period::new(2024, 2)).unwrap());
+        assert_eq!(
+            book.subscription_fee(&catalog, &a, Period::new(2024, 4))
+                .unwrap()
+                .to_string(),
             "29.00"
         );
     }

@@ -33,7 +33,7 @@ use crate::billing::{limit_spec, spend_spec, LimitSpec};
 use crate::context::Context;
 use crate::money::{AccountId, JobId, Money, CURRENCY};
 use crate::output::{Command, CommandType, LimitAction, LimitEvent, LimitKind, Output};
-use crate::plans::{Accounts, Plan, PlanCatalog, Policy};
+use crate::plans::{Accounts, LookupError, Plan, PlanCatalog, Policy};
 use crate::running::Share;
 use crate::state::{FiredKey, Job, JobKey, ThresholdId, UsageKey};
 use crate::time::{Period, Timestamp};
@@ -130,13 +130,13 @@ pub(crate) fn exposures<'j>(
     period: Period,
     jobs: impl Iterator<Item = &'j Job>,
     usage: impl Fn(&UsageKey) -> Money,
-) -> Vec<Exposure> {
+) -> Result<Vec<Exposure>, LookupError> {
     let mut out: Vec<Exposure> = Vec::new();
     for job in jobs {
         let Some(start) = job.start.as_ref().filter(|_| job.is_running()) else {
             continue;
         };
-        let terms = book.terms_at(plans, account, start.time);
+        let terms = book.terms_at(plans, account, start.time)?;
         for spec in job_limits(plans, &terms, start.info.kind, account, period) {
             match out.iter_mut().find(|e| e.key == spec.key) {
                 Some(e) => {
@@ -158,28 +158,30 @@ pub(crate) fn exposures<'j>(
         }
     }
     out.sort_by(|a, b| a.key.cmp(&b.key));
-    out
+    Ok(out)
 }
 
 /// A running job's share of its account's burn rates (`None` when it is not
 /// running).
-fn share_of(ctx: &Context<'_>, account: &AccountId, job: &Job) -> Option<Share> {
-    let start = job.start.as_ref().filter(|_| job.is_running())?;
-    let terms = ctx.accounts.terms_at(ctx.plans, account, start.time);
+fn share_of(ctx: &Context<'_>, account: &AccountId, job: &Job) -> Result<Option<Share>, LookupError> {
+    let Some(start) = job.start.as_ref().filter(|_| job.is_running()) else {
+        return Ok(None);
+    };
+    let terms = ctx.accounts.terms_at(ctx.plans, account, start.time)?;
     let limits = job_limits(ctx.plans, &terms, start.info.kind, account, start.time.period())
         .map(|s| (s.key.limit, s.limit_value, s.plan))
         .collect();
-    Some(Share {
+    Ok(Some(Share {
         rate: start.rate,
         limits,
         stopped: job.stop_sent.is_some(),
-    })
+    }))
 }
 
 impl crate::meter::Meter {
     /// Keeps the running-jobs index in step with a job just put back.
-    pub(crate) fn track_running(&mut self, ctx: &Context<'_>, jk: &JobKey, job: &Job) {
-        self.ensure_running(ctx);
+    pub(crate) fn track_running(&mut self, ctx: &Context<'_>, jk: &JobKey, job: &Job) -> Result<(), LookupError> {
+        self.ensure_running(ctx)?;
         let running = job.is_running();
         let known = self.running.get(&jk.0).is_some_and(|a| a.jobs.contains_key(&jk.1));
         match (known, running) {
@@ -199,37 +201,45 @@ impl crate::meter::Meter {
                 }
             }
             (false, true) => {
-                if let Some(share) = share_of(ctx, &jk.0, job) {
+                if let Some(share) = share_of(ctx, &jk.0, job)? {
                     self.running.entry(jk.0.clone()).or_default().add(jk.1.clone(), share);
                 }
             }
             (false, false) => {}
         }
+        Ok(())
     }
 
     /// Builds the running-jobs index from the job table once (a restored
     /// meter has the jobs but not the index: it needs the plans).
-    fn ensure_running(&mut self, ctx: &Context<'_>) {
+    fn ensure_running(&mut self, ctx: &Context<'_>) -> Result<(), LookupError> {
         if self.running_built {
-            return;
+            return Ok(());
+        }
+        let mut shares: Vec<(JobKey, Share)> = Vec::new();
+        for (jk, job) in self.jobs.iter() {
+            if let Some(s) = share_of(ctx, &jk.0, job)? {
+                shares.push((jk.clone(), s));
+            }
         }
         self.running_built = true;
-        let shares: Vec<(JobKey, Share)> = self
-            .jobs
-            .iter()
-            .filter_map(|(jk, job)| share_of(ctx, &jk.0, job).map(|s| (jk.clone(), s)))
-            .collect();
         for (jk, share) in shares {
             self.running.entry(jk.0).or_default().add(jk.1, share);
         }
+        Ok(())
     }
 
     /// The limits `account`'s running jobs count toward, monthly ones in
     /// `period`, each with its burn rate, ordered by counter.
-    pub(crate) fn exposures(&mut self, ctx: &Context<'_>, account: &AccountId, period: Period) -> Vec<Exposure> {
-        self.ensure_running(ctx);
+    pub(crate) fn exposures(
+        &mut self,
+        ctx: &Context<'_>,
+        account: &AccountId,
+        period: Period,
+    ) -> Result<Vec<Exposure>, LookupError> {
+        self.ensure_running(ctx)?;
         let Some(a) = self.running.get(account) else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
         let mut out: Vec<Exposure> = Vec::new();
         // Ordered by kind, then value: the last entry of a kind sets it.
@@ -259,7 +269,7 @@ impl crate::meter::Meter {
                 unstopped: b.unstopped,
             });
         }
-        out
+        Ok(out)
     }
 
     /// Stops the jobs running against a used-up limit whose policy is
@@ -280,13 +290,13 @@ impl crate::meter::Meter {
         event_time: Timestamp,
         now: Timestamp,
         out: &mut Vec<Output>,
-    ) {
+    ) -> Result<(), LookupError> {
         if !self.running.contains_key(&trigger.0) {
-            return;
+            return Ok(());
         }
         let (period, _) = crate::billing::billing_period(ctx, event_time.period(), now);
         let mut at = None;
-        for e in self.exposures(ctx, &trigger.0, period) {
+        for e in self.exposures(ctx, &trigger.0, period)? {
             if e.used_up() {
                 if e.policy == Policy::Stop && e.unstopped > 0 {
                     let t = *at.get_or_insert_with(|| self.account_time(&trigger.0, event_time));
@@ -341,6 +351,7 @@ impl crate::meter::Meter {
                 self.fired.insert(fired);
             }
         }
+        Ok(())
     }
 
     /// The account's own time: the latest of `t` and its running jobs'

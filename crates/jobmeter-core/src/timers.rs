@@ -3,14 +3,20 @@
 
 use crate::context::Context;
 use crate::event::{Invalid, JobStatus, RejectReason};
-use crate::meter::{deadline, Meter, Step};
+use crate::meter::{deadline, ApplyError, Meter, Step};
 use crate::output::Output;
 use crate::state::JobKey;
 use crate::time::{Period, Timestamp};
 
 impl Meter {
     /// A deadline came due at stream time `at`.
-    fn on_deadline(&mut self, ctx: &Context<'_>, jk: JobKey, at: Timestamp, out: &mut Vec<Output>) {
+    fn on_deadline(
+        &mut self,
+        ctx: &Context<'_>,
+        jk: JobKey,
+        at: Timestamp,
+        out: &mut Vec<Output>,
+    ) -> Result<(), ApplyError> {
         let slot = self.jobs.slot(&jk);
         let (idx, mut job) = self.jobs.take(slot, &jk);
         let old = (deadline(&job, ctx.config.orphan_timeout_ms).is_some(), job.expires);
@@ -26,7 +32,7 @@ impl Meter {
                 raw: &[],
                 origin: None,
             };
-            self.charge(&mut st, &jk, &mut job, close, JobStatus::Orphaned, true);
+            self.charge(&mut st, &jk, &mut job, close, JobStatus::Orphaned, true)?;
         } else if job.start.is_none() {
             if let Some(mut stop) = job.stop.take() {
                 let raw = stop.pending_raw.take().unwrap_or_default().into_bytes();
@@ -39,17 +45,23 @@ impl Meter {
                 );
             }
         }
-        self.put_job(ctx, jk.clone(), idx, job, old, at);
+        self.put_job(ctx, jk.clone(), idx, job, old, at)?;
         // An orphan charge may use up a limit other jobs run against.
         if let Some(close) = closed_at {
-            self.control_spend(ctx, &jk, close, at, out);
+            self.control_spend(ctx, &jk, close, at, out)?;
         }
+        Ok(())
     }
 
     /// Processes, in event-time order, every deadline and period close that
     /// stream time has passed.
-    pub(crate) fn fire_due(&mut self, ctx: &Context<'_>, processed: Option<Timestamp>, out: &mut Vec<Output>) {
-        self.fire_due_until(ctx, None, processed, out);
+    pub(crate) fn fire_due(
+        &mut self,
+        ctx: &Context<'_>,
+        processed: Option<Timestamp>,
+        out: &mut Vec<Output>,
+    ) -> Result<(), ApplyError> {
+        self.fire_due_until(ctx, None, processed, out)
     }
 
     /// As [`Meter::fire_due`]; with a `cap`, months after it are not closed
@@ -68,8 +80,10 @@ impl Meter {
         cap: Option<Period>,
         processed: Option<Timestamp>,
         out: &mut Vec<Output>,
-    ) {
-        let Some(st) = self.stream_time else { return };
+    ) -> Result<(), ApplyError> {
+        let Some(st) = self.stream_time else {
+            return Ok(());
+        };
         if self.fees_through.is_none() {
             // Months before this partition's first event are not billed to
             // accounts without usage from here.
@@ -99,10 +113,10 @@ impl Meter {
             };
             if timer_first {
                 if let Some((d, jk)) = self.timers.pop_first() {
-                    self.timer_due(ctx, jk, d, processed, out);
+                    self.timer_due(ctx, jk, d, processed, out)?;
                 }
             } else if let Some((t, p)) = close {
-                self.close_period(ctx, p, t, out);
+                self.close_period(ctx, p, t, out)?;
             } else {
                 break;
             }
@@ -124,7 +138,8 @@ impl Meter {
                 }
             }
         }
-        self.expire_archived(st);
+        self.expire_archived(st)?;
+        Ok(())
     }
 
     /// A timer entry came due: fire it, or move it to the job's real
@@ -136,10 +151,12 @@ impl Meter {
         d: Timestamp,
         processed: Option<Timestamp>,
         out: &mut Vec<Output>,
-    ) {
-        let Some(job) = self.jobs.get_mut(&jk) else { return };
+    ) -> Result<(), ApplyError> {
+        let Some(job) = self.jobs.get_mut(&jk) else {
+            return Ok(());
+        };
         if job.timer != Some(d) {
-            return;
+            return Ok(());
         }
         job.timer = None;
         match deadline(job, ctx.config.orphan_timeout_ms) {
@@ -150,8 +167,9 @@ impl Meter {
             }
             Some(_) => {
                 let at = processed.map_or(d, |p| p.max(d));
-                self.on_deadline(ctx, jk, at, out)
+                return self.on_deadline(ctx, jk, at, out);
             }
         }
+        Ok(())
     }
 }

@@ -9,7 +9,7 @@ use crate::billing::{limits_for, statement_line};
 use crate::event::JobKind;
 use crate::money::{AccountId, JobId, ModelId, Money, CURRENCY};
 use crate::output::{LimitKind, Statement, StatementLine};
-use crate::plans::{Accounts, Plan, PlanCatalog};
+use crate::plans::{Accounts, LookupError, Plan, PlanCatalog};
 use crate::ratecard::Rounding;
 use crate::spend::Exposure;
 use crate::state::{Counter, FiredKey, Job, StatementAcc, UsageKey};
@@ -162,7 +162,7 @@ pub fn usage_report(
     plans: &PlanCatalog,
     book: &dyn Accounts,
     rounding: Rounding,
-) -> UsageReport {
+) -> Result<UsageReport, LookupError> {
     let (status, lines, totals, plan) = match (&st.closed, &st.open) {
         (Some(s), _) => {
             let t = line_totals(&s.lines);
@@ -198,7 +198,7 @@ pub fn usage_report(
                     usage_due: acc.due,
                     ..t
                 },
-                book.terms_at(plans, account, at).plan,
+                book.terms_at(plans, account, at)?.plan,
             )
         }
     };
@@ -258,7 +258,7 @@ pub fn usage_report(
         }
     }
     in_flight.sort_by(|a, b| (a.started_at, &a.job_id).cmp(&(b.started_at, &b.job_id)));
-    UsageReport {
+    Ok(UsageReport {
         account_id: account.clone(),
         period,
         status,
@@ -269,7 +269,7 @@ pub fn usage_report(
         totals,
         workflow_runs: runs.into_values().collect(),
         in_flight,
-    }
+    })
 }
 
 fn empty_run(id: &str) -> WorkflowRun {
@@ -373,15 +373,15 @@ pub fn limits_report(
     st: &AccountState,
     plans: &PlanCatalog,
     book: &dyn Accounts,
-) -> LimitsReport {
+) -> Result<LimitsReport, LookupError> {
     let at = st
         .stream_time
         .filter(|t| t.period() == period)
         .unwrap_or(Timestamp(period.end().0 - 1));
-    let terms = book.terms_at(plans, account, at);
+    let terms = book.terms_at(plans, account, at)?;
     let exposures = crate::spend::exposures(plans, book, account, period, st.jobs.iter().map(|(_, j)| j), |k| {
         st.counters.get(k).copied().unwrap_or_default().total()
-    });
+    })?;
     let limits = limits_for(plans, &terms, account, period)
         .into_iter()
         .map(|l| {
@@ -438,14 +438,25 @@ pub fn limits_report(
             }
         })
         .collect();
-    LimitsReport {
+    Ok(LimitsReport {
         account_id: account.clone(),
         plan: terms.plan,
         period,
         as_of: st.stream_time,
         currency: CURRENCY,
         limits,
-    }
+    })
+}
+
+/// Why an admission question has no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdmissionError {
+    /// The question is invalid (an unknown model, a kind without a price).
+    #[error("{}", .0.detail)]
+    Invalid(crate::event::Invalid),
+    /// The account's records cannot be read.
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
 }
 
 /// One limit a job being admitted would count toward.
@@ -521,26 +532,33 @@ pub fn admission(
     st: &AccountState,
     ctx: &crate::context::Context<'_>,
     now: Timestamp,
-) -> Result<Admission, crate::event::Invalid> {
+) -> Result<Admission, AdmissionError> {
     let (plans, book, rates) = (ctx.plans, ctx.accounts, ctx.rates);
     let (kind, model, max_seconds) = (job.kind, job.model, job.max_seconds);
-    let rate = rates.rate_at(now, kind, model)?.per_second;
-    let terms = book.terms_at(plans, account, now);
+    let rate = rates
+        .rate_at(now, kind, model)
+        .map_err(AdmissionError::Invalid)?
+        .per_second;
+    let terms = book.terms_at(plans, account, now)?;
+    // The terms of each running job's start, looked up once.
+    let mut running = Vec::new();
+    for (_, j) in st.jobs.iter().filter(|(_, j)| j.is_running()) {
+        if let Some(start) = j.start.as_ref() {
+            running.push((j, start, book.terms_at(plans, account, start.time)?));
+        }
+    }
     let period = now.period();
     let specs = [
         crate::billing::limit_spec(plans, &terms, kind, account, period).filter(|s| s.key.limit != LimitKind::Alert),
         crate::billing::spend_spec(plans, &terms, account, period),
     ];
     let projected = |key: &crate::state::UsageKey| -> Money {
-        st.jobs
+        running
             .iter()
-            .filter(|(_, j)| j.is_running())
-            .filter_map(|(_, j)| {
-                let start = j.start.as_ref()?;
-                let t = book.terms_at(plans, account, start.time);
-                let counts = crate::billing::limit_spec(plans, &t, start.info.kind, account, period)
+            .filter_map(|(j, start, t)| {
+                let counts = crate::billing::limit_spec(plans, t, start.info.kind, account, period)
                     .is_some_and(|s| &s.key == key)
-                    || crate::billing::spend_spec(plans, &t, account, period).is_some_and(|s| &s.key == key);
+                    || crate::billing::spend_spec(plans, t, account, period).is_some_and(|s| &s.key == key);
                 counts.then(|| {
                     let end = j.charged_until(now, ctx.config.stop_grace_ms);
                     start.rate * rates.policy.rounding.total_seconds((end.0 - start.time.0).max(0))
@@ -688,13 +706,13 @@ mod tests {
             ev("job.started", "3", "j2", "2024-05-01T00:01:00Z", inf),
             ev("job.heartbeat", "4", "j2", "2024-05-01T00:01:30Z", ""),
         ] {
-            meter.apply(&ctx, e.as_bytes(), None, &mut out);
+            meter.apply(&ctx, e.as_bytes(), None, &mut out).unwrap();
         }
         let may = Period::new(2024, 5);
         let mut store = Records::new();
         let st = state_of(&mut store, &mut meter, may);
         let a = AccountId::from("a");
-        let limits = limits_report(&a, may, &st, &plans, &book);
+        let limits = limits_report(&a, may, &st, &plans, &book).unwrap();
         let credits = &limits.limits[0];
         assert_eq!(credits.limit, LimitKind::FreeCredits);
         assert_eq!(
@@ -804,7 +822,7 @@ mod tests {
                     r#","status":"succeeded""#,
                 ),
             ] {
-                meter.apply(&ctx, e.as_bytes(), None, &mut out);
+                meter.apply(&ctx, e.as_bytes(), None, &mut out).unwrap();
             }
             let mut store = Records::new();
             let st = state_of(&mut store, &mut meter, Period::new(2024, 5));
@@ -877,12 +895,12 @@ mod tests {
             ev("job.started", "9", "s3", "2024-05-01T00:02:15Z", &wf("r1", "m")),
             ev("job.heartbeat", "10", "s3", "2024-05-01T00:02:45Z", ""),
         ] {
-            meter.apply(&ctx, e.as_bytes(), None, &mut out);
+            meter.apply(&ctx, e.as_bytes(), None, &mut out).unwrap();
         }
         let may = Period::new(2024, 5);
         let mut store = Records::new();
         let st = state_of(&mut store, &mut meter, may);
-        let r = usage_report(&AccountId::from("a"), may, &st, &plans, &book, rates.policy.rounding);
+        let r = usage_report(&AccountId::from("a"), may, &st, &plans, &book, rates.policy.rounding).unwrap();
         let charges: Vec<_> = out
             .iter()
             .filter_map(|o| match o {
@@ -913,7 +931,7 @@ mod tests {
         assert_eq!(r.totals.credits_applied, total, "free credits cover it all");
         assert_eq!(r.totals.usage_due, Money::ZERO);
 
-        let l = limits_report(&AccountId::from("a"), may, &st, &plans, &book);
+        let l = limits_report(&AccountId::from("a"), may, &st, &plans, &book).unwrap();
         assert_eq!(l.limits.len(), 1);
         let fc = &l.limits[0];
         assert_eq!(fc.limit, LimitKind::FreeCredits);
@@ -934,7 +952,7 @@ mod tests {
             ),
             ev("job.started", "12", "j9", "2024-06-02T00:00:00Z", inf),
         ] {
-            meter.apply(&ctx, e.as_bytes(), None, &mut out);
+            meter.apply(&ctx, e.as_bytes(), None, &mut out).unwrap();
         }
         let st = state_of(&mut store, &mut meter, may);
         assert!(
@@ -943,7 +961,7 @@ mod tests {
             st.open,
             st.closed
         );
-        let r2 = usage_report(&AccountId::from("a"), may, &st, &plans, &book, rates.policy.rounding);
+        let r2 = usage_report(&AccountId::from("a"), may, &st, &plans, &book, rates.policy.rounding).unwrap();
         let statement = out
             .iter()
             .find_map(|o| match o {

@@ -148,9 +148,8 @@ proptest! {
             };
             sent.push((format!("e{i}"), raw.clone()));
             let (mut a, mut b) = (Vec::new(), Vec::new());
-            plain.apply(&ctx, raw.as_bytes(), None, &mut a);
-            archived.apply(&ctx, raw.as_bytes(), None, &mut b);
-            prop_assert!(archived.take_archive_failure().is_none());
+            plain.apply(&ctx, raw.as_bytes(), None, &mut a).unwrap();
+            archived.apply(&ctx, raw.as_bytes(), None, &mut b).unwrap();
             prop_assert_eq!(&a, &b, "event {}: {}", i, raw);
             prop_assert_eq!(plain.open_jobs(), archived.open_jobs());
             prop_assert_eq!(plain.stream_time(), archived.stream_time());
@@ -207,8 +206,8 @@ proptest! {
         }
         // Both go on identically to the end.
         let (mut a, mut b) = (Vec::new(), Vec::new());
-        plain.flush(&ctx, &mut a);
-        archived.flush(&ctx, &mut b);
+        plain.flush(&ctx, &mut a).unwrap();
+        archived.flush(&ctx, &mut b).unwrap();
         prop_assert_eq!(a, b);
     }
 }
@@ -236,8 +235,9 @@ fn a_finished_job_leaves_memory_and_is_forgotten_at_its_retention() {
     };
     let mut out = Vec::new();
     let start = ev("s1", 0, 1, "2024-05-01T00:00:00Z");
-    m.apply(&ctx, start.as_bytes(), None, &mut out);
-    m.apply(&ctx, ev("p1", 2, 1, "2024-05-01T00:00:10Z").as_bytes(), None, &mut out);
+    m.apply(&ctx, start.as_bytes(), None, &mut out).unwrap();
+    m.apply(&ctx, ev("p1", 2, 1, "2024-05-01T00:00:10Z").as_bytes(), None, &mut out)
+        .unwrap();
     assert_eq!(out.len(), 1, "one charge: {out:?}");
     let batch = m.take_changes().expect("encode");
     assert_eq!(m.known_jobs(), 1, "held until its batch is durable");
@@ -247,11 +247,12 @@ fn a_finished_job_leaves_memory_and_is_forgotten_at_its_retention() {
     assert_eq!(m.known_jobs(), 0, "gone from memory");
     // The duplicate start is recognised from the archive.
     let before = m.stats().duplicates;
-    m.apply(&ctx, start.as_bytes(), None, &mut out);
+    m.apply(&ctx, start.as_bytes(), None, &mut out).unwrap();
     assert_eq!(m.stats().duplicates, before + 1);
     assert_eq!(out.len(), 1);
     // A different start for the finished job is a conflict.
-    m.apply(&ctx, ev("s2", 0, 1, "2024-05-01T00:01:00Z").as_bytes(), None, &mut out);
+    m.apply(&ctx, ev("s2", 0, 1, "2024-05-01T00:01:00Z").as_bytes(), None, &mut out)
+        .unwrap();
     assert!(matches!(out.last(), Some(Output::Reject(r)) if r.reason == RejectReason::Conflict));
     archive.apply(&m.take_changes().expect("encode"));
     m.take_changes().expect("encode");
@@ -259,7 +260,8 @@ fn a_finished_job_leaves_memory_and_is_forgotten_at_its_retention() {
     assert_eq!(archive.jobs(), 1);
     // Seven hours later the retention (6 h) has ended: the job is deleted,
     // and its start is new again.
-    m.apply(&ctx, ev("x", 1, 5, "2024-05-01T07:00:00Z").as_bytes(), None, &mut out);
+    m.apply(&ctx, ev("x", 1, 5, "2024-05-01T07:00:00Z").as_bytes(), None, &mut out)
+        .unwrap();
     let batch = m.take_changes().expect("encode");
     assert!(batch.iter().any(|c| c.table == Table::Jobs
         && c.value.is_none()
@@ -267,7 +269,8 @@ fn a_finished_job_leaves_memory_and_is_forgotten_at_its_retention() {
     archive.apply(&batch);
     assert_eq!(archive.jobs(), 1, "only the heartbeat-only job x is left");
     let n = out.len();
-    m.apply(&ctx, ev("s1", 0, 1, "2024-05-01T07:00:01Z").as_bytes(), None, &mut out);
+    m.apply(&ctx, ev("s1", 0, 1, "2024-05-01T07:00:01Z").as_bytes(), None, &mut out)
+        .unwrap();
     assert_eq!(out.len(), n, "a start, accepted");
     assert_eq!(m.stats().duplicates, before + 1);
 }

@@ -197,7 +197,7 @@ proptest! {
             };
             let before = live.stream_time();
             let mut out = Vec::new();
-            live.apply(&ctx, raw.as_bytes(), Some(&origin), &mut out);
+            live.apply(&ctx, raw.as_bytes(), Some(&origin), &mut out).unwrap();
             // A refused time never moves stream time.
             if out.iter().any(|o| matches!(o, Output::Reject(r) if r.reason == RejectReason::TimeOutOfRange)) {
                 prop_assert_eq!(live.stream_time(), before);
@@ -222,11 +222,11 @@ proptest! {
             let (mut a, mut b) = (Vec::new(), Vec::new());
             if let Some((next, _)) = steps.get(i + 1) {
                 let raw = event_json(next, &accounts, &jobs, i + 1);
-                probe_live.apply(&ctx, raw.as_bytes(), None, &mut a);
-                restored.apply(&ctx, raw.as_bytes(), None, &mut b);
+                probe_live.apply(&ctx, raw.as_bytes(), None, &mut a).unwrap();
+                restored.apply(&ctx, raw.as_bytes(), None, &mut b).unwrap();
             } else {
-                probe_live.flush(&ctx, &mut a);
-                restored.flush(&ctx, &mut b);
+                probe_live.flush(&ctx, &mut a).unwrap();
+                restored.flush(&ctx, &mut b).unwrap();
             }
             prop_assert_eq!(a, b);
         }
@@ -263,7 +263,7 @@ fn ids_over_the_bound_are_refused_naming_the_field_never_truncated() {
                 }
                 let mut meter = Meter::tracking_changes();
                 let mut out = Vec::new();
-                meter.apply(&ctx, ev.to_string().as_bytes(), None, &mut out);
+                meter.apply(&ctx, ev.to_string().as_bytes(), None, &mut out).unwrap();
                 let rejected = out.iter().find_map(|o| match o {
                     Output::Reject(r) => Some(r),
                     _ => None,
@@ -316,7 +316,8 @@ fn a_broken_clock_is_refused_and_moves_nothing() {
     let mut m = Meter::tracking_changes();
     let mut out = Vec::new();
     let now = "2024-05-10T12:00:00Z";
-    m.apply(&ctx, ev("ok", now).as_bytes(), Some(&origin(0, now)), &mut out);
+    m.apply(&ctx, ev("ok", now).as_bytes(), Some(&origin(0, now)), &mut out)
+        .unwrap();
     let st = m.stream_time();
     let _ = m.take_changes();
     for (i, (time, record)) in [
@@ -337,7 +338,8 @@ fn a_broken_clock_is_refused_and_moves_nothing() {
             ev(&format!("bad{i}"), time).as_bytes(),
             Some(&origin(i as i64 + 1, record)),
             &mut out,
-        );
+        )
+        .unwrap();
         let new = &out[before..];
         assert_eq!(new.len(), 1, "{time}: {new:?}");
         assert!(
@@ -356,7 +358,8 @@ fn a_broken_clock_is_refused_and_moves_nothing() {
             ev(&format!("edge{i}"), time).as_bytes(),
             Some(&origin(20 + i as i64, now)),
             &mut out,
-        );
+        )
+        .unwrap();
         assert!(
             out[before..].iter().all(|o| !matches!(o, Output::Reject(_))),
             "{time}: {:?}",

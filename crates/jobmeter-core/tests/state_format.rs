@@ -82,10 +82,10 @@ fn run(f: &Fleet, config: &MeterConfig, m: &mut Meter, events: &[String], flush:
     let ctx = Context::new(&f.rates, &f.plans, &f.book, config);
     let mut out = Vec::new();
     for e in events {
-        m.apply(&ctx, e.as_bytes(), None, &mut out);
+        m.apply(&ctx, e.as_bytes(), None, &mut out).expect("test setup");
     }
     if flush {
-        m.flush(&ctx, &mut out);
+        m.flush(&ctx, &mut out).expect("test setup");
     }
     out
 }

@@ -56,6 +56,9 @@ pub enum ReplayError {
     /// State could not be encoded.
     #[error("{0}")]
     State(#[from] jobmeter_core::state::DecodeError),
+    /// The meter could not read a fact it needs (an account's records).
+    #[error("{0}")]
+    Apply(#[from] jobmeter_core::ApplyError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ReplayError + '_ {
@@ -168,7 +171,7 @@ pub fn meter_file(
             offset: n as i64,
             record_time,
         };
-        meter.apply(ctx, event, Some(&o), &mut out);
+        meter.apply(ctx, event, Some(&o), &mut out)?;
         if !out.is_empty() {
             sink(&out)?;
             out.clear();
@@ -178,7 +181,7 @@ pub fn meter_file(
         }
     }
     if flush {
-        meter.flush(ctx, &mut out);
+        meter.flush(ctx, &mut out)?;
         sink(&out)?;
     }
     progress(read, total);

@@ -178,6 +178,8 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<bool> {
         let mut replayer = Replayer::new(markers, foreign);
         let mut meter = Meter::tracking_changes().with_state_format(cfg.state.format);
         let mut out = Vec::new();
+        // The first event the meter could not apply (the rebuild stops).
+        let mut failed: Option<jobmeter_core::ApplyError> = None;
         let pctx = ctx.with_partition(p, parts, jobmeter_kafka::partitioner::partition_for_key);
         let mut n = 0u64;
         // As live: another partition's records reach this meter in offset
@@ -214,18 +216,27 @@ pub fn main(cmd: RebuildCmd) -> anyhow::Result<bool> {
                 n += u64::from(here);
                 let origin = input_origin(p, &r);
                 replayer.own(r.offset, (origin, r), here, |(origin, r)| {
-                    if first(&origin) {
-                        meter.apply(&pctx, r.value.as_deref().unwrap_or_default(), Some(&origin), &mut out);
+                    if failed.is_none() && first(&origin) {
+                        if let Err(e) =
+                            meter.apply(&pctx, r.value.as_deref().unwrap_or_default(), Some(&origin), &mut out)
+                        {
+                            failed = Some(e);
+                        }
                     }
                 });
             },
         )?;
         let misplaced = replayer.misplaced;
         let left = replayer.finish(|(origin, r)| {
-            if first(&origin) {
-                meter.apply(&pctx, r.value.as_deref().unwrap_or_default(), Some(&origin), &mut out);
+            if failed.is_none() && first(&origin) {
+                if let Err(e) = meter.apply(&pctx, r.value.as_deref().unwrap_or_default(), Some(&origin), &mut out) {
+                    failed = Some(e);
+                }
             }
         });
+        if let Some(e) = failed {
+            anyhow::bail!("partition {p}: {e}");
+        }
         // A record no marker placed is a defect, unless it is a copy of one
         // applied already (passed over live as well).
         let unplaced = left

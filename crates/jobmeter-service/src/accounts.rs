@@ -31,7 +31,7 @@
 //! seen when the record was forwarded.
 
 use jobmeter_core::plans::FirstPro;
-use jobmeter_core::{AccountId, AccountRecord, Accounts, Plan, Timestamp};
+use jobmeter_core::{AccountId, AccountRecord, Accounts, LookupError, Plan, Timestamp};
 use jobmeter_kafka::client::KafkaSettings;
 use jobmeter_kafka::partitioner::partition_for_key;
 use jobmeter_kafka::reader::Reader;
@@ -202,8 +202,6 @@ pub struct StoredAccounts {
     cache: Mutex<Cache>,
     /// The pro table, kept current by the pro tailer and the forwarder.
     pub pro: RwLock<ProTable>,
-    failures: AtomicU64,
-    last_failure: Mutex<String>,
     metrics: AccountsMetrics,
     /// Newest event time (ms) any local meter has seen, to detect late records.
     pub newest_event_ms: Arc<AtomicI64>,
@@ -227,8 +225,6 @@ impl StoredAccounts {
                 ..Cache::default()
             }),
             pro: RwLock::new(ProTable::new(intro_limit)),
-            failures: AtomicU64::new(0),
-            last_failure: Mutex::new(String::new()),
             metrics,
             newest_event_ms: Arc::new(AtomicI64::new(i64::MIN)),
         }
@@ -236,21 +232,6 @@ impl StoredAccounts {
 
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// How many lookups could not read the store so far. A lookup that
-    /// fails answers "no records": whoever made lookups compares this
-    /// before and after, and a batch that saw it change must not commit.
-    pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::SeqCst)
-    }
-
-    /// Why the last failed lookup failed.
-    pub fn last_failure(&self) -> String {
-        self.last_failure
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
     }
 
     /// How many accounts the cache holds.
@@ -263,16 +244,22 @@ impl StoredAccounts {
         self.pro.read().map_or(0, |t| t.len())
     }
 
-    fn read(&self, account: &AccountId) -> Result<Vec<AccountRecord>, String> {
+    /// The account's stored records, or why they cannot be read.
+    fn read(&self, account: &AccountId) -> Result<Vec<AccountRecord>, LookupError> {
         let p = partition_for_key(account.as_str().as_bytes(), self.partitions.load(Ordering::Relaxed));
+        let failed = |reason: String, corrupt: bool| LookupError {
+            account: account.clone(),
+            reason,
+            corrupt,
+        };
         let rows = self
             .store
             .account_records(p, account.as_str())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| failed(e.to_string(), false))?;
         rows.iter()
             .map(|v| {
                 AccountRecord::parse(v)
-                    .map_err(|e| format!("stored record of account {account} cannot be read: {}", e.detail))
+                    .map_err(|e| failed(format!("a stored record cannot be decoded: {}", e.detail), true))
             })
             .collect()
     }
@@ -309,35 +296,25 @@ impl StoredAccounts {
 }
 
 impl Accounts for StoredAccounts {
-    fn records_of(&self, account: &AccountId) -> Arc<[AccountRecord]> {
+    fn records_of(&self, account: &AccountId) -> Result<Arc<[AccountRecord]>, LookupError> {
         let version = {
             let mut cache = self.cache();
             if let Some(v) = cache.get(account) {
                 self.metrics.from_cache.inc();
-                return v;
+                return Ok(v);
             }
             cache.version
         };
         self.metrics.from_store.inc();
-        match self.read(account) {
-            Ok(list) => {
-                let v: Arc<[AccountRecord]> = list.into();
-                let mut cache = self.cache();
-                if cache.version == version {
-                    cache.put(account.clone(), v.clone());
-                }
-                v
-            }
-            Err(e) => {
-                tracing::error!(account = %account, error = %e, "account records cannot be read from the store");
-                *self
-                    .last_failure
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = e;
-                self.failures.fetch_add(1, Ordering::SeqCst);
-                Arc::new([])
-            }
+        let list = self.read(account).inspect_err(|e| {
+            tracing::error!(account = %account, error = %e.reason, corrupt = e.corrupt, "account records cannot be read from the store");
+        })?;
+        let v: Arc<[AccountRecord]> = list.into();
+        let mut cache = self.cache();
+        if cache.version == version {
+            cache.put(account.clone(), v.clone());
         }
+        Ok(v)
     }
 
     fn has_intro_price(&self, account: &AccountId) -> bool {
@@ -848,6 +825,66 @@ mod tests {
     fn record(account: &str, plan: &str, from: &str) -> AccountRecord {
         let json = format!(r#"{{"account_id":{account:?},"plan":"{plan}","effective_from":"{from}"}}"#);
         AccountRecord::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    /// A stored account record that cannot be decoded fails the lookup
+    /// (marked corrupt) and so the event that needed it; it is never read
+    /// as "no records", which would bill the account as pay-as-you-go.
+    #[test]
+    fn an_undecodable_stored_record_fails_the_lookup_and_the_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let registry = prometheus::Registry::new();
+        let parts = Arc::new(AtomicI32::new(1));
+        let table = StoredAccounts::new(store.clone(), parts, 16, 0, AccountsMetrics::new(&registry).unwrap());
+        table
+            .apply(0, &[record("good", "pro", "2024-01-01T00:00:00Z")], None)
+            .unwrap();
+        store
+            .put_account_records(0, &[("bad", 1_704_067_200_000, b"{not json".as_slice())], None)
+            .unwrap();
+        assert_eq!(table.records_of(&"good".into()).unwrap().len(), 1);
+        let err = table.records_of(&"bad".into()).unwrap_err();
+        assert!(err.corrupt && err.account.as_str() == "bad", "{err:?}");
+        // Asked again, the lookup fails again (nothing was cached).
+        assert!(table.records_of(&"bad".into()).is_err());
+
+        let rates = jobmeter_core::RateCard::from_toml(
+            r#"
+[[versions]]
+version = "v1"
+effective_from = "2024-01-01T00:00:00Z"
+fine_tune_per_second = "0.001"
+models."llm" = { per_second = "0.002" }
+"#,
+        )
+        .unwrap();
+        let plans = jobmeter_core::PlanCatalog::default();
+        let config = jobmeter_core::MeterConfig::default();
+        let ctx = jobmeter_core::Context::new(&rates, &plans, &table, &config);
+        let mut meter = jobmeter_core::Meter::new();
+        let mut out = Vec::new();
+        let event = |id: &str, ty: &str, t: &str, data: &str| {
+            format!(
+                r#"{{"specversion":"1.0","id":"{id}","source":"w","type":"{ty}","time":"{t}","subject":"j","data":{{"account_id":"bad"{data}}}}}"#
+            )
+        };
+        let start = event(
+            "1",
+            "job.started",
+            "2024-05-01T00:00:00Z",
+            r#","kind":"inference","model":"llm""#,
+        );
+        // A start already needs the account's terms (for its limits).
+        let err = meter.apply(&ctx, start.as_bytes(), None, &mut out).unwrap_err();
+        assert!(
+            matches!(&err, jobmeter_core::ApplyError::Lookup(e) if e.corrupt),
+            "{err:?}"
+        );
+        assert!(
+            !out.iter().any(|o| matches!(o, jobmeter_core::Output::Charge(_))),
+            "{out:?}"
+        );
     }
 
     #[test]

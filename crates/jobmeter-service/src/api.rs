@@ -367,11 +367,10 @@ impl Api {
             return self.misdirected(home, account, what);
         }
         let book: &dyn jobmeter_core::Accounts = &*self.billing.accounts;
-        let failures = self.billing.accounts.failures();
-        let records = book.records_of(&account_id);
-        if self.billing.accounts.failures() != failures {
-            return Answer::error(500, "store", &self.billing.accounts.last_failure());
-        }
+        let records = match book.records_of(&account_id) {
+            Ok(r) => r,
+            Err(e) => return Answer::error(500, "store", &e.to_string()),
+        };
         if st.is_empty() && records.is_empty() {
             return Answer::error(
                 404,
@@ -396,20 +395,27 @@ impl Api {
                 let now = st.stream_time.unwrap_or_else(Timestamp::now);
                 match view::admission(&account_id, &req, &st, &ctx, now) {
                     Ok(a) => serde_json::to_value(a),
-                    Err(inv) => return Answer::error(400, inv.reason.as_str(), &inv.detail),
+                    Err(view::AdmissionError::Invalid(inv)) => {
+                        return Answer::error(400, inv.reason.as_str(), &inv.detail)
+                    }
+                    Err(view::AdmissionError::Lookup(e)) => return Answer::error(500, "store", &e.to_string()),
                 }
             }
-            AccountView::Usage => serde_json::to_value(view::usage_report(
+            AccountView::Usage => match view::usage_report(
                 &account_id,
                 period,
                 &st,
                 &self.billing.plans,
                 book,
                 self.billing.rates.policy.rounding,
-            )),
-            AccountView::Limits => {
-                serde_json::to_value(view::limits_report(&account_id, period, &st, &self.billing.plans, book))
-            }
+            ) {
+                Ok(r) => serde_json::to_value(r),
+                Err(e) => return Answer::error(500, "store", &e.to_string()),
+            },
+            AccountView::Limits => match view::limits_report(&account_id, period, &st, &self.billing.plans, book) {
+                Ok(r) => serde_json::to_value(r),
+                Err(e) => return Answer::error(500, "store", &e.to_string()),
+            },
         }
         .unwrap_or_default();
         if let Some(o) = body.as_object_mut() {

@@ -1037,7 +1037,7 @@ mod tests {
             .as_bytes(),
             None,
             &mut out,
-        );
+        )?;
         {
             let store = Store::open(dir.path())?;
             store.commit(0, &meter.take_changes()?, Some(1))?;
@@ -1050,7 +1050,7 @@ mod tests {
             ev("job.stopped", "2", "2024-05-01T00:00:09Z", r#","status":"succeeded""#).as_bytes(),
             None,
             &mut out,
-        );
+        )?;
         let charges: Vec<_> = out.iter().filter(|o| matches!(o, Output::Charge(_))).collect();
         assert_eq!(charges.len(), 1);
         Ok(())
@@ -1098,7 +1098,7 @@ mod tests {
         let mut live = Meter::tracking_changes();
         let mut out = Vec::new();
         for (i, raw) in steps.iter().enumerate() {
-            live.apply(&ctx, raw.as_bytes(), None, &mut out);
+            live.apply(&ctx, raw.as_bytes(), None, &mut out)?;
             {
                 let store = Store::open(dir.path())?;
                 store.commit(7, &live.take_changes()?, Some(i as i64))?;

@@ -78,8 +78,7 @@ fn run_archived(store: &Arc<Store>, events: &[String], restart_every: usize) -> 
     let (mut out, mut held) = (Vec::new(), 0);
     for (b, chunk) in events.chunks(37).enumerate() {
         for raw in chunk {
-            meter.apply(&ctx, raw.as_bytes(), None, &mut out);
-            assert!(meter.take_archive_failure().is_none());
+            meter.apply(&ctx, raw.as_bytes(), None, &mut out).expect("apply");
             held = held.max(meter.known_jobs());
         }
         store.commit(0, &in_commit, Some(b as i64)).expect("write");
@@ -92,7 +91,7 @@ fn run_archived(store: &Arc<Store>, events: &[String], restart_every: usize) -> 
             meter = open(store);
         }
     }
-    meter.flush(&ctx, &mut out);
+    meter.flush(&ctx, &mut out).expect("flush");
     (out, held)
 }
 
@@ -107,14 +106,14 @@ fn run_plain(events: &[String], store: Option<&Store>) -> (Vec<Output>, usize) {
     let mut meter = Meter::tracking_changes();
     let mut out = Vec::new();
     for raw in events {
-        meter.apply(&ctx, raw.as_bytes(), None, &mut out);
+        meter.apply(&ctx, raw.as_bytes(), None, &mut out).expect("apply");
     }
     let held = meter.known_jobs();
     match store {
         Some(s) => s
             .commit(0, &meter.take_changes().expect("encode"), Some(0))
             .expect("write"),
-        None => meter.flush(&ctx, &mut out),
+        None => meter.flush(&ctx, &mut out).expect("flush"),
     }
     (out, held)
 }

@@ -97,7 +97,9 @@ impl World {
             Some((p, n)) => ctx.with_partition(p, n, place),
             None => ctx,
         };
-        self.meter.apply(&ctx, raw.as_bytes(), None, &mut self.out);
+        self.meter
+            .apply(&ctx, raw.as_bytes(), None, &mut self.out)
+            .expect("apply");
     }
 
     pub fn flush(&mut self) {
@@ -106,7 +108,7 @@ impl World {
             Some((p, n)) => ctx.with_partition(p, n, place),
             None => ctx,
         };
-        self.meter.flush(&ctx, &mut self.out);
+        self.meter.flush(&ctx, &mut self.out).expect("flush");
     }
 
     fn next_id(&mut self) -> String {

@@ -71,7 +71,8 @@ pub use routing::route;
 use super::metrics::Metrics;
 use committer::Committer;
 use committer::OutRecord;
-use jobmeter_core::{Context, Meter, MeterConfig, Origin, Output, PlanCatalog, RateCard, Stats};
+use jobmeter_core::archive::ArchiveError;
+use jobmeter_core::{ApplyError, Context, Meter, MeterConfig, Origin, Output, PlanCatalog, RateCard, Stats};
 use jobmeter_kafka::client::KafkaSettings;
 use jobmeter_kafka::partitioner::partition_for_key;
 use jobmeter_kafka::repartition::{is_marker, Lane, Source};
@@ -126,7 +127,7 @@ pub enum EngineError {
     /// An account's records could not be read from the store; the open
     /// batch is dropped and the pipeline rebuilt.
     #[error("accounts: {0}")]
-    Accounts(String),
+    Accounts(#[from] jobmeter_core::LookupError),
 }
 
 /// What the engine needs besides its Kafka clients.
@@ -498,33 +499,35 @@ impl Engine {
     ) -> Result<(), EngineError> {
         {
             let book: &dyn jobmeter_core::Accounts = &*self.billing.accounts;
-            let failures = self.billing.accounts.failures();
             let ctx = Context::new(&self.billing.rates, &self.billing.plans, book, &self.cfg.meter).with_partition(
                 p,
                 self.cfg.input_partitions,
                 partition_for_key,
             );
             if let Some(pm) = self.meters.get_mut(&p) {
-                match parsed {
+                let applied = match parsed {
                     Some(ev) => pm.meter.apply_event(&ctx, ev, payload, Some(origin), &mut self.out),
                     None => pm.meter.apply(&ctx, payload, Some(origin), &mut self.out),
-                }
-                // An account lookup that could not read the store answered
-                // "no records": the batch must not commit.
-                if self.billing.accounts.failures() != failures {
-                    return Err(EngineError::Accounts(self.billing.accounts.last_failure()));
-                }
-                match pm.meter.take_archive_failure() {
-                    None => {}
-                    // A finished job that cannot be decoded: the partition
-                    // is marked, and its next restore (the pipeline's,
-                    // right after this error) sets it aside like a record
-                    // found at restore; the others go on.
-                    Some(jobmeter_core::archive::ArchiveError::Corrupt(e)) => {
+                };
+                // A fact the meter needs could not be read: the open batch
+                // (which holds the other partitions' work too, in one
+                // Kafka transaction) is dropped and the pipeline rebuilt
+                // from durable state. What cannot be decoded marks the
+                // partition first, so that the rebuilt pipeline sets only
+                // it aside (like a record found at restore) and the others
+                // go on; a failed read is retried by the rebuild.
+                match applied {
+                    Ok(()) => {}
+                    Err(ApplyError::Archive(ArchiveError::Corrupt(e))) => {
                         self.store.mark_corrupt(p, &e.to_string())?;
                         return Err(EngineError::State(e));
                     }
-                    Some(e) => return Err(e.into()),
+                    Err(ApplyError::Lookup(e)) if e.corrupt => {
+                        self.store.mark_corrupt(p, &e.to_string())?;
+                        return Err(e.into());
+                    }
+                    Err(ApplyError::Lookup(e)) => return Err(e.into()),
+                    Err(ApplyError::Archive(e)) => return Err(e.into()),
                 }
                 if let Some(t) = pm.meter.stream_time() {
                     self.billing

@@ -511,7 +511,7 @@ mod tests {
         let mut meter = Meter::tracking_changes();
         let (mut records, mut out) = (Vec::new(), Vec::new());
         for (i, ev) in jobmeter_offline::simulate::events(&opts).iter().enumerate() {
-            meter.apply(&ctx, ev.json.as_bytes(), None, &mut out);
+            meter.apply(&ctx, ev.json.as_bytes(), None, &mut out).expect("apply");
             if i % 50 == 49 {
                 for c in meter.take_changes().expect("encode") {
                     records.push(Record {
