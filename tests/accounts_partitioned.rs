@@ -3,7 +3,7 @@
 //! none of them again, and the intro fee still goes to the first pro
 //! subscribers of the whole platform, whichever partitions they are in.
 
-mod support;
+use crate::support;
 
 use jobmeter_core::{AccountBook, AccountRecord, PlanCatalog};
 use std::collections::BTreeMap;

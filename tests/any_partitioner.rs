@@ -7,7 +7,7 @@
 //! statement and one fee per pro account-month, each threshold once), and
 //! `jobmeter rebuild` reproduces them from the logs.
 
-mod support;
+use crate::support;
 
 use jobmeter_offline::simulate::FleetOptions;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! the charges topic says; the counters must move as the workload says;
 //! tokens must be enforced.
 
-mod support;
+use crate::support;
 
 use jobmeter_offline::simulate::FleetOptions;
 use rust_decimal::Decimal;

@@ -10,7 +10,7 @@
 //! partition — whatever the order in which librdkafka happened to fetch
 //! the partitions, with SIGKILLs in the middle, with one or two instances.
 
-mod support;
+use crate::support;
 
 use jobmeter_offline::simulate::FleetOptions;
 use std::time::Duration;

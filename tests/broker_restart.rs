@@ -3,7 +3,7 @@
 //! `JOBMETER_TEST_RESTART_PORT`, default 19092) so that restarting it does
 //! not disturb the other tests.
 
-mod support;
+use crate::support;
 
 use jobmeter_offline::simulate::FleetOptions;
 use std::process::Command;

@@ -4,7 +4,7 @@
 //! pipeline is rebuilt, and the restore sets the partition aside as for a
 //! record found at restore. `jobmeter rebuild` recovers it.
 
-mod support;
+use crate::support;
 
 use jobmeter_core::state::{keys, StateChange, Table};
 use jobmeter_core::{AccountId, JobId};

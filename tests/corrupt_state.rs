@@ -3,7 +3,7 @@
 //! failing one, its offsets do not move (nothing is lost), and after
 //! `jobmeter rebuild` the meter meters everything exactly once.
 
-mod support;
+use crate::support;
 
 use jobmeter_core::state::{keys, Table};
 use jobmeter_core::{AccountId, JobId};

@@ -5,7 +5,7 @@
 //! wrong file (libclang-cpp for libclang) fails here even on a machine that
 //! has everything installed.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::path::Path;

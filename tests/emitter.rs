@@ -4,7 +4,7 @@
 //! failing command), heartbeats flow while jobs run, and the meter charges
 //! each job once with nothing dead-lettered.
 
-mod support;
+use crate::support;
 
 use jobmeter_emit::{Emitter, EmitterConfig, JobSpec, StopStatus};
 use serde_json::Value;

@@ -3,7 +3,7 @@
 //! by the same core, one meter per partition — nothing missing, nothing
 //! doubled — across kills, rebalances and poison messages.
 
-mod support;
+use crate::support;
 
 use jobmeter_offline::simulate::FleetOptions;
 use std::time::Duration;

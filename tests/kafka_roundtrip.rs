@@ -1,7 +1,7 @@
 //! The local broker is real: produce to and consume from a fresh topic
 //! through rdkafka.
 
-mod support;
+use crate::support;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;

@@ -4,7 +4,7 @@
 //! once under its idempotency key with a valid signature — across a
 //! restart of the notifier — and the poisoned one is dead-lettered.
 
-mod support;
+use crate::support;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;

@@ -5,7 +5,7 @@
 //! change nothing, and every committed output equals the offline
 //! computation over the same records (record timestamps included).
 
-mod support;
+use crate::support;
 
 use jobmeter_core::{Context, Meter, MeterConfig, Origin, Output};
 use jobmeter_offline::simulate::FleetOptions;

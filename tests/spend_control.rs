@@ -8,7 +8,7 @@
 //! everything published equals what an offline meter computes from the
 //! input topic (the same commands too), as does `jobmeter rebuild`.
 
-mod support;
+use crate::support;
 
 use jobmeter_core::*;
 use jobmeter_emit::{Emitter, EmitterConfig, JobSpec, StopStatus};

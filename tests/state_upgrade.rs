@@ -6,7 +6,7 @@
 //! versions). The committed outputs equal the offline computation, and a
 //! rebuild from the input topics matches the mixed changelog.
 
-mod support;
+use crate::support;
 
 use jobmeter_offline::simulate::FleetOptions;
 use std::time::Duration;
