@@ -59,8 +59,8 @@ fn survives_broker_restart() {
         std::process::id().to_string(),
         "the stale pid file was kept"
     );
-    // This test binary holds one test: the override is process-wide.
-    std::env::set_var("JOBMETER_KAFKA_BROKERS", format!("127.0.0.1:{port}"));
+    // This test's own broker, for this test's thread only.
+    let _own = use_brokers(&format!("127.0.0.1:{port}"));
     let mut prefix = fresh_prefix("brokerrestart");
     // Its broker is stopped at the end and wiped at the next start.
     prefix.keep_topics();

@@ -13,12 +13,12 @@ fn exported() -> BTreeSet<String> {
     let r = prometheus::Registry::new();
     let m = jobmeter_service::metrics::Metrics::new(&r).expect("metrics");
     // Per-partition series exist once a partition is assigned.
-    m.lag.with_label_values(&["0"]);
-    m.open_jobs.with_label_values(&["0"]);
-    m.partition_failed.with_label_values(&["0"]);
-    m.commit_seconds.with_label_values(&["commit"]);
-    m.limit_events.with_label_values(&["free_credits", "80"]);
-    m.api_requests.with_label_values(&["usage", "200"]);
+    m.input.lag.with_label_values(&["0"]);
+    m.billing.open_jobs.with_label_values(&["0"]);
+    m.state.partition_failed.with_label_values(&["0"]);
+    m.commit.commit_seconds.with_label_values(&["commit"]);
+    m.billing.limit_events.with_label_values(&["free_credits", "80"]);
+    m.instance.api_requests.with_label_values(&["usage", "200"]);
     let _a = jobmeter_service::accounts::AccountsMetrics::new(&r).expect("account metrics");
     let mut names = BTreeSet::new();
     for fam in r.gather() {

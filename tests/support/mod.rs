@@ -18,8 +18,34 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+thread_local! {
+    /// The broker this test thread uses instead of the shared one (see
+    /// [`use_brokers`]).
+    static BROKERS: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The broker the tests use: this thread's own when [`use_brokers`] set
+/// one, else `JOBMETER_KAFKA_BROKERS` (default 127.0.0.1:9092).
 pub fn brokers() -> String {
-    brokers_from_env()
+    BROKERS.with(|b| b.borrow().clone()).unwrap_or_else(brokers_from_env)
+}
+
+/// Until the guard drops, this test (its thread) uses `brokers` instead
+/// of the shared broker. Not the environment: the suites share one process,
+/// and the others must keep the shared broker meanwhile.
+#[must_use = "the override ends when the guard drops"]
+pub fn use_brokers(brokers: &str) -> BrokersGuard {
+    BROKERS.with(|b| *b.borrow_mut() = Some(brokers.to_owned()));
+    BrokersGuard(())
+}
+
+/// See [`use_brokers`].
+pub struct BrokersGuard(());
+
+impl Drop for BrokersGuard {
+    fn drop(&mut self) {
+        BROKERS.with(|b| *b.borrow_mut() = None);
+    }
 }
 
 /// A topic prefix no other test (or run) uses. Its topics are deleted when
@@ -55,7 +81,7 @@ impl Drop for Prefix {
         if self.keep || std::thread::panicking() {
             return;
         }
-        let name = self.name.clone();
+        let (name, brokers) = (self.name.clone(), brokers());
         // Its own thread and runtime: the test may be inside one already.
         let deleted = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -63,7 +89,7 @@ impl Drop for Prefix {
                 .build()
                 .ok()?;
             rt.block_on(jobmeter_kafka::topics::delete_prefixed(
-                &KafkaSettings::new(brokers()),
+                &KafkaSettings::new(brokers),
                 &name,
             ))
             .map_err(|e| eprintln!("could not delete the topics of {name}: {e}"))
@@ -463,11 +489,12 @@ pub fn produce_mixed(
     let events = &w.events[range];
     let barrier = std::sync::Barrier::new(placements.len());
     let started = Instant::now();
+    // Made on this thread: it is the one that knows the test's broker.
+    let producers: Vec<_> = placements.iter().map(|pl| (pl, producer_for(*pl))).collect();
     std::thread::scope(|s| {
-        for (client, placement) in placements.iter().enumerate() {
+        for (client, (placement, p)) in producers.into_iter().enumerate() {
             let (topic, barrier) = (&topic, &barrier);
             s.spawn(move || {
-                let p = producer_for(*placement);
                 for (c, part) in events.chunks(chunk).enumerate() {
                     for e in part {
                         let pick = e

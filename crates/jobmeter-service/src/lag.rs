@@ -55,6 +55,7 @@ fn measure(consumer: &BaseConsumer<jobmeter_kafka::reader::ReaderContext>, topic
         };
         let done = e.offset().to_raw().filter(|o| *o >= 0).unwrap_or(low);
         metrics
+            .input
             .lag
             .with_label_values(&[&e.partition().to_string()])
             .set((high - done).max(0));

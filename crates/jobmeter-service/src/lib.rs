@@ -242,7 +242,7 @@ async fn serve_http(
         ready,
         shared.failing.clone(),
         api,
-        metrics.api_requests.clone(),
+        metrics.instance.api_requests.clone(),
     );
     let listener = tokio::net::TcpListener::bind(&cfg.http.listen)
         .await
@@ -377,8 +377,8 @@ async fn supervise(
             }
             _ = tick.tick() => {
                 ready.store(each_ready.iter().all(|r| r.load(Ordering::SeqCst)), Ordering::SeqCst);
-                metrics.accounts.set(table.cached() as i64);
-                metrics.pro_subscribers.set(table.pro_subscribers() as i64);
+                metrics.instance.accounts.set(table.cached() as i64);
+                metrics.instance.pro_subscribers.set(table.pro_subscribers() as i64);
             }
         }
     }

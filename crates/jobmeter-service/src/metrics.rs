@@ -9,15 +9,52 @@ use prometheus::{
 };
 use rust_decimal::prelude::ToPrimitive;
 
-/// All metrics of the streaming meter.
+/// All metrics of the streaming meter, by subsystem.
 #[derive(Debug, Clone)]
 pub struct Metrics {
+    /// What the pipelines read.
+    pub input: InputMetrics,
+    /// What the meters bill.
+    pub billing: BillingMetrics,
+    /// Batches and their transactions.
+    pub commit: CommitMetrics,
+    /// Partition state: restores, the store, failures.
+    pub state: StateMetrics,
+    /// The instance: partitions, readiness, accounts, the API.
+    pub instance: InstanceMetrics,
+    /// This pipeline's slot behind the instance-wide gauges.
+    share: PipelineShare,
+    /// The input offsets (next to read) of the last committed batch, by
+    /// (topic, partition), shared by every pipeline: what the usage API's
+    /// answers reflect (`committed_offsets`).
+    pub committed: CommittedOffsets,
+}
+
+/// What the pipelines read.
+#[derive(Debug, Clone)]
+pub struct InputMetrics {
     /// Input records consumed, by outcome (counted when committed).
     pub events: IntCounterVec,
     /// Input records read and applied, committed or not yet.
     pub consumed: IntCounter,
     /// Rejected inputs by reason.
     pub rejected: IntCounterVec,
+    /// Input records forwarded to the partition that meters their account,
+    /// by cause (counted when committed).
+    pub rerouted: IntCounterVec,
+    /// Consumer lag per input partition: the high watermark minus the
+    /// group's committed offset (the log start when none is committed),
+    /// so records read but not yet committed count as lag. Sampled every
+    /// 5 s by a thread of its own, for every partition of the topic.
+    pub lag: IntGaugeVec,
+    /// Seconds the event-time merge waited for a partition that had
+    /// records in Kafka not yet fetched (stream time held back).
+    pub merge_wait_seconds: prometheus::Counter,
+}
+
+/// What the meters bill.
+#[derive(Debug, Clone)]
+pub struct BillingMetrics {
     /// Charges by kind.
     pub charges: IntCounterVec,
     /// Charged list amount by kind, in USD (for dashboards; the charges
@@ -38,34 +75,38 @@ pub struct Metrics {
     pub stop_commands: IntCounter,
     /// Open jobs per partition.
     pub open_jobs: IntGaugeVec,
+}
+
+/// Batches and their transactions.
+#[derive(Debug, Clone)]
+pub struct CommitMetrics {
+    /// Events per committed batch.
+    pub batch_events: Histogram,
+    /// Time to commit a batch (Kafka transaction + RocksDB write), by step.
+    pub commit_seconds: HistogramVec,
+    /// Records waiting in the producer's local queue.
+    pub producer_queue: IntGauge,
+}
+
+/// Partition state: restores, the store, failures.
+#[derive(Debug, Clone)]
+pub struct StateMetrics {
     /// 1 for an assigned partition whose stored state cannot be read back
     /// (it is not metered until it is rebuilt); 0 otherwise.
     pub partition_failed: IntGaugeVec,
-    /// Consumer lag per input partition: the high watermark minus the
-    /// group's committed offset (the log start when none is committed),
-    /// so records read but not yet committed count as lag. Sampled every
-    /// 5 s by a thread of its own, for every partition of the topic.
-    pub lag: IntGaugeVec,
-    /// Events per committed batch.
-    pub batch_events: Histogram,
-    /// Time to commit a batch (Kafka transaction + RocksDB write).
-    pub commit_seconds: HistogramVec,
     /// Time to restore a partition's state.
     pub restore_seconds: Histogram,
     /// Changelog records replayed during restores.
     pub restored_records: IntCounter,
-    /// Pipeline restarts after errors.
-    pub restarts: IntCounter,
-    /// Seconds the event-time merge waited for a partition that had
-    /// records in Kafka not yet fetched (stream time held back).
-    pub merge_wait_seconds: prometheus::Counter,
-    /// Input records forwarded to the partition that meters their account,
-    /// by cause (counted when committed).
-    pub rerouted: IntCounterVec,
-    /// Records waiting in the producer's local queue.
-    pub producer_queue: IntGauge,
     /// RocksDB SST bytes.
     pub store_bytes: IntGauge,
+    /// Pipeline restarts after errors.
+    pub restarts: IntCounter,
+}
+
+/// The instance: partitions, readiness, accounts, the API.
+#[derive(Debug, Clone)]
+pub struct InstanceMetrics {
     /// Partitions assigned to this instance.
     pub assigned_partitions: IntGauge,
     /// Account records known.
@@ -76,12 +117,6 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// Usage API requests by route and status.
     pub api_requests: IntCounterVec,
-    /// This pipeline's slot behind the instance-wide gauges.
-    share: PipelineShare,
-    /// The input offsets (next to read) of the last committed batch, by
-    /// (topic, partition), shared by every pipeline: what the usage API's
-    /// answers reflect (`committed_offsets`).
-    pub committed: CommittedOffsets,
 }
 
 /// Committed input offsets by (topic, partition).
@@ -120,210 +155,64 @@ impl PipelineShare {
     }
 }
 
-fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> Result<T, prometheus::Error> {
-    r.register(Box::new(c.clone()))?;
-    Ok(c)
+/// Registers metrics into one registry, each in one line.
+struct Reg<'r>(&'r Registry);
+
+impl Reg<'_> {
+    fn add<T: prometheus::core::Collector + Clone + 'static>(&self, c: T) -> Result<T, prometheus::Error> {
+        self.0.register(Box::new(c.clone()))?;
+        Ok(c)
+    }
+    fn counter(&self, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
+        self.add(IntCounter::new(name, help)?)
+    }
+    fn counters(&self, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels)?)
+    }
+    fn gauge(&self, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+        self.add(IntGauge::new(name, help)?)
+    }
+    fn gauges(&self, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, prometheus::Error> {
+        self.add(IntGaugeVec::new(Opts::new(name, help), labels)?)
+    }
+    fn histogram(&self, name: &str, help: &str, buckets: &[f64]) -> Result<Histogram, prometheus::Error> {
+        self.add(Histogram::with_opts(
+            HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        )?)
+    }
 }
 
-impl Metrics {
-    /// Creates the metrics and registers them into `r`.
-    pub fn new(r: &Registry) -> Result<Metrics, prometheus::Error> {
-        let m = Metrics {
-            events: reg(
-                r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "jobmeter_events_total",
-                        "Input records consumed, by outcome (applied, duplicate, rejected)",
-                    ),
-                    &["outcome"],
-                )?,
+impl InputMetrics {
+    fn new(r: &Reg<'_>) -> Result<InputMetrics, prometheus::Error> {
+        let m = InputMetrics {
+            events: r.counters(
+                "jobmeter_events_total",
+                "Input records consumed, by outcome (applied, duplicate, rejected)",
+                &["outcome"],
             )?,
-            consumed: reg(
-                r,
-                IntCounter::new(
-                    "jobmeter_records_consumed_total",
-                    "Input records read and applied, including the batch not yet committed",
-                )?,
+            consumed: r.counter(
+                "jobmeter_records_consumed_total",
+                "Input records read and applied, including the batch not yet committed",
             )?,
-            rejected: reg(
-                r,
-                IntCounterVec::new(
-                    Opts::new("jobmeter_rejected_total", "Inputs sent to the DLQ, by reason"),
-                    &["reason"],
-                )?,
+            rejected: r.counters("jobmeter_rejected_total", "Inputs sent to the DLQ, by reason", &["reason"])?,
+            rerouted: r.counters(
+                "jobmeter_events_rerouted_total",
+                "Input records that arrived on a partition other than their account's and were forwarded to it, by cause (keyless, partitioner, key_not_account)",
+                &["cause"],
             )?,
-            charges: reg(
-                r,
-                IntCounterVec::new(
-                    Opts::new("jobmeter_charges_total", "Charges emitted, by job kind"),
-                    &["kind"],
-                )?,
+            lag: r.gauges(
+                "jobmeter_consumer_lag",
+                "Input records not yet consumed, per partition",
+                &["partition"],
             )?,
-            charged_usd: reg(
-                r,
-                prometheus::CounterVec::new(
-                    Opts::new("jobmeter_charged_usd_total", "List amount charged, USD, by job kind"),
-                    &["kind"],
-                )?,
-            )?,
-            adjustments: reg(
-                r,
-                IntCounter::new("jobmeter_adjustments_total", "Adjustment charges after late stops")?,
-            )?,
-            orphans: reg(r, IntCounter::new("jobmeter_orphans_total", "Jobs closed as orphaned")?)?,
-            late_charges: reg(
-                r,
-                IntCounter::new(
-                    "jobmeter_late_charges_total",
-                    "Charges billed in a later period than their usage",
-                )?,
-            )?,
-            limit_events: reg(
-                r,
-                IntCounterVec::new(
-                    Opts::new("jobmeter_limit_events_total", "Limit events emitted, by limit and threshold"),
-                    &["limit", "threshold"],
-                )?,
-            )?,
-            statements: reg(r, IntCounter::new("jobmeter_statements_total", "Statements emitted")?)?,
-            stop_commands: reg(
-                r,
-                IntCounter::new(
-                    "jobmeter_stop_commands_total",
-                    "job.stop commands published to the commands topic (spend control)",
-                )?,
-            )?,
-            partition_failed: reg(
-                r,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "jobmeter_partition_failed",
-                        "1 while an assigned input partition is not metered because its stored state cannot be decoded (see /readyz and the log; recover with jobmeter rebuild)",
-                    ),
-                    &["partition"],
-                )?,
-            )?,
-            open_jobs: reg(
-                r,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "jobmeter_open_jobs",
-                        "Running jobs not yet charged, per input partition",
-                    ),
-                    &["partition"],
-                )?,
-            )?,
-            lag: reg(
-                r,
-                IntGaugeVec::new(
-                    Opts::new("jobmeter_consumer_lag", "Input records not yet consumed, per partition"),
-                    &["partition"],
-                )?,
-            )?,
-            batch_events: reg(
-                r,
-                Histogram::with_opts(
-                    HistogramOpts::new("jobmeter_batch_events", "Input events per committed batch")
-                        .buckets(vec![1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 50000.0]),
-                )?,
-            )?,
-            commit_seconds: reg(
-                r,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "jobmeter_commit_seconds",
-                        "Time to commit a batch, by step (handover: the pipeline waiting for the committer to take the batch; produce: outputs and changelog records; offsets: add offsets to the transaction; commit: transaction commit; store: RocksDB write)",
-                    )
-                    .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]),
-                    &["step"],
-                )?,
-            )?,
-            restore_seconds: reg(
-                r,
-                Histogram::with_opts(
-                    HistogramOpts::new("jobmeter_restore_seconds", "Time to restore a partition's state")
-                        .buckets(vec![0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0]),
-                )?,
-            )?,
-            restored_records: reg(
-                r,
-                IntCounter::new(
-                    "jobmeter_restored_records_total",
-                    "Changelog records replayed during restores",
-                )?,
-            )?,
-            restarts: reg(
-                r,
-                IntCounter::new("jobmeter_pipeline_restarts_total", "Pipeline restarts after errors")?,
-            )?,
-            merge_wait_seconds: reg(
-                r,
-                prometheus::Counter::new(
-                    "jobmeter_merge_wait_seconds_total",
-                    "Seconds the event-time merge held stream time back, waiting for a partition with records in Kafka not yet fetched",
-                )?,
-            )?,
-            rerouted: reg(
-                r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "jobmeter_events_rerouted_total",
-                        "Input records that arrived on a partition other than their account's and were forwarded to it, by cause (keyless, partitioner, key_not_account)",
-                    ),
-                    &["cause"],
-                )?,
-            )?,
-            producer_queue: reg(
-                r,
-                IntGauge::new(
-                    "jobmeter_producer_queue_depth",
-                    "Records waiting in the producer's local queue",
-                )?,
-            )?,
-            store_bytes: reg(r, IntGauge::new("jobmeter_state_store_bytes", "RocksDB SST bytes")?)?,
-            assigned_partitions: reg(
-                r,
-                IntGauge::new(
-                    "jobmeter_assigned_partitions",
-                    "Input partitions assigned to this instance",
-                )?,
-            )?,
-            accounts: reg(
-                r,
-                IntGauge::new(
-                    "jobmeter_accounts",
-                    "Accounts whose records are held in memory (the account cache; the table itself is in RocksDB)",
-                )?,
-            )?,
-            pro_subscribers: reg(
-                r,
-                IntGauge::new(
-                    "jobmeter_pro_subscribers",
-                    "Accounts with a pro record on the platform (held by every instance for the intro fee)",
-                )?,
-            )?,
-            ready: reg(
-                r,
-                IntGauge::new("jobmeter_ready", "1 when state is restored and partitions are assigned")?,
-            )?,
-            api_requests: reg(
-                r,
-                IntCounterVec::new(
-                    Opts::new("jobmeter_api_requests_total", "Usage API requests by route and status"),
-                    &["route", "status"],
-                )?,
-            )?,
-            share: PipelineShare::new(1),
-            committed: CommittedOffsets::default(),
+            merge_wait_seconds: r.add(prometheus::Counter::new(
+                "jobmeter_merge_wait_seconds_total",
+                "Seconds the event-time merge held stream time back, waiting for a partition with records in Kafka not yet fetched",
+            )?)?,
         };
-        // Create every bounded label up front so dashboards see zeros.
+        // Every bounded label up front, so that dashboards see zeros.
         for reason in RejectReason::ALL {
             m.rejected.with_label_values(&[reason.as_str()]);
-        }
-        for kind in JobKind::ALL {
-            m.charges.with_label_values(&[kind.as_str()]);
-            m.charged_usd.with_label_values(&[kind.as_str()]);
         }
         for outcome in ["applied", "duplicate", "rejected"] {
             m.events.with_label_values(&[outcome]);
@@ -332,6 +221,132 @@ impl Metrics {
             m.rerouted.with_label_values(&[cause]);
         }
         Ok(m)
+    }
+}
+
+impl BillingMetrics {
+    fn new(r: &Reg<'_>) -> Result<BillingMetrics, prometheus::Error> {
+        let m = BillingMetrics {
+            charges: r.counters("jobmeter_charges_total", "Charges emitted, by job kind", &["kind"])?,
+            charged_usd: r.add(prometheus::CounterVec::new(
+                Opts::new("jobmeter_charged_usd_total", "List amount charged, USD, by job kind"),
+                &["kind"],
+            )?)?,
+            adjustments: r.counter("jobmeter_adjustments_total", "Adjustment charges after late stops")?,
+            orphans: r.counter("jobmeter_orphans_total", "Jobs closed as orphaned")?,
+            late_charges: r.counter(
+                "jobmeter_late_charges_total",
+                "Charges billed in a later period than their usage",
+            )?,
+            limit_events: r.counters(
+                "jobmeter_limit_events_total",
+                "Limit events emitted, by limit and threshold",
+                &["limit", "threshold"],
+            )?,
+            statements: r.counter("jobmeter_statements_total", "Statements emitted")?,
+            stop_commands: r.counter(
+                "jobmeter_stop_commands_total",
+                "job.stop commands published to the commands topic (spend control)",
+            )?,
+            open_jobs: r.gauges(
+                "jobmeter_open_jobs",
+                "Running jobs not yet charged, per input partition",
+                &["partition"],
+            )?,
+        };
+        for kind in JobKind::ALL {
+            m.charges.with_label_values(&[kind.as_str()]);
+            m.charged_usd.with_label_values(&[kind.as_str()]);
+        }
+        Ok(m)
+    }
+}
+
+impl CommitMetrics {
+    fn new(r: &Reg<'_>) -> Result<CommitMetrics, prometheus::Error> {
+        Ok(CommitMetrics {
+            batch_events: r.histogram(
+                "jobmeter_batch_events",
+                "Input events per committed batch",
+                &[1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 50000.0],
+            )?,
+            commit_seconds: r.add(HistogramVec::new(
+                HistogramOpts::new(
+                    "jobmeter_commit_seconds",
+                    "Time to commit a batch, by step (handover: the pipeline waiting for the committer to take the batch; produce: outputs and changelog records; offsets: add offsets to the transaction; commit: transaction commit; store: RocksDB write)",
+                )
+                .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0]),
+                &["step"],
+            )?)?,
+            producer_queue: r.gauge(
+                "jobmeter_producer_queue_depth",
+                "Records waiting in the producer's local queue",
+            )?,
+        })
+    }
+}
+
+impl StateMetrics {
+    fn new(r: &Reg<'_>) -> Result<StateMetrics, prometheus::Error> {
+        Ok(StateMetrics {
+            partition_failed: r.gauges(
+                "jobmeter_partition_failed",
+                "1 while an assigned input partition is not metered because its stored state cannot be decoded (see /readyz and the log; recover with jobmeter rebuild)",
+                &["partition"],
+            )?,
+            restore_seconds: r.histogram(
+                "jobmeter_restore_seconds",
+                "Time to restore a partition's state",
+                &[0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0],
+            )?,
+            restored_records: r.counter(
+                "jobmeter_restored_records_total",
+                "Changelog records replayed during restores",
+            )?,
+            store_bytes: r.gauge("jobmeter_state_store_bytes", "RocksDB SST bytes")?,
+            restarts: r.counter("jobmeter_pipeline_restarts_total", "Pipeline restarts after errors")?,
+        })
+    }
+}
+
+impl InstanceMetrics {
+    fn new(r: &Reg<'_>) -> Result<InstanceMetrics, prometheus::Error> {
+        Ok(InstanceMetrics {
+            assigned_partitions: r.gauge(
+                "jobmeter_assigned_partitions",
+                "Input partitions assigned to this instance",
+            )?,
+            accounts: r.gauge(
+                "jobmeter_accounts",
+                "Accounts whose records are held in memory (the account cache; the table itself is in RocksDB)",
+            )?,
+            pro_subscribers: r.gauge(
+                "jobmeter_pro_subscribers",
+                "Accounts with a pro record on the platform (held by every instance for the intro fee)",
+            )?,
+            ready: r.gauge("jobmeter_ready", "1 when state is restored and partitions are assigned")?,
+            api_requests: r.counters(
+                "jobmeter_api_requests_total",
+                "Usage API requests by route and status",
+                &["route", "status"],
+            )?,
+        })
+    }
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them into `r`.
+    pub fn new(r: &Registry) -> Result<Metrics, prometheus::Error> {
+        let r = Reg(r);
+        Ok(Metrics {
+            input: InputMetrics::new(&r)?,
+            billing: BillingMetrics::new(&r)?,
+            commit: CommitMetrics::new(&r)?,
+            state: StateMetrics::new(&r)?,
+            instance: InstanceMetrics::new(&r)?,
+            share: PipelineShare::new(1),
+            committed: CommittedOffsets::default(),
+        })
     }
 
     /// One handle per pipeline of an instance running `n` of them: they
@@ -354,31 +369,36 @@ impl Metrics {
     pub fn set_assigned(&self, n: usize) {
         let o = std::sync::atomic::Ordering::Relaxed;
         self.share.mine().assigned.store(n as i64, o);
-        self.assigned_partitions.set(self.share.sum(|s| s.assigned.load(o)));
+        self.instance
+            .assigned_partitions
+            .set(self.share.sum(|s| s.assigned.load(o)));
     }
 
     /// This pipeline's producer queue depth.
     pub fn set_producer_queue(&self, n: i64) {
         let o = std::sync::atomic::Ordering::Relaxed;
         self.share.mine().queue.store(n, o);
-        self.producer_queue.set(self.share.sum(|s| s.queue.load(o)));
+        self.commit.producer_queue.set(self.share.sum(|s| s.queue.load(o)));
     }
 
     /// Whether this pipeline is ready; the gauge is 1 when every one is.
     pub fn set_ready(&self, ready: bool) {
         let o = std::sync::atomic::Ordering::Relaxed;
         self.share.mine().ready.store(ready, o);
-        self.ready
+        self.instance
+            .ready
             .set(i64::from(self.share.slots.iter().all(|s| s.ready.load(o))));
     }
 
     /// Adds the difference between two snapshots of a meter's stats.
     pub fn add_stats(&self, before: &Stats, after: &Stats) {
         let d = |a: u64, b: u64| b.saturating_sub(a);
-        self.events
+        self.input
+            .events
             .with_label_values(&["applied"])
             .inc_by(d(before.events, after.events));
-        self.events
+        self.input
+            .events
             .with_label_values(&["duplicate"])
             .inc_by(d(before.duplicates, after.duplicates));
         let rej: u64 = after
@@ -386,9 +406,10 @@ impl Metrics {
             .iter()
             .sum::<u64>()
             .saturating_sub(before.rejected.iter().sum());
-        self.events.with_label_values(&["rejected"]).inc_by(rej);
+        self.input.events.with_label_values(&["rejected"]).inc_by(rej);
         for (i, reason) in RejectReason::ALL.iter().enumerate() {
-            self.rejected
+            self.input
+                .rejected
                 .with_label_values(&[reason.as_str()])
                 .inc_by(d(before.rejected[i], after.rejected[i]));
         }
@@ -398,13 +419,22 @@ impl Metrics {
                 .to_f64()
                 .unwrap_or(0.0);
             if amount > 0.0 {
-                self.charged_usd.with_label_values(&[kind.as_str()]).inc_by(amount);
+                self.billing
+                    .charged_usd
+                    .with_label_values(&[kind.as_str()])
+                    .inc_by(amount);
             }
         }
-        self.adjustments.inc_by(d(before.adjustments, after.adjustments));
-        self.orphans.inc_by(d(before.orphans, after.orphans));
-        self.late_charges.inc_by(d(before.late_charges, after.late_charges));
-        self.statements.inc_by(d(before.statements, after.statements));
-        self.stop_commands.inc_by(d(before.stop_commands, after.stop_commands));
+        self.billing
+            .adjustments
+            .inc_by(d(before.adjustments, after.adjustments));
+        self.billing.orphans.inc_by(d(before.orphans, after.orphans));
+        self.billing
+            .late_charges
+            .inc_by(d(before.late_charges, after.late_charges));
+        self.billing.statements.inc_by(d(before.statements, after.statements));
+        self.billing
+            .stop_commands
+            .inc_by(d(before.stop_commands, after.stop_commands));
     }
 }

@@ -173,6 +173,7 @@ impl Engine {
             }
         }
         self.metrics
+            .commit
             .commit_seconds
             .with_label_values(&["handover"])
             .observe(t.elapsed().as_secs_f64());

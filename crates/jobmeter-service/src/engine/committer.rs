@@ -305,6 +305,7 @@ pub(super) fn commit_batch<T: Transactional, S: StateStore + ?Sized>(
     }
     let step = |name: &str, d: Duration| {
         metrics
+            .commit
             .commit_seconds
             .with_label_values(&[name])
             .observe(d.as_secs_f64())
@@ -313,25 +314,31 @@ pub(super) fn commit_batch<T: Transactional, S: StateStore + ?Sized>(
     step("offsets", t_commit - t_off);
     step("commit", t1 - t_commit);
     step("store", t1.elapsed());
-    metrics.batch_events.observe(b.events as f64);
+    metrics.commit.batch_events.observe(b.events as f64);
     for (p, before, now, open) in &b.stats {
         metrics.add_stats(before, now);
-        metrics.open_jobs.with_label_values(&[&p.to_string()]).set(*open as i64);
+        metrics
+            .billing
+            .open_jobs
+            .with_label_values(&[&p.to_string()])
+            .set(*open as i64);
     }
     for ((limit, threshold), n) in &b.limits_by_label {
         metrics
+            .billing
             .limit_events
             .with_label_values(&[*limit, threshold.as_str()])
             .inc_by(*n);
     }
     for (cause, n) in Reroute::ALL.iter().zip(b.rerouted_by_cause) {
         if n > 0 {
-            metrics.rerouted.with_label_values(&[cause.as_str()]).inc_by(n);
+            metrics.input.rerouted.with_label_values(&[cause.as_str()]).inc_by(n);
         }
     }
     for (i, n) in b.charges_by_kind.iter().enumerate() {
         if *n > 0 {
             metrics
+                .billing
                 .charges
                 .with_label_values(&[jobmeter_core::JobKind::ALL[i].as_str()])
                 .inc_by(*n);

@@ -397,7 +397,7 @@ impl Engine {
             self.batch_started = Instant::now();
         }
         self.batch_events += 1;
-        self.metrics.consumed.inc();
+        self.metrics.input.consumed.inc();
         let o = msg.offset();
         let record_time = msg.timestamp().to_millis().map(jobmeter_core::Timestamp);
         let payload = msg.payload().unwrap_or_default();
@@ -546,7 +546,7 @@ impl Engine {
 
     /// Updates the gauges that need no network call.
     pub fn report_local(&self) {
-        self.metrics.store_bytes.set(self.store.size_bytes() as i64);
+        self.metrics.state.store_bytes.set(self.store.size_bytes() as i64);
         self.metrics.set_producer_queue(i64::from(self.committer.queue_depth()));
     }
 }

@@ -79,6 +79,7 @@ impl Engine {
             self.sources.remove(&p);
             if self.failing_write().remove(&p).is_some() {
                 self.metrics
+                    .state
                     .partition_failed
                     .with_label_values(&[&p.to_string()])
                     .set(0);
@@ -87,7 +88,11 @@ impl Engine {
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .remove(&p);
-            self.metrics.open_jobs.with_label_values(&[&p.to_string()]).set(0);
+            self.metrics
+                .billing
+                .open_jobs
+                .with_label_values(&[&p.to_string()])
+                .set(0);
         }
         self.epoch += 1;
         self.metrics.set_assigned(self.assigned.len());

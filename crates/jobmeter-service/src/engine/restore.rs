@@ -25,6 +25,7 @@ impl Engine {
             "partition stopped: its stored state cannot be decoded; every other partition goes on. Recover with `jobmeter rebuild`, then restart"
         );
         self.metrics
+            .state
             .partition_failed
             .with_label_values(&[&p.to_string()])
             .set(1);
@@ -130,9 +131,10 @@ impl Engine {
 
     /// Makes a loaded partition's meter live.
     fn install(&mut self, p: i32, l: Loaded) {
-        self.metrics.restore_seconds.observe(l.seconds);
-        self.metrics.restored_records.inc_by(l.changelog_records);
+        self.metrics.state.restore_seconds.observe(l.seconds);
+        self.metrics.state.restored_records.inc_by(l.changelog_records);
         self.metrics
+            .billing
             .open_jobs
             .with_label_values(&[&p.to_string()])
             .set(l.meter.open_jobs() as i64);
