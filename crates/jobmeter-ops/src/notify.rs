@@ -32,9 +32,8 @@ use rdkafka::message::{Header, Message};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use sha2::Sha256;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 /// `jobmeter notify`.
 #[derive(Debug, clap::Args)]
@@ -155,12 +154,9 @@ fn event_id_of(payload: &[u8], topic: &str, partition: i32, offset: i64) -> Stri
         .unwrap_or_else(|| format!("{topic}/{partition}/{offset}"))
 }
 
-/// Runs the notifier until SIGTERM/SIGINT.
-pub fn main(cmd: NotifyCmd) -> anyhow::Result<()> {
-    jobmeter_service::init_tracing();
-    if !(cmd.webhook.starts_with("http://") || cmd.webhook.starts_with("https://")) {
-        anyhow::bail!("--webhook {:?}: must be an http:// or https:// URL", cmd.webhook);
-    }
+/// The webhook secret: from `--secret-file`, `--secret` or the
+/// environment; at least 16 characters.
+fn secret_of(cmd: &NotifyCmd) -> anyhow::Result<String> {
     let secret = match (&cmd.secret, &cmd.secret_file) {
         (_, Some(f)) => std::fs::read_to_string(f)
             .with_context(|| format!("--secret-file {}", f.display()))?
@@ -172,20 +168,65 @@ pub fn main(cmd: NotifyCmd) -> anyhow::Result<()> {
     if secret.len() < 16 {
         anyhow::bail!("the webhook secret is too short (at least 16 characters)");
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    Ok(secret)
+}
+
+/// One limit event taken from the topic.
+struct Event {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    payload: Vec<u8>,
+    key: Option<Vec<u8>>,
+    id: String,
+}
+
+/// How an event's delivery ended.
+enum Outcome {
+    /// Delivered (logged with its HTTP status).
+    Delivered,
+    /// Given up after `give_up_after`: why, the last HTTP status, the
+    /// number of attempts.
+    Undeliverable(String, Option<u16>, u32),
+    /// Stopped (shutdown, or the partition went to another member): not
+    /// delivered and not committed; whoever holds it next delivers it.
+    Interrupted,
+}
+
+/// The notifier: a group member on the limits topic, the webhook, the
+/// dead-letter producer.
+struct Notifier<'a> {
+    consumer: BaseConsumer,
+    producer: ThreadedProducer<DefaultProducerContext>,
+    delivery: Delivery<'a>,
+    dlq_topic: String,
+    initial: Duration,
+    max: Duration,
+    give_up: Duration,
+    stop: &'a CancellationToken,
+}
+
+/// Runs the notifier until SIGTERM/SIGINT.
+pub fn main(cmd: NotifyCmd) -> anyhow::Result<()> {
+    jobmeter_service::init_tracing();
+    if !(cmd.webhook.starts_with("http://") || cmd.webhook.starts_with("https://")) {
+        anyhow::bail!("--webhook {:?}: must be an http:// or https:// URL", cmd.webhook);
+    }
+    let secret = secret_of(&cmd)?;
+    // One runtime: its worker serves the signals while the loop below
+    // blocks on each request.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let stop = CancellationToken::new();
     {
         let stop = stop.clone();
-        std::thread::Builder::new()
-            .name("notify-signals".into())
-            .spawn(move || {
-                let Ok(srt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-                    return;
-                };
-                srt.block_on(jobmeter_service::signals::shutdown_requested());
-                tracing::info!("shutdown requested: finishing the current event");
-                stop.store(true, Ordering::SeqCst);
-            })?;
+        rt.spawn(async move {
+            jobmeter_service::signals::shutdown_requested().await;
+            tracing::info!("shutdown requested: finishing the current event");
+            stop.cancel();
+        });
     }
     let cfg = cmd.kafka.load()?;
     let settings = cfg.kafka_settings();
@@ -200,116 +241,142 @@ pub fn main(cmd: NotifyCmd) -> anyhow::Result<()> {
         .create()
         .context("creating the consumer")?;
     consumer.subscribe(&[&topics.limits]).context("subscribing")?;
-    let producer: ThreadedProducer<DefaultProducerContext> =
-        settings.producer().create().context("creating the DLQ producer")?;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_millis(cmd.request_timeout as u64))
         .user_agent(concat!("jobmeter-notify/", env!("CARGO_PKG_VERSION")))
         .build()?;
-    let delivery = Delivery {
-        client: &client,
-        rt: &rt,
-        url: &cmd.webhook,
-        secret: secret.as_bytes(),
+    let ms = |v: i64| Duration::from_millis(v as u64);
+    let n = Notifier {
+        consumer,
+        producer: settings.producer().create().context("creating the DLQ producer")?,
+        delivery: Delivery {
+            client: &client,
+            rt: &rt,
+            url: &cmd.webhook,
+            secret: secret.as_bytes(),
+        },
+        dlq_topic,
+        initial: ms(cmd.initial_backoff),
+        max: ms(cmd.max_backoff),
+        give_up: ms(cmd.give_up_after),
+        stop: &stop,
     };
-    let (initial, max) = (
-        Duration::from_millis(cmd.initial_backoff as u64),
-        Duration::from_millis(cmd.max_backoff as u64),
-    );
-    let give_up = Duration::from_millis(cmd.give_up_after as u64);
-    tracing::info!(topic = %topics.limits, webhook = %cmd.webhook, dlq = %dlq_topic, "delivering limit events");
-    let (mut delivered, mut dead) = (0u64, 0u64);
-    while !stop.load(Ordering::SeqCst) {
-        let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let msg = match msg {
+    tracing::info!(topic = %topics.limits, webhook = %cmd.webhook, dlq = %n.dlq_topic, "delivering limit events");
+    n.run()
+}
+
+impl Notifier<'_> {
+    /// Delivers events until stopped; each is committed once delivered or
+    /// dead-lettered.
+    fn run(&self) -> anyhow::Result<()> {
+        let (mut delivered, mut dead) = (0u64, 0u64);
+        while !self.stop.is_cancelled() {
+            let Some(ev) = self.next() else { continue };
+            match self.deliver(&ev) {
+                Outcome::Interrupted => break,
+                Outcome::Delivered => delivered += 1,
+                Outcome::Undeliverable(reason, status, attempts) => {
+                    self.dead_letter(&ev, &reason, status, attempts)?;
+                    dead += 1;
+                }
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&ev.topic, ev.partition, Offset::Offset(ev.offset + 1))?;
+            self.consumer.commit(&tpl, CommitMode::Sync).context("committing")?;
+        }
+        tracing::info!(delivered, dead_lettered = dead, "stopped");
+        Ok(())
+    }
+
+    /// The next event, if one comes within 200 ms.
+    fn next(&self) -> Option<Event> {
+        let msg = match self.consumer.poll(Duration::from_millis(200))? {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "consumer error");
-                continue;
+                return None;
             }
         };
         let (topic, partition, offset) = (msg.topic().to_owned(), msg.partition(), msg.offset());
         let payload = msg.payload().unwrap_or_default().to_vec();
-        let key = msg.key().map(<[u8]>::to_vec);
-        drop(msg);
-        let event_id = event_id_of(&payload, &topic, partition, offset);
+        Some(Event {
+            id: event_id_of(&payload, &topic, partition, offset),
+            key: msg.key().map(<[u8]>::to_vec),
+            topic,
+            partition,
+            offset,
+            payload,
+        })
+    }
+
+    /// Delivers `ev`, retrying with backoff until `give_up_after`. While
+    /// retrying, the partition is paused and the consumer polled, so the
+    /// group keeps this member and rebalances are served.
+    fn deliver(&self, ev: &Event) -> Outcome {
         let first = Instant::now();
-        let mut attempts = 0u32;
-        // While retrying, the partition is paused and the consumer polled,
-        // so the group keeps this member and rebalances are served.
         let mut paused = false;
+        let mut attempts = 0u32;
         let outcome = loop {
             attempts += 1;
-            match delivery.attempt(&event_id, &payload) {
-                Attempt::Delivered(status) => break Some(Ok(status)),
-                Attempt::Failed(reason, status) => {
-                    if first.elapsed() >= give_up {
-                        break Some(Err((reason, status)));
-                    }
-                    let wait = backoff(attempts, initial, max, offset as u64 ^ u64::from(attempts));
-                    tracing::warn!(event_id, attempts, %reason, retry_in_ms = wait.as_millis() as u64, "delivery failed");
-                    if !paused {
-                        let _ = consumer.assignment().map(|a| consumer.pause(&a));
-                        paused = true;
-                    }
-                    let until = Instant::now() + wait.min(give_up.saturating_sub(first.elapsed()));
-                    while Instant::now() < until && !stop.load(Ordering::SeqCst) {
-                        let _ = consumer.poll(Duration::from_millis(50));
-                    }
-                    let still_ours = consumer
-                        .assignment()
-                        .map(|a| a.find_partition(&topic, partition).is_some())
-                        .unwrap_or(false);
-                    if stop.load(Ordering::SeqCst) || !still_ours {
-                        // Not delivered and not committed: whoever holds the
-                        // partition next delivers it.
-                        break None;
-                    }
+            let (reason, status) = match self.delivery.attempt(&ev.id, &ev.payload) {
+                Attempt::Delivered(status) => {
+                    tracing::info!(event_id = ev.id, attempts, status, "delivered");
+                    break Outcome::Delivered;
                 }
+                Attempt::Failed(reason, status) => (reason, status),
+            };
+            if first.elapsed() >= self.give_up {
+                tracing::error!(event_id = ev.id, attempts, %reason, dlq = %self.dlq_topic, "undeliverable: dead-lettered");
+                break Outcome::Undeliverable(reason, status, attempts);
+            }
+            let wait = backoff(attempts, self.initial, self.max, ev.offset as u64 ^ u64::from(attempts));
+            tracing::warn!(event_id = ev.id, attempts, %reason, retry_in_ms = wait.as_millis() as u64, "delivery failed");
+            if !paused {
+                let _ = self.consumer.assignment().map(|a| self.consumer.pause(&a));
+                paused = true;
+            }
+            let until = Instant::now() + wait.min(self.give_up.saturating_sub(first.elapsed()));
+            while Instant::now() < until && !self.stop.is_cancelled() {
+                let _ = self.consumer.poll(Duration::from_millis(50));
+            }
+            let still_ours = self
+                .consumer
+                .assignment()
+                .map(|a| a.find_partition(&ev.topic, ev.partition).is_some())
+                .unwrap_or(false);
+            if self.stop.is_cancelled() || !still_ours {
+                break Outcome::Interrupted;
             }
         };
         if paused {
-            let _ = consumer.assignment().map(|a| consumer.resume(&a));
+            let _ = self.consumer.assignment().map(|a| self.consumer.resume(&a));
         }
-        match outcome {
-            None => break,
-            Some(Ok(status)) => {
-                delivered += 1;
-                tracing::info!(event_id, attempts, status, "delivered");
-            }
-            Some(Err((reason, status))) => {
-                // The meter's dead-letter layout (reason, detail, source
-                // topic/partition/offset), plus what the delivery tried.
-                let last_status = status.map(|s| s.to_string()).unwrap_or_default();
-                let attempts_text = attempts.to_string();
-                let headers =
-                    jobmeter_kafka::dlq::headers("webhook_undeliverable", reason.as_str(), &topic, partition, offset)
-                        .insert(Header {
-                            key: "jobmeter.last_status",
-                            value: Some(last_status.as_str()),
-                        })
-                        .insert(Header {
-                            key: "jobmeter.attempts",
-                            value: Some(attempts_text.as_str()),
-                        });
-                let mut rec = BaseRecord::to(&dlq_topic).payload(&payload).headers(headers);
-                if let Some(k) = &key {
-                    rec = rec.key(k);
-                }
-                producer.send(rec).map_err(|(e, _)| e).context("dead-lettering")?;
-                producer.flush(Duration::from_secs(30)).context("dead-lettering")?;
-                dead += 1;
-                tracing::error!(event_id, attempts, %reason, dlq = %dlq_topic, "undeliverable: dead-lettered");
-            }
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, partition, Offset::Offset(offset + 1))?;
-        consumer.commit(&tpl, CommitMode::Sync).context("committing")?;
+        outcome
     }
-    tracing::info!(delivered, dead_lettered = dead, "stopped");
-    Ok(())
+
+    /// Writes `ev` to the dead-letter topic in the meter's layout (reason,
+    /// detail, source topic/partition/offset), plus what the delivery
+    /// tried: the last HTTP status and the number of attempts.
+    fn dead_letter(&self, ev: &Event, reason: &str, status: Option<u16>, attempts: u32) -> anyhow::Result<()> {
+        let last_status = status.map(|s| s.to_string()).unwrap_or_default();
+        let attempts = attempts.to_string();
+        let headers = jobmeter_kafka::dlq::headers("webhook_undeliverable", reason, &ev.topic, ev.partition, ev.offset)
+            .insert(Header {
+                key: "jobmeter.last_status",
+                value: Some(last_status.as_str()),
+            })
+            .insert(Header {
+                key: "jobmeter.attempts",
+                value: Some(attempts.as_str()),
+            });
+        let mut rec = BaseRecord::to(&self.dlq_topic).payload(&ev.payload).headers(headers);
+        if let Some(k) = &ev.key {
+            rec = rec.key(k);
+        }
+        self.producer.send(rec).map_err(|(e, _)| e).context("dead-lettering")?;
+        self.producer.flush(Duration::from_secs(30)).context("dead-lettering")?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -420,7 +420,7 @@ pub fn tail_owned(
     owned: &RwLock<BTreeSet<i32>>,
     stop: &CancellationToken,
 ) {
-    let (source, by_partition) = topics;
+    let source = topics.0;
     let consumer = match tailer(settings, client_id, "accounts tailer") {
         Ok(c) => c,
         Err(e) => {
@@ -441,22 +441,8 @@ pub fn tail_owned(
             if assigned.as_ref() != Some(&want) {
                 flush(accounts, &mut pending);
                 held = 0;
-                let mut tpl = TopicPartitionList::new();
-                for (&p, &o) in &source_next {
-                    let _ = tpl.add_partition_offset(source, p, Offset::Offset(o));
-                }
-                for &p in &want {
-                    match accounts.store.accounts_offset(p) {
-                        Ok(o) => {
-                            let _ =
-                                tpl.add_partition_offset(by_partition, p, o.map_or(Offset::Beginning, Offset::Offset));
-                        }
-                        Err(e) => tracing::error!(error = %e, partition = p, "accounts tailer cannot read its offset"),
-                    }
-                }
-                match consumer.assign(&tpl) {
-                    Ok(()) => assigned = Some(want),
-                    Err(e) => tracing::warn!(error = %e, "accounts tailer assignment"),
+                if assign_tails(accounts, &consumer, topics, &source_next, &want) {
+                    assigned = Some(want);
                 }
             }
         }
@@ -506,6 +492,38 @@ pub fn tail_owned(
         held = 0;
     }
     flush(accounts, &mut pending);
+}
+
+/// Assigns the tailer the accounts topic (every partition, from
+/// `source_next`) and the accounts partitions of the `owned` partitions
+/// (each from where its stored records reach). False when the assignment
+/// failed (it is tried again).
+fn assign_tails(
+    accounts: &StoredAccounts,
+    consumer: &BaseConsumer<jobmeter_kafka::reader::ReaderContext>,
+    (source, by_partition): (&str, &str),
+    source_next: &HashMap<i32, i64>,
+    owned: &BTreeSet<i32>,
+) -> bool {
+    let mut tpl = TopicPartitionList::new();
+    for (&p, &o) in source_next {
+        let _ = tpl.add_partition_offset(source, p, Offset::Offset(o));
+    }
+    for &p in owned {
+        match accounts.store.accounts_offset(p) {
+            Ok(o) => {
+                let _ = tpl.add_partition_offset(by_partition, p, o.map_or(Offset::Beginning, Offset::Offset));
+            }
+            Err(e) => tracing::error!(error = %e, partition = p, "accounts tailer cannot read its offset"),
+        }
+    }
+    match consumer.assign(&tpl) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "accounts tailer assignment");
+            false
+        }
+    }
 }
 
 /// A consumer that reads assigned partitions without end-of-partition

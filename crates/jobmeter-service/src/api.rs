@@ -156,7 +156,10 @@ pub struct AccountQuery {
 }
 
 /// Kind, model and max seconds of an admission query, or the 400 answer.
-fn admission_request(q: &AccountQuery) -> Result<(JobKind, Option<String>, Option<rust_decimal::Decimal>), Answer> {
+/// An admission question: the job's kind, model and longest run.
+type AdmissionQuery = (JobKind, Option<String>, Option<rust_decimal::Decimal>);
+
+fn admission_request(q: &AccountQuery) -> Result<AdmissionQuery, Answer> {
     let kind = match q.kind.as_deref() {
         None | Some("") => {
             return Err(Answer::error(
@@ -380,10 +383,34 @@ impl Api {
         }
         let period = period.unwrap_or_else(|| st.stream_time.unwrap_or_else(Timestamp::now).period());
         let partition = found_in.first().copied().unwrap_or(home);
-        let mut body = match what {
+        let mut body = match self.view(&account_id, &st, period, what, job) {
+            Ok(body) => body,
+            Err(answer) => return answer,
+        };
+        if let Some(o) = body.as_object_mut() {
+            o.insert("served_by".into(), json!(self.instance_id));
+            o.insert("partition".into(), json!(partition));
+            if what != AccountView::Usage {
+                o.insert("committed_offsets".into(), self.committed_offsets(partition));
+            }
+        }
+        Answer { status: 200, body }
+    }
+
+    /// The body of an account view (`Err`: the answer to give instead).
+    fn view(
+        &self,
+        account_id: &AccountId,
+        st: &view::AccountState,
+        period: Period,
+        what: AccountView,
+        job: Option<AdmissionQuery>,
+    ) -> Result<serde_json::Value, Answer> {
+        let book: &dyn jobmeter_core::Accounts = &*self.billing.accounts;
+        let value = match what {
             AccountView::Admission => {
                 let Some((kind, model, max_seconds)) = job else {
-                    return Answer::error(500, "internal", "admission without its query");
+                    return Err(Answer::error(500, "internal", "admission without its query"));
                 };
                 let model = model.map(jobmeter_core::ModelId::from);
                 let ctx = jobmeter_core::Context::new(&self.billing.rates, &self.billing.plans, book, &self.meter);
@@ -393,39 +420,31 @@ impl Api {
                     max_seconds,
                 };
                 let now = st.stream_time.unwrap_or_else(Timestamp::now);
-                match view::admission(&account_id, &req, &st, &ctx, now) {
+                match view::admission(account_id, &req, st, &ctx, now) {
                     Ok(a) => serde_json::to_value(a),
                     Err(view::AdmissionError::Invalid(inv)) => {
-                        return Answer::error(400, inv.reason.as_str(), &inv.detail)
+                        return Err(Answer::error(400, inv.reason.as_str(), &inv.detail))
                     }
-                    Err(view::AdmissionError::Lookup(e)) => return Answer::error(500, "store", &e.to_string()),
+                    Err(view::AdmissionError::Lookup(e)) => return Err(Answer::error(500, "store", &e.to_string())),
                 }
             }
             AccountView::Usage => match view::usage_report(
-                &account_id,
+                account_id,
                 period,
-                &st,
+                st,
                 &self.billing.plans,
                 book,
                 self.billing.rates.policy.rounding,
             ) {
                 Ok(r) => serde_json::to_value(r),
-                Err(e) => return Answer::error(500, "store", &e.to_string()),
+                Err(e) => return Err(Answer::error(500, "store", &e.to_string())),
             },
-            AccountView::Limits => match view::limits_report(&account_id, period, &st, &self.billing.plans, book) {
+            AccountView::Limits => match view::limits_report(account_id, period, st, &self.billing.plans, book) {
                 Ok(r) => serde_json::to_value(r),
-                Err(e) => return Answer::error(500, "store", &e.to_string()),
+                Err(e) => return Err(Answer::error(500, "store", &e.to_string())),
             },
-        }
-        .unwrap_or_default();
-        if let Some(o) = body.as_object_mut() {
-            o.insert("served_by".into(), json!(self.instance_id));
-            o.insert("partition".into(), json!(partition));
-            if what != AccountView::Usage {
-                o.insert("committed_offsets".into(), self.committed_offsets(partition));
-            }
-        }
-        Answer { status: 200, body }
+        };
+        Ok(value.unwrap_or_default())
     }
 
     /// The input offsets (next to read) of `partition` that the stored

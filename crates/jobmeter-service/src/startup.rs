@@ -136,7 +136,7 @@ pub(crate) async fn accounts(
     stop: &CancellationToken,
     threads: &mut Threads,
 ) -> Result<(), ServiceError> {
-    let (table, owned) = (&shared.table, &shared.owned);
+    let table = &shared.table;
     let forwarding = accounts::Forwarding {
         settings: settings.clone(),
         group: accounts::forwarder_group(&cfg.kafka.group_id),
@@ -193,6 +193,24 @@ pub(crate) async fn accounts(
         seconds = started.elapsed().as_secs_f64(),
         "account records forwarded to their partitions; pro subscribers read"
     );
+    start_tails(cfg, settings, topics, shared, (source_from, pro_next), stop, threads)
+}
+
+/// The live tails: of the pro subscribers (from `from.1`) and of the
+/// accounts topic (from its ends `from.0`) with the owned partitions'
+/// accounts partitions.
+fn start_tails(
+    cfg: &Config,
+    settings: &KafkaSettings,
+    topics: &Topics,
+    shared: &crate::Shared,
+    from: (Vec<(i32, i64)>, i64),
+    stop: &CancellationToken,
+    threads: &mut Threads,
+) -> Result<(), ServiceError> {
+    let (source_from, pro_next) = from;
+    let (table, owned) = (&shared.table, &shared.owned);
+    let client = |what: &str| format!("{}-{what}", cfg.instance_id);
     {
         let (t, s, tp, st, c) = (
             table.clone(),

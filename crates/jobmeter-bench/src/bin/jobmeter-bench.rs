@@ -154,153 +154,18 @@ fn main() -> anyhow::Result<()> {
         "broker: {brokers}; partitions: {}; placement: {:?}; shape: {:?}",
         args.partitions, args.placement, args.shape
     );
-
+    let b = Bench {
+        args: &args,
+        brokers,
+        settings,
+        bin,
+        dir: tempdir()?,
+    };
     // 1 + 2: backlog, ceiling, throughput.
     let prefix = format!("bench-{stamp}-tp");
-    let dir = tempdir()?;
-    let meter = start_meter(&bin, &prefix, &dir.join("tp"), args.partitions, &args.sets, 19464)?;
-    wait_ready(19464)?;
-    let opts = match args.shape {
-        Shape::Classic => FleetOptions {
-            jobs: args.jobs.unwrap_or(40_000),
-            accounts: 2_000,
-            mean_gap_ms: 50,
-            ..FleetOptions::default()
-        },
-        Shape::Realistic => match args.minutes {
-            None => FleetOptions::realistic(args.jobs.unwrap_or(216_574)),
-            Some(m) => {
-                let m = i64::from(m.max(1));
-                let jobs = args.jobs.unwrap_or((216_574 * m as usize).div_ceil(720));
-                FleetOptions {
-                    mean_gap_ms: (m * 60_000 / jobs.max(1) as i64).max(1),
-                    ..FleetOptions::realistic(jobs)
-                }
-            }
-        },
-    };
-    let evs = events(&opts);
-    let accs = accounts(&opts);
-    println!(
-        "workload: {:?}, {} jobs, {} accounts, {} events (heartbeats every {} s)",
-        args.shape,
-        opts.jobs,
-        opts.accounts,
-        evs.len(),
-        opts.heartbeat_interval_ms / 1000
-    );
-    // Stop the meter while the backlog is produced, so it starts on a full topic.
-    drop(meter);
-    let topics = jobmeter_kafka::topics::Topics::with_prefix(&prefix);
-    let t0 = Instant::now();
-    jobmeter_ops::tools::produce_fleet_placed(&brokers, &topics, &accs, &evs, 0, args.placement)?;
-    println!("produced {} events in {:.1}s", evs.len(), t0.elapsed().as_secs_f64());
-    let mut reads = Vec::new();
-    let broker_cpu = || args.broker_pid.map(cpu_seconds);
-    let (c_broker, c_machine) = (broker_cpu(), MachineCpu::now());
-    for _ in 0..args.ceiling_runs.max(1) {
-        reads.push(raw_consume_rate(
-            &settings,
-            &topics.job_events,
-            args.partitions,
-            evs.len(),
-            false,
-        )?);
-    }
-    let c_share = CpuShare::since(c_broker, broker_cpu(), &c_machine, reads.len() * evs.len());
-    let untuned = raw_consume_rate(&settings, &topics.job_events, args.partitions, evs.len(), true)?;
-    let mut sorted = reads.clone();
-    sorted.sort_by(f64::total_cmp);
-    let ceiling = sorted[sorted.len() / 2];
-    println!(
-        "(c) ceiling: plain consumer read {} events at {:.0} events/s (median of {} reads: {})",
-        evs.len(),
-        ceiling,
-        reads.len(),
-        reads.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
-    );
-    println!("(c) during the ceiling reads: {c_share}");
-    println!(
-        "(c') the same plain consumer with librdkafka's default fetch.queue.backoff.ms (1 s): {untuned:.0} events/s (one read)"
-    );
-    let (a_broker, a_machine) = (broker_cpu(), MachineCpu::now());
-    let t1 = Instant::now();
-    let instances = args.instances.max(1);
-    let ports: Vec<u16> = (0..instances).map(|i| 19464 + i).collect();
-    let meters = ports
-        .iter()
-        .enumerate()
-        .map(|(i, port)| match instances {
-            1 => start_meter(&bin, &prefix, &dir.join("tp"), args.partitions, &args.sets, *port),
-            _ => start_meter_as(
-                &bin,
-                &prefix,
-                &format!("{prefix}-{i}"),
-                &dir.join(format!("tp-{i}")),
-                args.partitions,
-                &args.sets,
-                *port,
-            ),
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    // Every instance counts the events its own meters applied: the sum is
-    // the backlog once each is applied somewhere.
-    let consumed_all = || {
-        ports
-            .iter()
-            .map(|p| metric(*p, "jobmeter_events_total").unwrap_or(0.0))
-            .sum::<f64>()
-    };
-    let total = evs.len() as f64;
-    // The first committed batch: from here on the meter is at work (before
-    // it: process start, accounts table, group join, restore).
-    let mut first: Option<(Instant, f64)> = None;
-    loop {
-        let consumed = consumed_all();
-        if first.is_none() && consumed > 0.0 {
-            first = Some((Instant::now(), consumed));
-        }
-        if consumed >= total {
-            break;
-        }
-        if t1.elapsed() > Duration::from_secs(1800) {
-            anyhow::bail!("the meter did not finish the backlog in 30 minutes");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let end = Instant::now();
-    if std::env::var_os("JOBMETER_BENCH_VERBOSE").is_some() {
-        for line in metrics_text(19464)
-            .lines()
-            .filter(|l| l.starts_with("jobmeter_commit_seconds_sum") || l.starts_with("jobmeter_commit_seconds_count"))
-        {
-            println!("  {line}");
-        }
-    }
-    let secs = (end - t1).as_secs_f64();
-    let (t_first, n_first) = first.unwrap_or((t1, 0.0));
-    let sustained = (total - n_first) / (end - t_first).as_secs_f64().max(1e-3);
-    let rss: u64 = meters.iter().map(|m| peak_rss_kib(m.id())).sum();
-    // The meters' own CPU time (user + system, every thread), so the cost
-    // per event can be compared across runs whatever else the machine did.
-    let cpu: f64 = meters.iter().map(|m| cpu_seconds(m.id())).sum();
-    println!(
-        "(a) throughput: {:.0} events/s sustained ({:.0} % of the ceiling), from the first committed batch to the last; {} events in {:.2}s = {:.0} events/s counting start-up ({:.2}s to the first commit); peak RSS {} MiB; meter CPU {:.2}s = {:.1} µs/event",
-        sustained,
-        100.0 * sustained / ceiling,
-        evs.len(),
-        secs,
-        total / secs,
-        (t_first - t1).as_secs_f64(),
-        rss / 1024,
-        cpu,
-        1e6 * cpu / total
-    );
-    println!(
-        "(a) during the run (start-up included): {}",
-        CpuShare::since(a_broker, broker_cpu(), &a_machine, evs.len())
-    );
-    drop(meters);
+    let events = b.backlog(&prefix)?;
+    let ceiling = b.ceiling(&prefix, events)?;
+    let instances = b.throughput(&prefix, events, ceiling)?;
     if args.throughput_only {
         return Ok(());
     }
@@ -311,68 +176,376 @@ fn main() -> anyhow::Result<()> {
         println!("(d) and (b) are measured with one instance only: run again without --instances");
         return Ok(());
     }
+    b.restores(&prefix)?;
+    if !args.keep_topics {
+        delete_topics(&b.settings, &prefix)?;
+    }
+    // 3: latency at a steady rate.
+    let prefix = format!("bench-{stamp}-lat");
+    b.latency(&prefix)?;
+    if !args.keep_topics {
+        delete_topics(&b.settings, &prefix)?;
+    }
+    let _ = std::fs::remove_dir_all(&b.dir);
+    Ok(())
+}
 
-    // (d) restore: the same instance on an empty state directory restores
-    // every partition from the changelog before it is ready.
-    for run in 0..args.restore_runs.max(1) {
-        let t_r = Instant::now();
+/// What every phase of the bench uses.
+struct Bench<'a> {
+    args: &'a Args,
+    brokers: String,
+    settings: KafkaSettings,
+    bin: PathBuf,
+    dir: PathBuf,
+}
+
+/// The HTTP port of the first meter instance of the throughput and
+/// restore runs (others count up from it), and of the latency run.
+const TP_PORT: u16 = 19464;
+const LATENCY_PORT: u16 = 19465;
+
+impl Bench<'_> {
+    /// The broker's CPU seconds so far, when `--broker-pid` names it.
+    fn broker_cpu(&self) -> Option<f64> {
+        self.args.broker_pid.map(cpu_seconds)
+    }
+
+    /// The fleet of the throughput backlog, as `--shape` and `--minutes` say.
+    fn fleet(&self) -> FleetOptions {
+        let args = self.args;
+        match args.shape {
+            Shape::Classic => FleetOptions {
+                jobs: args.jobs.unwrap_or(40_000),
+                accounts: 2_000,
+                mean_gap_ms: 50,
+                ..FleetOptions::default()
+            },
+            Shape::Realistic => match args.minutes {
+                None => FleetOptions::realistic(args.jobs.unwrap_or(216_574)),
+                Some(m) => {
+                    let m = i64::from(m.max(1));
+                    let jobs = args.jobs.unwrap_or((216_574 * m as usize).div_ceil(720));
+                    FleetOptions {
+                        mean_gap_ms: (m * 60_000 / jobs.max(1) as i64).max(1),
+                        ..FleetOptions::realistic(jobs)
+                    }
+                }
+            },
+        }
+    }
+
+    /// The meter's topics (a meter run creates them, then stops), then the
+    /// whole backlog, so that the meter starts on a full topic. Returns how
+    /// many events it holds.
+    fn backlog(&self, prefix: &str) -> anyhow::Result<usize> {
+        let args = self.args;
         let meter = start_meter(
-            &bin,
-            &prefix,
-            &dir.join(format!("tp-restore-{run}")),
+            &self.bin,
+            prefix,
+            &self.dir.join("tp"),
             args.partitions,
             &args.sets,
-            19464,
+            TP_PORT,
         )?;
-        wait_ready_within(19464, Duration::from_secs(1800))?;
-        let ready_after = t_r.elapsed().as_secs_f64();
-        let records = metric(19464, "jobmeter_restored_records_total").unwrap_or(0.0);
-        let restoring = metric(19464, "jobmeter_restore_seconds_sum").unwrap_or(0.0);
-        let partitions = metric(19464, "jobmeter_restore_seconds_count").unwrap_or(0.0);
+        wait_ready(TP_PORT)?;
+        let opts = self.fleet();
+        let evs = events(&opts);
+        let accs = accounts(&opts);
         println!(
-            "(d) restore: {records:.0} changelog records of {partitions:.0} partitions in {restoring:.2}s of restoring = {:.0} records/s; ready {ready_after:.2}s after start; peak RSS {} MiB",
-            records / restoring.max(1e-3),
+            "workload: {:?}, {} jobs, {} accounts, {} events (heartbeats every {} s)",
+            args.shape,
+            opts.jobs,
+            opts.accounts,
+            evs.len(),
+            opts.heartbeat_interval_ms / 1000
+        );
+        drop(meter);
+        let topics = jobmeter_kafka::topics::Topics::with_prefix(prefix);
+        let t0 = Instant::now();
+        jobmeter_ops::tools::produce_fleet_placed(&self.brokers, &topics, &accs, &evs, 0, args.placement)?;
+        println!("produced {} events in {:.1}s", evs.len(), t0.elapsed().as_secs_f64());
+        Ok(evs.len())
+    }
+
+    /// (c): a plain consumer reads the backlog, doing nothing; the median
+    /// of `--ceiling-runs` reads, events/s.
+    fn ceiling(&self, prefix: &str, n: usize) -> anyhow::Result<f64> {
+        let args = self.args;
+        let topic = format!("{prefix}.job-events");
+        let mut reads = Vec::new();
+        let (c_broker, c_machine) = (self.broker_cpu(), MachineCpu::now());
+        for _ in 0..args.ceiling_runs.max(1) {
+            reads.push(raw_consume_rate(&self.settings, &topic, args.partitions, n, false)?);
+        }
+        let c_share = CpuShare::since(c_broker, self.broker_cpu(), &c_machine, reads.len() * n);
+        let untuned = raw_consume_rate(&self.settings, &topic, args.partitions, n, true)?;
+        let mut sorted = reads.clone();
+        sorted.sort_by(f64::total_cmp);
+        let ceiling = sorted[sorted.len() / 2];
+        println!(
+            "(c) ceiling: plain consumer read {} events at {:.0} events/s (median of {} reads: {})",
+            n,
+            ceiling,
+            reads.len(),
+            reads.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
+        );
+        println!("(c) during the ceiling reads: {c_share}");
+        println!(
+            "(c') the same plain consumer with librdkafka's default fetch.queue.backoff.ms (1 s): {untuned:.0} events/s (one read)"
+        );
+        Ok(ceiling)
+    }
+
+    /// Starts `--instances` meters on the backlog (one group).
+    fn start_instances(&self, prefix: &str) -> anyhow::Result<(Vec<u16>, Vec<MeterChild>)> {
+        let args = self.args;
+        let instances = args.instances.max(1);
+        let ports: Vec<u16> = (0..instances).map(|i| TP_PORT + i).collect();
+        let meters = ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| match instances {
+                1 => start_meter(
+                    &self.bin,
+                    prefix,
+                    &self.dir.join("tp"),
+                    args.partitions,
+                    &args.sets,
+                    *port,
+                ),
+                _ => start_meter_as(
+                    &self.bin,
+                    prefix,
+                    &format!("{prefix}-{i}"),
+                    &self.dir.join(format!("tp-{i}")),
+                    args.partitions,
+                    &args.sets,
+                    *port,
+                ),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok((ports, meters))
+    }
+
+    /// (a): the meter(s) on the backlog of `n` events, from process start
+    /// to the last commit. Returns the number of instances.
+    fn throughput(&self, prefix: &str, n: usize, ceiling: f64) -> anyhow::Result<u16> {
+        let (a_broker, a_machine) = (self.broker_cpu(), MachineCpu::now());
+        let t1 = Instant::now();
+        let (ports, meters) = self.start_instances(prefix)?;
+        // Every instance counts the events its own meters applied: the sum
+        // is the backlog once each is applied somewhere.
+        let consumed_all = || {
+            ports
+                .iter()
+                .map(|p| metric(*p, "jobmeter_events_total").unwrap_or(0.0))
+                .sum::<f64>()
+        };
+        let total = n as f64;
+        // The first committed batch: from here on the meter is at work
+        // (before it: process start, accounts table, group join, restore).
+        let mut first: Option<(Instant, f64)> = None;
+        loop {
+            let consumed = consumed_all();
+            if first.is_none() && consumed > 0.0 {
+                first = Some((Instant::now(), consumed));
+            }
+            if consumed >= total {
+                break;
+            }
+            if t1.elapsed() > Duration::from_secs(1800) {
+                anyhow::bail!("the meter did not finish the backlog in 30 minutes");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let end = Instant::now();
+        if std::env::var_os("JOBMETER_BENCH_VERBOSE").is_some() {
+            for line in metrics_text(TP_PORT).lines().filter(|l| {
+                l.starts_with("jobmeter_commit_seconds_sum") || l.starts_with("jobmeter_commit_seconds_count")
+            }) {
+                println!("  {line}");
+            }
+        }
+        let secs = (end - t1).as_secs_f64();
+        let (t_first, n_first) = first.unwrap_or((t1, 0.0));
+        let sustained = (total - n_first) / (end - t_first).as_secs_f64().max(1e-3);
+        let rss: u64 = meters.iter().map(|m| peak_rss_kib(m.id())).sum();
+        // The meters' own CPU time (user + system, every thread), so the
+        // cost per event can be compared across runs whatever else the
+        // machine did.
+        let cpu: f64 = meters.iter().map(|m| cpu_seconds(m.id())).sum();
+        println!(
+            "(a) throughput: {:.0} events/s sustained ({:.0} % of the ceiling), from the first committed batch to the last; {} events in {:.2}s = {:.0} events/s counting start-up ({:.2}s to the first commit); peak RSS {} MiB; meter CPU {:.2}s = {:.1} µs/event",
+            sustained,
+            100.0 * sustained / ceiling,
+            n,
+            secs,
+            total / secs,
+            (t_first - t1).as_secs_f64(),
+            rss / 1024,
+            cpu,
+            1e6 * cpu / total
+        );
+        println!(
+            "(a) during the run (start-up included): {}",
+            CpuShare::since(a_broker, self.broker_cpu(), &a_machine, n)
+        );
+        drop(meters);
+        Ok(ports.len() as u16)
+    }
+
+    /// (d): the same instance on an empty state directory restores every
+    /// partition from the changelog before it is ready.
+    fn restores(&self, prefix: &str) -> anyhow::Result<()> {
+        let args = self.args;
+        for run in 0..args.restore_runs.max(1) {
+            let t_r = Instant::now();
+            let meter = start_meter(
+                &self.bin,
+                prefix,
+                &self.dir.join(format!("tp-restore-{run}")),
+                args.partitions,
+                &args.sets,
+                TP_PORT,
+            )?;
+            wait_ready_within(TP_PORT, Duration::from_secs(1800))?;
+            let ready_after = t_r.elapsed().as_secs_f64();
+            let records = metric(TP_PORT, "jobmeter_restored_records_total").unwrap_or(0.0);
+            let restoring = metric(TP_PORT, "jobmeter_restore_seconds_sum").unwrap_or(0.0);
+            let partitions = metric(TP_PORT, "jobmeter_restore_seconds_count").unwrap_or(0.0);
+            println!(
+                "(d) restore: {records:.0} changelog records of {partitions:.0} partitions in {restoring:.2}s of restoring = {:.0} records/s; ready {ready_after:.2}s after start; peak RSS {} MiB",
+                records / restoring.max(1e-3),
+                peak_rss_kib(meter.id()) / 1024
+            );
+            drop(meter);
+        }
+        Ok(())
+    }
+
+    /// (b): events produced at `--rate`; after the warm-up, the time from
+    /// each stop's send to its charge being visible (read_committed).
+    fn latency(&self, prefix: &str) -> anyhow::Result<()> {
+        let args = self.args;
+        let meter = start_meter(
+            &self.bin,
+            prefix,
+            &self.dir.join("lat"),
+            args.partitions,
+            &args.sets,
+            LATENCY_PORT,
+        )?;
+        wait_ready(LATENCY_PORT)?;
+        let topics = jobmeter_kafka::topics::Topics::with_prefix(prefix);
+        let n_events = (args.rate * (args.warmup_seconds + args.latency_seconds)) as usize;
+        let lat_opts = FleetOptions {
+            seed: 9,
+            jobs: n_events / 12 + 1,
+            accounts: 2_000,
+            mean_gap_ms: 50,
+            duplicate_permille: 0,
+            reorder_permille: 0,
+            lost_stop_permille: 0,
+            bad_permille: 0,
+            ..FleetOptions::default()
+        };
+        let evs = events(&lat_opts);
+        let evs = &evs[..n_events.min(evs.len())];
+        let probe = Arc::new(LatencyProbe::default());
+        let reader = probe.clone().read_charges(&self.settings, &topics.charges)?;
+        let producer: ThreadedProducer<DefaultProducerContext> =
+            self.settings.producer().set("linger.ms", "1").create()?;
+        for (k, r) in &accounts(&lat_opts) {
+            producer
+                .send(BaseRecord::to(&topics.accounts).key(k).payload(r))
+                .map_err(|(e, _)| e)?;
+        }
+        producer.flush(Duration::from_secs(10))?;
+        let t2 = Instant::now();
+        let warmup_events = (args.rate * args.warmup_seconds) as usize;
+        for (i, e) in evs.iter().enumerate() {
+            let due = Duration::from_micros(i as u64 * 1_000_000 / args.rate);
+            let el = t2.elapsed();
+            if due > el {
+                std::thread::sleep(due - el);
+            }
+            if i >= warmup_events && e.json.contains("\"job.stopped\"") {
+                let job = serde_json::from_str::<serde_json::Value>(&e.json)?["subject"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                probe.sent(job)?;
+            }
+            let rec = BaseRecord::to(&topics.job_events)
+                .key(&e.key)
+                .payload(&e.json)
+                .timestamp(e.time.0);
+            jobmeter_kafka::produce::send_waiting(&producer, rec, None)?;
+        }
+        producer.flush(Duration::from_secs(30))?;
+        let achieved = evs.len() as f64 / t2.elapsed().as_secs_f64();
+        let t2 = t2 + Duration::from_secs(args.warmup_seconds);
+        std::thread::sleep(Duration::from_secs(3));
+        probe.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+        if std::env::var_os("JOBMETER_BENCH_VERBOSE").is_some() {
+            for line in metrics_text(LATENCY_PORT)
+                .lines()
+                .filter(|l| l.starts_with("jobmeter_commit_seconds_bucket"))
+            {
+                println!("  {line}");
+            }
+        }
+        let lat = probe.report(t2)?;
+        let pct = |q: f64| {
+            lat.get(((lat.len() as f64 - 1.0) * q).round() as usize)
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+        };
+        println!(
+            "(b) latency at {:.0} events/s for {}s after {}s of warm-up: {} stops measured; stop produced -> charge visible (read_committed): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; peak RSS {} MiB",
+            achieved,
+            args.latency_seconds,
+            args.warmup_seconds,
+            lat.len(),
+            pct(0.5),
+            pct(0.99),
+            lat.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
             peak_rss_kib(meter.id()) / 1024
         );
         drop(meter);
+        Ok(())
     }
-    if !args.keep_topics {
-        delete_topics(&settings, &prefix)?;
+}
+
+/// Stops sent (by job) and the charges seen for them: the latency run's
+/// measurements.
+#[derive(Default)]
+struct LatencyProbe {
+    sent: Mutex<HashMap<String, Instant>>,
+    seen: Mutex<Vec<(Instant, Duration)>>,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+impl LatencyProbe {
+    /// Job `job`'s stop is being sent now.
+    fn sent(&self, job: String) -> anyhow::Result<()> {
+        self.sent
+            .lock()
+            .map_err(|_| anyhow::anyhow!("lock"))?
+            .insert(job, Instant::now());
+        Ok(())
     }
 
-    // 3: latency at a steady rate.
-    let prefix = format!("bench-{stamp}-lat");
-    let meter = start_meter(&bin, &prefix, &dir.join("lat"), args.partitions, &args.sets, 19465)?;
-    wait_ready(19465)?;
-    let topics = jobmeter_kafka::topics::Topics::with_prefix(&prefix);
-    let n_events = (args.rate * (args.warmup_seconds + args.latency_seconds)) as usize;
-    let warmup_events = (args.rate * args.warmup_seconds) as usize;
-    let lat_opts = FleetOptions {
-        seed: 9,
-        jobs: n_events / 12 + 1,
-        accounts: 2_000,
-        mean_gap_ms: 50,
-        duplicate_permille: 0,
-        reorder_permille: 0,
-        lost_stop_permille: 0,
-        bad_permille: 0,
-        ..FleetOptions::default()
-    };
-    let evs = events(&lat_opts);
-    let evs = &evs[..n_events.min(evs.len())];
-    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let seen: Arc<Mutex<Vec<(Instant, Duration)>>> = Arc::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = {
-        let (settings, topic, sent, seen, stop) = (
-            settings.clone(),
-            topics.charges.clone(),
-            sent.clone(),
-            seen.clone(),
-            stop.clone(),
-        );
+    /// Reads `topic` (read_committed) on a thread of its own until stopped,
+    /// noting when each sent job's charge becomes visible.
+    fn read_charges(
+        self: Arc<Self>,
+        settings: &KafkaSettings,
+        topic: &str,
+    ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
+        let (settings, topic) = (settings.clone(), topic.to_owned());
         let parts = jobmeter_kafka::topics::partition_count(&settings, &topic)?;
-        std::thread::spawn(move || -> anyhow::Result<()> {
+        Ok(std::thread::spawn(move || -> anyhow::Result<()> {
             // Measures visibility, so the reader itself must not wait long
             // per fetch (librdkafka's default fetch.wait.max.ms is 500 ms).
             let consumer: BaseConsumer = settings
@@ -384,102 +557,47 @@ fn main() -> anyhow::Result<()> {
                 tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
             }
             consumer.assign(&tpl)?;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !self.stop.load(std::sync::atomic::Ordering::Relaxed) {
                 if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
                     let now = Instant::now();
                     let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
                     let job = v["job_id"].as_str().unwrap_or_default().to_owned();
-                    if let Some(t) = sent.lock().map_err(|_| anyhow::anyhow!("lock"))?.remove(&job) {
-                        seen.lock().map_err(|_| anyhow::anyhow!("lock"))?.push((t, now - t));
+                    if let Some(t) = self.sent.lock().map_err(|_| anyhow::anyhow!("lock"))?.remove(&job) {
+                        self.seen
+                            .lock()
+                            .map_err(|_| anyhow::anyhow!("lock"))?
+                            .push((t, now - t));
                     }
                 }
             }
             Ok(())
-        })
-    };
-    let producer: ThreadedProducer<DefaultProducerContext> = settings.producer().set("linger.ms", "1").create()?;
-    for (k, r) in &accounts(&lat_opts) {
-        producer
-            .send(BaseRecord::to(&topics.accounts).key(k).payload(r))
-            .map_err(|(e, _)| e)?;
+        }))
     }
-    producer.flush(Duration::from_secs(10))?;
-    let t2 = Instant::now();
-    for (i, e) in evs.iter().enumerate() {
-        let due = Duration::from_micros(i as u64 * 1_000_000 / args.rate);
-        let el = t2.elapsed();
-        if due > el {
-            std::thread::sleep(due - el);
+
+    /// The latencies measured, sorted; says how many stops had no charge
+    /// (and, verbose, when the slow ones were sent, from `t2`).
+    fn report(&self, t2: Instant) -> anyhow::Result<Vec<Duration>> {
+        let samples = self.seen.lock().map_err(|_| anyhow::anyhow!("lock"))?.clone();
+        let unmatched = self.sent.lock().map_err(|_| anyhow::anyhow!("lock"))?.len();
+        if unmatched > 0 {
+            println!("  {unmatched} stops sent after the warm-up had no charge visible (jobs whose start was never sent, or not billed)");
         }
-        if i >= warmup_events && e.json.contains("\"job.stopped\"") {
-            let job = serde_json::from_str::<serde_json::Value>(&e.json)?["subject"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            sent.lock()
-                .map_err(|_| anyhow::anyhow!("lock"))?
-                .insert(job, Instant::now());
-        }
-        let rec = BaseRecord::to(&topics.job_events)
-            .key(&e.key)
-            .payload(&e.json)
-            .timestamp(e.time.0);
-        jobmeter_kafka::produce::send_waiting(&producer, rec, None)?;
-    }
-    producer.flush(Duration::from_secs(30))?;
-    let achieved = evs.len() as f64 / t2.elapsed().as_secs_f64();
-    let t2 = t2 + Duration::from_secs(args.warmup_seconds);
-    std::thread::sleep(Duration::from_secs(3));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
-    if std::env::var_os("JOBMETER_BENCH_VERBOSE").is_some() {
-        for line in metrics_text(19465)
-            .lines()
-            .filter(|l| l.starts_with("jobmeter_commit_seconds_bucket"))
-        {
-            println!("  {line}");
-        }
-    }
-    let samples = seen.lock().map_err(|_| anyhow::anyhow!("lock"))?.clone();
-    let unmatched = sent.lock().map_err(|_| anyhow::anyhow!("lock"))?.len();
-    if unmatched > 0 {
-        println!("  {unmatched} stops sent after the warm-up had no charge visible (jobs whose start was never sent, or not billed)");
-    }
-    if std::env::var_os("JOBMETER_BENCH_VERBOSE").is_some() {
-        // When the slow ones were sent: clustered (a stall) or spread out?
-        let mut slow: std::collections::BTreeMap<u64, (usize, f64)> = std::collections::BTreeMap::new();
-        for (sent_at, d) in &samples {
-            if *d > Duration::from_millis(200) {
-                let e = slow.entry(sent_at.duration_since(t2).as_secs()).or_default();
-                e.0 += 1;
-                e.1 = e.1.max(d.as_secs_f64() * 1000.0);
+        if std::env::var_os("JOBMETER_BENCH_VERBOSE").is_some() {
+            // When the slow ones were sent: clustered (a stall) or spread out?
+            let mut slow: std::collections::BTreeMap<u64, (usize, f64)> = std::collections::BTreeMap::new();
+            for (sent_at, d) in &samples {
+                if *d > Duration::from_millis(200) {
+                    let e = slow.entry(sent_at.duration_since(t2).as_secs()).or_default();
+                    e.0 += 1;
+                    e.1 = e.1.max(d.as_secs_f64() * 1000.0);
+                }
             }
+            println!("  stops over 200 ms by second of the run (count, max ms): {slow:?}");
         }
-        println!("  stops over 200 ms by second of the run (count, max ms): {slow:?}");
+        let mut lat: Vec<Duration> = samples.iter().map(|x| x.1).collect();
+        lat.sort();
+        Ok(lat)
     }
-    let mut lat: Vec<Duration> = samples.iter().map(|x| x.1).collect();
-    lat.sort();
-    let pct = |q: f64| {
-        lat.get(((lat.len() as f64 - 1.0) * q).round() as usize)
-            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-    };
-    println!(
-        "(b) latency at {:.0} events/s for {}s after {}s of warm-up: {} stops measured; stop produced -> charge visible (read_committed): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; peak RSS {} MiB",
-        achieved,
-        args.latency_seconds,
-        args.warmup_seconds,
-        lat.len(),
-        pct(0.5),
-        pct(0.99),
-        lat.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
-        peak_rss_kib(meter.id()) / 1024
-    );
-    drop(meter);
-    if !args.keep_topics {
-        delete_topics(&settings, &prefix)?;
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
 }
 
 /// The accounts table at scale: `n` records on the accounts topic (the

@@ -451,11 +451,6 @@ impl Config {
     /// Every semantic problem.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
-        let positive = |p: &mut Vec<String>, field: &str, v: Dur| {
-            if v.ms() <= 0 {
-                p.push(format!("{field}: must be more than 0"));
-            }
-        };
         if self.instance_id.is_empty()
             || !self
                 .instance_id
@@ -468,10 +463,24 @@ impl Config {
             ));
         }
         p.extend(self.kafka_problems());
+        self.group_problems(&mut p);
+        self.state_problems(&mut p);
+        self.timing_problems(&mut p);
+        self.http_problems(&mut p);
+        if let Err(e) = jobmeter_offline::replay::load_rate_card(&self.billing.rate_card) {
+            p.push(format!("billing.rate_card: {e}"));
+        }
+        if let Err(e) = jobmeter_offline::replay::load_plans(self.billing.plans.as_deref()) {
+            p.push(format!("billing.plans: {e}"));
+        }
+        p
+    }
+
+    /// The consumer group, its assignor, the topics' layout, the pipelines.
+    fn group_problems(&self, p: &mut Vec<String>) {
         if self.kafka.group_id.trim().is_empty() {
             p.push("kafka.group_id: must not be empty".into());
         }
-        positive(&mut p, "kafka.transaction_timeout", self.kafka.transaction_timeout);
         // The meter hands each instance's records to its meters from
         // per-partition queues and rebuilds them at every assignment, which
         // needs the eager protocol (every partition revoked, committed and
@@ -493,7 +502,19 @@ impl Config {
         if self.topics.partitions < 1 || self.topics.output_partitions < 1 || self.topics.replication < 1 {
             p.push("topics.partitions, output_partitions and replication must be at least 1".into());
         }
-        positive(&mut p, "state.max_local_age", self.state.max_local_age);
+        if self.batch.max_events == 0 {
+            p.push("batch.max_events: must be at least 1".into());
+        }
+        if self.pipeline.threads > MAX_PIPELINES {
+            p.push(format!(
+                "pipeline.threads: {} must be 0 (one per core) to {MAX_PIPELINES}",
+                self.pipeline.threads
+            ));
+        }
+    }
+
+    /// The local state store.
+    fn state_problems(&self, p: &mut Vec<String>) {
         if !(8..=1 << 20).contains(&self.state.block_cache_mib) {
             p.push(format!(
                 "state.block_cache_mib: {} is outside 8 to 1048576",
@@ -514,16 +535,13 @@ impl Config {
                 tombstones / 3_600_000
             ));
         }
-        if self.batch.max_events == 0 {
-            p.push("batch.max_events: must be at least 1".into());
-        }
-        if self.pipeline.threads > MAX_PIPELINES {
-            p.push(format!(
-                "pipeline.threads: {} must be 0 (one per core) to {MAX_PIPELINES}",
-                self.pipeline.threads
-            ));
-        }
+    }
+
+    /// Every duration, the runway horizons, the shutdown deadline.
+    fn timing_problems(&self, p: &mut Vec<String>) {
         for (field, v) in [
+            ("kafka.transaction_timeout", self.kafka.transaction_timeout),
+            ("state.max_local_age", self.state.max_local_age),
             ("batch.interval", self.batch.interval),
             ("batch.max_idle", self.batch.max_idle),
             ("meter.orphan_timeout", self.meter.orphan_timeout),
@@ -533,11 +551,13 @@ impl Config {
             ("meter.max_clock_skew", self.meter.max_clock_skew),
             ("meter.stop_grace", self.meter.stop_grace),
             ("shutdown.deadline", self.shutdown.deadline),
-        ] {
-            positive(&mut p, field, v);
-        }
-        if let Some(age) = self.meter.max_event_age {
-            positive(&mut p, "meter.max_event_age", age);
+        ]
+        .into_iter()
+        .chain(self.meter.max_event_age.map(|age| ("meter.max_event_age", age)))
+        {
+            if v.ms() <= 0 {
+                p.push(format!("{field}: must be more than 0"));
+            }
         }
         if self.meter.runway_horizons.len() > 16 {
             p.push(format!(
@@ -559,6 +579,10 @@ impl Config {
                 self.shutdown.deadline, self.kafka.transaction_timeout
             ));
         }
+    }
+
+    /// The HTTP listener, its advertised URL and the API tokens.
+    fn http_problems(&self, p: &mut Vec<String>) {
         if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
             p.push(format!(
                 "http.listen: {:?} is not an address such as 127.0.0.1:9464",
@@ -589,13 +613,6 @@ impl Config {
             }
             Err(e) => p.push(e),
         }
-        if let Err(e) = jobmeter_offline::replay::load_rate_card(&self.billing.rate_card) {
-            p.push(format!("billing.rate_card: {e}"));
-        }
-        if let Err(e) = jobmeter_offline::replay::load_plans(self.billing.plans.as_deref()) {
-            p.push(format!("billing.plans: {e}"));
-        }
-        p
     }
 
     /// Every API token with its scope (inline ones, then the tokens file).

@@ -238,17 +238,54 @@ impl Drop for SetOnDrop {
     }
 }
 
-/// One batch's transaction, then its state-store write.
+/// One batch's transaction, then its state-store write (the steps of the
+/// crash table in `engine/mod.rs`, in order).
 pub(super) fn commit_batch<T: Transactional, S: StateStore + ?Sized>(
     producer: &T,
     store: &S,
     metrics: &Metrics,
     changelog: &str,
-    b: Batch<T::Group>,
+    mut b: Batch<T::Group>,
 ) -> Result<(), EngineError> {
     let t0 = Instant::now();
     producer.begin()?;
-    for r in b.records {
+    send_records(producer, changelog, std::mem::take(&mut b.records), &b.changes)?;
+    let tpl = offsets_of(&b)?;
+    let t_off = Instant::now();
+    producer.send_offsets(&tpl, &b.group)?;
+    let t_commit = Instant::now();
+    let changelog_offsets = producer.commit()?;
+    let t1 = Instant::now();
+    let steps: Vec<(i32, &[StateChange], Option<i64>)> = b
+        .changes
+        .iter()
+        .map(|(p, ch)| (*p, ch.as_slice(), changelog_offsets.get(p).copied()))
+        .collect();
+    store.commit_many(&steps)?;
+    let step = |name: &str, d: Duration| {
+        metrics
+            .commit
+            .commit_seconds
+            .with_label_values(&[name])
+            .observe(d.as_secs_f64())
+    };
+    step("produce", t_off - t0);
+    step("offsets", t_commit - t_off);
+    step("commit", t1 - t_commit);
+    step("store", t1.elapsed());
+    committed(metrics, &b);
+    Ok(())
+}
+
+/// The batch's outputs, then its changelog records (the local indexes go
+/// to the store only), into the open transaction.
+fn send_records<T: Transactional>(
+    producer: &T,
+    changelog: &str,
+    records: Vec<OutRecord>,
+    changes: &[(i32, Vec<StateChange>)],
+) -> Result<(), EngineError> {
+    for r in records {
         producer.send(Outgoing {
             topic: &r.topic,
             key: &r.key,
@@ -259,8 +296,7 @@ pub(super) fn commit_batch<T: Transactional, S: StateStore + ?Sized>(
             tag: r.tag,
         })?;
     }
-    for (p, ch) in &b.changes {
-        // The local indexes go to the store only.
+    for (p, ch) in changes {
         for c in ch.iter().filter(|c| !c.table.is_local()) {
             let key = jobmeter_kafka::changelog::key(c.table, &c.key);
             producer.send(Outgoing {
@@ -274,6 +310,11 @@ pub(super) fn commit_batch<T: Transactional, S: StateStore + ?Sized>(
             })?;
         }
     }
+    Ok(())
+}
+
+/// The input offsets the batch reaches, as the transaction commits them.
+fn offsets_of<G>(b: &Batch<G>) -> Result<TopicPartitionList, EngineError> {
     let mut tpl = TopicPartitionList::new();
     for (topic, p, o) in &b.offsets {
         tpl.add_partition_offset(topic, *p, Offset::Offset(*o)).map_err(|e| {
@@ -283,17 +324,12 @@ pub(super) fn commit_batch<T: Transactional, S: StateStore + ?Sized>(
             })
         })?;
     }
-    let t_off = Instant::now();
-    producer.send_offsets(&tpl, &b.group)?;
-    let t_commit = Instant::now();
-    let changelog_offsets = producer.commit()?;
-    let t1 = Instant::now();
-    let steps: Vec<(i32, &[StateChange], Option<i64>)> = b
-        .changes
-        .iter()
-        .map(|(p, ch)| (*p, ch.as_slice(), changelog_offsets.get(p).copied()))
-        .collect();
-    store.commit_many(&steps)?;
+    Ok(tpl)
+}
+
+/// A batch is committed: the offsets the usage API reports, and the
+/// counters it adds to.
+fn committed<G>(metrics: &Metrics, b: &Batch<G>) {
     {
         let mut committed = metrics
             .committed
@@ -303,17 +339,6 @@ pub(super) fn commit_batch<T: Transactional, S: StateStore + ?Sized>(
             committed.insert((topic.clone(), *p), *o);
         }
     }
-    let step = |name: &str, d: Duration| {
-        metrics
-            .commit
-            .commit_seconds
-            .with_label_values(&[name])
-            .observe(d.as_secs_f64())
-    };
-    step("produce", t_off - t0);
-    step("offsets", t_commit - t_off);
-    step("commit", t1 - t_commit);
-    step("store", t1.elapsed());
     metrics.commit.batch_events.observe(b.events as f64);
     for (p, before, now, open) in &b.stats {
         metrics.add_stats(before, now);
@@ -344,7 +369,6 @@ pub(super) fn commit_batch<T: Transactional, S: StateStore + ?Sized>(
                 .inc_by(*n);
         }
     }
-    Ok(())
 }
 
 /// The crash table of `engine/mod.rs`, step by step: a producer that fails

@@ -398,38 +398,12 @@ impl Engine {
         }
         self.batch_events += 1;
         self.metrics.input.consumed.inc();
+        if msg.topic() == &*self.repartition_topic {
+            return self.process_forwarded(msg, parsed);
+        }
         let o = msg.offset();
         let record_time = msg.timestamp().to_millis().map(jobmeter_core::Timestamp);
         let payload = msg.payload().unwrap_or_default();
-        if msg.topic() == &*self.repartition_topic {
-            self.next_rp_offsets.insert(p, o + 1);
-            if is_marker(msg.headers()) || jobmeter_kafka::repartition::is_progress(msg.headers()) {
-                return Ok(());
-            }
-            let headers = msg.headers().map(|h| {
-                use rdkafka::message::Headers;
-                h.iter()
-                    .map(|x| (x.key, x.value.unwrap_or_default()))
-                    .collect::<Vec<_>>()
-            });
-            let (topic, partition, offset) = headers
-                .and_then(jobmeter_kafka::repartition::source_of)
-                .map_or_else(|| (self.repartition_topic.clone(), p, o), |(t, p, o)| (t.into(), p, o));
-            let origin = Origin {
-                topic,
-                partition,
-                offset,
-                record_time,
-            };
-            // A run of forwarded records must not cover one still waiting.
-            let pending = self
-                .lanes
-                .get(&p)
-                .and_then(Lane::last_run_end)
-                .is_some_and(|to| self.rp_waiting(p, to, o));
-            self.lane(p, o).applied_unless(Source::Forwarded, o, |_| pending);
-            return self.apply(p, payload, parsed, &origin, msg.key());
-        }
         self.next_offsets.insert(p, o + 1);
         let target = parsed.as_ref().map_or(p, |ev| self.owner(ev));
         // Every record read moves its partition's input watermark, wherever
@@ -471,6 +445,45 @@ impl Engine {
             self.forward(msg, &ev, target, watermark);
             Ok(())
         }
+    }
+
+    /// A record another instance forwarded to partition `p` (local), read
+    /// from `p`'s repartition partition: applied to `p`'s meter unless it
+    /// is a marker or a progress report.
+    fn process_forwarded<M: Message>(
+        &mut self,
+        msg: &M,
+        parsed: Option<jobmeter_core::JobEvent>,
+    ) -> Result<(), EngineError> {
+        let (p, o) = (msg.partition(), msg.offset());
+        let record_time = msg.timestamp().to_millis().map(jobmeter_core::Timestamp);
+        self.next_rp_offsets.insert(p, o + 1);
+        if is_marker(msg.headers()) || jobmeter_kafka::repartition::is_progress(msg.headers()) {
+            return Ok(());
+        }
+        let headers = msg.headers().map(|h| {
+            use rdkafka::message::Headers;
+            h.iter()
+                .map(|x| (x.key, x.value.unwrap_or_default()))
+                .collect::<Vec<_>>()
+        });
+        let (topic, partition, offset) = headers
+            .and_then(jobmeter_kafka::repartition::source_of)
+            .map_or_else(|| (self.repartition_topic.clone(), p, o), |(t, p, o)| (t.into(), p, o));
+        let origin = Origin {
+            topic,
+            partition,
+            offset,
+            record_time,
+        };
+        // A run of forwarded records must not cover one still waiting.
+        let pending = self
+            .lanes
+            .get(&p)
+            .and_then(Lane::last_run_end)
+            .is_some_and(|to| self.rp_waiting(p, to, o));
+        self.lane(p, o).applied_unless(Source::Forwarded, o, |_| pending);
+        self.apply(p, msg.payload().unwrap_or_default(), parsed, &origin, msg.key())
     }
 
     /// True when partition `p` is metered here: assigned and restored

@@ -255,23 +255,7 @@ impl Loader {
             writing += t.elapsed();
         }
         let t_load = Instant::now();
-        if self.archive && !indexed {
-            let t = Instant::now();
-            let jobs = self.store.build_index(p).map_err(|e| match e {
-                jobmeter_store::StoreError::Decode(d) => EngineError::State(d),
-                e => EngineError::Store(e),
-            })?;
-            tracing::info!(
-                partition = p,
-                jobs,
-                seconds = t.elapsed().as_secs_f64(),
-                "indexed the partition's finished jobs in the store (once)"
-            );
-        } else if !self.archive {
-            // This meter does not keep the indexes: a later one that does
-            // must build them again.
-            self.store.set_index_complete(p, false)?;
-        }
+        self.settle_indexes(p, indexed)?;
         let st = self.store.load_meter_state(p, self.archive)?;
         let from_store = st.records.len();
         let mut meter = Meter::restore(st.records, &self.meter)?;
@@ -286,6 +270,29 @@ impl Loader {
             write_seconds: writing.as_secs_f64(),
             load_seconds: t_load.elapsed().as_secs_f64(),
         })
+    }
+
+    /// The finished-jobs indexes of `p` once its changelog is in: built
+    /// (once) for a meter that keeps finished jobs in the store and finds
+    /// them incomplete; marked incomplete by a meter that does not keep
+    /// them, so that a later one that does builds them again.
+    fn settle_indexes(&self, p: i32, indexed: bool) -> Result<(), EngineError> {
+        if self.archive && !indexed {
+            let t = Instant::now();
+            let jobs = self.store.build_index(p).map_err(|e| match e {
+                jobmeter_store::StoreError::Decode(d) => EngineError::State(d),
+                e => EngineError::Store(e),
+            })?;
+            tracing::info!(
+                partition = p,
+                jobs,
+                seconds = t.elapsed().as_secs_f64(),
+                "indexed the partition's finished jobs in the store (once)"
+            );
+        } else if !self.archive {
+            self.store.set_index_complete(p, false)?;
+        }
+        Ok(())
     }
 }
 
