@@ -8,6 +8,10 @@
 //! `failed` while panicking, `cancelled` otherwise. The meter therefore
 //! never has to wait for the orphan timeout to bill a job that ended.
 //!
+//! ## Must never depend on
+//! RocksDB, the service or the tools: a worker links the billing types and
+//! the Kafka adapter only (`./dev test` checks it).
+//!
 //! ```no_run
 //! use jobmeter_emit::{Emitter, EmitterConfig, JobSpec, StopStatus};
 //! # fn run_inference() -> Result<(), String> { Ok(()) }

@@ -14,7 +14,8 @@
 //! dedicated threads by the caller, never from async worker threads.
 //!
 //! ## Must never depend on
-//! RocksDB or HTTP; billing rules stay in `jobmeter-core`.
+//! RocksDB (`jobmeter-store`), HTTP, the service or the tools; billing
+//! rules stay in `jobmeter-core` (`./dev test` checks it).
 
 pub mod changelog;
 pub mod client;

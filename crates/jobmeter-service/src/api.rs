@@ -64,9 +64,18 @@ pub enum Scope {
 }
 
 /// The configured tokens.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Tokens {
     entries: Vec<(Vec<u8>, Scope)>,
+}
+
+/// Scopes only: a token never reaches a log through `{:?}`.
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.entries.iter().map(|(_, scope)| scope))
+            .finish()
+    }
 }
 
 impl Tokens {
@@ -551,6 +560,17 @@ impl Api {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_never_show_in_debug_output() {
+        let t = Tokens::new([
+            ("an-admin-token-0123456789".to_owned(), Scope::Admin),
+            ("an-account-token-98765".to_owned(), Scope::Account("acct-7".into())),
+        ]);
+        let shown = format!("{t:?}");
+        assert!(!shown.contains("token"), "{shown}");
+        assert!(shown.contains("Admin") && shown.contains("acct-7"), "{shown}");
+    }
 
     #[test]
     fn tokens_scope_and_compare() {

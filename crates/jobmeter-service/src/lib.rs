@@ -171,10 +171,14 @@ struct Shared {
     owned: Arc<std::sync::RwLock<std::collections::BTreeSet<i32>>>,
     failing: engine::FailingPartitions,
     input_partitions: Arc<std::sync::atomic::AtomicI32>,
+    /// The API tokens and their scopes.
+    tokens: Arc<api::Tokens>,
 }
 
-/// Loads the rate card and the plans and opens the store (blocking I/O).
+/// Loads the rate card, the plans and the API tokens and opens the store
+/// (blocking I/O).
 fn open_state(cfg: &Config, accounts_metrics: AccountsMetrics) -> Result<Shared, ServiceError> {
+    let tokens = Arc::new(api::Tokens::new(cfg.api_tokens().map_err(ServiceError::Tokens)?));
     let rates = Arc::new(jobmeter_offline::replay::load_rate_card(&cfg.billing.rate_card)?);
     let plans = Arc::new(jobmeter_offline::replay::load_plans(cfg.billing.plans.as_deref())?);
     std::fs::create_dir_all(&cfg.state.dir)
@@ -207,6 +211,7 @@ fn open_state(cfg: &Config, accounts_metrics: AccountsMetrics) -> Result<Shared,
         owned: Arc::default(),
         failing: Arc::default(),
         input_partitions,
+        tokens,
     })
 }
 
@@ -220,8 +225,7 @@ async fn serve_http(
     ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, ServiceError> {
-    let tokens = cfg.api_tokens().map_err(ServiceError::Tokens)?;
-    if tokens.is_empty() {
+    if shared.tokens.is_empty() {
         tracing::warn!("no API tokens configured (api.admin_tokens, api.account_tokens, api.tokens_file): every /v1 account call will answer 401");
     }
     let settings = cfg.kafka_settings();
@@ -231,7 +235,7 @@ async fn serve_http(
         billing: shared.billing.clone(),
         owned: shared.owned.clone(),
         input_partitions: shared.input_partitions.clone(),
-        tokens: Arc::new(api::Tokens::new(tokens)),
+        tokens: shared.tokens.clone(),
         group: Some((settings, cfg.kafka.group_id.clone(), topics.job_events)),
         instance_id: cfg.instance_id.clone(),
         meter: cfg.meter_config(),

@@ -5,6 +5,10 @@
 //! partition, the offset of the last changelog record the stored state
 //! reflects. It never interprets values: encoding is the core's.
 //!
+//! ## Must never depend on
+//! Kafka (librdkafka, `jobmeter-kafka`), the service or the tools: it is
+//! the RocksDB adapter and nothing else (`./dev test` checks it).
+//!
 //! ## Schema
 //!
 //! One column family per record kind, plus `progress`:
