@@ -100,43 +100,9 @@ pub fn produce_fleet_placed(
         config.set("partitioner", "consistent_random");
     }
     let producer: ThreadedProducer<DefaultProducerContext> = config.create().context("creating the producer")?;
-    // Events carry their own time as the record timestamp, as a platform
-    // loading recorded history does: the meter checks one against the other.
-    let spread = std::cell::Cell::new(0i32);
-    let send = |topic: &str, key: &str, payload: &str, timestamp: Option<i64>| -> anyhow::Result<()> {
-        let event = topic == topics.job_events;
-        let mut rec = BaseRecord::to(topic).payload(payload);
-        let client = if event && placement == Placement::Mixed {
-            mixed_client(payload)
-        } else {
-            0
-        };
-        if !(event && (placement == Placement::Keyless || client == 2)) {
-            rec = rec.key(key);
-        }
-        if event && placement == Placement::Misrouted {
-            let own = jobmeter_kafka::partitioner::partition_for_key(key.as_bytes(), partitions);
-            rec = rec.partition((own + 1) % partitions.max(1));
-        }
-        if event && placement == Placement::Mixed {
-            let p = match client {
-                0 => jobmeter_kafka::partitioner::partition_for_key(key.as_bytes(), partitions),
-                1 => crc32_partition(key.as_bytes(), partitions),
-                _ => {
-                    spread.set((spread.get() + 1) % partitions.max(1));
-                    spread.get()
-                }
-            };
-            rec = rec.partition(p);
-        }
-        if let Some(ms) = timestamp {
-            rec = rec.timestamp(ms);
-        }
-        jobmeter_kafka::produce::send_waiting(&producer, rec, None)?;
-        Ok(())
-    };
     for (key, rec) in accounts {
-        send(&topics.accounts, key, rec, None)?;
+        let rec = BaseRecord::to(&topics.accounts).payload(rec).key(key);
+        jobmeter_kafka::produce::send_waiting(&producer, rec, None)?;
     }
     producer.flush(Duration::from_secs(30))?;
     let started = Instant::now();
@@ -145,8 +111,19 @@ pub fn produce_fleet_placed(
         events.len() as u64,
         jobmeter_offline::progress::Unit::Items("events"),
     );
+    let mut placer = Placer {
+        placement,
+        partitions,
+        spread: 0,
+    };
     for (i, e) in events.iter().enumerate() {
-        send(&topics.job_events, &e.key, &e.json, Some(e.time.0))?;
+        // Events carry their own time as the record timestamp, as a
+        // platform loading recorded history does: the meter checks one
+        // against the other.
+        let rec = placer
+            .place(BaseRecord::to(&topics.job_events).payload(&e.json), &e.key, &e.json)
+            .timestamp(e.time.0);
+        jobmeter_kafka::produce::send_waiting(&producer, rec, None)?;
         if rate > 0 {
             let due = Duration::from_secs_f64(i as f64 / rate as f64);
             let el = started.elapsed();
@@ -169,6 +146,52 @@ pub fn produce_fleet_placed(
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Where an event record goes, as the clients of a [`Placement`] would put it.
+struct Placer {
+    placement: Placement,
+    partitions: i32,
+    /// The keyless client's next partition (it spreads records round robin).
+    spread: i32,
+}
+
+impl Placer {
+    /// `rec` (an event with account `key`) keyed and partitioned.
+    fn place<'a>(
+        &mut self,
+        mut rec: BaseRecord<'a, str, str>,
+        key: &'a str,
+        payload: &str,
+    ) -> BaseRecord<'a, str, str> {
+        let n = self.partitions.max(1);
+        let client = if self.placement == Placement::Mixed {
+            mixed_client(payload)
+        } else {
+            0
+        };
+        if !(self.placement == Placement::Keyless || client == 2) {
+            rec = rec.key(key);
+        }
+        match self.placement {
+            Placement::Misrouted => {
+                let own = jobmeter_kafka::partitioner::partition_for_key(key.as_bytes(), self.partitions);
+                rec.partition((own + 1) % n)
+            }
+            Placement::Mixed => {
+                let p = match client {
+                    0 => jobmeter_kafka::partitioner::partition_for_key(key.as_bytes(), self.partitions),
+                    1 => crc32_partition(key.as_bytes(), self.partitions),
+                    _ => {
+                        self.spread = (self.spread + 1) % n;
+                        self.spread
+                    }
+                };
+                rec.partition(p)
+            }
+            _ => rec,
+        }
+    }
 }
 
 /// Prints every committed record of `topic` as one JSON document per line

@@ -280,10 +280,16 @@ fn main() -> anyhow::Result<()> {
         store.size_bytes() >> 20
     );
     drop(meter);
+    restart(&store, archive, &config)
+}
+
+/// A restart of the partition: how long loading its meter takes, and
+/// what it holds in memory; the archive still answers for the oldest job.
+fn restart(store: &Arc<Store>, archive: bool, config: &MeterConfig) -> anyhow::Result<()> {
     let t = Instant::now();
     let st = store.load_meter_state(0, archive)?;
     let records = st.records.len();
-    let mut restored = Meter::restore(st.records, &config)?;
+    let mut restored = Meter::restore(st.records, config)?;
     if archive {
         restored = restored.with_archive(Box::new(Archive::new(store.clone(), 0)));
     }
