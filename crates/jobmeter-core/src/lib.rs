@@ -30,6 +30,7 @@ pub mod codec;
 mod cold;
 mod config_error;
 mod context;
+pub mod cycle;
 pub mod event;
 pub mod fasthash;
 mod fastjson;

@@ -316,6 +316,10 @@ pub struct AccountRecord {
     /// any plan; what happens at it is the plan's `on_spend_limit` policy.
     #[serde(default, deserialize_with = "money_in", skip_serializing_if = "Option::is_none")]
     pub spend_limit: Option<Money>,
+    /// The account's own statement cadence while this record is in force,
+    /// instead of the platform's schedule for its plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub billing_cycle: Option<crate::cycle::Cadence>,
 }
 
 impl AccountRecord {
@@ -652,6 +656,7 @@ mod tests {
             workflow_quota: None,
             alert_thresholds: None,
             spend_limit: None,
+            billing_cycle: None,
         }
     }
 
