@@ -148,6 +148,76 @@ pub fn produce_fleet_placed(
     Ok(())
 }
 
+/// `jobmeter dump`.
+#[derive(Debug, clap::Args)]
+pub struct DumpCmd {
+    /// Topic to read.
+    #[arg(long)]
+    pub topic: String,
+    /// How to reach Kafka (the meter's configuration).
+    #[command(flatten)]
+    pub kafka: jobmeter_service::KafkaArgs,
+    /// Print only the last N records.
+    #[arg(long)]
+    pub last: Option<usize>,
+    /// Start each line with the record's timestamp in milliseconds and a
+    /// tab (the form `jobmeter replay --events` reads, so that a replay
+    /// checks event times against record times as the meter did).
+    #[arg(long)]
+    pub timestamps: bool,
+}
+
+/// `jobmeter simulate`: the offline fleet flags, plus producing to Kafka.
+#[derive(Debug, clap::Args)]
+pub struct SimulateCmd {
+    /// The fleet and the files it is written to.
+    #[command(flatten)]
+    pub fleet: jobmeter_offline::cli::FleetArgs,
+    /// Produce to Kafka instead (accounts first, then events, keyed by account).
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Topic prefix when producing to Kafka.
+    #[arg(long, default_value = "jobmeter")]
+    pub topic_prefix: String,
+    /// Target events per second when producing to Kafka (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// How event records are placed on partitions when producing to Kafka,
+    /// as different Kafka clients would (the meter's results do not depend
+    /// on it).
+    #[arg(long, value_enum, default_value_t = Placement::Murmur2)]
+    pub placement: Placement,
+}
+
+impl DumpCmd {
+    /// Prints the topic's committed records.
+    pub fn run(&self) -> anyhow::Result<()> {
+        let settings = self.kafka.load()?.kafka_settings();
+        dump(&settings, &self.topic, self.last, self.timestamps)
+    }
+}
+
+impl SimulateCmd {
+    /// Writes the fleet to its files and/or produces it to Kafka.
+    pub fn run(&self) -> anyhow::Result<()> {
+        let fleet = self.fleet.generate()?;
+        if let Some(brokers) = &self.brokers {
+            let topics = Topics::with_prefix(&self.topic_prefix);
+            produce_fleet_placed(
+                brokers,
+                &topics,
+                &fleet.accounts,
+                &fleet.events,
+                self.rate,
+                self.placement,
+            )?;
+        } else if self.fleet.events_out.is_none() {
+            anyhow::bail!("say where the fleet goes: --events-out FILE and/or --brokers HOST:PORT");
+        }
+        Ok(())
+    }
+}
+
 /// Where an event record goes, as the clients of a [`Placement`] would put it.
 struct Placer {
     placement: Placement,

@@ -50,6 +50,24 @@ impl RunCmd {
     }
 }
 
+impl RunCmd {
+    /// `jobmeter run`: prints the effective configuration (`--print-config`)
+    /// or meters until SIGTERM/SIGINT.
+    pub fn run(&self) -> Result<(), crate::ServiceError> {
+        crate::init_tracing();
+        let cfg = self.load_config()?;
+        if self.print_config {
+            let text = toml::to_string_pretty(&cfg.redacted()).map_err(|e| crate::ServiceError::Io {
+                what: "printing the configuration".into(),
+                source: std::io::Error::other(e),
+            })?;
+            println!("{text}");
+            return Ok(());
+        }
+        crate::run_until_signalled(cfg)
+    }
+}
+
 /// `--set KEY=VALUE` flags (and `--brokers`, when given) as overrides of
 /// the configuration's layers; every malformed flag is reported.
 pub fn overrides(sets: &[String], brokers: Option<&str>) -> Result<Overrides, ConfigErrors> {

@@ -6,6 +6,7 @@
 //! `notify`, `emit`, `dump`, producing a simulated fleet) to
 //! `jobmeter-ops`, the file-based tools (`replay`, `reprice`, `simulate`,
 //! `check-config`) to `jobmeter-offline`. Nothing here bills, stores or
-//! talks to Kafka: it parses, starts a runtime for `run`, and dispatches.
+//! talks to Kafka: it parses and dispatches, and its only dependencies are
+//! those three crates, clap, anyhow and the allocator.
 
 pub mod cli;
