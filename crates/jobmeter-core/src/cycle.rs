@@ -18,6 +18,7 @@
 //! Limits do not follow the cadence: caps, quotas, alerts and spend limits
 //! count per calendar month ([`crate::time::Period`]) whatever it is.
 
+pub use crate::plans::Cadence;
 use crate::plans::{record_in, AccountRecord, Plan};
 use crate::ratecard::Rounding;
 use crate::time::{Period, Timestamp};
@@ -27,60 +28,6 @@ use std::fmt;
 
 /// Milliseconds in a day.
 const DAY_MS: i64 = 86_400_000;
-/// The second half of a month starts on its 16th (15 days after the 1st).
-const SECOND_HALF_AFTER_MS: i64 = 15 * DAY_MS;
-
-/// How often an account gets a statement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Cadence {
-    /// Calendar months, UTC.
-    Monthly,
-    /// Half months: [1st, 16th) and [16th, 1st of the next month), UTC.
-    SemiMonthly,
-}
-
-impl Cadence {
-    /// The name used in configuration, account records and statements.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Cadence::Monthly => "monthly",
-            Cadence::SemiMonthly => "semi_monthly",
-        }
-    }
-
-    /// The cadence named `s`, if any.
-    pub fn parse(s: &str) -> Option<Cadence> {
-        match s {
-            "monthly" => Some(Cadence::Monthly),
-            "semi_monthly" => Some(Cadence::SemiMonthly),
-            _ => None,
-        }
-    }
-
-    /// The period of this cadence that holds `t`, as if it had always been
-    /// in force.
-    pub fn natural_period(self, t: Timestamp) -> (Timestamp, Timestamp) {
-        let month = t.period();
-        match self {
-            Cadence::Monthly => (month.start(), month.end()),
-            Cadence::SemiMonthly => {
-                let mid = Timestamp(month.start().0 + SECOND_HALF_AFTER_MS);
-                if t < mid {
-                    (month.start(), mid)
-                } else {
-                    (mid, month.end())
-                }
-            }
-        }
-    }
-}
-
-impl fmt::Display for Cadence {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// One of an account's billing periods: `[start, end)` and the cadence it
 /// was cut by (a short period has the cadence in force at its start).

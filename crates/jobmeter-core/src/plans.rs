@@ -291,6 +291,60 @@ fn money_list_in<'de, D: Deserializer<'de>>(d: D) -> Result<Option<std::sync::Ar
         .map(|v| Some(v.into()))
 }
 
+/// How often an account gets a statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cadence {
+    /// Calendar months, UTC.
+    Monthly,
+    /// Half months: [1st, 16th) and [16th, 1st of the next month), UTC.
+    SemiMonthly,
+}
+
+impl Cadence {
+    /// The name used in configuration, account records and statements.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cadence::Monthly => "monthly",
+            Cadence::SemiMonthly => "semi_monthly",
+        }
+    }
+
+    /// The cadence named `s`, if any.
+    pub fn parse(s: &str) -> Option<Cadence> {
+        match s {
+            "monthly" => Some(Cadence::Monthly),
+            "semi_monthly" => Some(Cadence::SemiMonthly),
+            _ => None,
+        }
+    }
+
+    /// The period of this cadence that holds `t`, as if it had always been
+    /// in force.
+    pub fn natural_period(self, t: Timestamp) -> (Timestamp, Timestamp) {
+        // The second half of a month starts on its 16th, 15 days after the 1st.
+        const SECOND_HALF_AFTER_MS: i64 = 15 * 86_400_000;
+        let month = t.period();
+        match self {
+            Cadence::Monthly => (month.start(), month.end()),
+            Cadence::SemiMonthly => {
+                let mid = Timestamp(month.start().0 + SECOND_HALF_AFTER_MS);
+                if t < mid {
+                    (month.start(), mid)
+                } else {
+                    (mid, month.end())
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Cadence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An account/plan record from the accounts topic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccountRecord {
@@ -319,7 +373,7 @@ pub struct AccountRecord {
     /// The account's own statement cadence while this record is in force,
     /// instead of the platform's schedule for its plan.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub billing_cycle: Option<crate::cycle::Cadence>,
+    pub billing_cycle: Option<Cadence>,
 }
 
 impl AccountRecord {
