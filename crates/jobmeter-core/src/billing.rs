@@ -531,6 +531,9 @@ impl Meter {
             let statement = Statement {
                 account_id: account,
                 period: p,
+                period_start: p.start(),
+                period_end: p.end(),
+                cadence: crate::plans::Cadence::Monthly,
                 plan,
                 lines,
                 subscription_fee: fee,

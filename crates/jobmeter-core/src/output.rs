@@ -234,11 +234,18 @@ pub struct StatementLine {
 
 /// An account's bill for a closed period (`jobmeter.statements`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StatementIn")]
 pub struct Statement {
     /// The account.
     pub account_id: AccountId,
     /// The period.
     pub period: Period,
+    /// The period's first instant.
+    pub period_start: Timestamp,
+    /// The first instant after the period (exclusive).
+    pub period_end: Timestamp,
+    /// The statement cadence the period was cut by.
+    pub cadence: crate::plans::Cadence,
     /// The plan in force at the period's last instant.
     pub plan: Plan,
     /// Per (kind, model) lines, ordered by kind then model.
@@ -253,6 +260,44 @@ pub struct Statement {
     pub total_due: Money,
     /// Always `USD`.
     pub currency: String,
+}
+
+/// A statement as stored or published: one written before statements
+/// carried their bounds and cadence (a calendar month, monthly) reads back
+/// with them.
+#[derive(Deserialize)]
+struct StatementIn {
+    account_id: AccountId,
+    period: Period,
+    period_start: Option<Timestamp>,
+    period_end: Option<Timestamp>,
+    cadence: Option<crate::plans::Cadence>,
+    plan: Plan,
+    lines: Vec<StatementLine>,
+    subscription_fee: Money,
+    credits_applied: Money,
+    included_usage: Money,
+    total_due: Money,
+    currency: String,
+}
+
+impl From<StatementIn> for Statement {
+    fn from(s: StatementIn) -> Statement {
+        Statement {
+            account_id: s.account_id,
+            period: s.period,
+            period_start: s.period_start.unwrap_or_else(|| s.period.start()),
+            period_end: s.period_end.unwrap_or_else(|| s.period.end()),
+            cadence: s.cadence.unwrap_or(crate::plans::Cadence::Monthly),
+            plan: s.plan,
+            lines: s.lines,
+            subscription_fee: s.subscription_fee,
+            credits_applied: s.credits_applied,
+            included_usage: s.included_usage,
+            total_due: s.total_due,
+            currency: s.currency,
+        }
+    }
 }
 
 /// Where an input came from (for DLQ headers).
@@ -298,4 +343,24 @@ pub enum Output {
     Command(Command),
     /// A refused input.
     Reject(Rejected),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_statement_names_its_bounds_and_cadence_and_an_older_one_reads_back_with_them() {
+        let old = r#"{"account_id":"a","period":"2024-04","plan":"payg","lines":[],"subscription_fee":"0.00","credits_applied":"0","included_usage":"0","total_due":"1.20","currency":"USD"}"#;
+        let s: Statement = serde_json::from_str(old).unwrap();
+        assert_eq!(s.period_start, Timestamp::parse("2024-04-01T00:00:00Z").unwrap());
+        assert_eq!(s.period_end, Timestamp::parse("2024-05-01T00:00:00Z").unwrap());
+        assert_eq!(s.cadence, crate::plans::Cadence::Monthly);
+        let text = serde_json::to_string(&s).unwrap();
+        assert!(
+            text.starts_with(r#"{"account_id":"a","period":"2024-04","period_start":"2024-04-01T00:00:00.000Z","period_end":"2024-05-01T00:00:00.000Z","cadence":"monthly","plan":"payg""#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Statement>(&text).unwrap(), s);
+    }
 }
