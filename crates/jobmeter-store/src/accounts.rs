@@ -37,6 +37,19 @@ fn offset_key(partition: i32) -> Vec<u8> {
 }
 
 impl Store {
+    /// Forgets `partition`'s account records and how far its accounts
+    /// topic was read, so that its next restore reads them again from the
+    /// topic (what `jobmeter rebuild` does: a record stored here that
+    /// cannot be decoded is replaced by the topic's).
+    pub fn drop_account_records(&self, partition: i32) -> Result<(), StoreError> {
+        let (from, to) = crate::partition_range(partition);
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.cf(ACCOUNTS_CF)?, &from, &to);
+        self.db
+            .write_opt(batch, &crate::write_options())
+            .map_err(self.rocks("drop account records"))
+    }
+
     /// Stores `rows` of `partition` and, in the same synced write, that the
     /// partition's accounts topic was read up to `next_offset` (when given:
     /// records read elsewhere leave it as it is).
@@ -132,6 +145,12 @@ mod tests {
         store.drop_partition(2)?;
         assert_eq!(store.accounts_offset(2)?, Some(11));
         assert_eq!(store.account_records(2, "c")?, vec![b"c".to_vec()]);
+        // A rebuild forgets them, and only them, so they are read again.
+        store.drop_account_records(2)?;
+        assert_eq!(store.accounts_offset(2)?, None);
+        assert!(store.account_records(2, "c")?.is_empty());
+        assert_eq!(store.account_records(3, "a")?, vec![b"other partition".to_vec()]);
+        assert_eq!(store.accounts_offset(3)?, Some(4));
         assert!(store
             .put_account_records(2, &[(&"x".repeat(70_000), 0, b"")], Some(12))
             .is_err());
