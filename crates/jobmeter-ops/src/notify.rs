@@ -277,6 +277,7 @@ impl Notifier<'_> {
                 Outcome::Delivered => delivered += 1,
                 Outcome::Undeliverable(reason, status, attempts) => {
                     self.dead_letter(&ev, &reason, status, attempts)?;
+                    tracing::error!(event_id = ev.id, attempts, %reason, dlq = %self.dlq_topic, "undeliverable: dead-lettered");
                     dead += 1;
                 }
             }
@@ -326,7 +327,6 @@ impl Notifier<'_> {
                 Attempt::Failed(reason, status) => (reason, status),
             };
             if first.elapsed() >= self.give_up {
-                tracing::error!(event_id = ev.id, attempts, %reason, dlq = %self.dlq_topic, "undeliverable: dead-lettered");
                 break Outcome::Undeliverable(reason, status, attempts);
             }
             let wait = backoff(attempts, self.initial, self.max, ev.offset as u64 ^ u64::from(attempts));
