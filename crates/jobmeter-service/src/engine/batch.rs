@@ -69,8 +69,8 @@ impl Engine {
     /// committer is free to take it. While the committer is still busy
     /// with the previous batch (a backlog), the batch keeps growing instead
     /// of waiting — fewer, larger transactions, and state written once per
-    /// key per batch — up to [`BATCH_GROWTH`] times `batch.max_events` or
-    /// [`GROWTH_MAX_AGE`]; then it is handed over as before, waiting for
+    /// key per batch — up to `BATCH_GROWTH` times `batch.max_events` or
+    /// `GROWTH_MAX_AGE`; then it is handed over as before, waiting for
     /// the committer (which is where a commit that hangs is detected).
     pub fn batch_due(&self) -> bool {
         if self.batch_events == 0 {
