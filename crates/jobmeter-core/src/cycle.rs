@@ -198,7 +198,7 @@ impl CadenceSchedule {
     /// A schedule of `entries`, which must be in strictly increasing
     /// `effective_from` order; every problem is reported.
     pub fn new(entries: Vec<CadenceEntry>) -> Result<CadenceSchedule, Vec<String>> {
-        let problems: Vec<String> = entries
+        let mut problems: Vec<String> = entries
             .windows(2)
             .enumerate()
             .filter(|(_, w)| w[1].effective_from <= w[0].effective_from)
@@ -211,6 +211,13 @@ impl CadenceSchedule {
                 )
             })
             .collect();
+        for (i, e) in entries.iter().enumerate() {
+            if e.free != Cadence::Monthly || e.pro != Cadence::Monthly {
+                problems.push(format!(
+                    "billing_cycle[{i}]: free and pro are billed monthly (semi_monthly is for payg and enterprise)"
+                ));
+            }
+        }
         if problems.is_empty() {
             Ok(CadenceSchedule { entries })
         } else {
@@ -416,6 +423,12 @@ mod tests {
         assert!(err[0].starts_with("billing_cycle[1]"), "{err:?}");
         assert!(CadenceSchedule::new(vec![e("2024-06-01T00:00:00Z"), e("2024-05-01T00:00:00Z")]).is_err());
         assert!(CadenceSchedule::new(vec![e("2024-05-01T00:00:00Z"), e("2024-06-01T00:00:00Z")]).is_ok());
+        let pro_semi = CadenceEntry {
+            pro: Cadence::SemiMonthly,
+            ..e("2024-05-01T00:00:00Z")
+        };
+        let err = CadenceSchedule::new(vec![pro_semi]).unwrap_err();
+        assert!(err[0].starts_with("billing_cycle[0]: free and pro"), "{err:?}");
     }
 
     #[test]
@@ -534,6 +547,15 @@ mod tests {
         assert_eq!(parse("\"monthly\"").unwrap().billing_cycle, Some(Cadence::Monthly));
         let bad = parse("\"weekly\"").unwrap_err();
         assert_eq!(bad.reason, crate::event::RejectReason::SchemaViolation, "{bad:?}");
+        // Prepaid plans are billed monthly (one fee per month).
+        for plan in ["free", "pro"] {
+            let r = AccountRecord::parse(
+                format!(r#"{{"account_id":"a","plan":"{plan}","effective_from":"2024-04-01T00:00:00Z","billing_cycle":"semi_monthly"}}"#)
+                    .as_bytes(),
+            )
+            .unwrap_err();
+            assert!(r.detail.contains("post-paid"), "{r:?}");
+        }
         // Without the field, a record is stored exactly as before.
         let plain =
             AccountRecord::parse(br#"{"account_id":"a","plan":"payg","effective_from":"2024-04-01T00:00:00Z"}"#)
@@ -566,15 +588,15 @@ mod tests {
     }
 
     fn schedule() -> impl Strategy<Value = CadenceSchedule> {
-        proptest::collection::vec((instant(), cadence(), cadence(), cadence(), cadence()), 0..4).prop_map(|es| {
+        proptest::collection::vec((instant(), cadence(), cadence()), 0..4).prop_map(|es| {
             let mut entries: Vec<CadenceEntry> = es
                 .into_iter()
-                .map(|(from, payg, enterprise, free, pro)| CadenceEntry {
+                .map(|(from, payg, enterprise)| CadenceEntry {
                     effective_from: from,
                     payg,
                     enterprise,
-                    free,
-                    pro,
+                    free: Cadence::Monthly,
+                    pro: Cadence::Monthly,
                 })
                 .collect();
             entries.sort_by_key(|e| e.effective_from);
@@ -589,7 +611,12 @@ mod tests {
                 .into_iter()
                 .map(|(from, plan, cycle)| AccountRecord {
                     effective_from: from,
-                    ..rec(plan, "2024-01-01T00:00:00Z", cycle)
+                    // As parsing allows: prepaid plans are monthly.
+                    ..rec(
+                        plan,
+                        "2024-01-01T00:00:00Z",
+                        cycle.filter(|_| matches!(plan, Plan::Payg | Plan::Enterprise)),
+                    )
                 })
                 .collect();
             v.sort_by_key(|r| r.effective_from);

@@ -390,6 +390,12 @@ impl AccountRecord {
             return Err(Invalid::new(RejectReason::SchemaViolation, "`account_id` is empty"));
         }
         crate::event::account_id(&r.account_id.0, "account_id")?;
+        if r.billing_cycle == Some(Cadence::SemiMonthly) && matches!(r.plan, Plan::Free | Plan::Pro) {
+            return Err(Invalid::new(
+                RejectReason::SchemaViolation,
+                "`billing_cycle` semi_monthly is for post-paid plans (payg, enterprise); free and pro are billed monthly",
+            ));
+        }
         let max = Money(rust_decimal::Decimal::from(MAX_ACCOUNT_AMOUNT_USD));
         let out_of_range = |m: &Money| *m < Money::ZERO || *m > max;
         let alerts = r.alert_thresholds.as_deref().unwrap_or_default();
