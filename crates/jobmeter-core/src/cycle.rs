@@ -545,8 +545,18 @@ mod tests {
             Some(Cadence::SemiMonthly)
         );
         assert_eq!(parse("\"monthly\"").unwrap().billing_cycle, Some(Cadence::Monthly));
-        let bad = parse("\"weekly\"").unwrap_err();
-        assert_eq!(bad.reason, crate::event::RejectReason::SchemaViolation, "{bad:?}");
+        for odd in ["\"weekly\"", "\"MONTHLY\"", "\" monthly\"", "\"\""] {
+            let bad = parse(odd).unwrap_err();
+            assert_eq!(
+                bad.reason,
+                crate::event::RejectReason::SchemaViolation,
+                "{odd}: {bad:?}"
+            );
+        }
+        // serde_json reports a number or a list where a name is expected
+        // as a syntax error (not_json); refused either way.
+        assert!(parse("1").is_err() && parse("[]").is_err());
+        assert_eq!(parse("null").unwrap().billing_cycle, None);
         // Prepaid plans are billed monthly (one fee per month).
         for plan in ["free", "pro"] {
             let r = AccountRecord::parse(
