@@ -22,38 +22,21 @@ pub struct Slice {
     pub seconds: Decimal,
 }
 
-/// Splits `[from, to]` (with `to ≥ from`) at month boundaries.
+/// Splits `[from, to]` (with `to ≥ from`) at month boundaries: the
+/// billing periods of an account billed monthly
+/// ([`crate::cycle::split_periods`] under a monthly schedule).
 pub fn split(from: Timestamp, to: Timestamp, rounding: Rounding) -> Vec<Slice> {
-    let total = rounding.total_seconds(to.0 - from.0);
-    let mut out = Vec::with_capacity(1);
-    let mut cur = from;
-    let mut period = from.period();
-    let mut given = Decimal::ZERO;
-    loop {
-        let end = period.end();
-        if end >= to {
-            out.push(Slice {
-                period,
-                from: cur,
-                to,
-                ms: to.0 - cur.0,
-                seconds: total - given,
-            });
-            return out;
-        }
-        let ms = end.0 - cur.0;
-        let seconds = rounding.part_seconds(ms);
-        given += seconds;
-        out.push(Slice {
-            period,
-            from: cur,
-            to: end,
-            ms,
-            seconds,
-        });
-        cur = end;
-        period = period.next();
-    }
+    crate::cycle::split_periods(&[], &crate::cycle::CadenceSchedule::monthly(), from, to, rounding)
+        .into_iter()
+        .map(|s| Slice {
+            // Under a monthly schedule every period is a calendar month.
+            period: s.period.calendar_month().unwrap_or_else(|| s.from.period()),
+            from: s.from,
+            to: s.to,
+            ms: s.ms,
+            seconds: s.seconds,
+        })
+        .collect()
 }
 
 #[cfg(test)]
