@@ -845,6 +845,40 @@ mod tests {
         AccountRecord::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{e:?}"))
     }
 
+    /// A record's `billing_cycle` goes through the store and back as it
+    /// came, beside one without it (stored exactly as before).
+    #[test]
+    fn a_billing_cycle_survives_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let registry = prometheus::Registry::new();
+        let table = StoredAccounts::new(
+            store.clone(),
+            Arc::new(AtomicI32::new(1)),
+            16,
+            0,
+            AccountsMetrics::new(&registry).unwrap(),
+        );
+        let long = format!("é {}", "ü".repeat(126)); // 255 bytes: near the 256 accepted
+        let mut semi = record(&long, "enterprise", "9999-12-31T23:59:59.999Z");
+        semi.billing_cycle = Some(jobmeter_core::plans::Cadence::SemiMonthly);
+        let plain = record(&long, "payg", "0001-01-01T00:00:00Z");
+        table.apply(0, &[semi.clone(), plain.clone()], Some(7)).unwrap();
+        drop(table);
+        let table = StoredAccounts::new(
+            store.clone(),
+            Arc::new(AtomicI32::new(1)),
+            16,
+            0,
+            AccountsMetrics::new(&prometheus::Registry::new()).unwrap(),
+        );
+        let got = table.records_of(&long.as_str().into()).unwrap();
+        assert_eq!(&got[..], &[plain, semi][..]);
+        let raw = store.account_records(0, &long).unwrap();
+        assert!(!String::from_utf8_lossy(&raw[0]).contains("billing_cycle"));
+        assert!(String::from_utf8_lossy(&raw[1]).contains(r#""billing_cycle":"semi_monthly""#));
+    }
+
     /// A stored account record that cannot be decoded fails the lookup
     /// (marked corrupt) and so the event that needed it; it is never read
     /// as "no records", which would bill the account as pay-as-you-go.
