@@ -551,6 +551,7 @@ pub fn assert_rebuild_matches(spec: &MeterSpec, dry_run: bool) {
     }
     let out = cmd.output().expect("jobmeter rebuild");
     let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
     assert!(
         out.status.success(),
         "rebuild failed:\n{text}\n{}",

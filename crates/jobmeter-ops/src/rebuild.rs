@@ -18,7 +18,7 @@ use jobmeter_core::state::Table;
 use jobmeter_core::values;
 use jobmeter_core::{AccountBook, Context, Meter, Origin, Output};
 use jobmeter_kafka::reader::{read_range, read_to_end};
-use jobmeter_kafka::repartition::{source_of, Marker, Replayer, Source, MARKER, PROGRESS};
+use jobmeter_kafka::repartition::{source_of, Copies, Marker, Replayer, Source, MARKER, PROGRESS};
 use jobmeter_kafka::topics::{partition_count, Topics};
 use jobmeter_offline::sinks::{Format, OutputFiles};
 use jobmeter_service::config::Config;
@@ -209,7 +209,7 @@ impl<'a> Rebuild<'a> {
             self.position(&self.topics.job_events, p),
             self.position(&self.topics.repartition, p),
         );
-        let (markers, mut foreign) = self.forwarded(p, rp_until)?;
+        let (markers, mut foreign, copies) = self.forwarded(p, rp_until)?;
         let forwarded = foreign.len();
         let local = self.local_inputs(p, &markers, &mut foreign)?;
         let mut meter = Meter::tracking_changes().with_state_format(self.cfg.state.format);
@@ -234,7 +234,7 @@ impl<'a> Rebuild<'a> {
             .collect();
         let differ = state_differences(&rebuilt, &from_changelog);
         println!(
-            "partition {p}: {} own input events up to offset {until}, {local} from other partitions of its instance, {forwarded} forwarded up to offset {rp_until}; rebuilt {} state records, changelog holds {}; {differ} differ",
+            "partition {p}: {} own input events up to offset {until}, {local} from other partitions of its instance, {forwarded} forwarded up to offset {rp_until} ({copies} forwarded twice, applied once); rebuilt {} state records, changelog holds {}; {differ} differ",
             replayed.own,
             rebuilt.len(),
             from_changelog.len(),
@@ -249,10 +249,13 @@ impl<'a> Rebuild<'a> {
 
     /// The markers saying in which order the live meter applied partition
     /// `p`'s records, and the events other instances forwarded to it, up to
-    /// the committed position `rp_until` of its repartition partition.
-    fn forwarded(&self, p: i32, rp_until: i64) -> anyhow::Result<(Vec<Marker>, Foreign)> {
+    /// the committed position `rp_until` of its repartition partition, but
+    /// the copies among them (forwarded again; left out and counted).
+    fn forwarded(&self, p: i32, rp_until: i64) -> anyhow::Result<(Vec<Marker>, Foreign, usize)> {
         let mut markers = Vec::new();
         let mut foreign: Foreign = BTreeMap::new();
+        let mut copies = Copies::default();
+        let mut skipped = 0usize;
         read_range(
             &self.settings,
             &self.client(&format!("rp-{p}")),
@@ -272,6 +275,13 @@ impl<'a> Rebuild<'a> {
                 }
                 let (topic, partition, offset) = source_of(r.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
                     .unwrap_or_else(|| (self.topics.repartition.clone(), p, r.offset));
+                if topic == self.topics.job_events && !copies.first(partition, offset) {
+                    // Forwarded again by a restarted forwarder: the live
+                    // meter skipped it as it read it, and a marker's run
+                    // may span it while its original was still waiting.
+                    skipped += 1;
+                    return;
+                }
                 let origin = Origin {
                     topic: topic.into(),
                     partition,
@@ -281,7 +291,7 @@ impl<'a> Rebuild<'a> {
                 foreign.insert((Source::Forwarded, r.offset), (origin, r));
             },
         )?;
-        Ok((markers, foreign))
+        Ok((markers, foreign, skipped))
     }
 
     /// Events of partition `p`'s accounts that arrived on another partition
