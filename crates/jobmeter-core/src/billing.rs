@@ -15,13 +15,14 @@
 //! downward adjustment gives back the due part first.
 
 use crate::context::Context;
+use crate::cycle::{cadence_in_force, period_at, BillingPeriod};
 use crate::event::JobKind;
 use crate::meter::{Meter, Step};
 use crate::money::{AccountId, Money, CURRENCY};
 use crate::output::{Charge, LimitAction, LimitEvent, LimitKind, Output, Statement, StatementLine};
-use crate::plans::{LookupError, Plan, PlanCatalog, PlanTerms, Policy};
+use crate::plans::{AccountRecord, LookupError, Plan, PlanCatalog, PlanTerms, Policy};
 use crate::rating::SliceCharge;
-use crate::state::{Accrual, Counter, FiredKey, Job, JobKey, LineAcc, StartRec, ThresholdId, UsageKey};
+use crate::state::{Accrual, Counter, FiredKey, Job, JobKey, LineAcc, StartRec, StatementAcc, ThresholdId, UsageKey};
 use crate::time::{Period, Timestamp};
 use rust_decimal::{Decimal, RoundingStrategy};
 
@@ -241,14 +242,27 @@ pub(crate) fn due_part(used: Money, amount: Money, cap: Option<Money>) -> Money 
     }
 }
 
-/// The period a charge is billed in: its service period, or the current
-/// one when the service period has closed (a late charge, `true`).
-pub(crate) fn billing_period(ctx: &Context<'_>, service: Period, now: Timestamp) -> (Period, bool) {
+/// The billing period a charge is billed in: its service period, or the
+/// account's open one (the period holding stream time `now`) when the
+/// service period has closed (a late charge, `true`; rule 11).
+pub(crate) fn billing_period(
+    ctx: &Context<'_>,
+    records: &[AccountRecord],
+    service: BillingPeriod,
+    now: Timestamp,
+) -> (BillingPeriod, bool) {
     if Meter::is_closed(ctx, service, now) {
-        (now.period(), true)
+        (period_at(records, &ctx.plans.billing_cycle, now), true)
     } else {
         (service, false)
     }
+}
+
+/// The calendar month whose limits usage at `t` counts toward, metered at
+/// stream time `now`: that of the period it is billed in.
+pub(crate) fn limit_month(ctx: &Context<'_>, records: &[AccountRecord], t: Timestamp, now: Timestamp) -> Period {
+    let service = period_at(records, &ctx.plans.billing_cycle, t);
+    billing_period(ctx, records, service, now).0.limit_month()
 }
 
 /// What a threshold event asks of the platform: free credits used up
@@ -362,7 +376,7 @@ impl Meter {
             return Ok(());
         }
         let terms = ctx.accounts.terms_at(ctx.plans, &jk.0, start.time)?;
-        let (period, _) = billing_period(ctx, hb.period(), now);
+        let period = limit_month(ctx, &ctx.accounts.records_of(&jk.0)?, hb, now);
         let spec = limit_spec(ctx.plans, &terms, start.info.kind, &jk.0, period);
         let spend = spend_spec(ctx.plans, &terms, &jk.0, period);
         if spec.is_none() && spend.is_none() {
@@ -400,23 +414,24 @@ impl Meter {
         st: &mut Step<'_, '_>,
         jk: &JobKey,
         start: &StartRec,
-        terms: &PlanTerms,
+        (terms, records): (&PlanTerms, &[AccountRecord]),
         s: SliceCharge,
     ) {
         let (ctx, now, out) = (st.ctx, st.now, &mut *st.out);
-        let (period, late) = billing_period(ctx, s.service_period, now);
+        let (period, late) = billing_period(ctx, records, s.service_period, now);
         if late {
             self.stats.late_charges += 1;
         }
+        let month = period.limit_month();
         let amount = start.rate * s.seconds;
-        let spec = limit_spec(ctx.plans, terms, start.info.kind, &jk.0, period);
+        let spec = limit_spec(ctx.plans, terms, start.info.kind, &jk.0, month);
         let mut due = amount;
         if let Some(spec) = &spec {
             let counter = self.counter(&spec.key);
             due = due_part(counter.charged, amount, spec.cap);
             counter.charged += amount;
         }
-        let spend = spend_spec(ctx.plans, terms, &jk.0, period);
+        let spend = spend_spec(ctx.plans, terms, &jk.0, month);
         if let Some(spend) = &spend {
             self.counter(&spend.key).charged += due;
         }
@@ -466,57 +481,70 @@ impl Meter {
             adjusts: s.adjusts,
         }));
         for spec in [spec, spend].iter().flatten() {
-            self.check_thresholds(ctx.plans, spec, period, jk, s.at, out);
+            self.check_thresholds(ctx.plans, spec, month, jk, s.at, out);
         }
     }
 
-    /// Emits the statements of period `p` and forgets its accumulators.
+    /// The pro fees of calendar month `m` are due: every pro account this
+    /// meter answers for ([`Context::owns`]) that was on pro during `m` and
+    /// has no statement open for its last period of `m` gets an empty one
+    /// (the monthly fee is owed whether or not the plan was used), which
+    /// closes with that period. Each month once (`fees_through` records how
+    /// far).
     ///
-    /// Pro accounts this meter answers for ([`Context::owns`]) that had no
-    /// usage in `p` get a statement too: the monthly fee is owed whether or
-    /// not the plan was used. Each period is closed once
-    /// (`fees_through` records how far).
+    /// Every account lookup is made before anything changes: a failed one
+    /// leaves the month due.
+    pub(crate) fn idle_fees(&mut self, ctx: &Context<'_>, m: Period) -> Result<(), LookupError> {
+        let last_instant = Timestamp(m.end().0 - 1);
+        let mut idle = Vec::new();
+        // `pro_accounts` is ordered by account: emission order is stable.
+        for a in ctx.accounts.pro_accounts(&|a| ctx.owns(a)) {
+            if !ctx.accounts.pro_during(&a, m)? {
+                continue;
+            }
+            let last = period_at(&ctx.accounts.records_of(&a)?, &ctx.plans.billing_cycle, last_instant);
+            if !self.statements.get(&last).is_some_and(|u| u.contains_key(&a)) {
+                idle.push((last, a));
+            }
+        }
+        for (p, a) in idle {
+            if let Some(d) = self.dirty.as_mut() {
+                d.statements.insert((p, a.clone()));
+            }
+            self.statements.entry(p).or_default().insert(a, StatementAcc::default());
+        }
+        self.fees_through = Some(m);
+        self.mark_meta();
+        Ok(())
+    }
+
+    /// Emits the statements of billing period `p` and forgets its
+    /// accumulators. The subscription fee of a month is on the statement of
+    /// the account's last period of that month.
     ///
     /// Every account lookup is made before anything changes: a failed one
     /// leaves the period open.
     pub(crate) fn close_period(
         &mut self,
         ctx: &Context<'_>,
-        p: Period,
-        _at: Timestamp,
+        p: BillingPeriod,
         out: &mut Vec<Output>,
     ) -> Result<(), LookupError> {
-        let fees_due = self.fees_through.is_none_or(|f| f < p);
-        let mut idle = Vec::new();
-        if fees_due {
-            let used = self.statements.get(&p);
-            // `pro_accounts` is ordered by account: emission order is stable.
-            for a in ctx
-                .accounts
-                .pro_accounts(&|a| !used.is_some_and(|u| u.contains_key(a)) && ctx.owns(a))
-            {
-                if ctx.accounts.pro_during(&a, p)? {
-                    idle.push(a);
-                }
-            }
-        }
-        let last_instant = Timestamp(p.end().0 - 1);
+        let last_instant = Timestamp(p.end.0 - 1);
         let mut terms = std::collections::BTreeMap::new();
-        for account in self.statements.get(&p).into_iter().flat_map(|m| m.keys()).chain(&idle) {
+        for account in self.statements.get(&p).into_iter().flat_map(|m| m.keys()) {
             let plan = ctx.accounts.terms_at(ctx.plans, account, last_instant)?.plan;
-            let fee = ctx.accounts.subscription_fee(ctx.plans, account, p)?;
-            terms.insert(account.clone(), (plan, fee));
+            let fee = if p.ends_its_month() {
+                ctx.accounts.subscription_fee(ctx.plans, account, p.limit_month())?
+            } else {
+                Money(Decimal::new(0, 2))
+            };
+            let cadence = cadence_in_force(&ctx.accounts.records_of(account)?, &ctx.plans.billing_cycle, p.start);
+            terms.insert(account.clone(), (plan, fee, cadence));
         }
-        let mut accounts = self.statements.remove(&p).unwrap_or_default();
-        if fees_due {
-            for a in idle {
-                accounts.insert(a, Default::default());
-            }
-            self.fees_through = Some(p);
-            self.mark_meta();
-        }
+        let accounts = self.statements.remove(&p).unwrap_or_default();
         for (account, acc) in accounts {
-            let Some((plan, fee)) = terms.remove(&account) else {
+            let Some((plan, fee, cadence)) = terms.remove(&account) else {
                 continue;
             };
             let lines = acc
@@ -531,9 +559,9 @@ impl Meter {
             let statement = Statement {
                 account_id: account,
                 period: p,
-                period_start: p.start(),
-                period_end: p.end(),
-                cadence: crate::plans::Cadence::Monthly,
+                period_start: p.start,
+                period_end: p.end,
+                cadence,
                 plan,
                 lines,
                 subscription_fee: fee,

@@ -17,6 +17,7 @@
 //! except fields appended at the end of a top-level record and written only
 //! when set (a job's spend-control fields), which older values simply lack.
 
+use crate::cycle::BillingPeriod;
 use crate::event::{EventKey, JobKind, JobStatus, StartInfo};
 use crate::money::{AccountId, ModelId, Money};
 use crate::output::{LimitKind, Origin};
@@ -270,6 +271,38 @@ impl Binary for Period {
             return Err(Malformed("period out of range"));
         }
         Ok(Period::from_ordinal(o as u32))
+    }
+}
+
+/// A [`BillingPeriod`] that is not a calendar month: its month ordinal is
+/// this (no month has it), then its start and end.
+const INTERVAL: u64 = u64::MAX;
+
+/// A calendar month as its ordinal (the encoding of a [`Period`], so state
+/// written before periods of other lengths reads unchanged); any other
+/// period as [`INTERVAL`], start, end.
+impl Binary for BillingPeriod {
+    fn put(&self, w: &mut Vec<u8>) {
+        match self.calendar_month() {
+            Some(m) => m.put(w),
+            None => {
+                INTERVAL.put(w);
+                self.start.put(w);
+                self.end.put(w);
+            }
+        }
+    }
+    fn take(r: &mut &[u8]) -> R<Self> {
+        let mut peek = *r;
+        if u64::take(&mut peek)? != INTERVAL {
+            return Ok(BillingPeriod::month(Period::take(r)?));
+        }
+        *r = peek;
+        let (start, end) = (Timestamp::take(r)?, Timestamp::take(r)?);
+        if start >= end {
+            return Err(Malformed("period ends before it starts"));
+        }
+        Ok(BillingPeriod { start, end })
     }
 }
 

@@ -18,8 +18,8 @@
 //! Limits do not follow the cadence: caps, quotas, alerts and spend limits
 //! count per calendar month ([`crate::time::Period`]) whatever it is.
 
-pub use crate::plans::Cadence;
 use crate::plans::{record_in, AccountRecord, Plan};
+pub use crate::plans::{Cadence, CadenceEntry, CadenceSchedule, MONTHLY_FROM};
 use crate::ratecard::Rounding;
 use crate::time::{Period, Timestamp};
 use rust_decimal::Decimal;
@@ -29,26 +29,37 @@ use std::fmt;
 /// Milliseconds in a day.
 const DAY_MS: i64 = 86_400_000;
 
-/// One of an account's billing periods: `[start, end)` and the cadence it
-/// was cut by (a short period has the cadence in force at its start).
+/// One of an account's billing periods: `[start, end)`. Its cadence is the
+/// one in force for the account at `start` ([`cadence_in_force`]); two
+/// accounts' periods with the same ends are the same period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BillingPeriod {
     /// First instant of the period.
     pub start: Timestamp,
     /// First instant after it.
     pub end: Timestamp,
-    /// The cadence in force at `start`.
-    pub cadence: Cadence,
 }
 
 impl BillingPeriod {
-    /// The calendar month `p` as a monthly period.
+    /// The calendar month `p`.
     pub fn month(p: Period) -> BillingPeriod {
         BillingPeriod {
             start: p.start(),
             end: p.end(),
-            cadence: Cadence::Monthly,
         }
+    }
+
+    /// The calendar month whose limits the period's usage counts toward
+    /// (rule 6: limits count per calendar month; a period never spans two).
+    pub fn limit_month(&self) -> Period {
+        self.start.period()
+    }
+
+    /// True when the period is the last of its calendar month (it ends
+    /// where the month does): the month's subscription fee is on its
+    /// statement.
+    pub fn ends_its_month(&self) -> bool {
+        self.limit_month().end() == self.end
     }
 
     /// The calendar month this period is, if it is one.
@@ -98,6 +109,27 @@ impl BillingPeriod {
     }
 }
 
+impl Serialize for BillingPeriod {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.label())
+    }
+}
+
+impl<'de> Deserialize<'de> for BillingPeriod {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        BillingPeriod::parse_label(&s)
+            .map(|(start, end)| BillingPeriod { start, end })
+            .ok_or_else(|| serde::de::Error::custom(format!("invalid period {s:?}")))
+    }
+}
+
+impl From<Period> for BillingPeriod {
+    fn from(p: Period) -> Self {
+        BillingPeriod::month(p)
+    }
+}
+
 impl fmt::Display for BillingPeriod {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.label())
@@ -118,126 +150,6 @@ fn full(t: Timestamp) -> String {
     }
 }
 
-/// One effective-dated entry of the cadence schedule: the cadence of each
-/// plan from `effective_from` until the next entry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CadenceEntry {
-    /// When the entry takes effect.
-    pub effective_from: Timestamp,
-    /// Pay-as-you-go accounts.
-    #[serde(default = "monthly")]
-    pub payg: Cadence,
-    /// Enterprise accounts.
-    #[serde(default = "monthly")]
-    pub enterprise: Cadence,
-    /// Free accounts.
-    #[serde(default = "monthly")]
-    pub free: Cadence,
-    /// Pro accounts.
-    #[serde(default = "monthly")]
-    pub pro: Cadence,
-}
-
-fn monthly() -> Cadence {
-    Cadence::Monthly
-}
-
-impl CadenceEntry {
-    /// The cadence this entry gives `plan`.
-    pub fn cadence_of(&self, plan: Plan) -> Cadence {
-        match plan {
-            Plan::Payg => self.payg,
-            Plan::Enterprise => self.enterprise,
-            Plan::Free => self.free,
-            Plan::Pro => self.pro,
-        }
-    }
-}
-
-/// The platform's effective-dated cadence schedule (every plan monthly
-/// before its first entry).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CadenceSchedule {
-    entries: Vec<CadenceEntry>,
-}
-
-/// When the platform's post-paid customers move from twice-monthly to
-/// monthly statements.
-pub const MONTHLY_FROM: &str = "2024-05-01T00:00:00Z";
-
-impl Default for CadenceSchedule {
-    /// The announcement's schedule: payg and enterprise semi-monthly until
-    /// [`MONTHLY_FROM`], monthly from then on; free and pro monthly.
-    fn default() -> Self {
-        let post_paid = |from: Timestamp, c: Cadence| CadenceEntry {
-            effective_from: from,
-            payg: c,
-            enterprise: c,
-            free: Cadence::Monthly,
-            pro: Cadence::Monthly,
-        };
-        CadenceSchedule {
-            entries: vec![
-                post_paid(Timestamp::MIN, Cadence::SemiMonthly),
-                post_paid(
-                    Timestamp::parse(MONTHLY_FROM).unwrap_or(Timestamp::MIN),
-                    Cadence::Monthly,
-                ),
-            ],
-        }
-    }
-}
-
-impl CadenceSchedule {
-    /// Every plan monthly, always.
-    pub fn monthly() -> CadenceSchedule {
-        CadenceSchedule { entries: Vec::new() }
-    }
-
-    /// A schedule of `entries`, which must be in strictly increasing
-    /// `effective_from` order; every problem is reported.
-    pub fn new(entries: Vec<CadenceEntry>) -> Result<CadenceSchedule, Vec<String>> {
-        let mut problems: Vec<String> = entries
-            .windows(2)
-            .enumerate()
-            .filter(|(_, w)| w[1].effective_from <= w[0].effective_from)
-            .map(|(i, w)| {
-                format!(
-                    "billing_cycle[{}]: effective_from {} is not after the previous entry's ({}): entries must be in increasing order, one per instant",
-                    i + 1,
-                    w[1].effective_from,
-                    w[0].effective_from
-                )
-            })
-            .collect();
-        for (i, e) in entries.iter().enumerate() {
-            if e.free != Cadence::Monthly || e.pro != Cadence::Monthly {
-                problems.push(format!(
-                    "billing_cycle[{i}]: free and pro are billed monthly (semi_monthly is for payg and enterprise)"
-                ));
-            }
-        }
-        if problems.is_empty() {
-            Ok(CadenceSchedule { entries })
-        } else {
-            Err(problems)
-        }
-    }
-
-    /// The entries, in order.
-    pub fn entries(&self) -> &[CadenceEntry] {
-        &self.entries
-    }
-
-    /// The cadence the schedule gives `plan` at `t`.
-    pub fn cadence_at(&self, plan: Plan, t: Timestamp) -> Cadence {
-        let i = self.entries.partition_point(|e| e.effective_from <= t);
-        i.checked_sub(1)
-            .map_or(Cadence::Monthly, |i| self.entries[i].cadence_of(plan))
-    }
-}
-
 /// The cadence in force for an account with `records` (ordered by
 /// `effective_from`) at `t`: its record's `billing_cycle`, else the
 /// schedule's for its plan (payg without a record).
@@ -251,7 +163,7 @@ pub fn cadence_in_force(records: &[AccountRecord], schedule: &CadenceSchedule, t
 /// the schedule's entries and the account's records, in order.
 fn candidates<'a>(records: &'a [AccountRecord], schedule: &'a CadenceSchedule) -> impl Iterator<Item = Timestamp> + 'a {
     schedule
-        .entries
+        .entries()
         .iter()
         .map(|e| e.effective_from)
         .chain(records.iter().map(|r| r.effective_from))
@@ -274,11 +186,7 @@ pub fn period_at(records: &[AccountRecord], schedule: &CadenceSchedule, t: Times
             end = c;
         }
     }
-    BillingPeriod {
-        start,
-        end,
-        cadence: cadence_in_force(records, schedule, start),
-    }
+    BillingPeriod { start, end }
 }
 
 /// One part of a job inside one billing period.
@@ -370,19 +278,16 @@ mod tests {
         let half = BillingPeriod {
             start: t("2024-04-16T00:00:00Z"),
             end: t("2024-05-01T00:00:00Z"),
-            cadence: Cadence::SemiMonthly,
         };
         assert_eq!(half.label(), "2024-04-16/2024-05-01");
         let short = BillingPeriod {
             start: t("2024-04-16T00:00:00Z"),
             end: t("2024-04-20T12:00:00Z"),
-            cadence: Cadence::SemiMonthly,
         };
         assert_eq!(short.label(), "2024-04-16T00:00:00Z/2024-04-20T12:00:00Z");
         let odd = BillingPeriod {
             start: t("2024-04-20T12:00:00.250Z"),
             end: t("2024-05-01T00:00:00Z"),
-            cadence: Cadence::Monthly,
         };
         assert_eq!(odd.label(), "2024-04-20T12:00:00.250Z/2024-05-01T00:00:00Z");
         for p in [may, half, short, odd] {
@@ -467,8 +372,8 @@ mod tests {
                 ("2024-05".to_owned(), Decimal::from(7200)),
             ]
         );
-        assert_eq!(parts[0].period.cadence, Cadence::SemiMonthly);
-        assert_eq!(parts[1].period.cadence, Cadence::Monthly);
+        assert_eq!(cadence_in_force(&[], &s, parts[0].period.start), Cadence::SemiMonthly);
+        assert_eq!(cadence_in_force(&[], &s, parts[1].period.start), Cadence::Monthly);
     }
 
     #[test]

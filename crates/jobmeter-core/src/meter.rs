@@ -6,10 +6,11 @@
 //! owned by exactly one meter.
 
 pub use crate::context::{Context, MeterConfig, Placement, Share, Stats};
+use crate::cycle::{split_periods, BillingPeriod};
 use crate::event::{parse_job_event, EventBody, EventKey, Invalid, JobEvent, JobStatus, RejectReason, StartInfo};
 use crate::fasthash::{FastMap, FastSet};
 use crate::output::{Origin, Output, Rejected};
-use crate::rating::{split, SliceCharge};
+use crate::rating::SliceCharge;
 use crate::state::{Billed, BilledPart, Counter, FiredKey, Job, JobKey, StartRec, StatementAcc, StopRec, UsageKey};
 use crate::time::{Period, Timestamp};
 use std::collections::{BTreeMap, BTreeSet};
@@ -46,7 +47,7 @@ pub(crate) struct Dirty {
     pub(crate) jobs: FastSet<JobKey>,
     pub(crate) usage: FastSet<UsageKey>,
     pub(crate) fired: Vec<FiredKey>,
-    pub(crate) statements: FastSet<(Period, crate::money::AccountId)>,
+    pub(crate) statements: FastSet<(BillingPeriod, crate::money::AccountId)>,
     pub(crate) closed: Vec<crate::output::Statement>,
     pub(crate) meta: bool,
 }
@@ -70,7 +71,7 @@ pub struct Meter {
     pub(crate) seen: FastSet<EventKey>,
     pub(crate) usage: FastMap<UsageKey, Counter>,
     pub(crate) fired: FastSet<FiredKey>,
-    pub(crate) statements: BTreeMap<Period, BTreeMap<crate::money::AccountId, StatementAcc>>,
+    pub(crate) statements: BTreeMap<BillingPeriod, BTreeMap<crate::money::AccountId, StatementAcc>>,
     pub(crate) timers: BTreeSet<(Timestamp, JobKey)>,
     pub(crate) expiry: BTreeSet<(Timestamp, JobKey)>,
     pub(crate) dirty: Option<Dirty>,
@@ -508,8 +509,8 @@ impl Meter {
     }
 
     /// True when `p` is closed at stream time `now`.
-    pub(crate) fn is_closed(ctx: &Context<'_>, p: Period, now: Timestamp) -> bool {
-        p.end().plus_ms(ctx.config.period_grace_ms) < now
+    pub(crate) fn is_closed(ctx: &Context<'_>, p: BillingPeriod, now: Timestamp) -> bool {
+        p.end.plus_ms(ctx.config.period_grace_ms) < now
     }
 
     /// Charges a job from its start to `end` (a stop, or the orphan close).
@@ -536,7 +537,15 @@ impl Meter {
         let end = job.charged_until(end, ctx.config.stop_grace_ms);
         let mut parts = Vec::new();
         if let Some(terms) = terms {
-            for s in split(start.time, end, ctx.rates.policy.rounding) {
+            let records = ctx.accounts.records_of(&jk.0)?;
+            let slices = split_periods(
+                &records,
+                &ctx.plans.billing_cycle,
+                start.time,
+                end,
+                ctx.rates.policy.rounding,
+            );
+            for s in slices {
                 if s.seconds.is_zero() {
                     continue;
                 }
@@ -553,7 +562,7 @@ impl Meter {
                     new_job: true,
                     at: end,
                 };
-                self.emit_charge(st, jk, &start, &terms, slice);
+                self.emit_charge(st, jk, &start, (&terms, &records), slice);
                 parts.push(BilledPart {
                     service_period: s.period,
                     from: s.from,
@@ -591,12 +600,19 @@ impl Meter {
         let terms = ctx.accounts.terms_at(ctx.plans, &jk.0, start.time)?;
         billed.adjusted = true;
         let old = billed.parts.clone();
+        let records = ctx.accounts.records_of(&jk.0)?;
         let full = if billable(ctx, status) {
-            split(start.time, end, ctx.rates.policy.rounding)
+            split_periods(
+                &records,
+                &ctx.plans.billing_cycle,
+                start.time,
+                end,
+                ctx.rates.policy.rounding,
+            )
         } else {
             Vec::new()
         };
-        let periods: BTreeSet<Period> = full
+        let periods: BTreeSet<BillingPeriod> = full
             .iter()
             .map(|s| s.period)
             .chain(old.iter().map(|p| p.service_period))
@@ -629,7 +645,7 @@ impl Meter {
                 at: end,
             };
             self.stats.adjustments += 1;
-            self.emit_charge(st, jk, &start, &terms, slice);
+            self.emit_charge(st, jk, &start, (&terms, &records), slice);
         }
         // The job is now billed as its full run (read by the usage API).
         billed.parts = full

@@ -1,6 +1,7 @@
 //! Output events: charges, limit events, statements and rejects. Field
 //! order is the contract's; amounts are JSON strings.
 
+use crate::cycle::BillingPeriod;
 use crate::event::{JobKind, JobStatus, RejectReason};
 use crate::money::{AccountId, JobId, ModelId, Money};
 use crate::plans::Plan;
@@ -49,10 +50,12 @@ pub struct Charge {
     pub amount_due: Money,
     /// Always `USD`.
     pub currency: String,
-    /// The period whose statement carries this charge.
-    pub period: Period,
-    /// The period the usage happened in (differs from `period` for late usage).
-    pub service_period: Period,
+    /// The billing period whose statement carries this charge (`YYYY-MM`
+    /// or an ISO 8601 interval, rule 6).
+    pub period: BillingPeriod,
+    /// The billing period the usage happened in (differs from `period` for
+    /// late usage).
+    pub service_period: BillingPeriod,
     /// For an adjustment, the id of the charge it corrects.
     pub adjusts: Option<String>,
 }
@@ -238,8 +241,8 @@ pub struct StatementLine {
 pub struct Statement {
     /// The account.
     pub account_id: AccountId,
-    /// The period.
-    pub period: Period,
+    /// The billing period (`YYYY-MM` or an ISO 8601 interval, rule 6).
+    pub period: BillingPeriod,
     /// The period's first instant.
     pub period_start: Timestamp,
     /// The first instant after the period (exclusive).
@@ -268,7 +271,7 @@ pub struct Statement {
 #[derive(Deserialize)]
 struct StatementIn {
     account_id: AccountId,
-    period: Period,
+    period: BillingPeriod,
     period_start: Option<Timestamp>,
     period_end: Option<Timestamp>,
     cadence: Option<crate::plans::Cadence>,
@@ -286,8 +289,8 @@ impl From<StatementIn> for Statement {
         Statement {
             account_id: s.account_id,
             period: s.period,
-            period_start: s.period_start.unwrap_or_else(|| s.period.start()),
-            period_end: s.period_end.unwrap_or_else(|| s.period.end()),
+            period_start: s.period_start.unwrap_or(s.period.start),
+            period_end: s.period_end.unwrap_or(s.period.end),
             cadence: s.cadence.unwrap_or(crate::plans::Cadence::Monthly),
             plan: s.plan,
             lines: s.lines,

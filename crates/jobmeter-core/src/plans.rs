@@ -78,6 +78,9 @@ pub struct PlanCatalog {
     pub on_spend_limit: [Policy; 4],
     /// Threshold percentages of an account's `spend_limit`.
     pub spend_limit_thresholds_pct: Vec<u32>,
+    /// How often each plan is billed, effective-dated (an account record's
+    /// `billing_cycle` overrides it while in force).
+    pub billing_cycle: CadenceSchedule,
 }
 
 /// What the meter does when a limit is used up.
@@ -108,6 +111,7 @@ impl Default for PlanCatalog {
             pro_on_cap: Policy::Notify,
             on_spend_limit: [Policy::Stop; 4],
             spend_limit_thresholds_pct: vec![80, 100],
+            billing_cycle: CadenceSchedule::default(),
         }
     }
 }
@@ -125,6 +129,7 @@ struct RawCatalog {
     payg: RawPayg,
     #[serde(default)]
     spend_limit: RawSpendLimit,
+    billing_cycle: Option<Vec<CadenceEntry>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -208,6 +213,15 @@ impl PlanCatalog {
                 Money::ZERO,
             ));
         }
+        let billing_cycle = match raw.billing_cycle {
+            None => d.billing_cycle.clone(),
+            Some(entries) => CadenceSchedule::new(entries).unwrap_or_else(|problems| {
+                for x in problems {
+                    p.field("billing_cycle", x);
+                }
+                d.billing_cycle.clone()
+            }),
+        };
         let c = PlanCatalog {
             free_credits: amount(&mut p, &raw.free.credits, "free.credits", d.free_credits),
             free_thresholds_pct: pcts(
@@ -248,6 +262,7 @@ impl PlanCatalog {
                 "spend_limit.thresholds_pct",
                 &d.spend_limit_thresholds_pct,
             ),
+            billing_cycle,
         };
         p.finish("plan catalog")?;
         Ok(c)
@@ -699,6 +714,127 @@ impl Accounts for AccountBook {
         let mut v: Vec<AccountId> = self.first_pro.accounts().filter(|a| keep(a)).cloned().collect();
         v.sort();
         v
+    }
+}
+
+/// One effective-dated entry of the cadence schedule: the cadence of each
+/// plan from `effective_from` until the next entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CadenceEntry {
+    /// When the entry takes effect.
+    pub effective_from: Timestamp,
+    /// Pay-as-you-go accounts.
+    #[serde(default = "monthly")]
+    pub payg: Cadence,
+    /// Enterprise accounts.
+    #[serde(default = "monthly")]
+    pub enterprise: Cadence,
+    /// Free accounts.
+    #[serde(default = "monthly")]
+    pub free: Cadence,
+    /// Pro accounts.
+    #[serde(default = "monthly")]
+    pub pro: Cadence,
+}
+
+fn monthly() -> Cadence {
+    Cadence::Monthly
+}
+
+impl CadenceEntry {
+    /// The cadence this entry gives `plan`.
+    pub fn cadence_of(&self, plan: Plan) -> Cadence {
+        match plan {
+            Plan::Payg => self.payg,
+            Plan::Enterprise => self.enterprise,
+            Plan::Free => self.free,
+            Plan::Pro => self.pro,
+        }
+    }
+}
+
+/// The platform's effective-dated cadence schedule (every plan monthly
+/// before its first entry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct CadenceSchedule {
+    entries: Vec<CadenceEntry>,
+}
+
+/// When the platform's post-paid customers move from twice-monthly to
+/// monthly statements.
+pub const MONTHLY_FROM: &str = "2024-05-01T00:00:00Z";
+
+impl Default for CadenceSchedule {
+    /// The announcement's schedule: payg and enterprise semi-monthly until
+    /// [`MONTHLY_FROM`], monthly from then on; free and pro monthly.
+    fn default() -> Self {
+        let post_paid = |from: Timestamp, c: Cadence| CadenceEntry {
+            effective_from: from,
+            payg: c,
+            enterprise: c,
+            free: Cadence::Monthly,
+            pro: Cadence::Monthly,
+        };
+        CadenceSchedule {
+            entries: vec![
+                post_paid(Timestamp::MIN, Cadence::SemiMonthly),
+                post_paid(
+                    Timestamp::parse(MONTHLY_FROM).unwrap_or(Timestamp::MIN),
+                    Cadence::Monthly,
+                ),
+            ],
+        }
+    }
+}
+
+impl CadenceSchedule {
+    /// Every plan monthly, always.
+    pub fn monthly() -> CadenceSchedule {
+        CadenceSchedule { entries: Vec::new() }
+    }
+
+    /// A schedule of `entries`, which must be in strictly increasing
+    /// `effective_from` order; every problem is reported.
+    pub fn new(entries: Vec<CadenceEntry>) -> Result<CadenceSchedule, Vec<String>> {
+        let mut problems: Vec<String> = entries
+            .windows(2)
+            .enumerate()
+            .filter(|(_, w)| w[1].effective_from <= w[0].effective_from)
+            .map(|(i, w)| {
+                format!(
+                    "billing_cycle[{}]: effective_from {} is not after the previous entry's ({}): entries must be in increasing order, one per instant",
+                    i + 1,
+                    w[1].effective_from,
+                    w[0].effective_from
+                )
+            })
+            .collect();
+        for (i, e) in entries.iter().enumerate() {
+            if e.free != Cadence::Monthly || e.pro != Cadence::Monthly {
+                problems.push(format!(
+                    "billing_cycle[{i}]: free and pro are billed monthly (semi_monthly is for payg and enterprise)"
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(CadenceSchedule { entries })
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The entries, in order.
+    pub fn entries(&self) -> &[CadenceEntry] {
+        &self.entries
+    }
+
+    /// The cadence the schedule gives `plan` at `t`.
+    pub fn cadence_at(&self, plan: Plan, t: Timestamp) -> Cadence {
+        let i = self.entries.partition_point(|e| e.effective_from <= t);
+        i.checked_sub(1)
+            .map_or(Cadence::Monthly, |i| self.entries[i].cadence_of(plan))
     }
 }
 

@@ -1,47 +1,23 @@
-//! Turning a job's interval into billed slices: billable seconds per
-//! calendar month, with the split rule of the contract (earlier slices get
-//! floor(ms / 1000) seconds, the last one the rest, so the slices always sum
-//! to what the whole job would have had in one period).
+//! What one charge of a job's slice is made of. The slices themselves are
+//! cut by [`crate::cycle::split_periods`] at the account's billing period
+//! boundaries, with the split rule of the contract (earlier slices get
+//! floor(ms / 1000) seconds, the last one the rest, so the slices always
+//! sum to what the whole job would have had in one period).
 
+#[cfg(test)]
 use crate::ratecard::Rounding;
-use crate::time::{Period, Timestamp};
-use rust_decimal::Decimal;
+use crate::time::Timestamp;
 
-/// One period's slice of a job.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Slice {
-    /// The period the slice lies in.
-    pub period: Period,
-    /// Slice start.
-    pub from: Timestamp,
-    /// Slice end.
-    pub to: Timestamp,
-    /// Slice length.
-    pub ms: i64,
-    /// Seconds billed for the slice.
-    pub seconds: Decimal,
-}
-
-/// Splits `[from, to]` (with `to ≥ from`) at month boundaries: the
-/// billing periods of an account billed monthly
-/// ([`crate::cycle::split_periods`] under a monthly schedule).
-pub fn split(from: Timestamp, to: Timestamp, rounding: Rounding) -> Vec<Slice> {
+/// [`crate::cycle::split_periods`] for an account billed monthly.
+#[cfg(test)]
+fn split(from: Timestamp, to: Timestamp, rounding: Rounding) -> Vec<crate::cycle::PeriodSlice> {
     crate::cycle::split_periods(&[], &crate::cycle::CadenceSchedule::monthly(), from, to, rounding)
-        .into_iter()
-        .map(|s| Slice {
-            // Under a monthly schedule every period is a calendar month.
-            period: s.period.calendar_month().unwrap_or_else(|| s.from.period()),
-            from: s.from,
-            to: s.to,
-            ms: s.ms,
-            seconds: s.seconds,
-        })
-        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rust_decimal::Decimal;
 
     fn t(s: &str) -> Timestamp {
         Timestamp::parse(s).unwrap_or_default()
@@ -91,7 +67,7 @@ mod tests {
 #[derive(Debug)]
 pub(crate) struct SliceCharge {
     pub(crate) charge_id: String,
-    pub(crate) service_period: Period,
+    pub(crate) service_period: crate::cycle::BillingPeriod,
     pub(crate) from: Timestamp,
     pub(crate) to: Timestamp,
     pub(crate) ms: i64,

@@ -294,7 +294,7 @@ impl crate::meter::Meter {
         if !self.running.contains_key(&trigger.0) {
             return Ok(());
         }
-        let (period, _) = crate::billing::billing_period(ctx, event_time.period(), now);
+        let period = crate::billing::limit_month(ctx, &ctx.accounts.records_of(&trigger.0)?, event_time, now);
         let mut at = None;
         for e in self.exposures(ctx, &trigger.0, period)? {
             if e.used_up() {

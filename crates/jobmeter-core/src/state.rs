@@ -14,8 +14,10 @@
 //! jobs     : len|account  len|job_id
 //! usage    : len|account  limit:u8  period:u32 BE (0xFFFFFFFF = lifetime)
 //! fired    : len|account  limit:u8  period:u32 BE  len|threshold
-//! stmts    : period:u32 BE  len|account
-//! closed   : period:u32 BE  len|account      (value: the emitted Statement)
+//! stmts    : period  len|account
+//! closed   : period  len|account      (value: the emitted Statement)
+//!   period: a calendar month as u32 BE ordinal; any other billing period
+//!   as 0xFFFFFFFF, start i64 BE ms, end i64 BE ms
 //! meta     : "stream_time" (i64 BE ms), "fees_through" (period u32 BE)
 //! ```
 //!
@@ -24,6 +26,7 @@
 //! so the usage API can answer for closed months, and they travel through
 //! the changelog like every other record.
 
+use crate::cycle::BillingPeriod;
 use crate::event::{EventKey, JobStatus, StartInfo};
 use crate::money::{AccountId, JobId, ModelId, Money};
 use crate::output::{LimitKind, Origin};
@@ -79,8 +82,8 @@ pub struct Accrual {
 /// One billed slice of a job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BilledPart {
-    /// The period the usage belongs to.
-    pub service_period: Period,
+    /// The billing period the usage belongs to.
+    pub service_period: crate::cycle::BillingPeriod,
     /// Slice start.
     pub from: Timestamp,
     /// Slice end.
@@ -445,6 +448,12 @@ pub mod keys {
         Some(n)
     }
 
+    fn take_i64(b: &mut &[u8]) -> Option<i64> {
+        let v: [u8; 8] = b.get(..8)?.try_into().ok()?;
+        *b = &b[8..];
+        Some(i64::from_be_bytes(v))
+    }
+
     fn limit_tag(l: LimitKind) -> u8 {
         match l {
             LimitKind::FreeCredits => 1,
@@ -523,16 +532,39 @@ pub mod keys {
         b.is_empty().then_some(FiredKey { usage, threshold })
     }
 
-    /// Encodes a statement key.
-    pub fn statement(p: Period, a: &AccountId) -> Vec<u8> {
-        let mut out = p.ordinal().to_be_bytes().to_vec();
+    /// A statement key's period field when the period is not a calendar
+    /// month (no month ordinal reaches it); start and end follow.
+    const INTERVAL: u32 = u32::MAX;
+
+    /// Encodes a statement key: a calendar month as its ordinal (as before
+    /// periods of other lengths existed), any other period as
+    /// [`INTERVAL`](Self::INTERVAL), start and end (i64 BE ms).
+    pub fn statement(p: BillingPeriod, a: &AccountId) -> Vec<u8> {
+        let mut out = Vec::with_capacity(24 + a.0.len());
+        match p.calendar_month() {
+            Some(m) => out.extend_from_slice(&m.ordinal().to_be_bytes()),
+            None => {
+                out.extend_from_slice(&INTERVAL.to_be_bytes());
+                out.extend_from_slice(&p.start.0.to_be_bytes());
+                out.extend_from_slice(&p.end.0.to_be_bytes());
+            }
+        }
         put_str(&mut out, &a.0);
         out
     }
 
     /// Decodes a statement key.
-    pub fn decode_statement(mut b: &[u8]) -> Option<(Period, AccountId)> {
-        let p = Period::from_ordinal(take_u32(&mut b)?);
+    pub fn decode_statement(mut b: &[u8]) -> Option<(BillingPeriod, AccountId)> {
+        let o = take_u32(&mut b)?;
+        let p = if o == INTERVAL {
+            let start = Timestamp(take_i64(&mut b)?);
+            let end = Timestamp(take_i64(&mut b)?);
+            let valid = Timestamp::MIN <= start && start < end && end.0 <= Timestamp::MAX.0 + 1;
+            valid.then_some(BillingPeriod { start, end })?
+        } else {
+            // No month after 9999-12 has a timestamp.
+            (o <= 9999 * 12 + 11).then(|| BillingPeriod::month(Period::from_ordinal(o)))?
+        };
         let a = AccountId::from(take_str(&mut b)?);
         b.is_empty().then_some((p, a))
     }
@@ -628,9 +660,19 @@ mod tests {
 
         #[test]
         fn statement_keys_sort_by_period(a in ".{0,20}", p1 in 0u32..40_000, p2 in 0u32..40_000) {
-            let (k1, k2) = (keys::statement(Period::from_ordinal(p1), &AccountId::from(a.as_str())), keys::statement(Period::from_ordinal(p2), &AccountId::from(a.as_str())));
+            let month = |o| BillingPeriod::month(Period::from_ordinal(o));
+            let (k1, k2) = (keys::statement(month(p1), &AccountId::from(a.as_str())), keys::statement(month(p2), &AccountId::from(a.as_str())));
             prop_assert_eq!(p1.cmp(&p2), k1.cmp(&k2));
-            prop_assert_eq!(keys::decode_statement(&k1), Some((Period::from_ordinal(p1), AccountId::from(a))));
+            prop_assert_eq!(keys::decode_statement(&k1), Some((month(p1), AccountId::from(a))));
+        }
+
+        /// A period that is not a calendar month keeps its exact ends, and
+        /// its key never reads back as a month's.
+        #[test]
+        fn statement_keys_of_any_period_round_trip(a in ".{0,20}", start in -62_135_596_800_000i64..253_300_000_000_000, len in 1i64..40 * 86_400_000) {
+            let p = BillingPeriod { start: Timestamp(start), end: Timestamp(start + len) };
+            let k = keys::statement(p, &AccountId::from(a.as_str()));
+            prop_assert_eq!(keys::decode_statement(&k), Some((p, AccountId::from(a))));
         }
 
         #[test]

@@ -8,6 +8,15 @@ use crate::output::Output;
 use crate::state::JobKey;
 use crate::time::{Period, Timestamp};
 
+/// What closes next at stream time.
+#[derive(Debug, Clone, Copy)]
+enum Close {
+    /// The pro fees of a calendar month ([`Meter::idle_fees`]).
+    Fees(Period),
+    /// A billing period's statements.
+    Period(crate::cycle::BillingPeriod),
+}
+
 impl Meter {
     /// A deadline came due at stream time `at`.
     fn on_deadline(
@@ -92,19 +101,24 @@ impl Meter {
         }
         loop {
             let timer = self.timers.first().map(|(d, _)| *d).filter(|d| *d < st);
-            let idle = self
-                .fees_through
-                .map(Period::next)
-                .filter(|p| cap.is_none_or(|c| *p <= c));
-            let close = self
+            let grace = ctx.config.period_grace_ms;
+            // The open period that ends first, and the month whose pro fees
+            // are next: idle pro accounts join their last period of that
+            // month before it closes (at the same instant, fees first).
+            let period = self
                 .statements
                 .keys()
-                .next()
-                .copied()
+                .min_by_key(|p| (p.end, **p))
+                .map(|p| (p.end.plus_ms(grace), Close::Period(*p)));
+            let fees = self
+                .fees_through
+                .map(Period::next)
+                .filter(|p| cap.is_none_or(|c| *p <= c))
+                .map(|m| (m.end().plus_ms(grace), Close::Fees(m)));
+            let close = [fees, period]
                 .into_iter()
-                .chain(idle)
-                .min()
-                .map(|p| (p.end().plus_ms(ctx.config.period_grace_ms), p))
+                .flatten()
+                .min_by_key(|(t, c)| (*t, matches!(c, Close::Period(_))))
                 .filter(|(t, _)| *t < st);
             let timer_first = match (timer, close) {
                 (Some(d), Some((t, _))) => d <= t,
@@ -115,8 +129,11 @@ impl Meter {
                 if let Some((d, jk)) = self.timers.pop_first() {
                     self.timer_due(ctx, jk, d, processed, out)?;
                 }
-            } else if let Some((t, p)) = close {
-                self.close_period(ctx, p, t, out)?;
+            } else if let Some((_, c)) = close {
+                match c {
+                    Close::Fees(m) => self.idle_fees(ctx, m)?,
+                    Close::Period(p) => self.close_period(ctx, p, out)?,
+                }
             } else {
                 break;
             }

@@ -6,6 +6,7 @@
 //! lines are the statement's lines, computed by the same function.
 
 use crate::billing::{limits_for, statement_line};
+use crate::cycle::BillingPeriod;
 use crate::event::JobKind;
 use crate::money::{AccountId, JobId, ModelId, Money, CURRENCY};
 use crate::output::{LimitKind, Statement, StatementLine};
@@ -110,8 +111,8 @@ pub struct InFlightJob {
 pub struct UsageReport {
     /// The account.
     pub account_id: AccountId,
-    /// The period.
-    pub period: Period,
+    /// The billing period (`YYYY-MM` or an ISO 8601 interval).
+    pub period: BillingPeriod,
     /// Open or closed.
     pub status: PeriodStatus,
     /// The plan in force now (open) or at the period's last instant (closed).
@@ -157,7 +158,7 @@ impl AccountState {
 /// The usage report of `account` for `period`.
 pub fn usage_report(
     account: &AccountId,
-    period: Period,
+    period: BillingPeriod,
     st: &AccountState,
     plans: &PlanCatalog,
     book: &dyn Accounts,
@@ -188,7 +189,7 @@ pub fn usage_report(
                 .map(|((kind, model), l)| statement_line(*kind, model.as_ref(), l))
                 .collect();
             let t = line_totals(&lines);
-            let at = st.stream_time.unwrap_or(Timestamp(period.end().0 - 1));
+            let at = st.stream_time.unwrap_or(Timestamp(period.end.0 - 1));
             (
                 PeriodStatus::Open,
                 lines,
@@ -630,7 +631,7 @@ mod tests {
 
     /// Brings `store` up to date with the meter's changes, then builds the
     /// account state of `a` from it, as a store-backed reader would.
-    fn state_of(store: &mut Records, meter: &mut Meter, period: Period) -> AccountState {
+    fn state_of(store: &mut Records, meter: &mut Meter, period: BillingPeriod) -> AccountState {
         for c in meter.take_changes().unwrap_or_else(|e| panic!("{e}")) {
             match c.value {
                 Some(v) => store.insert((c.table, c.key), v),
@@ -710,7 +711,7 @@ mod tests {
         }
         let may = Period::new(2024, 5);
         let mut store = Records::new();
-        let st = state_of(&mut store, &mut meter, may);
+        let st = state_of(&mut store, &mut meter, may.into());
         let a = AccountId::from("a");
         let limits = limits_report(&a, may, &st, &plans, &book).unwrap();
         let credits = &limits.limits[0];
@@ -825,7 +826,7 @@ mod tests {
                 meter.apply(&ctx, e.as_bytes(), None, &mut out).unwrap();
             }
             let mut store = Records::new();
-            let st = state_of(&mut store, &mut meter, Period::new(2024, 5));
+            let st = state_of(&mut store, &mut meter, Period::new(2024, 5).into());
             let model = ModelId::from("m");
             let req = AdmissionRequest {
                 kind: JobKind::Inference,
@@ -899,8 +900,16 @@ mod tests {
         }
         let may = Period::new(2024, 5);
         let mut store = Records::new();
-        let st = state_of(&mut store, &mut meter, may);
-        let r = usage_report(&AccountId::from("a"), may, &st, &plans, &book, rates.policy.rounding).unwrap();
+        let st = state_of(&mut store, &mut meter, may.into());
+        let r = usage_report(
+            &AccountId::from("a"),
+            may.into(),
+            &st,
+            &plans,
+            &book,
+            rates.policy.rounding,
+        )
+        .unwrap();
         let charges: Vec<_> = out
             .iter()
             .filter_map(|o| match o {
@@ -954,14 +963,22 @@ mod tests {
         ] {
             meter.apply(&ctx, e.as_bytes(), None, &mut out).unwrap();
         }
-        let st = state_of(&mut store, &mut meter, may);
+        let st = state_of(&mut store, &mut meter, may.into());
         assert!(
             st.open.is_none() && st.closed.is_some(),
             "{:?} {:?} {out:?}",
             st.open,
             st.closed
         );
-        let r2 = usage_report(&AccountId::from("a"), may, &st, &plans, &book, rates.policy.rounding).unwrap();
+        let r2 = usage_report(
+            &AccountId::from("a"),
+            may.into(),
+            &st,
+            &plans,
+            &book,
+            rates.policy.rounding,
+        )
+        .unwrap();
         let statement = out
             .iter()
             .find_map(|o| match o {

@@ -167,13 +167,20 @@ fn reference(jobs: &[GenJob]) -> (Vec<RefCharge>, BTreeMap<&'static str, Money>,
             if secs.is_zero() {
                 continue;
             }
+            // Limits count per calendar month; statements follow the
+            // cadence: payg and enterprise are billed by half months before
+            // May 1 (every start is after Apr 25: the second half of April).
             let period = Timestamp(bounds[w]).period().to_string();
+            let billed = match acct {
+                "payg" | "ent" if bounds[w] < MAY => "2024-04-16/2024-05-01".to_owned(),
+                _ => period.clone(),
+            };
             let amount = rate(j) * secs;
             charges.push(RefCharge {
-                id: format!("{acct}/j{i}/{period}"),
+                id: format!("{acct}/j{i}/{billed}"),
                 seconds: secs,
                 amount,
-                period: period.clone(),
+                period: billed,
             });
             let limit = match (acct, j.kind) {
                 ("free", _) => Some(("free_credits", "life".to_owned())),

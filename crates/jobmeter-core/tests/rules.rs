@@ -123,9 +123,10 @@ fn rule_6_a_job_crossing_a_month_yields_one_charge_per_period() {
     w.apply(&p);
     let c = w.charges();
     assert_eq!(c.len(), 2);
+    // A pay-as-you-go account: its April ends with a half month (§1).
     assert_eq!(
         (c[0].period.to_string(), c[0].billable_seconds),
-        ("2024-04".into(), Decimal::from(1))
+        ("2024-04-16/2024-05-01".into(), Decimal::from(1))
     );
     assert_eq!(
         (c[1].period.to_string(), c[1].billable_seconds),

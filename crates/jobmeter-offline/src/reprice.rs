@@ -8,6 +8,7 @@
 //! exactly what `jobmeter replay --flush` prints as that statement.
 
 use crate::replay::{load_accounts, load_plans, load_rate_card, meter_file, ReplayError};
+use jobmeter_core::cycle::BillingPeriod;
 use jobmeter_core::{AccountBook, Context, Meter, MeterConfig, Money, Output, Period, Plan, PlanCatalog, RateCard};
 use rust_decimal::Decimal;
 use std::collections::BTreeMap;
@@ -27,19 +28,20 @@ pub struct RepriceArgs {
     pub before: PathBuf,
     /// The proposed rate card.
     pub after: PathBuf,
-    /// Only this month (every month with a statement when absent).
+    /// Only the billing periods of this calendar month (every period with a
+    /// statement when absent).
     pub period: Option<Period>,
     /// Timeouts.
     pub meter: MeterConfig,
 }
 
-/// One account's bill for one month under both cards.
+/// One account's bill for one billing period under both cards.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct AccountImpact {
     /// The account.
     pub account_id: String,
-    /// The month.
-    pub period: Period,
+    /// The billing period (`YYYY-MM` or an ISO 8601 interval).
+    pub period: BillingPeriod,
     /// Its plan on the statement.
     pub plan: Plan,
     /// Bill under the card in force.
@@ -78,7 +80,7 @@ pub struct Report {
 
 #[derive(Default)]
 struct Run {
-    bills: BTreeMap<(String, Period), (Plan, Money)>,
+    bills: BTreeMap<(String, BillingPeriod), (Plan, Money)>,
     models: BTreeMap<String, (u64, Money)>,
 }
 
@@ -93,7 +95,9 @@ fn run_once(
     let ctx = Context::new(rates, plans, book, &args.meter);
     let mut meter = Meter::new();
     let mut run = Run::default();
-    let keep = |p: Period| args.period.is_none_or(|x| x == p);
+    // A month keeps every billing period in it (both halves of a
+    // semi-monthly month).
+    let keep = |p: BillingPeriod| args.period.is_none_or(|x| x == p.limit_month());
     meter_file(
         &args.events,
         &ctx,

@@ -3,7 +3,7 @@
 //! table, CSV and an SVG chart without progress noise when not on a
 //! terminal.
 
-use jobmeter_core::{MeterConfig, Money, Period};
+use jobmeter_core::{MeterConfig, Money};
 use jobmeter_offline::replay::{replay, ReplayArgs};
 use jobmeter_offline::reprice::{reprice, RepriceArgs};
 use jobmeter_offline::simulate::{accounts, events, FleetOptions};
@@ -76,7 +76,7 @@ fn fixture() -> Fixture {
 }
 
 /// total_due per (account, period) from a replay under `card`.
-fn replay_bills(f: &Fixture, card: &Path) -> BTreeMap<(String, Period), Money> {
+fn replay_bills(f: &Fixture, card: &Path) -> BTreeMap<(String, jobmeter_core::cycle::BillingPeriod), Money> {
     let args = ReplayArgs {
         events: f.events.clone(),
         accounts: Some(f.accounts.clone()),
@@ -130,7 +130,9 @@ fn reprice_totals_equal_replay_under_each_card() {
         );
     }
     assert!(raised > 0, "some bills rise");
-    let sum = |m: &BTreeMap<(String, Period), Money>| m.values().fold(Money::ZERO, |a, b| a + *b);
+    let sum = |m: &BTreeMap<(String, jobmeter_core::cycle::BillingPeriod), Money>| {
+        m.values().fold(Money::ZERO, |a, b| a + *b)
+    };
     assert_eq!(report.total.before, sum(&before));
     assert_eq!(report.total.after, sum(&after));
     let plan_sum = report.by_plan.values().fold(Money::ZERO, |a, g| a + g.after);

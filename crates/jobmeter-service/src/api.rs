@@ -22,9 +22,10 @@
 //! consumer group's description) so the caller can ask there.
 
 use super::engine::Billing;
+use jobmeter_core::cycle::BillingPeriod;
 use jobmeter_core::ratecard::{ModelPrice, RateVersion};
 use jobmeter_core::state::{keys, Counter, Job, Table};
-use jobmeter_core::time::{Period, Timestamp};
+use jobmeter_core::time::Timestamp;
 use jobmeter_core::values;
 use jobmeter_core::view::{self, AccountState};
 use jobmeter_core::{AccountId, JobKind};
@@ -334,7 +335,8 @@ impl Api {
         }))
     }
 
-    /// `GET /v1/accounts/{account}/usage|limits[?period=YYYY-MM]` and
+    /// `GET /v1/accounts/{account}/usage|limits[?period=LABEL]` (a billing
+    /// period's label: `2024-05`, `2024-04-16/2024-05-01`) and
     /// `GET /v1/accounts/{account}/admission?kind=&model=&max_seconds=`.
     pub fn account(&self, scope: &Scope, account: &str, what: AccountView, q: &AccountQuery) -> Answer {
         if let Scope::Account(own) = scope {
@@ -349,9 +351,15 @@ impl Api {
             },
             _ => None,
         };
-        let period = match q.period.as_deref().map(Period::parse) {
-            Some(None) => return Answer::error(400, "bad_request", "period must look like 2024-05"),
-            Some(Some(p)) => Some(p),
+        let period = match q.period.as_deref().map(BillingPeriod::parse_label) {
+            Some(None) => {
+                return Answer::error(
+                    400,
+                    "bad_request",
+                    "period must be a billing period's label: a month (2024-05) or an ISO 8601 interval, end exclusive (2024-04-16/2024-05-01)",
+                )
+            }
+            Some(Some((start, end))) => Some(BillingPeriod { start, end }),
             None => None,
         };
         let owned: Vec<i32> = self
@@ -369,7 +377,15 @@ impl Api {
             );
         }
         let account_id = AccountId::from(account);
-        let (st, found_in) = match self.read_account(&account_id, &owned, period) {
+        let book: &dyn jobmeter_core::Accounts = &*self.billing.accounts;
+        let records = match book.records_of(&account_id) {
+            Ok(r) => r,
+            Err(e) => return Answer::error(500, "store", &e.to_string()),
+        };
+        // Without one named, the account's billing period open at stream time.
+        let schedule = &self.billing.plans.billing_cycle;
+        let open_at = |t: Timestamp| jobmeter_core::cycle::period_at(&records, schedule, t);
+        let (st, found_in) = match self.read_account(&account_id, &owned, period, &open_at) {
             Ok(x) => x,
             Err(e) => return Answer::error(500, "store", &e),
         };
@@ -378,11 +394,6 @@ impl Api {
         if found_in.is_empty() && n > 0 && !owned.contains(&home) {
             return self.misdirected(home, account, what);
         }
-        let book: &dyn jobmeter_core::Accounts = &*self.billing.accounts;
-        let records = match book.records_of(&account_id) {
-            Ok(r) => r,
-            Err(e) => return Answer::error(500, "store", &e.to_string()),
-        };
         if st.is_empty() && records.is_empty() {
             return Answer::error(
                 404,
@@ -390,7 +401,7 @@ impl Api {
                 &format!("account {account:?} has no account record and no usage"),
             );
         }
-        let period = period.unwrap_or_else(|| st.stream_time.unwrap_or_else(Timestamp::now).period());
+        let period = period.unwrap_or_else(|| open_at(st.stream_time.unwrap_or_else(Timestamp::now)));
         let partition = found_in.first().copied().unwrap_or(home);
         let mut body = match self.view(&account_id, &st, period, what, job) {
             Ok(body) => body,
@@ -411,7 +422,7 @@ impl Api {
         &self,
         account_id: &AccountId,
         st: &view::AccountState,
-        period: Period,
+        period: BillingPeriod,
         what: AccountView,
         job: Option<AdmissionQuery>,
     ) -> Result<serde_json::Value, Answer> {
@@ -448,10 +459,13 @@ impl Api {
                 Ok(r) => serde_json::to_value(r),
                 Err(e) => return Err(Answer::error(500, "store", &e.to_string())),
             },
-            AccountView::Limits => match view::limits_report(account_id, period, st, &self.billing.plans, book) {
-                Ok(r) => serde_json::to_value(r),
-                Err(e) => return Err(Answer::error(500, "store", &e.to_string())),
-            },
+            // Limits count per calendar month, whatever the cadence.
+            AccountView::Limits => {
+                match view::limits_report(account_id, period.limit_month(), st, &self.billing.plans, book) {
+                    Ok(r) => serde_json::to_value(r),
+                    Err(e) => return Err(Answer::error(500, "store", &e.to_string())),
+                }
+            }
         };
         Ok(value.unwrap_or_default())
     }
@@ -500,7 +514,8 @@ impl Api {
         &self,
         account: &AccountId,
         owned: &[i32],
-        period: Option<Period>,
+        period: Option<BillingPeriod>,
+        open_at: &dyn Fn(Timestamp) -> BillingPeriod,
     ) -> Result<(AccountState, Vec<i32>), String> {
         let e = |e: &dyn std::fmt::Display| e.to_string();
         let prefix = keys::account_prefix(account);
@@ -518,7 +533,7 @@ impl Api {
                 .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
                 .map(|b| Timestamp(i64::from_be_bytes(b)));
             any_time = any_time.max(stream_time);
-            let period = period.or(stream_time.map(Timestamp::period));
+            let period = period.or(stream_time.map(open_at));
             let (open, closed) = match period {
                 Some(per) => {
                     let k = keys::statement(per, account);
