@@ -13,6 +13,7 @@
 use crate::support;
 
 use jobmeter_offline::simulate::FleetOptions;
+use std::collections::BTreeMap;
 use std::time::Duration;
 use support::*;
 
@@ -35,16 +36,36 @@ fn three_day_fleet(seed: u64) -> FleetOptions {
     }
 }
 
+/// About 25,000 events of 120 accounts from Apr 14 noon to May 2: both
+/// halves of a post-paid April, the cutover to monthly statements, and
+/// plan changes (free → pro, pro → enterprise) on the way.
+fn post_paid_april_fleet(seed: u64) -> FleetOptions {
+    FleetOptions {
+        start: jobmeter_core::Timestamp::parse("2024-04-14T12:00:00Z").expect("time"),
+        mean_gap_ms: 260_000,
+        plan_change_permille: 300,
+        ..three_day_fleet(seed)
+    }
+}
+
 /// Produces the backlog, then meters it with `instances` meters (killed
 /// `kills` times at random moments, each restarted at once), and compares
 /// the outputs with the merge order of the log and with `rebuild`.
-fn catch_up(name: &str, seed: u64, instances: usize, kills: usize) {
-    catch_up_padded(name, seed, instances, kills, None);
+fn catch_up(name: &str, seed: u64, instances: usize, kills: usize) -> Outputs {
+    catch_up_padded(name, &three_day_fleet(seed), instances, kills, None)
 }
 
-/// [`catch_up`], with partition `pad.0`'s murmur2 records padded to
-/// `pad.1` bytes more ([`produce_by_worker_padded`]): a slow partition.
-fn catch_up_padded(name: &str, seed: u64, instances: usize, kills: usize, pad: Option<(i32, usize)>) {
+/// [`catch_up`] of the fleet `fleet`, with partition `pad.0`'s murmur2
+/// records padded to `pad.1` bytes more ([`produce_by_worker_padded`]):
+/// a slow partition.
+fn catch_up_padded(
+    name: &str,
+    fleet: &FleetOptions,
+    instances: usize,
+    kills: usize,
+    pad: Option<(i32, usize)>,
+) -> Outputs {
+    let seed = fleet.seed;
     let prefix = fresh_prefix(name);
     let dir = tempfile::tempdir().expect("tempdir");
     let specs: Vec<MeterSpec> = (0..instances)
@@ -71,7 +92,7 @@ fn catch_up_padded(name: &str, seed: u64, instances: usize, kills: usize, pad: O
     let mut first = specs[0].start();
     wait_for_topics(&prefix);
     assert_eq!(first.terminate(), Some(0));
-    let w = workload(&three_day_fleet(seed), PARTITIONS);
+    let w = workload(fleet, PARTITIONS);
     assert!(w.events.len() > 20_000, "{} events", w.events.len());
     produce_accounts(&prefix, &w);
     produce_by_worker_padded(
@@ -143,6 +164,7 @@ fn catch_up_padded(name: &str, seed: u64, instances: usize, kills: usize, pad: O
     // a meter whose stream time ran ahead of records already in Kafka.
     assert_eq!(got.reasons, want.reasons, "dead letters by reason");
     assert_rebuild_matches(&specs[0], true);
+    got
 }
 
 #[test]
@@ -151,7 +173,7 @@ fn catch_up_padded(name: &str, seed: u64, instances: usize, kills: usize, pad: O
     ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
 )]
 fn a_mixed_fleet_backlog_bills_as_the_merge_order() {
-    catch_up("backlog", 61, 1, 0);
+    let _ = catch_up("backlog", 61, 1, 0);
 }
 
 #[test]
@@ -160,7 +182,7 @@ fn a_mixed_fleet_backlog_bills_as_the_merge_order() {
     ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
 )]
 fn a_mixed_fleet_backlog_bills_as_the_merge_order_through_sigkills() {
-    catch_up("backlogk", 62, 1, 5);
+    let _ = catch_up("backlogk", 62, 1, 5);
 }
 
 #[test]
@@ -169,7 +191,7 @@ fn a_mixed_fleet_backlog_bills_as_the_merge_order_through_sigkills() {
     ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
 )]
 fn two_instances_bill_a_mixed_fleet_backlog_as_one() {
-    catch_up("backlog2", 63, 2, 0);
+    let _ = catch_up("backlog2", 63, 2, 0);
 }
 
 #[test]
@@ -178,7 +200,7 @@ fn two_instances_bill_a_mixed_fleet_backlog_as_one() {
     ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
 )]
 fn two_instances_bill_a_mixed_fleet_backlog_as_one_through_sigkills() {
-    catch_up("backlog2k", 64, 2, 4);
+    let _ = catch_up("backlog2k", 64, 2, 4);
 }
 
 /// One partition's fetches are slow: its murmur2 records are padded by
@@ -194,5 +216,65 @@ fn two_instances_bill_a_mixed_fleet_backlog_as_one_through_sigkills() {
     ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
 )]
 fn a_slow_partition_is_waited_for_not_passed() {
-    catch_up_padded("backlogslow", 65, 1, 0, Some((0, 24 * 1024)));
+    catch_up_padded("backlogslow", &three_day_fleet(65), 1, 0, Some((0, 24 * 1024)));
+}
+
+/// The billing-cycle change end to end: a backlog from Apr 14 to May 2
+/// metered by two instances through SIGKILLs. Besides matching the merge
+/// order and `rebuild` (as every backlog here), pay-as-you-go and
+/// enterprise accounts get a statement for each half of April (or a short
+/// period where a plan change moved them between cadences), free and pro
+/// accounts one for April, and every account one for May.
+#[test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
+fn post_paid_accounts_get_two_april_statements_and_one_for_may_through_sigkills() {
+    let got = catch_up_padded("halves", &post_paid_april_fleet(66), 2, 3, None);
+    let mut halves: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut monthly_april = 0;
+    for s in got.statements.values() {
+        let v: serde_json::Value = serde_json::from_str(s).expect("statement");
+        let (account, period, plan, cadence) = (
+            v["account_id"].as_str().unwrap_or_default().to_owned(),
+            v["period"].as_str().unwrap_or_default().to_owned(),
+            v["plan"].as_str().unwrap_or_default(),
+            v["cadence"].as_str().unwrap_or_default(),
+        );
+        let start = v["period_start"].as_str().unwrap_or_default();
+        if start >= "2024-05-01" {
+            assert_eq!((period.as_str(), cadence), ("2024-05", "monthly"), "{s}");
+            continue;
+        }
+        match cadence {
+            "semi_monthly" => {
+                assert!(matches!(plan, "payg" | "enterprise"), "{s}");
+                assert!(period.contains('/'), "{s}");
+                halves.entry(account).or_default().push(period);
+            }
+            _ => {
+                if period == "2024-04" {
+                    monthly_april += 1;
+                    assert!(matches!(plan, "free" | "pro"), "{s}");
+                } else {
+                    // A short monthly period: cut where a plan change to a
+                    // monthly plan took effect.
+                    assert!(period.contains('T'), "{s}");
+                }
+            }
+        }
+    }
+    let both = halves
+        .values()
+        .filter(|p| p.iter().any(|x| x == "2024-04-01/2024-04-16") && p.iter().any(|x| x == "2024-04-16/2024-05-01"))
+        .count();
+    assert!(
+        both > 10,
+        "post-paid accounts with both April halves: {both} ({halves:?})"
+    );
+    assert!(
+        monthly_april > 5,
+        "free and pro accounts billed for April: {monthly_april}"
+    );
 }

@@ -67,6 +67,9 @@ pub struct Meter {
     pub(crate) merge_order: bool,
     /// The merge's bookkeeping of forwarded inputs (opaque here).
     pub(crate) merge_sources: Option<Vec<u8>>,
+    /// The cadence schedule the partition was last billed by (JSON
+    /// entries; `None` before any was recorded).
+    pub(crate) billing_cycle: Option<Vec<u8>>,
     pub(crate) jobs: crate::jobs::JobTable,
     pub(crate) seen: FastSet<EventKey>,
     pub(crate) usage: FastMap<UsageKey, Counter>,
@@ -500,6 +503,63 @@ impl Meter {
             self.merge_sources = Some(v);
             self.mark_meta();
         }
+    }
+
+    /// The cadence schedule the partition was last billed by, as stored
+    /// (JSON entries).
+    pub fn billed_schedule(&self) -> Option<&[u8]> {
+        self.billing_cycle.as_deref()
+    }
+
+    /// Records the schedule the partition is billed by from now on
+    /// (durable with the next changes). Check it first with
+    /// [`Meter::schedule_conflicts`].
+    pub fn set_billed_schedule(&mut self, schedule: &crate::cycle::CadenceSchedule) {
+        let v = serde_json::to_vec(schedule).unwrap_or_default();
+        self.set_billed_schedule_raw(v);
+    }
+
+    /// [`Meter::set_billed_schedule`] with the stored bytes (a rebuild
+    /// keeps what the live meter recorded).
+    pub fn set_billed_schedule_raw(&mut self, v: Vec<u8>) {
+        if self.billing_cycle.as_deref() != Some(&v) {
+            self.billing_cycle = Some(v);
+            self.mark_meta();
+        }
+    }
+
+    /// Why the configured cadence schedule (`ctx.plans.billing_cycle`)
+    /// cannot bill this partition from its stored state: a change dated
+    /// before its stream time (it would re-cut periods already billed —
+    /// checked against the schedule the partition recorded, when it has
+    /// one), or an open period of an account whose bounds it would move
+    /// (its charges so far name the period). Empty when there is none.
+    pub fn schedule_conflicts(&self, ctx: &Context<'_>) -> Result<Vec<String>, crate::plans::LookupError> {
+        let schedule = &ctx.plans.billing_cycle;
+        let mut out = Vec::new();
+        let stored = self
+            .billing_cycle
+            .as_deref()
+            .and_then(|v| serde_json::from_slice::<Vec<crate::cycle::CadenceEntry>>(v).ok())
+            .and_then(|e| crate::cycle::CadenceSchedule::new(e).ok());
+        if let (Some(old), Some(st)) = (stored, self.stream_time) {
+            if let Some(d) = old.first_difference(schedule).filter(|d| *d < st) {
+                out.push(format!(
+                    "billing_cycle changes at {d}, before this partition's stream time {st}: it would re-cut billing periods already metered; date the change at or after {st}"
+                ));
+            }
+        }
+        for (p, accounts) in &self.statements {
+            for a in accounts.keys() {
+                let now = crate::cycle::period_at(&ctx.accounts.records_of(a)?, schedule, p.start);
+                if now != *p {
+                    out.push(format!(
+                        "account {a}: open billing period {p} would become {now} under the configured billing_cycle, but its charges so far name {p}; date the change at the end of the period or later"
+                    ));
+                }
+            }
+        }
+        Ok(out)
     }
 
     pub(crate) fn mark_meta(&mut self) {

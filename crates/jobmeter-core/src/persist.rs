@@ -117,6 +117,13 @@ impl Meter {
                     value: Some(v.clone()),
                 });
             }
+            if let Some(v) = &self.billing_cycle {
+                out.push(StateChange {
+                    table: Table::Meta,
+                    key: keys::BILLING_CYCLE.to_vec(),
+                    value: Some(v.clone()),
+                });
+            }
         }
         Ok(out)
     }
@@ -143,6 +150,7 @@ impl Meter {
             input_watermark: self.input_watermark,
             merge_order: self.merge_order,
             merge_sources: self.merge_sources.clone(),
+            billing_cycle: self.billing_cycle.clone(),
             dirty: Some(copy),
             format: self.format,
             ..Meter::default()
@@ -226,6 +234,7 @@ impl Meter {
             }
             Table::Meta if k == keys::EVENT_ORDER => self.merge_order = true,
             Table::Meta if k == keys::MERGE_SOURCES => self.merge_sources = Some(v.to_vec()),
+            Table::Meta if k == keys::BILLING_CYCLE => self.billing_cycle = Some(v.to_vec()),
             Table::Meta => {}
         }
         Ok(())

@@ -830,6 +830,20 @@ impl CadenceSchedule {
         &self.entries
     }
 
+    /// The first instant at which `self` and `other` give some plan
+    /// different cadences (`None`: they agree everywhere).
+    pub fn first_difference(&self, other: &CadenceSchedule) -> Option<Timestamp> {
+        let mut at: Vec<Timestamp> = std::iter::once(Timestamp::MIN)
+            .chain(self.entries.iter().chain(&other.entries).map(|e| e.effective_from))
+            .collect();
+        at.sort_unstable();
+        at.into_iter().find(|t| {
+            Plan::ALL
+                .iter()
+                .any(|p| self.cadence_at(*p, *t) != other.cadence_at(*p, *t))
+        })
+    }
+
     /// The cadence the schedule gives `plan` at `t`.
     pub fn cadence_at(&self, plan: Plan, t: Timestamp) -> Cadence {
         let i = self.entries.partition_point(|e| e.effective_from <= t);

@@ -587,6 +587,10 @@ pub mod keys {
     /// instances forward to this partition (opaque to the core; written
     /// by the streaming meter).
     pub const MERGE_SOURCES: &[u8] = b"merge_sources";
+
+    /// The key of the cadence schedule the partition was last billed by
+    /// (JSON entries).
+    pub const BILLING_CYCLE: &[u8] = b"billing_cycle";
 }
 
 /// The format a meter writes state values in. Both are always read.

@@ -5,7 +5,7 @@
 
 mod common;
 use common::*;
-use jobmeter_core::cycle::Cadence;
+use jobmeter_core::cycle::{Cadence, CadenceEntry, CadenceSchedule};
 use jobmeter_core::*;
 use rust_decimal::Decimal;
 
@@ -286,4 +286,62 @@ pro = "semi_monthly"
             .expect_err("an unknown cadence")
             .to_string();
     assert!(err.contains("weekly"), "{err}");
+}
+
+fn ctx_of(w: &World) -> Context<'_> {
+    Context::new(&w.rates, &w.plans, &w.book, &w.config)
+}
+
+#[test]
+fn a_schedule_that_would_move_an_open_period_is_refused_naming_the_account_and_period() {
+    let mut w = World::new();
+    let a = w.start("acct", "j", "2024-04-20T10:00:00Z", "inference", Some("img"));
+    let b = w.stop("acct", "j", "2024-04-20T10:00:10Z", "succeeded");
+    w.apply(&a);
+    w.apply(&b);
+    assert!(w.meter.schedule_conflicts(&ctx_of(&w)).unwrap().is_empty());
+    // Every plan monthly: the open half month would become April.
+    w.plans.billing_cycle = CadenceSchedule::monthly();
+    let c = w.meter.schedule_conflicts(&ctx_of(&w)).unwrap();
+    assert_eq!(c.len(), 1, "{c:?}");
+    assert!(
+        c[0].starts_with("account acct: open billing period 2024-04-16/2024-05-01 would become 2024-04"),
+        "{c:?}"
+    );
+}
+
+#[test]
+fn a_schedule_change_dated_before_stream_time_is_refused_and_a_later_one_accepted() {
+    let mut w = World::new();
+    w.meter.set_billed_schedule(&CadenceSchedule::default());
+    let a = w.start("other", "j", "2024-04-20T10:00:00Z", "inference", Some("img"));
+    w.apply(&a);
+    let entry = |from: &str, payg: Cadence| CadenceEntry {
+        effective_from: ts(from),
+        payg,
+        enterprise: Cadence::SemiMonthly,
+        free: Cadence::Monthly,
+        pro: Cadence::Monthly,
+    };
+    let with = |later: CadenceEntry| {
+        CadenceSchedule::new(vec![entry("0001-01-01T00:00:00Z", Cadence::SemiMonthly), later]).expect("schedule")
+    };
+    // payg monthly from Apr 10: before stream time (Apr 20), refused.
+    w.plans.billing_cycle = with(entry("2024-04-10T00:00:00Z", Cadence::Monthly));
+    let c = w.meter.schedule_conflicts(&ctx_of(&w)).unwrap();
+    assert!(
+        c.iter().any(|x| x.starts_with("billing_cycle changes at 2024-04-10T00:00:00.000Z, before this partition's stream time 2024-04-20T10:00:00.000Z")),
+        "{c:?}"
+    );
+    // Post-paid plans semi-monthly until June instead of May: the schedules
+    // first differ on May 1, after stream time; the open periods stay.
+    w.plans.billing_cycle = CadenceSchedule::new(vec![
+        entry("0001-01-01T00:00:00Z", Cadence::SemiMonthly),
+        CadenceEntry {
+            enterprise: Cadence::Monthly,
+            ..entry("2024-06-01T00:00:00Z", Cadence::Monthly)
+        },
+    ])
+    .expect("schedule");
+    assert_eq!(w.meter.schedule_conflicts(&ctx_of(&w)).unwrap(), Vec::<String>::new());
 }

@@ -224,6 +224,10 @@ impl<'a> Rebuild<'a> {
         if let Some(v) = from_changelog.get(&(Table::Meta, jobmeter_core::state::keys::MERGE_SOURCES.to_vec())) {
             meter.set_merge_sources(v.clone());
         }
+        // And the cadence schedule it recorded billing by.
+        if let Some(v) = from_changelog.get(&(Table::Meta, jobmeter_core::state::keys::BILLING_CYCLE.to_vec())) {
+            meter.set_billed_schedule_raw(v.clone());
+        }
         // Every record the replay wrote (closed statements included), with
         // deletions as `None`.
         let changes = meter.take_changes()?;

@@ -24,12 +24,33 @@ impl Engine {
             error = %e,
             "partition stopped: its stored state cannot be decoded; every other partition goes on. Recover with `jobmeter rebuild`, then restart"
         );
+        self.stop_partition(p, e.to_string());
+    }
+
+    /// The configured cadence schedule would re-cut billing periods of
+    /// partition `p` that are already billed or open: `p` is not metered
+    /// (as [`Engine::fail_partition`]) until the configuration is put right
+    /// and the meter restarted. Every conflict is logged.
+    fn refuse_schedule(&mut self, p: i32, conflicts: &[String]) {
+        for c in conflicts {
+            tracing::error!(partition = p, conflict = %c, "billing_cycle refused");
+        }
+        tracing::error!(
+            partition = p,
+            conflicts = conflicts.len(),
+            "partition stopped: the configured billing_cycle would re-cut billing periods already billed or open (see the conflicts above); every other partition goes on. Put the schedule back or date the change later, then restart"
+        );
+        let first = conflicts.first().cloned().unwrap_or_default();
+        self.stop_partition(p, format!("billing_cycle refused: {first}"));
+    }
+
+    fn stop_partition(&mut self, p: i32, reason: String) {
         self.metrics
             .state
             .partition_failed
             .with_label_values(&[&p.to_string()])
             .set(1);
-        self.failing_write().insert(p, e.to_string());
+        self.failing_write().insert(p, reason);
         self.newly_failed.push(p);
     }
 
@@ -78,8 +99,8 @@ impl Engine {
         loaded.sort_by_key(|(p, _)| *p);
         let mut first_err = None;
         for (p, r) in loaded {
-            match r {
-                Ok(l) => self.install(p, l),
+            match r.and_then(|l| self.install(p, l)) {
+                Ok(()) => {}
                 Err(EngineError::State(e)) => self.fail_partition(p, &e),
                 Err(e) => {
                     // Retried by the rebuilt pipeline, with the others
@@ -101,11 +122,8 @@ impl Engine {
     /// Stored state of `p` cannot be read back: only `p` stops; other
     /// errors stop the pipeline, which is then rebuilt and retries.
     pub(super) fn restore(&mut self, p: i32) -> Result<(), EngineError> {
-        match self.loader().load(p, &mut None) {
-            Ok(l) => {
-                self.install(p, l);
-                Ok(())
-            }
+        match self.loader().load(p, &mut None).and_then(|l| self.install(p, l)) {
+            Ok(()) => Ok(()),
             Err(EngineError::State(e)) => {
                 self.fail_partition(p, &e);
                 Ok(())
@@ -129,8 +147,9 @@ impl Engine {
         }
     }
 
-    /// Makes a loaded partition's meter live.
-    fn install(&mut self, p: i32, l: Loaded) {
+    /// Makes a loaded partition's meter live, once the configured cadence
+    /// schedule is found to leave its billed and open periods as they are.
+    fn install(&mut self, p: i32, l: Loaded) -> Result<(), EngineError> {
         self.metrics.state.restore_seconds.observe(l.seconds);
         self.metrics.state.restored_records.inc_by(l.changelog_records);
         self.metrics
@@ -147,6 +166,15 @@ impl Engine {
             load_seconds = l.load_seconds,
             "partition restored"
         );
+        let conflicts = {
+            let book: &dyn jobmeter_core::Accounts = &*self.billing.accounts;
+            let ctx = jobmeter_core::Context::new(&self.billing.rates, &self.billing.plans, book, &self.cfg.meter);
+            l.meter.schedule_conflicts(&ctx)?
+        };
+        if !conflicts.is_empty() {
+            self.refuse_schedule(p, &conflicts);
+            return Ok(());
+        }
         let reported = l.meter.stats().clone();
         let sources = l.meter.merge_sources().map(<[u8]>::to_vec);
         self.load_sources(p, sources.as_deref());
@@ -154,11 +182,15 @@ impl Engine {
         // state says so from its next commit (`jobmeter rebuild` reads it).
         let mut meter = l.meter;
         meter.set_merge_order();
+        // The schedule it is billed by from now on (checked above, and
+        // against which the next start checks).
+        meter.set_billed_schedule(&self.billing.plans.billing_cycle);
         self.meters.insert(p, PartitionMeter { meter, reported });
         self.owned
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(p);
+        Ok(())
     }
 }
 
