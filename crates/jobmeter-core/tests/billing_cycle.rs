@@ -323,11 +323,12 @@ fn a_schedule_change_dated_before_stream_time_is_refused_and_a_later_one_accepte
         free: Cadence::Monthly,
         pro: Cadence::Monthly,
     };
-    let with = |later: CadenceEntry| {
-        CadenceSchedule::new(vec![entry("0001-01-01T00:00:00Z", Cadence::SemiMonthly), later]).expect("schedule")
-    };
     // payg monthly from Apr 10: before stream time (Apr 20), refused.
-    w.plans.billing_cycle = with(entry("2024-04-10T00:00:00Z", Cadence::Monthly));
+    w.plans.billing_cycle = CadenceSchedule::new(vec![
+        entry("0001-01-01T00:00:00Z", Cadence::SemiMonthly),
+        entry("2024-04-10T00:00:00Z", Cadence::Monthly),
+    ])
+    .expect("schedule");
     let c = w.meter.schedule_conflicts(&ctx_of(&w)).unwrap();
     assert!(
         c.iter().any(|x| x.starts_with("billing_cycle changes at 2024-04-10T00:00:00.000Z, before this partition's stream time 2024-04-20T10:00:00.000Z")),
