@@ -42,7 +42,7 @@ fn three_day_fleet(seed: u64) -> FleetOptions {
 fn post_paid_april_fleet(seed: u64) -> FleetOptions {
     FleetOptions {
         start: jobmeter_core::Timestamp::parse("2024-04-14T12:00:00Z").expect("time"),
-        mean_gap_ms: 260_000,
+        mean_gap_ms: 320_000,
         plan_change_permille: 300,
         ..three_day_fleet(seed)
     }
@@ -270,7 +270,7 @@ fn post_paid_accounts_get_two_april_statements_and_one_for_may_through_sigkills(
         .filter(|p| p.iter().any(|x| x == "2024-04-01/2024-04-16") && p.iter().any(|x| x == "2024-04-16/2024-05-01"))
         .count();
     assert!(
-        both > 10,
+        both >= 3,
         "post-paid accounts with both April halves: {both} ({halves:?})"
     );
     assert!(

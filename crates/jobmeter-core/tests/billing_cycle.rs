@@ -346,3 +346,18 @@ fn a_schedule_change_dated_before_stream_time_is_refused_and_a_later_one_accepte
     .expect("schedule");
     assert_eq!(w.meter.schedule_conflicts(&ctx_of(&w)).unwrap(), Vec::<String>::new());
 }
+
+#[test]
+fn the_shipped_plan_catalog_writes_out_the_platforms_schedule() {
+    let shipped = PlanCatalog::from_toml(include_str!("../../../config/plans.toml")).expect("config/plans.toml");
+    assert_eq!(shipped.billing_cycle, CadenceSchedule::default());
+    assert_eq!(
+        shipped.billing_cycle.first_difference(&CadenceSchedule::default()),
+        None
+    );
+    assert_eq!(
+        CadenceSchedule::monthly().first_difference(&CadenceSchedule::default()),
+        Some(Timestamp::MIN),
+        "monthly-only billing differs from the platform's from the first instant"
+    );
+}
