@@ -15,12 +15,12 @@
 //! downward adjustment gives back the due part first.
 
 use crate::context::Context;
-use crate::cycle::{cadence_in_force, period_at, BillingPeriod};
+use crate::cycle::{cadence_in_force, period_at, BillingPeriod, Cadence};
 use crate::event::JobKind;
 use crate::meter::{Meter, Step};
 use crate::money::{AccountId, Money, CURRENCY};
 use crate::output::{Charge, LimitAction, LimitEvent, LimitKind, Output, Statement, StatementLine};
-use crate::plans::{AccountRecord, LookupError, Plan, PlanCatalog, PlanTerms, Policy};
+use crate::plans::{terms_in, AccountRecord, LookupError, Plan, PlanCatalog, PlanTerms, Policy};
 use crate::rating::SliceCharge;
 use crate::state::{Accrual, Counter, FiredKey, Job, JobKey, LineAcc, StartRec, StatementAcc, ThresholdId, UsageKey};
 use crate::time::{Period, Timestamp};
@@ -375,8 +375,9 @@ impl Meter {
         if hb < start.time {
             return Ok(());
         }
-        let terms = ctx.accounts.terms_at(ctx.plans, &jk.0, start.time)?;
-        let period = limit_month(ctx, &ctx.accounts.records_of(&jk.0)?, hb, now);
+        let records = ctx.accounts.records_of(&jk.0)?;
+        let terms = terms_in(ctx.plans, &records, start.time);
+        let period = limit_month(ctx, &records, hb, now);
         let spec = limit_spec(ctx.plans, &terms, start.info.kind, &jk.0, period);
         let spend = spend_spec(ctx.plans, &terms, &jk.0, period);
         if spec.is_none() && spend.is_none() {
@@ -556,6 +557,7 @@ impl Meter {
                 d.statements.insert((p, account.clone()));
             }
             self.stats.statements += 1;
+            self.stats.semi_monthly_statements += u64::from(cadence == Cadence::SemiMonthly);
             let statement = Statement {
                 account_id: account,
                 period: p,

@@ -185,6 +185,8 @@ pub struct Stats {
     pub stop_commands: u64,
     /// Statements emitted.
     pub statements: u64,
+    /// Of those, statements of half-month periods (cadence `semi_monthly`).
+    pub semi_monthly_statements: u64,
     /// Jobs not billed by policy (failed/cancelled).
     pub unbilled_jobs: u64,
     /// Sum of charge amounts by kind (indexed like [`crate::event::JobKind::ALL`]).

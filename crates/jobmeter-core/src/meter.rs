@@ -588,16 +588,16 @@ impl Meter {
             self.release_accrual(job);
             return Ok(());
         };
-        let terms = if billable(ctx, status) {
-            Some(ctx.accounts.terms_at(ctx.plans, &jk.0, start.time)?)
+        let billed_with = if billable(ctx, status) {
+            let records = ctx.accounts.records_of(&jk.0)?;
+            Some((crate::plans::terms_in(ctx.plans, &records, start.time), records))
         } else {
             None
         };
         self.release_accrual(job);
         let end = job.charged_until(end, ctx.config.stop_grace_ms);
         let mut parts = Vec::new();
-        if let Some(terms) = terms {
-            let records = ctx.accounts.records_of(&jk.0)?;
+        if let Some((terms, records)) = billed_with {
             let slices = split_periods(
                 &records,
                 &ctx.plans.billing_cycle,
@@ -657,10 +657,10 @@ impl Meter {
         let (Some(start), Some(billed)) = (job.start.clone(), job.billed.as_mut()) else {
             return Ok(());
         };
-        let terms = ctx.accounts.terms_at(ctx.plans, &jk.0, start.time)?;
+        let records = ctx.accounts.records_of(&jk.0)?;
+        let terms = crate::plans::terms_in(ctx.plans, &records, start.time);
         billed.adjusted = true;
         let old = billed.parts.clone();
-        let records = ctx.accounts.records_of(&jk.0)?;
         let full = if billable(ctx, status) {
             split_periods(
                 &records,

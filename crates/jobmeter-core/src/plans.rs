@@ -506,18 +506,7 @@ impl dyn Accounts + '_ {
 
     /// The terms in force for `account` at `t` (payg for unknown accounts).
     pub fn terms_at(&self, catalog: &PlanCatalog, account: &AccountId, t: Timestamp) -> Result<PlanTerms, LookupError> {
-        let list = self.records_of(account)?;
-        let rec = record_in(&list, t);
-        Ok(PlanTerms {
-            plan: rec.map_or(Plan::Payg, |r| r.plan),
-            free_credits: rec.and_then(|r| r.free_credits).unwrap_or(catalog.free_credits),
-            usage_cap: rec.and_then(|r| r.usage_cap).unwrap_or(catalog.pro_model_api_cap),
-            workflow_quota: rec.and_then(|r| r.workflow_quota).unwrap_or(catalog.pro_workflow_quota),
-            alert_thresholds: rec
-                .and_then(|r| r.alert_thresholds.clone())
-                .unwrap_or_else(|| catalog.enterprise_alert_thresholds.clone()),
-            spend_limit: rec.and_then(|r| r.spend_limit),
-        })
+        Ok(terms_in(catalog, &self.records_of(account)?, t))
     }
 
     /// True when the account was on pro at any instant of `period`.
@@ -544,6 +533,22 @@ impl dyn Accounts + '_ {
         } else {
             catalog.pro_fee
         })
+    }
+}
+
+/// The terms in force at `t` for an account with `records` (ordered by
+/// `effective_from`; payg without one).
+pub fn terms_in(catalog: &PlanCatalog, records: &[AccountRecord], t: Timestamp) -> PlanTerms {
+    let rec = record_in(records, t);
+    PlanTerms {
+            plan: rec.map_or(Plan::Payg, |r| r.plan),
+            free_credits: rec.and_then(|r| r.free_credits).unwrap_or(catalog.free_credits),
+            usage_cap: rec.and_then(|r| r.usage_cap).unwrap_or(catalog.pro_model_api_cap),
+            workflow_quota: rec.and_then(|r| r.workflow_quota).unwrap_or(catalog.pro_workflow_quota),
+            alert_thresholds: rec
+                .and_then(|r| r.alert_thresholds.clone())
+                .unwrap_or_else(|| catalog.enterprise_alert_thresholds.clone()),
+            spend_limit: rec.and_then(|r| r.spend_limit),
     }
 }
 

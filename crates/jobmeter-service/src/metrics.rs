@@ -70,7 +70,7 @@ pub struct BillingMetrics {
     /// enterprise alert amounts, which vary by account, or `runway`).
     pub limit_events: IntCounterVec,
     /// Statements.
-    pub statements: IntCounter,
+    pub statements: IntCounterVec,
     /// `job.stop` commands published (counted when committed).
     pub stop_commands: IntCounter,
     /// Open jobs per partition.
@@ -243,7 +243,18 @@ impl BillingMetrics {
                 "Limit events emitted, by limit and threshold",
                 &["limit", "threshold"],
             )?,
-            statements: r.counter("jobmeter_statements_total", "Statements emitted")?,
+            statements: {
+                let v = r.counters(
+                    "jobmeter_statements_total",
+                    "Statements emitted, by the cadence of their billing period (monthly, semi_monthly)",
+                    &["cadence"],
+                )?;
+                // Both series exist from the start, at zero.
+                for c in ["monthly", "semi_monthly"] {
+                    v.with_label_values(&[c]);
+                }
+                v
+            },
             stop_commands: r.counter(
                 "jobmeter_stop_commands_total",
                 "job.stop commands published to the commands topic (spend control)",
@@ -432,7 +443,12 @@ impl Metrics {
         self.billing
             .late_charges
             .inc_by(d(before.late_charges, after.late_charges));
-        self.billing.statements.inc_by(d(before.statements, after.statements));
+        let semi = d(before.semi_monthly_statements, after.semi_monthly_statements);
+        self.billing
+            .statements
+            .with_label_values(&["monthly"])
+            .inc_by(d(before.statements, after.statements).saturating_sub(semi));
+        self.billing.statements.with_label_values(&["semi_monthly"]).inc_by(semi);
         self.billing
             .stop_commands
             .inc_by(d(before.stop_commands, after.stop_commands));

@@ -239,7 +239,7 @@ impl Bench<'_> {
     /// many events it holds.
     fn backlog(&self, prefix: &str) -> anyhow::Result<usize> {
         let args = self.args;
-        let meter = start_meter(
+        let mut meter = start_meter(
             &self.bin,
             prefix,
             &self.dir.join("tp"),
@@ -247,7 +247,7 @@ impl Bench<'_> {
             &args.sets,
             TP_PORT,
         )?;
-        wait_ready(TP_PORT)?;
+        wait_ready(&mut meter, TP_PORT)?;
         let opts = self.fleet();
         let evs = events(&opts);
         let accs = accounts(&opts);
@@ -332,7 +332,7 @@ impl Bench<'_> {
     fn throughput(&self, prefix: &str, n: usize, ceiling: f64) -> anyhow::Result<u16> {
         let (a_broker, a_machine) = (self.broker_cpu(), MachineCpu::now());
         let t1 = Instant::now();
-        let (ports, meters) = self.start_instances(prefix)?;
+        let (ports, mut meters) = self.start_instances(prefix)?;
         // Every instance counts the events its own meters applied: the sum
         // is the backlog once each is applied somewhere.
         let consumed_all = || {
@@ -355,6 +355,9 @@ impl Bench<'_> {
             }
             if t1.elapsed() > Duration::from_secs(1800) {
                 anyhow::bail!("the meter did not finish the backlog in 30 minutes");
+            }
+            for m in &mut meters {
+                m.check_alive()?;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -400,7 +403,7 @@ impl Bench<'_> {
         let args = self.args;
         for run in 0..args.restore_runs.max(1) {
             let t_r = Instant::now();
-            let meter = start_meter(
+            let mut meter = start_meter(
                 &self.bin,
                 prefix,
                 &self.dir.join(format!("tp-restore-{run}")),
@@ -408,7 +411,7 @@ impl Bench<'_> {
                 &args.sets,
                 TP_PORT,
             )?;
-            wait_ready_within(TP_PORT, Duration::from_secs(1800))?;
+            wait_ready_within(&mut meter, TP_PORT, Duration::from_secs(1800))?;
             let ready_after = t_r.elapsed().as_secs_f64();
             let records = metric(TP_PORT, "jobmeter_restored_records_total").unwrap_or(0.0);
             let restoring = metric(TP_PORT, "jobmeter_restore_seconds_sum").unwrap_or(0.0);
@@ -427,7 +430,7 @@ impl Bench<'_> {
     /// each stop's send to its charge being visible (read_committed).
     fn latency(&self, prefix: &str) -> anyhow::Result<()> {
         let args = self.args;
-        let meter = start_meter(
+        let mut meter = start_meter(
             &self.bin,
             prefix,
             &self.dir.join("lat"),
@@ -435,7 +438,7 @@ impl Bench<'_> {
             &args.sets,
             LATENCY_PORT,
         )?;
-        wait_ready(LATENCY_PORT)?;
+        wait_ready(&mut meter, LATENCY_PORT)?;
         let topics = jobmeter_kafka::topics::Topics::with_prefix(prefix);
         let n_events = (args.rate * (args.warmup_seconds + args.latency_seconds)) as usize;
         let lat_opts = FleetOptions {
@@ -644,7 +647,7 @@ fn accounts_scale(args: &Args, settings: &KafkaSettings, bin: &PathBuf, n: usize
     let run = |what: &str, state: &str, port: u16, others: &[u16]| -> anyhow::Result<MeterChild> {
         let t = Instant::now();
         // Each instance its own id (transactional ids, group membership).
-        let m = start_meter_as(
+        let mut m = start_meter_as(
             bin,
             &prefix,
             &format!("{prefix}-{state}"),
@@ -653,7 +656,7 @@ fn accounts_scale(args: &Args, settings: &KafkaSettings, bin: &PathBuf, n: usize
             &args.sets,
             port,
         )?;
-        wait_ready_within(port, Duration::from_secs(1800))?;
+        wait_ready_within(&mut m, port, Duration::from_secs(1800))?;
         let ready_at = t.elapsed().as_secs_f64();
         // A joining instance is ready before the group has moved
         // partitions to it: wait until every instance is ready again and
@@ -732,6 +735,18 @@ impl MeterChild {
     fn id(&self) -> u32 {
         self.0.id()
     }
+
+    /// An error when the meter has exited (it refused its configuration,
+    /// or crashed): a bench waiting on its metrics would wait forever.
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        match self.0.try_wait()? {
+            Some(status) => anyhow::bail!(
+                "the meter (pid {}) exited with {status}: see its log (the state directory's .log file)",
+                self.0.id()
+            ),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Drop for MeterChild {
@@ -782,16 +797,17 @@ fn terminate(c: &mut Child) {
     let _ = c.wait();
 }
 
-fn wait_ready(port: u16) -> anyhow::Result<()> {
-    wait_ready_within(port, Duration::from_secs(120))
+fn wait_ready(m: &mut MeterChild, port: u16) -> anyhow::Result<()> {
+    wait_ready_within(m, port, Duration::from_secs(120))
 }
 
-fn wait_ready_within(port: u16, limit: Duration) -> anyhow::Result<()> {
+fn wait_ready_within(m: &mut MeterChild, port: u16, limit: Duration) -> anyhow::Result<()> {
     let t = Instant::now();
     while t.elapsed() < limit {
         if metric(port, "jobmeter_ready") == Some(1.0) {
             return Ok(());
         }
+        m.check_alive()?;
         std::thread::sleep(Duration::from_millis(200));
     }
     anyhow::bail!("the meter on port {port} did not become ready")
