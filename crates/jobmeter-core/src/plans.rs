@@ -541,14 +541,14 @@ impl dyn Accounts + '_ {
 pub fn terms_in(catalog: &PlanCatalog, records: &[AccountRecord], t: Timestamp) -> PlanTerms {
     let rec = record_in(records, t);
     PlanTerms {
-            plan: rec.map_or(Plan::Payg, |r| r.plan),
-            free_credits: rec.and_then(|r| r.free_credits).unwrap_or(catalog.free_credits),
-            usage_cap: rec.and_then(|r| r.usage_cap).unwrap_or(catalog.pro_model_api_cap),
-            workflow_quota: rec.and_then(|r| r.workflow_quota).unwrap_or(catalog.pro_workflow_quota),
-            alert_thresholds: rec
-                .and_then(|r| r.alert_thresholds.clone())
-                .unwrap_or_else(|| catalog.enterprise_alert_thresholds.clone()),
-            spend_limit: rec.and_then(|r| r.spend_limit),
+        plan: rec.map_or(Plan::Payg, |r| r.plan),
+        free_credits: rec.and_then(|r| r.free_credits).unwrap_or(catalog.free_credits),
+        usage_cap: rec.and_then(|r| r.usage_cap).unwrap_or(catalog.pro_model_api_cap),
+        workflow_quota: rec.and_then(|r| r.workflow_quota).unwrap_or(catalog.pro_workflow_quota),
+        alert_thresholds: rec
+            .and_then(|r| r.alert_thresholds.clone())
+            .unwrap_or_else(|| catalog.enterprise_alert_thresholds.clone()),
+        spend_limit: rec.and_then(|r| r.spend_limit),
     }
 }
 

@@ -448,7 +448,10 @@ impl Metrics {
             .statements
             .with_label_values(&["monthly"])
             .inc_by(d(before.statements, after.statements).saturating_sub(semi));
-        self.billing.statements.with_label_values(&["semi_monthly"]).inc_by(semi);
+        self.billing
+            .statements
+            .with_label_values(&["semi_monthly"])
+            .inc_by(semi);
         self.billing
             .stop_commands
             .inc_by(d(before.stop_commands, after.stop_commands));
