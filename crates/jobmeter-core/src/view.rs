@@ -709,11 +709,11 @@ mod tests {
         ] {
             meter.apply(&ctx, e.as_bytes(), None, &mut out).unwrap();
         }
-        let may = Period::new(2024, 5);
+        let may = BillingPeriod::month(Period::new(2024, 5));
         let mut store = Records::new();
-        let st = state_of(&mut store, &mut meter, may.into());
+        let st = state_of(&mut store, &mut meter, may);
         let a = AccountId::from("a");
-        let limits = limits_report(&a, may, &st, &plans, &book).unwrap();
+        let limits = limits_report(&a, may.limit_month(), &st, &plans, &book).unwrap();
         let credits = &limits.limits[0];
         assert_eq!(credits.limit, LimitKind::FreeCredits);
         assert_eq!(
@@ -898,18 +898,10 @@ mod tests {
         ] {
             meter.apply(&ctx, e.as_bytes(), None, &mut out).unwrap();
         }
-        let may = Period::new(2024, 5);
+        let may = BillingPeriod::month(Period::new(2024, 5));
         let mut store = Records::new();
-        let st = state_of(&mut store, &mut meter, may.into());
-        let r = usage_report(
-            &AccountId::from("a"),
-            may.into(),
-            &st,
-            &plans,
-            &book,
-            rates.policy.rounding,
-        )
-        .unwrap();
+        let st = state_of(&mut store, &mut meter, may);
+        let r = usage_report(&AccountId::from("a"), may, &st, &plans, &book, rates.policy.rounding).unwrap();
         let charges: Vec<_> = out
             .iter()
             .filter_map(|o| match o {
@@ -940,7 +932,7 @@ mod tests {
         assert_eq!(r.totals.credits_applied, total, "free credits cover it all");
         assert_eq!(r.totals.usage_due, Money::ZERO);
 
-        let l = limits_report(&AccountId::from("a"), may, &st, &plans, &book).unwrap();
+        let l = limits_report(&AccountId::from("a"), may.limit_month(), &st, &plans, &book).unwrap();
         assert_eq!(l.limits.len(), 1);
         let fc = &l.limits[0];
         assert_eq!(fc.limit, LimitKind::FreeCredits);
@@ -963,22 +955,14 @@ mod tests {
         ] {
             meter.apply(&ctx, e.as_bytes(), None, &mut out).unwrap();
         }
-        let st = state_of(&mut store, &mut meter, may.into());
+        let st = state_of(&mut store, &mut meter, may);
         assert!(
             st.open.is_none() && st.closed.is_some(),
             "{:?} {:?} {out:?}",
             st.open,
             st.closed
         );
-        let r2 = usage_report(
-            &AccountId::from("a"),
-            may.into(),
-            &st,
-            &plans,
-            &book,
-            rates.policy.rounding,
-        )
-        .unwrap();
+        let r2 = usage_report(&AccountId::from("a"), may, &st, &plans, &book, rates.policy.rounding).unwrap();
         let statement = out
             .iter()
             .find_map(|o| match o {

@@ -21,13 +21,26 @@ fn s(x: &str) -> String {
     x.to_owned()
 }
 
+/// A job of `acct` from `span.0` to `span.1`, started and stopped
+/// (succeeded).
+fn run_job(w: &mut World, acct: &str, job: &str, span: (&str, &str), kind: &str, model: Option<&str>) {
+    let a = w.start(acct, job, span.0, kind, model);
+    let b = w.stop(acct, job, span.1, "succeeded");
+    w.apply(&a);
+    w.apply(&b);
+}
+
 #[test]
 fn a_job_across_the_half_month_boundary_gets_its_whole_seconds_then_the_rest() {
     let mut w = World::new();
-    let a = w.start("acct", "j", "2024-04-15T23:59:59.500Z", "inference", Some("img"));
-    let b = w.stop("acct", "j", "2024-04-16T00:00:00.700Z", "succeeded");
-    w.apply(&a);
-    w.apply(&b);
+    run_job(
+        &mut w,
+        "acct",
+        "j",
+        ("2024-04-15T23:59:59.500Z", "2024-04-16T00:00:00.700Z"),
+        "inference",
+        Some("img"),
+    );
     // 1.2 s in one piece is 2 billable seconds: the first half month's
     // 0.5 s is floor(0.5) = 0 seconds (no charge), the second gets the rest.
     assert_eq!(
@@ -47,15 +60,25 @@ fn a_job_across_the_half_month_boundary_gets_its_whole_seconds_then_the_rest() {
 
 #[test]
 fn a_fine_tune_across_the_cutover_is_billed_by_the_half_month_then_the_month() {
-    let mut w = World::new();
+    // An enterprise fine-tune from Apr 30 22:00 to May 1 02:00, metered
+    // with `grace_ms` of period grace.
+    let fine_tune = |grace_ms: i64| {
+        let mut w = World::new();
+        w.config.period_grace_ms = grace_ms;
+        w.account(r#"{"account_id":"e","plan":"enterprise","effective_from":"2024-01-01T00:00:00Z"}"#);
+        run_job(
+            &mut w,
+            "e",
+            "ft",
+            ("2024-04-30T22:00:00Z", "2024-05-01T02:00:00Z"),
+            "fine_tune",
+            None,
+        );
+        w
+    };
     // The stop arrives at 02:00, past the half month's end + the default
     // grace (01:00); with three hours of grace the half month is still open.
-    w.config.period_grace_ms = 3 * 3_600_000;
-    w.account(r#"{"account_id":"e","plan":"enterprise","effective_from":"2024-01-01T00:00:00Z"}"#);
-    let a = w.start("e", "ft", "2024-04-30T22:00:00Z", "fine_tune", None);
-    let b = w.stop("e", "ft", "2024-05-01T02:00:00Z", "succeeded");
-    w.apply(&a);
-    w.apply(&b);
+    let mut w = fine_tune(3 * 3_600_000);
     assert_eq!(
         charged(&w),
         vec![
@@ -85,12 +108,7 @@ fn a_fine_tune_across_the_cutover_is_billed_by_the_half_month_then_the_month() {
 
     // With the default grace the half month has closed when the stop
     // arrives: its part is late usage, billed in May and naming its period.
-    let mut w = World::new();
-    w.account(r#"{"account_id":"e","plan":"enterprise","effective_from":"2024-01-01T00:00:00Z"}"#);
-    let a = w.start("e", "ft", "2024-04-30T22:00:00Z", "fine_tune", None);
-    let b = w.stop("e", "ft", "2024-05-01T02:00:00Z", "succeeded");
-    w.apply(&a);
-    w.apply(&b);
+    let w = fine_tune(MeterConfig::default().period_grace_ms);
     assert_eq!(
         charged(&w),
         vec![
@@ -105,11 +123,15 @@ fn an_upgrade_to_pro_mid_half_month_ends_the_period_there_with_a_job_running() {
     let mut w = World::new();
     w.account(r#"{"account_id":"u","plan":"payg","effective_from":"2024-01-01T00:00:00Z"}"#);
     w.account(r#"{"account_id":"u","plan":"pro","effective_from":"2024-04-20T12:00:00Z"}"#);
-    let a = w.start("u", "j", "2024-04-20T11:00:00Z", "inference", Some("img"));
     // Stopped before the short period's end + grace (13:00).
-    let b = w.stop("u", "j", "2024-04-20T12:59:00.001Z", "succeeded");
-    w.apply(&a);
-    w.apply(&b);
+    run_job(
+        &mut w,
+        "u",
+        "j",
+        ("2024-04-20T11:00:00Z", "2024-04-20T12:59:00.001Z"),
+        "inference",
+        Some("img"),
+    );
     assert_eq!(
         charged(&w),
         vec![
@@ -181,10 +203,7 @@ fn an_enterprise_alert_crossed_across_the_half_months_fires_once_for_the_month()
         ("b", "2024-04-20T00:00:00Z", "2024-04-20T00:20:00Z"),
         ("c", "2024-04-25T00:00:00Z", "2024-04-25T00:20:00Z"),
     ] {
-        let a = w.start("e", j, from, "inference", Some("img"));
-        let b = w.stop("e", j, to, "succeeded");
-        w.apply(&a);
-        w.apply(&b);
+        run_job(&mut w, "e", j, (from, to), "inference", Some("img"));
     }
     w.flush();
     let alerts: Vec<_> = w
@@ -214,10 +233,7 @@ fn free_and_pro_accounts_stay_monthly_and_an_idle_pro_account_owes_its_fee_once_
         ("f", "b", "2024-04-20T00:00:00Z", "2024-04-20T00:00:10Z"),
         ("x", "c", "2024-05-20T00:00:00Z", "2024-05-20T00:00:10Z"),
     ] {
-        let a = w.start(acct, j, from, "inference", Some("img"));
-        let b = w.stop(acct, j, to, "succeeded");
-        w.apply(&a);
-        w.apply(&b);
+        run_job(&mut w, acct, j, (from, to), "inference", Some("img"));
     }
     w.flush();
     let mut st: Vec<(String, String, Cadence)> = w
@@ -241,10 +257,14 @@ fn free_and_pro_accounts_stay_monthly_and_an_idle_pro_account_owes_its_fee_once_
 fn an_account_record_can_keep_a_post_paid_account_monthly() {
     let mut w = World::new();
     w.account(r#"{"account_id":"m","plan":"payg","effective_from":"2024-01-01T00:00:00Z","billing_cycle":"monthly"}"#);
-    let a = w.start("m", "j", "2024-04-15T23:00:00Z", "inference", Some("img"));
-    let b = w.stop("m", "j", "2024-04-16T01:00:00Z", "succeeded");
-    w.apply(&a);
-    w.apply(&b);
+    run_job(
+        &mut w,
+        "m",
+        "j",
+        ("2024-04-15T23:00:00Z", "2024-04-16T01:00:00Z"),
+        "inference",
+        Some("img"),
+    );
     assert_eq!(charged(&w), vec![(s("2024-04"), s("2024-04"), Decimal::from(7200))]);
 }
 
@@ -295,10 +315,14 @@ fn ctx_of(w: &World) -> Context<'_> {
 #[test]
 fn a_schedule_that_would_move_an_open_period_is_refused_naming_the_account_and_period() {
     let mut w = World::new();
-    let a = w.start("acct", "j", "2024-04-20T10:00:00Z", "inference", Some("img"));
-    let b = w.stop("acct", "j", "2024-04-20T10:00:10Z", "succeeded");
-    w.apply(&a);
-    w.apply(&b);
+    run_job(
+        &mut w,
+        "acct",
+        "j",
+        ("2024-04-20T10:00:00Z", "2024-04-20T10:00:10Z"),
+        "inference",
+        Some("img"),
+    );
     assert!(w.meter.schedule_conflicts(&ctx_of(&w)).unwrap().is_empty());
     // Every plan monthly: the open half month would become April.
     w.plans.billing_cycle = CadenceSchedule::monthly();
