@@ -98,7 +98,11 @@ impl BillingPeriod {
         }
         let (a, b) = s.split_once('/')?;
         let at = |x: &str| {
-            if x.len() == 10 {
+            if matches!(x, "10000-01-01" | "10000-01-01T00:00:00Z") {
+                // The end of the last periods: one instant past the last
+                // timestamp.
+                Some(Timestamp(Timestamp::MAX.0 + 1))
+            } else if !x.contains('T') {
                 Timestamp::parse(&format!("{x}T00:00:00Z")).ok()
             } else {
                 Timestamp::parse(x).ok()
@@ -136,9 +140,10 @@ impl fmt::Display for BillingPeriod {
     }
 }
 
-/// `YYYY-MM-DD` of `t`.
+/// `YYYY-MM-DD` of `t` (`10000-01-01` for the instant after the last).
 fn date(t: Timestamp) -> String {
-    t.to_string().chars().take(10).collect()
+    let s = t.to_string();
+    s.split_once('T').map_or(s.clone(), |(d, _)| d.to_owned())
 }
 
 /// `t` as `YYYY-MM-DDTHH:MM:SSZ`, with milliseconds only when it has any.
@@ -293,6 +298,22 @@ mod tests {
         for p in [may, half, short, odd] {
             assert_eq!(BillingPeriod::parse_label(&p.label()), Some((p.start, p.end)), "{p}");
         }
+        // The last periods end one instant past the last timestamp.
+        let last = BillingPeriod {
+            start: t("9999-12-16T00:00:00Z"),
+            end: Timestamp(Timestamp::MAX.0 + 1),
+        };
+        assert_eq!(last.label(), "9999-12-16/10000-01-01");
+        assert_eq!(BillingPeriod::parse_label(&last.label()), Some((last.start, last.end)));
+        let short = BillingPeriod {
+            start: t("9999-12-20T12:00:00Z"),
+            ..last
+        };
+        assert_eq!(short.label(), "9999-12-20T12:00:00Z/10000-01-01T00:00:00Z");
+        assert_eq!(
+            BillingPeriod::parse_label(&short.label()),
+            Some((short.start, short.end))
+        );
         assert_eq!(BillingPeriod::parse_label("2024-05-01/2024-04-16"), None);
         assert_eq!(BillingPeriod::parse_label("2024-05-01/2024-05-01"), None);
         assert_eq!(BillingPeriod::parse_label("May"), None);

@@ -385,3 +385,36 @@ fn the_shipped_plan_catalog_writes_out_the_platforms_schedule() {
         "monthly-only billing differs from the platform's from the first instant"
     );
 }
+
+#[test]
+fn the_last_half_month_of_time_is_billed_stored_and_restored() {
+    let mut w = World::new();
+    w.account(
+        r#"{"account_id":"late","plan":"payg","effective_from":"2024-01-01T00:00:00Z","billing_cycle":"semi_monthly"}"#,
+    );
+    // A job still running at the last instant: closed by the flush.
+    let a = w.start("late", "j", "9999-12-28T00:00:00Z", "inference", Some("img"));
+    w.apply(&a);
+    let h = w.heartbeat("late", "j", "9999-12-31T23:59:59.999Z");
+    w.apply(&h);
+    w.flush();
+    let c = w.charges();
+    assert_eq!(c.len(), 1, "{c:?}");
+    assert_eq!(c[0].period.to_string(), "9999-12-16/10000-01-01");
+    let st: Vec<Statement> = w.statements().into_iter().cloned().collect();
+    assert_eq!(st.len(), 1);
+    assert_eq!(st[0].period_end, Timestamp(Timestamp::MAX.0 + 1));
+    // Every state record written reads back.
+    let records: Vec<(state::Table, Vec<u8>, Vec<u8>)> = w
+        .meter
+        .take_changes()
+        .expect("changes")
+        .into_iter()
+        .filter_map(|c| c.value.map(|v| (c.table, c.key, v)))
+        .collect();
+    assert!(!records.is_empty());
+    Meter::restore(records, &w.config).expect("the state restores");
+    let json = serde_json::to_string(&st[0]).expect("statement json");
+    let back: Statement = serde_json::from_str(&json).expect("reads back");
+    assert_eq!(back, st[0]);
+}
