@@ -15,6 +15,7 @@ mod backlog_order;
 mod broker_restart;
 mod corrupt_archive;
 mod corrupt_state;
+mod cycle_upgrade;
 mod deploy_files;
 mod dev_deps;
 mod emitter;

@@ -143,6 +143,7 @@ pub struct MeterProc {
     pub log: PathBuf,
 }
 
+#[derive(Clone)]
 pub struct MeterSpec {
     pub prefix: String,
     pub instance: String,

@@ -133,7 +133,7 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
         .clone();
     if !failing.is_empty() {
         // Every other partition is metered; these are not.
-        let mut body = String::from("not ready: partitions not metered because their stored state cannot be decoded (recover with `jobmeter rebuild`):\n");
+        let mut body = String::from("not ready: partitions not metered, each with the reason (stored state that cannot be decoded: recover with `jobmeter rebuild`; `billing_cycle refused`: put the schedule back or date the change later, then restart):\n");
         for (p, why) in failing {
             body.push_str(&format!("partition {p}: {why}\n"));
         }
