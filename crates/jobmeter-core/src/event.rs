@@ -36,11 +36,15 @@ pub enum RejectReason {
     /// [`EVENT_TIME_MAX`]), too far ahead of its Kafka record's timestamp,
     /// or older than the duplicate-detection window allows.
     TimeOutOfRange,
+    /// A field's value is outside what it may be: a negative multiplier,
+    /// an amount that is not a decimal, a window that ends before it
+    /// starts (adjustments).
+    InvalidValue,
 }
 
 impl RejectReason {
     /// Every reason, for metrics registries and docs.
-    pub const ALL: [RejectReason; 10] = [
+    pub const ALL: [RejectReason; 11] = [
         RejectReason::NotJson,
         RejectReason::SchemaViolation,
         RejectReason::UnknownType,
@@ -51,6 +55,7 @@ impl RejectReason {
         RejectReason::Conflict,
         RejectReason::StopWithoutStart,
         RejectReason::TimeOutOfRange,
+        RejectReason::InvalidValue,
     ];
 
     /// The stable snake_case name.
@@ -66,6 +71,7 @@ impl RejectReason {
             RejectReason::Conflict => "conflict",
             RejectReason::StopWithoutStart => "stop_without_start",
             RejectReason::TimeOutOfRange => "time_out_of_range",
+            RejectReason::InvalidValue => "invalid_value",
         }
     }
 }

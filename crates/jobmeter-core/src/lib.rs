@@ -24,6 +24,7 @@
 // Money is exact: no float arithmetic anywhere in the billing domain.
 #![deny(clippy::float_arithmetic)]
 
+pub mod adjust;
 pub mod archive;
 mod billing;
 pub mod codec;

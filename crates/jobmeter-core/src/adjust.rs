@@ -1,0 +1,561 @@
+//! Pricing adjustments (§4b): what the platform's support team changes for
+//! one account, as records of the adjustments topic. This module reads and
+//! checks them, and answers which price override rates a second of usage.
+//!
+//! A `price_override` rates each second of the account's usage inside its
+//! window `[effective_from, effective_until)` that its selector matches:
+//! `multiplier` × the list rate (of the rate-card version in force at the
+//! job's start), or a flat `rate_per_second`. Where several cover a second,
+//! the narrowest selector wins (model, then kind, then all usage), then the
+//! latest `effective_from`, then the greatest `adjustment_id`: overrides
+//! never stack. An `override_end` moves an override's end.
+//!
+//! Every adjustment carries who asked (`requested_by`) and why (`reason`);
+//! its `adjustment_id` is unique per account forever.
+
+use crate::event::{account_id, bounded, in_range, Invalid, JobKind, RejectReason};
+use crate::money::{AccountId, ModelId, Money};
+use crate::ratecard::RateCard;
+use crate::time::Timestamp;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Which usage an override rates (every field absent: all of it).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Selector {
+    /// Only jobs of this kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<JobKind>,
+    /// Only jobs of this model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelId>,
+}
+
+impl Selector {
+    /// True when a job of `kind` and `model` is selected.
+    pub fn matches(&self, kind: JobKind, model: Option<&ModelId>) -> bool {
+        self.kind.is_none_or(|k| k == kind) && self.model.as_ref().is_none_or(|m| Some(m) == model)
+    }
+
+    /// How narrow the selector is: 2 names a model, 1 a kind only, 0 all.
+    pub fn narrowness(&self) -> u8 {
+        match (&self.model, &self.kind) {
+            (Some(_), _) => 2,
+            (None, Some(_)) => 1,
+            (None, None) => 0,
+        }
+    }
+}
+
+/// What an override charges a second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverridePrice {
+    /// This times the list rate (0 is free; 1 is the list rate).
+    Multiplier(Decimal),
+    /// This flat rate, whatever the list rate.
+    RatePerSecond(Money),
+}
+
+impl OverridePrice {
+    /// The rate of a second whose list rate is `list`.
+    pub fn rate(self, list: Money) -> Money {
+        match self {
+            OverridePrice::Multiplier(m) => Money(list.0 * m),
+            OverridePrice::RatePerSecond(r) => r,
+        }
+    }
+}
+
+/// A per-account price override.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PriceOverride {
+    /// The usage it rates.
+    pub selector: Selector,
+    /// What it charges.
+    pub price: OverridePrice,
+    /// First instant of its window.
+    pub effective_from: Timestamp,
+    /// First instant after it (`None`: open-ended).
+    pub effective_until: Option<Timestamp>,
+}
+
+impl PriceOverride {
+    /// True when `t` is inside the window.
+    pub fn covers(&self, t: Timestamp) -> bool {
+        self.effective_from <= t && self.effective_until.is_none_or(|u| t < u)
+    }
+}
+
+/// What an adjustment does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AdjustmentBody {
+    /// Rates the account's usage in a window by another price.
+    PriceOverride(PriceOverride),
+    /// Moves the end of the override `ends` to `effective_until`.
+    OverrideEnd {
+        /// The override's `adjustment_id`.
+        ends: String,
+        /// Its new end (exclusive).
+        effective_until: Timestamp,
+    },
+}
+
+/// One record of the adjustments topic, checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Adjustment {
+    /// Unique per account, forever.
+    pub adjustment_id: String,
+    /// The account it changes.
+    pub account_id: AccountId,
+    /// Why (required, shown on the statement).
+    pub reason: String,
+    /// Who asked (required).
+    pub requested_by: String,
+    /// When it was written, if said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<Timestamp>,
+    /// What it does.
+    #[serde(flatten)]
+    pub body: AdjustmentBody,
+}
+
+/// The types of §4b that this release does not apply yet (a record of one
+/// is refused with `unknown_type` naming it, never dropped).
+const NOT_YET: [&str; 4] = ["credit_grant", "credit_void", "job_refund", "manual_charge"];
+
+/// The longest `reason` or `requested_by` accepted, in bytes.
+pub const MAX_TEXT_BYTES: usize = 1024;
+
+fn schema(detail: String) -> Invalid {
+    Invalid::new(RejectReason::SchemaViolation, detail)
+}
+
+fn invalid_value(detail: String) -> Invalid {
+    Invalid::new(RejectReason::InvalidValue, detail)
+}
+
+/// A required non-empty string field.
+fn text<'a>(o: &'a Map<String, Value>, field: &str) -> Result<&'a str, Invalid> {
+    match o.get(field) {
+        Some(Value::String(s)) if !s.trim().is_empty() => Ok(s),
+        Some(Value::String(_)) => Err(schema(format!("`{field}` is empty"))),
+        Some(_) => Err(schema(format!("`{field}` is not a string"))),
+        None => Err(schema(format!("`{field}` is missing"))),
+    }
+}
+
+/// An optional string field (`null` is absent).
+fn opt_text<'a>(o: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, Invalid> {
+    match o.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(_) => text(o, field).map(Some),
+    }
+}
+
+fn time(o: &Map<String, Value>, field: &str) -> Result<Option<Timestamp>, Invalid> {
+    opt_text(o, field)?
+        .map(|s| {
+            let t = Timestamp::parse(s).map_err(|_| schema(format!("`{field}` {s:?} is not an RFC 3339 time")))?;
+            in_range(t, field)
+        })
+        .transpose()
+}
+
+/// A decimal given as a string (`"0.80"`) or a JSON number.
+fn decimal(o: &Map<String, Value>, field: &str) -> Result<Option<Decimal>, Invalid> {
+    let bad = |v: &Value| invalid_value(format!("`{field}` {v} is not a decimal"));
+    match o.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v @ Value::String(s)) => s.trim().parse::<Decimal>().map(Some).map_err(|_| bad(v)),
+        Some(v @ Value::Number(n)) => n.to_string().parse::<Decimal>().map(Some).map_err(|_| bad(v)),
+        Some(v) => Err(bad(v)),
+    }
+}
+
+fn selector(o: &Map<String, Value>, rates: &RateCard) -> Result<Selector, Invalid> {
+    let s = match o.get("selector") {
+        None | Some(Value::Null) => return Ok(Selector::default()),
+        Some(Value::Object(s)) => s,
+        Some(_) => return Err(schema("`selector` is not an object".to_owned())),
+    };
+    if let Some(k) = s.keys().find(|k| !matches!(k.as_str(), "kind" | "model")) {
+        return Err(schema(format!("`selector.{k}` is not a selector field (kind, model)")));
+    }
+    let kind = match opt_text(s, "kind").map_err(|e| schema(e.detail.replace('`', "`selector.")))? {
+        None => None,
+        Some(k) => Some(
+            serde_json::from_value::<JobKind>(Value::String(k.to_owned())).map_err(|_| {
+                Invalid::new(
+                    RejectReason::UnknownKind,
+                    format!("`selector.kind` {k:?} is not inference, fine_tune or workflow_step"),
+                )
+            })?,
+        ),
+    };
+    let model = match opt_text(s, "model").map_err(|e| schema(e.detail.replace('`', "`selector.")))? {
+        None => None,
+        Some(m) => {
+            let m = ModelId::from(bounded(m, "selector.model")?);
+            if !rates.versions.iter().any(|v| v.models.contains_key(&m)) {
+                return Err(Invalid::new(
+                    RejectReason::UnknownModel,
+                    format!("`selector.model` {:?} is in no version of the rate card", m.as_str()),
+                ));
+            }
+            Some(m)
+        }
+    };
+    Ok(Selector { kind, model })
+}
+
+/// Reads and checks one record of the adjustments topic. Every refusal
+/// names the field; `rates` tells which models exist.
+pub fn parse_adjustment(raw: &[u8], rates: &RateCard) -> Result<Adjustment, Invalid> {
+    let v: Value = serde_json::from_slice(raw)
+        .map_err(|e| Invalid::new(RejectReason::NotJson, format!("not a JSON document: {e}")))?;
+    let Value::Object(o) = v else {
+        return Err(schema("an adjustment is a JSON object".to_owned()));
+    };
+    let adjustment_id = bounded(text(&o, "adjustment_id")?, "adjustment_id")?.to_owned();
+    let account = AccountId::from(account_id(text(&o, "account_id")?, "account_id")?);
+    let reason = text(&o, "reason")?;
+    let requested_by = text(&o, "requested_by")?;
+    for (field, value) in [("reason", reason), ("requested_by", requested_by)] {
+        if value.len() > MAX_TEXT_BYTES {
+            return Err(schema(format!(
+                "`{field}` is {} bytes long; at most {MAX_TEXT_BYTES} are accepted",
+                value.len()
+            )));
+        }
+    }
+    let created_at = time(&o, "created_at")?;
+    let ty = text(&o, "type")?;
+    let body = match ty {
+        "price_override" => {
+            let price = match (decimal(&o, "multiplier")?, decimal(&o, "rate_per_second")?) {
+                (Some(m), None) if m.is_sign_negative() && !m.is_zero() => {
+                    return Err(invalid_value(format!("`multiplier` {m} is negative")));
+                }
+                (None, Some(r)) if r.is_sign_negative() && !r.is_zero() => {
+                    return Err(invalid_value(format!("`rate_per_second` {r} is negative")));
+                }
+                (Some(m), None) => OverridePrice::Multiplier(m),
+                (None, Some(r)) => OverridePrice::RatePerSecond(Money(r)),
+                (Some(_), Some(_)) => {
+                    return Err(schema(
+                        "exactly one of `multiplier` and `rate_per_second` is given, not both".to_owned(),
+                    ))
+                }
+                (None, None) => {
+                    return Err(schema(
+                        "exactly one of `multiplier` and `rate_per_second` is given: neither is".to_owned(),
+                    ))
+                }
+            };
+            let effective_from =
+                time(&o, "effective_from")?.ok_or_else(|| schema("`effective_from` is missing".to_owned()))?;
+            let effective_until = time(&o, "effective_until")?;
+            if let Some(u) = effective_until.filter(|u| *u <= effective_from) {
+                return Err(invalid_value(format!(
+                    "`effective_until` {u} is not after `effective_from` {effective_from}: the window is empty"
+                )));
+            }
+            AdjustmentBody::PriceOverride(PriceOverride {
+                selector: selector(&o, rates)?,
+                price,
+                effective_from,
+                effective_until,
+            })
+        }
+        "override_end" => AdjustmentBody::OverrideEnd {
+            ends: bounded(text(&o, "ends")?, "ends")?.to_owned(),
+            effective_until: time(&o, "effective_until")?
+                .ok_or_else(|| schema("`effective_until` is missing".to_owned()))?,
+        },
+        t if NOT_YET.contains(&t) => {
+            return Err(Invalid::new(
+                RejectReason::UnknownType,
+                format!("`type` {t:?} is not applied by this release (price_override, override_end are)"),
+            ))
+        }
+        t => {
+            return Err(Invalid::new(
+                RejectReason::UnknownType,
+                format!("`type` {t:?} is not an adjustment type"),
+            ))
+        }
+    };
+    Ok(Adjustment {
+        adjustment_id,
+        account_id: account,
+        reason: reason.to_owned(),
+        requested_by: requested_by.to_owned(),
+        created_at,
+        body,
+    })
+}
+
+/// The price overrides of one account, by `adjustment_id`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    list: Vec<(String, PriceOverride)>,
+}
+
+impl Overrides {
+    /// No override.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Adds or replaces the override `id`.
+    pub fn set(&mut self, id: &str, o: PriceOverride) {
+        match self.list.iter_mut().find(|(x, _)| x == id) {
+            Some(slot) => slot.1 = o,
+            None => self.list.push((id.to_owned(), o)),
+        }
+    }
+
+    /// The override `id`, if any.
+    pub fn get(&self, id: &str) -> Option<&PriceOverride> {
+        self.list.iter().find(|(x, _)| x == id).map(|(_, o)| o)
+    }
+
+    /// The override that rates a second at `t` of a job of `kind` and
+    /// `model`: the narrowest selector, then the latest `effective_from`,
+    /// then the greatest id.
+    pub fn winner(&self, kind: JobKind, model: Option<&ModelId>, t: Timestamp) -> Option<(&str, &PriceOverride)> {
+        self.list
+            .iter()
+            .filter(|(_, o)| o.covers(t) && o.selector.matches(kind, model))
+            .max_by(|(a, x), (b, y)| {
+                (x.selector.narrowness(), x.effective_from, a).cmp(&(y.selector.narrowness(), y.effective_from, b))
+            })
+            .map(|(id, o)| (id.as_str(), o))
+    }
+
+    /// The instants in `(from, to)` at which the override rating a job of
+    /// `kind` and `model` may change: every window edge of a matching
+    /// override, in order, without repeats.
+    pub fn edges(&self, kind: JobKind, model: Option<&ModelId>, from: Timestamp, to: Timestamp) -> Vec<Timestamp> {
+        let mut out: Vec<Timestamp> = self
+            .list
+            .iter()
+            .filter(|(_, o)| o.selector.matches(kind, model))
+            .flat_map(|(_, o)| [Some(o.effective_from), o.effective_until])
+            .flatten()
+            .filter(|t| from < *t && *t < to)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CARD: &str = r#"
+[policy]
+rounding = "ceil_seconds"
+
+[[versions]]
+version = "v1"
+effective_from = "2024-01-01T00:00:00Z"
+fine_tune_per_second = "0.001"
+models."img" = { per_second = "0.0005" }
+"#;
+
+    fn rates() -> RateCard {
+        RateCard::from_toml(CARD).expect("card")
+    }
+
+    fn parse(json: &str) -> Result<Adjustment, Invalid> {
+        parse_adjustment(json.as_bytes(), &rates())
+    }
+
+    const BASE: &str =
+        r#""adjustment_id":"adj-1","account_id":"a","reason":"outage credit","requested_by":"support@x""#;
+
+    #[test]
+    fn a_price_override_reads_with_its_window_and_selector() {
+        let a = parse(&format!(
+            r#"{{{BASE},"type":"price_override","selector":{{"model":"img"}},"multiplier":"0.80","effective_from":"2024-05-01T00:00:00Z","effective_until":"2024-07-01T00:00:00Z"}}"#
+        ))
+        .expect("valid");
+        let AdjustmentBody::PriceOverride(o) = &a.body else {
+            panic!("{a:?}")
+        };
+        assert_eq!(o.price, OverridePrice::Multiplier(Decimal::new(80, 2)));
+        assert_eq!(o.selector.model.as_ref().map(ModelId::as_str), Some("img"));
+        assert!(o.covers(Timestamp::parse("2024-06-30T23:59:59.999Z").expect("t")));
+        assert!(!o.covers(Timestamp::parse("2024-07-01T00:00:00Z").expect("t")));
+        // What is stored reads back as the same adjustment.
+        let json = serde_json::to_string(&a).expect("json");
+        assert_eq!(serde_json::from_str::<Adjustment>(&json).expect("back"), a);
+    }
+
+    #[test]
+    fn every_refusal_names_its_field_and_reason() {
+        let po = |rest: &str| {
+            format!(r#"{{{BASE},"type":"price_override","effective_from":"2024-05-01T00:00:00Z",{rest}}}"#)
+        };
+        let cases: Vec<(String, RejectReason, &str)> = vec![
+            (
+                po(r#""multiplier":"-0.5""#),
+                RejectReason::InvalidValue,
+                "`multiplier` -0.5 is negative",
+            ),
+            (
+                po(r#""multiplier":"abc""#),
+                RejectReason::InvalidValue,
+                "`multiplier` \"abc\" is not a decimal",
+            ),
+            (
+                po(r#""multiplier":"1","rate_per_second":"0.1""#),
+                RejectReason::SchemaViolation,
+                "not both",
+            ),
+            (po(r#""selector":{}"#), RejectReason::SchemaViolation, "neither"),
+            (
+                po(r#""multiplier":"1","effective_until":"2024-04-01T00:00:00Z""#),
+                RejectReason::InvalidValue,
+                "`effective_until` 2024-04-01T00:00:00.000Z is not after",
+            ),
+            (
+                po(r#""multiplier":"1","selector":{"model":"nope"}"#),
+                RejectReason::UnknownModel,
+                "`selector.model` \"nope\"",
+            ),
+            (
+                po(r#""multiplier":"1","selector":{"kind":"gpu"}"#),
+                RejectReason::UnknownKind,
+                "`selector.kind` \"gpu\"",
+            ),
+            (
+                po(r#""multiplier":"1","selector":{"region":"eu"}"#),
+                RejectReason::SchemaViolation,
+                "`selector.region`",
+            ),
+            (
+                format!(r#"{{{BASE},"type":"price_override","multiplier":"1"}}"#),
+                RejectReason::SchemaViolation,
+                "`effective_from` is missing",
+            ),
+            (
+                format!(r#"{{{BASE},"type":"discount"}}"#),
+                RejectReason::UnknownType,
+                "`type` \"discount\"",
+            ),
+            (
+                format!(r#"{{{BASE},"type":"job_refund","job_id":"j"}}"#),
+                RejectReason::UnknownType,
+                "not applied by this release",
+            ),
+            (
+                r#"{"adjustment_id":"x","account_id":"a","requested_by":"s","type":"override_end"}"#.to_owned(),
+                RejectReason::SchemaViolation,
+                "`reason` is missing",
+            ),
+            (
+                format!(
+                    r#"{{"adjustment_id":"{}","account_id":"a","reason":"r","requested_by":"s","type":"override_end"}}"#,
+                    "x".repeat(257)
+                ),
+                RejectReason::SchemaViolation,
+                "`adjustment_id` is 257 bytes long",
+            ),
+            (
+                r#"{"adjustment_id":"x","account_id":" a","reason":"r","requested_by":"s","type":"override_end"}"#
+                    .to_owned(),
+                RejectReason::SchemaViolation,
+                "white space",
+            ),
+            (
+                format!(r#"{{{BASE},"type":"override_end","ends":"adj-0"}}"#),
+                RejectReason::SchemaViolation,
+                "`effective_until` is missing",
+            ),
+            ("[1]".to_owned(), RejectReason::SchemaViolation, "JSON object"),
+            ("{".to_owned(), RejectReason::NotJson, "not a JSON document"),
+        ];
+        for (json, reason, detail) in cases {
+            let e = parse(&json).expect_err(&json);
+            assert_eq!(e.reason, reason, "{json}: {}", e.detail);
+            assert!(e.detail.contains(detail), "{json}: {}", e.detail);
+        }
+        // 256 bytes of id, a zero multiplier and a zero rate are accepted.
+        assert!(parse(&format!(
+            r#"{{"adjustment_id":"{}","account_id":"a","reason":"r","requested_by":"s","type":"override_end","ends":"y","effective_until":"2024-05-01T00:00:00Z"}}"#,
+            "x".repeat(256)
+        ))
+        .is_ok());
+        assert!(parse(&po(r#""multiplier":"0""#)).is_ok());
+        assert!(parse(&po(r#""rate_per_second":0"#)).is_ok());
+    }
+
+    fn o(sel: Selector, from: &str, until: Option<&str>, m: i64) -> PriceOverride {
+        PriceOverride {
+            selector: sel,
+            price: OverridePrice::Multiplier(Decimal::new(m, 2)),
+            effective_from: Timestamp::parse(from).expect("t"),
+            effective_until: until.map(|u| Timestamp::parse(u).expect("t")),
+        }
+    }
+
+    #[test]
+    fn the_narrowest_selector_wins_then_the_latest_start_then_the_greatest_id() {
+        let img = Some(ModelId::from("img"));
+        let model = Selector {
+            kind: None,
+            model: img.clone(),
+        };
+        let kind = Selector {
+            kind: Some(JobKind::Inference),
+            model: None,
+        };
+        let mut set = Overrides::default();
+        set.set("all", o(Selector::default(), "2024-05-01T00:00:00Z", None, 50));
+        set.set("kind", o(kind, "2024-05-01T00:00:00Z", None, 60));
+        set.set(
+            "model",
+            o(model.clone(), "2024-05-10T00:00:00Z", Some("2024-05-20T00:00:00Z"), 70),
+        );
+        set.set(
+            "model-b",
+            o(model.clone(), "2024-05-10T00:00:00Z", Some("2024-05-20T00:00:00Z"), 75),
+        );
+        let at = |t: &str| Timestamp::parse(t).expect("t");
+        let win = |k, m: Option<&ModelId>, t: &str| set.winner(k, m, at(t)).map(|(id, _)| id.to_owned());
+        assert_eq!(
+            win(JobKind::Inference, img.as_ref(), "2024-05-05T00:00:00Z"),
+            Some("kind".into())
+        );
+        assert_eq!(win(JobKind::FineTune, None, "2024-05-05T00:00:00Z"), Some("all".into()));
+        assert_eq!(
+            win(JobKind::Inference, img.as_ref(), "2024-05-15T00:00:00Z"),
+            Some("model-b".into())
+        );
+        assert_eq!(win(JobKind::Inference, img.as_ref(), "2024-04-30T00:00:00Z"), None);
+        assert_eq!(
+            set.edges(
+                JobKind::Inference,
+                img.as_ref(),
+                at("2024-05-01T00:00:00Z"),
+                at("2024-06-01T00:00:00Z")
+            ),
+            vec![at("2024-05-10T00:00:00Z"), at("2024-05-20T00:00:00Z")]
+        );
+        assert!(set
+            .edges(
+                JobKind::FineTune,
+                None,
+                at("2024-05-02T00:00:00Z"),
+                at("2024-06-01T00:00:00Z")
+            )
+            .is_empty());
+    }
+}
