@@ -13,9 +13,12 @@
 //! Every adjustment carries who asked (`requested_by`) and why (`reason`);
 //! its `adjustment_id` is unique per account forever.
 
+use crate::cycle::{period_at, period_ends, split_at, BillingPeriod, CadenceSchedule};
 use crate::event::{account_id, bounded, in_range, Invalid, JobKind, RejectReason};
 use crate::money::{AccountId, ModelId, Money};
+use crate::plans::AccountRecord;
 use crate::ratecard::RateCard;
+use crate::ratecard::Rounding;
 use crate::time::Timestamp;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -354,9 +357,75 @@ impl Overrides {
     }
 }
 
+/// One part of a job, in one billing period at one rate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RatedSlice {
+    /// The billing period it falls in.
+    pub period: BillingPeriod,
+    /// First instant of the part.
+    pub from: Timestamp,
+    /// Last instant (exclusive) of the part.
+    pub to: Timestamp,
+    /// Milliseconds in it.
+    pub ms: i64,
+    /// Seconds billed for it (rule 6's split).
+    pub seconds: Decimal,
+    /// USD per second: the list rate, or the override's.
+    pub rate: Money,
+    /// The override that set the rate (`None`: the list rate).
+    pub adjustment_id: Option<String>,
+}
+
+/// Splits a job `[from, to]` of `kind` and `model`, whose list rate is
+/// `list`, wherever its billing period or the override rating it changes
+/// (rule 6's split over all those cuts at once, so the parts' seconds add
+/// up to the job's), and rates each part.
+#[allow(clippy::too_many_arguments)]
+pub fn rate_slices(
+    records: &[AccountRecord],
+    schedule: &CadenceSchedule,
+    overrides: &Overrides,
+    (kind, model): (JobKind, Option<&ModelId>),
+    list: Money,
+    from: Timestamp,
+    to: Timestamp,
+    rounding: Rounding,
+) -> Vec<RatedSlice> {
+    let winner = |t: Timestamp| overrides.winner(kind, model, t).map(|(id, _)| id);
+    let mut cuts = period_ends(records, schedule, from, to);
+    // An override edge cuts where it changes the override in force.
+    cuts.extend(
+        overrides
+            .edges(kind, model, from, to)
+            .into_iter()
+            .filter(|c| winner(Timestamp(c.0 - 1)) != winner(*c)),
+    );
+    cuts.sort_unstable();
+    cuts.dedup();
+    split_at(from, to, &cuts, rounding)
+        .into_iter()
+        .map(|(from, to, ms, seconds)| {
+            let (rate, adjustment_id) = match overrides.winner(kind, model, from) {
+                Some((id, o)) => (o.price.rate(list), Some(id.to_owned())),
+                None => (list, None),
+            };
+            RatedSlice {
+                period: period_at(records, schedule, from),
+                from,
+                to,
+                ms,
+                seconds,
+                rate,
+                adjustment_id,
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     const CARD: &str = r#"
 [policy]
@@ -495,6 +564,148 @@ models."img" = { per_second = "0.0005" }
         .is_ok());
         assert!(parse(&po(r#""multiplier":"0""#)).is_ok());
         assert!(parse(&po(r#""rate_per_second":0"#)).is_ok());
+    }
+
+    #[test]
+    fn an_override_starting_mid_job_splits_it_there_with_whole_seconds_then_the_rest() {
+        let at = |t: &str| Timestamp::parse(t).expect("t");
+        let mut set = Overrides::default();
+        set.set("half", o(Selector::default(), "2024-05-10T12:00:00Z", None, 50));
+        let img = ModelId::from("img");
+        let parts = rate_slices(
+            &[],
+            &CadenceSchedule::default(),
+            &set,
+            (JobKind::Inference, Some(&img)),
+            Money(Decimal::new(5, 4)),
+            at("2024-05-10T11:59:58.600Z"),
+            at("2024-05-10T12:00:03.100Z"),
+            Rounding::CeilSeconds,
+        );
+        let got: Vec<(Decimal, Money, Option<&str>)> = parts
+            .iter()
+            .map(|p| (p.seconds, p.rate, p.adjustment_id.as_deref()))
+            .collect();
+        // 4.5 s in one piece is 5 s: floor(1.4) = 1 s at the list rate, the
+        // other 4 at half of it.
+        assert_eq!(
+            got,
+            vec![
+                (Decimal::from(1), Money(Decimal::new(5, 4)), None),
+                (Decimal::from(4), Money(Decimal::new(25, 5)), Some("half")),
+            ]
+        );
+        // An edge where the override in force does not change (a wider one
+        // ending inside a narrower one's window) cuts nothing.
+        set.set(
+            "model",
+            o(
+                Selector {
+                    kind: None,
+                    model: Some(img.clone()),
+                },
+                "2024-05-01T00:00:00Z",
+                None,
+                10,
+            ),
+        );
+        let parts = rate_slices(
+            &[],
+            &CadenceSchedule::default(),
+            &set,
+            (JobKind::Inference, Some(&img)),
+            Money(Decimal::new(5, 4)),
+            at("2024-05-10T11:00:00Z"),
+            at("2024-05-10T13:00:00Z"),
+            Rounding::CeilSeconds,
+        );
+        assert_eq!(parts.len(), 1, "{parts:?}");
+        assert_eq!(parts[0].adjustment_id.as_deref(), Some("model"));
+    }
+
+    fn arb_override() -> impl Strategy<Value = (u8, PriceOverride)> {
+        let base = 1_712_000_000_000i64; // 2024-04-01T19:33:20Z
+        (
+            0u8..3,
+            0i64..200,
+            0i64..(70 * 86_400_000),
+            proptest::option::of(1i64..(20 * 86_400_000)),
+            0u8..4,
+        )
+            .prop_map(move |(sel, m, from, len, id)| {
+                let selector = match sel {
+                    0 => Selector::default(),
+                    1 => Selector {
+                        kind: Some(JobKind::Inference),
+                        model: None,
+                    },
+                    _ => Selector {
+                        kind: None,
+                        model: Some(ModelId::from("img")),
+                    },
+                };
+                let price = if m % 7 == 0 {
+                    OverridePrice::RatePerSecond(Money(Decimal::new(m, 5)))
+                } else {
+                    OverridePrice::Multiplier(Decimal::new(m, 2))
+                };
+                (
+                    id,
+                    PriceOverride {
+                        selector,
+                        price,
+                        effective_from: Timestamp(base + from),
+                        effective_until: len.map(|l| Timestamp(base + from + l)),
+                    },
+                )
+            })
+    }
+
+    proptest::proptest! {
+        /// For any overrides and any job: the parts tile the job, their
+        /// seconds add up to the job's, each lies in one billing period, and
+        /// every instant of a part is rated by the override in force then
+        /// (or the list rate), the same one throughout the part.
+        #[test]
+        fn seconds_are_conserved_and_each_is_rated_by_exactly_one_rate(
+            set in proptest::collection::vec(arb_override(), 0..6),
+            start in 0i64..(80 * 86_400_000),
+            len in 0i64..(3 * 86_400_000),
+            kind in 0u8..3,
+            exact in proptest::bool::ANY,
+        ) {
+            let mut overrides = Overrides::default();
+            for (i, (id, o)) in set.into_iter().enumerate() {
+                overrides.set(&format!("adj-{id}-{i}"), o);
+            }
+            let kind = [JobKind::Inference, JobKind::FineTune, JobKind::WorkflowStep][kind as usize];
+            let img = ModelId::from("img");
+            let model = (kind != JobKind::FineTune).then_some(&img);
+            let from = Timestamp(1_712_000_000_000 + start);
+            let to = Timestamp(from.0 + len);
+            let rounding = if exact { Rounding::ExactMs } else { Rounding::CeilSeconds };
+            let list = Money(Decimal::new(5, 4));
+            let schedule = CadenceSchedule::default();
+            let parts = rate_slices(&[], &schedule, &overrides, (kind, model), list, from, to, rounding);
+            let total: Decimal = parts.iter().map(|p| p.seconds).sum();
+            proptest::prop_assert_eq!(total, rounding.total_seconds(len));
+            proptest::prop_assert_eq!(parts.first().map(|p| p.from), Some(from));
+            proptest::prop_assert_eq!(parts.last().map(|p| p.to), Some(to));
+            for w in parts.windows(2) {
+                proptest::prop_assert_eq!(w[0].to, w[1].from);
+                proptest::prop_assert!(w[0].from < w[0].to);
+            }
+            for p in &parts {
+                proptest::prop_assert_eq!(p.period, period_at(&[], &schedule, p.from));
+                proptest::prop_assert!(p.to <= p.period.end);
+                let last = Timestamp((p.to.0 - 1).max(p.from.0));
+                for t in [p.from, Timestamp((p.from.0 + last.0) / 2), last] {
+                    let w = overrides.winner(kind, model, t);
+                    proptest::prop_assert_eq!(w.map(|(id, _)| id), p.adjustment_id.as_deref());
+                    proptest::prop_assert_eq!(w.map_or(list, |(_, o)| o.price.rate(list)), p.rate);
+                }
+            }
+        }
     }
 
     fn o(sel: Selector, from: &str, until: Option<&str>, m: i64) -> PriceOverride {

@@ -219,34 +219,62 @@ pub fn split_periods(
     to: Timestamp,
     rounding: Rounding,
 ) -> Vec<PeriodSlice> {
-    let total = rounding.total_seconds(to.0 - from.0);
-    let mut out = Vec::with_capacity(1);
-    let mut cur = from;
-    let mut given = Decimal::ZERO;
-    loop {
-        let period = period_at(records, schedule, cur);
-        if period.end >= to {
-            out.push(PeriodSlice {
-                period,
-                from: cur,
-                to,
-                ms: to.0 - cur.0,
-                seconds: total - given,
-            });
-            return out;
-        }
-        let ms = period.end.0 - cur.0;
-        let seconds = rounding.part_seconds(ms);
-        given += seconds;
-        out.push(PeriodSlice {
-            period,
-            from: cur,
-            to: period.end,
+    split_at(from, to, &period_ends(records, schedule, from, to), rounding)
+        .into_iter()
+        .map(|(from, to, ms, seconds)| PeriodSlice {
+            period: period_at(records, schedule, from),
+            from,
+            to,
             ms,
             seconds,
-        });
-        cur = period.end;
+        })
+        .collect()
+}
+
+/// The boundaries of the account's billing periods inside `(from, to)`,
+/// in order.
+pub fn period_ends(
+    records: &[AccountRecord],
+    schedule: &CadenceSchedule,
+    from: Timestamp,
+    to: Timestamp,
+) -> Vec<Timestamp> {
+    let mut cuts = Vec::new();
+    let mut cur = from;
+    loop {
+        let end = period_at(records, schedule, cur).end;
+        if end >= to {
+            return cuts;
+        }
+        cuts.push(end);
+        cur = end;
     }
+}
+
+/// Splits `[from, to]` (`to ≥ from`) at `cuts` (increasing, inside
+/// `(from, to)`) by rule 6's split: every part but the last gets the whole
+/// seconds of its milliseconds, the last the rest of the seconds `[from,
+/// to]` has in one piece, so the parts always add up to it. Returns
+/// `(from, to, ms, seconds)` per part.
+pub fn split_at(
+    from: Timestamp,
+    to: Timestamp,
+    cuts: &[Timestamp],
+    rounding: Rounding,
+) -> Vec<(Timestamp, Timestamp, i64, Decimal)> {
+    let total = rounding.total_seconds(to.0 - from.0);
+    let mut out = Vec::with_capacity(cuts.len() + 1);
+    let mut cur = from;
+    let mut given = Decimal::ZERO;
+    for c in cuts.iter().copied().filter(|c| from < *c && *c < to) {
+        let ms = c.0 - cur.0;
+        let seconds = rounding.part_seconds(ms);
+        given += seconds;
+        out.push((cur, c, ms, seconds));
+        cur = c;
+    }
+    out.push((cur, to, to.0 - cur.0, total - given));
+    out
 }
 
 #[cfg(test)]
