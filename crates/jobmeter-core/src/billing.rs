@@ -424,7 +424,7 @@ impl Meter {
             self.stats.late_charges += 1;
         }
         let month = period.limit_month();
-        let amount = start.rate * s.seconds;
+        let amount = s.rate * s.seconds;
         let spec = limit_spec(ctx.plans, terms, start.info.kind, &jk.0, month);
         let mut due = amount;
         if let Some(spec) = &spec {
@@ -472,7 +472,7 @@ impl Meter {
             stopped_at: s.to,
             duration_ms: s.ms,
             billable_seconds: s.seconds,
-            rate_per_second: start.rate,
+            rate_per_second: s.rate,
             rate_card_version: start.version.clone(),
             amount,
             amount_due: due,
@@ -480,6 +480,7 @@ impl Meter {
             period,
             service_period: s.service_period,
             adjusts: s.adjusts,
+            adjustment_id: s.adjustment_id,
         }));
         for spec in [spec, spend].iter().flatten() {
             self.check_thresholds(ctx.plans, spec, month, jk, s.at, out);

@@ -42,6 +42,7 @@ pub mod order;
 pub mod output;
 mod persist;
 pub mod plans;
+mod pricing;
 pub mod ratecard;
 pub mod rating;
 mod running;

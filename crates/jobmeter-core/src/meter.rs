@@ -5,6 +5,7 @@
 //! one partition, so counters, thresholds and statements of an account are
 //! owned by exactly one meter.
 
+use crate::adjust::{rate_slices, RatedSlice};
 pub use crate::context::{Context, MeterConfig, Placement, Share, Stats};
 use crate::cycle::{split_periods, BillingPeriod};
 use crate::event::{parse_job_event, EventBody, EventKey, Invalid, JobEvent, JobStatus, RejectReason, StartInfo};
@@ -50,6 +51,7 @@ pub(crate) struct Dirty {
     pub(crate) statements: FastSet<(BillingPeriod, crate::money::AccountId)>,
     pub(crate) closed: Vec<crate::output::Statement>,
     pub(crate) meta: bool,
+    pub(crate) adjustments: FastSet<(crate::money::AccountId, String)>,
 }
 
 /// The state machine of one partition.
@@ -75,6 +77,8 @@ pub struct Meter {
     pub(crate) usage: FastMap<UsageKey, Counter>,
     pub(crate) fired: FastSet<FiredKey>,
     pub(crate) statements: BTreeMap<BillingPeriod, BTreeMap<crate::money::AccountId, StatementAcc>>,
+    /// Pricing adjustments by account (§4b).
+    pub(crate) adjustments: FastMap<crate::money::AccountId, crate::state::AccountAdjustments>,
     pub(crate) timers: BTreeSet<(Timestamp, JobKey)>,
     pub(crate) expiry: BTreeSet<(Timestamp, JobKey)>,
     pub(crate) dirty: Option<Dirty>,
@@ -598,18 +602,14 @@ impl Meter {
         let end = job.charged_until(end, ctx.config.stop_grace_ms);
         let mut parts = Vec::new();
         if let Some((terms, records)) = billed_with {
-            let slices = split_periods(
-                &records,
-                &ctx.plans.billing_cycle,
-                start.time,
-                end,
-                ctx.rates.policy.rounding,
-            );
+            let slices = self.rated_parts(ctx, &records, jk, &start, end);
+            let mut periods_seen = BTreeSet::new();
             for s in slices {
                 if s.seconds.is_zero() {
                     continue;
                 }
-                let charge_id = format!("{}/{}/{}", jk.0, jk.1, s.period);
+                let first = periods_seen.insert(s.period);
+                let charge_id = part_id(jk, &s, first);
                 let slice = SliceCharge {
                     charge_id: charge_id.clone(),
                     service_period: s.period,
@@ -617,9 +617,11 @@ impl Meter {
                     to: s.to,
                     ms: s.ms,
                     seconds: s.seconds,
+                    rate: s.rate,
+                    adjustment_id: s.adjustment_id.clone(),
                     status,
                     adjusts: None,
-                    new_job: true,
+                    new_job: first,
                     at: end,
                 };
                 self.emit_charge(st, jk, &start, (&terms, &records), slice);
@@ -662,25 +664,28 @@ impl Meter {
         billed.adjusted = true;
         let old = billed.parts.clone();
         let full = if billable(ctx, status) {
-            split_periods(
-                &records,
-                &ctx.plans.billing_cycle,
-                start.time,
-                end,
-                ctx.rates.policy.rounding,
-            )
+            self.rated_parts(ctx, &records, jk, &start, end)
         } else {
             Vec::new()
         };
-        let periods: BTreeSet<BillingPeriod> = full
+        // Parts are matched by (period, start): the cuts before the orphan
+        // close are the same in both runs.
+        let keys: BTreeSet<(BillingPeriod, Timestamp)> = full
             .iter()
-            .map(|s| s.period)
-            .chain(old.iter().map(|p| p.service_period))
+            .map(|s| (s.period, s.from))
+            .chain(old.iter().map(|p| (p.service_period, p.from)))
             .collect();
         let first_id = old.first().map(|p| p.charge_id.clone());
-        for p in periods {
-            let f = full.iter().find(|s| s.period == p);
-            let o = old.iter().find(|x| x.service_period == p);
+        let overrides = self
+            .adjustments
+            .get(&jk.0)
+            .map(|a| a.overrides.clone())
+            .unwrap_or_default();
+        let mut periods_seen = BTreeSet::new();
+        for (p, part_from) in keys {
+            let first = periods_seen.insert(p);
+            let f = full.iter().find(|s| s.period == p && s.from == part_from);
+            let o = old.iter().find(|x| x.service_period == p && x.from == part_from);
             let delta = f.map_or(rust_decimal::Decimal::ZERO, |s| s.seconds)
                 - o.map_or(rust_decimal::Decimal::ZERO, |x| x.seconds);
             if delta.is_zero() {
@@ -692,36 +697,108 @@ impl Meter {
                 (None, None) => continue,
             };
             let ms = f.map_or(0, |s| s.ms) - o.map_or(0, |x| x.to.0 - x.from.0);
+            // The rate of the part: the override in force at its start.
+            let (rate, adjustment_id) = match overrides.winner(start.info.kind, start.info.model.as_ref(), part_from) {
+                Some((id, w)) => (w.price.rate(start.rate), Some(id.to_owned())),
+                None => (start.rate, None),
+            };
+            let part = RatedSlice {
+                period: p,
+                from: part_from,
+                to,
+                ms,
+                seconds: delta,
+                rate,
+                adjustment_id: adjustment_id.clone(),
+            };
             let slice = SliceCharge {
-                charge_id: format!("{}/{}/{}/adj", jk.0, jk.1, p),
+                charge_id: format!("{}/adj", part_id(jk, &part, first)),
                 service_period: p,
                 from,
                 to,
                 ms,
                 seconds: delta,
+                rate,
+                adjustment_id,
                 status,
                 adjusts: o.map(|x| x.charge_id.clone()).or_else(|| first_id.clone()),
-                new_job: o.is_none(),
+                new_job: first && !old.iter().any(|x| x.service_period == p),
                 at: end,
             };
             self.stats.adjustments += 1;
             self.emit_charge(st, jk, &start, (&terms, &records), slice);
         }
         // The job is now billed as its full run (read by the usage API).
+        let mut periods_seen = BTreeSet::new();
         billed.parts = full
             .iter()
-            .map(|s| BilledPart {
-                service_period: s.period,
-                from: s.from,
-                to: s.to,
-                seconds: s.seconds,
-                charge_id: old.iter().find(|x| x.service_period == s.period).map_or_else(
-                    || format!("{}/{}/{}/adj", jk.0, jk.1, s.period),
-                    |x| x.charge_id.clone(),
-                ),
+            .map(|s| {
+                let first = periods_seen.insert(s.period);
+                BilledPart {
+                    service_period: s.period,
+                    from: s.from,
+                    to: s.to,
+                    seconds: s.seconds,
+                    charge_id: old
+                        .iter()
+                        .find(|x| x.service_period == s.period && x.from == s.from)
+                        .map_or_else(|| format!("{}/adj", part_id(jk, s, first)), |x| x.charge_id.clone()),
+                }
             })
             .collect();
         Ok(())
+    }
+}
+
+/// A part's charge id: `<account>/<job>/<period>` for the first part of
+/// the job in a period (as always), `…@<part start>` for a later one (the
+/// job crosses an override's edge inside the period).
+fn part_id(jk: &JobKey, s: &RatedSlice, first_in_period: bool) -> String {
+    if first_in_period {
+        format!("{}/{}/{}", jk.0, jk.1, s.period)
+    } else {
+        format!("{}/{}/{}@{}", jk.0, jk.1, s.period, s.from)
+    }
+}
+
+impl Meter {
+    /// The rated parts of a job of `start` up to `end`: cut at its
+    /// account's period boundaries and, where the account has price
+    /// overrides, wherever the override in force changes.
+    fn rated_parts(
+        &self,
+        ctx: &Context<'_>,
+        records: &[crate::plans::AccountRecord],
+        jk: &JobKey,
+        start: &crate::state::StartRec,
+        end: Timestamp,
+    ) -> Vec<RatedSlice> {
+        let rounding = ctx.rates.policy.rounding;
+        let schedule = &ctx.plans.billing_cycle;
+        match self.adjustments.get(&jk.0).filter(|a| !a.overrides.is_empty()) {
+            Some(a) => rate_slices(
+                records,
+                schedule,
+                &a.overrides,
+                (start.info.kind, start.info.model.as_ref()),
+                start.rate,
+                start.time,
+                end,
+                rounding,
+            ),
+            None => split_periods(records, schedule, start.time, end, rounding)
+                .into_iter()
+                .map(|s| RatedSlice {
+                    period: s.period,
+                    from: s.from,
+                    to: s.to,
+                    ms: s.ms,
+                    seconds: s.seconds,
+                    rate: start.rate,
+                    adjustment_id: None,
+                })
+                .collect(),
+        }
     }
 }
 

@@ -58,6 +58,11 @@ pub struct Charge {
     pub service_period: BillingPeriod,
     /// For an adjustment, the id of the charge it corrects.
     pub adjusts: Option<String>,
+    /// The pricing adjustment (a price override) that set the rate or
+    /// caused the charge; null otherwise. The list rate stays visible in
+    /// `rate_card_version`.
+    #[serde(default)]
+    pub adjustment_id: Option<String>,
 }
 
 /// Which limit a limit event is about.

@@ -25,6 +25,7 @@ impl Meter {
             statements,
             closed,
             meta,
+            adjustments,
         } = d;
         let mut out = Vec::with_capacity(jobs.len() + usage.len() + fired.len() + statements.len() + 1);
         let mut jobs: Vec<_> = jobs.into_iter().collect();
@@ -74,6 +75,20 @@ impl Meter {
                     .and_then(|m| m.get(&a))
                     .map(|v| values::encode(Table::Statements, v, f))
                     .transpose()?,
+            });
+        }
+        let mut adjustments: Vec<_> = adjustments.into_iter().collect();
+        adjustments.sort();
+        for (a, id) in adjustments {
+            out.push(StateChange {
+                table: Table::Adjustments,
+                key: keys::adjustment(&a, &id),
+                // JSON: written once per adjustment (and per end moved).
+                value: self
+                    .adjustments
+                    .get(&a)
+                    .and_then(|x| x.by_id.get(&id))
+                    .map(|v| serde_json::to_vec(v).unwrap_or_default()),
             });
         }
         for st in closed {
@@ -142,6 +157,11 @@ impl Meter {
                 .collect(),
             closed: Vec::new(),
             meta: true,
+            adjustments: self
+                .adjustments
+                .iter()
+                .flat_map(|(a, x)| x.by_id.keys().map(move |id| (a.clone(), id.clone())))
+                .collect(),
         };
         copy.fired.sort();
         let mut view = Meter {
@@ -158,6 +178,7 @@ impl Meter {
         view.jobs = self.jobs.clone();
         view.usage = self.usage.clone();
         view.statements = self.statements.clone();
+        view.adjustments = self.adjustments.clone();
         view.take_changes()
     }
 
@@ -217,6 +238,12 @@ impl Meter {
                 let (p, a) = keys::decode_statement(k).ok_or_else(bad_key)?;
                 let acc: StatementAcc = values::decode(table, v)?;
                 self.statements.entry(p).or_default().insert(a, acc);
+            }
+            Table::Adjustments => {
+                let (a, id) = keys::decode_adjustment(k).ok_or_else(bad_key)?;
+                let stored: crate::state::StoredAdjustment = serde_json::from_slice(v)
+                    .map_err(|e| DecodeError::new(table, format!("adjustment {id:?}: {e}")))?;
+                self.adjustments.entry(a).or_default().put(id, stored);
             }
             // Written for readers; the meter never needs them again.
             Table::Closed => {}

@@ -72,6 +72,10 @@ pub(crate) struct SliceCharge {
     pub(crate) to: Timestamp,
     pub(crate) ms: i64,
     pub(crate) seconds: rust_decimal::Decimal,
+    /// USD per second: the list rate, or a price override's.
+    pub(crate) rate: crate::money::Money,
+    /// The price override that set `rate`, if any.
+    pub(crate) adjustment_id: Option<String>,
     pub(crate) status: crate::event::JobStatus,
     pub(crate) adjusts: Option<String>,
     /// True when this slice adds the job to its statement line's job count.

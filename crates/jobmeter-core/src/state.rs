@@ -79,6 +79,45 @@ pub struct Accrual {
     pub amount: Money,
 }
 
+/// A pricing adjustment as applied: the record, and for a price
+/// override the end that `override_end` records have moved it to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredAdjustment {
+    /// The record as received (duplicates are compared with it).
+    pub adjustment: crate::adjust::Adjustment,
+    /// A price override's end as moved since (`None`: as given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_until: Option<Timestamp>,
+}
+
+/// One account's pricing adjustments, and the price overrides they put in
+/// force.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountAdjustments {
+    /// Every adjustment applied, by id.
+    pub by_id: BTreeMap<String, StoredAdjustment>,
+    /// The price overrides among them, with their ends as moved.
+    pub overrides: crate::adjust::Overrides,
+}
+
+impl AccountAdjustments {
+    /// Adds (or replaces) an adjustment and recomputes the overrides.
+    pub fn put(&mut self, id: String, a: StoredAdjustment) {
+        self.by_id.insert(id, a);
+        let mut o = crate::adjust::Overrides::default();
+        for (id, s) in &self.by_id {
+            if let crate::adjust::AdjustmentBody::PriceOverride(po) = &s.adjustment.body {
+                let mut po = po.clone();
+                if s.moved_until.is_some() {
+                    po.effective_until = s.moved_until;
+                }
+                o.set(id, po);
+            }
+        }
+        self.overrides = o;
+    }
+}
+
 /// One billed slice of a job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BilledPart {
@@ -313,11 +352,14 @@ pub enum Table {
     Expiries,
     /// Local index: jobs with a deadline ([`crate::archive`]).
     OpenJobs,
+    /// [`StoredAdjustment`] by (account, adjustment id): every pricing
+    /// adjustment applied, kept forever (ids are unique per account).
+    Adjustments,
 }
 
 impl Table {
     /// Every table, in a fixed order.
-    pub const ALL: [Table; 9] = [
+    pub const ALL: [Table; 10] = [
         Table::Jobs,
         Table::Usage,
         Table::Fired,
@@ -327,6 +369,7 @@ impl Table {
         Table::EventIds,
         Table::Expiries,
         Table::OpenJobs,
+        Table::Adjustments,
     ];
 
     /// True for the indexes a store derives from the jobs for
@@ -348,6 +391,7 @@ impl Table {
             Table::EventIds => "event_ids",
             Table::Expiries => "expiries",
             Table::OpenJobs => "open_jobs",
+            Table::Adjustments => "adjustments",
         }
     }
 
@@ -363,6 +407,7 @@ impl Table {
             Table::EventIds => 7,
             Table::Expiries => 8,
             Table::OpenJobs => 9,
+            Table::Adjustments => 10,
         }
     }
 
@@ -535,6 +580,21 @@ pub mod keys {
     /// A statement key's period field when the period is not a calendar
     /// month (no month ordinal reaches it); start and end follow.
     const INTERVAL: u32 = u32::MAX;
+
+    /// Encodes an adjustment key: the account, then the adjustment id.
+    pub fn adjustment(a: &AccountId, id: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + a.0.len() + id.len());
+        put_str(&mut out, &a.0);
+        put_str(&mut out, id);
+        out
+    }
+
+    /// Decodes an adjustment key.
+    pub fn decode_adjustment(mut b: &[u8]) -> Option<(AccountId, String)> {
+        let a = AccountId::from(take_str(&mut b)?);
+        let id = take_str(&mut b)?.to_owned();
+        b.is_empty().then_some((a, id))
+    }
 
     /// Encodes a statement key: a calendar month as its ordinal (as before
     /// periods of other lengths existed), any other period as

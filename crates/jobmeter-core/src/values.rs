@@ -56,8 +56,12 @@ pub fn canonical(table: Table, b: &[u8]) -> Result<Vec<u8>, DecodeError> {
         Table::Jobs => json(table, &decode::<Job>(table, b)?),
         Table::Usage => json(table, &decode::<Counter>(table, b)?),
         Table::Statements => json(table, &decode::<StatementAcc>(table, b)?),
-        Table::Fired | Table::Meta | Table::Closed | Table::EventIds | Table::Expiries | Table::OpenJobs => {
-            Ok(b.to_vec())
-        }
+        Table::Fired
+        | Table::Meta
+        | Table::Closed
+        | Table::EventIds
+        | Table::Expiries
+        | Table::OpenJobs
+        | Table::Adjustments => Ok(b.to_vec()),
     }
 }

@@ -668,7 +668,7 @@ mod tests {
                         st.closed = values::decode_json(table, v).ok();
                     }
                 }
-                Table::Meta | Table::EventIds | Table::Expiries | Table::OpenJobs => {}
+                Table::Meta | Table::EventIds | Table::Expiries | Table::OpenJobs | Table::Adjustments => {}
             }
         }
         st.stream_time = meter.stream_time();

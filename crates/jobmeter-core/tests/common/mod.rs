@@ -102,6 +102,14 @@ impl World {
             .expect("apply");
     }
 
+    /// Applies one record of the adjustments topic.
+    pub fn adjustment(&mut self, json: &str) {
+        let ctx = Context::new(&self.rates, &self.plans, &self.book, &self.config);
+        self.meter
+            .apply_adjustment(&ctx, json.as_bytes(), None, &mut self.out)
+            .expect("apply adjustment");
+    }
+
     pub fn flush(&mut self) {
         let ctx = Context::new(&self.rates, &self.plans, &self.book, &self.config);
         let ctx = match self.partition {

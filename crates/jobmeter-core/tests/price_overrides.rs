@@ -1,0 +1,378 @@
+//! Per-account price overrides (§4b `price_override`, `override_end`):
+//! each second inside an override's window is rated by it, the narrowest
+//! selector winning, and a job crossing an override's edge is split there
+//! like at a period boundary.
+
+mod common;
+use common::*;
+use jobmeter_core::*;
+use rust_decimal::Decimal;
+
+/// An override record of account `acct`.
+fn po(id: &str, acct: &str, rest: &str) -> String {
+    format!(
+        r#"{{"adjustment_id":"{id}","account_id":"{acct}","type":"price_override","reason":"goodwill after the outage","requested_by":"support@platform",{rest}}}"#
+    )
+}
+
+/// `(charge_id, seconds, rate, amount, adjustment_id)` of every charge.
+fn charged(w: &World) -> Vec<(String, Decimal, Money, Money, Option<String>)> {
+    w.charges()
+        .iter()
+        .map(|c| {
+            (
+                c.charge_id.clone(),
+                c.billable_seconds,
+                c.rate_per_second,
+                c.amount,
+                c.adjustment_id.clone(),
+            )
+        })
+        .collect()
+}
+
+fn job(w: &mut World, acct: &str, j: &str, from: &str, to: &str, kind: &str, model: Option<&str>) {
+    let a = w.start(acct, j, from, kind, model);
+    let b = w.stop(acct, j, to, "succeeded");
+    w.apply(&a);
+    w.apply(&b);
+}
+
+#[test]
+fn an_override_starting_mid_job_splits_it_there() {
+    let mut w = World::new();
+    w.adjustment(&po(
+        "half",
+        "a",
+        r#""multiplier":"0.5","effective_from":"2024-05-10T12:00:00Z""#,
+    ));
+    job(
+        &mut w,
+        "a",
+        "j",
+        "2024-05-10T11:59:58.600Z",
+        "2024-05-10T12:00:03.100Z",
+        "inference",
+        Some("img"),
+    );
+    // 4.5 s in one piece is 5 s: floor(1.4) = 1 s at the list rate, the
+    // rest at half of it.
+    assert_eq!(
+        charged(&w),
+        vec![
+            (
+                "a/j/2024-05".to_owned(),
+                Decimal::from(1),
+                money("0.0005"),
+                money("0.0005"),
+                None
+            ),
+            (
+                "a/j/2024-05@2024-05-10T12:00:00.000Z".to_owned(),
+                Decimal::from(4),
+                money("0.00025"),
+                money("0.001"),
+                Some("half".to_owned())
+            ),
+        ]
+    );
+    assert!(
+        w.charges().iter().all(|c| c.rate_card_version == "v1"),
+        "the list version stays visible"
+    );
+    w.flush();
+    let st = w.statements();
+    assert_eq!(st.len(), 1);
+    let line = &st[0].lines[0];
+    assert_eq!(
+        (line.jobs, line.billable_seconds, line.amount),
+        (1, Decimal::from(5), money("0.0015"))
+    );
+}
+
+#[test]
+fn the_model_beats_the_kind_beats_all_usage_and_overrides_never_stack() {
+    let mut w = World::new();
+    let from = r#""effective_from":"2024-05-01T00:00:00Z""#;
+    w.adjustment(&po("all", "a", &format!(r#""multiplier":"0.9",{from}"#)));
+    w.adjustment(&po(
+        "kind",
+        "a",
+        &format!(r#""multiplier":"0.8","selector":{{"kind":"inference"}},{from}"#),
+    ));
+    w.adjustment(&po(
+        "model",
+        "a",
+        &format!(r#""rate_per_second":"0.0001","selector":{{"model":"img"}},{from}"#),
+    ));
+    job(
+        &mut w,
+        "a",
+        "img",
+        "2024-05-02T00:00:00Z",
+        "2024-05-02T00:00:10Z",
+        "inference",
+        Some("img"),
+    );
+    job(
+        &mut w,
+        "a",
+        "llm",
+        "2024-05-02T00:00:00Z",
+        "2024-05-02T00:00:10Z",
+        "inference",
+        Some("llm"),
+    );
+    job(
+        &mut w,
+        "a",
+        "ft",
+        "2024-05-02T00:00:00Z",
+        "2024-05-02T00:00:10Z",
+        "fine_tune",
+        None,
+    );
+    let by: Vec<(String, Money, Option<String>)> = charged(&w).into_iter().map(|c| (c.0, c.2, c.4)).collect();
+    assert_eq!(
+        by,
+        vec![
+            ("a/img/2024-05".to_owned(), money("0.0001"), Some("model".to_owned())),
+            ("a/llm/2024-05".to_owned(), money("0.0016"), Some("kind".to_owned())),
+            ("a/ft/2024-05".to_owned(), money("0.0009"), Some("all".to_owned())),
+        ]
+    );
+    // Another account's usage is not touched.
+    job(
+        &mut w,
+        "b",
+        "img",
+        "2024-05-02T00:00:00Z",
+        "2024-05-02T00:00:10Z",
+        "inference",
+        Some("img"),
+    );
+    assert_eq!(
+        w.charges().last().map(|c| (c.rate_per_second, c.adjustment_id.clone())),
+        Some((money("0.0005"), None))
+    );
+}
+
+#[test]
+fn an_override_ended_early_rates_what_follows_at_the_list_price_and_a_zero_multiplier_is_free() {
+    let mut w = World::new();
+    w.adjustment(&po(
+        "free",
+        "a",
+        r#""multiplier":"0","effective_from":"2024-05-01T00:00:00Z","effective_until":"2024-06-01T00:00:00Z""#,
+    ));
+    w.adjustment(
+        r#"{"adjustment_id":"end","account_id":"a","type":"override_end","ends":"free","effective_until":"2024-05-10T00:00:00Z","reason":"promotion over","requested_by":"support@platform"}"#,
+    );
+    job(
+        &mut w,
+        "a",
+        "before",
+        "2024-05-09T23:59:50Z",
+        "2024-05-10T00:00:10Z",
+        "inference",
+        Some("img"),
+    );
+    let c = charged(&w);
+    assert_eq!(c.len(), 2, "{c:?}");
+    assert_eq!(
+        (c[0].1, c[0].3, c[0].4.as_deref()),
+        (Decimal::from(10), money("0"), Some("free"))
+    );
+    assert_eq!(
+        (c[1].1, c[1].3, c[1].4.as_deref()),
+        (Decimal::from(10), money("0.005"), None)
+    );
+}
+
+#[test]
+fn an_override_edge_at_a_period_boundary_cuts_once() {
+    let mut w = World::new();
+    w.account(r#"{"account_id":"p","plan":"pro","effective_from":"2024-01-01T00:00:00Z"}"#);
+    w.adjustment(&po(
+        "may",
+        "p",
+        r#""multiplier":"2","effective_from":"2024-05-01T00:00:00Z""#,
+    ));
+    job(
+        &mut w,
+        "p",
+        "j",
+        "2024-04-30T23:59:58.600Z",
+        "2024-05-01T00:00:03.100Z",
+        "inference",
+        Some("img"),
+    );
+    let c = charged(&w);
+    assert_eq!(
+        c.iter().map(|x| (x.0.as_str(), x.1, x.2)).collect::<Vec<_>>(),
+        vec![
+            ("p/j/2024-04", Decimal::from(1), money("0.0005")),
+            ("p/j/2024-05", Decimal::from(4), money("0.0010")),
+        ]
+    );
+}
+
+#[test]
+fn duplicates_change_nothing_conflicts_and_dangling_ends_are_dead_lettered() {
+    let mut w = World::new();
+    let rec = po(
+        "x",
+        "a",
+        r#""multiplier":"0.5","effective_from":"2024-05-01T00:00:00Z""#,
+    );
+    w.adjustment(&rec);
+    let dups = w.meter.stats().duplicates;
+    w.adjustment(&rec);
+    assert_eq!(w.meter.stats().duplicates, dups + 1);
+    assert!(w.rejects().is_empty());
+    w.adjustment(&po(
+        "x",
+        "a",
+        r#""multiplier":"0.4","effective_from":"2024-05-01T00:00:00Z""#,
+    ));
+    // The same id on another account is another adjustment.
+    w.adjustment(&po(
+        "x",
+        "b",
+        r#""multiplier":"0.4","effective_from":"2024-05-01T00:00:00Z""#,
+    ));
+    w.adjustment(
+        r#"{"adjustment_id":"e","account_id":"a","type":"override_end","ends":"nope","effective_until":"2024-05-10T00:00:00Z","reason":"r","requested_by":"s"}"#,
+    );
+    w.adjustment(&po(
+        "bad",
+        "a",
+        r#""multiplier":"-1","effective_from":"2024-05-01T00:00:00Z""#,
+    ));
+    assert_eq!(
+        w.rejects(),
+        vec![
+            RejectReason::Conflict,
+            RejectReason::InvalidValue,
+            RejectReason::InvalidValue
+        ]
+    );
+    job(
+        &mut w,
+        "a",
+        "j",
+        "2024-05-02T00:00:00Z",
+        "2024-05-02T00:00:10Z",
+        "inference",
+        Some("img"),
+    );
+    assert_eq!(
+        w.charges()[0].rate_per_second,
+        money("0.00025"),
+        "the first content stands"
+    );
+}
+
+#[test]
+fn overrides_are_state_and_restore_with_the_partition() {
+    let mut w = World::new();
+    w.adjustment(&po(
+        "half",
+        "a",
+        r#""multiplier":"0.5","effective_from":"2024-05-01T00:00:00Z""#,
+    ));
+    w.adjustment(
+        r#"{"adjustment_id":"end","account_id":"a","type":"override_end","ends":"half","effective_until":"2024-05-20T00:00:00Z","reason":"r","requested_by":"s"}"#,
+    );
+    let records: Vec<(state::Table, Vec<u8>, Vec<u8>)> = w
+        .meter
+        .take_changes()
+        .expect("changes")
+        .into_iter()
+        .filter_map(|c| c.value.map(|v| (c.table, c.key, v)))
+        .collect();
+    assert_eq!(records.iter().filter(|r| r.0 == state::Table::Adjustments).count(), 2);
+    w.meter = Meter::restore(records, &w.config).expect("restore");
+    job(
+        &mut w,
+        "a",
+        "in",
+        "2024-05-02T00:00:00Z",
+        "2024-05-02T00:00:10Z",
+        "inference",
+        Some("img"),
+    );
+    job(
+        &mut w,
+        "a",
+        "after",
+        "2024-05-21T00:00:00Z",
+        "2024-05-21T00:00:10Z",
+        "inference",
+        Some("img"),
+    );
+    let rates: Vec<Money> = w.charges().iter().map(|c| c.rate_per_second).collect();
+    assert_eq!(rates, vec![money("0.00025"), money("0.0005")]);
+    // A duplicate after the restore is still a duplicate.
+    w.adjustment(&po(
+        "half",
+        "a",
+        r#""multiplier":"0.5","effective_from":"2024-05-01T00:00:00Z""#,
+    ));
+    assert!(w.rejects().is_empty());
+}
+
+#[test]
+fn a_late_stop_of_an_orphan_is_adjusted_part_by_part_at_each_parts_rate() {
+    let mut w = World::new();
+    w.adjustment(&po(
+        "half",
+        "a",
+        r#""multiplier":"0.5","effective_from":"2024-05-10T12:00:00Z""#,
+    ));
+    let s = w.start("a", "j", "2024-05-10T11:59:00Z", "inference", Some("img"));
+    w.apply(&s);
+    let h = w.heartbeat("a", "j", "2024-05-10T12:01:00Z");
+    w.apply(&h);
+    // Stream time passes the orphan timeout: charged to the heartbeat.
+    let other = w.start("b", "x", "2024-05-10T12:20:00Z", "inference", Some("img"));
+    w.apply(&other);
+    let stop = w.stop("a", "j", "2024-05-10T12:02:00Z", "succeeded");
+    w.apply(&stop);
+    let c: Vec<_> = charged(&w).into_iter().filter(|c| c.0.starts_with("a/")).collect();
+    assert_eq!(
+        c.iter().map(|x| (x.0.as_str(), x.1, x.3)).collect::<Vec<_>>(),
+        vec![
+            ("a/j/2024-05", Decimal::from(60), money("0.03")),
+            (
+                "a/j/2024-05@2024-05-10T12:00:00.000Z",
+                Decimal::from(60),
+                money("0.015")
+            ),
+            (
+                "a/j/2024-05@2024-05-10T12:00:00.000Z/adj",
+                Decimal::from(60),
+                money("0.015")
+            ),
+        ]
+    );
+    let adj = w
+        .charges()
+        .into_iter()
+        .find(|x| x.charge_id.ends_with("/adj"))
+        .cloned()
+        .expect("adjustment");
+    assert_eq!(adj.adjusts.as_deref(), Some("a/j/2024-05@2024-05-10T12:00:00.000Z"));
+    assert_eq!(adj.adjustment_id.as_deref(), Some("half"));
+    w.flush();
+    let line = &w
+        .statements()
+        .into_iter()
+        .find(|s| s.account_id.as_str() == "a")
+        .expect("statement")
+        .lines[0];
+    assert_eq!(
+        (line.jobs, line.billable_seconds, line.amount),
+        (1, Decimal::from(180), money("0.06"))
+    );
+}
