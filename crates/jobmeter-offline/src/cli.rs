@@ -35,9 +35,14 @@ pub struct RepriceCmd {
     /// The rate card in force.
     #[arg(long, default_value = "config/rate-card.toml")]
     pub current: PathBuf,
-    /// The proposed rate card.
+    /// The proposed rate card (the current one when omitted: with
+    /// `--override`, the preview of price overrides alone).
     #[arg(long)]
-    pub proposed: PathBuf,
+    pub proposed: Option<PathBuf>,
+    /// Price overrides to preview, one adjustment record per line (as on
+    /// the adjustments topic): applied in the proposed pass only.
+    #[arg(long = "override")]
+    pub overrides: Option<PathBuf>,
     /// Only this month (YYYY-MM); every month with a statement otherwise.
     #[arg(long, value_parser = parse_period)]
     pub period: Option<jobmeter_core::Period>,
@@ -68,7 +73,8 @@ pub fn run_reprice(cmd: RepriceCmd) -> anyhow::Result<()> {
         accounts: cmd.accounts,
         plans: cmd.plans,
         before: cmd.current.clone(),
-        after: cmd.proposed.clone(),
+        after: cmd.proposed.clone().unwrap_or_else(|| cmd.current.clone()),
+        overrides: cmd.overrides.clone(),
         period: cmd.period,
         meter: cmd.timeouts.meter_config(),
     };
@@ -95,7 +101,12 @@ pub fn run_reprice(cmd: RepriceCmd) -> anyhow::Result<()> {
         let title = format!(
             "Bill impact: {} → {}{}",
             cmd.current.display(),
-            cmd.proposed.display(),
+            match (&cmd.proposed, &cmd.overrides) {
+                (Some(p), None) => p.display().to_string(),
+                (Some(p), Some(o)) => format!("{} with {}", p.display(), o.display()),
+                (None, Some(o)) => format!("overrides {}", o.display()),
+                (None, None) => cmd.current.display().to_string(),
+            },
             cmd.period.map(|p| format!(", {p}")).unwrap_or_default()
         );
         std::fs::write(path, crate::reprice::svg(&report, &title))
@@ -165,6 +176,10 @@ pub struct ReplayCmd {
     #[arg(long)]
     pub accounts: Option<PathBuf>,
     /// Rate card (TOML).
+    /// Pricing adjustments (price overrides), one JSON record per line, as
+    /// on the adjustments topic; applied before the events.
+    #[arg(long)]
+    pub adjustments: Option<PathBuf>,
     #[arg(long, default_value = "config/rate-card.toml")]
     pub rate_card: PathBuf,
     /// Plan catalog (TOML); built-in defaults when omitted.
@@ -355,6 +370,7 @@ pub fn run_replay(cmd: ReplayCmd) -> anyhow::Result<()> {
     let args = ReplayArgs {
         events: cmd.events,
         accounts: cmd.accounts,
+        adjustments: cmd.adjustments,
         rate_card: cmd.rate_card,
         plans: cmd.plans,
         out: cmd.out.clone(),

@@ -20,6 +20,9 @@ pub struct ReplayArgs {
     pub events: PathBuf,
     /// Account records, one per line.
     pub accounts: Option<PathBuf>,
+    /// Pricing adjustments (records of the adjustments topic), one per
+    /// line, applied before the events.
+    pub adjustments: Option<PathBuf>,
     /// Rate card (TOML).
     pub rate_card: PathBuf,
     /// Plan catalog (TOML); built-in defaults when absent.
@@ -59,6 +62,9 @@ pub enum ReplayError {
     /// The meter could not read a fact it needs (an account's records).
     #[error("{0}")]
     Apply(#[from] jobmeter_core::ApplyError),
+    /// An adjustments file holds a record that cannot apply.
+    #[error("adjustments: {0}")]
+    Adjustment(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ReplayError + '_ {
@@ -197,6 +203,10 @@ pub fn replay(args: &ReplayArgs, progress: impl FnMut(u64, u64)) -> Result<Repla
     sinks.write_all(&rejects).map_err(io(&args.out))?;
     let ctx = Context::new(&rates, &plans, &book, &args.meter);
     let mut meter = Meter::new();
+    if let Some(path) = &args.adjustments {
+        let rejects = apply_adjustments(path, &ctx, &mut meter)?;
+        sinks.write_all(&rejects).map_err(io(&args.out))?;
+    }
     let n = meter_file(
         &args.events,
         &ctx,
@@ -212,6 +222,22 @@ pub fn replay(args: &ReplayArgs, progress: impl FnMut(u64, u64)) -> Result<Repla
         stats: meter.stats().clone(),
         open_jobs: meter.open_jobs(),
     })
+}
+
+/// Applies every line of an adjustments file to `meter`, in file order
+/// (before any event: a price override rates the charges emitted after it).
+/// Returns what could not apply, as rejects naming the file and line.
+pub fn apply_adjustments(path: &Path, ctx: &Context<'_>, meter: &mut Meter) -> Result<Vec<Output>, ReplayError> {
+    let f = File::open(path).map_err(io(path))?;
+    let mut out = Vec::new();
+    for (i, line) in BufReader::new(f).split(b'\n').enumerate() {
+        let line = line.map_err(io(path))?;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        meter.apply_adjustment(ctx, &line, Some(&origin(path, i)), &mut out)?;
+    }
+    Ok(out)
 }
 
 fn origin(path: &Path, line_index: usize) -> Origin {

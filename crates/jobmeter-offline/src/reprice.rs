@@ -28,6 +28,9 @@ pub struct RepriceArgs {
     pub before: PathBuf,
     /// The proposed rate card.
     pub after: PathBuf,
+    /// Price overrides applied in the proposed pass (adjustment records,
+    /// one per line).
+    pub overrides: Option<PathBuf>,
     /// Only the billing periods of this calendar month (every period with a
     /// statement when absent).
     pub period: Option<Period>,
@@ -89,12 +92,23 @@ fn run_once(
     rates: &RateCard,
     plans: &PlanCatalog,
     book: &AccountBook,
-    pass: &str,
+    (pass, overrides): (&str, Option<&std::path::Path>),
     progress: &mut dyn FnMut(&str, u64, u64),
 ) -> Result<Run, ReplayError> {
     let ctx = Context::new(rates, plans, book, &args.meter);
     let mut meter = Meter::new();
     let mut run = Run::default();
+    if let Some(path) = overrides {
+        let refused = crate::replay::apply_adjustments(path, &ctx, &mut meter)?;
+        if let Some(Output::Reject(r)) = refused.first() {
+            return Err(ReplayError::Adjustment(format!(
+                "{} adjustment record(s) cannot apply; the first: {} ({})",
+                refused.len(),
+                r.reason,
+                r.detail
+            )));
+        }
+    }
     // A month keeps every billing period in it (both halves of a
     // semi-monthly month).
     let keep = |p: BillingPeriod| args.period.is_none_or(|x| x == p.limit_month());
@@ -137,8 +151,15 @@ pub fn reprice(args: &RepriceArgs, mut progress: impl FnMut(&str, u64, u64)) -> 
     let after_card = load_rate_card(&args.after)?;
     let plans = load_plans(args.plans.as_deref())?;
     let (book, _) = load_accounts(args.accounts.as_deref(), &plans)?;
-    let a = run_once(args, &before_card, &plans, &book, "current card", &mut progress)?;
-    let b = run_once(args, &after_card, &plans, &book, "proposed card", &mut progress)?;
+    let a = run_once(args, &before_card, &plans, &book, ("current card", None), &mut progress)?;
+    let b = run_once(
+        args,
+        &after_card,
+        &plans,
+        &book,
+        ("proposed card", args.overrides.as_deref()),
+        &mut progress,
+    )?;
     let mut report = Report::default();
     let keys: std::collections::BTreeSet<_> = a.bills.keys().chain(b.bills.keys()).cloned().collect();
     for key in keys {

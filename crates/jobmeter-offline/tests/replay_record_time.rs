@@ -60,6 +60,7 @@ fn replay_checks_event_times_against_record_times_like_the_meter() {
         &ReplayArgs {
             events,
             accounts: None,
+            adjustments: None,
             rate_card: root().join("config/rate-card.toml"),
             plans: Some(root().join("config/plans.toml")),
             out: out.clone(),

@@ -77,9 +77,19 @@ fn fixture() -> Fixture {
 
 /// total_due per (account, period) from a replay under `card`.
 fn replay_bills(f: &Fixture, card: &Path) -> BTreeMap<(String, jobmeter_core::cycle::BillingPeriod), Money> {
+    replay_bills_with(f, card, None)
+}
+
+/// [`replay_bills`] with the price overrides of `adjustments` applied.
+fn replay_bills_with(
+    f: &Fixture,
+    card: &Path,
+    adjustments: Option<&Path>,
+) -> BTreeMap<(String, jobmeter_core::cycle::BillingPeriod), Money> {
     let args = ReplayArgs {
         events: f.events.clone(),
         accounts: Some(f.accounts.clone()),
+        adjustments: adjustments.map(Path::to_owned),
         rate_card: card.to_owned(),
         plans: Some(f.plans.clone()),
         out: f.out.clone(),
@@ -110,6 +120,7 @@ fn reprice_totals_equal_replay_under_each_card() {
             plans: Some(f.plans.clone()),
             before: f.current.clone(),
             after: f.proposed.clone(),
+            overrides: None,
             period: None,
             meter: MeterConfig::default(),
         },
@@ -197,4 +208,63 @@ fn cli_writes_table_csv_and_svg_quietly() {
         String::from_utf8_lossy(&bad.stderr).contains("/no/such"),
         "the error names the file"
     );
+}
+
+/// The preview of price overrides (`reprice --override`, the current card
+/// on both sides) equals, per account and period, the bills a replay gives
+/// with the overrides applied: the preview is the effect, to the cent.
+#[test]
+fn an_override_preview_equals_the_bills_with_the_overrides_applied() {
+    let f = fixture();
+    let accounts: Vec<String> = std::fs::read_to_string(&f.accounts)
+        .expect("accounts")
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["account_id"].as_str().map(str::to_owned))
+        .take(12)
+        .collect();
+    let overrides = f.out.with_file_name("overrides.jsonl");
+    let mut lines = String::new();
+    for (i, a) in accounts.iter().enumerate() {
+        let price = if i % 3 == 0 {
+            r#""multiplier":"0.80","selector":{"model":"sdxl-1.0"}"#
+        } else if i % 3 == 1 {
+            r#""multiplier":"0.5""#
+        } else {
+            r#""rate_per_second":"0.0001","selector":{"kind":"inference"}"#
+        };
+        lines.push_str(&format!(
+            r#"{{"adjustment_id":"adj-{i}","account_id":"{a}","type":"price_override",{price},"effective_from":"2024-05-01T00:20:00Z","reason":"goodwill","requested_by":"support@platform"}}"#
+        ));
+        lines.push('\n');
+    }
+    std::fs::write(&overrides, lines).expect("overrides");
+    let before = replay_bills(&f, &f.current);
+    let after = replay_bills_with(&f, &f.current, Some(&overrides));
+    let report = reprice(
+        &RepriceArgs {
+            events: f.events.clone(),
+            accounts: Some(f.accounts.clone()),
+            plans: Some(f.plans.clone()),
+            before: f.current.clone(),
+            after: f.current.clone(),
+            overrides: Some(overrides.clone()),
+            period: None,
+            meter: MeterConfig::default(),
+        },
+        |_, _, _| {},
+    )
+    .expect("reprice");
+    assert_eq!(report.rows.len(), before.len());
+    let mut changed = 0;
+    for r in &report.rows {
+        let key = (r.account_id.clone(), r.period);
+        assert_eq!(Some(&r.before), before.get(&key), "{key:?} as billed");
+        assert_eq!(Some(&r.after), after.get(&key), "{key:?} with the overrides");
+        changed += usize::from(r.change != Money::ZERO);
+        if !accounts.contains(&r.account_id) {
+            assert_eq!(r.change, Money::ZERO, "{key:?}: an account without an override");
+        }
+    }
+    assert!(changed >= 6, "{changed} bills change");
 }
