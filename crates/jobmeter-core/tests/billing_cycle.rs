@@ -420,3 +420,21 @@ fn the_last_accepted_half_month_is_billed_stored_and_restored() {
     let back: Statement = serde_json::from_str(&json).expect("reads back");
     assert_eq!(back, st[0]);
 }
+
+#[test]
+fn a_statement_stored_before_billing_cycles_compares_equal_to_its_reading_now() {
+    // As the monthly-only release wrote it: no bounds, no cadence.
+    let old = br#"{"account_id":"a","period":"2024-05","plan":"payg","lines":[],"subscription_fee":"0.00","credits_applied":"0","included_usage":"0","total_due":"0.00","currency":"USD"}"#;
+    let s: Statement = serde_json::from_slice(old).expect("reads");
+    assert_eq!(
+        (s.period_start, s.period_end, s.cadence),
+        (ts("2024-05-01T00:00:00Z"), ts("2024-06-01T00:00:00Z"), Cadence::Monthly)
+    );
+    let now = serde_json::to_vec(&s).expect("json");
+    assert_ne!(now, old.to_vec());
+    assert_eq!(
+        values::canonical(state::Table::Closed, old).expect("canonical"),
+        values::canonical(state::Table::Closed, &now).expect("canonical"),
+        "jobmeter rebuild compares a stored statement by its content"
+    );
+}
