@@ -19,7 +19,9 @@ use crate::cycle::{cadence_in_force, period_at, BillingPeriod, Cadence};
 use crate::event::JobKind;
 use crate::meter::{Meter, Step};
 use crate::money::{AccountId, Money, CURRENCY};
-use crate::output::{Charge, LimitAction, LimitEvent, LimitKind, Output, Statement, StatementLine};
+use crate::output::{
+    Charge, LimitAction, LimitEvent, LimitKind, Output, Statement, StatementAdjustment, StatementLine,
+};
 use crate::plans::{terms_in, AccountRecord, LookupError, Plan, PlanCatalog, PlanTerms, Policy};
 use crate::rating::SliceCharge;
 use crate::state::{Accrual, Counter, FiredKey, Job, JobKey, LineAcc, StartRec, StatementAcc, ThresholdId, UsageKey};
@@ -451,6 +453,9 @@ impl Meter {
         line.seconds += s.seconds;
         line.amount += amount;
         acc.due += due;
+        if let Some(id) = &s.adjustment_id {
+            *acc.adjustments.entry(id.clone()).or_default() += Money((s.rate.0 - start.rate.0) * s.seconds);
+        }
         acc.credits_applied += credits;
         acc.included_usage += included_usage;
         if let Some(d) = self.dirty.as_mut() {
@@ -546,6 +551,19 @@ impl Meter {
         }
         let accounts = self.statements.remove(&p).unwrap_or_default();
         for (account, acc) in accounts {
+            let adjustments = acc
+                .adjustments
+                .iter()
+                .map(|(id, amount)| {
+                    let stored = self.adjustments.get(&account).and_then(|a| a.by_id.get(id));
+                    StatementAdjustment {
+                        adjustment_id: id.clone(),
+                        kind: "price_override".to_owned(),
+                        reason: stored.map(|s| s.adjustment.reason.clone()).unwrap_or_default(),
+                        amount: *amount,
+                    }
+                })
+                .collect();
             let Some((plan, fee, cadence)) = terms.remove(&account) else {
                 continue;
             };
@@ -570,6 +588,7 @@ impl Meter {
                 subscription_fee: fee,
                 credits_applied: acc.credits_applied,
                 included_usage: acc.included_usage,
+                adjustments,
                 total_due: (acc.due + fee).round_cents(),
                 currency: CURRENCY.to_owned(),
             };

@@ -476,6 +476,15 @@ impl Binary for StatementAcc {
         self.credits_applied.put(w);
         self.included_usage.put(w);
         self.due.put(w);
+        // Only when there are any: a statement without adjustments has the
+        // layout it had before they existed.
+        if !self.adjustments.is_empty() {
+            put_u(w, self.adjustments.len() as u128);
+            for (id, amount) in &self.adjustments {
+                id.put(w);
+                amount.put(w);
+            }
+        }
     }
     fn take(r: &mut &[u8]) -> R<Self> {
         let n = take_len(r)?;
@@ -485,12 +494,20 @@ impl Binary for StatementAcc {
             let model = <Option<ModelId> as Binary>::take(r)?;
             lines.insert((kind, model), LineAcc::take(r)?);
         }
-        Ok(StatementAcc {
+        let mut acc = StatementAcc {
             lines,
             credits_applied: Money::take(r)?,
             included_usage: Money::take(r)?,
             due: Money::take(r)?,
-        })
+            adjustments: std::collections::BTreeMap::new(),
+        };
+        if !r.is_empty() {
+            for _ in 0..take_len(r)? {
+                let id = String::take(r)?;
+                acc.adjustments.insert(id, Money::take(r)?);
+            }
+        }
+        Ok(acc)
     }
 }
 
@@ -531,6 +548,19 @@ mod tests {
             let m = p.start.period();
             prop_assert_eq!(encode(&[], &BillingPeriod::month(m)), encode(&[], &m));
             prop_assert_eq!(round(&BillingPeriod::month(m)), Ok(BillingPeriod::month(m)));
+        }
+
+        /// A statement accumulator round-trips with and without price
+        /// adjustments; without, its bytes are the layout before they existed.
+        #[test]
+        fn statement_accumulators_round_trip(due in any::<i64>(), adj in proptest::collection::btree_map(".{0,12}", any::<i64>(), 0..4)) {
+            let mut acc = StatementAcc { due: Money(Decimal::new(due, 6)), ..StatementAcc::default() };
+            let plain = encode(&[], &acc);
+            acc.adjustments = adj.into_iter().map(|(k, v)| (k, Money(Decimal::new(v, 5)))).collect();
+            prop_assert_eq!(round(&acc), Ok(acc.clone()));
+            if acc.adjustments.is_empty() {
+                prop_assert_eq!(encode(&[], &acc), plain);
+            }
         }
 
         #[test]

@@ -240,6 +240,20 @@ pub struct StatementLine {
     pub amount: Money,
 }
 
+/// A pricing adjustment on a statement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatementAdjustment {
+    /// The adjustment.
+    pub adjustment_id: String,
+    /// Its type (`price_override`).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Why, as support wrote it.
+    pub reason: String,
+    /// What it changed in the period: rated amount − list amount.
+    pub amount: Money,
+}
+
 /// An account's bill for a closed period (`jobmeter.statements`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "StatementIn")]
@@ -264,6 +278,9 @@ pub struct Statement {
     pub credits_applied: Money,
     /// Pro usage included in the cap and quota.
     pub included_usage: Money,
+    /// The pricing adjustments that changed this period's usage, each with
+    /// its reason and the amount it changed (rated − list).
+    pub adjustments: Vec<StatementAdjustment>,
     /// Sum of amounts due plus the fee, rounded to cents half-even.
     pub total_due: Money,
     /// Always `USD`.
@@ -285,6 +302,8 @@ struct StatementIn {
     subscription_fee: Money,
     credits_applied: Money,
     included_usage: Money,
+    #[serde(default)]
+    adjustments: Vec<StatementAdjustment>,
     total_due: Money,
     currency: String,
 }
@@ -302,6 +321,7 @@ impl From<StatementIn> for Statement {
             subscription_fee: s.subscription_fee,
             credits_applied: s.credits_applied,
             included_usage: s.included_usage,
+            adjustments: s.adjustments,
             total_due: s.total_due,
             currency: s.currency,
         }

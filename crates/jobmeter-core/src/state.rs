@@ -313,6 +313,10 @@ pub struct StatementAcc {
     pub included_usage: Money,
     /// Sum of amounts due.
     pub due: Money,
+    /// What each price override changed (rated amount − list amount), by
+    /// `adjustment_id`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub adjustments: BTreeMap<String, Money>,
 }
 
 mod line_entries {

@@ -88,6 +88,19 @@ fn an_override_starting_mid_job_splits_it_there() {
         (line.jobs, line.billable_seconds, line.amount),
         (1, Decimal::from(5), money("0.0015"))
     );
+    // The statement names the override, its reason and what it changed:
+    // 4 s at half of $0.0005.
+    assert_eq!(
+        st[0].adjustments,
+        vec![output::StatementAdjustment {
+            adjustment_id: "half".to_owned(),
+            kind: "price_override".to_owned(),
+            reason: "goodwill after the outage".to_owned(),
+            amount: money("-0.001"),
+        }]
+    );
+    let json = serde_json::to_value(st[0]).expect("json");
+    assert_eq!(json["adjustments"][0]["type"], "price_override");
 }
 
 #[test]
