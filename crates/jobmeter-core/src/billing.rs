@@ -385,7 +385,14 @@ impl Meter {
         if spec.is_none() && spend.is_none() {
             return Ok(());
         }
-        let amount = start.rate * ctx.rates.policy.rounding.total_seconds(hb.0 - start.time.0);
+        // At list price, or at the price overrides in force over the run.
+        let amount = if self.adjustments.get(&jk.0).is_some_and(|a| !a.overrides.is_empty()) {
+            self.rated_parts(ctx, &records, jk, start, hb)
+                .iter()
+                .fold(Money::ZERO, |sum, p| sum + p.rate * p.seconds)
+        } else {
+            start.rate * ctx.rates.policy.rounding.total_seconds(hb.0 - start.time.0)
+        };
         self.release_accrual(job);
         let mut due = amount;
         if let Some(spec) = &spec {

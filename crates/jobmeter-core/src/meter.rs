@@ -765,7 +765,7 @@ impl Meter {
     /// The rated parts of a job of `start` up to `end`: cut at its
     /// account's period boundaries and, where the account has price
     /// overrides, wherever the override in force changes.
-    fn rated_parts(
+    pub(crate) fn rated_parts(
         &self,
         ctx: &Context<'_>,
         records: &[crate::plans::AccountRecord],

@@ -162,8 +162,14 @@ pub(crate) fn exposures<'j>(
 }
 
 /// A running job's share of its account's burn rates (`None` when it is not
-/// running).
-fn share_of(ctx: &Context<'_>, account: &AccountId, job: &Job) -> Result<Option<Share>, LookupError> {
+/// running): its rate when it started, a price override's if one was in
+/// force for it then.
+fn share_of(
+    ctx: &Context<'_>,
+    account: &AccountId,
+    job: &Job,
+    overrides: Option<&crate::adjust::Overrides>,
+) -> Result<Option<Share>, LookupError> {
     let Some(start) = job.start.as_ref().filter(|_| job.is_running()) else {
         return Ok(None);
     };
@@ -171,8 +177,11 @@ fn share_of(ctx: &Context<'_>, account: &AccountId, job: &Job) -> Result<Option<
     let limits = job_limits(ctx.plans, &terms, start.info.kind, account, start.time.period())
         .map(|s| (s.key.limit, s.limit_value, s.plan))
         .collect();
+    let rate = overrides
+        .and_then(|o| o.winner(start.info.kind, start.info.model.as_ref(), start.time))
+        .map_or(start.rate, |(_, o)| o.price.rate(start.rate));
     Ok(Some(Share {
-        rate: start.rate,
+        rate,
         limits,
         stopped: job.stop_sent.is_some(),
     }))
@@ -201,7 +210,8 @@ impl crate::meter::Meter {
                 }
             }
             (false, true) => {
-                if let Some(share) = share_of(ctx, &jk.0, job)? {
+                let overrides = self.adjustments.get(&jk.0).map(|a| &a.overrides);
+                if let Some(share) = share_of(ctx, &jk.0, job, overrides)? {
                     self.running.entry(jk.0.clone()).or_default().add(jk.1.clone(), share);
                 }
             }
@@ -218,7 +228,7 @@ impl crate::meter::Meter {
         }
         let mut shares: Vec<(JobKey, Share)> = Vec::new();
         for (jk, job) in self.jobs.iter() {
-            if let Some(s) = share_of(ctx, &jk.0, job)? {
+            if let Some(s) = share_of(ctx, &jk.0, job, self.adjustments.get(&jk.0).map(|a| &a.overrides))? {
                 shares.push((jk.clone(), s));
             }
         }

@@ -389,3 +389,25 @@ fn a_late_stop_of_an_orphan_is_adjusted_part_by_part_at_each_parts_rate() {
         (1, Decimal::from(180), money("0.06"))
     );
 }
+
+#[test]
+fn heartbeats_count_toward_caps_at_the_overridden_rate() {
+    let mut w = World::new();
+    w.account(r#"{"account_id":"p","plan":"pro","effective_from":"2024-01-01T00:00:00Z","usage_cap":"1.00"}"#);
+    w.adjustment(&po(
+        "half",
+        "p",
+        r#""multiplier":"0.5","effective_from":"2024-05-01T00:00:00Z""#,
+    ));
+    let s = w.start("p", "j", "2024-05-02T00:00:00Z", "inference", Some("img"));
+    w.apply(&s);
+    // 1,800 s: $0.90 at list (past 80 % of $1.00), $0.45 overridden.
+    let h = w.heartbeat("p", "j", "2024-05-02T00:30:00Z");
+    w.apply(&h);
+    assert!(w.limits().is_empty(), "{:?}", w.limits());
+    // 3,300 s: $0.825 overridden.
+    let h = w.heartbeat("p", "j", "2024-05-02T00:55:00Z");
+    w.apply(&h);
+    let fired: Vec<_> = w.limits().iter().map(|l| (l.threshold_pct, l.usage_value)).collect();
+    assert_eq!(fired, vec![(Some(80), money("0.825"))]);
+}
