@@ -142,6 +142,51 @@ fn bench(c: &mut Criterion) {
             BatchSize::LargeInput,
         )
     });
+    // The same events with price overrides in force: `n` overrides spread
+    // over the 300 accounts (each account's list holds n / 300), half of
+    // them covering the run, applied to a fresh meter before the events.
+    for n in [300usize, 10_000] {
+        let overrides: Vec<String> = (0..n)
+            .map(|i| {
+                let (from, until) = if i % 2 == 0 {
+                    ("2024-05-01T01:00:00Z", "2024-07-01T00:00:00Z")
+                } else {
+                    ("2024-01-01T00:00:00Z", "2024-02-01T00:00:00Z")
+                };
+                let sel = match i % 3 {
+                    0 => String::new(),
+                    1 => r#""selector":{"kind":"inference"},"#.to_owned(),
+                    _ => r#""selector":{"model":"flux-schnell"},"#.to_owned(),
+                };
+                format!(
+                    r#"{{"adjustment_id":"adj-{i}","account_id":"acct-{:04}","type":"price_override",{sel}"multiplier":"0.8","effective_from":"{from}","effective_until":"{until}","reason":"bench","requested_by":"bench"}}"#,
+                    i % 300
+                )
+            })
+            .collect();
+        g.bench_function(format!("parse+apply {} events, {n} overrides", events.len()), |b| {
+            b.iter_batched(
+                || {
+                    let mut meter = Meter::new();
+                    let mut out = Vec::new();
+                    for o in &overrides {
+                        meter.apply_adjustment(&ctx, o.as_bytes(), None, &mut out).expect("adjustment");
+                    }
+                    assert!(out.is_empty(), "{out:?}");
+                    meter
+                },
+                |mut meter| {
+                    let mut out = Vec::with_capacity(64);
+                    for e in &events {
+                        meter.apply(&ctx, e.as_bytes(), None, &mut out).expect("apply");
+                        out.clear();
+                    }
+                    black_box(meter)
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
     g.bench_function(format!("parse only {} events", events.len()), |b| {
         b.iter(|| {
             let mut n = 0usize;
