@@ -170,7 +170,9 @@ fn bench(c: &mut Criterion) {
                     let mut meter = Meter::new();
                     let mut out = Vec::new();
                     for o in &overrides {
-                        meter.apply_adjustment(&ctx, o.as_bytes(), None, &mut out).expect("adjustment");
+                        meter
+                            .apply_adjustment(&ctx, o.as_bytes(), None, &mut out)
+                            .expect("adjustment");
                     }
                     assert!(out.is_empty(), "{out:?}");
                     meter
