@@ -427,19 +427,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const CARD: &str = r#"
-[policy]
-rounding = "ceil_seconds"
-
-[[versions]]
-version = "v1"
-effective_from = "2024-01-01T00:00:00Z"
-fine_tune_per_second = "0.001"
-models."img" = { per_second = "0.0005" }
-"#;
-
     fn rates() -> RateCard {
-        RateCard::from_toml(CARD).expect("card")
+        RateCard::from_toml(include_str!("../../../config/rate-card.toml")).expect("the shipped card")
     }
 
     fn parse(json: &str) -> Result<Adjustment, Invalid> {
@@ -452,14 +441,14 @@ models."img" = { per_second = "0.0005" }
     #[test]
     fn a_price_override_reads_with_its_window_and_selector() {
         let a = parse(&format!(
-            r#"{{{BASE},"type":"price_override","selector":{{"model":"img"}},"multiplier":"0.80","effective_from":"2024-05-01T00:00:00Z","effective_until":"2024-07-01T00:00:00Z"}}"#
+            r#"{{{BASE},"type":"price_override","selector":{{"model":"sdxl-1.0"}},"multiplier":"0.80","effective_from":"2024-05-01T00:00:00Z","effective_until":"2024-07-01T00:00:00Z"}}"#
         ))
         .expect("valid");
         let AdjustmentBody::PriceOverride(o) = &a.body else {
             panic!("{a:?}")
         };
         assert_eq!(o.price, OverridePrice::Multiplier(Decimal::new(80, 2)));
-        assert_eq!(o.selector.model.as_ref().map(ModelId::as_str), Some("img"));
+        assert_eq!(o.selector.model.as_ref().map(ModelId::as_str), Some("sdxl-1.0"));
         assert!(o.covers(Timestamp::parse("2024-06-30T23:59:59.999Z").expect("t")));
         assert!(!o.covers(Timestamp::parse("2024-07-01T00:00:00Z").expect("t")));
         // What is stored reads back as the same adjustment.
@@ -572,16 +561,20 @@ models."img" = { per_second = "0.0005" }
         let mut set = Overrides::default();
         set.set("half", o(Selector::default(), "2024-05-10T12:00:00Z", None, 50));
         let img = ModelId::from("img");
-        let parts = rate_slices(
-            &[],
-            &CadenceSchedule::default(),
-            &set,
-            (JobKind::Inference, Some(&img)),
-            Money(Decimal::new(5, 4)),
-            at("2024-05-10T11:59:58.600Z"),
-            at("2024-05-10T12:00:03.100Z"),
-            Rounding::CeilSeconds,
-        );
+        // An img inference job at $0.0005/s from `from` to `to`.
+        let slices = |set: &Overrides, from: &str, to: &str| {
+            rate_slices(
+                &[],
+                &CadenceSchedule::default(),
+                set,
+                (JobKind::Inference, Some(&img)),
+                Money(Decimal::new(5, 4)),
+                at(from),
+                at(to),
+                Rounding::CeilSeconds,
+            )
+        };
+        let parts = slices(&set, "2024-05-10T11:59:58.600Z", "2024-05-10T12:00:03.100Z");
         let got: Vec<(Decimal, Money, Option<&str>)> = parts
             .iter()
             .map(|p| (p.seconds, p.rate, p.adjustment_id.as_deref()))
@@ -609,16 +602,7 @@ models."img" = { per_second = "0.0005" }
                 10,
             ),
         );
-        let parts = rate_slices(
-            &[],
-            &CadenceSchedule::default(),
-            &set,
-            (JobKind::Inference, Some(&img)),
-            Money(Decimal::new(5, 4)),
-            at("2024-05-10T11:00:00Z"),
-            at("2024-05-10T13:00:00Z"),
-            Rounding::CeilSeconds,
-        );
+        let parts = slices(&set, "2024-05-10T11:00:00Z", "2024-05-10T13:00:00Z");
         assert_eq!(parts.len(), 1, "{parts:?}");
         assert_eq!(parts[0].adjustment_id.as_deref(), Some("model"));
     }

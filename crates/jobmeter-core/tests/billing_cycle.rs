@@ -21,20 +21,10 @@ fn s(x: &str) -> String {
     x.to_owned()
 }
 
-/// A job of `acct` from `span.0` to `span.1`, started and stopped
-/// (succeeded).
-fn run_job(w: &mut World, acct: &str, job: &str, span: (&str, &str), kind: &str, model: Option<&str>) {
-    let a = w.start(acct, job, span.0, kind, model);
-    let b = w.stop(acct, job, span.1, "succeeded");
-    w.apply(&a);
-    w.apply(&b);
-}
-
 #[test]
 fn a_job_across_the_half_month_boundary_gets_its_whole_seconds_then_the_rest() {
     let mut w = World::new();
-    run_job(
-        &mut w,
+    w.job(
         "acct",
         "j",
         ("2024-04-15T23:59:59.500Z", "2024-04-16T00:00:00.700Z"),
@@ -66,8 +56,7 @@ fn a_fine_tune_across_the_cutover_is_billed_by_the_half_month_then_the_month() {
         let mut w = World::new();
         w.config.period_grace_ms = grace_ms;
         w.account(r#"{"account_id":"e","plan":"enterprise","effective_from":"2024-01-01T00:00:00Z"}"#);
-        run_job(
-            &mut w,
+        w.job(
             "e",
             "ft",
             ("2024-04-30T22:00:00Z", "2024-05-01T02:00:00Z"),
@@ -124,8 +113,7 @@ fn an_upgrade_to_pro_mid_half_month_ends_the_period_there_with_a_job_running() {
     w.account(r#"{"account_id":"u","plan":"payg","effective_from":"2024-01-01T00:00:00Z"}"#);
     w.account(r#"{"account_id":"u","plan":"pro","effective_from":"2024-04-20T12:00:00Z"}"#);
     // Stopped before the short period's end + grace (13:00).
-    run_job(
-        &mut w,
+    w.job(
         "u",
         "j",
         ("2024-04-20T11:00:00Z", "2024-04-20T12:59:00.001Z"),
@@ -162,19 +150,15 @@ fn an_upgrade_to_pro_mid_half_month_ends_the_period_there_with_a_job_running() {
 #[test]
 fn a_late_stop_for_a_closed_half_month_is_booked_in_the_open_one() {
     let mut w = World::new();
-    let a = w.start("acct", "early", "2024-04-15T20:00:00Z", "inference", Some("img"));
-    w.apply(&a);
-    let h = w.heartbeat("acct", "early", "2024-04-15T20:05:00Z");
-    w.apply(&h);
+    w.begin("acct", "early", "2024-04-15T20:00:00Z", "inference", Some("img"));
+    w.beat("acct", "early", "2024-04-15T20:05:00Z");
     // Stream time passes Apr 16 01:00 (the first half's end + 1 h grace).
-    let other = w.start("other", "x", "2024-04-16T01:00:01Z", "inference", Some("img"));
-    w.apply(&other);
+    w.begin("other", "x", "2024-04-16T01:00:01Z", "inference", Some("img"));
     // The orphan timeout closed the job at its heartbeat, in the first
     // half, which has closed since with its statement.
     assert_eq!(w.statements().len(), 1);
     assert_eq!(w.statements()[0].period.to_string(), "2024-04-01/2024-04-16");
-    let stop = w.stop("acct", "early", "2024-04-15T20:10:00Z", "succeeded");
-    w.apply(&stop);
+    w.end("acct", "early", "2024-04-15T20:10:00Z", "succeeded");
     let adj = w
         .charges()
         .into_iter()
@@ -203,7 +187,7 @@ fn an_enterprise_alert_crossed_across_the_half_months_fires_once_for_the_month()
         ("b", "2024-04-20T00:00:00Z", "2024-04-20T00:20:00Z"),
         ("c", "2024-04-25T00:00:00Z", "2024-04-25T00:20:00Z"),
     ] {
-        run_job(&mut w, "e", j, (from, to), "inference", Some("img"));
+        w.job("e", j, (from, to), "inference", Some("img"));
     }
     w.flush();
     let alerts: Vec<_> = w
@@ -233,7 +217,7 @@ fn free_and_pro_accounts_stay_monthly_and_an_idle_pro_account_owes_its_fee_once_
         ("f", "b", "2024-04-20T00:00:00Z", "2024-04-20T00:00:10Z"),
         ("x", "c", "2024-05-20T00:00:00Z", "2024-05-20T00:00:10Z"),
     ] {
-        run_job(&mut w, acct, j, (from, to), "inference", Some("img"));
+        w.job(acct, j, (from, to), "inference", Some("img"));
     }
     w.flush();
     let mut st: Vec<(String, String, Cadence)> = w
@@ -257,8 +241,7 @@ fn free_and_pro_accounts_stay_monthly_and_an_idle_pro_account_owes_its_fee_once_
 fn an_account_record_can_keep_a_post_paid_account_monthly() {
     let mut w = World::new();
     w.account(r#"{"account_id":"m","plan":"payg","effective_from":"2024-01-01T00:00:00Z","billing_cycle":"monthly"}"#);
-    run_job(
-        &mut w,
+    w.job(
         "m",
         "j",
         ("2024-04-15T23:00:00Z", "2024-04-16T01:00:00Z"),
@@ -315,8 +298,7 @@ fn ctx_of(w: &World) -> Context<'_> {
 #[test]
 fn a_schedule_that_would_move_an_open_period_is_refused_naming_the_account_and_period() {
     let mut w = World::new();
-    run_job(
-        &mut w,
+    w.job(
         "acct",
         "j",
         ("2024-04-20T10:00:00Z", "2024-04-20T10:00:10Z"),
@@ -338,8 +320,7 @@ fn a_schedule_that_would_move_an_open_period_is_refused_naming_the_account_and_p
 fn a_schedule_change_dated_before_stream_time_is_refused_and_a_later_one_accepted() {
     let mut w = World::new();
     w.meter.set_billed_schedule(&CadenceSchedule::default());
-    let a = w.start("other", "j", "2024-04-20T10:00:00Z", "inference", Some("img"));
-    w.apply(&a);
+    w.begin("other", "j", "2024-04-20T10:00:00Z", "inference", Some("img"));
     let entry = |from: &str, payg: Cadence| CadenceEntry {
         effective_from: ts(from),
         payg,
@@ -395,10 +376,8 @@ fn the_last_accepted_half_month_is_billed_stored_and_restored() {
     // Event times are accepted until 2100-01-01 (docs/billing.md, *Time
     // bounds*): a job running at the last accepted instant, closed by the
     // flush.
-    let a = w.start("late", "j", "2099-12-28T00:00:00Z", "inference", Some("img"));
-    w.apply(&a);
-    let h = w.heartbeat("late", "j", "2099-12-31T23:59:59.999Z");
-    w.apply(&h);
+    w.begin("late", "j", "2099-12-28T00:00:00Z", "inference", Some("img"));
+    w.beat("late", "j", "2099-12-31T23:59:59.999Z");
     w.flush();
     let c = w.charges();
     assert_eq!(c.len(), 1, "{:?}", w.out);
@@ -407,13 +386,7 @@ fn the_last_accepted_half_month_is_billed_stored_and_restored() {
     assert_eq!(st.len(), 1);
     assert_eq!(st[0].period_end, ts("2100-01-01T00:00:00Z"));
     // Every state record written reads back.
-    let records: Vec<(state::Table, Vec<u8>, Vec<u8>)> = w
-        .meter
-        .take_changes()
-        .expect("changes")
-        .into_iter()
-        .filter_map(|c| c.value.map(|v| (c.table, c.key, v)))
-        .collect();
+    let records = w.stored();
     assert!(!records.is_empty());
     Meter::restore(records, &w.config).expect("the state restores");
     let json = serde_json::to_string(&st[0]).expect("statement json");

@@ -15,6 +15,15 @@ fn po(id: &str, acct: &str, rest: &str) -> String {
     )
 }
 
+/// A 50 % override `half` of all of `acct`'s usage from `from` on.
+fn half_from(w: &mut World, acct: &str, from: &str) {
+    w.adjustment(&po(
+        "half",
+        acct,
+        &format!(r#""multiplier":"0.5","effective_from":"{from}""#),
+    ));
+}
+
 /// `(charge_id, seconds, rate, amount, adjustment_id)` of every charge.
 fn charged(w: &World) -> Vec<(String, Decimal, Money, Money, Option<String>)> {
     w.charges()
@@ -31,27 +40,14 @@ fn charged(w: &World) -> Vec<(String, Decimal, Money, Money, Option<String>)> {
         .collect()
 }
 
-fn job(w: &mut World, acct: &str, j: &str, from: &str, to: &str, kind: &str, model: Option<&str>) {
-    let a = w.start(acct, j, from, kind, model);
-    let b = w.stop(acct, j, to, "succeeded");
-    w.apply(&a);
-    w.apply(&b);
-}
-
 #[test]
 fn an_override_starting_mid_job_splits_it_there() {
     let mut w = World::new();
-    w.adjustment(&po(
-        "half",
-        "a",
-        r#""multiplier":"0.5","effective_from":"2024-05-10T12:00:00Z""#,
-    ));
-    job(
-        &mut w,
+    half_from(&mut w, "a", "2024-05-10T12:00:00Z");
+    w.job(
         "a",
         "j",
-        "2024-05-10T11:59:58.600Z",
-        "2024-05-10T12:00:03.100Z",
+        ("2024-05-10T11:59:58.600Z", "2024-05-10T12:00:03.100Z"),
         "inference",
         Some("img"),
     );
@@ -118,30 +114,24 @@ fn the_model_beats_the_kind_beats_all_usage_and_overrides_never_stack() {
         "a",
         &format!(r#""rate_per_second":"0.0001","selector":{{"model":"img"}},{from}"#),
     ));
-    job(
-        &mut w,
+    w.job(
         "a",
         "img",
-        "2024-05-02T00:00:00Z",
-        "2024-05-02T00:00:10Z",
+        ("2024-05-02T00:00:00Z", "2024-05-02T00:00:10Z"),
         "inference",
         Some("img"),
     );
-    job(
-        &mut w,
+    w.job(
         "a",
         "llm",
-        "2024-05-02T00:00:00Z",
-        "2024-05-02T00:00:10Z",
+        ("2024-05-02T00:00:00Z", "2024-05-02T00:00:10Z"),
         "inference",
         Some("llm"),
     );
-    job(
-        &mut w,
+    w.job(
         "a",
         "ft",
-        "2024-05-02T00:00:00Z",
-        "2024-05-02T00:00:10Z",
+        ("2024-05-02T00:00:00Z", "2024-05-02T00:00:10Z"),
         "fine_tune",
         None,
     );
@@ -155,12 +145,10 @@ fn the_model_beats_the_kind_beats_all_usage_and_overrides_never_stack() {
         ]
     );
     // Another account's usage is not touched.
-    job(
-        &mut w,
+    w.job(
         "b",
         "img",
-        "2024-05-02T00:00:00Z",
-        "2024-05-02T00:00:10Z",
+        ("2024-05-02T00:00:00Z", "2024-05-02T00:00:10Z"),
         "inference",
         Some("img"),
     );
@@ -181,12 +169,10 @@ fn an_override_ended_early_rates_what_follows_at_the_list_price_and_a_zero_multi
     w.adjustment(
         r#"{"adjustment_id":"end","account_id":"a","type":"override_end","ends":"free","effective_until":"2024-05-10T00:00:00Z","reason":"promotion over","requested_by":"support@platform"}"#,
     );
-    job(
-        &mut w,
+    w.job(
         "a",
         "before",
-        "2024-05-09T23:59:50Z",
-        "2024-05-10T00:00:10Z",
+        ("2024-05-09T23:59:50Z", "2024-05-10T00:00:10Z"),
         "inference",
         Some("img"),
     );
@@ -211,12 +197,10 @@ fn an_override_edge_at_a_period_boundary_cuts_once() {
         "p",
         r#""multiplier":"2","effective_from":"2024-05-01T00:00:00Z""#,
     ));
-    job(
-        &mut w,
+    w.job(
         "p",
         "j",
-        "2024-04-30T23:59:58.600Z",
-        "2024-05-01T00:00:03.100Z",
+        ("2024-04-30T23:59:58.600Z", "2024-05-01T00:00:03.100Z"),
         "inference",
         Some("img"),
     );
@@ -270,12 +254,10 @@ fn duplicates_change_nothing_conflicts_and_dangling_ends_are_dead_lettered() {
             RejectReason::InvalidValue
         ]
     );
-    job(
-        &mut w,
+    w.job(
         "a",
         "j",
-        "2024-05-02T00:00:00Z",
-        "2024-05-02T00:00:10Z",
+        ("2024-05-02T00:00:00Z", "2024-05-02T00:00:10Z"),
         "inference",
         Some("img"),
     );
@@ -289,69 +271,43 @@ fn duplicates_change_nothing_conflicts_and_dangling_ends_are_dead_lettered() {
 #[test]
 fn overrides_are_state_and_restore_with_the_partition() {
     let mut w = World::new();
-    w.adjustment(&po(
-        "half",
-        "a",
-        r#""multiplier":"0.5","effective_from":"2024-05-01T00:00:00Z""#,
-    ));
+    half_from(&mut w, "a", "2024-05-01T00:00:00Z");
     w.adjustment(
         r#"{"adjustment_id":"end","account_id":"a","type":"override_end","ends":"half","effective_until":"2024-05-20T00:00:00Z","reason":"r","requested_by":"s"}"#,
     );
-    let records: Vec<(state::Table, Vec<u8>, Vec<u8>)> = w
-        .meter
-        .take_changes()
-        .expect("changes")
-        .into_iter()
-        .filter_map(|c| c.value.map(|v| (c.table, c.key, v)))
-        .collect();
+    let records = w.stored();
     assert_eq!(records.iter().filter(|r| r.0 == state::Table::Adjustments).count(), 2);
     w.meter = Meter::restore(records, &w.config).expect("restore");
-    job(
-        &mut w,
+    w.job(
         "a",
         "in",
-        "2024-05-02T00:00:00Z",
-        "2024-05-02T00:00:10Z",
+        ("2024-05-02T00:00:00Z", "2024-05-02T00:00:10Z"),
         "inference",
         Some("img"),
     );
-    job(
-        &mut w,
+    w.job(
         "a",
         "after",
-        "2024-05-21T00:00:00Z",
-        "2024-05-21T00:00:10Z",
+        ("2024-05-21T00:00:00Z", "2024-05-21T00:00:10Z"),
         "inference",
         Some("img"),
     );
     let rates: Vec<Money> = w.charges().iter().map(|c| c.rate_per_second).collect();
     assert_eq!(rates, vec![money("0.00025"), money("0.0005")]);
     // A duplicate after the restore is still a duplicate.
-    w.adjustment(&po(
-        "half",
-        "a",
-        r#""multiplier":"0.5","effective_from":"2024-05-01T00:00:00Z""#,
-    ));
+    half_from(&mut w, "a", "2024-05-01T00:00:00Z");
     assert!(w.rejects().is_empty());
 }
 
 #[test]
 fn a_late_stop_of_an_orphan_is_adjusted_part_by_part_at_each_parts_rate() {
     let mut w = World::new();
-    w.adjustment(&po(
-        "half",
-        "a",
-        r#""multiplier":"0.5","effective_from":"2024-05-10T12:00:00Z""#,
-    ));
-    let s = w.start("a", "j", "2024-05-10T11:59:00Z", "inference", Some("img"));
-    w.apply(&s);
-    let h = w.heartbeat("a", "j", "2024-05-10T12:01:00Z");
-    w.apply(&h);
+    half_from(&mut w, "a", "2024-05-10T12:00:00Z");
+    w.begin("a", "j", "2024-05-10T11:59:00Z", "inference", Some("img"));
+    w.beat("a", "j", "2024-05-10T12:01:00Z");
     // Stream time passes the orphan timeout: charged to the heartbeat.
-    let other = w.start("b", "x", "2024-05-10T12:20:00Z", "inference", Some("img"));
-    w.apply(&other);
-    let stop = w.stop("a", "j", "2024-05-10T12:02:00Z", "succeeded");
-    w.apply(&stop);
+    w.begin("b", "x", "2024-05-10T12:20:00Z", "inference", Some("img"));
+    w.end("a", "j", "2024-05-10T12:02:00Z", "succeeded");
     let c: Vec<_> = charged(&w).into_iter().filter(|c| c.0.starts_with("a/")).collect();
     assert_eq!(
         c.iter().map(|x| (x.0.as_str(), x.1, x.3)).collect::<Vec<_>>(),
@@ -394,20 +350,13 @@ fn a_late_stop_of_an_orphan_is_adjusted_part_by_part_at_each_parts_rate() {
 fn heartbeats_count_toward_caps_at_the_overridden_rate() {
     let mut w = World::new();
     w.account(r#"{"account_id":"p","plan":"pro","effective_from":"2024-01-01T00:00:00Z","usage_cap":"1.00"}"#);
-    w.adjustment(&po(
-        "half",
-        "p",
-        r#""multiplier":"0.5","effective_from":"2024-05-01T00:00:00Z""#,
-    ));
-    let s = w.start("p", "j", "2024-05-02T00:00:00Z", "inference", Some("img"));
-    w.apply(&s);
+    half_from(&mut w, "p", "2024-05-01T00:00:00Z");
+    w.begin("p", "j", "2024-05-02T00:00:00Z", "inference", Some("img"));
     // 1,800 s: $0.90 at list (past 80 % of $1.00), $0.45 overridden.
-    let h = w.heartbeat("p", "j", "2024-05-02T00:30:00Z");
-    w.apply(&h);
+    w.beat("p", "j", "2024-05-02T00:30:00Z");
     assert!(w.limits().is_empty(), "{:?}", w.limits());
     // 3,300 s: $0.825 overridden.
-    let h = w.heartbeat("p", "j", "2024-05-02T00:55:00Z");
-    w.apply(&h);
+    w.beat("p", "j", "2024-05-02T00:55:00Z");
     let fired: Vec<_> = w.limits().iter().map(|l| (l.threshold_pct, l.usage_value)).collect();
     assert_eq!(fired, vec![(Some(80), money("0.825"))]);
 }

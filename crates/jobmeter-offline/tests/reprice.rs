@@ -107,26 +107,32 @@ fn replay_bills_with(
         .collect()
 }
 
+/// The fixture's bills under the current card against `after`, with
+/// `overrides` applied in the second pass.
+fn reprice_fixture(f: &Fixture, after: &Path, overrides: Option<&Path>) -> jobmeter_offline::reprice::Report {
+    reprice(
+        &RepriceArgs {
+            events: f.events.clone(),
+            accounts: Some(f.accounts.clone()),
+            plans: Some(f.plans.clone()),
+            before: f.current.clone(),
+            after: after.to_owned(),
+            overrides: overrides.map(Path::to_owned),
+            period: None,
+            meter: MeterConfig::default(),
+        },
+        |_, _, _| {},
+    )
+    .expect("reprice")
+}
+
 #[test]
 fn reprice_totals_equal_replay_under_each_card() {
     let f = fixture();
     let before = replay_bills(&f, &f.current);
     let after = replay_bills(&f, &f.proposed);
     assert!(before.len() > 50, "{} statements", before.len());
-    let report = reprice(
-        &RepriceArgs {
-            events: f.events.clone(),
-            accounts: Some(f.accounts.clone()),
-            plans: Some(f.plans.clone()),
-            before: f.current.clone(),
-            after: f.proposed.clone(),
-            overrides: None,
-            period: None,
-            meter: MeterConfig::default(),
-        },
-        |_, _, _| {},
-    )
-    .expect("reprice");
+    let report = reprice_fixture(&f, &f.proposed, None);
     assert_eq!(report.rows.len(), before.len());
     let mut raised = 0;
     for r in &report.rows {
@@ -241,20 +247,7 @@ fn an_override_preview_equals_the_bills_with_the_overrides_applied() {
     std::fs::write(&overrides, lines).expect("overrides");
     let before = replay_bills(&f, &f.current);
     let after = replay_bills_with(&f, &f.current, Some(&overrides));
-    let report = reprice(
-        &RepriceArgs {
-            events: f.events.clone(),
-            accounts: Some(f.accounts.clone()),
-            plans: Some(f.plans.clone()),
-            before: f.current.clone(),
-            after: f.current.clone(),
-            overrides: Some(overrides.clone()),
-            period: None,
-            meter: MeterConfig::default(),
-        },
-        |_, _, _| {},
-    )
-    .expect("reprice");
+    let report = reprice_fixture(&f, &f.current, Some(&overrides));
     assert_eq!(report.rows.len(), before.len());
     let mut changed = 0;
     for r in &report.rows {

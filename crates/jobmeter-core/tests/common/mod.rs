@@ -102,6 +102,42 @@ impl World {
             .expect("apply");
     }
 
+    /// Starts a job at `time` (built and applied).
+    pub fn begin(&mut self, acct: &str, job: &str, time: &str, kind: &str, model: Option<&str>) {
+        let e = self.start(acct, job, time, kind, model);
+        self.apply(&e);
+    }
+
+    /// A heartbeat of a job at `time` (built and applied).
+    pub fn beat(&mut self, acct: &str, job: &str, time: &str) {
+        let e = self.heartbeat(acct, job, time);
+        self.apply(&e);
+    }
+
+    /// Stops a job at `time` with `status` (built and applied).
+    pub fn end(&mut self, acct: &str, job: &str, time: &str, status: &str) {
+        let e = self.stop(acct, job, time, status);
+        self.apply(&e);
+    }
+
+    /// A job of `acct` from `span.0` to `span.1`, started and stopped
+    /// (succeeded).
+    pub fn job(&mut self, acct: &str, job: &str, span: (&str, &str), kind: &str, model: Option<&str>) {
+        self.begin(acct, job, span.0, kind, model);
+        self.end(acct, job, span.1, "succeeded");
+    }
+
+    /// The state records written since the last call (deletions left
+    /// out), as a store would hold them.
+    pub fn stored(&mut self) -> Vec<(state::Table, Vec<u8>, Vec<u8>)> {
+        self.meter
+            .take_changes()
+            .expect("changes")
+            .into_iter()
+            .filter_map(|c| c.value.map(|v| (c.table, c.key, v)))
+            .collect()
+    }
+
     /// Applies one record of the adjustments topic.
     pub fn adjustment(&mut self, json: &str) {
         let ctx = Context::new(&self.rates, &self.plans, &self.book, &self.config);
