@@ -45,6 +45,9 @@ pub trait JobArchive: std::fmt::Debug + Send {
     fn job(&self, jk: &JobKey) -> Result<Option<Job>, ArchiveError>;
     /// True when `key` is the start or stop of a stored finished job.
     fn has_event(&self, key: EventKey) -> Result<bool, ArchiveError>;
+    /// The keys of every stored job of `account` (a price override re-rates
+    /// its usage already charged).
+    fn jobs_of(&self, account: &crate::money::AccountId) -> Result<Vec<JobKey>, ArchiveError>;
     /// Expiry entries strictly after `after` (all when `None`) and before
     /// `before`, in order, at most `max` of them.
     fn expiring(
@@ -204,6 +207,17 @@ impl JobArchive for MemArchive {
         Ok(self.event_ids.contains(&event_id_key(key)))
     }
 
+    fn jobs_of(&self, account: &crate::money::AccountId) -> Result<Vec<JobKey>, ArchiveError> {
+        let p = keys::account_prefix(account);
+        Ok(self
+            .jobs
+            .range(p.clone()..)
+            .take_while(|(k, _)| k.starts_with(&p))
+            .filter_map(|(k, _)| keys::decode_job(k))
+            .filter(|jk| jk.0 == *account)
+            .collect())
+    }
+
     fn expiring(
         &self,
         after: Option<&(Timestamp, JobKey)>,
@@ -253,6 +267,10 @@ impl JobArchive for SharedMemArchive {
 
     fn has_event(&self, key: EventKey) -> Result<bool, ArchiveError> {
         self.with(|a| a.has_event(key))
+    }
+
+    fn jobs_of(&self, account: &crate::money::AccountId) -> Result<Vec<JobKey>, ArchiveError> {
+        self.with(|a| a.jobs_of(account))
     }
 
     fn expiring(

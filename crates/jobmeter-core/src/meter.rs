@@ -753,7 +753,7 @@ impl Meter {
 /// A part's charge id: `<account>/<job>/<period>` for the first part of
 /// the job in a period (as always), `…@<part start>` for a later one (the
 /// job crosses an override's edge inside the period).
-fn part_id(jk: &JobKey, s: &RatedSlice, first_in_period: bool) -> String {
+pub(crate) fn part_id(jk: &JobKey, s: &RatedSlice, first_in_period: bool) -> String {
     if first_in_period {
         format!("{}/{}/{}", jk.0, jk.1, s.period)
     } else {
@@ -773,13 +773,32 @@ impl Meter {
         start: &crate::state::StartRec,
         end: Timestamp,
     ) -> Vec<RatedSlice> {
+        rated_parts_with(
+            ctx,
+            records,
+            self.adjustments.get(&jk.0).map(|a| &a.overrides),
+            start,
+            end,
+        )
+    }
+}
+
+/// [`Meter::rated_parts`] under the price overrides `overrides`.
+pub(crate) fn rated_parts_with(
+    ctx: &Context<'_>,
+    records: &[crate::plans::AccountRecord],
+    overrides: Option<&crate::adjust::Overrides>,
+    start: &crate::state::StartRec,
+    end: Timestamp,
+) -> Vec<RatedSlice> {
+    {
         let rounding = ctx.rates.policy.rounding;
         let schedule = &ctx.plans.billing_cycle;
-        match self.adjustments.get(&jk.0).filter(|a| !a.overrides.is_empty()) {
-            Some(a) => rate_slices(
+        match overrides.filter(|o| !o.is_empty()) {
+            Some(o) => rate_slices(
                 records,
                 schedule,
-                &a.overrides,
+                o,
                 (start.info.kind, start.info.model.as_ref()),
                 start.rate,
                 start.time,

@@ -5,12 +5,15 @@
 //! and kept in the partition's state, where the charges of the account's
 //! jobs find the price overrides in force.
 
-use crate::adjust::{parse_adjustment, AdjustmentBody};
+use crate::adjust::{parse_adjustment, AdjustmentBody, Overrides, RatedSlice};
 use crate::context::Context;
-use crate::event::{Invalid, RejectReason};
-use crate::meter::{ApplyError, Meter};
+use crate::event::{Invalid, JobStatus, RejectReason};
+use crate::meter::{deadline, part_id, rated_parts_with, ApplyError, Meter, Step};
+use crate::money::AccountId;
 use crate::output::{Origin, Output};
-use crate::state::StoredAdjustment;
+use crate::rating::SliceCharge;
+use crate::state::{BilledPart, Job, JobKey, StoredAdjustment};
+use crate::time::Timestamp;
 
 impl Meter {
     /// Applies one record of the adjustments topic. A record that cannot
@@ -47,6 +50,7 @@ impl Meter {
             }
             return Ok(());
         }
+        let before = account.overrides.clone();
         let mut changed = vec![a.adjustment_id.clone()];
         if let AdjustmentBody::OverrideEnd { ends, effective_until } = &a.body {
             let Some(target) = account
@@ -76,7 +80,7 @@ impl Meter {
         }
         let (account_id, id) = (a.account_id.clone(), a.adjustment_id.clone());
         account.put(
-            id,
+            id.clone(),
             StoredAdjustment {
                 adjustment: a,
                 moved_until: None,
@@ -87,6 +91,174 @@ impl Meter {
                 d.adjustments.insert((account_id.clone(), id));
             }
         }
+        let after = self
+            .adjustments
+            .get(&account_id)
+            .map(|x| x.overrides.clone())
+            .unwrap_or_default();
+        if before != after {
+            let st = Step {
+                ctx,
+                now: self.stream_time.unwrap_or(Timestamp::MIN),
+                out,
+                raw,
+                origin,
+            };
+            self.rerate(st, &account_id, &before, &id)?;
+        }
         Ok(())
+    }
+
+    /// Re-rates the usage of `account` already charged (the jobs the meter
+    /// remembers, in memory or archived: `meter.retention`) after its price
+    /// overrides changed from `before`: for each part of a job whose period,
+    /// seconds or rate differ, a charge reverses the part as billed and
+    /// another bills it as now rated, both naming `cause` and `adjusts` the
+    /// part's charge. They are booked like any charge: in the part's period,
+    /// or in the open period when that one has closed (a closed bill is
+    /// final). Seconds net to zero on the statement lines; amounts, caps
+    /// and credits see the difference.
+    fn rerate(
+        &mut self,
+        mut st: Step<'_, '_>,
+        account: &AccountId,
+        before: &Overrides,
+        cause: &str,
+    ) -> Result<(), ApplyError> {
+        let ctx = st.ctx;
+        if self.stream_time.is_none() {
+            return Ok(());
+        }
+        let mut jobs: Vec<JobKey> = self
+            .jobs
+            .iter()
+            .filter(|(jk, j)| jk.0 == *account && j.billed.as_ref().is_some_and(|b| !b.parts.is_empty()))
+            .map(|(jk, _)| jk.clone())
+            .collect();
+        if let Some(archive) = self.archive.as_ref() {
+            jobs.extend(archive.jobs_of(account)?);
+        }
+        jobs.sort();
+        jobs.dedup();
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let records = ctx.accounts.records_of(account)?;
+        for jk in jobs {
+            let mut slot = self.jobs.slot(&jk);
+            if slot.is_none() {
+                slot = self.fault_in(ctx.config.orphan_timeout_ms, &jk)?;
+            }
+            if slot.is_none() {
+                continue;
+            }
+            let (idx, mut job) = self.jobs.take(slot, &jk);
+            let old = (deadline(&job, ctx.config.orphan_timeout_ms).is_some(), job.expires);
+            self.rerate_job(&mut st, &records, &jk, &mut job, before, cause);
+            let now = st.now;
+            self.put_job(ctx, jk, idx, job, old, now)?;
+        }
+        Ok(())
+    }
+
+    fn rerate_job(
+        &mut self,
+        st: &mut Step<'_, '_>,
+        records: &[crate::plans::AccountRecord],
+        jk: &JobKey,
+        job: &mut Job,
+        before: &Overrides,
+        cause: &str,
+    ) {
+        let ctx = st.ctx;
+        let (Some(start), Some(billed)) = (job.start.clone(), job.billed.as_mut()) else {
+            return;
+        };
+        let Some(end) = billed.parts.last().map(|p| p.to) else {
+            return;
+        };
+        let was = rated_parts_with(ctx, records, Some(before), &start, end);
+        let now_rated = self.rated_parts(ctx, records, jk, &start, end);
+        let same = |a: &RatedSlice, b: &RatedSlice| {
+            (a.period, a.from, a.seconds, a.rate) == (b.period, b.from, b.seconds, b.rate)
+        };
+        if was.len() == now_rated.len() && was.iter().zip(&now_rated).all(|(a, b)| same(a, b)) {
+            return;
+        }
+        let terms = crate::plans::terms_in(ctx.plans, records, start.time);
+        let charge_of = |p: &RatedSlice| {
+            billed
+                .parts
+                .iter()
+                .find(|b| b.service_period == p.period && b.from == p.from)
+                .map(|b| b.charge_id.clone())
+        };
+        let first_id = billed.parts.first().map(|p| p.charge_id.clone());
+        let mut emit: Vec<SliceCharge> = Vec::new();
+        let mut parts = Vec::new();
+        let mut periods_seen = std::collections::BTreeSet::new();
+        for p in &was {
+            if p.seconds.is_zero() || now_rated.iter().any(|n| same(n, p)) {
+                continue;
+            }
+            let Some(id) = charge_of(p) else { continue };
+            emit.push(SliceCharge {
+                charge_id: format!("{id}/rerate/{cause}"),
+                service_period: p.period,
+                from: p.from,
+                to: p.to,
+                ms: -p.ms,
+                seconds: -p.seconds,
+                rate: p.rate,
+                adjustment_id: Some(cause.to_owned()),
+                status: job.stop.as_ref().map_or(JobStatus::Orphaned, |s| s.status),
+                adjusts: Some(id),
+                new_job: false,
+                at: st.now,
+            });
+        }
+        for p in &now_rated {
+            let first = periods_seen.insert(p.period);
+            if p.seconds.is_zero() {
+                continue;
+            }
+            if let Some(w) = was.iter().find(|w| same(w, p)) {
+                if let Some(id) = charge_of(w) {
+                    parts.push(part_of(p, id));
+                    continue;
+                }
+            }
+            let id = format!("{}/{cause}", part_id(jk, p, first));
+            emit.push(SliceCharge {
+                charge_id: id.clone(),
+                service_period: p.period,
+                from: p.from,
+                to: p.to,
+                ms: p.ms,
+                seconds: p.seconds,
+                rate: p.rate,
+                adjustment_id: Some(cause.to_owned()),
+                status: job.stop.as_ref().map_or(JobStatus::Orphaned, |s| s.status),
+                adjusts: charge_of(p).or_else(|| first_id.clone()),
+                new_job: false,
+                at: st.now,
+            });
+            parts.push(part_of(p, id));
+        }
+        billed.parts = parts;
+        for slice in emit {
+            self.stats.adjustments += 1;
+            self.emit_charge(st, jk, &start, (&terms, records), slice);
+        }
+    }
+}
+
+fn part_of(p: &RatedSlice, charge_id: String) -> BilledPart {
+    BilledPart {
+        service_period: p.period,
+        from: p.from,
+        to: p.to,
+        seconds: p.seconds,
+        charge_id,
     }
 }

@@ -180,6 +180,9 @@ impl JobArchive for Unreadable {
     fn has_event(&self, _: EventKey) -> Result<bool, ArchiveError> {
         Err(ArchiveError::Read("disk on fire".into()))
     }
+    fn jobs_of(&self, _: &jobmeter_core::AccountId) -> Result<Vec<JobKey>, ArchiveError> {
+        Err(ArchiveError::Read("disk on fire".into()))
+    }
     fn expiring(
         &self,
         _: Option<&(Timestamp, JobKey)>,

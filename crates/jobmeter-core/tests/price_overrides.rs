@@ -360,3 +360,201 @@ fn heartbeats_count_toward_caps_at_the_overridden_rate() {
     let fired: Vec<_> = w.limits().iter().map(|l| (l.threshold_pct, l.usage_value)).collect();
     assert_eq!(fired, vec![(Some(80), money("0.825"))]);
 }
+
+/// Sum of the amounts charged to `acct`, adjustments included.
+fn total(w: &World, acct: &str) -> Money {
+    w.charges()
+        .iter()
+        .filter(|c| c.account_id.as_str() == acct)
+        .fold(Money::ZERO, |s, c| s + c.amount)
+}
+
+#[test]
+fn a_retroactive_override_on_a_closed_month_is_booked_in_the_open_one() {
+    let mut w = World::new();
+    w.job(
+        "a",
+        "may",
+        ("2024-05-20T10:00:00Z", "2024-05-20T10:00:10Z"),
+        "inference",
+        Some("img"),
+    );
+    // Stream time passes June 1 01:00: May closes with its statement.
+    w.job(
+        "b",
+        "june",
+        ("2024-06-01T02:00:00Z", "2024-06-01T02:00:01Z"),
+        "inference",
+        Some("img"),
+    );
+    let mays = |w: &World| {
+        w.statements()
+            .iter()
+            .filter(|s| s.account_id.as_str() == "a" && s.period.to_string() == "2024-05")
+            .count()
+    };
+    assert_eq!(mays(&w), 1);
+    let before = w.charges().len();
+    w.adjustment(&po(
+        "may-half",
+        "a",
+        r#""multiplier":"0.5","effective_from":"2024-05-01T00:00:00Z","effective_until":"2024-06-01T00:00:00Z""#,
+    ));
+    let new: Vec<(String, String, String, Decimal, Money, Option<String>)> = w.charges()[before..]
+        .iter()
+        .map(|c| {
+            (
+                c.charge_id.clone(),
+                c.period.to_string(),
+                c.service_period.to_string(),
+                c.billable_seconds,
+                c.amount,
+                c.adjusts.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        new,
+        vec![
+            (
+                "a/may/2024-05/rerate/may-half".to_owned(),
+                "2024-06".to_owned(),
+                "2024-05".to_owned(),
+                Decimal::from(-10),
+                money("-0.005"),
+                Some("a/may/2024-05".to_owned())
+            ),
+            (
+                "a/may/2024-05/may-half".to_owned(),
+                "2024-06".to_owned(),
+                "2024-05".to_owned(),
+                Decimal::from(10),
+                money("0.0025"),
+                Some("a/may/2024-05".to_owned())
+            ),
+        ]
+    );
+    assert!(w.charges()[before..]
+        .iter()
+        .all(|c| c.adjustment_id.as_deref() == Some("may-half")));
+    w.flush();
+    assert_eq!(mays(&w), 1, "May's bill is final");
+    let june = w
+        .statements()
+        .into_iter()
+        .find(|s| s.account_id.as_str() == "a" && s.period.to_string() == "2024-06")
+        .cloned()
+        .expect("a June statement carries the difference");
+    assert_eq!(june.lines[0].billable_seconds, Decimal::ZERO, "seconds net to zero");
+    assert_eq!(june.lines[0].jobs, 0);
+    assert_eq!(june.adjustments.len(), 1);
+    assert_eq!(june.adjustments[0].amount, money("-0.0025"));
+    // Applied again, it is a duplicate: nothing more is charged.
+    let n = w.charges().len();
+    w.adjustment(&po(
+        "may-half",
+        "a",
+        r#""multiplier":"0.5","effective_from":"2024-05-01T00:00:00Z","effective_until":"2024-06-01T00:00:00Z""#,
+    ));
+    assert_eq!(w.charges().len(), n);
+}
+
+#[test]
+fn ending_an_override_early_re_rates_back_what_it_no_longer_covers() {
+    let mut w = World::new();
+    half_from(&mut w, "a", "2024-05-01T00:00:00Z");
+    w.job(
+        "a",
+        "early",
+        ("2024-05-05T00:00:00Z", "2024-05-05T00:00:10Z"),
+        "inference",
+        Some("img"),
+    );
+    w.job(
+        "a",
+        "late",
+        ("2024-05-15T00:00:00Z", "2024-05-15T00:00:10Z"),
+        "inference",
+        Some("img"),
+    );
+    assert_eq!(total(&w, "a"), money("0.005"));
+    w.adjustment(
+        r#"{"adjustment_id":"stop-half","account_id":"a","type":"override_end","ends":"half","effective_until":"2024-05-10T00:00:00Z","reason":"promotion ends early","requested_by":"support@platform"}"#,
+    );
+    // The late job is back at the list price; the early one stays.
+    assert_eq!(total(&w, "a"), money("0.0075"));
+    let rerated: Vec<&str> = w
+        .charges()
+        .iter()
+        .filter(|c| c.adjustment_id.as_deref() == Some("stop-half"))
+        .map(|c| c.charge_id.as_str())
+        .collect();
+    assert_eq!(
+        rerated,
+        vec!["a/late/2024-05/rerate/stop-half", "a/late/2024-05/stop-half"]
+    );
+}
+
+proptest::proptest! {
+    /// Whether an override arrives before the usage it covers or after it
+    /// was charged, the account pays the same, to the cent and the second:
+    /// a preview (overrides applied first, as `reprice --override` does)
+    /// equals the effect of applying them to a running meter.
+    #[test]
+    fn an_override_applied_late_costs_what_it_costs_applied_first(
+        jobs in proptest::collection::vec((0i64..(20 * 86_400), 1i64..7_200, 0u8..3), 1..12),
+        m in 0i64..300,
+        from in 0i64..(20 * 86_400),
+        len in proptest::option::of(1i64..(10 * 86_400)),
+    ) {
+        let base = jobmeter_core::Timestamp::parse("2024-05-01T00:00:00Z").expect("t").0;
+        let t = |s: i64| jobmeter_core::Timestamp(base + s * 1000).to_string();
+        let until = len.map(|l| format!(r#","effective_until":"{}""#, t(from + l))).unwrap_or_default();
+        let rec = po("o", "a", &format!(r#""multiplier":"{}","effective_from":"{}"{until}"#, Decimal::new(m, 2), t(from)));
+        let run = |w: &mut World| {
+            for (i, (start, dur, kind)) in jobs.iter().enumerate() {
+                let (k, model) = [("inference", Some("img")), ("workflow_step", Some("llm")), ("fine_tune", None)][*kind as usize];
+                w.job("a", &format!("j{i}"), (&t(*start), &t(start + dur)), k, model);
+            }
+        };
+        let mut first = World::new();
+        first.adjustment(&rec);
+        run(&mut first);
+        let mut late = World::new();
+        run(&mut late);
+        late.adjustment(&rec);
+        proptest::prop_assert_eq!(total(&late, "a"), total(&first, "a"));
+        let seconds = |w: &World| w.charges().iter().map(|c| c.billable_seconds).sum::<Decimal>();
+        proptest::prop_assert_eq!(seconds(&late), seconds(&first));
+    }
+}
+
+#[test]
+fn jobs_already_archived_are_re_rated_too() {
+    use jobmeter_core::archive::SharedMemArchive;
+    let mut w = World::new();
+    let archive = SharedMemArchive::default();
+    w.meter = Meter::tracking_changes().with_archive(Box::new(archive.clone()));
+    w.job(
+        "a",
+        "old",
+        ("2024-05-02T00:00:00Z", "2024-05-02T00:00:10Z"),
+        "inference",
+        Some("img"),
+    );
+    // The batch is durable: the finished job leaves memory.
+    let changes = w.meter.take_changes().expect("changes");
+    archive.apply(&changes);
+    w.meter.release_all_stored();
+    assert_eq!(w.meter.known_jobs(), 0, "no job left in memory");
+    assert_eq!(archive.jobs(), 1);
+    w.job(
+        "b",
+        "x",
+        ("2024-05-03T00:00:00Z", "2024-05-03T00:00:01Z"),
+        "inference",
+        Some("img"),
+    );
+    half_from(&mut w, "a", "2024-05-01T00:00:00Z");
+    assert_eq!(total(&w, "a"), money("0.0025"), "the archived job is re-rated");
+}

@@ -53,6 +53,28 @@ impl JobArchive for Archive {
             .map_err(|e| self.fail("read an event id", e))
     }
 
+    fn jobs_of(&self, account: &jobmeter_core::AccountId) -> Result<Vec<JobKey>, ArchiveError> {
+        let cf = self.store.cf(Table::Jobs.name()).map_err(|e| self.fail("jobs", e))?;
+        let from = prefixed(self.partition, &keys::account_prefix(account));
+        let mut out = Vec::new();
+        for item in self
+            .store
+            .db
+            .iterator_cf(cf, IteratorMode::From(&from, Direction::Forward))
+        {
+            let (k, _) = item.map_err(|e| self.fail("iterate an account's jobs", e))?;
+            if !k.starts_with(&from) {
+                break;
+            }
+            if let Some(jk) = keys::decode_job(&k[prefix(self.partition).len()..]) {
+                if jk.0 == *account {
+                    out.push(jk);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn expiring(
         &self,
         after: Option<&(Timestamp, JobKey)>,
