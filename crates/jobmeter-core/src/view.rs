@@ -9,7 +9,7 @@ use crate::billing::{limits_for, statement_line};
 use crate::cycle::BillingPeriod;
 use crate::event::JobKind;
 use crate::money::{AccountId, JobId, ModelId, Money, CURRENCY};
-use crate::output::{LimitKind, Statement, StatementLine};
+use crate::output::{LimitKind, Statement, StatementAdjustment, StatementLine};
 use crate::plans::{Accounts, LookupError, Plan, PlanCatalog};
 use crate::ratecard::Rounding;
 use crate::spend::Exposure;
@@ -37,8 +37,12 @@ pub struct UsageTotals {
     /// Seconds billed.
     #[serde(with = "rust_decimal::serde::str")]
     pub billable_seconds: Decimal,
-    /// List amount of the usage.
+    /// Amount of the usage at the rates applied (the list rates, or the
+    /// account's price overrides).
     pub amount: Money,
+    /// The same usage at the list rates: `amount` minus what the price
+    /// overrides changed (`adjustments`).
+    pub list_amount: Money,
     /// Free credits drawn.
     pub credits_applied: Money,
     /// Pro usage included in the cap and quota.
@@ -129,6 +133,9 @@ pub struct UsageReport {
     pub workflow_runs: Vec<WorkflowRun>,
     /// Jobs running now (open periods only).
     pub in_flight: Vec<InFlightJob>,
+    /// The price overrides that changed this period's usage, with reason
+    /// and amount changed (rated − list), as on the statement.
+    pub adjustments: Vec<StatementAdjustment>,
 }
 
 /// What a usage report is built from: one account's records.
@@ -146,6 +153,8 @@ pub struct AccountState {
     pub fired: BTreeSet<FiredKey>,
     /// The partition's stream time.
     pub stream_time: Option<Timestamp>,
+    /// The account's pricing adjustments, by id.
+    pub adjustments: BTreeMap<String, crate::state::StoredAdjustment>,
 }
 
 impl AccountState {
@@ -164,7 +173,7 @@ pub fn usage_report(
     book: &dyn Accounts,
     rounding: Rounding,
 ) -> Result<UsageReport, LookupError> {
-    let (status, lines, totals, plan) = match (&st.closed, &st.open) {
+    let (status, lines, mut totals, plan, adjustments) = match (&st.closed, &st.open) {
         (Some(s), _) => {
             let t = line_totals(&s.lines);
             (
@@ -179,6 +188,7 @@ pub fn usage_report(
                     ..t
                 },
                 s.plan,
+                s.adjustments.clone(),
             )
         }
         (None, acc) => {
@@ -200,9 +210,23 @@ pub fn usage_report(
                     ..t
                 },
                 book.terms_at(plans, account, at)?.plan,
+                acc.adjustments
+                    .iter()
+                    .map(|(id, amount)| StatementAdjustment {
+                        adjustment_id: id.clone(),
+                        kind: "price_override".to_owned(),
+                        reason: st
+                            .adjustments
+                            .get(id)
+                            .map(|a| a.adjustment.reason.clone())
+                            .unwrap_or_default(),
+                        amount: *amount,
+                    })
+                    .collect::<Vec<_>>(),
             )
         }
     };
+    totals.list_amount = adjustments.iter().fold(totals.amount, |a, x| a - x.amount);
     let mut runs: BTreeMap<String, WorkflowRun> = BTreeMap::new();
     let mut in_flight = Vec::new();
     for (job_id, job) in &st.jobs {
@@ -270,6 +294,7 @@ pub fn usage_report(
         totals,
         workflow_runs: runs.into_values().collect(),
         in_flight,
+        adjustments,
     })
 }
 
@@ -288,6 +313,7 @@ fn line_totals(lines: &[StatementLine]) -> UsageTotals {
         jobs: lines.iter().map(|l| l.jobs).sum(),
         billable_seconds: lines.iter().map(|l| l.billable_seconds).sum(),
         amount: lines.iter().fold(Money::ZERO, |a, l| a + l.amount),
+        list_amount: lines.iter().fold(Money::ZERO, |a, l| a + l.amount),
         credits_applied: Money::ZERO,
         included_usage: Money::ZERO,
         usage_due: Money::ZERO,
@@ -668,11 +694,66 @@ mod tests {
                         st.closed = values::decode_json(table, v).ok();
                     }
                 }
-                Table::Meta | Table::EventIds | Table::Expiries | Table::OpenJobs | Table::Adjustments => {}
+                Table::Adjustments => {
+                    if let (Some((acc, id)), Ok(a)) = (keys::decode_adjustment(k), serde_json::from_slice(v)) {
+                        if acc == account {
+                            st.adjustments.insert(id, a);
+                        }
+                    }
+                }
+                Table::Meta | Table::EventIds | Table::Expiries | Table::OpenJobs => {}
             }
         }
         st.stream_time = meter.stream_time();
         st
+    }
+
+    #[test]
+    fn the_usage_page_shows_the_overrides_and_the_list_amount() {
+        let rates = RateCard::from_toml(include_str!("../../../config/rate-card.toml")).expect("card");
+        let plans = PlanCatalog::default();
+        let book = crate::plans::AccountBook::new(&plans);
+        let config = MeterConfig::default();
+        let ctx = Context::new(&rates, &plans, &book, &config);
+        let mut meter = Meter::tracking_changes();
+        let mut out = Vec::new();
+        let po = r#"{"adjustment_id":"sdxl-20","account_id":"a","type":"price_override","selector":{"model":"sdxl-1.0"},"multiplier":"0.80","effective_from":"2024-05-01T00:00:00Z","reason":"outage goodwill","requested_by":"support@platform"}"#;
+        meter
+            .apply_adjustment(&ctx, po.as_bytes(), None, &mut out)
+            .expect("adjustment");
+        for e in [
+            ev(
+                "job.started",
+                "1",
+                "j",
+                "2024-05-02T00:00:00Z",
+                r#","kind":"inference","model":"sdxl-1.0""#,
+            ),
+            ev(
+                "job.stopped",
+                "2",
+                "j",
+                "2024-05-02T00:01:40Z",
+                r#","status":"succeeded""#,
+            ),
+        ] {
+            meter.apply(&ctx, e.as_bytes(), None, &mut out).expect("apply");
+        }
+        let may = BillingPeriod::month(Period::new(2024, 5));
+        let st = state_of(&mut Records::new(), &mut meter, may);
+        let r = usage_report(&AccountId::from("a"), may, &st, &plans, &book, rates.policy.rounding).expect("report");
+        // 100 s of sdxl-1.0 at $0.00055, 20 % off.
+        assert_eq!(r.totals.amount, Money::parse("0.044").expect("m"));
+        assert_eq!(r.totals.list_amount, Money::parse("0.055").expect("m"));
+        assert_eq!(r.adjustments.len(), 1);
+        assert_eq!(
+            (
+                r.adjustments[0].adjustment_id.as_str(),
+                r.adjustments[0].reason.as_str()
+            ),
+            ("sdxl-20", "outage goodwill")
+        );
+        assert_eq!(r.adjustments[0].amount, Money::parse("-0.011").expect("m"));
     }
 
     #[test]

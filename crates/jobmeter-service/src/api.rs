@@ -560,6 +560,15 @@ impl Api {
                 }
             }
             st.fired.extend(fired.iter().filter_map(|(k, _)| keys::decode_fired(k)));
+            for (k, v) in self
+                .store
+                .scan(p, Table::Adjustments, &prefix, 10_000)
+                .map_err(|x| e(&x))?
+            {
+                if let (Some((_, id)), Ok(a)) = (keys::decode_adjustment(&k), serde_json::from_slice(&v)) {
+                    st.adjustments.insert(id, a);
+                }
+            }
             if st.open.is_none() {
                 st.open = open.and_then(|v| values::decode(Table::Statements, &v).ok());
             }
