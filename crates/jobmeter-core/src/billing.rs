@@ -428,12 +428,12 @@ impl Meter {
         s: SliceCharge,
     ) {
         let (ctx, now, out) = (st.ctx, st.now, &mut *st.out);
-        let (period, late) = billing_period(ctx, records, s.service_period, now);
+        let (period, late) = billing_period(ctx, records, s.part.period, now);
         if late {
             self.stats.late_charges += 1;
         }
         let month = period.limit_month();
-        let amount = s.rate * s.seconds;
+        let amount = s.part.rate * s.part.seconds;
         let spec = limit_spec(ctx.plans, terms, start.info.kind, &jk.0, month);
         let mut due = amount;
         if let Some(spec) = &spec {
@@ -457,11 +457,11 @@ impl Meter {
             .entry((start.info.kind, start.info.model.clone()))
             .or_default();
         line.jobs += u64::from(s.new_job);
-        line.seconds += s.seconds;
+        line.seconds += s.part.seconds;
         line.amount += amount;
         acc.due += due;
-        if let Some(id) = &s.adjustment_id {
-            *acc.adjustments.entry(id.clone()).or_default() += Money((s.rate.0 - start.rate.0) * s.seconds);
+        if let Some(id) = &s.part.adjustment_id {
+            *acc.adjustments.entry(id.clone()).or_default() += Money((s.part.rate.0 - start.rate.0) * s.part.seconds);
         }
         acc.credits_applied += credits;
         acc.included_usage += included_usage;
@@ -480,19 +480,19 @@ impl Meter {
             model: start.info.model.clone(),
             workflow_run_id: start.info.workflow_run_id.clone(),
             status: s.status,
-            started_at: s.from,
-            stopped_at: s.to,
-            duration_ms: s.ms,
-            billable_seconds: s.seconds,
-            rate_per_second: s.rate,
+            started_at: s.part.from,
+            stopped_at: s.part.to,
+            duration_ms: s.part.ms,
+            billable_seconds: s.part.seconds,
+            rate_per_second: s.part.rate,
             rate_card_version: start.version.clone(),
             amount,
             amount_due: due,
             currency: CURRENCY.to_owned(),
             period,
-            service_period: s.service_period,
+            service_period: s.part.period,
             adjusts: s.adjusts,
-            adjustment_id: s.adjustment_id,
+            adjustment_id: s.part.adjustment_id,
         }));
         for spec in [spec, spend].iter().flatten() {
             self.check_thresholds(ctx.plans, spec, month, jk, s.at, out);

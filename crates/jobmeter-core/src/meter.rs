@@ -610,28 +610,16 @@ impl Meter {
                 }
                 let first = periods_seen.insert(s.period);
                 let charge_id = part_id(jk, &s, first);
+                parts.push(BilledPart::of(&s, charge_id.clone()));
                 let slice = SliceCharge {
-                    charge_id: charge_id.clone(),
-                    service_period: s.period,
-                    from: s.from,
-                    to: s.to,
-                    ms: s.ms,
-                    seconds: s.seconds,
-                    rate: s.rate,
-                    adjustment_id: s.adjustment_id.clone(),
+                    charge_id,
+                    part: s,
                     status,
                     adjusts: None,
                     new_job: first,
                     at: end,
                 };
                 self.emit_charge(st, jk, &start, (&terms, &records), slice);
-                parts.push(BilledPart {
-                    service_period: s.period,
-                    from: s.from,
-                    to: s.to,
-                    seconds: s.seconds,
-                    charge_id,
-                });
             }
         } else {
             self.stats.unbilled_jobs += 1;
@@ -704,22 +692,16 @@ impl Meter {
             };
             let part = RatedSlice {
                 period: p,
-                from: part_from,
-                to,
-                ms,
-                seconds: delta,
-                rate,
-                adjustment_id: adjustment_id.clone(),
-            };
-            let slice = SliceCharge {
-                charge_id: format!("{}/adj", part_id(jk, &part, first)),
-                service_period: p,
                 from,
                 to,
                 ms,
                 seconds: delta,
                 rate,
                 adjustment_id,
+            };
+            let slice = SliceCharge {
+                charge_id: format!("{}/adj", part_id(jk, &part, first)),
+                part,
                 status,
                 adjusts: o.map(|x| x.charge_id.clone()).or_else(|| first_id.clone()),
                 new_job: first && !old.iter().any(|x| x.service_period == p),
@@ -734,16 +716,11 @@ impl Meter {
             .iter()
             .map(|s| {
                 let first = periods_seen.insert(s.period);
-                BilledPart {
-                    service_period: s.period,
-                    from: s.from,
-                    to: s.to,
-                    seconds: s.seconds,
-                    charge_id: old
-                        .iter()
-                        .find(|x| x.service_period == s.period && x.from == s.from)
-                        .map_or_else(|| format!("{}/adj", part_id(jk, s, first)), |x| x.charge_id.clone()),
-                }
+                let charge_id = old
+                    .iter()
+                    .find(|x| x.service_period == s.period && x.from == s.from)
+                    .map_or_else(|| format!("{}/adj", part_id(jk, s, first)), |x| x.charge_id.clone());
+                BilledPart::of(s, charge_id)
             })
             .collect();
         Ok(())

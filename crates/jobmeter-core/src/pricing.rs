@@ -204,13 +204,12 @@ impl Meter {
             let Some(id) = charge_of(p) else { continue };
             emit.push(SliceCharge {
                 charge_id: format!("{id}/rerate/{cause}"),
-                service_period: p.period,
-                from: p.from,
-                to: p.to,
-                ms: -p.ms,
-                seconds: -p.seconds,
-                rate: p.rate,
-                adjustment_id: Some(cause.to_owned()),
+                part: RatedSlice {
+                    ms: -p.ms,
+                    seconds: -p.seconds,
+                    adjustment_id: Some(cause.to_owned()),
+                    ..p.clone()
+                },
                 status: job.stop.as_ref().map_or(JobStatus::Orphaned, |s| s.status),
                 adjusts: Some(id),
                 new_job: false,
@@ -224,41 +223,28 @@ impl Meter {
             }
             if let Some(w) = was.iter().find(|w| same(w, p)) {
                 if let Some(id) = charge_of(w) {
-                    parts.push(part_of(p, id));
+                    parts.push(BilledPart::of(p, id));
                     continue;
                 }
             }
             let id = format!("{}/{cause}", part_id(jk, p, first));
+            parts.push(BilledPart::of(p, id.clone()));
             emit.push(SliceCharge {
-                charge_id: id.clone(),
-                service_period: p.period,
-                from: p.from,
-                to: p.to,
-                ms: p.ms,
-                seconds: p.seconds,
-                rate: p.rate,
-                adjustment_id: Some(cause.to_owned()),
+                charge_id: id,
+                part: RatedSlice {
+                    adjustment_id: Some(cause.to_owned()),
+                    ..p.clone()
+                },
                 status: job.stop.as_ref().map_or(JobStatus::Orphaned, |s| s.status),
                 adjusts: charge_of(p).or_else(|| first_id.clone()),
                 new_job: false,
                 at: st.now,
             });
-            parts.push(part_of(p, id));
         }
         billed.parts = parts;
         for slice in emit {
             self.stats.adjustments += 1;
             self.emit_charge(st, jk, &start, (&terms, records), slice);
         }
-    }
-}
-
-fn part_of(p: &RatedSlice, charge_id: String) -> BilledPart {
-    BilledPart {
-        service_period: p.period,
-        from: p.from,
-        to: p.to,
-        seconds: p.seconds,
-        charge_id,
     }
 }

@@ -63,19 +63,13 @@ mod tests {
     }
 }
 
-/// One charge to emit for a slice of a job.
+/// One charge to emit for a part of a job.
 #[derive(Debug)]
 pub(crate) struct SliceCharge {
     pub(crate) charge_id: String,
-    pub(crate) service_period: crate::cycle::BillingPeriod,
-    pub(crate) from: Timestamp,
-    pub(crate) to: Timestamp,
-    pub(crate) ms: i64,
-    pub(crate) seconds: rust_decimal::Decimal,
-    /// USD per second: the list rate, or a price override's.
-    pub(crate) rate: crate::money::Money,
-    /// The price override that set `rate`, if any.
-    pub(crate) adjustment_id: Option<String>,
+    /// The part billed: its billing period, span, milliseconds and seconds
+    /// (negative for a reversal), its rate and the override that set it.
+    pub(crate) part: crate::adjust::RatedSlice,
     pub(crate) status: crate::event::JobStatus,
     pub(crate) adjusts: Option<String>,
     /// True when this slice adds the job to its statement line's job count.

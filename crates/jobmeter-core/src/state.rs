@@ -133,6 +133,19 @@ pub struct BilledPart {
     pub charge_id: String,
 }
 
+impl BilledPart {
+    /// The part `p`, billed by the charge `charge_id`.
+    pub(crate) fn of(p: &crate::adjust::RatedSlice, charge_id: String) -> BilledPart {
+        BilledPart {
+            service_period: p.period,
+            from: p.from,
+            to: p.to,
+            seconds: p.seconds,
+            charge_id,
+        }
+    }
+}
+
 /// What was charged for a job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Billed {
