@@ -263,6 +263,14 @@ pub(crate) fn billing_period(
 /// The calendar month whose limits usage at `t` counts toward, metered at
 /// stream time `now`: that of the period it is billed in.
 pub(crate) fn limit_month(ctx: &Context<'_>, records: &[AccountRecord], t: Timestamp, now: Timestamp) -> Period {
+    // A period lies inside its calendar month: while stream time is still
+    // in `t`'s month, the usage is billed in a period of that month —
+    // `t`'s own, or, if that closed, the one holding stream time (the path
+    // of almost every heartbeat, with no period to compute).
+    let month = t.period();
+    if t <= now && now < month.end() {
+        return month;
+    }
     let service = period_at(records, &ctx.plans.billing_cycle, t);
     billing_period(ctx, records, service, now).0.limit_month()
 }
