@@ -129,6 +129,11 @@ pub struct Adjustment {
 /// is refused with `unknown_type` naming it, never dropped).
 const NOT_YET: [&str; 4] = ["credit_grant", "credit_void", "job_refund", "manual_charge"];
 
+/// The most price overrides one account may have (ended ones included):
+/// every charge and heartbeat of the account is rated against them. One
+/// more is refused (`invalid_value`).
+pub const MAX_OVERRIDES_PER_ACCOUNT: usize = 1_000;
+
 /// The longest `reason` or `requested_by` accepted, in bytes.
 pub const MAX_TEXT_BYTES: usize = 1024;
 

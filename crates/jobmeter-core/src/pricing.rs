@@ -5,7 +5,7 @@
 //! and kept in the partition's state, where the charges of the account's
 //! jobs find the price overrides in force.
 
-use crate::adjust::{parse_adjustment, AdjustmentBody, Overrides, RatedSlice};
+use crate::adjust::{parse_adjustment, AdjustmentBody, Overrides, RatedSlice, MAX_OVERRIDES_PER_ACCOUNT};
 use crate::context::Context;
 use crate::event::{Invalid, JobStatus, RejectReason};
 use crate::meter::{deadline, part_id, rated_parts_with, ApplyError, Meter, Step};
@@ -48,6 +48,22 @@ impl Meter {
                 );
                 self.reject(inv, raw.to_vec(), origin.cloned(), out);
             }
+            return Ok(());
+        }
+        let overrides = account
+            .by_id
+            .values()
+            .filter(|s| matches!(s.adjustment.body, AdjustmentBody::PriceOverride(_)))
+            .count();
+        if matches!(a.body, AdjustmentBody::PriceOverride(_)) && overrides >= MAX_OVERRIDES_PER_ACCOUNT {
+            let inv = Invalid::new(
+                RejectReason::InvalidValue,
+                format!(
+                    "account {:?} has {MAX_OVERRIDES_PER_ACCOUNT} price overrides already, the most one account may have (every charge of the account is rated against them)",
+                    a.account_id.as_str()
+                ),
+            );
+            self.reject(inv, raw.to_vec(), origin.cloned(), out);
             return Ok(());
         }
         let before = account.overrides.clone();

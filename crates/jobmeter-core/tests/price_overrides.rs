@@ -558,3 +558,32 @@ fn jobs_already_archived_are_re_rated_too() {
     half_from(&mut w, "a", "2024-05-01T00:00:00Z");
     assert_eq!(total(&w, "a"), money("0.0025"), "the archived job is re-rated");
 }
+
+#[test]
+fn an_account_has_at_most_a_thousand_price_overrides() {
+    let mut w = World::new();
+    for i in 0..jobmeter_core::adjust::MAX_OVERRIDES_PER_ACCOUNT {
+        w.adjustment(&po(
+            &format!("o{i}"),
+            "a",
+            r#""multiplier":"0.9","effective_from":"2024-05-01T00:00:00Z""#,
+        ));
+    }
+    assert!(w.rejects().is_empty());
+    w.adjustment(&po(
+        "one-more",
+        "a",
+        r#""multiplier":"0.9","effective_from":"2024-05-01T00:00:00Z""#,
+    ));
+    assert_eq!(w.rejects(), vec![RejectReason::InvalidValue]);
+    // Ending one is still possible, and another account is not affected.
+    w.adjustment(
+        r#"{"adjustment_id":"end","account_id":"a","type":"override_end","ends":"o0","effective_until":"2024-05-02T00:00:00Z","reason":"r","requested_by":"s"}"#,
+    );
+    w.adjustment(&po(
+        "x",
+        "b",
+        r#""multiplier":"0.9","effective_from":"2024-05-01T00:00:00Z""#,
+    ));
+    assert_eq!(w.rejects(), vec![RejectReason::InvalidValue]);
+}
