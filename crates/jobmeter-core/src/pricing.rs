@@ -5,14 +5,14 @@
 //! and kept in the partition's state, where the charges of the account's
 //! jobs find the price overrides in force.
 
-use crate::adjust::{parse_adjustment, AdjustmentBody, Overrides, RatedSlice, MAX_OVERRIDES_PER_ACCOUNT};
+use crate::adjust::{parse_adjustment, Adjustment, AdjustmentBody, Overrides, RatedSlice, MAX_OVERRIDES_PER_ACCOUNT};
 use crate::context::Context;
 use crate::event::{Invalid, JobStatus, RejectReason};
 use crate::meter::{deadline, part_id, rated_parts_with, ApplyError, Meter, Step};
 use crate::money::AccountId;
 use crate::output::{Origin, Output};
 use crate::rating::SliceCharge;
-use crate::state::{BilledPart, Job, JobKey, StoredAdjustment};
+use crate::state::{AccountAdjustments, BilledPart, Job, JobKey, StoredAdjustment};
 use crate::time::Timestamp;
 
 impl Meter {
@@ -34,65 +34,31 @@ impl Meter {
             }
         };
         let account = self.adjustments.entry(a.account_id.clone()).or_default();
-        if let Some(seen) = account.by_id.get(&a.adjustment_id) {
-            if seen.adjustment == a {
-                self.stats.duplicates += 1;
-            } else {
-                let inv = Invalid::new(
-                    RejectReason::Conflict,
-                    format!(
-                        "adjustment {:?} of account {:?} was applied already with other content; ids are unique per account, forever",
-                        a.adjustment_id,
-                        a.account_id.as_str()
-                    ),
-                );
+        match admit(account, &a) {
+            Err(inv) => {
                 self.reject(inv, raw.to_vec(), origin.cloned(), out);
+                return Ok(());
             }
-            return Ok(());
-        }
-        let overrides = account
-            .by_id
-            .values()
-            .filter(|s| matches!(s.adjustment.body, AdjustmentBody::PriceOverride(_)))
-            .count();
-        if matches!(a.body, AdjustmentBody::PriceOverride(_)) && overrides >= MAX_OVERRIDES_PER_ACCOUNT {
-            let inv = Invalid::new(
-                RejectReason::InvalidValue,
-                format!(
-                    "account {:?} has {MAX_OVERRIDES_PER_ACCOUNT} price overrides already, the most one account may have (every charge of the account is rated against them)",
-                    a.account_id.as_str()
-                ),
-            );
-            self.reject(inv, raw.to_vec(), origin.cloned(), out);
-            return Ok(());
+            Ok(false) => {
+                self.stats.duplicates += 1;
+                return Ok(());
+            }
+            Ok(true) => {}
         }
         let before = account.overrides.clone();
         let mut changed = vec![a.adjustment_id.clone()];
         if let AdjustmentBody::OverrideEnd { ends, effective_until } = &a.body {
-            let Some(target) = account
-                .by_id
-                .get(ends)
-                .filter(|s| matches!(s.adjustment.body, AdjustmentBody::PriceOverride(_)))
-                .cloned()
-            else {
-                let inv = Invalid::new(
-                    RejectReason::InvalidValue,
-                    format!(
-                        "`ends` {ends:?} names no price override of account {:?}",
-                        a.account_id.as_str()
-                    ),
+            // `admit` checked that it names a price override.
+            if let Some(target) = account.by_id.get(ends).cloned() {
+                account.put(
+                    ends.clone(),
+                    StoredAdjustment {
+                        moved_until: Some(*effective_until),
+                        ..target
+                    },
                 );
-                self.reject(inv, raw.to_vec(), origin.cloned(), out);
-                return Ok(());
-            };
-            account.put(
-                ends.clone(),
-                StoredAdjustment {
-                    moved_until: Some(*effective_until),
-                    ..target
-                },
-            );
-            changed.push(ends.clone());
+                changed.push(ends.clone());
+            }
         }
         let (account_id, id) = (a.account_id.clone(), a.adjustment_id.clone());
         account.put(
@@ -262,5 +228,44 @@ impl Meter {
             self.stats.adjustments += 1;
             self.emit_charge(st, jk, &start, (&terms, records), slice);
         }
+    }
+}
+
+/// Whether adjustment `a` applies to an account with `account`'s
+/// adjustments: `Ok(true)` it does, `Ok(false)` it is a duplicate (the same
+/// record again), `Err` why not (another record under its id, one price
+/// override too many, an end naming no price override).
+fn admit(account: &AccountAdjustments, a: &Adjustment) -> Result<bool, Invalid> {
+    let is_override = |s: &StoredAdjustment| matches!(s.adjustment.body, AdjustmentBody::PriceOverride(_));
+    let of = a.account_id.as_str();
+    if let Some(seen) = account.by_id.get(&a.adjustment_id) {
+        return if seen.adjustment == *a {
+            Ok(false)
+        } else {
+            Err(Invalid::new(
+                RejectReason::Conflict,
+                format!(
+                    "adjustment {:?} of account {of:?} was applied already with other content; ids are unique per account, forever",
+                    a.adjustment_id
+                ),
+            ))
+        };
+    }
+    match &a.body {
+        AdjustmentBody::PriceOverride(_)
+            if account.by_id.values().filter(|s| is_override(s)).count() >= MAX_OVERRIDES_PER_ACCOUNT =>
+        {
+            Err(Invalid::new(
+                RejectReason::InvalidValue,
+                format!(
+                    "account {of:?} has {MAX_OVERRIDES_PER_ACCOUNT} price overrides already, the most one account may have (every charge of the account is rated against them)"
+                ),
+            ))
+        }
+        AdjustmentBody::OverrideEnd { ends, .. } if !account.by_id.get(ends).is_some_and(is_override) => Err(Invalid::new(
+            RejectReason::InvalidValue,
+            format!("`ends` {ends:?} names no price override of account {of:?}"),
+        )),
+        _ => Ok(true),
     }
 }
