@@ -134,6 +134,14 @@ const NOT_YET: [&str; 4] = ["credit_grant", "credit_void", "job_refund", "manual
 /// more is refused (`invalid_value`).
 pub const MAX_OVERRIDES_PER_ACCOUNT: usize = 1_000;
 
+/// The largest `multiplier` and `rate_per_second` (USD) accepted: with
+/// the longest job and the card's prices, every amount stays far inside
+/// what exact decimals hold.
+pub const MAX_PRICE_FACTOR: i64 = 1_000;
+
+/// The most decimal places a `multiplier` or `rate_per_second` may have.
+pub const MAX_PRICE_SCALE: u32 = 12;
+
 /// The longest `reason` or `requested_by` accepted, in bytes.
 pub const MAX_TEXT_BYTES: usize = 1024;
 
@@ -172,15 +180,26 @@ fn time(o: &Map<String, Value>, field: &str) -> Result<Option<Timestamp>, Invali
         .transpose()
 }
 
-/// A decimal given as a string (`"0.80"`) or a JSON number.
+/// A price decimal given as a string (`"0.80"`) or a JSON number, at most
+/// [`MAX_PRICE_FACTOR`] with at most [`MAX_PRICE_SCALE`] decimal places.
 fn decimal(o: &Map<String, Value>, field: &str) -> Result<Option<Decimal>, Invalid> {
     let bad = |v: &Value| invalid_value(format!("`{field}` {v} is not a decimal"));
-    match o.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v @ Value::String(s)) => s.trim().parse::<Decimal>().map(Some).map_err(|_| bad(v)),
-        Some(v @ Value::Number(n)) => n.to_string().parse::<Decimal>().map(Some).map_err(|_| bad(v)),
-        Some(v) => Err(bad(v)),
+    let d = match o.get(field) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(v @ Value::String(s)) => s.trim().parse::<Decimal>().map_err(|_| bad(v))?,
+        Some(v @ Value::Number(n)) => n.to_string().parse::<Decimal>().map_err(|_| bad(v))?,
+        Some(v) => return Err(bad(v)),
+    };
+    if d > Decimal::from(MAX_PRICE_FACTOR) {
+        return Err(invalid_value(format!("`{field}` {d} is more than {MAX_PRICE_FACTOR}")));
     }
+    if d.scale() > MAX_PRICE_SCALE {
+        return Err(invalid_value(format!(
+            "`{field}` {d} has {} decimal places; at most {MAX_PRICE_SCALE} are accepted",
+            d.scale()
+        )));
+    }
+    Ok(Some(d))
 }
 
 fn selector(o: &Map<String, Value>, rates: &RateCard) -> Result<Selector, Invalid> {
@@ -478,6 +497,21 @@ mod tests {
                 "`multiplier` \"abc\" is not a decimal",
             ),
             (
+                po(r#""multiplier":"79228162514264337593543950335""#),
+                RejectReason::InvalidValue,
+                "is more than 1000",
+            ),
+            (
+                po(r#""rate_per_second":1e300"#),
+                RejectReason::InvalidValue,
+                "`rate_per_second` 1e+300 is not a decimal",
+            ),
+            (
+                po(r#""multiplier":"0.0000000000001""#),
+                RejectReason::InvalidValue,
+                "has 13 decimal places",
+            ),
+            (
                 po(r#""multiplier":"1","rate_per_second":"0.1""#),
                 RejectReason::SchemaViolation,
                 "not both",
@@ -557,6 +591,8 @@ mod tests {
         ))
         .is_ok());
         assert!(parse(&po(r#""multiplier":"0""#)).is_ok());
+        assert!(parse(&po(r#""multiplier":"1000""#)).is_ok());
+        assert!(parse(&po(r#""rate_per_second":"0.000000000001""#)).is_ok());
         assert!(parse(&po(r#""rate_per_second":0"#)).is_ok());
     }
 
