@@ -555,13 +555,14 @@ impl Meter {
         let last_instant = Timestamp(p.end.0 - 1);
         let mut terms = std::collections::BTreeMap::new();
         for account in self.statements.get(&p).into_iter().flat_map(|m| m.keys()) {
-            let plan = ctx.accounts.terms_at(ctx.plans, account, last_instant)?.plan;
+            let records = ctx.accounts.records_of(account)?;
+            let plan = terms_in(ctx.plans, &records, last_instant).plan;
             let fee = if p.ends_its_month() {
                 ctx.accounts.subscription_fee(ctx.plans, account, p.limit_month())?
             } else {
                 Money(Decimal::new(0, 2))
             };
-            let cadence = cadence_in_force(&ctx.accounts.records_of(account)?, &ctx.plans.billing_cycle, p.start);
+            let cadence = cadence_in_force(&records, &ctx.plans.billing_cycle, p.start);
             terms.insert(account.clone(), (plan, fee, cadence));
         }
         let accounts = self.statements.remove(&p).unwrap_or_default();
