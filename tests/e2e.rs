@@ -9,6 +9,7 @@
 mod support;
 
 mod accounts_partitioned;
+mod adjustments;
 mod any_partitioner;
 mod api;
 mod backlog_order;

@@ -940,6 +940,12 @@ pub fn first_fetch_reach(prefix: &str, partitions: i32, bytes: usize) -> Vec<Opt
 /// to the meter of its account's partition (murmur2 of `data.account_id`;
 /// a record that is not an event, to the partition it is on).
 pub fn expected_in_merge_order(prefix: &str, w: &Workload) -> Outputs {
+    expected_in_merge_order_after(prefix, w, &[])
+}
+
+/// [`expected_in_merge_order`] with the records of the adjustments topic
+/// `adjustments` applied first, each to its account's partition.
+pub fn expected_in_merge_order_after(prefix: &str, w: &Workload, adjustments: &[String]) -> Outputs {
     let (rates, plans, book) = billing(w);
     let config = MeterConfig::default();
     let settings = KafkaSettings::new(brokers());
@@ -969,6 +975,22 @@ pub fn expected_in_merge_order(prefix: &str, w: &Workload) -> Outputs {
     let ctx = Context::new(&rates, &plans, &book, &config);
     let mut meters: BTreeMap<i32, Meter> = BTreeMap::new();
     let mut out = Vec::new();
+    for a in adjustments {
+        let Ok(account) = jobmeter_core::adjust::adjustment_account(a.as_bytes()) else {
+            continue;
+        };
+        let owner = partition_of(account.as_str(), w.partitions);
+        meters
+            .entry(owner)
+            .or_default()
+            .apply_adjustment(
+                &ctx.with_partition(owner, w.partitions, jobmeter_kafka::partitioner::partition_for_key),
+                a.as_bytes(),
+                None,
+                &mut out,
+            )
+            .expect("apply an adjustment");
+    }
     for (p, o) in jobmeter_core::order::merge_order(&times) {
         let r = &log[p as usize][o as usize];
         assert_eq!(r.offset, o, "offsets of a fresh topic are dense");

@@ -238,6 +238,18 @@ fn selector(o: &Map<String, Value>, rates: &RateCard) -> Result<Selector, Invali
     Ok(Selector { kind, model })
 }
 
+/// The account an adjustments record is for: what routing it to the
+/// partition that meters the account needs, checked as
+/// [`parse_adjustment`] checks it (the rest is checked there, by the meter).
+pub fn adjustment_account(raw: &[u8]) -> Result<AccountId, Invalid> {
+    let v: Value = serde_json::from_slice(raw)
+        .map_err(|e| Invalid::new(RejectReason::NotJson, format!("not a JSON document: {e}")))?;
+    let Value::Object(o) = v else {
+        return Err(schema("an adjustment is a JSON object".to_owned()));
+    };
+    Ok(AccountId::from(account_id(text(&o, "account_id")?, "account_id")?))
+}
+
 /// Reads and checks one record of the adjustments topic. Every refusal
 /// names the field; `rates` tells which models exist.
 pub fn parse_adjustment(raw: &[u8], rates: &RateCard) -> Result<Adjustment, Invalid> {

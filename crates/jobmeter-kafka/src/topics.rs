@@ -18,6 +18,8 @@ pub struct Topics {
     pub job_events: String,
     /// Account records in (compacted).
     pub accounts: String,
+    /// Pricing adjustments in (support's price overrides).
+    pub adjustments: String,
     /// Charges out.
     pub charges: String,
     /// Limit events out.
@@ -51,6 +53,7 @@ impl Topics {
         Topics {
             job_events: t("job-events"),
             accounts: t("accounts"),
+            adjustments: t("adjustments"),
             charges: t("charges"),
             limits: t("limits"),
             statements: t("statements"),
@@ -173,6 +176,7 @@ pub async fn ensure_topics(
         ("min.insync.replicas", "1"),
     ];
     let plain: [(&str, &str); 0] = [];
+    let retained = [("retention.ms", "-1")];
     // Events keep the producer's timestamp (CreateTime): a platform loading
     // history sets each record's timestamp to its event's time, and the
     // meter compares the two. The broker refuses records stamped more than
@@ -189,6 +193,9 @@ pub async fn ensure_topics(
         (&topics.changelog, layout.partitions, &compacted),
         (&topics.repartition, layout.partitions, &forwarded),
         (&topics.accounts, 1, &compacted[..1]),
+        // Adjustments are kept (the meter deduplicates them by id forever,
+        // and `jobmeter rebuild` reads them again from the beginning).
+        (&topics.adjustments, layout.partitions, &retained),
         (&topics.accounts_by_partition, layout.partitions, &compacted[..1]),
         (&topics.pro_subscribers, 1, &compacted),
         (&topics.charges, layout.output_partitions, &plain),

@@ -3,8 +3,9 @@
 //! With the meter stopped, for every input partition: read the job events
 //! from the beginning up to the group's committed position and run them
 //! through a fresh meter (the accounts table is read first, as `run` does),
-//! together with the events other partitions forwarded to it, in the order
-//! the live meter applied them (the repartition topic's markers);
+//! together with the events other partitions forwarded to it and the
+//! pricing adjustments of its accounts, in the order the live meter applied
+//! them (the repartition topic's markers);
 //! read the compacted changelog to its end; compare the two states record by
 //! record; then discard the local RocksDB state of the partition and write
 //! the rebuilt one (so the next `run` starts from state rebuilt from inputs).
@@ -343,9 +344,16 @@ impl<'a> Rebuild<'a> {
         let pctx = ctx.with_partition(p, self.parts, jobmeter_kafka::partitioner::partition_for_key);
         let mut own = 0u64;
         let mut applied = Applied::new(p, self.topics.job_events.as_str());
+        let adjustments = self.topics.adjustments.as_str();
         let mut apply = |meter: &mut Meter, (origin, r): (Origin, jobmeter_kafka::reader::Record)| {
             if failed.is_none() && applied.first(&origin) {
-                if let Err(e) = meter.apply(&pctx, r.value.as_deref().unwrap_or_default(), Some(&origin), &mut out) {
+                let raw = r.value.as_deref().unwrap_or_default();
+                let done = if &*origin.topic == adjustments {
+                    meter.apply_adjustment(&pctx, raw, Some(&origin), &mut out)
+                } else {
+                    meter.apply(&pctx, raw, Some(&origin), &mut out)
+                };
+                if let Err(e) = done {
                     failed = Some(e);
                 }
             }

@@ -11,7 +11,8 @@
 //! default) runs on a named thread of its own, with a committer thread
 //! beside it (librdkafka's transactional calls and RocksDB writes block);
 //! the accounts forwarder, the accounts tailer, the pro subscribers tailer
-//! and the lag monitor too (see [`accounts`]). Their ends are awaited, not
+//! (see [`accounts`]), the adjustments forwarder (see [`adjustments`]) and
+//! the lag monitor too. Their ends are awaited, not
 //! polled. tokio serves HTTP, signals and start-up, whose blocking calls
 //! run on its blocking pool. Every queue is bounded: the producer's local
 //! queue (when full, the pipeline stops consuming until it drains) and
@@ -24,6 +25,7 @@
 //! ([`ServiceError`]).
 
 pub mod accounts;
+pub mod adjustments;
 pub mod api;
 mod args;
 pub mod config;
@@ -330,6 +332,23 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), Service
         };
         startup::publish_inputs(parts, &shared.input_partitions);
         startup::accounts(&cfg, &settings, &topics, parts, &shared, &stop, &mut background).await?;
+        {
+            let f = adjustments::Forwarding {
+                settings: settings.clone(),
+                group: adjustments::forwarder_group(&cfg.kafka.group_id),
+                client_id: format!("{}-adjustments-forwarder", cfg.instance_id),
+                transactional_id: format!("{}-adjustments", cfg.transactional_id()),
+                source: topics.adjustments.clone(),
+                repartition: topics.repartition.clone(),
+                dlq: topics.dlq.clone(),
+                partitions: shared.input_partitions.clone(),
+            };
+            let st = stop.clone();
+            background.spawn("jobmeter-adjust-fwd", move || {
+                adjustments::forward(&f, &st);
+                Ok(())
+            })?;
+        }
         {
             let (s, t, g, st, m) = (
                 settings.clone(),

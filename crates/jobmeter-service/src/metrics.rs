@@ -37,6 +37,9 @@ pub struct InputMetrics {
     pub events: IntCounterVec,
     /// Input records read and applied, committed or not yet.
     pub consumed: IntCounter,
+    /// Pricing adjustments read and applied (duplicates and rejects
+    /// included), committed or not yet.
+    pub adjustments: IntCounter,
     /// Rejected inputs by reason.
     pub rejected: IntCounterVec,
     /// Input records forwarded to the partition that meters their account,
@@ -193,6 +196,10 @@ impl InputMetrics {
             consumed: r.counter(
                 "jobmeter_records_consumed_total",
                 "Input records read and applied, including the batch not yet committed",
+            )?,
+            adjustments: r.counter(
+                "jobmeter_adjustments_read_total",
+                "Pricing adjustments read and applied by the meters (duplicates and rejects included), including the batch not yet committed",
             )?,
             rejected: r.counters("jobmeter_rejected_total", "Inputs sent to the DLQ, by reason", &["reason"])?,
             rerouted: r.counters(

@@ -80,6 +80,9 @@ pub(crate) async fn topics(
 fn check_layout(settings: &KafkaSettings, topics: &Topics) -> Result<Partitions, ServiceError> {
     let accounts = partition_count(settings, &topics.accounts)?;
     let inputs = partition_count(settings, &topics.job_events)?;
+    if partition_count(settings, &topics.adjustments)? == 0 {
+        tracing::warn!(topic = %topics.adjustments, "the adjustments topic does not exist: no pricing adjustment can reach the meter until it is created (any partition count, retention.ms=-1)");
+    }
     for (internal, policy) in [
         (
             &topics.repartition,

@@ -97,6 +97,13 @@ impl Default for Remote {
     }
 }
 
+/// The merge queue of the records forwarded from partition `a` of the
+/// adjustments topic (below -1, which stands for a repartition partition
+/// not read to its end).
+pub(super) fn adjustment_queue(a: i32) -> i32 {
+    -2 - a
+}
+
 /// How often an instance whose inputs changed writes progress while it
 /// has nothing else to commit.
 pub(super) const PROGRESS_EVERY: Duration = Duration::from_millis(50);
@@ -143,7 +150,12 @@ impl Engine {
                 .into_iter()
                 .flat_map(|h| h.iter().map(|x| (x.key, x.value.unwrap_or_default())))
         };
-        let (_, q, so) = source_of(pairs()).unwrap_or((String::new(), p, o));
+        let (topic, q, so) = source_of(pairs()).unwrap_or((String::new(), p, o));
+        let q = if *topic == *self.adjustments_topic {
+            adjustment_queue(q)
+        } else {
+            q
+        };
         let r = self.remote.entry((p, q)).or_default();
         if so <= r.applied_through.max(r.queued_through) {
             // Applied before a restart (the committed repartition offset
@@ -205,6 +217,26 @@ impl Engine {
                         serves: Some(*p),
                     },
                 ));
+            }
+        }
+        for p in self.meters.keys() {
+            // Pricing adjustments: applied as they are read (their merge
+            // key sorts first), in the order of their partition.
+            for ((_, q), r) in self.remote.range((*p, i32::MIN)..(*p, -1)) {
+                if let Some(x) = r.pending.front() {
+                    out.push((
+                        (*p, *q),
+                        QueueState {
+                            head: Some(Head {
+                                key: x.key,
+                                dest: Some(*p),
+                            }),
+                            bound: None,
+                            at_end: false,
+                            serves: Some(*p),
+                        },
+                    ));
+                }
             }
         }
         let none = Remote::default();

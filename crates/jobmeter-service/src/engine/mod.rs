@@ -217,6 +217,8 @@ pub struct Engine {
     out: Vec<Output>,
     input_topic: Arc<str>,
     repartition_topic: Arc<str>,
+    /// Records forwarded from here are pricing adjustments.
+    adjustments_topic: Arc<str>,
     /// Per (meter, input partition read elsewhere): the records forwarded
     /// from there and what its forwarder said (see `merge.rs`).
     remote: BTreeMap<(i32, i32), merge::Remote>,
@@ -270,6 +272,7 @@ impl Engine {
         Engine {
             input_topic: cfg.topics.job_events.as_str().into(),
             repartition_topic: cfg.topics.repartition.as_str().into(),
+            adjustments_topic: cfg.topics.adjustments.as_str().into(),
             cfg,
             billing,
             committer,
@@ -520,6 +523,10 @@ impl Engine {
             if let Some(pm) = self.meters.get_mut(&p) {
                 let applied = match parsed {
                     Some(ev) => pm.meter.apply_event(&ctx, ev, payload, Some(origin), &mut self.out),
+                    None if origin.topic == self.adjustments_topic => {
+                        self.metrics.input.adjustments.inc();
+                        pm.meter.apply_adjustment(&ctx, payload, Some(origin), &mut self.out)
+                    }
                     None => pm.meter.apply(&ctx, payload, Some(origin), &mut self.out),
                 };
                 // A fact the meter needs could not be read: the open batch
