@@ -298,3 +298,184 @@ fn price_overrides_written_during_a_catch_up_bill_as_if_in_force_from_the_start_
     );
     assert_rebuild_matches(&specs[0], true);
 }
+
+const ADMIN: &str = "it-admin-token-0123456789";
+const SUPPORT: &str = "it-support-token-0123456789";
+const ACCOUNT_TOKEN: &str = "it-account-token-0123456789";
+
+/// `GET /v1/accounts/{account}/adjustments` until `id` has `status`.
+fn wait_status(m: &MeterProc, account: &str, id: &str, status: &str) -> serde_json::Value {
+    let path = format!("/v1/accounts/{account}/adjustments");
+    let mut last = String::new();
+    for _ in 0..200 {
+        let (code, body) = http_request("GET", &m.http, &path, Some(SUPPORT), None);
+        if code == 200 {
+            let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+            if let Some(a) = v["adjustments"]
+                .as_array()
+                .and_then(|l| l.iter().find(|a| a["adjustment_id"] == id))
+            {
+                if a["status"] == status {
+                    return a.clone();
+                }
+            }
+        }
+        last = format!("{code} {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{id} of {account} never {status}: {last}\n{}", m.log_tail());
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
+fn support_writes_adjustments_through_the_api_and_the_command_line() {
+    let prefix = fresh_prefix("adjust-api");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let account = "acct-api-7";
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        format!("{ADMIN} *\n{SUPPORT} * support\n{ACCOUNT_TOKEN} {account}\n"),
+    )
+    .expect("tokens file");
+    let mut spec = MeterSpec::new(&prefix, "adjust-api", dir.path().join("state"), 2);
+    spec.extra
+        .extend(["--set".to_owned(), format!("api.tokens_file={}", tokens.display())]);
+    let mut m = spec.start();
+    wait_for_topics(&prefix);
+    // One job, so that the account is known and its partition restored.
+    let p = producer();
+    let events = format!("{prefix}.job-events");
+    for (t, ty, data) in [
+        (
+            "2024-05-01T10:00:00Z",
+            "job.started",
+            r#""kind":"inference","model":"sdxl-1.0""#,
+        ),
+        ("2024-05-01T10:01:40Z", "job.stopped", r#""status":"succeeded""#),
+    ] {
+        let ev = format!(
+            r#"{{"specversion":"1.0","id":"{ty}-1","source":"it","type":"{ty}","time":"{t}","subject":"job-1","data":{{"account_id":"{account}",{data}}}}}"#
+        );
+        send(&p, &events, account, Some(ev.as_bytes()), None);
+    }
+    rdkafka::producer::Producer::flush(&p, Duration::from_secs(30)).expect("flush");
+    wait_until("the job's charge", Duration::from_secs(60), &[&m], || {
+        read_all(&format!("{prefix}.charges")).len() == 1
+    });
+
+    let path = format!("/v1/accounts/{account}/adjustments");
+    let record = |id: &str, multiplier: &str| {
+        format!(
+            r#"{{"adjustment_id":"{id}","type":"price_override","selector":{{"model":"sdxl-1.0"}},"multiplier":"{multiplier}","effective_from":"2024-05-01T00:00:00Z","reason":"outage goodwill","requested_by":"support@example.com"}}"#
+        )
+    };
+    let post = |token: Option<&str>, body: &str| http_request("POST", &m.http, &path, token, Some(body));
+    // Scopes: only a support token writes.
+    assert_eq!(post(None, &record("a-1", "0.5")).0, 401);
+    assert_eq!(post(Some(ACCOUNT_TOKEN), &record("a-1", "0.5")).0, 403);
+    assert_eq!(post(Some(ADMIN), &record("a-1", "0.5")).0, 403);
+    // Checked before anything is written, the field named.
+    let (code, body) = post(Some(SUPPORT), &record("a-1", "-0.5"));
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("invalid_value") && body.contains("multiplier"), "{body}");
+    let (code, body) = post(
+        Some(SUPPORT),
+        &record("a-1", "0.5").replace("sdxl-1.0", "no-such-model"),
+    );
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("unknown_model"), "{body}");
+    let (code, body) = post(
+        Some(SUPPORT),
+        &record("a-1", "0.5").replace(r#""adjustment_id""#, r#""account_id":"someone-else","adjustment_id""#),
+    );
+    assert_eq!(code, 422, "{body}");
+    // Written, pending, then applied; the charge is re-rated at half price.
+    let (code, body) = post(Some(SUPPORT), &record("a-1", "0.5"));
+    assert_eq!(code, 202, "{body}");
+    assert!(body.contains(r#""status":"pending""#), "{body}");
+    let applied = wait_status(&m, account, "a-1", "applied");
+    assert_eq!(applied["type"], "price_override");
+    assert_eq!(applied["requested_by"], "support@example.com");
+    // The same record again answers the same; other content is a conflict.
+    let (code, body) = post(Some(SUPPORT), &record("a-1", "0.5"));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(r#""status":"applied""#), "{body}");
+    let (code, body) = post(Some(SUPPORT), &record("a-1", "0.25"));
+    assert_eq!(code, 409, "{body}");
+    // The account reads its own adjustments; not another's.
+    assert_eq!(http_request("GET", &m.http, &path, Some(ACCOUNT_TOKEN), None).0, 200);
+    assert_eq!(
+        http_request(
+            "GET",
+            &m.http,
+            "/v1/accounts/other/adjustments",
+            Some(ACCOUNT_TOKEN),
+            None
+        )
+        .0,
+        403
+    );
+    wait_until("the re-rating charges", Duration::from_secs(30), &[&m], || {
+        read_all(&format!("{prefix}.charges")).len() == 3
+    });
+    let charges: Vec<serde_json::Value> = read_all(&format!("{prefix}.charges"))
+        .iter()
+        .map(|c| serde_json::from_str(c).expect("charge"))
+        .collect();
+    let total: Decimal = charges
+        .iter()
+        .map(|c| Decimal::from_str(c["amount"].as_str().expect("amount")).expect("decimal"))
+        .sum();
+    let first = Decimal::from_str(charges[0]["amount"].as_str().expect("amount")).expect("decimal");
+    assert_eq!(
+        total * Decimal::TWO,
+        first,
+        "half price after the override: {charges:?}"
+    );
+    assert!(charges[1..].iter().all(|c| c["adjustment_id"] == "a-1"));
+
+    // From a shell: a file with a refused line writes nothing (exit 2,
+    // the line named); a good one is written and applied.
+    let file = dir.path().join("adjust.jsonl");
+    let end = format!(
+        r#"{{"adjustment_id":"e-1","account_id":"{account}","type":"override_end","ends":"a-1","effective_until":"2024-05-01T10:00:50Z","reason":"goodwill ends","requested_by":"support@example.com"}}"#
+    );
+    let bad = record("b-1", "x").replace(
+        r#""adjustment_id""#,
+        &format!(r#""account_id":"{account}","adjustment_id""#),
+    );
+    std::fs::write(&file, format!("{end}\n{bad}\n")).expect("file");
+    let adjust = |file: &std::path::Path| {
+        std::process::Command::new(bin())
+            .current_dir(root())
+            .args(["adjust", file.to_str().expect("path"), "--brokers", &brokers()])
+            .args(["--set", &format!("topics.prefix={prefix}")])
+            .output()
+            .expect("jobmeter adjust")
+    };
+    let out = adjust(&file);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("line 2: invalid_value") && err.contains("nothing written"),
+        "{err}"
+    );
+    std::fs::write(&file, format!("{end}\n")).expect("file");
+    let out = adjust(&file);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_status(&m, account, "e-1", "applied");
+    // Half of the job (the first 50 s) at half price, the rest at list.
+    let three_quarters = first * Decimal::from_str("0.75").expect("decimal");
+    wait_until("the end's re-rating charges", Duration::from_secs(30), &[&m], || {
+        paid(read_all(&format!("{prefix}.charges"))).get(account) == Some(&three_quarters)
+    });
+    // Every write through the API is logged with its outcome, never the token.
+    let log = std::fs::read_to_string(&m.log).expect("log");
+    assert!(log.contains("adjustment write"), "{log}");
+    assert!(!log.contains(SUPPORT) && !log.contains(ADMIN), "a token in the log");
+    assert_eq!(m.terminate(), Some(0));
+}

@@ -300,6 +300,11 @@ pub fn http_get(base: &str, path: &str) -> Option<String> {
 
 /// A GET with an optional bearer token: (status, body).
 pub fn http_call(base: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    http_request("GET", base, path, token, None)
+}
+
+/// A request with an optional bearer token and JSON body: (status, body).
+pub fn http_request(method: &str, base: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, String) {
     use std::io::{Read, Write};
     let addr = base.strip_prefix("http://").expect("http:// base");
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
@@ -307,9 +312,13 @@ pub fn http_call(base: &str, path: &str, token: Option<&str>) -> (u16, String) {
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
+    let content = body
+        .map(|b| format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()))
+        .unwrap_or_default();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}{content}Connection: close\r\n\r\n{}",
+        body.unwrap_or_default()
     )
     .expect("write");
     let mut buf = String::new();

@@ -125,6 +125,16 @@ pub struct Adjustment {
     pub body: AdjustmentBody,
 }
 
+impl Adjustment {
+    /// The record's `type`.
+    pub fn kind(&self) -> &'static str {
+        match self.body {
+            AdjustmentBody::PriceOverride(_) => "price_override",
+            AdjustmentBody::OverrideEnd { .. } => "override_end",
+        }
+    }
+}
+
 /// The types of §4b that this release does not apply yet (a record of one
 /// is refused with `unknown_type` naming it, never dropped).
 const NOT_YET: [&str; 4] = ["credit_grant", "credit_void", "job_refund", "manual_charge"];

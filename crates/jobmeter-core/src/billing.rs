@@ -574,7 +574,7 @@ impl Meter {
                     let stored = self.adjustments.get(&account).and_then(|a| a.by_id.get(id));
                     StatementAdjustment {
                         adjustment_id: id.clone(),
-                        kind: "price_override".to_owned(),
+                        kind: stored.map_or("price_override", |s| s.adjustment.kind()).to_owned(),
                         reason: stored.map(|s| s.adjustment.reason.clone()).unwrap_or_default(),
                         amount: *amount,
                     }

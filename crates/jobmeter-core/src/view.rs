@@ -212,15 +212,14 @@ pub fn usage_report(
                 book.terms_at(plans, account, at)?.plan,
                 acc.adjustments
                     .iter()
-                    .map(|(id, amount)| StatementAdjustment {
-                        adjustment_id: id.clone(),
-                        kind: "price_override".to_owned(),
-                        reason: st
-                            .adjustments
-                            .get(id)
-                            .map(|a| a.adjustment.reason.clone())
-                            .unwrap_or_default(),
-                        amount: *amount,
+                    .map(|(id, amount)| {
+                        let stored = st.adjustments.get(id);
+                        StatementAdjustment {
+                            adjustment_id: id.clone(),
+                            kind: stored.map_or("price_override", |a| a.adjustment.kind()).to_owned(),
+                            reason: stored.map(|a| a.adjustment.reason.clone()).unwrap_or_default(),
+                            amount: *amount,
+                        }
                     })
                     .collect::<Vec<_>>(),
             )

@@ -5,7 +5,7 @@
 //! SASL, SSL — and `topics.prefix`, loaded by
 //! [`jobmeter_service::KafkaArgs`] or [`jobmeter_service::RunCmd`]):
 //! [`rebuild`] (state and outputs rebuilt from the input topics and
-//! checked), [`notify`] (limit events to a signed webhook), [`emit`]
+//! checked), [`adjust`] (pricing adjustments written from a shell), [`notify`] (limit events to a signed webhook), [`emit`]
 //! (job lifecycle events from scripts), [`tools`] (`dump`, and producing a
 //! simulated fleet to Kafka).
 //!
@@ -13,6 +13,7 @@
 //! engine pieces; the service never depends on it, and neither do the
 //! core or the offline tools (`./dev test` checks it).
 
+pub mod adjust;
 pub mod emit;
 pub mod notify;
 pub mod rebuild;

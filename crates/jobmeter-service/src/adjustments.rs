@@ -215,3 +215,64 @@ fn send_batch(
     }
     Ok(tpl)
 }
+
+/// Writes adjustments to the adjustments topic, each checked first as the
+/// meter will check it (the API's `POST` and `jobmeter adjust`). Records
+/// are keyed by account with murmur2, so one account's adjustments keep
+/// their order (an `override_end` after the override it ends).
+pub struct Writer {
+    producer: rdkafka::producer::FutureProducer,
+    topic: String,
+    rates: Arc<jobmeter_core::RateCard>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").field("topic", &self.topic).finish()
+    }
+}
+
+/// How long a write waits for the broker's acknowledgement.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Writer {
+    /// A writer to `topic`, checking selectors against `rates`.
+    pub fn new(
+        settings: &KafkaSettings,
+        topic: String,
+        rates: Arc<jobmeter_core::RateCard>,
+    ) -> Result<Writer, KafkaAdapterError> {
+        let producer = settings
+            .producer()
+            .create()
+            .map_err(|source| KafkaAdapterError::Client {
+                what: "adjustments writer",
+                source,
+            })?;
+        Ok(Writer { producer, topic, rates })
+    }
+
+    /// The topic written to.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Checks a record as the meter will (every field; not whether its id
+    /// was used before, which only the account's meter knows).
+    pub fn check(&self, raw: &[u8]) -> Result<jobmeter_core::adjust::Adjustment, jobmeter_core::event::Invalid> {
+        jobmeter_core::adjust::parse_adjustment(raw, &self.rates)
+    }
+
+    /// Writes a checked record, keyed by its account, and waits for the
+    /// broker to acknowledge it: its partition and offset.
+    pub async fn write(&self, a: &jobmeter_core::adjust::Adjustment, raw: &[u8]) -> Result<(i32, i64), KafkaError> {
+        let record = rdkafka::producer::FutureRecord::to(&self.topic)
+            .key(a.account_id.as_str())
+            .payload(raw);
+        self.producer
+            .send(record, WRITE_TIMEOUT)
+            .await
+            .map(|d| (d.partition, d.offset))
+            .map_err(|(e, _)| e)
+    }
+}

@@ -53,15 +53,30 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/accounts/{account_id}/usage"),
     ("get", "/v1/accounts/{account_id}/limits"),
     ("get", "/v1/accounts/{account_id}/admission"),
+    ("get", "/v1/accounts/{account_id}/adjustments"),
+    ("post", "/v1/accounts/{account_id}/adjustments"),
 ];
 
 /// Who a token lets in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
-    /// Every account.
+    /// Reads every account.
     Admin,
-    /// One account.
+    /// Reads every account and writes pricing adjustments.
+    Support,
+    /// Reads one account.
     Account(String),
+}
+
+impl Scope {
+    /// `admin`, `support` or `account` (for logs; never the token).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Scope::Admin => "admin",
+            Scope::Support => "support",
+            Scope::Account(_) => "account",
+        }
+    }
 }
 
 /// The configured tokens.
@@ -87,8 +102,10 @@ impl Tokens {
         }
     }
 
-    /// Parses a tokens file: one `<token> <account_id|*>` per line, `#`
-    /// comments and blank lines ignored.
+    /// Parses a tokens file: one `<token> <account_id>` (reads that
+    /// account), `<token> *` (admin: reads every account) or
+    /// `<token> * support` (reads every account, writes adjustments) per
+    /// line, `#` comments and blank lines ignored.
     pub fn parse_file(text: &str) -> Result<Vec<(String, Scope)>, String> {
         let mut out = Vec::new();
         for (i, line) in text.lines().enumerate() {
@@ -99,8 +116,16 @@ impl Tokens {
             let mut parts = line.split_whitespace();
             match (parts.next(), parts.next(), parts.next()) {
                 (Some(t), Some("*"), None) => out.push((t.to_owned(), Scope::Admin)),
+                (Some(t), Some("*"), Some("support")) if parts.next().is_none() => {
+                    out.push((t.to_owned(), Scope::Support))
+                }
                 (Some(t), Some(a), None) => out.push((t.to_owned(), Scope::Account(a.to_owned()))),
-                _ => return Err(format!("line {}: expected `<token> <account_id|*>`", i + 1)),
+                _ => {
+                    return Err(format!(
+                        "line {}: expected `<token> <account_id>`, `<token> *` or `<token> * support`",
+                        i + 1
+                    ))
+                }
             }
         }
         Ok(out)
@@ -150,7 +175,20 @@ pub struct Api {
     pub meter: jobmeter_core::MeterConfig,
     /// Input offsets of the last committed batch (`committed_offsets`).
     pub committed: super::metrics::CommittedOffsets,
+    /// Writes pricing adjustments (`None`: writing is not offered).
+    pub writer: Option<Arc<crate::adjustments::Writer>>,
+    /// Adjustments this instance wrote, by (account, id): shown as
+    /// pending until their meter has applied them.
+    pub written: Arc<std::sync::Mutex<Written>>,
 }
+
+/// Where this instance wrote each adjustment, by (account, id): the
+/// partition and offset of the adjustments topic.
+pub type Written = std::collections::BTreeMap<(String, String), (i32, i64)>;
+
+/// The most written adjustments remembered as pending (the oldest are
+/// forgotten first; they are on the adjustments topic either way).
+const WRITTEN_KEPT: usize = 10_000;
 
 /// The query of an account route.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
@@ -242,6 +280,8 @@ pub enum AccountView {
     Limits,
     /// `/admission`.
     Admission,
+    /// `/adjustments` (`GET`).
+    Adjustments,
 }
 
 impl AccountView {
@@ -251,6 +291,7 @@ impl AccountView {
             AccountView::Usage => "usage",
             AccountView::Limits => "limits",
             AccountView::Admission => "admission",
+            AccountView::Adjustments => "adjustments",
         }
     }
 }
@@ -459,6 +500,17 @@ impl Api {
                 Ok(r) => serde_json::to_value(r),
                 Err(e) => return Err(Answer::error(500, "store", &e.to_string())),
             },
+            AccountView::Adjustments => match view::usage_report(
+                account_id,
+                period,
+                st,
+                &self.billing.plans,
+                book,
+                self.billing.rates.policy.rounding,
+            ) {
+                Ok(r) => Ok(self.adjustments_list(account_id, st, period, &r.adjustments)),
+                Err(e) => return Err(Answer::error(500, "store", &e.to_string())),
+            },
             // Limits count per calendar month, whatever the cadence.
             AccountView::Limits => {
                 match view::limits_report(account_id, period.limit_month(), st, &self.billing.plans, book) {
@@ -468,6 +520,165 @@ impl Api {
             }
         };
         Ok(value.unwrap_or_default())
+    }
+
+    /// The body of `GET /v1/accounts/{account}/adjustments`: every
+    /// adjustment applied, with what it changed in `period`, then those
+    /// this instance wrote that are not applied yet (pending).
+    fn adjustments_list(
+        &self,
+        account_id: &AccountId,
+        st: &view::AccountState,
+        period: BillingPeriod,
+        amounts: &[jobmeter_core::output::StatementAdjustment],
+    ) -> serde_json::Value {
+        let mut list: Vec<serde_json::Value> = st
+            .adjustments
+            .iter()
+            .map(|(id, s)| {
+                json!({
+                    "adjustment_id": id,
+                    "type": s.adjustment.kind(),
+                    "status": "applied",
+                    "reason": s.adjustment.reason,
+                    "requested_by": s.adjustment.requested_by,
+                    "record": s.adjustment,
+                    "effective_until_moved_to": s.moved_until,
+                    "amount_in_period": amounts.iter().find(|a| &a.adjustment_id == id).map(|a| a.amount),
+                })
+            })
+            .collect();
+        let written = self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let account = account_id.as_str().to_owned();
+        let of_account = written
+            .range((account.clone(), String::new())..)
+            .take_while(|((a, _), _)| *a == account);
+        for ((_, id), (partition, offset)) in of_account {
+            if !st.adjustments.contains_key(id) {
+                list.push(json!({
+                    "adjustment_id": id,
+                    "status": "pending",
+                    "written_to": {"partition": partition, "offset": offset},
+                }));
+            }
+        }
+        json!({
+            "account_id": account_id,
+            "period": period,
+            "adjustments": list,
+        })
+    }
+
+    /// Checks `POST /v1/accounts/{account}/adjustments`: the token's scope
+    /// and the record (the path's account filled in when the body has
+    /// none). `Ok` is the record to write, or the answer when it was
+    /// applied already.
+    pub fn adjustment_to_write(
+        &self,
+        scope: &Scope,
+        account: &str,
+        body: &[u8],
+    ) -> Result<(jobmeter_core::adjust::Adjustment, Vec<u8>), Answer> {
+        if *scope != Scope::Support {
+            return Err(Answer::error(
+                403,
+                "forbidden",
+                "writing an adjustment needs a support token",
+            ));
+        }
+        let Some(writer) = &self.writer else {
+            return Err(Answer::error(503, "not_ready", "adjustments cannot be written yet"));
+        };
+        let mut doc: serde_json::Value = serde_json::from_slice(body)
+            .map_err(|e| Answer::error(422, "not_json", &format!("not a JSON document: {e}")))?;
+        if let Some(o) = doc.as_object_mut() {
+            match o.get("account_id") {
+                None => {
+                    o.insert("account_id".into(), json!(account));
+                }
+                Some(a) if a.as_str() == Some(account) => {}
+                Some(a) => {
+                    return Err(Answer::error(
+                        422,
+                        "schema_violation",
+                        &format!("`account_id` {a} is not the account of the path, {account:?}"),
+                    ))
+                }
+            }
+        }
+        let raw = serde_json::to_vec(&doc).map_err(|e| Answer::error(500, "internal", &e.to_string()))?;
+        let a = writer
+            .check(&raw)
+            .map_err(|inv| Answer::error(422, inv.reason.as_str(), &inv.detail))?;
+        if let Some(answer) = self.applied_already(&a) {
+            return Err(answer);
+        }
+        Ok((a, raw))
+    }
+
+    /// When `a`'s id was applied already (and this instance holds the
+    /// account): the same record answers as applied, another is a conflict.
+    fn applied_already(&self, a: &jobmeter_core::adjust::Adjustment) -> Option<Answer> {
+        let n = self.input_partitions.load(Ordering::Relaxed);
+        let home = jobmeter_kafka::group::partition_for_key(a.account_id.as_str().as_bytes(), n);
+        let owned = self
+            .owned
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&home);
+        if n <= 0 || !owned {
+            return None;
+        }
+        let key = keys::adjustment(&a.account_id, &a.adjustment_id);
+        let stored = self.store.get(home, Table::Adjustments, &key).ok()??;
+        let stored: jobmeter_core::state::StoredAdjustment = serde_json::from_slice(&stored).ok()?;
+        Some(if stored.adjustment == *a {
+            Answer {
+                status: 200,
+                body: json!({"adjustment_id": a.adjustment_id, "account_id": a.account_id, "status": "applied"}),
+            }
+        } else {
+            Answer::error(
+                409,
+                "conflict",
+                &format!(
+                    "adjustment {:?} of account {:?} was applied already with other content; ids are unique per account, forever",
+                    a.adjustment_id,
+                    a.account_id.as_str()
+                ),
+            )
+        })
+    }
+
+    /// Writes a checked adjustment: `202` with where it was written (it is
+    /// pending until its meter applies it).
+    pub async fn write_adjustment(&self, a: &jobmeter_core::adjust::Adjustment, raw: &[u8]) -> Answer {
+        let Some(writer) = &self.writer else {
+            return Answer::error(503, "not_ready", "adjustments cannot be written yet");
+        };
+        match writer.write(a, raw).await {
+            Ok((partition, offset)) => {
+                let mut written = self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if written.len() >= WRITTEN_KEPT {
+                    written.clear();
+                }
+                written.insert(
+                    (a.account_id.as_str().to_owned(), a.adjustment_id.clone()),
+                    (partition, offset),
+                );
+                Answer {
+                    status: 202,
+                    body: json!({
+                        "adjustment_id": a.adjustment_id,
+                        "account_id": a.account_id,
+                        "type": a.kind(),
+                        "status": "pending",
+                        "written_to": {"topic": writer.topic(), "partition": partition, "offset": offset},
+                    }),
+                }
+            }
+            Err(e) => Answer::error(503, "kafka", &format!("the adjustment could not be written: {e}")),
+        }
     }
 
     /// The input offsets (next to read) of `partition` that the stored
@@ -615,15 +826,20 @@ mod tests {
 
     #[test]
     fn tokens_file_format() {
-        let parsed = Tokens::parse_file("# comment\n\nabc *\ndef acct-7\n").unwrap_or_default();
+        let parsed = Tokens::parse_file("# comment\n\nabc *\ndef acct-7\nghi * support\n").unwrap_or_default();
         assert_eq!(
             parsed,
             vec![
                 ("abc".to_owned(), Scope::Admin),
-                ("def".to_owned(), Scope::Account("acct-7".into()))
+                ("def".to_owned(), Scope::Account("acct-7".into())),
+                ("ghi".to_owned(), Scope::Support)
             ]
         );
         assert!(Tokens::parse_file("lonely\n").is_err());
+        for bad in ["t * admin\n", "t * support extra\n", "t acct-7 support\n"] {
+            let e = Tokens::parse_file(&format!("ok *\n{bad}")).unwrap_err();
+            assert!(e.starts_with("line 2:"), "{bad}: {e}");
+        }
     }
 
     #[test]

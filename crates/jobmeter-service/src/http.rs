@@ -97,6 +97,57 @@ async fn admission(
     account(s, a, q, h, AccountView::Admission).await
 }
 
+async fn adjustments(
+    State(s): State<AppState>,
+    Path(a): Path<String>,
+    Query(q): Query<AccountQuery>,
+    h: HeaderMap,
+) -> Response {
+    account(s, a, q, h, AccountView::Adjustments).await
+}
+
+/// `POST /v1/accounts/{account}/adjustments`: a support token writes one
+/// adjustment. Every call is logged (never the token) with its outcome.
+async fn write_adjustment(
+    State(s): State<AppState>,
+    Path(account): Path<String>,
+    h: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let a = match s.api.authenticate(authorization(&h)) {
+        Ok(scope) => {
+            let api = s.api.clone();
+            let (acct, scope2) = (account.clone(), scope.clone());
+            let checked = tokio::task::spawn_blocking(move || api.adjustment_to_write(&scope2, &acct, &body))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(Answer {
+                        status: 500,
+                        body: serde_json::json!({"error": "internal", "message": e.to_string()}),
+                    })
+                });
+            let answer = match checked {
+                Ok((adj, raw)) => s.api.write_adjustment(&adj, &raw).await,
+                Err(answer) => answer,
+            };
+            tracing::info!(
+                route = "POST /v1/accounts/{account_id}/adjustments",
+                account = %account,
+                scope = scope.name(),
+                status = answer.status,
+                adjustment_id = answer.body.get("adjustment_id").and_then(|v| v.as_str()).unwrap_or(""),
+                "adjustment write"
+            );
+            answer
+        }
+        Err(a) => {
+            tracing::info!(route = "POST /v1/accounts/{account_id}/adjustments", account = %account, status = a.status, "adjustment write refused: no valid token");
+            a
+        }
+    };
+    reply(&s, "adjustments_write", a)
+}
+
 async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
@@ -166,6 +217,10 @@ pub fn router(
         .route("/v1/accounts/{account_id}/usage", get(usage))
         .route("/v1/accounts/{account_id}/limits", get(limits))
         .route("/v1/accounts/{account_id}/admission", get(admission))
+        .route(
+            "/v1/accounts/{account_id}/adjustments",
+            get(adjustments).post(write_adjustment),
+        )
         .fallback(not_found)
         .with_state(AppState {
             registry,

@@ -238,10 +238,16 @@ async fn serve_http(
         owned: shared.owned.clone(),
         input_partitions: shared.input_partitions.clone(),
         tokens: shared.tokens.clone(),
-        group: Some((settings, cfg.kafka.group_id.clone(), topics.job_events)),
+        group: Some((settings.clone(), cfg.kafka.group_id.clone(), topics.job_events.clone())),
         instance_id: cfg.instance_id.clone(),
         meter: cfg.meter_config(),
         committed: metrics.committed.clone(),
+        writer: Some(Arc::new(adjustments::Writer::new(
+            &settings,
+            topics.adjustments.clone(),
+            shared.billing.rates.clone(),
+        )?)),
+        written: Arc::default(),
     });
     let app = http::router(
         registry.clone(),

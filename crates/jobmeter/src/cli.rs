@@ -43,6 +43,9 @@ pub enum Command {
     Emit(jobmeter_ops::emit::EmitCmd),
     /// Deliver limit events to a webhook (signed, retried, dead-lettered).
     Notify(jobmeter_ops::notify::NotifyCmd),
+    /// Write pricing adjustments (price overrides, their early ends) to the
+    /// adjustments topic, each checked first as the meter will check it.
+    Adjust(jobmeter_ops::adjust::AdjustCmd),
 }
 
 /// Runs the command line; the binary's `main` calls this. The exit status
@@ -65,6 +68,7 @@ pub fn main() -> anyhow::Result<std::process::ExitCode> {
         }),
         Command::Reprice(cmd) => run_reprice(cmd).map(|()| ok),
         Command::Notify(cmd) => jobmeter_ops::notify::main(cmd).map(|()| ok),
+        Command::Adjust(cmd) => jobmeter_ops::adjust::main(cmd).map(|()| ok),
         // As a shell reports a status: its low eight bits.
         Command::Emit(cmd) => jobmeter_ops::emit::main(cmd)
             .map(|code| std::process::ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1))),

@@ -199,10 +199,14 @@ pub struct HttpConfig {
 pub struct ApiConfig {
     /// Tokens that read every account and the rate card.
     pub admin_tokens: Vec<String>,
+    /// Tokens that read every account and write pricing adjustments
+    /// (`POST /v1/accounts/{id}/adjustments`).
+    pub support_tokens: Vec<String>,
     /// Per account id, the tokens that read that account (and the rate card).
     pub account_tokens: BTreeMap<String, Vec<String>>,
-    /// A file of `<token> <account_id|*>` lines (for secrets mounted from
-    /// elsewhere); read at start.
+    /// A file of `<token> <account_id>`, `<token> *` (admin) or
+    /// `<token> * support` lines (for secrets mounted from elsewhere);
+    /// read at start.
     pub tokens_file: Option<PathBuf>,
 }
 
@@ -624,6 +628,7 @@ impl Config {
             .iter()
             .map(|t| (t.clone(), Scope::Admin))
             .collect();
+        out.extend(self.api.support_tokens.iter().map(|t| (t.clone(), Scope::Support)));
         for (account, tokens) in &self.api.account_tokens {
             out.extend(tokens.iter().map(|t| (t.clone(), Scope::Account(account.clone()))));
         }
@@ -640,6 +645,7 @@ impl Config {
         let mut c = self.clone();
         let hide = |v: &mut String| *v = "<redacted>".into();
         c.api.admin_tokens.iter_mut().for_each(hide);
+        c.api.support_tokens.iter_mut().for_each(hide);
         for tokens in c.api.account_tokens.values_mut() {
             tokens.iter_mut().for_each(hide);
         }
