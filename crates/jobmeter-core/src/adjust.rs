@@ -125,7 +125,32 @@ pub struct Adjustment {
     pub body: AdjustmentBody,
 }
 
+/// How far ahead of when it was written a price override may start or an
+/// `override_end` may end one: 366 days. A record beyond it is refused
+/// (`invalid_value`): it is almost certainly a typo in a year, and it
+/// would sit among the account's overrides for nothing until then.
+pub const HORIZON_MS: i64 = 366 * 86_400_000;
+
 impl Adjustment {
+    /// Refuses a record whose window starts (or whose new end lies) more
+    /// than [`HORIZON_MS`] after `written`: its `created_at`, else the
+    /// instant it was written to Kafka (`None`: nothing to check against).
+    pub fn check_horizon(&self, written: Option<Timestamp>) -> Result<(), Invalid> {
+        let Some(at) = self.created_at.or(written) else {
+            return Ok(());
+        };
+        let (field, t) = match &self.body {
+            AdjustmentBody::PriceOverride(po) => ("effective_from", po.effective_from),
+            AdjustmentBody::OverrideEnd { effective_until, .. } => ("effective_until", *effective_until),
+        };
+        if t.0.saturating_sub(at.0) > HORIZON_MS {
+            return Err(invalid_value(format!(
+                "`{field}` {t} is more than 366 days after the record was written ({at}): beyond the horizon"
+            )));
+        }
+        Ok(())
+    }
+
     /// The record's `type`.
     pub fn kind(&self) -> &'static str {
         match self.body {
@@ -337,14 +362,16 @@ pub fn parse_adjustment(raw: &[u8], rates: &RateCard) -> Result<Adjustment, Inva
             ))
         }
     };
-    Ok(Adjustment {
+    let a = Adjustment {
         adjustment_id,
         account_id: account,
         reason: reason.to_owned(),
         requested_by: requested_by.to_owned(),
         created_at,
         body,
-    })
+    };
+    a.check_horizon(None)?;
+    Ok(a)
 }
 
 /// The price overrides of one account, by `adjustment_id`.
@@ -598,6 +625,16 @@ mod tests {
                 RejectReason::SchemaViolation,
                 "`effective_until` is missing",
             ),
+            (
+                r#"{"adjustment_id":"x","account_id":"a","reason":"r","requested_by":"s","created_at":"2024-05-01T00:00:00Z","type":"price_override","multiplier":"1","effective_from":"2025-05-02T00:00:01Z"}"#.to_owned(),
+                RejectReason::InvalidValue,
+                "`effective_from` 2025-05-02T00:00:01.000Z is more than 366 days after",
+            ),
+            (
+                r#"{"adjustment_id":"x","account_id":"a","reason":"r","requested_by":"s","created_at":"2024-05-01T00:00:00Z","type":"override_end","ends":"y","effective_until":"2030-01-01T00:00:00Z"}"#.to_owned(),
+                RejectReason::InvalidValue,
+                "beyond the horizon",
+            ),
             ("[1]".to_owned(), RejectReason::SchemaViolation, "JSON object"),
             ("{".to_owned(), RejectReason::NotJson, "not a JSON document"),
         ];
@@ -613,6 +650,15 @@ mod tests {
         ))
         .is_ok());
         assert!(parse(&po(r#""multiplier":"0""#)).is_ok());
+        // At the horizon exactly; and far ahead with nothing to measure from.
+        assert!(parse(r#"{"adjustment_id":"x","account_id":"a","reason":"r","requested_by":"s","created_at":"2024-05-01T00:00:00Z","type":"price_override","multiplier":"1","effective_from":"2025-05-02T00:00:00Z"}"#).is_ok());
+        let far = parse(r#"{"adjustment_id":"x","account_id":"a","reason":"r","requested_by":"s","type":"price_override","multiplier":"1","effective_from":"2099-01-01T00:00:00Z"}"#).expect("no created_at");
+        assert!(far.check_horizon(None).is_ok());
+        let written = Timestamp::parse("2024-05-01T00:00:00Z").ok();
+        assert_eq!(
+            far.check_horizon(written).map_err(|e| e.reason),
+            Err(RejectReason::InvalidValue)
+        );
         assert!(parse(&po(r#""multiplier":"1000""#)).is_ok());
         assert!(parse(&po(r#""rate_per_second":"0.000000000001""#)).is_ok());
         assert!(parse(&po(r#""rate_per_second":0"#)).is_ok());

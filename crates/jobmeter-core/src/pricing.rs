@@ -26,7 +26,9 @@ impl Meter {
         origin: Option<&Origin>,
         out: &mut Vec<Output>,
     ) -> Result<(), ApplyError> {
-        let a = match parse_adjustment(raw, ctx.rates) {
+        let parsed = parse_adjustment(raw, ctx.rates)
+            .and_then(|a| a.check_horizon(origin.and_then(|o| o.record_time)).map(|()| a));
+        let a = match parsed {
             Ok(a) => a,
             Err(inv) => {
                 self.reject(inv, raw.to_vec(), origin.cloned(), out);
