@@ -115,6 +115,11 @@ struct Args {
     /// Stop after the throughput run (a): no restore (d), no latency (b).
     #[arg(long)]
     throughput_only: bool,
+    /// Price overrides written to the adjustments topic with the backlog
+    /// (spread over the fleet's accounts, windows across its time span),
+    /// so that the throughput run rates every event against them.
+    #[arg(long, default_value_t = 0)]
+    overrides: usize,
 }
 
 /// Workload shapes of the throughput backlog.
@@ -264,7 +269,55 @@ impl Bench<'_> {
         let t0 = Instant::now();
         jobmeter_ops::tools::produce_fleet_placed(&self.brokers, &topics, &accs, &evs, 0, args.placement)?;
         println!("produced {} events in {:.1}s", evs.len(), t0.elapsed().as_secs_f64());
+        if args.overrides > 0 {
+            self.overrides(&topics, &opts, &accs)?;
+        }
         Ok(evs.len())
+    }
+
+    /// `--overrides`: price overrides on the fleet's accounts, round robin,
+    /// of every selector shape, each over a window of a few hours inside the
+    /// fleet's span (at most 1,000 an account, the meter's bound).
+    fn overrides(
+        &self,
+        topics: &jobmeter_kafka::topics::Topics,
+        opts: &FleetOptions,
+        accs: &[(String, String)],
+    ) -> anyhow::Result<()> {
+        let mut ids: Vec<&str> = accs.iter().map(|(k, _)| k.as_str()).collect();
+        ids.dedup();
+        let n = self.args.overrides;
+        if ids.is_empty() || n > ids.len() * jobmeter_core::adjust::MAX_OVERRIDES_PER_ACCOUNT {
+            anyhow::bail!("--overrides {n}: at most 1,000 an account over {} accounts", ids.len());
+        }
+        let producer: ThreadedProducer<DefaultProducerContext> = self.settings.producer().create()?;
+        let hour = 3_600_000;
+        for i in 0..n {
+            let account = ids[i % ids.len()];
+            let from = jobmeter_core::Timestamp(opts.start.0 + (i as i64 * 7_919 % 12) * hour);
+            let until = jobmeter_core::Timestamp(from.0 + (1 + i as i64 % 5) * hour);
+            let selector = match i % 3 {
+                0 => "{}",
+                1 => r#"{"kind":"inference"}"#,
+                _ => r#"{"kind":"fine_tune"}"#,
+            };
+            let price = if i % 2 == 0 {
+                r#""multiplier":"0.9""#
+            } else {
+                r#""rate_per_second":"0.0004""#
+            };
+            let rec = format!(
+                r#"{{"adjustment_id":"bench-{i}","account_id":"{account}","type":"price_override","selector":{selector},{price},"effective_from":"{from}","effective_until":"{until}","reason":"bench","requested_by":"bench"}}"#
+            );
+            jobmeter_kafka::produce::send_waiting(
+                &producer,
+                BaseRecord::<str, str>::to(&topics.adjustments).key(account).payload(&rec),
+                None,
+            )?;
+        }
+        producer.flush(Duration::from_secs(60))?;
+        println!("produced {n} price overrides over {} accounts", ids.len().min(n));
+        Ok(())
     }
 
     /// (c): a plain consumer reads the backlog, doing nothing; the median
@@ -393,6 +446,13 @@ impl Bench<'_> {
             "(a) during the run (start-up included): {}",
             CpuShare::since(a_broker, self.broker_cpu(), &a_machine, n)
         );
+        if self.args.overrides > 0 {
+            let read: f64 = ports
+                .iter()
+                .map(|p| metric(*p, "jobmeter_adjustments_read_total").unwrap_or(0.0))
+                .sum();
+            println!("(a) pricing adjustments read and applied by the meters: {read:.0}");
+        }
         drop(meters);
         Ok(ports.len() as u16)
     }
