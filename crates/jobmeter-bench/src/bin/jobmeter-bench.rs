@@ -171,14 +171,16 @@ fn main() -> anyhow::Result<()> {
     let events = b.backlog(&prefix)?;
     let ceiling = b.ceiling(&prefix, events)?;
     let instances = b.throughput(&prefix, events, ceiling)?;
-    if args.throughput_only {
-        return Ok(());
-    }
-    if instances > 1 {
-        // The restore and latency runs below are one instance's; the
-        // stopped static members would hold their partitions until their
-        // session times out.
-        println!("(d) and (b) are measured with one instance only: run again without --instances");
+    if args.throughput_only || instances > 1 {
+        if instances > 1 && !args.throughput_only {
+            // The restore and latency runs below are one instance's; the
+            // stopped static members would hold their partitions until
+            // their session times out.
+            println!("(d) and (b) are measured with one instance only: run again without --instances");
+        }
+        if !args.keep_topics {
+            delete_topics(&b.settings, &prefix)?;
+        }
         return Ok(());
     }
     b.restores(&prefix)?;
@@ -285,6 +287,7 @@ impl Bench<'_> {
         accs: &[(String, String)],
     ) -> anyhow::Result<()> {
         let mut ids: Vec<&str> = accs.iter().map(|(k, _)| k.as_str()).collect();
+        ids.sort_unstable();
         ids.dedup();
         let n = self.args.overrides;
         if ids.is_empty() || n > ids.len() * jobmeter_core::adjust::MAX_OVERRIDES_PER_ACCOUNT {
