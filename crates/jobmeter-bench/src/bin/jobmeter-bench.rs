@@ -314,7 +314,9 @@ impl Bench<'_> {
             );
             jobmeter_kafka::produce::send_waiting(
                 &producer,
-                BaseRecord::<str, str>::to(&topics.adjustments).key(account).payload(&rec),
+                BaseRecord::<str, str>::to(&topics.adjustments)
+                    .key(account)
+                    .payload(&rec),
                 None,
             )?;
         }
