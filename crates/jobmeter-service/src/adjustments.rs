@@ -127,6 +127,12 @@ fn forward_until_error(f: &Forwarding, stop: &CancellationToken) -> Result<(), F
     let producer = TxnProducer::new(&f.settings, &f.transactional_id, TXN_TIMEOUT)?;
     let mut batch: Vec<OwnedMessage> = Vec::with_capacity(BATCH);
     while !stop.is_cancelled() {
+        let partitions = f.partitions.load(Ordering::Relaxed);
+        if partitions <= 0 {
+            // Where records go is not known yet: read nothing.
+            std::thread::sleep(POLL);
+            continue;
+        }
         batch.clear();
         let mut timeout = POLL;
         while batch.len() < BATCH {
@@ -140,8 +146,7 @@ fn forward_until_error(f: &Forwarding, stop: &CancellationToken) -> Result<(), F
             }
             timeout = Duration::ZERO;
         }
-        let partitions = f.partitions.load(Ordering::Relaxed);
-        if batch.is_empty() || partitions <= 0 {
+        if batch.is_empty() {
             continue;
         }
         let group = consumer.group_metadata().ok_or(ForwardError::NoGroup)?;
