@@ -477,5 +477,38 @@ fn support_writes_adjustments_through_the_api_and_the_command_line() {
     let log = std::fs::read_to_string(&m.log).expect("log");
     assert!(log.contains("adjustment write"), "{log}");
     assert!(!log.contains(SUPPORT) && !log.contains(ADMIN), "a token in the log");
+
+    // A refund reverses every charge of the job: the account pays nothing.
+    let refund = |id: &str| {
+        format!(
+            r#"{{"adjustment_id":"{id}","type":"job_refund","job_id":"job-1","reason":"the worker hung","requested_by":"support@example.com"}}"#
+        )
+    };
+    let (code, body) = post(Some(SUPPORT), &refund("r-1"));
+    assert_eq!(code, 202, "{body}");
+    wait_status(&m, account, "r-1", "applied");
+    wait_until("the refund's charges", Duration::from_secs(30), &[&m], || {
+        paid(read_all(&format!("{prefix}.charges"))).get(account) == Some(&Decimal::ZERO)
+    });
+    // After a restart (state from RocksDB), a second refund of the job is
+    // refused by the meter: it was refunded already.
+    assert_eq!(m.terminate(), Some(0));
+    let m = spec.start();
+    wait_until("ready again", Duration::from_secs(60), &[&m], || {
+        http_get(&m.http, "/readyz").is_some()
+    });
+    let (code, body) = http_request("POST", &m.http, &path, Some(SUPPORT), Some(&refund("r-2")));
+    assert_eq!(code, 202, "{body}");
+    wait_until(
+        "the second refund dead-lettered",
+        Duration::from_secs(60),
+        &[&m],
+        || read_outputs(&prefix).reasons.get("invalid_value") == Some(&1),
+    );
+    assert_eq!(
+        paid(read_all(&format!("{prefix}.charges"))).get(account),
+        Some(&Decimal::ZERO)
+    );
+    let mut m = m;
     assert_eq!(m.terminate(), Some(0));
 }

@@ -104,6 +104,15 @@ pub enum AdjustmentBody {
         /// Its new end (exclusive).
         effective_until: Timestamp,
     },
+    /// Reverses every charge of a job.
+    JobRefund {
+        /// The job (of the record's account).
+        job_id: String,
+        /// Charges of the job emitted after the refund (a running job's
+        /// charge when it ends, a late stop's adjustment) are refunded too.
+        #[serde(default)]
+        through_end: bool,
+    },
 }
 
 /// One record of the adjustments topic, checked.
@@ -142,6 +151,7 @@ impl Adjustment {
         let (field, t) = match &self.body {
             AdjustmentBody::PriceOverride(po) => ("effective_from", po.effective_from),
             AdjustmentBody::OverrideEnd { effective_until, .. } => ("effective_until", *effective_until),
+            AdjustmentBody::JobRefund { .. } => return Ok(()),
         };
         if t.0.saturating_sub(at.0) > HORIZON_MS {
             return Err(invalid_value(format!(
@@ -156,13 +166,14 @@ impl Adjustment {
         match self.body {
             AdjustmentBody::PriceOverride(_) => "price_override",
             AdjustmentBody::OverrideEnd { .. } => "override_end",
+            AdjustmentBody::JobRefund { .. } => "job_refund",
         }
     }
 }
 
 /// The types of §4b that this release does not apply yet (a record of one
 /// is refused with `unknown_type` naming it, never dropped).
-const NOT_YET: [&str; 4] = ["credit_grant", "credit_void", "job_refund", "manual_charge"];
+const NOT_YET: [&str; 3] = ["credit_grant", "credit_void", "manual_charge"];
 
 /// The most price overrides one account may have (ended ones included):
 /// every charge and heartbeat of the account is rated against them. One
@@ -349,10 +360,18 @@ pub fn parse_adjustment(raw: &[u8], rates: &RateCard) -> Result<Adjustment, Inva
             effective_until: time(&o, "effective_until")?
                 .ok_or_else(|| schema("`effective_until` is missing".to_owned()))?,
         },
+        "job_refund" => AdjustmentBody::JobRefund {
+            job_id: bounded(text(&o, "job_id")?, "job_id")?.to_owned(),
+            through_end: match o.get("through_end") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => return Err(schema("`through_end` is not true or false".to_owned())),
+            },
+        },
         t if NOT_YET.contains(&t) => {
             return Err(Invalid::new(
                 RejectReason::UnknownType,
-                format!("`type` {t:?} is not applied by this release (price_override, override_end are)"),
+                format!("`type` {t:?} is not applied by this release (price_override, override_end, job_refund are)"),
             ))
         }
         t => {
@@ -597,9 +616,19 @@ mod tests {
                 "`type` \"discount\"",
             ),
             (
-                format!(r#"{{{BASE},"type":"job_refund","job_id":"j"}}"#),
+                format!(r#"{{{BASE},"type":"manual_charge","amount":"5"}}"#),
                 RejectReason::UnknownType,
                 "not applied by this release",
+            ),
+            (
+                format!(r#"{{{BASE},"type":"job_refund"}}"#),
+                RejectReason::SchemaViolation,
+                "`job_id` is missing",
+            ),
+            (
+                format!(r#"{{{BASE},"type":"job_refund","job_id":"{}"}}"#, "j".repeat(257)),
+                RejectReason::SchemaViolation,
+                "`job_id` is 257 bytes long",
             ),
             (
                 r#"{"adjustment_id":"x","account_id":"a","requested_by":"s","type":"override_end"}"#.to_owned(),

@@ -24,7 +24,9 @@ use crate::output::{
 };
 use crate::plans::{terms_in, AccountRecord, LookupError, Plan, PlanCatalog, PlanTerms, Policy};
 use crate::rating::SliceCharge;
-use crate::state::{Accrual, Counter, FiredKey, Job, JobKey, LineAcc, StartRec, StatementAcc, ThresholdId, UsageKey};
+use crate::state::{
+    Accrual, ChargeRef, Counter, FiredKey, Job, JobKey, LineAcc, StartRec, StatementAcc, ThresholdId, UsageKey,
+};
 use crate::time::{Period, Timestamp};
 use rust_decimal::{Decimal, RoundingStrategy};
 
@@ -434,7 +436,7 @@ impl Meter {
         start: &StartRec,
         (terms, records): (&PlanTerms, &[AccountRecord]),
         s: SliceCharge,
-    ) {
+    ) -> ChargeRef {
         let (ctx, now, out) = (st.ctx, st.now, &mut *st.out);
         let (period, late) = billing_period(ctx, records, s.part.period, now);
         if late {
@@ -480,6 +482,21 @@ impl Meter {
         if let Some(i) = JobKind::ALL.iter().position(|k| *k == start.info.kind) {
             self.stats.amount_by_kind[i] += amount;
         }
+        let record = ChargeRef {
+            charge_id: s.charge_id.clone(),
+            service_period: s.part.period,
+            from: s.part.from,
+            to: s.part.to,
+            ms: s.part.ms,
+            seconds: s.part.seconds,
+            rate: s.part.rate,
+            amount,
+            due,
+            status: s.status,
+            limit: spec.as_ref().map(|x| x.key.clone()),
+            spend: spend.as_ref().map(|x| x.key.clone()),
+            adjustment_id: s.part.adjustment_id.clone(),
+        };
         out.push(Output::Charge(Charge {
             charge_id: s.charge_id,
             account_id: jk.0.clone(),
@@ -505,6 +522,102 @@ impl Meter {
         for spec in [spec, spend].iter().flatten() {
             self.check_thresholds(ctx.plans, spec, month, jk, s.at, out);
         }
+        record
+    }
+
+    /// Keeps the charges just emitted for `job` (a refund reverses them
+    /// from there) and, when the job was refunded through its end,
+    /// refunds them at once.
+    pub(crate) fn record_charges(
+        &mut self,
+        st: &mut Step<'_, '_>,
+        jk: &JobKey,
+        job: &mut Job,
+        start: &StartRec,
+        billing: (&PlanTerms, &[AccountRecord]),
+        charges: Vec<ChargeRef>,
+    ) {
+        if let Some(r) = job.refunded.as_ref().filter(|r| r.through_end) {
+            let cause = r.adjustment_id.clone();
+            for c in &charges {
+                self.emit_refund(st, jk, start, billing, c, &cause);
+            }
+        }
+        job.charges.extend(charges);
+    }
+
+    /// Emits the exact reversal of charge `c` of a job, caused by refund
+    /// `cause`: negated seconds, amount and amount due, `adjusts` = `c`,
+    /// booked in `c`'s service period when it is still open, else in the
+    /// open one. What `c` counted toward its limit and spend limit is given
+    /// back to those counters; thresholds that fired stay fired.
+    pub(crate) fn emit_refund(
+        &mut self,
+        st: &mut Step<'_, '_>,
+        jk: &JobKey,
+        start: &StartRec,
+        (terms, records): (&PlanTerms, &[AccountRecord]),
+        c: &ChargeRef,
+        cause: &str,
+    ) {
+        let (ctx, now, out) = (st.ctx, st.now, &mut *st.out);
+        let (period, late) = billing_period(ctx, records, c.service_period, now);
+        if late {
+            self.stats.late_charges += 1;
+        }
+        if let Some(k) = &c.limit {
+            self.counter(k).charged -= c.amount;
+        }
+        if let Some(k) = &c.spend {
+            self.counter(k).charged -= c.due;
+        }
+        let (credits, included_usage) = included_as(terms.plan, c.due - c.amount);
+        let acc = self
+            .statements
+            .entry(period)
+            .or_default()
+            .entry(jk.0.clone())
+            .or_default();
+        let line = acc
+            .lines
+            .entry((start.info.kind, start.info.model.clone()))
+            .or_default();
+        line.seconds -= c.seconds;
+        line.amount -= c.amount;
+        acc.due -= c.due;
+        *acc.adjustments.entry(cause.to_owned()).or_default() -= c.amount;
+        acc.credits_applied += credits;
+        acc.included_usage += included_usage;
+        if let Some(d) = self.dirty.as_mut() {
+            d.statements.insert((period, jk.0.clone()));
+        }
+        self.stats.charges += 1;
+        self.stats.adjustments += 1;
+        if let Some(i) = JobKind::ALL.iter().position(|k| *k == start.info.kind) {
+            self.stats.amount_by_kind[i] -= c.amount;
+        }
+        out.push(Output::Charge(Charge {
+            charge_id: format!("{}/refund/{cause}", c.charge_id),
+            account_id: jk.0.clone(),
+            job_id: jk.1.clone(),
+            kind: start.info.kind,
+            model: start.info.model.clone(),
+            workflow_run_id: start.info.workflow_run_id.clone(),
+            status: c.status,
+            started_at: c.from,
+            stopped_at: c.to,
+            duration_ms: -c.ms,
+            billable_seconds: -c.seconds,
+            rate_per_second: c.rate,
+            rate_card_version: start.version.clone(),
+            amount: -c.amount,
+            amount_due: -c.due,
+            currency: CURRENCY.to_owned(),
+            period,
+            service_period: c.service_period,
+            adjusts: Some(c.charge_id.clone()),
+            adjustment_id: Some(cause.to_owned()),
+        }));
     }
 
     /// The pro fees of calendar month `m` are due: every pro account this

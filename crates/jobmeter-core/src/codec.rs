@@ -21,7 +21,9 @@ use crate::cycle::BillingPeriod;
 use crate::event::{EventKey, JobKind, JobStatus, StartInfo};
 use crate::money::{AccountId, ModelId, Money};
 use crate::output::{LimitKind, Origin};
-use crate::state::{Accrual, Billed, BilledPart, Counter, Job, LineAcc, StartRec, StatementAcc, StopRec, UsageKey};
+use crate::state::{
+    Accrual, Billed, BilledPart, ChargeRef, Counter, Job, LineAcc, Refunded, StartRec, StatementAcc, StopRec, UsageKey,
+};
 use crate::time::{Period, Timestamp};
 use rust_decimal::Decimal;
 use std::sync::Arc;
@@ -426,10 +428,30 @@ record!(Billed {
     parts,
     adjusted
 });
+record!(ChargeRef {
+    charge_id,
+    service_period,
+    from,
+    to,
+    ms,
+    seconds,
+    rate,
+    amount,
+    due,
+    status,
+    limit,
+    spend,
+    adjustment_id
+});
+record!(Refunded {
+    adjustment_id,
+    through_end
+});
 /// A job is its fields in order; the spend-control fields (`spend`,
-/// `stop_sent`) follow only when one is set, so a job without them has the
-/// layout it had before they existed, and a value that ends before them
-/// reads them as absent.
+/// `stop_sent`) follow only when one is set or a later section follows,
+/// then the refund section (`charges`, `refunded`) only when it holds
+/// anything, so a job without them has the layout it had before they
+/// existed, and a value that ends before them reads them as absent.
 impl Binary for Job {
     fn put(&self, w: &mut Vec<u8>) {
         self.start.put(w);
@@ -439,9 +461,14 @@ impl Binary for Job {
         self.billed.put(w);
         self.keys.put(w);
         self.expires.put(w);
-        if self.spend.is_some() || self.stop_sent.is_some() {
+        let refunds = !self.charges.is_empty() || self.refunded.is_some();
+        if self.spend.is_some() || self.stop_sent.is_some() || refunds {
             self.spend.put(w);
             self.stop_sent.put(w);
+        }
+        if refunds {
+            self.charges.put(w);
+            self.refunded.put(w);
         }
     }
     fn take(r: &mut &[u8]) -> R<Self> {
@@ -458,6 +485,10 @@ impl Binary for Job {
         if !r.is_empty() {
             job.spend = Binary::take(r)?;
             job.stop_sent = Binary::take(r)?;
+        }
+        if !r.is_empty() {
+            job.charges = Binary::take(r)?;
+            job.refunded = Binary::take(r)?;
         }
         Ok(job)
     }

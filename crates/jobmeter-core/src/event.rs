@@ -40,11 +40,14 @@ pub enum RejectReason {
     /// an amount that is not a decimal, a window that ends before it
     /// starts (adjustments).
     InvalidValue,
+    /// A `job_refund` names a job the meter does not remember for the
+    /// account (never seen, or forgotten after `meter.retention`).
+    UnknownJob,
 }
 
 impl RejectReason {
     /// Every reason, for metrics registries and docs.
-    pub const ALL: [RejectReason; 11] = [
+    pub const ALL: [RejectReason; 12] = [
         RejectReason::NotJson,
         RejectReason::SchemaViolation,
         RejectReason::UnknownType,
@@ -56,6 +59,7 @@ impl RejectReason {
         RejectReason::StopWithoutStart,
         RejectReason::TimeOutOfRange,
         RejectReason::InvalidValue,
+        RejectReason::UnknownJob,
     ];
 
     /// The stable snake_case name.
@@ -72,6 +76,7 @@ impl RejectReason {
             RejectReason::StopWithoutStart => "stop_without_start",
             RejectReason::TimeOutOfRange => "time_out_of_range",
             RejectReason::InvalidValue => "invalid_value",
+            RejectReason::UnknownJob => "unknown_job",
         }
     }
 }

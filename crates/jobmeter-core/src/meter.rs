@@ -604,6 +604,7 @@ impl Meter {
         if let Some((terms, records)) = billed_with {
             let slices = self.rated_parts(ctx, &records, jk, &start, end);
             let mut periods_seen = BTreeSet::new();
+            let mut charges = Vec::new();
             for s in slices {
                 if s.seconds.is_zero() {
                     continue;
@@ -619,8 +620,9 @@ impl Meter {
                     new_job: first,
                     at: end,
                 };
-                self.emit_charge(st, jk, &start, (&terms, &records), slice);
+                charges.push(self.emit_charge(st, jk, &start, (&terms, &records), slice));
             }
+            self.record_charges(st, jk, job, &start, (&terms, &records), charges);
         } else {
             self.stats.unbilled_jobs += 1;
         }
@@ -670,6 +672,7 @@ impl Meter {
             .map(|a| a.overrides.clone())
             .unwrap_or_default();
         let mut periods_seen = BTreeSet::new();
+        let mut charges = Vec::new();
         for (p, part_from) in keys {
             let first = periods_seen.insert(p);
             let f = full.iter().find(|s| s.period == p && s.from == part_from);
@@ -708,7 +711,7 @@ impl Meter {
                 at: end,
             };
             self.stats.adjustments += 1;
-            self.emit_charge(st, jk, &start, (&terms, &records), slice);
+            charges.push(self.emit_charge(st, jk, &start, (&terms, &records), slice));
         }
         // The job is now billed as its full run (read by the usage API).
         let mut periods_seen = BTreeSet::new();
@@ -723,6 +726,7 @@ impl Meter {
                 BilledPart::of(s, charge_id)
             })
             .collect();
+        self.record_charges(st, jk, job, &start, (&terms, &records), charges);
         Ok(())
     }
 }

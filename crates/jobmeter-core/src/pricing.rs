@@ -12,7 +12,7 @@ use crate::meter::{deadline, part_id, rated_parts_with, ApplyError, Meter, Step}
 use crate::money::AccountId;
 use crate::output::{Origin, Output};
 use crate::rating::SliceCharge;
-use crate::state::{AccountAdjustments, BilledPart, Job, JobKey, StoredAdjustment};
+use crate::state::{AccountAdjustments, BilledPart, Job, JobKey, Refunded, StoredAdjustment};
 use crate::time::Timestamp;
 
 impl Meter {
@@ -35,8 +35,8 @@ impl Meter {
                 return Ok(());
             }
         };
-        let account = self.adjustments.entry(a.account_id.clone()).or_default();
-        match admit(account, &a) {
+        let admitted = admit(self.adjustments.entry(a.account_id.clone()).or_default(), &a);
+        match admitted {
             Err(inv) => {
                 self.reject(inv, raw.to_vec(), origin.cloned(), out);
                 return Ok(());
@@ -47,6 +47,33 @@ impl Meter {
             }
             Ok(true) => {}
         }
+        if let AdjustmentBody::JobRefund { job_id, through_end } = &a.body {
+            let jk: JobKey = (a.account_id.clone(), crate::money::JobId::from(job_id.as_str()));
+            let st = Step {
+                ctx,
+                now: self.stream_time.unwrap_or(Timestamp::MIN),
+                out,
+                raw,
+                origin,
+            };
+            if let Err(inv) = self.refund_job(st, &jk, &a.adjustment_id, *through_end)? {
+                self.reject(inv, raw.to_vec(), origin.cloned(), out);
+                return Ok(());
+            }
+            let (account_id, id) = (a.account_id.clone(), a.adjustment_id.clone());
+            self.adjustments.entry(account_id.clone()).or_default().put(
+                id.clone(),
+                StoredAdjustment {
+                    adjustment: a,
+                    moved_until: None,
+                },
+            );
+            if let Some(d) = self.dirty.as_mut() {
+                d.adjustments.insert((account_id, id));
+            }
+            return Ok(());
+        }
+        let account = self.adjustments.entry(a.account_id.clone()).or_default();
         let before = account.overrides.clone();
         let mut changed = vec![a.adjustment_id.clone()];
         if let AdjustmentBody::OverrideEnd { ends, effective_until } = &a.body {
@@ -91,6 +118,78 @@ impl Meter {
             self.rerate(st, &account_id, &before, &id)?;
         }
         Ok(())
+    }
+
+    /// Refunds job `jk` (refund `cause`): every charge recorded for it is
+    /// reversed exactly, and with `through_end` every later one too. The
+    /// inner `Err` is why it cannot be refunded (nothing has changed then).
+    fn refund_job(
+        &mut self,
+        mut st: Step<'_, '_>,
+        jk: &JobKey,
+        cause: &str,
+        through_end: bool,
+    ) -> Result<Result<(), Invalid>, ApplyError> {
+        let ctx = st.ctx;
+        let mut slot = self.jobs.slot(jk);
+        if slot.is_none() {
+            slot = self.fault_in(ctx.config.orphan_timeout_ms, jk)?;
+        }
+        let unknown = || {
+            Invalid::new(
+                RejectReason::UnknownJob,
+                format!(
+                    "`job_id` {:?} is no job of account {:?} that the meter remembers (never started, or forgotten after meter.retention)",
+                    jk.1.as_str(),
+                    jk.0.as_str()
+                ),
+            )
+        };
+        if slot.is_none() {
+            return Ok(Err(unknown()));
+        }
+        let (idx, mut job) = self.jobs.take(slot, jk);
+        let old = (deadline(&job, ctx.config.orphan_timeout_ms).is_some(), job.expires);
+        let charged_before = job.charges.is_empty() && job.billed.as_ref().is_some_and(|b| !b.parts.is_empty());
+        let verdict = match (&job.refunded, &job.start) {
+            (Some(r), _) => Err(Invalid::new(
+                RejectReason::InvalidValue,
+                format!("job {:?} was refunded already, by {:?}", jk.1.as_str(), r.adjustment_id),
+            )),
+            (None, None) => Err(unknown()),
+            _ if charged_before => Err(Invalid::new(
+                RejectReason::InvalidValue,
+                format!(
+                    "job {:?} was charged by a release that did not record its charges: it cannot be reversed exactly (a manual credit note can)",
+                    jk.1.as_str()
+                ),
+            )),
+            _ if job.charges.is_empty() && !through_end => Err(Invalid::new(
+                RejectReason::InvalidValue,
+                format!(
+                    "job {:?} has no charge yet; `through_end`: true refunds it when it is charged",
+                    jk.1.as_str()
+                ),
+            )),
+            (None, Some(start)) => Ok(start.clone()),
+        };
+        let verdict = match verdict {
+            Ok(start) => {
+                let records = ctx.accounts.records_of(&jk.0)?;
+                let terms = crate::plans::terms_in(ctx.plans, &records, start.time);
+                for c in job.charges.clone() {
+                    self.emit_refund(&mut st, jk, &start, (&terms, &records), &c, cause);
+                }
+                job.refunded = Some(Refunded {
+                    adjustment_id: cause.to_owned(),
+                    through_end,
+                });
+                Ok(())
+            }
+            Err(inv) => Err(inv),
+        };
+        self.put_job(ctx, jk.clone(), idx, job, old, st.now)?;
+        Ok(verdict)
     }
 
     /// Re-rates the usage of `account` already charged (the jobs the meter
@@ -155,6 +254,10 @@ impl Meter {
         cause: &str,
     ) {
         let ctx = st.ctx;
+        if job.refunded.is_some() {
+            // Refunded: what it was charged is given back whatever the price.
+            return;
+        }
         let (Some(start), Some(billed)) = (job.start.clone(), job.billed.as_mut()) else {
             return;
         };
@@ -228,7 +331,8 @@ impl Meter {
         billed.parts = parts;
         for slice in emit {
             self.stats.adjustments += 1;
-            self.emit_charge(st, jk, &start, (&terms, records), slice);
+            let c = self.emit_charge(st, jk, &start, (&terms, records), slice);
+            job.charges.push(c);
         }
     }
 }

@@ -146,6 +146,46 @@ impl BilledPart {
     }
 }
 
+/// One charge emitted for a job: what reversing it exactly needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChargeRef {
+    /// Its id.
+    pub charge_id: String,
+    /// The billing period the usage belongs to.
+    pub service_period: crate::cycle::BillingPeriod,
+    /// Slice start and end.
+    pub from: Timestamp,
+    /// Slice end.
+    pub to: Timestamp,
+    /// Its `duration_ms`.
+    pub ms: i64,
+    /// Its `billable_seconds`.
+    pub seconds: Decimal,
+    /// Its `rate_per_second`.
+    pub rate: Money,
+    /// Its `amount`.
+    pub amount: Money,
+    /// Its `amount_due`.
+    pub due: Money,
+    /// Its status.
+    pub status: crate::event::JobStatus,
+    /// The limit counter its amount was counted against.
+    pub limit: Option<UsageKey>,
+    /// The spend-limit counter its due part was counted against.
+    pub spend: Option<UsageKey>,
+    /// Its `adjustment_id`.
+    pub adjustment_id: Option<String>,
+}
+
+/// A job refunded by a `job_refund`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refunded {
+    /// The refund's `adjustment_id`.
+    pub adjustment_id: String,
+    /// Charges emitted after the refund are refunded too.
+    pub through_end: bool,
+}
+
 /// What was charged for a job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Billed {
@@ -182,6 +222,16 @@ pub struct Job {
     /// The job is charged to at most this instant plus the stop grace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_sent: Option<Timestamp>,
+    /// Every charge emitted for the job, as a refund reverses it (jobs
+    /// charged by a release that did not record them have none). Kept by
+    /// the binary state format only: the JSON format stays what the
+    /// previous release wrote (a downgrade reads it), and a job restored
+    /// from it cannot be refunded exactly (the refund is refused).
+    #[serde(skip)]
+    pub charges: Vec<ChargeRef>,
+    /// The `job_refund` that refunded the job, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refunded: Option<Refunded>,
     /// The time of this job's entry in the meter's timer index (derived,
     /// never stored). Always at or before the job's real deadline: a
     /// heartbeat that pushes the deadline out does not touch the index; the

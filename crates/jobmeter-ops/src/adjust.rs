@@ -1,6 +1,6 @@
 //! `jobmeter adjust`: writes pricing adjustments (price overrides, their
-//! early ends) to the adjustments topic from a shell, each checked first as
-//! the meter will check it. Nothing is written when any record is refused.
+//! early ends, job refunds) to the adjustments topic from a shell, each
+//! checked first as the meter will check it. Nothing is written when any record is refused.
 
 use jobmeter_service::adjustments::Writer;
 use jobmeter_service::KafkaArgs;
