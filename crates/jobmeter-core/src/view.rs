@@ -225,7 +225,12 @@ pub fn usage_report(
             )
         }
     };
-    totals.list_amount = adjustments.iter().fold(totals.amount, |a, x| a - x.amount);
+    // Only what price overrides changed: a refund nets its lines out
+    // and is no difference between rated and list prices.
+    totals.list_amount = adjustments
+        .iter()
+        .filter(|x| matches!(x.kind.as_str(), "price_override" | "override_end"))
+        .fold(totals.amount, |a, x| a - x.amount);
     let mut runs: BTreeMap<String, WorkflowRun> = BTreeMap::new();
     let mut in_flight = Vec::new();
     for (job_id, job) in &st.jobs {
