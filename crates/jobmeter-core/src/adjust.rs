@@ -104,6 +104,13 @@ pub enum AdjustmentBody {
         /// Its new end (exclusive).
         effective_until: Timestamp,
     },
+    /// One charge of kind `adjustment` (a fee; negative: a credit note).
+    ManualCharge {
+        /// USD, non-zero.
+        amount: Money,
+        /// What it is for (shown to the customer).
+        description: String,
+    },
     /// Reverses every charge of a job.
     JobRefund {
         /// The job (of the record's account).
@@ -151,7 +158,7 @@ impl Adjustment {
         let (field, t) = match &self.body {
             AdjustmentBody::PriceOverride(po) => ("effective_from", po.effective_from),
             AdjustmentBody::OverrideEnd { effective_until, .. } => ("effective_until", *effective_until),
-            AdjustmentBody::JobRefund { .. } => return Ok(()),
+            AdjustmentBody::JobRefund { .. } | AdjustmentBody::ManualCharge { .. } => return Ok(()),
         };
         if t.0.saturating_sub(at.0) > HORIZON_MS {
             return Err(invalid_value(format!(
@@ -167,13 +174,14 @@ impl Adjustment {
             AdjustmentBody::PriceOverride(_) => "price_override",
             AdjustmentBody::OverrideEnd { .. } => "override_end",
             AdjustmentBody::JobRefund { .. } => "job_refund",
+            AdjustmentBody::ManualCharge { .. } => "manual_charge",
         }
     }
 }
 
 /// The types of §4b that this release does not apply yet (a record of one
 /// is refused with `unknown_type` naming it, never dropped).
-const NOT_YET: [&str; 3] = ["credit_grant", "credit_void", "manual_charge"];
+const NOT_YET: [&str; 2] = ["credit_grant", "credit_void"];
 
 /// The most price overrides one account may have (ended ones included):
 /// every charge and heartbeat of the account is rated against them. One
@@ -246,6 +254,39 @@ fn decimal(o: &Map<String, Value>, field: &str) -> Result<Option<Decimal>, Inval
         )));
     }
     Ok(Some(d))
+}
+
+/// The largest manual charge or credit note, in USD either way: a larger
+/// one is almost certainly a typo, and refused (`invalid_value`).
+pub const MAX_MANUAL_AMOUNT: i64 = 1_000_000;
+
+/// A manual charge's `amount`: a non-zero decimal of at most
+/// [`MAX_MANUAL_AMOUNT`] either way, at most [`MAX_PRICE_SCALE`] places.
+fn manual_amount(o: &Map<String, Value>) -> Result<Money, Invalid> {
+    let bad = |v: &Value| invalid_value(format!("`amount` {v} is not a decimal"));
+    let d = match o.get("amount") {
+        None | Some(Value::Null) => return Err(schema("`amount` is missing".to_owned())),
+        Some(v @ Value::String(s)) => s.trim().parse::<Decimal>().map_err(|_| bad(v))?,
+        Some(v @ Value::Number(n)) => n.to_string().parse::<Decimal>().map_err(|_| bad(v))?,
+        Some(v) => return Err(bad(v)),
+    };
+    if d.is_zero() {
+        return Err(invalid_value(
+            "`amount` is zero: a manual charge changes what is due".to_owned(),
+        ));
+    }
+    if d.abs() > Decimal::from(MAX_MANUAL_AMOUNT) {
+        return Err(invalid_value(format!(
+            "`amount` {d} is beyond {MAX_MANUAL_AMOUNT} either way"
+        )));
+    }
+    if d.scale() > MAX_PRICE_SCALE {
+        return Err(invalid_value(format!(
+            "`amount` {d} has {} decimal places; at most {MAX_PRICE_SCALE} are accepted",
+            d.scale()
+        )));
+    }
+    Ok(Money(d))
 }
 
 fn selector(o: &Map<String, Value>, rates: &RateCard) -> Result<Selector, Invalid> {
@@ -360,6 +401,20 @@ pub fn parse_adjustment(raw: &[u8], rates: &RateCard) -> Result<Adjustment, Inva
             effective_until: time(&o, "effective_until")?
                 .ok_or_else(|| schema("`effective_until` is missing".to_owned()))?,
         },
+        "manual_charge" => {
+            let amount = manual_amount(&o)?;
+            let description = text(&o, "description")?;
+            if description.len() > MAX_TEXT_BYTES {
+                return Err(schema(format!(
+                    "`description` is {} bytes long; at most {MAX_TEXT_BYTES} are accepted",
+                    description.len()
+                )));
+            }
+            AdjustmentBody::ManualCharge {
+                amount,
+                description: description.to_owned(),
+            }
+        }
         "job_refund" => AdjustmentBody::JobRefund {
             job_id: bounded(text(&o, "job_id")?, "job_id")?.to_owned(),
             through_end: match o.get("through_end") {
@@ -371,7 +426,7 @@ pub fn parse_adjustment(raw: &[u8], rates: &RateCard) -> Result<Adjustment, Inva
         t if NOT_YET.contains(&t) => {
             return Err(Invalid::new(
                 RejectReason::UnknownType,
-                format!("`type` {t:?} is not applied by this release (price_override, override_end, job_refund are)"),
+                format!("`type` {t:?} is not applied by this release (price_override, override_end, job_refund, manual_charge are)"),
             ))
         }
         t => {
@@ -616,9 +671,19 @@ mod tests {
                 "`type` \"discount\"",
             ),
             (
-                format!(r#"{{{BASE},"type":"manual_charge","amount":"5"}}"#),
+                format!(r#"{{{BASE},"type":"credit_grant","amount":"5"}}"#),
                 RejectReason::UnknownType,
                 "not applied by this release",
+            ),
+            (
+                format!(r#"{{{BASE},"type":"manual_charge","amount":"5"}}"#),
+                RejectReason::SchemaViolation,
+                "`description` is missing",
+            ),
+            (
+                format!(r#"{{{BASE},"type":"manual_charge","amount":"-1000000.5","description":"d"}}"#),
+                RejectReason::InvalidValue,
+                "beyond 1000000 either way",
             ),
             (
                 format!(r#"{{{BASE},"type":"job_refund"}}"#),

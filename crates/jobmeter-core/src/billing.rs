@@ -20,7 +20,7 @@ use crate::event::JobKind;
 use crate::meter::{Meter, Step};
 use crate::money::{AccountId, Money, CURRENCY};
 use crate::output::{
-    Charge, LimitAction, LimitEvent, LimitKind, Output, Statement, StatementAdjustment, StatementLine,
+    Charge, ChargeKind, LimitAction, LimitEvent, LimitKind, Output, Statement, StatementAdjustment, StatementLine,
 };
 use crate::plans::{terms_in, AccountRecord, LookupError, Plan, PlanCatalog, PlanTerms, Policy};
 use crate::rating::SliceCharge;
@@ -500,17 +500,17 @@ impl Meter {
         out.push(Output::Charge(Charge {
             charge_id: s.charge_id,
             account_id: jk.0.clone(),
-            job_id: jk.1.clone(),
-            kind: start.info.kind,
+            job_id: Some(jk.1.clone()),
+            kind: start.info.kind.into(),
             model: start.info.model.clone(),
             workflow_run_id: start.info.workflow_run_id.clone(),
-            status: s.status,
+            status: Some(s.status),
             started_at: s.part.from,
             stopped_at: s.part.to,
             duration_ms: s.part.ms,
             billable_seconds: s.part.seconds,
             rate_per_second: s.part.rate,
-            rate_card_version: start.version.clone(),
+            rate_card_version: Some(start.version.clone()),
             amount,
             amount_due: due,
             currency: CURRENCY.to_owned(),
@@ -523,6 +523,59 @@ impl Meter {
             self.check_thresholds(ctx.plans, spec, month, jk, s.at, out);
         }
         record
+    }
+
+    /// A manual charge (`amount` < 0: a credit note) of `account`, booked at
+    /// `at` in the account's billing period then open: a charge of kind
+    /// `adjustment`, all of it due (no plan includes it, no credit covers
+    /// it), on the statement's `adjustments` and in its total due.
+    pub(crate) fn manual_charge(
+        &mut self,
+        ctx: &Context<'_>,
+        account: &AccountId,
+        cause: &str,
+        amount: Money,
+        at: Timestamp,
+        out: &mut Vec<Output>,
+    ) -> Result<(), LookupError> {
+        let records = ctx.accounts.records_of(account)?;
+        let (period, _) = billing_period(ctx, &records, period_at(&records, &ctx.plans.billing_cycle, at), at);
+        let acc = self
+            .statements
+            .entry(period)
+            .or_default()
+            .entry(account.clone())
+            .or_default();
+        acc.due += amount;
+        *acc.adjustments.entry(cause.to_owned()).or_default() += amount;
+        if let Some(d) = self.dirty.as_mut() {
+            d.statements.insert((period, account.clone()));
+        }
+        self.stats.charges += 1;
+        self.stats.adjustments += 1;
+        out.push(Output::Charge(Charge {
+            charge_id: format!("{account}/adjustment/{cause}"),
+            account_id: account.clone(),
+            job_id: None,
+            kind: ChargeKind::Adjustment,
+            model: None,
+            workflow_run_id: None,
+            status: None,
+            started_at: at,
+            stopped_at: at,
+            duration_ms: 0,
+            billable_seconds: Decimal::ZERO,
+            rate_per_second: Money::ZERO,
+            rate_card_version: None,
+            amount,
+            amount_due: amount,
+            currency: CURRENCY.to_owned(),
+            period,
+            service_period: period,
+            adjusts: None,
+            adjustment_id: Some(cause.to_owned()),
+        }));
+        Ok(())
     }
 
     /// Keeps the charges just emitted for `job` (a refund reverses them
@@ -599,17 +652,17 @@ impl Meter {
         out.push(Output::Charge(Charge {
             charge_id: format!("{}/refund/{cause}", c.charge_id),
             account_id: jk.0.clone(),
-            job_id: jk.1.clone(),
-            kind: start.info.kind,
+            job_id: Some(jk.1.clone()),
+            kind: start.info.kind.into(),
             model: start.info.model.clone(),
             workflow_run_id: start.info.workflow_run_id.clone(),
-            status: c.status,
+            status: Some(c.status),
             started_at: c.from,
             stopped_at: c.to,
             duration_ms: -c.ms,
             billable_seconds: -c.seconds,
             rate_per_second: c.rate,
-            rate_card_version: start.version.clone(),
+            rate_card_version: Some(start.version.clone()),
             amount: -c.amount,
             amount_due: -c.due,
             currency: CURRENCY.to_owned(),

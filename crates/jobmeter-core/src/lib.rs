@@ -58,7 +58,7 @@ pub use config_error::{ConfigError, Problem};
 pub use event::{parse_job_event, JobEvent, JobKind, JobStatus, RejectReason};
 pub use meter::{ApplyError, Context, Meter, MeterConfig, Stats};
 pub use money::{AccountId, JobId, ModelId, Money};
-pub use output::{Charge, Command, LimitEvent, Origin, Output, Rejected, Statement};
+pub use output::{Charge, ChargeKind, Command, LimitEvent, Origin, Output, Rejected, Statement};
 pub use plans::{AccountBook, AccountRecord, Accounts, LookupError, Plan, PlanCatalog, Policy};
 pub use ratecard::RateCard;
 pub use time::{Period, Timestamp};

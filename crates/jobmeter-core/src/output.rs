@@ -9,6 +9,59 @@ use crate::time::{Period, Timestamp};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+/// What a charge bills: a job of a kind, or (`adjustment`) a manual charge
+/// or credit note written by support.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChargeKind {
+    /// A model API call.
+    Inference,
+    /// Fine-tuning.
+    FineTune,
+    /// One step of a workflow run.
+    WorkflowStep,
+    /// A manual charge or credit note (`manual_charge`).
+    Adjustment,
+}
+
+impl ChargeKind {
+    /// The stable snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChargeKind::Inference => "inference",
+            ChargeKind::FineTune => "fine_tune",
+            ChargeKind::WorkflowStep => "workflow_step",
+            ChargeKind::Adjustment => "adjustment",
+        }
+    }
+
+    /// The job kind billed (`None`: an adjustment).
+    pub fn job_kind(self) -> Option<JobKind> {
+        match self {
+            ChargeKind::Inference => Some(JobKind::Inference),
+            ChargeKind::FineTune => Some(JobKind::FineTune),
+            ChargeKind::WorkflowStep => Some(JobKind::WorkflowStep),
+            ChargeKind::Adjustment => None,
+        }
+    }
+}
+
+impl From<JobKind> for ChargeKind {
+    fn from(k: JobKind) -> Self {
+        match k {
+            JobKind::Inference => ChargeKind::Inference,
+            JobKind::FineTune => ChargeKind::FineTune,
+            JobKind::WorkflowStep => ChargeKind::WorkflowStep,
+        }
+    }
+}
+
+impl PartialEq<JobKind> for ChargeKind {
+    fn eq(&self, other: &JobKind) -> bool {
+        self.job_kind() == Some(*other)
+    }
+}
+
 /// One billed slice of a job (`jobmeter.charges`).
 ///
 /// A job inside one period yields one charge; a job crossing a month
@@ -21,16 +74,17 @@ pub struct Charge {
     pub charge_id: String,
     /// The account billed.
     pub account_id: AccountId,
-    /// The job.
-    pub job_id: JobId,
-    /// The job's kind.
-    pub kind: JobKind,
+    /// The job (null for a manual charge).
+    pub job_id: Option<JobId>,
+    /// The job's kind, or `adjustment` for a manual charge.
+    pub kind: ChargeKind,
     /// The model (null for fine-tunes that name none).
     pub model: Option<ModelId>,
     /// The workflow run (workflow steps).
     pub workflow_run_id: Option<String>,
-    /// How the job ended (`orphaned` when the meter closed it).
-    pub status: JobStatus,
+    /// How the job ended (`orphaned` when the meter closed it); null for
+    /// a manual charge.
+    pub status: Option<JobStatus>,
     /// Start of the slice billed.
     pub started_at: Timestamp,
     /// End of the slice billed.
@@ -42,8 +96,8 @@ pub struct Charge {
     pub billable_seconds: Decimal,
     /// USD per second from the rate-card version in force at job start.
     pub rate_per_second: Money,
-    /// That version's name.
-    pub rate_card_version: String,
+    /// That version's name (null for a manual charge).
+    pub rate_card_version: Option<String>,
     /// billable_seconds × rate_per_second, exact.
     pub amount: Money,
     /// What the account owes after plan inclusion and credits.
@@ -63,6 +117,13 @@ pub struct Charge {
     /// `rate_card_version`.
     #[serde(default)]
     pub adjustment_id: Option<String>,
+}
+
+impl Charge {
+    /// The job's id, `""` for a manual charge.
+    pub fn job(&self) -> &str {
+        self.job_id.as_ref().map_or("", JobId::as_str)
+    }
 }
 
 /// Which limit a limit event is about.

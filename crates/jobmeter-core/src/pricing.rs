@@ -47,6 +47,24 @@ impl Meter {
             }
             Ok(true) => {}
         }
+        if let AdjustmentBody::ManualCharge { amount, .. } = &a.body {
+            let at = self
+                .stream_time
+                .or(a.created_at)
+                .or_else(|| origin.and_then(|o| o.record_time));
+            let Some(at) = at else {
+                let inv = Invalid::new(
+                    RejectReason::SchemaViolation,
+                    "`created_at` is missing and nothing else says when to book the charge".to_owned(),
+                );
+                self.reject(inv, raw.to_vec(), origin.cloned(), out);
+                return Ok(());
+            };
+            let amount = *amount;
+            self.manual_charge(ctx, &a.account_id, &a.adjustment_id, amount, at, out)?;
+            self.keep_adjustment(a);
+            return Ok(());
+        }
         if let AdjustmentBody::JobRefund { job_id, through_end } = &a.body {
             let jk: JobKey = (a.account_id.clone(), crate::money::JobId::from(job_id.as_str()));
             let st = Step {
@@ -60,17 +78,7 @@ impl Meter {
                 self.reject(inv, raw.to_vec(), origin.cloned(), out);
                 return Ok(());
             }
-            let (account_id, id) = (a.account_id.clone(), a.adjustment_id.clone());
-            self.adjustments.entry(account_id.clone()).or_default().put(
-                id.clone(),
-                StoredAdjustment {
-                    adjustment: a,
-                    moved_until: None,
-                },
-            );
-            if let Some(d) = self.dirty.as_mut() {
-                d.adjustments.insert((account_id, id));
-            }
+            self.keep_adjustment(a);
             return Ok(());
         }
         let account = self.adjustments.entry(a.account_id.clone()).or_default();
@@ -118,6 +126,22 @@ impl Meter {
             self.rerate(st, &account_id, &before, &id)?;
         }
         Ok(())
+    }
+
+    /// Keeps an applied adjustment in the account's state (its id is
+    /// taken, forever).
+    fn keep_adjustment(&mut self, a: Adjustment) {
+        let (account_id, id) = (a.account_id.clone(), a.adjustment_id.clone());
+        self.adjustments.entry(account_id.clone()).or_default().put(
+            id.clone(),
+            StoredAdjustment {
+                adjustment: a,
+                moved_until: None,
+            },
+        );
+        if let Some(d) = self.dirty.as_mut() {
+            d.adjustments.insert((account_id, id));
+        }
     }
 
     /// Refunds job `jk` (refund `cause`): every charge recorded for it is

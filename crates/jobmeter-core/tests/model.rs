@@ -366,7 +366,7 @@ proptest! {
         }
         let mut per_job: BTreeMap<String, Decimal> = BTreeMap::new();
         for c in w.charges() {
-            *per_job.entry(c.job_id.to_string()).or_default() += c.billable_seconds;
+            *per_job.entry(c.job().to_owned()).or_default() += c.billable_seconds;
         }
         for (i, j) in jobs.iter().enumerate() {
             let got = per_job.get(&format!("j{i}")).copied().unwrap_or_default();
@@ -575,7 +575,7 @@ fn spend_observed(w: &World) -> SpendOutcome {
         }
     }
     for c in w.charges() {
-        *o.seconds.entry(c.job_id.to_string()).or_default() += c.billable_seconds;
+        *o.seconds.entry(c.job().to_owned()).or_default() += c.billable_seconds;
     }
     o
 }

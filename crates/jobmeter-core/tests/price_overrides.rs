@@ -73,7 +73,7 @@ fn an_override_starting_mid_job_splits_it_there() {
         ]
     );
     assert!(
-        w.charges().iter().all(|c| c.rate_card_version == "v1"),
+        w.charges().iter().all(|c| c.rate_card_version.as_deref() == Some("v1")),
         "the list version stays visible"
     );
     w.flush();

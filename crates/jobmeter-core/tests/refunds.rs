@@ -1,6 +1,7 @@
 //! Job refunds (§4b `job_refund`): every charge of a job is reversed
 //! exactly — negated seconds, amount and amount due, `adjusts` naming each
-//! original — booked in the open period, once.
+//! original — booked in the open period, once. Manual charges and credit
+//! notes (`manual_charge`): one charge of kind `adjustment`, all of it due.
 
 mod common;
 use common::*;
@@ -38,12 +39,7 @@ fn a_refund_reverses_every_charge_of_a_job_exactly() {
         "inference",
         Some("img"),
     );
-    let originals: Vec<Charge> = w
-        .charges()
-        .into_iter()
-        .filter(|c| c.job_id.as_str() == "j")
-        .cloned()
-        .collect();
+    let originals: Vec<Charge> = w.charges().into_iter().filter(|c| c.job() == "j").cloned().collect();
     assert_eq!(originals.len(), 2);
     w.adjustment(&refund("r-1", "a", "j", ""));
     for o in &originals {
@@ -58,12 +54,7 @@ fn a_refund_reverses_every_charge_of_a_job_exactly() {
         assert_eq!(r.service_period, o.service_period);
     }
     // The job nets to nothing; the other job is untouched.
-    let net: Decimal = w
-        .charges()
-        .iter()
-        .filter(|c| c.job_id.as_str() == "j")
-        .map(|c| c.amount.0)
-        .sum();
+    let net: Decimal = w.charges().iter().filter(|c| c.job() == "j").map(|c| c.amount.0).sum();
     assert!(net.is_zero(), "{net}");
     // The July statement shows the refund, with its reason and amount.
     w.begin("a", "late", "2024-08-03T00:00:00Z", "inference", Some("img"));
@@ -236,7 +227,7 @@ fn without_through_end_a_late_stop_after_a_refund_is_charged() {
     let later: Vec<&Charge> = w
         .charges()
         .into_iter()
-        .filter(|c| c.job_id.as_str() == "o" && c.charge_id.ends_with("/adj"))
+        .filter(|c| c.job() == "o" && c.charge_id.ends_with("/adj"))
         .collect();
     assert_eq!(later.len(), 1, "the late stop adjusts the orphan charge");
     assert!(!w.charges().iter().any(|c| c.charge_id.ends_with("/adj/refund/r")));
@@ -300,9 +291,105 @@ fn what_a_refund_needs_is_restored_with_the_state() {
     let run: Decimal = w
         .charges()
         .iter()
-        .filter(|c| c.job_id.as_str() == "run")
+        .filter(|c| c.job() == "run")
         .map(|c| c.amount.0)
         .sum();
     assert!(run.is_zero());
-    assert_eq!(w.charges().iter().filter(|c| c.job_id.as_str() == "run").count(), 2);
+    assert_eq!(w.charges().iter().filter(|c| c.job() == "run").count(), 2);
+}
+
+fn manual(id: &str, acct: &str, amount: &str) -> String {
+    format!(
+        r#"{{"adjustment_id":"{id}","account_id":"{acct}","type":"manual_charge","amount":"{amount}","description":"onboarding","reason":"agreed in the contract","requested_by":"support@platform","created_at":"2024-07-01T09:00:00Z"}}"#
+    )
+}
+
+#[test]
+fn a_manual_charge_and_a_credit_note_are_due_in_full_on_the_open_statement() {
+    let mut w = World::new();
+    w.account(r#"{"account_id":"f","plan":"free","effective_from":"2024-01-01T00:00:00Z","free_credits":"100.00"}"#);
+    w.job(
+        "f",
+        "j",
+        ("2024-07-01T10:00:00Z", "2024-07-01T10:00:10Z"),
+        "inference",
+        Some("img"),
+    );
+    w.adjustment(&manual("fee", "f", "25.00"));
+    w.adjustment(&manual("note", "f", "-10.50"));
+    let fee = by_id(&w, "f/adjustment/fee").clone();
+    assert_eq!(fee.kind, ChargeKind::Adjustment);
+    assert_eq!(
+        (fee.amount, fee.amount_due),
+        (money("25.00"), money("25.00")),
+        "free credits do not cover a fee"
+    );
+    assert_eq!(fee.period.to_string(), "2024-07");
+    let json = serde_json::to_value(&fee).expect("json");
+    assert_eq!(json["kind"], "adjustment");
+    assert!(json["job_id"].is_null() && json["status"].is_null() && json["rate_card_version"].is_null());
+    assert_eq!(json["adjustment_id"], "fee");
+    let note = by_id(&w, "f/adjustment/note");
+    assert_eq!(note.amount_due, money("-10.50"));
+    // July closes: the fee and the note are on it, and in its total.
+    w.begin("f", "aug", "2024-08-03T00:00:00Z", "inference", Some("img"));
+    let july = w
+        .statements()
+        .into_iter()
+        .find(|s| s.period.to_string() == "2024-07")
+        .cloned()
+        .expect("July closed");
+    let kinds: Vec<(&str, &str, Money)> = july
+        .adjustments
+        .iter()
+        .map(|a| (a.adjustment_id.as_str(), a.kind.as_str(), a.amount))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("fee", "manual_charge", money("25.00")),
+            ("note", "manual_charge", money("-10.50"))
+        ]
+    );
+    assert_eq!(july.total_due, money("14.50"), "the usage itself is on free credits");
+    assert_eq!(july.lines.len(), 1, "the one job's line: a fee is no usage");
+}
+
+#[test]
+fn manual_charges_are_checked_and_applied_once() {
+    let mut w = World::new();
+    w.job(
+        "a",
+        "j",
+        ("2024-07-01T10:00:00Z", "2024-07-01T10:00:10Z"),
+        "inference",
+        Some("img"),
+    );
+    for bad in [
+        manual("z", "a", "0"),
+        manual("big", "a", "1000000.01"),
+        manual("fine", "a", "0.0000000000001"),
+        manual("nan", "a", "ten"),
+        manual("nodesc", "a", "5").replace(r#""description":"onboarding","#, ""),
+    ] {
+        w.adjustment(&bad);
+    }
+    w.adjustment(&manual("ok", "a", "1000000"));
+    w.adjustment(&manual("ok", "a", "1000000"));
+    w.adjustment(&manual("ok", "a", "5"));
+    assert_eq!(
+        w.rejects(),
+        vec![
+            RejectReason::InvalidValue,
+            RejectReason::InvalidValue,
+            RejectReason::InvalidValue,
+            RejectReason::InvalidValue,
+            RejectReason::SchemaViolation,
+            RejectReason::Conflict,
+        ]
+    );
+    assert_eq!(
+        w.charges().iter().filter(|c| c.kind == ChargeKind::Adjustment).count(),
+        1
+    );
 }

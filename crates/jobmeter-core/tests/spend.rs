@@ -87,7 +87,7 @@ fn a_job_sent_a_stop_is_charged_to_at_most_the_command_plus_the_grace() {
     let secs = |job: &str| -> Vec<String> {
         w.charges()
             .iter()
-            .filter(|c| c.job_id.as_str() == job)
+            .filter(|c| c.job() == job)
             .map(|c| format!("{} {}", c.billable_seconds, c.stopped_at))
             .collect()
     };
@@ -239,6 +239,6 @@ fn commands_and_the_charge_bound_survive_a_restore() {
         !after.iter().any(|o| matches!(o, Output::Command(_))),
         "no command is sent twice after a restore: {after:?}"
     );
-    let b = w.charges().into_iter().find(|c| c.job_id.as_str() == "b").cloned();
+    let b = w.charges().into_iter().find(|c| c.job() == "b").cloned();
     assert_eq!(b.map(|c| c.billable_seconds.to_string()), Some("210".into()));
 }

@@ -128,7 +128,7 @@ fn run_once(
                         // Fine-tunes are priced per second whatever the
                         // model: one group of their own.
                         let key = match (&c.kind, &c.model) {
-                            (jobmeter_core::JobKind::FineTune, _) | (_, None) => c.kind.as_str().to_owned(),
+                            (jobmeter_core::ChargeKind::FineTune, _) | (_, None) => c.kind.as_str().to_owned(),
                             (_, Some(m)) => m.to_string(),
                         };
                         let e = run.models.entry(key).or_default();

@@ -32,7 +32,7 @@ impl Engine {
         };
         let r = match o {
             Output::Charge(c) => {
-                if let Some(i) = jobmeter_core::JobKind::ALL.iter().position(|k| *k == c.kind) {
+                if let Some(i) = jobmeter_core::JobKind::ALL.iter().position(|k| c.kind == *k) {
                     self.charges_by_kind[i] += 1;
                 }
                 rec(&t.charges, c.account_id.as_str().as_bytes(), json(&c)?)
