@@ -43,7 +43,7 @@ pub enum Command {
     Emit(jobmeter_ops::emit::EmitCmd),
     /// Deliver limit events to a webhook (signed, retried, dead-lettered).
     Notify(jobmeter_ops::notify::NotifyCmd),
-    /// Write pricing adjustments (price overrides, their ends, job refunds) to the
+    /// Write pricing adjustments (price overrides, their ends, job refunds, manual charges) to the
     /// adjustments topic, each checked first as the meter will check it.
     Adjust(jobmeter_ops::adjust::AdjustCmd),
 }
