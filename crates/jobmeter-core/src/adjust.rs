@@ -104,6 +104,22 @@ pub enum AdjustmentBody {
         /// Its new end (exclusive).
         effective_until: Timestamp,
     },
+    /// Credits that cover the account's amounts due, after its plan's.
+    CreditGrant {
+        /// USD, positive.
+        amount: Money,
+        /// From this instant on (event time) nothing more is drawn.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<Timestamp>,
+        /// Which usage it covers (empty: all).
+        #[serde(default)]
+        selector: Selector,
+    },
+    /// Ends a grant: its unused remainder is gone from then on.
+    CreditVoid {
+        /// The grant's `adjustment_id`.
+        voids: String,
+    },
     /// One charge of kind `adjustment` (a fee; negative: a credit note).
     ManualCharge {
         /// USD, non-zero.
@@ -158,7 +174,10 @@ impl Adjustment {
         let (field, t) = match &self.body {
             AdjustmentBody::PriceOverride(po) => ("effective_from", po.effective_from),
             AdjustmentBody::OverrideEnd { effective_until, .. } => ("effective_until", *effective_until),
-            AdjustmentBody::JobRefund { .. } | AdjustmentBody::ManualCharge { .. } => return Ok(()),
+            AdjustmentBody::CreditGrant { .. }
+            | AdjustmentBody::CreditVoid { .. }
+            | AdjustmentBody::JobRefund { .. }
+            | AdjustmentBody::ManualCharge { .. } => return Ok(()),
         };
         if t.0.saturating_sub(at.0) > HORIZON_MS {
             return Err(invalid_value(format!(
@@ -175,13 +194,11 @@ impl Adjustment {
             AdjustmentBody::OverrideEnd { .. } => "override_end",
             AdjustmentBody::JobRefund { .. } => "job_refund",
             AdjustmentBody::ManualCharge { .. } => "manual_charge",
+            AdjustmentBody::CreditGrant { .. } => "credit_grant",
+            AdjustmentBody::CreditVoid { .. } => "credit_void",
         }
     }
 }
-
-/// The types of §4b that this release does not apply yet (a record of one
-/// is refused with `unknown_type` naming it, never dropped).
-const NOT_YET: [&str; 2] = ["credit_grant", "credit_void"];
 
 /// The most price overrides one account may have (ended ones included):
 /// every charge and heartbeat of the account is rated against them. One
@@ -401,6 +418,22 @@ pub fn parse_adjustment(raw: &[u8], rates: &RateCard) -> Result<Adjustment, Inva
             effective_until: time(&o, "effective_until")?
                 .ok_or_else(|| schema("`effective_until` is missing".to_owned()))?,
         },
+        "credit_grant" => {
+            let amount = manual_amount(&o)?;
+            if amount.0.is_sign_negative() {
+                return Err(invalid_value(format!(
+                    "`amount` {amount} is negative: a grant gives credit"
+                )));
+            }
+            AdjustmentBody::CreditGrant {
+                amount,
+                expires_at: time(&o, "expires_at")?,
+                selector: selector(&o, rates)?,
+            }
+        }
+        "credit_void" => AdjustmentBody::CreditVoid {
+            voids: bounded(text(&o, "voids")?, "voids")?.to_owned(),
+        },
         "manual_charge" => {
             let amount = manual_amount(&o)?;
             let description = text(&o, "description")?;
@@ -423,12 +456,6 @@ pub fn parse_adjustment(raw: &[u8], rates: &RateCard) -> Result<Adjustment, Inva
                 Some(_) => return Err(schema("`through_end` is not true or false".to_owned())),
             },
         },
-        t if NOT_YET.contains(&t) => {
-            return Err(Invalid::new(
-                RejectReason::UnknownType,
-                format!("`type` {t:?} is not applied by this release (price_override, override_end, job_refund, manual_charge are)"),
-            ))
-        }
         t => {
             return Err(Invalid::new(
                 RejectReason::UnknownType,
@@ -524,7 +551,8 @@ pub struct RatedSlice {
 }
 
 /// Splits a job `[from, to]` of `kind` and `model`, whose list rate is
-/// `list`, wherever its billing period or the override rating it changes
+/// `list`, wherever its billing period or the override rating it changes,
+/// and at the `extra` instants inside it
 /// (rule 6's split over all those cuts at once, so the parts' seconds add
 /// up to the job's), and rates each part.
 #[allow(clippy::too_many_arguments)]
@@ -534,12 +562,12 @@ pub fn rate_slices(
     overrides: &Overrides,
     (kind, model): (JobKind, Option<&ModelId>),
     list: Money,
-    from: Timestamp,
-    to: Timestamp,
+    (from, to, extra): (Timestamp, Timestamp, &[Timestamp]),
     rounding: Rounding,
 ) -> Vec<RatedSlice> {
     let winner = |t: Timestamp| overrides.winner(kind, model, t).map(|(id, _)| id);
     let mut cuts = period_ends(records, schedule, from, to);
+    cuts.extend(extra.iter().copied().filter(|t| from < *t && *t < to));
     // An override edge cuts where it changes the override in force.
     cuts.extend(
         overrides
@@ -671,9 +699,14 @@ mod tests {
                 "`type` \"discount\"",
             ),
             (
-                format!(r#"{{{BASE},"type":"credit_grant","amount":"5"}}"#),
-                RejectReason::UnknownType,
-                "not applied by this release",
+                format!(r#"{{{BASE},"type":"credit_grant","amount":"-5"}}"#),
+                RejectReason::InvalidValue,
+                "is negative: a grant gives credit",
+            ),
+            (
+                format!(r#"{{{BASE},"type":"credit_void"}}"#),
+                RejectReason::SchemaViolation,
+                "`voids` is missing",
             ),
             (
                 format!(r#"{{{BASE},"type":"manual_charge","amount":"5"}}"#),
@@ -772,8 +805,7 @@ mod tests {
                 set,
                 (JobKind::Inference, Some(&img)),
                 Money(Decimal::new(5, 4)),
-                at(from),
-                at(to),
+                (at(from), at(to), &[]),
                 Rounding::CeilSeconds,
             )
         };
@@ -873,7 +905,7 @@ mod tests {
             let rounding = if exact { Rounding::ExactMs } else { Rounding::CeilSeconds };
             let list = Money(Decimal::new(5, 4));
             let schedule = CadenceSchedule::default();
-            let parts = rate_slices(&[], &schedule, &overrides, (kind, model), list, from, to, rounding);
+            let parts = rate_slices(&[], &schedule, &overrides, (kind, model), list, (from, to, &[]), rounding);
             let total: Decimal = parts.iter().map(|p| p.seconds).sum();
             proptest::prop_assert_eq!(total, rounding.total_seconds(len));
             proptest::prop_assert_eq!(parts.first().map(|p| p.from), Some(from));

@@ -25,7 +25,7 @@ use crate::output::{
 use crate::plans::{terms_in, AccountRecord, LookupError, Plan, PlanCatalog, PlanTerms, Policy};
 use crate::rating::SliceCharge;
 use crate::state::{
-    Accrual, ChargeRef, Counter, FiredKey, Job, JobKey, LineAcc, StartRec, StatementAcc, ThresholdId, UsageKey,
+    Accrual, ChargeRef, Counter, Drawn, FiredKey, Job, JobKey, LineAcc, StartRec, StatementAcc, ThresholdId, UsageKey,
 };
 use crate::time::{Period, Timestamp};
 use rust_decimal::{Decimal, RoundingStrategy};
@@ -451,11 +451,16 @@ impl Meter {
             due = due_part(counter.charged, amount, spec.cap);
             counter.charged += amount;
         }
+        let (credits, included_usage) = included_as(terms.plan, amount - due);
+        let drawn = self.draw_credits(jk, start, s.part.from, due);
+        let granted = drawn.iter().fold(Money::ZERO, |sum, d| sum + d.amount);
+        if !drawn.is_empty() {
+            due -= granted;
+        }
         let spend = spend_spec(ctx.plans, terms, &jk.0, month);
         if let Some(spend) = &spend {
             self.counter(&spend.key).charged += due;
         }
-        let (credits, included_usage) = included_as(terms.plan, amount - due);
         let acc = self
             .statements
             .entry(period)
@@ -474,6 +479,9 @@ impl Meter {
             *acc.adjustments.entry(id.clone()).or_default() += Money((s.part.rate.0 - start.rate.0) * s.part.seconds);
         }
         acc.credits_applied += credits;
+        if !drawn.is_empty() {
+            acc.credits_applied += granted;
+        }
         acc.included_usage += included_usage;
         if let Some(d) = self.dirty.as_mut() {
             d.statements.insert((period, jk.0.clone()));
@@ -496,6 +504,7 @@ impl Meter {
             limit: spec.as_ref().map(|x| x.key.clone()),
             spend: spend.as_ref().map(|x| x.key.clone()),
             adjustment_id: s.part.adjustment_id.clone(),
+            drawn,
         };
         out.push(Output::Charge(Charge {
             charge_id: s.charge_id,
@@ -578,6 +587,54 @@ impl Meter {
         Ok(())
     }
 
+    /// Draws `due` (of a charge for usage of the job of `start` from
+    /// `at`) from the account's credit grants that cover it, the soonest
+    /// to expire first: what each gave.
+    fn draw_credits(&mut self, jk: &JobKey, start: &StartRec, at: Timestamp, due: Money) -> Vec<Drawn> {
+        let mut drawn = Vec::new();
+        let Some(adj) = self.adjustments.get_mut(&jk.0).filter(|a| !a.grants.is_empty()) else {
+            return drawn;
+        };
+        let mut left = due;
+        for id in adj.grants_for(start.info.kind, start.info.model.as_ref(), at) {
+            if left <= Money::ZERO {
+                break;
+            }
+            let Some(g) = adj.by_id.get_mut(&id) else { continue };
+            let take = g.remaining_at(at).min(left);
+            if take <= Money::ZERO {
+                continue;
+            }
+            g.used += take;
+            left -= take;
+            drawn.push(Drawn {
+                grant: id,
+                amount: take,
+            });
+        }
+        if let Some(d) = self.dirty.as_mut() {
+            for x in &drawn {
+                d.adjustments.insert((jk.0.clone(), x.grant.clone()));
+            }
+        }
+        drawn
+    }
+
+    /// Gives back to their grants the credit a charge drew.
+    fn give_back(&mut self, account: &AccountId, drawn: &[Drawn]) {
+        let Some(adj) = self.adjustments.get_mut(account) else {
+            return;
+        };
+        for x in drawn {
+            if let Some(g) = adj.by_id.get_mut(&x.grant) {
+                g.used = (g.used - x.amount).max(Money::ZERO);
+                if let Some(d) = self.dirty.as_mut() {
+                    d.adjustments.insert((account.clone(), x.grant.clone()));
+                }
+            }
+        }
+    }
+
     /// Keeps the charges just emitted for `job` (a refund reverses them
     /// from there) and, when the job was refunded through its end,
     /// refunds them at once.
@@ -624,7 +681,12 @@ impl Meter {
         if let Some(k) = &c.spend {
             self.counter(k).charged -= c.due;
         }
-        let (credits, included_usage) = included_as(terms.plan, c.due - c.amount);
+        self.give_back(&jk.0, &c.drawn);
+        let granted = c.drawn.iter().fold(Money::ZERO, |sum, d| sum + d.amount);
+        let (mut credits, included_usage) = included_as(terms.plan, c.due + granted - c.amount);
+        if !c.drawn.is_empty() {
+            credits -= granted;
+        }
         let acc = self
             .statements
             .entry(period)

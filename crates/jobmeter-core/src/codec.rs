@@ -22,7 +22,8 @@ use crate::event::{EventKey, JobKind, JobStatus, StartInfo};
 use crate::money::{AccountId, ModelId, Money};
 use crate::output::{LimitKind, Origin};
 use crate::state::{
-    Accrual, Billed, BilledPart, ChargeRef, Counter, Job, LineAcc, Refunded, StartRec, StatementAcc, StopRec, UsageKey,
+    Accrual, Billed, BilledPart, ChargeRef, Counter, Drawn, Job, LineAcc, Refunded, StartRec, StatementAcc, StopRec,
+    UsageKey,
 };
 use crate::time::{Period, Timestamp};
 use rust_decimal::Decimal;
@@ -441,8 +442,10 @@ record!(ChargeRef {
     status,
     limit,
     spend,
-    adjustment_id
+    adjustment_id,
+    drawn
 });
+record!(Drawn { grant, amount });
 record!(Refunded {
     adjustment_id,
     through_end

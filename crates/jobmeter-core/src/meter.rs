@@ -754,39 +754,39 @@ impl Meter {
         start: &crate::state::StartRec,
         end: Timestamp,
     ) -> Vec<RatedSlice> {
-        rated_parts_with(
-            ctx,
-            records,
-            self.adjustments.get(&jk.0).map(|a| &a.overrides),
-            start,
-            end,
-        )
+        let adj = self.adjustments.get(&jk.0);
+        rated_parts_with(ctx, records, adj.map(|a| &a.overrides), adj, start, end)
     }
 }
 
-/// [`Meter::rated_parts`] under the price overrides `overrides`.
+/// [`Meter::rated_parts`] under the price overrides `overrides`, cut also
+/// where a credit grant of `grants` stops covering the job (its expiry or
+/// void), so that each part is covered or not as a whole.
 pub(crate) fn rated_parts_with(
     ctx: &Context<'_>,
     records: &[crate::plans::AccountRecord],
     overrides: Option<&crate::adjust::Overrides>,
+    grants: Option<&crate::state::AccountAdjustments>,
     start: &crate::state::StartRec,
     end: Timestamp,
 ) -> Vec<RatedSlice> {
     {
         let rounding = ctx.rates.policy.rounding;
         let schedule = &ctx.plans.billing_cycle;
+        let usage = (start.info.kind, start.info.model.as_ref());
+        let cuts = grants.map_or_else(Vec::new, |g| g.grant_edges(usage.0, usage.1, start.time, end));
+        let none = crate::adjust::Overrides::default();
         match overrides.filter(|o| !o.is_empty()) {
-            Some(o) => rate_slices(
+            o if o.is_some() || !cuts.is_empty() => rate_slices(
                 records,
                 schedule,
-                o,
-                (start.info.kind, start.info.model.as_ref()),
+                o.unwrap_or(&none),
+                usage,
                 start.rate,
-                start.time,
-                end,
+                (start.time, end, &cuts),
                 rounding,
             ),
-            None => split_periods(records, schedule, start.time, end, rounding)
+            _ => split_periods(records, schedule, start.time, end, rounding)
                 .into_iter()
                 .map(|s| RatedSlice {
                     period: s.period,

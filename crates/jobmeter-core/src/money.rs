@@ -61,6 +61,11 @@ impl Money {
     pub fn is_zero(self) -> bool {
         self.0.is_zero()
     }
+
+    /// [`Money::is_zero`] by reference (for serde's `skip_serializing_if`).
+    pub fn is_zero_ref(&self) -> bool {
+        self.is_zero()
+    }
 }
 
 impl fmt::Display for Money {

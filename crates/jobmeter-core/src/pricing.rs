@@ -47,6 +47,21 @@ impl Meter {
             }
             Ok(true) => {}
         }
+        if let AdjustmentBody::CreditVoid { voids } = &a.body {
+            let at = self
+                .stream_time
+                .or(a.created_at)
+                .or_else(|| origin.and_then(|o| o.record_time))
+                .unwrap_or(Timestamp::MIN);
+            let (account, grant) = (a.account_id.clone(), voids.clone());
+            self.void_grant(&account, &grant, at);
+            self.keep_adjustment(a);
+            return Ok(());
+        }
+        if matches!(a.body, AdjustmentBody::CreditGrant { .. }) {
+            self.keep_adjustment(a);
+            return Ok(());
+        }
         if let AdjustmentBody::ManualCharge { amount, .. } = &a.body {
             let at = self
                 .stream_time
@@ -98,13 +113,7 @@ impl Meter {
             }
         }
         let (account_id, id) = (a.account_id.clone(), a.adjustment_id.clone());
-        account.put(
-            id.clone(),
-            StoredAdjustment {
-                adjustment: a,
-                moved_until: None,
-            },
-        );
+        account.put(id.clone(), StoredAdjustment::new(a));
         if let Some(d) = self.dirty.as_mut() {
             for id in changed {
                 d.adjustments.insert((account_id.clone(), id));
@@ -132,15 +141,31 @@ impl Meter {
     /// taken, forever).
     fn keep_adjustment(&mut self, a: Adjustment) {
         let (account_id, id) = (a.account_id.clone(), a.adjustment_id.clone());
-        self.adjustments.entry(account_id.clone()).or_default().put(
-            id.clone(),
-            StoredAdjustment {
-                adjustment: a,
-                moved_until: None,
-            },
-        );
+        let mut stored = StoredAdjustment::new(a);
+        if stored.grant().is_some() {
+            stored.granted_at = self.stream_time.or(stored.adjustment.created_at);
+        }
+        self.adjustments
+            .entry(account_id.clone())
+            .or_default()
+            .put(id.clone(), stored);
         if let Some(d) = self.dirty.as_mut() {
             d.adjustments.insert((account_id, id));
+        }
+    }
+
+    /// Voids grant `grant` of `account` from `at` on: its unused remainder
+    /// is gone (what it covered stays covered).
+    fn void_grant(&mut self, account: &AccountId, grant: &str, at: Timestamp) {
+        let Some(adj) = self.adjustments.get_mut(account) else {
+            return;
+        };
+        if let Some(mut s) = adj.by_id.get(grant).cloned() {
+            s.voided_at = Some(at);
+            adj.put(grant.to_owned(), s);
+            if let Some(d) = self.dirty.as_mut() {
+                d.adjustments.insert((account.clone(), grant.to_owned()));
+            }
         }
     }
 
@@ -288,7 +313,7 @@ impl Meter {
         let Some(end) = billed.parts.last().map(|p| p.to) else {
             return;
         };
-        let was = rated_parts_with(ctx, records, Some(before), &start, end);
+        let was = rated_parts_with(ctx, records, Some(before), self.adjustments.get(&jk.0), &start, end);
         let now_rated = self.rated_parts(ctx, records, jk, &start, end);
         let same = |a: &RatedSlice, b: &RatedSlice| {
             (a.period, a.from, a.seconds, a.rate) == (b.period, b.from, b.seconds, b.rate)
@@ -390,6 +415,17 @@ fn admit(account: &AccountAdjustments, a: &Adjustment) -> Result<bool, Invalid> 
                 format!(
                     "account {of:?} has {MAX_OVERRIDES_PER_ACCOUNT} price overrides already, the most one account may have (every charge of the account is rated against them)"
                 ),
+            ))
+        }
+        AdjustmentBody::CreditVoid { voids }
+            if !account
+                .by_id
+                .get(voids)
+                .is_some_and(|s| s.grant().is_some() && s.voided_at.is_none()) =>
+        {
+            Err(Invalid::new(
+                RejectReason::InvalidValue,
+                format!("`voids` {voids:?} names no credit grant of account {of:?} still in force"),
             ))
         }
         AdjustmentBody::OverrideEnd { ends, .. } if !account.by_id.get(ends).is_some_and(is_override) => Err(Invalid::new(

@@ -129,7 +129,8 @@ pub(crate) fn exposures<'j>(
     account: &AccountId,
     period: Period,
     jobs: impl Iterator<Item = &'j Job>,
-    usage: impl Fn(&UsageKey) -> Money,
+    counter: impl Fn(&UsageKey) -> crate::state::Counter,
+    credit: Money,
 ) -> Result<Vec<Exposure>, LookupError> {
     let mut out: Vec<Exposure> = Vec::new();
     for job in jobs {
@@ -145,11 +146,15 @@ pub(crate) fn exposures<'j>(
                     e.unstopped += u64::from(job.stop_sent.is_none());
                 }
                 None => out.push(Exposure {
-                    usage: usage(&spec.key),
+                    usage: counter(&spec.key).total(),
                     policy: plans.policy(spec.plan, spec.key.limit),
+                    value: if spec.key.limit == LimitKind::SpendLimit || credit <= Money::ZERO {
+                        spec.limit_value
+                    } else {
+                        with_credit(spec.limit_value, counter(&spec.key).charged, credit)
+                    },
                     key: spec.key,
                     plan: spec.plan,
-                    value: spec.limit_value,
                     burn: start.rate,
                     running: 1,
                     unstopped: u64::from(job.stop_sent.is_none()),
@@ -159,6 +164,15 @@ pub(crate) fn exposures<'j>(
     }
     out.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(out)
+}
+
+/// A plan limit `cap` extended by `credit` left in grants, for a counter
+/// with `charged` charged: what was charged beyond the cap is accounted
+/// for already (drawn from grants, or billed), so the limit is used up
+/// once what runs beyond it reaches the credit left. Equal to `cap` plus
+/// the credit while nothing beyond the cap was charged.
+pub(crate) fn with_credit(cap: Money, charged: Money, credit: Money) -> Money {
+    cap + (charged - cap).max(Money::ZERO) + credit
 }
 
 /// A running job's share of its account's burn rates (`None` when it is not
@@ -278,6 +292,18 @@ impl crate::meter::Meter {
                 running: b.jobs,
                 unstopped: b.unstopped,
             });
+        }
+        // Credit grants for all usage extend the plan's limits (not the
+        // account's own spend limit, which counts what is due after them).
+        let credit = self.adjustments.get(account).map_or(Money::ZERO, |a| {
+            let t = self.stream_time.unwrap_or(Timestamp::MIN);
+            crate::state::general_credit(a.grants.iter().filter_map(|id| a.by_id.get(id)), t)
+        });
+        if credit > Money::ZERO {
+            for e in out.iter_mut().filter(|e| e.key.limit != LimitKind::SpendLimit) {
+                let charged = self.usage.get(&e.key).map_or(Money::ZERO, |c| c.charged);
+                e.value = with_credit(e.value, charged, credit);
+            }
         }
         Ok(out)
     }

@@ -88,6 +88,68 @@ pub struct StoredAdjustment {
     /// A price override's end as moved since (`None`: as given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moved_until: Option<Timestamp>,
+    /// A credit grant: how much of it charges have drawn.
+    #[serde(default, skip_serializing_if = "Money::is_zero_ref")]
+    pub used: Money,
+    /// A credit grant: when a `credit_void` ended it (event time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voided_at: Option<Timestamp>,
+    /// A credit grant: the meter's stream time when it was applied (the
+    /// older of two grants expiring together is drawn first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted_at: Option<Timestamp>,
+}
+
+impl StoredAdjustment {
+    /// An adjustment as applied, nothing drawn or moved yet.
+    pub fn new(adjustment: crate::adjust::Adjustment) -> Self {
+        StoredAdjustment {
+            adjustment,
+            moved_until: None,
+            used: Money::ZERO,
+            voided_at: None,
+            granted_at: None,
+        }
+    }
+
+    /// A credit grant's amount, expiry and selector (`None`: not a grant).
+    pub fn grant(&self) -> Option<(Money, Option<Timestamp>, &crate::adjust::Selector)> {
+        match &self.adjustment.body {
+            crate::adjust::AdjustmentBody::CreditGrant {
+                amount,
+                expires_at,
+                selector,
+            } => Some((*amount, *expires_at, selector)),
+            _ => None,
+        }
+    }
+
+    /// A credit grant's unused remainder usable at `t`: nothing once it
+    /// has expired or was voided.
+    pub fn remaining_at(&self, t: Timestamp) -> Money {
+        match self.grant() {
+            Some((amount, expires_at, _))
+                if expires_at.is_none_or(|e| t < e) && self.voided_at.is_none_or(|v| t < v) =>
+            {
+                (amount - self.used).max(Money::ZERO)
+            }
+            _ => Money::ZERO,
+        }
+    }
+}
+
+/// What the credit grants among `adjustments` that cover all usage (no
+/// selector) have left at `t`: what spend control adds to a plan's limit
+/// (a grant for one kind or model covers its charges, but is not counted
+/// ahead of them).
+pub fn general_credit<'a>(adjustments: impl IntoIterator<Item = &'a StoredAdjustment>, t: Timestamp) -> Money {
+    adjustments
+        .into_iter()
+        .filter(|s| {
+            s.grant()
+                .is_some_and(|(_, _, sel)| *sel == crate::adjust::Selector::default())
+        })
+        .fold(Money::ZERO, |sum, s| sum + s.remaining_at(t))
 }
 
 /// One account's pricing adjustments, and the price overrides they put in
@@ -98,6 +160,8 @@ pub struct AccountAdjustments {
     pub by_id: BTreeMap<String, StoredAdjustment>,
     /// The price overrides among them, with their ends as moved.
     pub overrides: crate::adjust::Overrides,
+    /// The ids of the credit grants among them.
+    pub grants: Vec<String>,
 }
 
 impl AccountAdjustments {
@@ -115,6 +179,77 @@ impl AccountAdjustments {
             }
         }
         self.overrides = o;
+        self.grants = self
+            .by_id
+            .iter()
+            .filter(|(_, s)| s.grant().is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+    }
+
+    /// The grants a charge for usage of `kind` and `model` at `t` draws
+    /// from, in order: the soonest to expire first (never last), then the
+    /// oldest, then by id; only those with something left.
+    pub fn grants_for(
+        &self,
+        kind: crate::event::JobKind,
+        model: Option<&crate::money::ModelId>,
+        t: Timestamp,
+    ) -> Vec<String> {
+        let mut v: Vec<(Timestamp, Timestamp, &String)> = self
+            .grants
+            .iter()
+            .filter_map(|id| {
+                let s = self.by_id.get(id)?;
+                let (_, expires_at, selector) = s.grant()?;
+                (selector.matches(kind, model) && s.remaining_at(t) > Money::ZERO).then(|| {
+                    (
+                        expires_at.unwrap_or(Timestamp::MAX),
+                        s.granted_at.unwrap_or(Timestamp::MIN),
+                        id,
+                    )
+                })
+            })
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, _, id)| id.clone()).collect()
+    }
+
+    /// The instants in `(from, to)` at which a grant matching `kind` and
+    /// `model` stops covering usage (its expiry, or its void): a charge is
+    /// cut there, so every second is either covered or not.
+    pub fn grant_edges(
+        &self,
+        kind: crate::event::JobKind,
+        model: Option<&crate::money::ModelId>,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Vec<Timestamp> {
+        self.grants
+            .iter()
+            .filter_map(|id| self.by_id.get(id))
+            .filter(|s| s.grant().is_some_and(|(_, _, sel)| sel.matches(kind, model)))
+            .flat_map(|s| [s.grant().and_then(|g| g.1), s.voided_at])
+            .flatten()
+            .filter(|t| from < *t && *t < to)
+            .collect()
+    }
+
+    /// What the grants covering `kind` and `model` (every grant when
+    /// `None`) have left at `t`.
+    pub fn credit_balance(
+        &self,
+        usage: Option<(crate::event::JobKind, Option<&crate::money::ModelId>)>,
+        t: Timestamp,
+    ) -> Money {
+        self.grants
+            .iter()
+            .filter_map(|id| self.by_id.get(id))
+            .filter(|s| match usage {
+                Some((kind, model)) => s.grant().is_some_and(|(_, _, sel)| sel.matches(kind, model)),
+                None => true,
+            })
+            .fold(Money::ZERO, |sum, s| sum + s.remaining_at(t))
     }
 }
 
@@ -175,6 +310,17 @@ pub struct ChargeRef {
     pub spend: Option<UsageKey>,
     /// Its `adjustment_id`.
     pub adjustment_id: Option<String>,
+    /// What it drew from credit grants (given back by a refund).
+    pub drawn: Vec<Drawn>,
+}
+
+/// Credit drawn from one grant by one charge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drawn {
+    /// The grant's `adjustment_id`.
+    pub grant: String,
+    /// USD.
+    pub amount: Money,
 }
 
 /// A job refunded by a `job_refund`.

@@ -354,6 +354,9 @@ pub struct LimitView {
     pub charged: Money,
     /// List amount of running jobs, to their latest heartbeats.
     pub in_flight: Money,
+    /// What credit grants for all usage have left, added to the limit
+    /// (0 for alerts and the spend limit).
+    pub credit_grants: Money,
     /// charged + in_flight: what thresholds compare against.
     pub used: Money,
     /// What is left of the cap (never negative; `null` without a cap).
@@ -410,9 +413,16 @@ pub fn limits_report(
         .filter(|t| t.period() == period)
         .unwrap_or(Timestamp(period.end().0 - 1));
     let terms = book.terms_at(plans, account, at)?;
-    let exposures = crate::spend::exposures(plans, book, account, period, st.jobs.iter().map(|(_, j)| j), |k| {
-        st.counters.get(k).copied().unwrap_or_default().total()
-    })?;
+    let credit = crate::state::general_credit(st.adjustments.values(), at);
+    let exposures = crate::spend::exposures(
+        plans,
+        book,
+        account,
+        period,
+        st.jobs.iter().map(|(_, j)| j),
+        |k| st.counters.get(k).copied().unwrap_or_default(),
+        credit,
+    )?;
     let limits = limits_for(plans, &terms, account, period)
         .into_iter()
         .map(|l| {
@@ -443,7 +453,18 @@ pub fn limits_report(
                 charged: c.charged,
                 in_flight: c.inflight,
                 used,
-                remaining: l.cap.map(|cap| (cap - used).max(Money::ZERO)),
+                credit_grants: match l.key.limit {
+                    LimitKind::Alert | LimitKind::SpendLimit => Money::ZERO,
+                    _ => credit,
+                },
+                remaining: l.cap.map(|cap| {
+                    let limit = match l.key.limit {
+                        LimitKind::SpendLimit => cap,
+                        _ if credit > Money::ZERO => crate::spend::with_credit(cap, c.charged, credit),
+                        _ => cap,
+                    };
+                    (limit - used).max(Money::ZERO)
+                }),
                 used_pct: l.cap.filter(|cap| *cap > Money::ZERO).map(|cap| {
                     Money(
                         (used.0 * Decimal::ONE_HUNDRED / cap.0)
@@ -458,7 +479,11 @@ pub fn limits_report(
                 runway_seconds: match (exposure, l.key.limit) {
                     (_, LimitKind::Alert) => None,
                     (Some(e), _) => e.runway_seconds(),
-                    (None, _) => l.cap.filter(|cap| used >= *cap).map(|_| Decimal::ZERO),
+                    (None, LimitKind::SpendLimit) => l.cap.filter(|cap| used >= *cap).map(|_| Decimal::ZERO),
+                    (None, _) => l
+                        .cap
+                        .filter(|cap| used >= crate::spend::with_credit(*cap, c.charged, credit))
+                        .map(|_| Decimal::ZERO),
                 },
                 runway_events_fired: st
                     .fired
@@ -506,7 +531,10 @@ pub struct AdmissionLimit {
     /// What the running jobs counting toward it have cost from their start
     /// to `as_of` (their latest heartbeats may be behind it).
     pub running_projected: Money,
-    /// limit − charged − running_projected (negative once overspent).
+    /// What credit grants for all usage have left (0 for the spend limit).
+    pub credit_grants: Money,
+    /// limit + credit_grants − charged − running_projected (negative once
+    /// overspent).
     pub balance_after_running: Money,
 }
 
@@ -598,9 +626,23 @@ pub fn admission(
             .sum()
     };
     let mut limits = Vec::new();
+    let general = crate::state::general_credit(st.adjustments.values(), now);
     for spec in specs.into_iter().flatten() {
         let charged = st.counters.get(&spec.key).map_or(Money::ZERO, |c| c.charged);
         let running_projected = projected(&spec.key);
+        let credit_grants = if spec.key.limit == LimitKind::SpendLimit {
+            Money::ZERO
+        } else {
+            general
+        };
+        // What was charged beyond the limit is accounted for already
+        // (drawn from grants, or billed): the grants' remainder is what
+        // is left beyond it.
+        let limit_value = if credit_grants > Money::ZERO {
+            crate::spend::with_credit(spec.limit_value, charged, Money::ZERO)
+        } else {
+            spec.limit_value
+        };
         limits.push(AdmissionLimit {
             limit: spec.key.limit,
             period: spec.key.scope(),
@@ -608,7 +650,8 @@ pub fn admission(
             policy: plans.policy(spec.plan, spec.key.limit),
             charged,
             running_projected,
-            balance_after_running: spec.limit_value - charged - running_projected,
+            credit_grants,
+            balance_after_running: limit_value + credit_grants - charged - running_projected,
         });
     }
     let cost = max_seconds.map(|s| rate * s);
