@@ -490,6 +490,50 @@ fn support_writes_adjustments_through_the_api_and_the_command_line() {
     wait_until("the refund's charges", Duration::from_secs(30), &[&m], || {
         paid(read_all(&format!("{prefix}.charges"))).get(account) == Some(&Decimal::ZERO)
     });
+    // A credit grant covers the next job in full; /credits shows it drawn.
+    let (code, body) = post(
+        Some(SUPPORT),
+        r#"{"adjustment_id":"g-1","type":"credit_grant","amount":"100.00","reason":"goodwill","requested_by":"support@example.com"}"#,
+    );
+    assert_eq!(code, 202, "{body}");
+    wait_status(&m, account, "g-1", "applied");
+    for (t, ty, data) in [
+        (
+            "2024-05-01T11:00:00Z",
+            "job.started",
+            r#""kind":"inference","model":"sdxl-1.0""#,
+        ),
+        ("2024-05-01T11:00:20Z", "job.stopped", r#""status":"succeeded""#),
+    ] {
+        let ev = format!(
+            r#"{{"specversion":"1.0","id":"{ty}-2","source":"it","type":"{ty}","time":"{t}","subject":"job-2","data":{{"account_id":"{account}",{data}}}}}"#
+        );
+        send(&p, &events, account, Some(ev.as_bytes()), None);
+    }
+    rdkafka::producer::Producer::flush(&p, Duration::from_secs(30)).expect("flush");
+    let charge_of_job_2 = || {
+        read_all(&format!("{prefix}.charges"))
+            .iter()
+            .map(|c| serde_json::from_str::<serde_json::Value>(c).expect("charge"))
+            .find(|c| c["job_id"] == "job-2")
+    };
+    wait_until("job-2's charge", Duration::from_secs(30), &[&m], || {
+        charge_of_job_2().is_some()
+    });
+    let c2 = charge_of_job_2().expect("charge");
+    let dec = |v: &serde_json::Value| Decimal::from_str(v.as_str().expect("decimal string")).expect("decimal");
+    assert_eq!(dec(&c2["amount_due"]), Decimal::ZERO, "{c2}");
+    let amount2 = dec(&c2["amount"]);
+    let credits_path = format!("/v1/accounts/{account}/credits");
+    let (code, body) = http_request("GET", &m.http, &credits_path, Some(ACCOUNT_TOKEN), None);
+    assert_eq!(code, 200, "{body}");
+    let credits: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let g = &credits["grants"][0];
+    assert_eq!(g["adjustment_id"], "g-1");
+    assert_eq!(dec(&g["used"]), amount2, "{body}");
+    assert_eq!(dec(&g["remaining"]), Decimal::ONE_HUNDRED - amount2, "{body}");
+    assert_eq!(dec(&credits["balance"]), Decimal::ONE_HUNDRED - amount2, "{body}");
+
     // After a restart (state from RocksDB), a second refund of the job is
     // refused by the meter: it was refunded already.
     assert_eq!(m.terminate(), Some(0));
@@ -507,8 +551,13 @@ fn support_writes_adjustments_through_the_api_and_the_command_line() {
     );
     assert_eq!(
         paid(read_all(&format!("{prefix}.charges"))).get(account),
-        Some(&Decimal::ZERO)
+        Some(&amount2),
+        "job-1 refunded, job-2 charged (and covered by the grant)"
     );
+    // The grant's use survived the restart.
+    let (_, body) = http_request("GET", &m.http, &credits_path, Some(SUPPORT), None);
+    let credits: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(dec(&credits["grants"][0]["used"]), amount2, "{body}");
     let mut m = m;
     assert_eq!(m.terminate(), Some(0));
 }

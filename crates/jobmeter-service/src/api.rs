@@ -54,6 +54,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/accounts/{account_id}/limits"),
     ("get", "/v1/accounts/{account_id}/admission"),
     ("get", "/v1/accounts/{account_id}/adjustments"),
+    ("get", "/v1/accounts/{account_id}/credits"),
     ("post", "/v1/accounts/{account_id}/adjustments"),
 ];
 
@@ -246,6 +247,42 @@ fn admission_request(q: &AccountQuery) -> Result<AdmissionQuery, Answer> {
 /// The longest job an admission query may ask about (a year, in seconds).
 const MAX_ADMISSION_SECONDS: i64 = 366 * 86_400;
 
+/// The body of `GET /v1/accounts/{account}/credits`: each credit grant,
+/// granted, used, expired (what an expiry or a void took), remaining, as of
+/// the partition's stream time; and the balance.
+fn credits_report(account: &AccountId, st: &view::AccountState) -> serde_json::Value {
+    let at = st.stream_time.unwrap_or(Timestamp::MIN);
+    let mut balance = jobmeter_core::Money::ZERO;
+    let grants: Vec<serde_json::Value> = st
+        .adjustments
+        .iter()
+        .filter_map(|(id, s)| {
+            let (amount, expires_at, selector) = s.grant()?;
+            let remaining = s.remaining_at(at);
+            balance += remaining;
+            let left = (amount - s.used).max(jobmeter_core::Money::ZERO);
+            Some(json!({
+                "adjustment_id": id,
+                "granted": amount,
+                "used": s.used,
+                "expired": left - remaining,
+                "remaining": remaining,
+                "expires_at": expires_at,
+                "voided_at": s.voided_at,
+                "selector": selector,
+                "reason": s.adjustment.reason,
+                "requested_by": s.adjustment.requested_by,
+            }))
+        })
+        .collect();
+    json!({
+        "account_id": account,
+        "as_of": st.stream_time,
+        "balance": balance,
+        "grants": grants,
+    })
+}
+
 /// An API answer: status and JSON body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
@@ -282,6 +319,8 @@ pub enum AccountView {
     Admission,
     /// `/adjustments` (`GET`).
     Adjustments,
+    /// `/credits`.
+    Credits,
 }
 
 impl AccountView {
@@ -292,6 +331,7 @@ impl AccountView {
             AccountView::Limits => "limits",
             AccountView::Admission => "admission",
             AccountView::Adjustments => "adjustments",
+            AccountView::Credits => "credits",
         }
     }
 }
@@ -500,6 +540,7 @@ impl Api {
                 Ok(r) => serde_json::to_value(r),
                 Err(e) => return Err(Answer::error(500, "store", &e.to_string())),
             },
+            AccountView::Credits => Ok(credits_report(account_id, st)),
             AccountView::Adjustments => match view::usage_report(
                 account_id,
                 period,

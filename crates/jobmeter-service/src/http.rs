@@ -106,6 +106,15 @@ async fn adjustments(
     account(s, a, q, h, AccountView::Adjustments).await
 }
 
+async fn credits(
+    State(s): State<AppState>,
+    Path(a): Path<String>,
+    Query(q): Query<AccountQuery>,
+    h: HeaderMap,
+) -> Response {
+    account(s, a, q, h, AccountView::Credits).await
+}
+
 /// `POST /v1/accounts/{account}/adjustments`: a support token writes one
 /// adjustment. Every call is logged (never the token) with its outcome.
 async fn write_adjustment(
@@ -221,6 +230,7 @@ pub fn router(
             "/v1/accounts/{account_id}/adjustments",
             get(adjustments).post(write_adjustment),
         )
+        .route("/v1/accounts/{account_id}/credits", get(credits))
         .fallback(not_found)
         .with_state(AppState {
             registry,
