@@ -20,7 +20,8 @@ use crate::event::JobKind;
 use crate::meter::{Meter, Step};
 use crate::money::{AccountId, Money, CURRENCY};
 use crate::output::{
-    Charge, ChargeKind, LimitAction, LimitEvent, LimitKind, Output, Statement, StatementAdjustment, StatementLine,
+    Charge, ChargeKind, LimitAction, LimitEvent, LimitKind, Output, Statement, StatementAdjustment, StatementCredit,
+    StatementLine,
 };
 use crate::plans::{terms_in, AccountRecord, LookupError, Plan, PlanCatalog, PlanTerms, Policy};
 use crate::rating::SliceCharge;
@@ -481,6 +482,9 @@ impl Meter {
         acc.credits_applied += credits;
         if !drawn.is_empty() {
             acc.credits_applied += granted;
+            for d in &drawn {
+                *acc.grants.entry(d.grant.clone()).or_default() += d.amount;
+            }
         }
         acc.included_usage += included_usage;
         if let Some(d) = self.dirty.as_mut() {
@@ -703,6 +707,9 @@ impl Meter {
         *acc.adjustments.entry(cause.to_owned()).or_default() -= c.amount;
         acc.credits_applied += credits;
         acc.included_usage += included_usage;
+        for d in &c.drawn {
+            *acc.grants.entry(d.grant.clone()).or_default() -= d.amount;
+        }
         if let Some(d) = self.dirty.as_mut() {
             d.statements.insert((period, jk.0.clone()));
         }
@@ -808,6 +815,23 @@ impl Meter {
                     }
                 })
                 .collect();
+            let last = Timestamp(p.end.0 - 1);
+            let grants = self.adjustments.get(&account);
+            let remaining = |id: &str| {
+                grants
+                    .and_then(|a| a.by_id.get(id))
+                    .map_or(Money::ZERO, |g| g.remaining_at(last))
+            };
+            let credit_grants = acc
+                .grants
+                .iter()
+                .map(|(id, applied)| StatementCredit {
+                    adjustment_id: id.clone(),
+                    applied: *applied,
+                    remaining: remaining(id),
+                })
+                .collect();
+            let credit_balance = grants.map_or(Money::ZERO, |a| a.credit_balance(None, last));
             let Some((plan, fee, cadence)) = terms.remove(&account) else {
                 continue;
             };
@@ -833,6 +857,8 @@ impl Meter {
                 credits_applied: acc.credits_applied,
                 included_usage: acc.included_usage,
                 adjustments,
+                credit_grants,
+                credit_balance,
                 total_due: (acc.due + fee).round_cents(),
                 currency: CURRENCY.to_owned(),
             };

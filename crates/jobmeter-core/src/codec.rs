@@ -512,9 +512,17 @@ impl Binary for StatementAcc {
         self.due.put(w);
         // Only when there are any: a statement without adjustments has the
         // layout it had before they existed.
-        if !self.adjustments.is_empty() {
+        if !self.adjustments.is_empty() || !self.grants.is_empty() {
             put_u(w, self.adjustments.len() as u128);
             for (id, amount) in &self.adjustments {
+                id.put(w);
+                amount.put(w);
+            }
+        }
+        // The same for credit grants, after the adjustments.
+        if !self.grants.is_empty() {
+            put_u(w, self.grants.len() as u128);
+            for (id, amount) in &self.grants {
                 id.put(w);
                 amount.put(w);
             }
@@ -534,11 +542,18 @@ impl Binary for StatementAcc {
             included_usage: Money::take(r)?,
             due: Money::take(r)?,
             adjustments: std::collections::BTreeMap::new(),
+            grants: std::collections::BTreeMap::new(),
         };
         if !r.is_empty() {
             for _ in 0..take_len(r)? {
                 let id = String::take(r)?;
                 acc.adjustments.insert(id, Money::take(r)?);
+            }
+        }
+        if !r.is_empty() {
+            for _ in 0..take_len(r)? {
+                let id = String::take(r)?;
+                acc.grants.insert(id, Money::take(r)?);
             }
         }
         Ok(acc)

@@ -315,6 +315,18 @@ pub struct StatementAdjustment {
     pub amount: Money,
 }
 
+/// A credit grant on a statement: what it covered in the period and what
+/// it has left at the period's end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatementCredit {
+    /// The grant.
+    pub adjustment_id: String,
+    /// What it covered of this period's charges (net of refunds).
+    pub applied: Money,
+    /// What it has left at the period's last instant.
+    pub remaining: Money,
+}
+
 /// An account's bill for a closed period (`jobmeter.statements`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "StatementIn")]
@@ -335,13 +347,19 @@ pub struct Statement {
     pub lines: Vec<StatementLine>,
     /// Pro fee (intro or regular) if the account was on pro in the period.
     pub subscription_fee: Money,
-    /// Free credits drawn down by this period's charges.
+    /// Free credits and credit grants drawn down by this period's charges.
     pub credits_applied: Money,
     /// Pro usage included in the cap and quota.
     pub included_usage: Money,
     /// The pricing adjustments that changed this period's usage, each with
     /// its reason and the amount it changed (rated − list).
     pub adjustments: Vec<StatementAdjustment>,
+    /// Each credit grant that covered charges of the period (their sum is
+    /// part of `credits_applied`).
+    pub credit_grants: Vec<StatementCredit>,
+    /// What every credit grant of the account has left at the period's
+    /// last instant.
+    pub credit_balance: Money,
     /// Sum of amounts due plus the fee, rounded to cents half-even.
     pub total_due: Money,
     /// Always `USD`.
@@ -365,6 +383,10 @@ struct StatementIn {
     included_usage: Money,
     #[serde(default)]
     adjustments: Vec<StatementAdjustment>,
+    #[serde(default)]
+    credit_grants: Vec<StatementCredit>,
+    #[serde(default)]
+    credit_balance: Money,
     total_due: Money,
     currency: String,
 }
@@ -383,6 +405,8 @@ impl From<StatementIn> for Statement {
             credits_applied: s.credits_applied,
             included_usage: s.included_usage,
             adjustments: s.adjustments,
+            credit_grants: s.credit_grants,
+            credit_balance: s.credit_balance,
             total_due: s.total_due,
             currency: s.currency,
         }

@@ -526,6 +526,9 @@ pub struct StatementAcc {
     /// `adjustment_id`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub adjustments: BTreeMap<String, Money>,
+    /// What each credit grant covered, by `adjustment_id`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub grants: BTreeMap<String, Money>,
 }
 
 mod line_entries {

@@ -65,6 +65,20 @@ fn grants_cover_what_is_due_after_free_credits_soonest_expiring_first() {
         .expect("July closed");
     assert_eq!(july.credits_applied, money("1.800"));
     assert_eq!(july.total_due, money("0.00"));
+    let per_grant: Vec<(&str, Money, Money)> = july
+        .credit_grants
+        .iter()
+        .map(|g| (g.adjustment_id.as_str(), g.applied, g.remaining))
+        .collect();
+    assert_eq!(
+        per_grant,
+        vec![
+            ("late", money("0.30"), money("0")),
+            ("never", money("0.40"), money("4.60")),
+            ("soon", money("0.10"), money("0")),
+        ]
+    );
+    assert_eq!(july.credit_balance, money("4.60"));
 }
 
 #[test]
