@@ -1,9 +1,10 @@
 //! Pricing adjustments through Kafka: price overrides written to the
 //! adjustments topic while two meters catch up on a mixed fleet's backlog,
 //! with SIGKILLs in between, reach the meter of their account exactly once
-//! and re-rate what was charged before they arrived. What each account pays
-//! in all must equal the contract's computation with the overrides in force
-//! from the start (an override costs the same whenever it arrives), every
+//! and re-rate what was charged before they arrived; a credit grant, its
+//! void and a fee go the same way. What each account pays in all must equal
+//! the contract's computation with the adjustments in force from the start
+//! (an override costs the same whenever it arrives), every
 //! refused record is dead-lettered with its reason, and `jobmeter rebuild`
 //! reproduces the live outputs.
 
@@ -104,6 +105,20 @@ fn adjustments(w: &Workload) -> (Vec<String>, Vec<String>) {
         r#""multiplier":"0.5""#,
         "2024-04-29T00:00:00Z",
         None,
+    ));
+    // A credit grant (amounts are unchanged by it; what is due is not
+    // compared), voided again; a fee on another account.
+    second.push(format!(
+        r#"{{"adjustment_id":"grant-4","account_id":"{}","type":"credit_grant","amount":"1.00","reason":"goodwill","requested_by":"support@example.com"}}"#,
+        accounts[4]
+    ));
+    second.push(format!(
+        r#"{{"adjustment_id":"fee-5","account_id":"{}","type":"manual_charge","amount":"2.50","description":"onboarding","reason":"contract","requested_by":"support@example.com","created_at":"2024-04-30T09:00:00Z"}}"#,
+        accounts[5]
+    ));
+    second.push(format!(
+        r#"{{"adjustment_id":"void-4","account_id":"{}","type":"credit_void","voids":"grant-4","reason":"granted twice","requested_by":"support@example.com"}}"#,
+        accounts[4]
     ));
     // The 1.5× override of account 3 ended early, at Apr 30 06:00.
     second.push(format!(

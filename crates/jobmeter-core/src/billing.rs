@@ -811,6 +811,7 @@ impl Meter {
                         adjustment_id: id.clone(),
                         kind: stored.map_or("price_override", |s| s.adjustment.kind()).to_owned(),
                         reason: stored.map(|s| s.adjustment.reason.clone()).unwrap_or_default(),
+                        requested_by: stored.map(|s| s.adjustment.requested_by.clone()).unwrap_or_default(),
                         amount: *amount,
                     }
                 })

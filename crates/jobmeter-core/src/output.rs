@@ -306,12 +306,18 @@ pub struct StatementLine {
 pub struct StatementAdjustment {
     /// The adjustment.
     pub adjustment_id: String,
-    /// Its type (`price_override`).
+    /// Its type (`price_override`, `override_end`, `job_refund`,
+    /// `manual_charge`).
     #[serde(rename = "type")]
     pub kind: String,
     /// Why, as support wrote it.
     pub reason: String,
-    /// What it changed in the period: rated amount − list amount.
+    /// Who asked for it (`requested_by`).
+    #[serde(default)]
+    pub requested_by: String,
+    /// What it changed in the period: rated amount − list amount for a
+    /// price override, the negated amounts of a refund, a manual charge's
+    /// amount.
     pub amount: Money,
 }
 

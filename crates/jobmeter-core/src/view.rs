@@ -218,6 +218,7 @@ pub fn usage_report(
                             adjustment_id: id.clone(),
                             kind: stored.map_or("price_override", |a| a.adjustment.kind()).to_owned(),
                             reason: stored.map(|a| a.adjustment.reason.clone()).unwrap_or_default(),
+                            requested_by: stored.map(|a| a.adjustment.requested_by.clone()).unwrap_or_default(),
                             amount: *amount,
                         }
                     })

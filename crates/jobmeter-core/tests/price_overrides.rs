@@ -92,6 +92,7 @@ fn an_override_starting_mid_job_splits_it_there() {
             adjustment_id: "half".to_owned(),
             kind: "price_override".to_owned(),
             reason: "goodwill after the outage".to_owned(),
+            requested_by: "support@platform".to_owned(),
             amount: money("-0.001"),
         }]
     );
