@@ -505,8 +505,8 @@ impl Meter {
             amount,
             due,
             status: s.status,
-            limit: spec.as_ref().map(|x| x.key.clone()),
-            spend: spend.as_ref().map(|x| x.key.clone()),
+            limit: spec.as_ref().map(|x| (x.key.limit, x.key.period)),
+            spend: spend.as_ref().map(|_| month),
             adjustment_id: s.part.adjustment_id.clone(),
             drawn,
         };
@@ -679,11 +679,21 @@ impl Meter {
         if late {
             self.stats.late_charges += 1;
         }
-        if let Some(k) = &c.limit {
-            self.counter(k).charged -= c.amount;
+        if let Some((limit, period)) = c.limit {
+            let key = UsageKey {
+                account: jk.0.clone(),
+                limit,
+                period,
+            };
+            self.counter(&key).charged -= c.amount;
         }
-        if let Some(k) = &c.spend {
-            self.counter(k).charged -= c.due;
+        if let Some(month) = c.spend {
+            let key = UsageKey {
+                account: jk.0.clone(),
+                limit: LimitKind::SpendLimit,
+                period: Some(month),
+            };
+            self.counter(&key).charged -= c.due;
         }
         self.give_back(&jk.0, &c.drawn);
         let granted = c.drawn.iter().fold(Money::ZERO, |sum, d| sum + d.amount);

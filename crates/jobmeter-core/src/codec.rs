@@ -429,6 +429,15 @@ record!(Billed {
     parts,
     adjusted
 });
+impl<A: Binary, B: Binary> Binary for (A, B) {
+    fn put(&self, w: &mut Vec<u8>) {
+        self.0.put(w);
+        self.1.put(w);
+    }
+    fn take(r: &mut &[u8]) -> R<Self> {
+        Ok((A::take(r)?, B::take(r)?))
+    }
+}
 record!(ChargeRef {
     charge_id,
     service_period,

@@ -304,10 +304,12 @@ pub struct ChargeRef {
     pub due: Money,
     /// Its status.
     pub status: crate::event::JobStatus,
-    /// The limit counter its amount was counted against.
-    pub limit: Option<UsageKey>,
-    /// The spend-limit counter its due part was counted against.
-    pub spend: Option<UsageKey>,
+    /// The limit counter (of the job's account) its amount was counted
+    /// against: which limit, and its month (`None`: lifetime).
+    pub limit: Option<(crate::output::LimitKind, Option<crate::time::Period>)>,
+    /// The month of the spend-limit counter its due part was counted
+    /// against.
+    pub spend: Option<crate::time::Period>,
     /// Its `adjustment_id`.
     pub adjustment_id: Option<String>,
     /// What it drew from credit grants (given back by a refund).
