@@ -732,6 +732,13 @@ mod tests {
                 Table::Fired => {
                     st.fired.extend(keys::decode_fired(k));
                 }
+                Table::Adjustments => {
+                    if let (Some((acc, id)), Ok(a)) = (keys::decode_adjustment(k), serde_json::from_slice(v)) {
+                        if acc == account {
+                            st.adjustments.insert(id, a);
+                        }
+                    }
+                }
                 Table::Statements => {
                     if keys::decode_statement(k) == Some((period, account.clone())) {
                         st.open = values::decode(table, v).ok();
@@ -966,6 +973,82 @@ mod tests {
             let a = admission(&AccountId::from("a"), &req, &st, &ctx, now).unwrap_or_else(|e| panic!("{e:?}"));
             assert_eq!((a.allow, a.reason.as_str()), (allow, reason), "{record}");
         }
+    }
+
+    #[test]
+    fn a_credit_grant_reopens_admission_on_a_used_up_limit() {
+        let rates = RateCard::from_toml(
+            "[[versions]]\nversion='v'\neffective_from='2024-01-01T00:00:00Z'\nfine_tune_per_second='0.001'\nmodels.m={per_second='0.01'}\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let plans = PlanCatalog {
+            pro_on_cap: crate::plans::Policy::Stop,
+            ..PlanCatalog::default()
+        };
+        let mut book = crate::AccountBook::new(&plans);
+        book.insert(
+            crate::plans::AccountRecord::parse(
+                br#"{"account_id":"a","plan":"pro","effective_from":"2024-01-01T00:00:00Z","usage_cap":"0.10"}"#,
+            )
+            .unwrap_or_else(|e| panic!("{e:?}")),
+        );
+        let config = MeterConfig::default();
+        let ctx = Context::new(&rates, &plans, &book, &config);
+        let mut meter = Meter::tracking_changes();
+        let mut out = Vec::new();
+        let inf = r#","kind":"inference","model":"m""#;
+        for e in [
+            ev("job.started", "1", "j1", "2024-05-01T00:00:00Z", inf),
+            ev(
+                "job.stopped",
+                "2",
+                "j1",
+                "2024-05-01T00:00:50Z",
+                r#","status":"succeeded""#,
+            ),
+        ] {
+            meter.apply(&ctx, e.as_bytes(), None, &mut out).unwrap();
+        }
+        let mut store = Records::new();
+        let model = ModelId::from("m");
+        let req = AdmissionRequest {
+            kind: JobKind::Inference,
+            model: Some(&model),
+            max_seconds: None,
+        };
+        let now = Timestamp::parse("2024-05-01T00:01:00Z").unwrap_or_default();
+        let st = state_of(&mut store, &mut meter, Period::new(2024, 5).into());
+        let a = admission(&AccountId::from("a"), &req, &st, &ctx, now).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!((a.allow, a.reason.as_str()), (false, "model_api_cap_reached"));
+        // $0.50 charged against a $0.10 cap; a $1.00 grant leaves $1.00.
+        let grant = r#"{"adjustment_id":"g","account_id":"a","type":"credit_grant","amount":"1.00","reason":"r","requested_by":"s"}"#;
+        meter
+            .apply_adjustment(&ctx, grant.as_bytes(), None, &mut out)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let st = state_of(&mut store, &mut meter, Period::new(2024, 5).into());
+        let a = admission(&AccountId::from("a"), &req, &st, &ctx, now).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!((a.allow, a.reason.as_str()), (true, "ok"));
+        let cap = a
+            .limits
+            .iter()
+            .find(|l| l.limit == LimitKind::ModelApiCap)
+            .expect("the cap");
+        assert_eq!(
+            (cap.credit_grants, cap.balance_after_running),
+            (
+                Money::parse("1.00").unwrap_or_default(),
+                Money::parse("1.00").unwrap_or_default()
+            )
+        );
+        let limits = limits_report(&AccountId::from("a"), Period::new(2024, 5), &st, &plans, &book)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let l = limits
+            .limits
+            .iter()
+            .find(|l| l.limit == LimitKind::ModelApiCap)
+            .expect("the cap");
+        assert_eq!(l.credit_grants, Money::parse("1.00").unwrap_or_default());
+        assert_eq!(l.remaining, Some(Money::parse("1.00").unwrap_or_default()));
     }
 
     #[test]
