@@ -732,13 +732,6 @@ mod tests {
                 Table::Fired => {
                     st.fired.extend(keys::decode_fired(k));
                 }
-                Table::Adjustments => {
-                    if let (Some((acc, id)), Ok(a)) = (keys::decode_adjustment(k), serde_json::from_slice(v)) {
-                        if acc == account {
-                            st.adjustments.insert(id, a);
-                        }
-                    }
-                }
                 Table::Statements => {
                     if keys::decode_statement(k) == Some((period, account.clone())) {
                         st.open = values::decode(table, v).ok();
