@@ -462,12 +462,7 @@ impl Meter {
         if let Some(spend) = &spend {
             self.counter(&spend.key).charged += due;
         }
-        let acc = self
-            .statements
-            .entry(period)
-            .or_default()
-            .entry(jk.0.clone())
-            .or_default();
+        let acc = self.open_statement(period, &jk.0);
         let line = acc
             .lines
             .entry((start.info.kind, start.info.model.clone()))
@@ -487,9 +482,6 @@ impl Meter {
             }
         }
         acc.included_usage += included_usage;
-        if let Some(d) = self.dirty.as_mut() {
-            d.statements.insert((period, jk.0.clone()));
-        }
         self.stats.charges += 1;
         if let Some(i) = JobKind::ALL.iter().position(|k| *k == start.info.kind) {
             self.stats.amount_by_kind[i] += amount;
@@ -538,6 +530,19 @@ impl Meter {
         record
     }
 
+    /// The statement of `account` for `period`, open (created if need
+    /// be), marked as changed.
+    fn open_statement(&mut self, period: BillingPeriod, account: &AccountId) -> &mut StatementAcc {
+        if let Some(d) = self.dirty.as_mut() {
+            d.statements.insert((period, account.clone()));
+        }
+        self.statements
+            .entry(period)
+            .or_default()
+            .entry(account.clone())
+            .or_default()
+    }
+
     /// A manual charge (`amount` < 0: a credit note) of `account`, booked at
     /// `at` in the account's billing period then open: a charge of kind
     /// `adjustment`, all of it due (no plan includes it, no credit covers
@@ -553,17 +558,9 @@ impl Meter {
     ) -> Result<(), LookupError> {
         let records = ctx.accounts.records_of(account)?;
         let (period, _) = billing_period(ctx, &records, period_at(&records, &ctx.plans.billing_cycle, at), at);
-        let acc = self
-            .statements
-            .entry(period)
-            .or_default()
-            .entry(account.clone())
-            .or_default();
+        let acc = self.open_statement(period, account);
         acc.due += amount;
         *acc.adjustments.entry(cause.to_owned()).or_default() += amount;
-        if let Some(d) = self.dirty.as_mut() {
-            d.statements.insert((period, account.clone()));
-        }
         self.stats.charges += 1;
         self.stats.adjustments += 1;
         out.push(Output::Charge(Charge {
@@ -701,12 +698,7 @@ impl Meter {
         if !c.drawn.is_empty() {
             credits -= granted;
         }
-        let acc = self
-            .statements
-            .entry(period)
-            .or_default()
-            .entry(jk.0.clone())
-            .or_default();
+        let acc = self.open_statement(period, &jk.0);
         let line = acc
             .lines
             .entry((start.info.kind, start.info.model.clone()))
@@ -719,9 +711,6 @@ impl Meter {
         acc.included_usage += included_usage;
         for d in &c.drawn {
             *acc.grants.entry(d.grant.clone()).or_default() -= d.amount;
-        }
-        if let Some(d) = self.dirty.as_mut() {
-            d.statements.insert((period, jk.0.clone()));
         }
         self.stats.charges += 1;
         self.stats.adjustments += 1;
