@@ -425,9 +425,17 @@ pub fn parse_adjustment(raw: &[u8], rates: &RateCard) -> Result<Adjustment, Inva
                     "`amount` {amount} is negative: a grant gives credit"
                 )));
             }
+            let expires_at = time(&o, "expires_at")?;
+            if let (Some(e), Some(c)) = (expires_at, created_at) {
+                if e <= c {
+                    return Err(invalid_value(format!(
+                        "`expires_at` {e} is not after `created_at` {c}: the grant would never cover anything"
+                    )));
+                }
+            }
             AdjustmentBody::CreditGrant {
                 amount,
-                expires_at: time(&o, "expires_at")?,
+                expires_at,
                 selector: selector(&o, rates)?,
             }
         }

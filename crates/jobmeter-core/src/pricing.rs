@@ -58,7 +58,18 @@ impl Meter {
             self.keep_adjustment(a);
             return Ok(());
         }
-        if matches!(a.body, AdjustmentBody::CreditGrant { .. }) {
+        if let AdjustmentBody::CreditGrant { expires_at, .. } = &a.body {
+            let now = self.stream_time.or_else(|| origin.and_then(|o| o.record_time));
+            if let (Some(e), Some(now)) = (expires_at, now) {
+                if *e <= now {
+                    let inv = Invalid::new(
+                        RejectReason::InvalidValue,
+                        format!("`expires_at` {e} is not after the grant's own time {now}: it would cover nothing"),
+                    );
+                    self.reject(inv, raw.to_vec(), origin.cloned(), out);
+                    return Ok(());
+                }
+            }
             self.keep_adjustment(a);
             return Ok(());
         }

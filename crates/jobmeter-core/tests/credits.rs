@@ -199,6 +199,24 @@ fn a_grant_unblocks_a_free_account_whose_credits_ran_out() {
     w.end("f", "next", "2024-07-01T11:10:00Z", "succeeded");
     assert_eq!(w.commands().len(), 1, "no job.stop after the grant");
     assert_eq!(due_of(&w, "f/next/2024-07"), (money("0.600"), money("0.000")));
+    // The grant has $4.40 left: a fine-tune heartbeating every 30 s is told
+    // to stop once what it runs beyond the credits reaches it, and is
+    // charged at most rate × (interval + grace + 1 s) beyond the grant.
+    w.begin("f", "big", "2024-07-01T12:00:00Z", "fine_tune", None);
+    let start = ts("2024-07-01T12:00:00Z").0;
+    let mut t = start;
+    while w.commands().len() == 1 && t < start + 10_000_000 {
+        t += 30_000;
+        w.beat("f", "big", &Timestamp(t).to_string());
+    }
+    assert_eq!(w.commands().len(), 2, "stopped again when the grant ran out");
+    w.end("f", "big", &Timestamp(t + 120_000).to_string(), "cancelled");
+    let (amount, due) = due_of(&w, "f/big/2024-07");
+    assert!(
+        due > money("0") && due <= money("0.061"),
+        "beyond the grant: {due} of {amount}"
+    );
+    assert_eq!(amount - due, money("4.400"), "the grant's remainder, all of it");
     // Without the grant the same job would have been stopped at once.
     let mut without = World::new().spend_control();
     without.account(FREE);
@@ -219,9 +237,25 @@ fn grant_records_are_checked() {
         grant("when", "a", "1", r#","expires_at":"soon""#),
         grant("sel", "a", "1", r#","selector":{"model":"nope"}"#),
         void("v", "a", "").replace(r#""voids":"","#, ""),
+        grant(
+            "gone",
+            "a",
+            "1",
+            r#","created_at":"2024-07-02T00:00:00Z","expires_at":"2024-07-01T00:00:00Z""#,
+        ),
+        grant("tiny", "a", "0.0000000000001", ""),
     ] {
         w.adjustment(&bad);
     }
+    // Applied after its expiry (stream time is past it): refused.
+    w.job(
+        "a",
+        "j",
+        ("2024-07-01T10:00:00Z", "2024-07-01T10:00:10Z"),
+        "inference",
+        Some("img"),
+    );
+    w.adjustment(&grant("late", "a", "1", r#","expires_at":"2024-07-01T09:00:00Z""#));
     assert_eq!(
         w.rejects(),
         vec![
@@ -231,6 +265,67 @@ fn grant_records_are_checked() {
             RejectReason::SchemaViolation,
             RejectReason::UnknownModel,
             RejectReason::SchemaViolation,
+            RejectReason::InvalidValue,
+            RejectReason::InvalidValue,
+            RejectReason::InvalidValue,
         ]
     );
+    assert_eq!(due_of(&w, "a/j/2024-07").1, money("0.0040"), "no grant applied");
+}
+
+#[test]
+fn a_credit_note_larger_than_the_period_leaves_a_credit_balance_on_the_statement() {
+    let mut w = World::new();
+    w.job(
+        "a",
+        "j",
+        ("2024-07-01T10:00:00Z", "2024-07-01T10:00:10Z"),
+        "inference",
+        Some("img"),
+    );
+    w.adjustment(
+        r#"{"adjustment_id":"note","account_id":"a","type":"manual_charge","amount":"-50","description":"SLA credit","reason":"outage","requested_by":"s"}"#,
+    );
+    w.begin("a", "aug", "2024-08-03T00:00:00Z", "inference", Some("img"));
+    let july = w
+        .statements()
+        .into_iter()
+        .find(|s| s.period.to_string() == "2024-07")
+        .cloned()
+        .expect("July closed");
+    // $0.004 of usage less $50: the account is owed $50.00 (rounded once).
+    assert_eq!(july.total_due, money("-50.00"));
+}
+
+#[test]
+fn two_grants_and_a_cap_on_one_charge() {
+    let mut w = World::new();
+    w.account(r#"{"account_id":"p","plan":"pro","effective_from":"2024-01-01T00:00:00Z","usage_cap":"0.50"}"#);
+    w.adjustment(&grant("a1", "p", "0.10", r#","expires_at":"2024-09-01T00:00:00Z""#));
+    w.adjustment(&grant("a2", "p", "1.00", ""));
+    // 500 s of llm: $1.00; the cap includes $0.50; $0.10 then $0.40 from
+    // the grants; nothing due.
+    w.job(
+        "p",
+        "j",
+        ("2024-07-01T10:00:00Z", "2024-07-01T10:08:20Z"),
+        "inference",
+        Some("llm"),
+    );
+    assert_eq!(due_of(&w, "p/j/2024-07"), (money("1.000"), money("0.000")));
+    w.begin("p", "aug", "2024-08-03T00:00:00Z", "inference", Some("img"));
+    let july = w
+        .statements()
+        .into_iter()
+        .find(|s| s.period.to_string() == "2024-07")
+        .cloned()
+        .expect("July closed");
+    assert_eq!(july.included_usage, money("0.50"));
+    assert_eq!(july.credits_applied, money("0.50"));
+    let applied: Vec<(&str, Money)> = july
+        .credit_grants
+        .iter()
+        .map(|g| (g.adjustment_id.as_str(), g.applied))
+        .collect();
+    assert_eq!(applied, vec![("a1", money("0.10")), ("a2", money("0.40"))]);
 }
