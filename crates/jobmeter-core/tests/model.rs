@@ -327,6 +327,87 @@ proptest! {
     }
 
     #[test]
+    fn credit_grants_cover_the_reference_due_in_any_order_and_through_a_restart(
+        jobs in proptest::collection::vec(job_strategy(), 1..25),
+        grants in proptest::collection::vec(prop_oneof![Just(0i64), 1i64..300, 100i64..2_000], 4),
+        seed in any::<u64>(),
+        restart in any::<proptest::sample::Index>(),
+    ) {
+        // One grant for all usage, without expiry, per account (cents): it
+        // covers what each account owes beyond its plan, in whatever
+        // order the charges come, until it is used up.
+        let records: Vec<String> = ACCOUNTS
+            .iter()
+            .zip(&grants)
+            .filter(|(_, c)| **c > 0)
+            .map(|(a, c)| format!(
+                r#"{{"adjustment_id":"g","account_id":"{a}","type":"credit_grant","amount":"{}","reason":"r","requested_by":"s"}}"#,
+                Money(Decimal::new(*c, 2))
+            ))
+            .collect();
+        let mut events = events_of(&jobs);
+        let mut state = seed;
+        let mut next = || {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        for i in (1..events.len()).rev() {
+            events.swap(i, (next() % (i as u64 + 1)) as usize);
+        }
+        let mut w = world();
+        for g in &records {
+            w.adjustment(g);
+        }
+        for e in &events {
+            w.apply(e);
+        }
+        w.flush();
+        prop_assert!(w.rejects().is_empty(), "{:?}", w.rejects());
+        let (want_charges, plain_due, want_fired) = normalize(reference(&jobs));
+        let got = normalize(observed(&w));
+        prop_assert_eq!(&got.0, &want_charges, "grants change no amount");
+        let mut want_due = BTreeMap::new();
+        for (i, a) in ACCOUNTS.iter().enumerate() {
+            let owed = plain_due.get(a).copied().unwrap_or_default();
+            let left = (owed - Money(Decimal::new(grants[i], 2))).max(Money::ZERO);
+            if !left.is_zero() {
+                want_due.insert(*a, left);
+            }
+        }
+        prop_assert_eq!(&got.1, &want_due);
+        prop_assert_eq!(&got.2, &want_fired);
+        for s in w.statements() {
+            let due: Money = w
+                .charges()
+                .iter()
+                .filter(|c| c.account_id == s.account_id && c.period == s.period)
+                .map(|c| c.amount_due)
+                .sum();
+            prop_assert_eq!(s.total_due, (due + s.subscription_fee).round_cents());
+        }
+        // Restored at any point from its stored records, it ends the same.
+        let cut = restart.index(events.len() + 1);
+        let mut r = world();
+        for g in &records {
+            r.adjustment(g);
+        }
+        for e in &events[..cut] {
+            r.apply(e);
+        }
+        let stored: Vec<_> = r.meter.snapshot().expect("encode").into_iter()
+            .filter_map(|c| Some((c.table, c.key, c.value?))).collect();
+        r.meter = Meter::restore(stored, &r.config).expect("restore");
+        for e in &events[cut..] {
+            r.apply(e);
+        }
+        r.flush();
+        prop_assert_eq!(&r.out, &w.out);
+    }
+
+    #[test]
     fn lost_and_late_stops_are_settled_by_orphan_and_adjustment(
         jobs in proptest::collection::vec(job_strategy(), 1..15),
         lost in proptest::collection::vec(any::<bool>(), 15),
