@@ -101,3 +101,41 @@ fn alert_rules_name_exported_metrics() {
         }
     }
 }
+
+/// Every token written in the repository's configuration, deployment files,
+/// docs and scripts (a word with `-token-` in it) is one the meter refuses
+/// off loopback, and the refusal list names nothing the repository does not
+/// hold: a demo token added somewhere cannot slip past the check.
+#[test]
+fn every_token_written_in_the_repository_is_one_the_meter_refuses_off_loopback() {
+    let files = [
+        "dev",
+        "config/jobmeter.toml",
+        "docker-compose.yml",
+        "deploy/k8s/jobmeter.yaml",
+        "README.md",
+        "docs/api.md",
+        "docs/deploying.md",
+        "docs/operations.md",
+        "docs/tools.md",
+    ];
+    let mut found = BTreeSet::new();
+    for f in files {
+        let text = std::fs::read_to_string(root().join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')) {
+            if word.contains("-token-") && word.len() >= 16 {
+                found.insert(word.to_owned());
+            }
+        }
+    }
+    let refused: BTreeSet<String> = jobmeter_service::config::PUBLIC_TOKENS
+        .iter()
+        .map(|t| (*t).to_owned())
+        .collect();
+    assert_eq!(found, refused);
+    // And the check itself: the Kubernetes placeholder is refused on the
+    // manifest's own listener.
+    let k8s = std::fs::read_to_string(root().join("deploy/k8s/jobmeter.yaml")).expect("manifest");
+    assert!(k8s.contains(r#"listen = "0.0.0.0:9464""#));
+    assert!(!jobmeter_service::config::listens_on_loopback("0.0.0.0:9464"));
+}

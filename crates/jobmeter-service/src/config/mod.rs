@@ -614,9 +614,51 @@ impl Config {
                         p.push("api: the same token is configured twice".into());
                     }
                 }
+                p.extend(self.public_token_problems(&tokens));
             }
             Err(e) => p.push(e),
         }
+    }
+
+    /// A token written in jobmeter's own repository (a demo token, a
+    /// placeholder) is known to anyone who has read it: refused unless the
+    /// meter listens on loopback only (the local demo), naming the setting
+    /// that holds it.
+    fn public_token_problems(&self, tokens: &[(String, super::api::Scope)]) -> Vec<String> {
+        if listens_on_loopback(&self.http.listen) {
+            return Vec::new();
+        }
+        let api = &self.api;
+        let inline = api
+            .admin_tokens
+            .iter()
+            .map(|t| ("api.admin_tokens".to_owned(), t))
+            .chain(api.support_tokens.iter().map(|t| ("api.support_tokens".to_owned(), t)))
+            .chain(
+                api.account_tokens
+                    .iter()
+                    .flat_map(|(a, ts)| ts.iter().map(move |t| (format!("api.account_tokens.{a}"), t))),
+            );
+        let mut named: Vec<(String, &String)> = inline.collect();
+        let from_file = tokens
+            .iter()
+            .map(|(t, _)| t)
+            .filter(|t| !named.iter().any(|(_, x)| x == t));
+        let file = api
+            .tokens_file
+            .as_ref()
+            .map_or_else(String::new, |f| format!("api.tokens_file {}", f.display()));
+        named.extend(from_file.map(|t| (file.clone(), t)).collect::<Vec<_>>());
+        named
+            .into_iter()
+            .filter(|(_, t)| PUBLIC_TOKENS.contains(&t.as_str()))
+            .map(|(setting, t)| {
+                format!(
+                    "{setting}: the token {t:?} is written in jobmeter's repository (a demo token or a placeholder), so anyone may know it; http.listen {:?} is not loopback: set a long random token of your own",
+                    self.http.listen
+                )
+            })
+            .collect()
     }
 
     /// Every API token with its scope (inline ones, then the tokens file).
@@ -727,6 +769,23 @@ pub fn hostname() -> String {
         })
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".into())
+}
+
+/// The tokens written in jobmeter's repository: the local demo's
+/// (`./dev demo`, loopback only) and the Kubernetes manifest's placeholder.
+/// A test keeps this list equal to what the repository holds.
+pub const PUBLIC_TOKENS: &[&str] = &[
+    "demo-admin-token-change-me",
+    "demo-acct-0001-token-change-me",
+    "replace-this-admin-token-with-a-long-random-one",
+];
+
+/// True when `listen` (an `ip:port`, as `http.listen` must be) accepts
+/// connections from this machine only.
+pub fn listens_on_loopback(listen: &str) -> bool {
+    listen
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback())
 }
 
 #[cfg(test)]
@@ -900,6 +959,51 @@ mod tests {
             .err()
             .map(|e| e.to_string());
         assert!(err.as_deref().is_some_and(|e| e.contains("kafka.brokers")), "{err:?}");
+    }
+
+    #[test]
+    fn a_token_written_in_the_repository_is_refused_off_loopback() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let file = dir.path().join("tokens");
+        std::fs::write(
+            &file,
+            "replace-this-admin-token-with-a-long-random-one *\nmy-own-long-random-token-0123 acct-9\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let load = |listen: &str, extra: &[(&str, &str)]| {
+            let mut sets = vec![
+                ("billing.rate_card".to_owned(), rate_card_path()),
+                ("http.listen".to_owned(), listen.to_owned()),
+            ];
+            sets.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+            Config::load(None, &[], &Overrides { sets }).map_err(|e| e.to_string())
+        };
+        let demo = [("api.admin_tokens", r#"["demo-admin-token-change-me"]"#)];
+        // The local demo: loopback keeps working.
+        for listen in ["127.0.0.1:9464", "[::1]:9464"] {
+            assert!(load(listen, &demo).is_ok(), "{listen}");
+        }
+        // Anything else refuses it, naming the setting.
+        let err = load("0.0.0.0:9464", &demo).err().unwrap_or_default();
+        assert!(
+            err.contains("api.admin_tokens") && err.contains("written in jobmeter's repository"),
+            "{err}"
+        );
+        let path = file.display().to_string();
+        let err = load("10.0.0.7:9464", &[("api.tokens_file", path.as_str())])
+            .err()
+            .unwrap_or_default();
+        assert!(
+            err.contains("api.tokens_file") && err.contains("replace-this-admin-token"),
+            "{err}"
+        );
+        assert!(!err.contains("my-own-long-random-token"), "{err}");
+        // A token of one's own is fine anywhere.
+        assert!(load(
+            "0.0.0.0:9464",
+            &[("api.admin_tokens", r#"["my-own-long-random-token-0123"]"#)]
+        )
+        .is_ok());
     }
 
     #[test]
