@@ -488,10 +488,55 @@ fn support_writes_adjustments_through_the_api_and_the_command_line() {
     wait_until("the end's re-rating charges", Duration::from_secs(30), &[&m], || {
         paid(read_all(&format!("{prefix}.charges"))).get(account) == Some(&three_quarters)
     });
-    // Every write through the API is logged with its outcome, never the token.
+    // Every write through the API, and every refused request, is logged with
+    // the token's id (a digest prefix), the route and the outcome; never the
+    // token itself.
     let log = std::fs::read_to_string(&m.log).expect("log");
-    assert!(log.contains("adjustment write"), "{log}");
-    assert!(!log.contains(SUPPORT) && !log.contains(ADMIN), "a token in the log");
+    let id_of = |t: &str| {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(t.as_bytes());
+        format!(
+            "sha256:{}",
+            d.iter().take(6).map(|b| format!("{b:02x}")).collect::<String>()
+        )
+    };
+    // Without the terminal colours.
+    let plain: String = {
+        let mut out = String::new();
+        let mut chars = log.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                for c in chars.by_ref() {
+                    if c == 'm' {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    };
+    let lines: Vec<&str> = plain.lines().filter(|l| l.contains("jobmeter_audit")).collect();
+    let has = |what: &str, token: &str, status: &str| {
+        lines
+            .iter()
+            .any(|l| l.contains(what) && l.contains(&id_of(token)) && l.contains(status))
+    };
+    assert!(has("adjustment write", SUPPORT, "202"), "{lines:#?}");
+    assert!(has("adjustment write", SUPPORT, "409"), "{lines:#?}");
+    assert!(has("api request refused", ACCOUNT_TOKEN, "403"), "{lines:#?}");
+    assert!(has("api request refused", ADMIN, "403"), "{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("api request refused") && l.contains("token=none") && l.contains("401")),
+        "{lines:#?}"
+    );
+    assert!(
+        !log.contains(SUPPORT) && !log.contains(ADMIN) && !log.contains(ACCOUNT_TOKEN),
+        "a token in the log"
+    );
 
     // A refund reverses every charge of the job: the account pays nothing.
     let refund = |id: &str| {

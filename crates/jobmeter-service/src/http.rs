@@ -22,8 +22,38 @@ struct AppState {
     requests: IntCounterVec,
 }
 
-fn reply(s: &AppState, route: &str, a: Answer) -> Response {
+/// Who asked, for the audit log: `sha256:` and the first 12 hex digits of
+/// the bearer token's digest (never the token), or `none`.
+fn token_id(h: &HeaderMap) -> String {
+    use sha2::{Digest, Sha256};
+    match authorization(h)
+        .and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer ")))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        Some(t) => {
+            let d = Sha256::digest(t.as_bytes());
+            let hex: String = d.iter().take(6).map(|b| format!("{b:02x}")).collect();
+            format!("sha256:{hex}")
+        }
+        None => "none".to_owned(),
+    }
+}
+
+/// Counts the answer by route and status; refused requests (401, 403) and
+/// every write are logged with the token's id, the route and the outcome.
+fn reply(s: &AppState, route: &str, h: &HeaderMap, a: Answer) -> Response {
     s.requests.with_label_values(&[route, &a.status.to_string()]).inc();
+    if matches!(a.status, 401 | 403) {
+        tracing::info!(
+            target: "jobmeter_audit",
+            route,
+            token = %token_id(h),
+            status = a.status,
+            error = a.body.get("error").and_then(|v| v.as_str()).unwrap_or(""),
+            "api request refused"
+        );
+    }
     let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut r = (status, axum::Json(a.body)).into_response();
     if a.status == 401 {
@@ -42,7 +72,7 @@ async fn rate_card(State(s): State<AppState>, h: HeaderMap) -> Response {
         Ok(_) => s.api.rate_card(),
         Err(a) => a,
     };
-    reply(&s, "rate_card", a)
+    reply(&s, "rate_card", &h, a)
 }
 
 async fn model(State(s): State<AppState>, Path(m): Path<String>, h: HeaderMap) -> Response {
@@ -50,7 +80,7 @@ async fn model(State(s): State<AppState>, Path(m): Path<String>, h: HeaderMap) -
         Ok(_) => s.api.model(&m),
         Err(a) => a,
     };
-    reply(&s, "model", a)
+    reply(&s, "model", &h, a)
 }
 
 async fn account(s: AppState, account: String, q: AccountQuery, h: HeaderMap, what: AccountView) -> Response {
@@ -67,7 +97,7 @@ async fn account(s: AppState, account: String, q: AccountQuery, h: HeaderMap, wh
         }
         Err(a) => a,
     };
-    reply(&s, route, a)
+    reply(&s, route, &h, a)
 }
 
 async fn usage(
@@ -116,7 +146,9 @@ async fn credits(
 }
 
 /// `POST /v1/accounts/{account}/adjustments`: a support token writes one
-/// adjustment. Every call is logged (never the token) with its outcome.
+/// adjustment. Every call with a valid token is logged with the token's id
+/// (never the token) and its outcome; a refused one is logged by
+/// [`reply`].
 async fn write_adjustment(
     State(s): State<AppState>,
     Path(account): Path<String>,
@@ -140,21 +172,21 @@ async fn write_adjustment(
                 Err(answer) => answer,
             };
             tracing::info!(
-                route = "POST /v1/accounts/{account_id}/adjustments",
+                target: "jobmeter_audit",
+                route = "adjustments_write",
+                token = %token_id(&h),
                 account = %account,
                 scope = scope.name(),
                 status = answer.status,
                 adjustment_id = answer.body.get("adjustment_id").and_then(|v| v.as_str()).unwrap_or(""),
+                error = answer.body.get("error").and_then(|v| v.as_str()).unwrap_or(""),
                 "adjustment write"
             );
             answer
         }
-        Err(a) => {
-            tracing::info!(route = "POST /v1/accounts/{account_id}/adjustments", account = %account, status = a.status, "adjustment write refused: no valid token");
-            a
-        }
+        Err(a) => a,
     };
-    reply(&s, "adjustments_write", a)
+    reply(&s, "adjustments_write", &h, a)
 }
 
 async fn openapi() -> impl IntoResponse {
