@@ -22,6 +22,25 @@ pub struct Target {
     /// `jobmeter-emit/<hostname>`).
     #[arg(long)]
     pub source: Option<String>,
+    /// The meter's configuration file: its `kafka.properties` (SASL, SSL)
+    /// are used, as every other tool uses them.
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Override a setting: `--set kafka.properties.security.protocol=SASL_SSL`
+    /// (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+impl Target {
+    /// The librdkafka properties of the meter's configuration (file,
+    /// `JOBMETER__…` environment, `--set`), checked as the tools check them.
+    fn properties(&self) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+        let over = jobmeter_service::overrides(&self.sets, Some(&self.brokers))?;
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let cfg = jobmeter_service::config::Config::load_for_kafka(self.config.as_deref(), &env, &over)?;
+        Ok(cfg.kafka.properties)
+    }
 }
 
 /// Which job.
@@ -152,6 +171,7 @@ fn emitter(t: &Target, heartbeat: Duration, listen: bool) -> anyhow::Result<Emit
     if !listen {
         cfg.commands_topic = None;
     }
+    cfg.properties = t.properties()?;
     cfg = cfg.with_prefix(&t.topic_prefix);
     cfg.heartbeat_interval = heartbeat;
     Ok(Emitter::new(cfg)?)
