@@ -93,13 +93,7 @@ impl Meter {
         }
         if let AdjustmentBody::JobRefund { job_id, through_end } = &a.body {
             let jk: JobKey = (a.account_id.clone(), crate::money::JobId::from(job_id.as_str()));
-            let st = Step {
-                ctx,
-                now: self.stream_time.unwrap_or(Timestamp::MIN),
-                out,
-                raw,
-                origin,
-            };
+            let st = self.step_now(ctx, out, raw, origin);
             if let Err(inv) = self.refund_job(st, &jk, &a.adjustment_id, *through_end)? {
                 self.reject(inv, raw.to_vec(), origin.cloned(), out);
                 return Ok(());
@@ -136,16 +130,27 @@ impl Meter {
             .map(|x| x.overrides.clone())
             .unwrap_or_default();
         if before != after {
-            let st = Step {
-                ctx,
-                now: self.stream_time.unwrap_or(Timestamp::MIN),
-                out,
-                raw,
-                origin,
-            };
+            let st = self.step_now(ctx, out, raw, origin);
             self.rerate(st, &account_id, &before, &id)?;
         }
         Ok(())
+    }
+
+    /// A step applying `raw` at the meter's stream time.
+    fn step_now<'s, 'c>(
+        &self,
+        ctx: &'s Context<'c>,
+        out: &'s mut Vec<Output>,
+        raw: &'s [u8],
+        origin: Option<&'s Origin>,
+    ) -> Step<'s, 'c> {
+        Step {
+            ctx,
+            now: self.stream_time.unwrap_or(Timestamp::MIN),
+            out,
+            raw,
+            origin,
+        }
     }
 
     /// Keeps an applied adjustment in the account's state (its id is

@@ -19,11 +19,7 @@ fn void(id: &str, acct: &str, grant: &str) -> String {
 }
 
 fn due_of(w: &World, id: &str) -> (Money, Money) {
-    let c = w
-        .charges()
-        .into_iter()
-        .find(|c| c.charge_id == id)
-        .unwrap_or_else(|| panic!("no charge {id}"));
+    let c = w.charge(id);
     (c.amount, c.amount_due)
 }
 
@@ -57,12 +53,7 @@ fn grants_cover_what_is_due_after_free_credits_soonest_expiring_first() {
     assert_eq!(due_of(&w, "f/b/2024-07"), (money("0.600"), money("0.000")));
     // July's statement counts every credit applied.
     w.begin("f", "aug", "2024-08-03T00:00:00Z", "inference", Some("img"));
-    let july = w
-        .statements()
-        .into_iter()
-        .find(|s| s.period.to_string() == "2024-07")
-        .cloned()
-        .expect("July closed");
+    let july = w.closed("2024-07");
     assert_eq!(july.credits_applied, money("1.800"));
     assert_eq!(july.total_due, money("0.00"));
     let per_grant: Vec<(&str, Money, Money)> = july
@@ -287,12 +278,7 @@ fn a_credit_note_larger_than_the_period_leaves_a_credit_balance_on_the_statement
         r#"{"adjustment_id":"note","account_id":"a","type":"manual_charge","amount":"-50","description":"SLA credit","reason":"outage","requested_by":"s"}"#,
     );
     w.begin("a", "aug", "2024-08-03T00:00:00Z", "inference", Some("img"));
-    let july = w
-        .statements()
-        .into_iter()
-        .find(|s| s.period.to_string() == "2024-07")
-        .cloned()
-        .expect("July closed");
+    let july = w.closed("2024-07");
     // $0.004 of usage less $50: the account is owed $50.00 (rounded once).
     assert_eq!(july.total_due, money("-50.00"));
 }
@@ -314,12 +300,7 @@ fn two_grants_and_a_cap_on_one_charge() {
     );
     assert_eq!(due_of(&w, "p/j/2024-07"), (money("1.000"), money("0.000")));
     w.begin("p", "aug", "2024-08-03T00:00:00Z", "inference", Some("img"));
-    let july = w
-        .statements()
-        .into_iter()
-        .find(|s| s.period.to_string() == "2024-07")
-        .cloned()
-        .expect("July closed");
+    let july = w.closed("2024-07");
     assert_eq!(july.included_usage, money("0.50"));
     assert_eq!(july.credits_applied, money("0.50"));
     let applied: Vec<(&str, Money)> = july

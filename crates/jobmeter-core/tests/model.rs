@@ -104,6 +104,21 @@ fn events_of(jobs: &[GenJob]) -> Vec<String> {
     out
 }
 
+/// Fisher-Yates with a small local generator (SplitMix64).
+fn shuffle(events: &mut [String], seed: u64) {
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    for i in (1..events.len()).rev() {
+        events.swap(i, (next() % (i as u64 + 1)) as usize);
+    }
+}
+
 fn world() -> World {
     // Spend control is its own property (below): in this world credits used
     // up only notify and no runway is watched, so delivery order cannot matter.
@@ -289,18 +304,7 @@ proptest! {
             let e = events[d.index(events.len())].clone();
             events.push(e);
         }
-        // Fisher-Yates with a small local generator (SplitMix64).
-        let mut state = seed;
-        let mut next = || {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        };
-        for i in (1..events.len()).rev() {
-            events.swap(i, (next() % (i as u64 + 1)) as usize);
-        }
+        shuffle(&mut events, seed);
         let w = run(&events);
         prop_assert!(w.rejects().is_empty(), "{:?}", w.rejects());
         let got = normalize(observed(&w));
@@ -346,17 +350,7 @@ proptest! {
             ))
             .collect();
         let mut events = events_of(&jobs);
-        let mut state = seed;
-        let mut next = || {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        };
-        for i in (1..events.len()).rev() {
-            events.swap(i, (next() % (i as u64 + 1)) as usize);
-        }
+        shuffle(&mut events, seed);
         let mut w = world();
         for g in &records {
             w.adjustment(g);

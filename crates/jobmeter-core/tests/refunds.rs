@@ -15,10 +15,7 @@ fn refund(id: &str, acct: &str, job: &str, extra: &str) -> String {
 }
 
 fn by_id<'w>(w: &'w World, id: &str) -> &'w Charge {
-    w.charges()
-        .into_iter()
-        .find(|c| c.charge_id == id)
-        .unwrap_or_else(|| panic!("no charge {id}"))
+    w.charge(id)
 }
 
 #[test]
@@ -58,12 +55,7 @@ fn a_refund_reverses_every_charge_of_a_job_exactly() {
     assert!(net.is_zero(), "{net}");
     // The July statement shows the refund, with its reason and amount.
     w.begin("a", "late", "2024-08-03T00:00:00Z", "inference", Some("img"));
-    let july = w
-        .statements()
-        .into_iter()
-        .find(|s| s.period.to_string() == "2024-07")
-        .cloned()
-        .expect("July closed");
+    let july = w.closed("2024-07");
     let adj = july
         .adjustments
         .iter()
@@ -108,12 +100,7 @@ fn a_refund_in_a_closed_period_is_booked_in_the_open_one() {
         "inference",
         Some("img"),
     );
-    let june = w
-        .statements()
-        .into_iter()
-        .find(|s| s.period.to_string() == "2024-06")
-        .cloned()
-        .expect("June closed");
+    let june = w.closed("2024-06");
     w.adjustment(&refund("r", "a", "j", ""));
     let r = by_id(&w, "a/j/2024-06/refund/r");
     assert_eq!(r.period.to_string(), "2024-07");
@@ -333,12 +320,7 @@ fn a_manual_charge_and_a_credit_note_are_due_in_full_on_the_open_statement() {
     assert_eq!(note.amount_due, money("-10.50"));
     // July closes: the fee and the note are on it, and in its total.
     w.begin("f", "aug", "2024-08-03T00:00:00Z", "inference", Some("img"));
-    let july = w
-        .statements()
-        .into_iter()
-        .find(|s| s.period.to_string() == "2024-07")
-        .cloned()
-        .expect("July closed");
+    let july = w.closed("2024-07");
     let kinds: Vec<(&str, &str, Money)> = july
         .adjustments
         .iter()

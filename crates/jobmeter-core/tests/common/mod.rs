@@ -218,6 +218,24 @@ impl World {
             .collect()
     }
 
+    /// The statement of `period` (its label), closed: panics when there is
+    /// none.
+    pub fn closed(&self, period: &str) -> Statement {
+        self.statements()
+            .into_iter()
+            .find(|s| s.period.to_string() == period)
+            .cloned()
+            .unwrap_or_else(|| panic!("no statement for {period}"))
+    }
+
+    /// The charge `id`: panics when there is none.
+    pub fn charge(&self, id: &str) -> &Charge {
+        self.charges()
+            .into_iter()
+            .find(|c| c.charge_id == id)
+            .unwrap_or_else(|| panic!("no charge {id}"))
+    }
+
     pub fn rejects(&self) -> Vec<RejectReason> {
         self.out
             .iter()
