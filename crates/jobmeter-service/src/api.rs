@@ -529,29 +529,22 @@ impl Api {
                     Err(view::AdmissionError::Lookup(e)) => return Err(Answer::error(500, "store", &e.to_string())),
                 }
             }
-            AccountView::Usage => match view::usage_report(
-                account_id,
-                period,
-                st,
-                &self.billing.plans,
-                book,
-                self.billing.rates.policy.rounding,
-            ) {
-                Ok(r) => serde_json::to_value(r),
-                Err(e) => return Err(Answer::error(500, "store", &e.to_string())),
-            },
+            AccountView::Usage | AccountView::Adjustments => {
+                let report = view::usage_report(
+                    account_id,
+                    period,
+                    st,
+                    &self.billing.plans,
+                    book,
+                    self.billing.rates.policy.rounding,
+                )
+                .map_err(|e| Answer::error(500, "store", &e.to_string()))?;
+                match what {
+                    AccountView::Adjustments => Ok(self.adjustments_list(account_id, st, period, &report.adjustments)),
+                    _ => serde_json::to_value(report),
+                }
+            }
             AccountView::Credits => Ok(credits_report(account_id, st)),
-            AccountView::Adjustments => match view::usage_report(
-                account_id,
-                period,
-                st,
-                &self.billing.plans,
-                book,
-                self.billing.rates.policy.rounding,
-            ) {
-                Ok(r) => Ok(self.adjustments_list(account_id, st, period, &r.adjustments)),
-                Err(e) => return Err(Answer::error(500, "store", &e.to_string())),
-            },
             // Limits count per calendar month, whatever the cadence.
             AccountView::Limits => {
                 match view::limits_report(account_id, period.limit_month(), st, &self.billing.plans, book) {
