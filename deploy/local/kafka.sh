@@ -10,10 +10,22 @@
 #   deploy/local/kafka.sh wipe      stop and delete its data directory
 #   deploy/local/kafka.sh logs [N]  print the last N (default 80) lines of its log
 #   deploy/local/kafka.sh env       print the settings in use
+#   deploy/local/kafka.sh scram-user NAME PASSWORD
+#                                   create or update a SASL/SCRAM-SHA-512 user
+#   deploy/local/kafka.sh acls ARGS...
+#                                   run Kafka's ACL command (kafka-acls.sh)
+#                                   against this broker, e.g. `acls --list`
+#
+# Two client listeners: PLAINTEXT on 127.0.0.1:<port> (unauthenticated; its
+# principal, User:ANONYMOUS, is a super user, so local runs need no
+# credentials) and SASL_PLAINTEXT with SCRAM-SHA-512 on 127.0.0.1:<sasl port>,
+# where ACLs apply and a principal without one is refused
+# (allow.everyone.if.no.acl.found=false). docs/security.md has the ACLs.
 #
 # Settings (environment):
 #   JOBMETER_KAFKA_PORT        client port on 127.0.0.1 (default 9092)
 #   JOBMETER_KAFKA_CONTROLLER_PORT  controller port (default: client port + 1)
+#   JOBMETER_KAFKA_SASL_PORT   SASL/SCRAM client port (default: client port + 2)
 #   JOBMETER_CACHE             cache outside the tree (default ~/.cache/jobmeter)
 #   JOBMETER_KAFKA_HEAP        JVM heap (default 512m)
 #   JOBMETER_KAFKA_START_TIMEOUT  seconds to wait for the broker (default 120)
@@ -22,6 +34,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 port="${JOBMETER_KAFKA_PORT:-9092}"
 cport="${JOBMETER_KAFKA_CONTROLLER_PORT:-$((port + 1))}"
+sport="${JOBMETER_KAFKA_SASL_PORT:-$((port + 2))}"
 cache="${JOBMETER_CACHE:-$HOME/.cache/jobmeter}"
 kafka_version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/kafka-pom.xml")"
 libdir="$cache/kafka-$kafka_version/lib"
@@ -40,8 +53,15 @@ need_tools() {
   bash "$here/deps.sh" install broker
 }
 
+# The resolved jars are complete for this pom: the marker holds the pom's
+# checksum, so a dependency added to the pom is resolved on the next start.
+pom_sum() { sha256sum "$here/kafka-pom.xml" | cut -d' ' -f1; }
+
 provision() {
-  if [ -f "$libdir/.complete" ]; then return 0; fi
+  if [ "$(cat "$libdir/.complete" 2>/dev/null)" = "$(pom_sum)" ] \
+      && [ -f "$libdir/kafka_2.13-$kafka_version.jar" ] && [ -f "$libdir/kafka-tools-$kafka_version.jar" ]; then
+    return 0
+  fi
   need_tools
   say "resolving Apache Kafka $kafka_version from Maven Central into $libdir"
   mkdir -p "$libdir"
@@ -51,7 +71,7 @@ provision() {
     tail -30 "$cache/mvn-$kafka_version.log" >&2
     die "Maven could not resolve org.apache.kafka:kafka_2.13:$kafka_version (log: $cache/mvn-$kafka_version.log)"
   fi
-  touch "$libdir/.complete"
+  pom_sum >"$libdir/.complete"
   say "resolved $(ls "$libdir"/*.jar | wc -l) jars in $((SECONDS - t0))s"
 }
 
@@ -66,17 +86,21 @@ java_cmd_exec() {
     -cp "$libdir/*" "$main" "$@"
 }
 
-write_config() {
-  mkdir -p "$rundir" "$datadir"
-  cat >"$rundir/server.properties" <<PROPS
+server_properties() {
+  cat <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$cport
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport,SASL_PLAINTEXT://127.0.0.1:$sport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,SASL_PLAINTEXT://127.0.0.1:$sport
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+super.users=User:ANONYMOUS
+allow.everyone.if.no.acl.found=false
 log.dirs=$datadir
 num.partitions=1
 auto.create.topics.enable=false
@@ -96,6 +120,11 @@ log.cleaner.dedupe.buffer.size=16777216
 num.io.threads=4
 num.network.threads=2
 PROPS
+}
+
+write_config() {
+  mkdir -p "$rundir" "$datadir"
+  server_properties >"$rundir/server.properties"
   cat >"$rundir/log4j2.properties" <<'L4J'
 status = warn
 appender.file.type = File
@@ -136,7 +165,12 @@ answering() {
 
 start() {
   if pid="$(running_pid)"; then
-    if answering; then say "already running (pid $pid) on 127.0.0.1:$port"; return 0; fi
+    if ! cmp -s <(server_properties) "$rundir/server.properties"; then
+      say "running with another configuration (an older version of this script): restarting it"
+      stop
+    elif answering; then say "already running (pid $pid) on 127.0.0.1:$port"; return 0; fi
+  fi
+  if running_pid >/dev/null; then :
   elif (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     die "port $port is taken by another process; set JOBMETER_KAFKA_PORT"
   fi
@@ -198,6 +232,15 @@ case "${1:-}" in
   wipe) stop; rm -rf "$rundir"; say "wiped $rundir" ;;
   logs) tail -n "${2:-80}" "$rundir/server.log" 2>/dev/null || say "no log at $rundir/server.log" ;;
   provision) provision ;;
-  env) echo "port=$port controller_port=$cport version=$kafka_version libdir=$libdir rundir=$rundir" ;;
-  *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  env) echo "port=$port controller_port=$cport sasl_port=$sport version=$kafka_version libdir=$libdir rundir=$rundir" ;;
+  scram-user)
+    [ $# -eq 3 ] || die "usage: kafka.sh scram-user NAME PASSWORD"
+    provision
+    java_cmd kafka.admin.ConfigCommand --bootstrap-server "127.0.0.1:$port" --alter \
+      --entity-type users --entity-name "$2" --add-config "SCRAM-SHA-512=[iterations=4096,password=$3]" >&2 ;;
+  acls)
+    shift
+    provision
+    java_cmd org.apache.kafka.tools.AclCommand --bootstrap-server "127.0.0.1:$port" "$@" ;;
+  *) sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -338,11 +338,18 @@ impl std::fmt::Debug for Emitter {
     }
 }
 
+/// The `group.id` of every emitter's commands listener (never joined):
+/// workers' principals need `Describe` on it where ACLs are on.
+pub const COMMANDS_READER_GROUP: &str = "jobmeter-emit";
+
 impl Emitter {
     /// Connects (lazily: librdkafka connects on first use).
     pub fn new(cfg: EmitterConfig) -> Result<Emitter, EmitError> {
         let mut settings = KafkaSettings::new(cfg.brokers.clone());
         settings.properties = cfg.properties.clone();
+        // The commands listener reads by assignment; its group id is only
+        // looked up, and the workers' ACL lets them describe this one.
+        settings.reader_group = Some(COMMANDS_READER_GROUP.to_owned());
         let context = EmitContext::default();
         let producer = settings
             .producer()

@@ -12,6 +12,13 @@ pub struct KafkaSettings {
     /// Extra librdkafka properties passed through verbatim (SASL, SSL,
     /// timeouts…); they override jobmeter's defaults.
     pub properties: BTreeMap<String, String>,
+    /// The `group.id` of the readers ([`KafkaSettings::reader`]). They only
+    /// read assigned partitions and never join or commit, but librdkafka
+    /// still looks up the group's coordinator, which a broker with ACLs
+    /// allows only to a principal that may describe the group: a name the
+    /// ACLs cover (the meter uses `<kafka.group_id>.readers`). `None`:
+    /// `<client id>-reader`.
+    pub reader_group: Option<String>,
 }
 
 /// How long a consumer waits before fetching again for a partition whose
@@ -27,6 +34,7 @@ impl KafkaSettings {
         KafkaSettings {
             brokers: brokers.into(),
             properties: BTreeMap::new(),
+            reader_group: None,
         }
     }
 
@@ -71,7 +79,11 @@ impl KafkaSettings {
     /// (changelog restores, the accounts table): read_committed, EOF events on.
     pub fn reader(&self, client_id: &str) -> ClientConfig {
         let mut c = self.base();
-        c.set("group.id", format!("{client_id}-reader"))
+        let group = match &self.reader_group {
+            Some(g) => g.clone(),
+            None => format!("{client_id}-reader"),
+        };
+        c.set("group.id", group)
             .set("client.id", client_id)
             .set("isolation.level", "read_committed")
             .set("enable.auto.commit", "false")

@@ -59,6 +59,23 @@ pub fn watermarks<C: rdkafka::consumer::ConsumerContext>(
 }
 
 /// Errors that go away once leadership settles.
+/// An error retrying cannot mend: the broker does not let this principal
+/// read the topic or use the group, or did not authenticate it.
+pub fn refused(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::TopicAuthorizationFailed
+                | C::GroupAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::TransactionalIdAuthorizationFailed
+                | C::SaslAuthenticationFailed
+                | C::Authentication
+        )
+    )
+}
+
 fn transient(e: &KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode as C;
     matches!(
@@ -273,6 +290,12 @@ impl Reader {
                     if pos >= end.min(high) {
                         remaining.remove(&p);
                     }
+                }
+                Some(Err(e)) if refused(&e) => {
+                    return Err(KafkaAdapterError::Op {
+                        op: "reading (the broker refused this principal: see its ACLs)",
+                        source: e,
+                    });
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, topic, "reader poll error; retrying");

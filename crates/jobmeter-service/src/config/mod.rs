@@ -445,10 +445,13 @@ impl Config {
     }
 
     /// The Kafka client settings every client of the meter and of its
-    /// tools uses: the brokers and the librdkafka properties.
+    /// tools uses: the brokers, the librdkafka properties, and readers
+    /// named under the group (`<kafka.group_id>.readers`), so the group
+    /// ACL of docs/security.md covers them.
     pub fn kafka_settings(&self) -> jobmeter_kafka::client::KafkaSettings {
         let mut settings = jobmeter_kafka::client::KafkaSettings::new(self.kafka.brokers.clone());
         settings.properties = self.kafka.properties.clone();
+        settings.reader_group = Some(format!("{}.readers", self.kafka.group_id));
         settings
     }
 
