@@ -21,6 +21,7 @@ mod deploy_files;
 mod dev_deps;
 mod emitter;
 mod exactly_once;
+mod https;
 mod kafka_acl;
 mod kafka_roundtrip;
 mod module_graph;

@@ -37,6 +37,7 @@ mod pipeline;
 pub mod signals;
 mod startup;
 mod threads;
+pub mod tls;
 
 pub use args::{overrides, KafkaArgs, RunCmd};
 
@@ -65,6 +66,9 @@ pub enum ServiceError {
     /// The API tokens cannot be loaded.
     #[error("API tokens: {0}")]
     Tokens(String),
+    /// The HTTPS certificate and key cannot serve.
+    #[error("http.tls: {0}")]
+    Tls(#[from] tls::TlsError),
     /// The state store failed.
     #[error(transparent)]
     Store(#[from] jobmeter_store::StoreError),
@@ -260,7 +264,13 @@ async fn serve_http(
         .await
         .map_err(ServiceError::io(format!("http.listen {}", cfg.http.listen)))?;
     tracing::info!(listen = %cfg.http.listen, advertised = %cfg.advertised_url(), "serving /metrics, /healthz, /readyz and the usage API under /v1");
-    Ok(tokio::spawn(http::serve(listener, app, shutdown)))
+    Ok(match &cfg.http.tls {
+        Some(t) => {
+            let served = tls::start(t, &metrics.instance, &shutdown)?;
+            tokio::spawn(tls::serve(listener, app, served, shutdown))
+        }
+        None => tokio::spawn(http::serve(listener, app, shutdown)),
+    })
 }
 
 /// Starts one pipeline per configured thread, each a member of the group

@@ -120,6 +120,10 @@ pub struct InstanceMetrics {
     pub ready: IntGauge,
     /// Usage API requests by route and status.
     pub api_requests: IntCounterVec,
+    /// Loads of the HTTPS certificate and key, by outcome.
+    pub tls_loads: IntCounterVec,
+    /// When the served certificate expires (Unix seconds; 0 without TLS).
+    pub tls_not_after: IntGauge,
 }
 
 /// Committed input offsets by (topic, partition).
@@ -347,6 +351,15 @@ impl InstanceMetrics {
                 "jobmeter_api_requests_total",
                 "Usage API requests by route and status",
                 &["route", "status"],
+            )?,
+            tls_loads: r.counters(
+                "jobmeter_http_tls_loads_total",
+                "Loads of the HTTPS certificate and key (at start and on change), by outcome (loaded, failed: the previous pair is kept)",
+                &["outcome"],
+            )?,
+            tls_not_after: r.gauge(
+                "jobmeter_http_tls_certificate_not_after_seconds",
+                "When the served HTTPS certificate expires, in Unix seconds (0 without TLS)",
             )?,
         })
     }

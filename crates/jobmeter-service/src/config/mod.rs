@@ -189,8 +189,38 @@ pub struct HttpConfig {
     pub listen: String,
     /// The URL other instances and clients reach this one at (announced in
     /// the consumer group, so a misdirected API call can name the owner).
-    /// Empty: `http://<listen>`, with the host name for a wildcard address.
+    /// Empty: `http://<listen>` (`https://` with TLS), with the host name
+    /// for a wildcard address.
     pub advertise_url: String,
+    /// Serve HTTPS with this certificate and key (`[http.tls]`).
+    pub tls: Option<TlsConfig>,
+    /// Serve plain HTTP on an address other than loopback. Off by default:
+    /// a meter reachable from other machines serves HTTPS (`http.tls`),
+    /// unless something in front of it terminates TLS (an ingress, a mesh
+    /// sidecar) — say so with `true`.
+    pub allow_plaintext: bool,
+}
+
+/// `[http.tls]`: HTTPS on the API and metrics listener. Both files are
+/// PEM and are read again when they change (a renewed certificate needs no
+/// restart); a pair that does not load is reported and the previous one
+/// kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// How often the files are checked for a change.
+    #[serde(default = "TlsConfig::default_reload_check")]
+    pub reload_check: Dur,
+}
+
+impl TlsConfig {
+    fn default_reload_check() -> Dur {
+        Dur::from_ms(10_000)
+    }
 }
 
 /// `[api]`: who may read the usage API.
@@ -318,6 +348,8 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: "127.0.0.1:9464".into(),
             advertise_url: String::new(),
+            tls: None,
+            allow_plaintext: false,
         }
     }
 }
@@ -596,6 +628,21 @@ impl Config {
                 self.http.listen
             ));
         }
+        match &self.http.tls {
+            Some(tls) => {
+                if let Err(e) = crate::tls::Pair::load(tls) {
+                    p.push(format!("http.tls: {e}"));
+                }
+                if tls.reload_check.ms() < 1_000 {
+                    p.push("http.tls.reload_check: must be at least 1s".into());
+                }
+            }
+            None if !self.http.allow_plaintext && !listens_on_loopback(&self.http.listen) => p.push(format!(
+                "http.listen: {:?} is reachable from other machines and would serve plain HTTP: set http.tls.cert and http.tls.key to serve HTTPS, or http.allow_plaintext = true where an ingress or sidecar terminates TLS in front of the meter",
+                self.http.listen
+            )),
+            None => {}
+        }
         let url = &self.http.advertise_url;
         if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
             p.push(format!(
@@ -708,12 +755,13 @@ impl Config {
         if !self.http.advertise_url.is_empty() {
             return self.http.advertise_url.trim_end_matches('/').to_owned();
         }
+        let scheme = if self.http.tls.is_some() { "https" } else { "http" };
         match self.http.listen.parse::<std::net::SocketAddr>() {
             Ok(a) if a.ip().is_unspecified() => {
                 let host = hostname();
-                format!("http://{host}:{}", a.port())
+                format!("{scheme}://{host}:{}", a.port())
             }
-            _ => format!("http://{}", self.http.listen),
+            _ => format!("{scheme}://{}", self.http.listen),
         }
     }
 
@@ -1001,12 +1049,54 @@ mod tests {
             "{err}"
         );
         assert!(!err.contains("my-own-long-random-token"), "{err}");
-        // A token of one's own is fine anywhere.
+        // A token of one's own is fine anywhere (behind TLS).
         assert!(load(
             "0.0.0.0:9464",
-            &[("api.admin_tokens", r#"["my-own-long-random-token-0123"]"#)]
+            &[
+                ("api.admin_tokens", r#"["my-own-long-random-token-0123"]"#),
+                ("http.allow_plaintext", "true")
+            ]
         )
         .is_ok());
+    }
+
+    #[test]
+    fn plain_http_off_loopback_needs_tls_or_an_explicit_yes() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let load = |listen: &str, extra: &[(&str, &str)]| {
+            let mut sets = vec![
+                ("billing.rate_card".to_owned(), rate_card_path()),
+                ("http.listen".to_owned(), listen.to_owned()),
+            ];
+            sets.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+            Config::load(None, &[], &Overrides { sets }).map_err(|e| e.to_string())
+        };
+        assert!(load("127.0.0.1:9464", &[]).is_ok(), "loopback serves plain HTTP");
+        let err = load("0.0.0.0:9464", &[]).err().unwrap_or_default();
+        assert!(
+            err.contains("http.listen") && err.contains("http.tls.cert") && err.contains("http.allow_plaintext"),
+            "{err}"
+        );
+        assert!(load("0.0.0.0:9464", &[("http.allow_plaintext", "true")]).is_ok());
+        let (cert, key) = crate::tls::self_signed(&["localhost"], 1).unwrap_or_else(|e| panic!("{e}"));
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&c, &cert).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(&k, &key).unwrap_or_else(|e| panic!("{e}"));
+        let (c, k) = (c.display().to_string(), k.display().to_string());
+        let tls = load(
+            "0.0.0.0:9464",
+            &[("http.tls.cert", c.as_str()), ("http.tls.key", k.as_str())],
+        );
+        let cfg = tls.unwrap_or_else(|e| panic!("{e}"));
+        assert!(cfg.advertised_url().starts_with("https://"), "{}", cfg.advertised_url());
+        // A pair that does not load is a configuration error naming it.
+        let err = load(
+            "0.0.0.0:9464",
+            &[("http.tls.cert", k.as_str()), ("http.tls.key", k.as_str())],
+        )
+        .err()
+        .unwrap_or_default();
+        assert!(err.contains("http.tls: http.tls.cert"), "{err}");
     }
 
     #[test]
