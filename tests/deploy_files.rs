@@ -19,6 +19,7 @@ fn exported() -> BTreeSet<String> {
     m.commit.commit_seconds.with_label_values(&["commit"]);
     m.billing.limit_events.with_label_values(&["free_credits", "80"]);
     m.instance.api_requests.with_label_values(&["usage", "200"]);
+    m.instance.tls_loads.with_label_values(&["failed"]);
     let _a = jobmeter_service::accounts::AccountsMetrics::new(&r).expect("account metrics");
     let mut names = BTreeSet::new();
     for fam in r.gather() {
@@ -115,6 +116,8 @@ fn every_token_written_in_the_repository_is_one_the_meter_refuses_off_loopback()
         "deploy/k8s/jobmeter.yaml",
         "README.md",
         "docs/api.md",
+        "docs/security.md",
+        "deploy/kafka-acls.sh",
         "docs/deploying.md",
         "docs/operations.md",
         "docs/tools.md",
@@ -138,4 +141,36 @@ fn every_token_written_in_the_repository_is_one_the_meter_refuses_off_loopback()
     let k8s = std::fs::read_to_string(root().join("deploy/k8s/jobmeter.yaml")).expect("manifest");
     assert!(k8s.contains(r#"listen = "0.0.0.0:9464""#));
     assert!(!jobmeter_service::config::listens_on_loopback("0.0.0.0:9464"));
+}
+
+/// The Kubernetes manifest's configuration loads as the meter would load
+/// it (its listener, its TLS choice), with the repository's rate card and
+/// plans in place of the mounted ones.
+#[test]
+fn the_kubernetes_configuration_loads() {
+    let k8s = std::fs::read_to_string(root().join("deploy/k8s/jobmeter.yaml")).expect("manifest");
+    let start = k8s.find("  jobmeter.toml: |\n").expect("the ConfigMap's jobmeter.toml") + "  jobmeter.toml: |\n".len();
+    let toml: String = k8s[start..]
+        .lines()
+        .take_while(|l| l.starts_with("    ") || l.is_empty())
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("jobmeter.toml");
+    std::fs::write(&file, &toml).expect("write");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "an-operators-own-long-random-secret *\n").expect("tokens");
+    let rates = root().join("config/rate-card.toml").display().to_string();
+    let plans = root().join("config/plans.toml").display().to_string();
+    let over = jobmeter_service::config::Overrides {
+        sets: vec![
+            ("billing.rate_card".into(), rates),
+            ("billing.plans".into(), plans),
+            ("api.tokens_file".into(), tokens.display().to_string()),
+        ],
+    };
+    let loaded = jobmeter_service::config::Config::load(Some(&file), &[], &over);
+    let cfg = loaded.unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    assert_eq!(cfg.http.listen, "0.0.0.0:9464");
+    assert!(cfg.http.allow_plaintext && cfg.http.tls.is_none());
 }
