@@ -10,19 +10,42 @@
 //! logged and counted, and the previous pair goes on serving until the
 //! files load again.
 
-use crate::config::TlsConfig;
 use crate::metrics::InstanceMetrics;
 use axum::Router;
+use jobmeter_offline::dur::Dur;
 use openssl::asn1::Asn1Time;
 use openssl::pkey::PKey;
 use openssl::ssl::{Ssl, SslAcceptor, SslMethod};
 use openssl::x509::X509;
 use sha2::{Digest, Sha256};
 use std::path::Path;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+/// `[http.tls]`: HTTPS on the API and metrics listener. Both files are
+/// PEM and are read again when they change (a renewed certificate needs no
+/// restart); a pair that does not load is reported and the previous one
+/// kept.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// How often the files are checked for a change.
+    #[serde(default = "TlsConfig::default_reload_check")]
+    pub reload_check: Dur,
+}
+
+impl TlsConfig {
+    fn default_reload_check() -> Dur {
+        Dur::from_ms(10_000)
+    }
+}
 
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -319,7 +342,6 @@ pub fn self_signed(names: &[&str], days: u32) -> Result<(Vec<u8>, Vec<u8>), TlsE
 #[cfg(test)]
 mod tests {
     use super::*;
-    use jobmeter_offline::dur::Dur;
 
     fn cfg(dir: &Path) -> TlsConfig {
         TlsConfig {

@@ -32,6 +32,8 @@
 //! `--shape realistic --minutes M` makes the backlog an outage of M minutes
 //! leaves at the realistic fleet's rate (the catch-up time).
 
+use jobmeter_bench::passthrough::{self, Volume};
+use jobmeter_bench::process_cpu_seconds;
 use jobmeter_kafka::client::{brokers_from_env, KafkaSettings};
 use jobmeter_offline::simulate::{accounts, events, FleetOptions};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -120,6 +122,15 @@ struct Args {
     /// so that the throughput run rates every event against them.
     #[arg(long, default_value_t = 0)]
     overrides: usize,
+    /// Before the ceiling, run the exactly-once pass-through once over the
+    /// backlog, untimed, so that a broker started a moment ago has
+    /// compiled its produce, fetch and transaction paths before anything is
+    /// measured.
+    #[arg(long)]
+    warm_broker: bool,
+    /// Skip the exactly-once pass-through (e) after the throughput run.
+    #[arg(long)]
+    no_passthrough: bool,
 }
 
 /// Workload shapes of the throughput backlog.
@@ -169,8 +180,15 @@ fn main() -> anyhow::Result<()> {
     // 1 + 2: backlog, ceiling, throughput.
     let prefix = format!("bench-{stamp}-tp");
     let events = b.backlog(&prefix)?;
+    if args.warm_broker {
+        b.warm_broker(&prefix, events)?;
+    }
     let ceiling = b.ceiling(&prefix, events)?;
-    let instances = b.throughput(&prefix, events, ceiling)?;
+    let tp = b.throughput(&prefix, events, ceiling)?;
+    let instances = tp.instances;
+    if !args.no_passthrough {
+        b.passthrough(&prefix, &tp, ceiling)?;
+    }
     if args.throughput_only || instances > 1 {
         if instances > 1 && !args.throughput_only {
             // The restore and latency runs below are one instance's; the
@@ -204,6 +222,18 @@ struct Bench<'a> {
     settings: KafkaSettings,
     bin: PathBuf,
     dir: PathBuf,
+}
+
+/// What the throughput run (a) measured.
+struct Throughput {
+    instances: u16,
+    events: usize,
+    /// Events/s from the first committed batch to the last.
+    sustained: f64,
+    /// The meters' CPU over the run, per event.
+    cpu_us_per_event: f64,
+    /// Batches committed (one transaction each).
+    transactions: u64,
 }
 
 /// The HTTP port of the first meter instance of the throughput and
@@ -385,9 +415,108 @@ impl Bench<'_> {
         Ok((ports, meters))
     }
 
+    /// (w): the pass-through once over the backlog, untimed, publishing as
+    /// many records as events (150 bytes each) in transactions of 5,000.
+    fn warm_broker(&self, prefix: &str, events: usize) -> anyhow::Result<()> {
+        let n = events as u64;
+        let volume = Volume {
+            events: n,
+            records: n,
+            bytes: 150 * n,
+            transactions: n.div_ceil(5_000),
+        };
+        let t = Instant::now();
+        let (c_broker, c_machine) = (self.broker_cpu(), MachineCpu::now());
+        let run = self.passthrough_run(prefix, "warmup", volume)?;
+        println!(
+            "(w) broker warm-up (not measured): the pass-through over the backlog in {:.1}s, {:.0} events/s; {}",
+            t.elapsed().as_secs_f64(),
+            run.events_per_second,
+            CpuShare::since(c_broker, self.broker_cpu(), &c_machine, events)
+        );
+        Ok(())
+    }
+
+    /// One pass-through run over the backlog of `prefix` into
+    /// `<prefix>.<name>` (created with the input's partitions).
+    fn passthrough_run(&self, prefix: &str, name: &str, volume: Volume) -> anyhow::Result<passthrough::Run> {
+        let output = format!("{prefix}.{name}");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(jobmeter_kafka::topics::create_topic(
+            &self.settings,
+            &output,
+            self.args.partitions,
+            1,
+        ))?;
+        passthrough::run(
+            &self.settings,
+            (&format!("{prefix}.job-events"), &output),
+            self.args.partitions,
+            (&format!("{prefix}-{name}"), &format!("{prefix}-{name}")),
+            volume,
+        )
+    }
+
+    /// (e): what the meter published in (a) — records and bytes of its
+    /// outputs, changelog and internal topics, and its transactions — is
+    /// published again by the pass-through, with no billing; the meter's
+    /// rate and CPU are compared with it and with the ceiling.
+    fn passthrough(&self, prefix: &str, tp: &Throughput, ceiling: f64) -> anyhow::Result<()> {
+        let topics = jobmeter_kafka::topics::Topics::with_prefix(prefix);
+        let (mut records, mut bytes) = (0u64, 0u64);
+        for t in [
+            &topics.charges,
+            &topics.limits,
+            &topics.statements,
+            &topics.dlq,
+            &topics.commands,
+            &topics.changelog,
+            &topics.repartition,
+            &topics.accounts_by_partition,
+            &topics.pro_subscribers,
+        ] {
+            let parts = jobmeter_kafka::topics::partition_count(&self.settings, t)?;
+            let all: Vec<(i32, Option<i64>)> = (0..parts).map(|p| (p, None)).collect();
+            jobmeter_kafka::reader::read_to_end(
+                &self.settings,
+                "bench-published",
+                t,
+                &all,
+                Duration::from_secs(600),
+                |r| {
+                    records += 1;
+                    bytes += (r.key.map_or(0, |k| k.len()) + r.value.map_or(0, |v| v.len())) as u64;
+                },
+            )?;
+        }
+        let volume = Volume {
+            events: tp.events as u64,
+            records,
+            bytes,
+            transactions: tp.transactions.max(1),
+        };
+        let (c_broker, c_machine) = (self.broker_cpu(), MachineCpu::now());
+        let run = self.passthrough_run(prefix, "passthrough", volume)?;
+        let share = CpuShare::since(c_broker, self.broker_cpu(), &c_machine, tp.events);
+        let pt_us = 1e6 * run.cpu_seconds / tp.events.max(1) as f64;
+        println!(
+            "(e) exactly-once pass-through: {:.0} events/s, {pt_us:.1} µs CPU/event, publishing what (a) published: {records} records, {bytes} bytes, in {} transactions of {} events; {share}",
+            run.events_per_second,
+            run.transactions,
+            tp.events as u64 / volume.transactions,
+        );
+        println!(
+            "(a)/(e) the meter: {:.2}× the exactly-once pass-through, {:.2}× the plain-consumer ceiling; meter CPU/event {:.2}× the pass-through's",
+            tp.sustained / run.events_per_second,
+            tp.sustained / ceiling,
+            tp.cpu_us_per_event / pt_us.max(1e-9),
+        );
+        Ok(())
+    }
+
     /// (a): the meter(s) on the backlog of `n` events, from process start
-    /// to the last commit. Returns the number of instances.
-    fn throughput(&self, prefix: &str, n: usize, ceiling: f64) -> anyhow::Result<u16> {
+    /// to the last commit.
+    fn throughput(&self, prefix: &str, n: usize, ceiling: f64) -> anyhow::Result<Throughput> {
         let (a_broker, a_machine) = (self.broker_cpu(), MachineCpu::now());
         let t1 = Instant::now();
         let (ports, mut meters) = self.start_instances(prefix)?;
@@ -458,8 +587,18 @@ impl Bench<'_> {
                 .sum();
             println!("(a) pricing adjustments read and applied by the meters: {read:.0}");
         }
+        let transactions = ports
+            .iter()
+            .map(|p| metric(*p, "jobmeter_batch_events_count").unwrap_or(0.0))
+            .sum::<f64>() as u64;
         drop(meters);
-        Ok(ports.len() as u16)
+        Ok(Throughput {
+            instances: ports.len() as u16,
+            events: n,
+            sustained,
+            cpu_us_per_event: 1e6 * cpu / total,
+            transactions,
+        })
     }
 
     /// (d): the same instance on an empty state directory restores every
@@ -954,17 +1093,6 @@ fn peak_rss_kib(pid: u32) -> u64 {
 /// `/proc/<pid>/stat` (clock ticks of 10 ms).
 fn cpu_seconds(pid: u32) -> f64 {
     process_cpu_seconds(pid).unwrap_or(0.0)
-}
-
-/// [`cpu_seconds`], or `None` when there is no such process to read.
-fn process_cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields of the whole line.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    Some((ticks(11) + ticks(12)) / 100.0)
 }
 
 /// The whole machine's CPU time from `/proc/stat`: busy and total ticks

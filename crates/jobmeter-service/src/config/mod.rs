@@ -201,27 +201,7 @@ pub struct HttpConfig {
     pub allow_plaintext: bool,
 }
 
-/// `[http.tls]`: HTTPS on the API and metrics listener. Both files are
-/// PEM and are read again when they change (a renewed certificate needs no
-/// restart); a pair that does not load is reported and the previous one
-/// kept.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// The certificate chain, leaf first.
-    pub cert: PathBuf,
-    /// Its private key.
-    pub key: PathBuf,
-    /// How often the files are checked for a change.
-    #[serde(default = "TlsConfig::default_reload_check")]
-    pub reload_check: Dur,
-}
-
-impl TlsConfig {
-    fn default_reload_check() -> Dur {
-        Dur::from_ms(10_000)
-    }
-}
+pub use crate::tls::TlsConfig;
 
 /// `[api]`: who may read the usage API.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
