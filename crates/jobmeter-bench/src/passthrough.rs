@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// What the meter published over a run, to be published again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Volume {
     /// Input events read.
     pub events: u64,
@@ -27,6 +27,10 @@ pub struct Volume {
     pub bytes: u64,
     /// Transactions committed.
     pub transactions: u64,
+    /// Values written in turn (a sample of what the meter published, so
+    /// that they compress as the meter's do); empty: `bytes / records`
+    /// bytes of text each.
+    pub sample: Vec<Vec<u8>>,
 }
 
 /// One pass-through run.
@@ -38,6 +42,8 @@ pub struct Run {
     pub cpu_seconds: f64,
     /// Records written.
     pub records: u64,
+    /// Their key and value bytes.
+    pub bytes: u64,
     /// Transactions committed.
     pub transactions: u64,
 }
@@ -63,7 +69,13 @@ pub fn run(
     producer.init_transactions(Duration::from_secs(30))?;
     let per_txn = volume.events.div_ceil(volume.transactions.max(1)).max(1);
     let record_bytes = (volume.bytes / volume.records.max(1)).max(1) as usize;
-    let payload = vec![b'x'; record_bytes];
+    let filler = vec![vec![b'x'; record_bytes]];
+    let values = if volume.sample.is_empty() {
+        &filler
+    } else {
+        &volume.sample
+    };
+    let mut bytes = 0u64;
     let timeout = Duration::from_secs(60);
     let cpu0 = self_cpu_seconds();
     let (mut read, mut written, mut txns) = (0u64, 0u64, 0u64);
@@ -88,11 +100,14 @@ pub fn run(
             // This event's share of the records: the running total of
             // records due after it, less what was written.
             let due = (read + 1) * volume.records / volume.events.max(1);
-            for _ in written..due {
-                let mut rec = BaseRecord::<[u8], [u8]>::to(output).payload(&payload);
+            for i in written..due {
+                let payload = &values[i as usize % values.len()];
+                let mut rec = BaseRecord::<[u8], [u8]>::to(output).payload(payload.as_slice());
                 if let Some(k) = m.key() {
                     rec = rec.key(k);
+                    bytes += k.len() as u64;
                 }
+                bytes += payload.len() as u64;
                 jobmeter_kafka::produce::send_waiting(&producer, rec, None)?;
             }
             written = written.max(due);
@@ -119,6 +134,7 @@ pub fn run(
         events_per_second: read as f64 / secs,
         cpu_seconds: self_cpu_seconds() - cpu0,
         records: written,
+        bytes,
         transactions: txns,
     })
 }

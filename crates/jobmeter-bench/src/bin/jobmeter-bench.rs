@@ -424,6 +424,7 @@ impl Bench<'_> {
             records: n,
             bytes: 150 * n,
             transactions: n.div_ceil(5_000),
+            sample: Vec::new(),
         };
         let t = Instant::now();
         let (c_broker, c_machine) = (self.broker_cpu(), MachineCpu::now());
@@ -464,6 +465,8 @@ impl Bench<'_> {
     fn passthrough(&self, prefix: &str, tp: &Throughput, ceiling: f64) -> anyhow::Result<()> {
         let topics = jobmeter_kafka::topics::Topics::with_prefix(prefix);
         let (mut records, mut bytes) = (0u64, 0u64);
+        // Every 16th value, up to 65,536 of them, written again in turn.
+        let mut sample = Vec::new();
         for t in [
             &topics.charges,
             &topics.limits,
@@ -485,7 +488,10 @@ impl Bench<'_> {
                 Duration::from_secs(600),
                 |r| {
                     records += 1;
-                    bytes += (r.key.map_or(0, |k| k.len()) + r.value.map_or(0, |v| v.len())) as u64;
+                    bytes += (r.key.as_ref().map_or(0, Vec::len) + r.value.as_ref().map_or(0, Vec::len)) as u64;
+                    if records % 16 == 0 && sample.len() < 65_536 {
+                        sample.extend(r.value);
+                    }
                 },
             )?;
         }
@@ -494,16 +500,20 @@ impl Bench<'_> {
             records,
             bytes,
             transactions: tp.transactions.max(1),
+            sample,
         };
+        let txns = volume.transactions;
         let (c_broker, c_machine) = (self.broker_cpu(), MachineCpu::now());
         let run = self.passthrough_run(prefix, "passthrough", volume)?;
         let share = CpuShare::since(c_broker, self.broker_cpu(), &c_machine, tp.events);
         let pt_us = 1e6 * run.cpu_seconds / tp.events.max(1) as f64;
         println!(
-            "(e) exactly-once pass-through: {:.0} events/s, {pt_us:.1} µs CPU/event, publishing what (a) published: {records} records, {bytes} bytes, in {} transactions of {} events; {share}",
+            "(e) exactly-once pass-through: {:.0} events/s, {pt_us:.1} µs CPU/event; (a) published {records} records, {bytes} bytes in {txns} transactions; (e) wrote {} records, {} bytes (values sampled from (a)'s) in {} transactions of {} events; {share}",
             run.events_per_second,
+            run.records,
+            run.bytes,
             run.transactions,
-            tp.events as u64 / volume.transactions,
+            tp.events as u64 / txns,
         );
         println!(
             "(a)/(e) the meter: {:.2}× the exactly-once pass-through, {:.2}× the plain-consumer ceiling; meter CPU/event {:.2}× the pass-through's",
