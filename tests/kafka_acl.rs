@@ -71,17 +71,28 @@ fn try_write(brokers: &str, user: &str, topic: &str, key: &str, value: &str) -> 
         .map_err(|(e, _)| e.to_string())
 }
 
-fn local_kafka(port: &str, args: &[&str]) {
+/// Runs one of the repository's scripts with bash; panics with its
+/// standard error when it fails.
+fn script(path: &str, args: &[&str], env: &[(&str, String)]) {
     let out = Command::new("bash")
-        .arg(root().join("deploy/local/kafka.sh"))
+        .arg(root().join(path))
         .args(args)
-        .env("JOBMETER_KAFKA_PORT", port)
+        .current_dir(root())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .output()
-        .expect("deploy/local/kafka.sh");
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
     assert!(
         out.status.success(),
-        "kafka.sh {args:?}: {}",
+        "{path} {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn local_kafka(port: &str, args: &[&str]) {
+    script(
+        "deploy/local/kafka.sh",
+        args,
+        &[("JOBMETER_KAFKA_PORT", port.to_owned())],
     );
 }
 
@@ -108,28 +119,20 @@ impl Drop for Acls<'_> {
 
 /// Runs `deploy/kafka-acls.sh mode` for `prefix` against the local broker.
 fn acls(port: &str, prefix: &str, mode: &str) {
-    let out = Command::new("bash")
-        .arg(root().join("deploy/kafka-acls.sh"))
-        .arg(mode)
-        .current_dir(root())
-        .env("KAFKA_ACLS", "bash deploy/local/kafka.sh acls")
-        .env("JOBMETER_KAFKA_PORT", port)
-        .env("PREFIX", prefix)
-        .env("GROUP", format!("{prefix}-group"))
-        .env("METER", "User:it-meter")
-        .env("WORKERS", "User:it-workers")
-        .env("ACCOUNTS", "User:it-accounts")
-        .env("SUPPORT", "User:it-support")
-        .env("NOTIFY", "User:it-notify")
-        .env("READERS", "User:it-readers")
-        .env("READERS_GROUP", format!("{prefix}-readers"))
-        .output()
-        .expect("deploy/kafka-acls.sh");
-    assert!(
-        out.status.success(),
-        "kafka-acls.sh {mode}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let env = [
+        ("KAFKA_ACLS", "bash deploy/local/kafka.sh acls".to_owned()),
+        ("JOBMETER_KAFKA_PORT", port.to_owned()),
+        ("PREFIX", prefix.to_owned()),
+        ("GROUP", format!("{prefix}-group")),
+        ("METER", "User:it-meter".to_owned()),
+        ("WORKERS", "User:it-workers".to_owned()),
+        ("ACCOUNTS", "User:it-accounts".to_owned()),
+        ("SUPPORT", "User:it-support".to_owned()),
+        ("NOTIFY", "User:it-notify".to_owned()),
+        ("READERS", "User:it-readers".to_owned()),
+        ("READERS_GROUP", format!("{prefix}-readers")),
+    ];
+    script("deploy/kafka-acls.sh", &[mode], &env);
 }
 
 #[test]

@@ -992,8 +992,20 @@ mod tests {
         assert!(err.as_deref().is_some_and(|e| e.contains("kafka.brokers")), "{err:?}");
     }
 
+    /// The configuration with the test rate card, `http.listen` and `extra`
+    /// settings, or its errors.
+    fn load_listening(listen: &str, extra: &[(&str, &str)]) -> Result<Config, String> {
+        let mut sets = vec![
+            ("billing.rate_card".to_owned(), rate_card_path()),
+            ("http.listen".to_owned(), listen.to_owned()),
+        ];
+        sets.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        Config::load(None, &[], &Overrides { sets }).map_err(|e| e.to_string())
+    }
+
     #[test]
     fn a_token_written_in_the_repository_is_refused_off_loopback() {
+        let load = load_listening;
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let file = dir.path().join("tokens");
         std::fs::write(
@@ -1001,14 +1013,6 @@ mod tests {
             "replace-this-admin-token-with-a-long-random-one *\nmy-own-long-random-token-0123 acct-9\n",
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let load = |listen: &str, extra: &[(&str, &str)]| {
-            let mut sets = vec![
-                ("billing.rate_card".to_owned(), rate_card_path()),
-                ("http.listen".to_owned(), listen.to_owned()),
-            ];
-            sets.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-            Config::load(None, &[], &Overrides { sets }).map_err(|e| e.to_string())
-        };
         let demo = [("api.admin_tokens", r#"["demo-admin-token-change-me"]"#)];
         // The local demo: loopback keeps working.
         for listen in ["127.0.0.1:9464", "[::1]:9464"] {
@@ -1043,14 +1047,7 @@ mod tests {
     #[test]
     fn plain_http_off_loopback_needs_tls_or_an_explicit_yes() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let load = |listen: &str, extra: &[(&str, &str)]| {
-            let mut sets = vec![
-                ("billing.rate_card".to_owned(), rate_card_path()),
-                ("http.listen".to_owned(), listen.to_owned()),
-            ];
-            sets.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-            Config::load(None, &[], &Overrides { sets }).map_err(|e| e.to_string())
-        };
+        let load = load_listening;
         assert!(load("127.0.0.1:9464", &[]).is_ok(), "loopback serves plain HTTP");
         let err = load("0.0.0.0:9464", &[]).err().unwrap_or_default();
         assert!(
