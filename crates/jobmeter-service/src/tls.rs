@@ -201,12 +201,24 @@ pub fn start(cfg: &TlsConfig, metrics: &InstanceMetrics, shutdown: &Cancellation
     metrics.tls_loads.with_label_values(&["loaded"]).inc();
     metrics.tls_not_after.set(first.not_after);
     tracing::info!(cert = %cfg.cert.display(), not_after = first.not_after, "serving HTTPS");
+    warn_if_expired(cfg, first.not_after);
     let served = Served {
         current: Arc::new(RwLock::new(Arc::new(first.acceptor))),
     };
     let (cfg, s, m, stop) = (cfg.clone(), served.clone(), metrics.clone(), shutdown.clone());
     tokio::spawn(async move { watch(cfg, first.digest, s, m, stop).await });
     Ok(served)
+}
+
+/// Clients refuse an expired certificate: say so (it is served all the
+/// same, so that a renewal arriving later is picked up).
+fn warn_if_expired(cfg: &TlsConfig, not_after: i64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    if not_after <= now {
+        tracing::warn!(cert = %cfg.cert.display(), not_after, "the HTTPS certificate has expired: clients will refuse it");
+    }
 }
 
 /// Checks the files every `reload_check` and serves a changed pair once it
@@ -235,6 +247,7 @@ async fn watch(cfg: TlsConfig, mut seen: [u8; 32], served: Served, metrics: Inst
                 metrics.tls_loads.with_label_values(&["loaded"]).inc();
                 metrics.tls_not_after.set(pair.not_after);
                 tracing::info!(cert = %cfg.cert.display(), not_after = pair.not_after, "HTTPS certificate reloaded");
+                warn_if_expired(&cfg, pair.not_after);
             }
             Err(e) => {
                 metrics.tls_loads.with_label_values(&["failed"]).inc();
