@@ -58,7 +58,6 @@ pub fn watermarks<C: rdkafka::consumer::ConsumerContext>(
     }
 }
 
-/// Errors that go away once leadership settles.
 /// An error retrying cannot mend: the broker does not let this principal
 /// read the topic or use the group, or did not authenticate it.
 pub fn refused(e: &KafkaError) -> bool {
@@ -76,6 +75,7 @@ pub fn refused(e: &KafkaError) -> bool {
     )
 }
 
+/// Errors that go away once leadership settles.
 fn transient(e: &KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode as C;
     matches!(
