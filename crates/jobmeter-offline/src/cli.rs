@@ -175,11 +175,11 @@ pub struct ReplayCmd {
     /// Account records, one JSON per line.
     #[arg(long)]
     pub accounts: Option<PathBuf>,
-    /// Rate card (TOML).
     /// Pricing adjustments (price overrides), one JSON record per line, as
     /// on the adjustments topic; applied before the events.
     #[arg(long)]
     pub adjustments: Option<PathBuf>,
+    /// Rate card (TOML).
     #[arg(long, default_value = "config/rate-card.toml")]
     pub rate_card: PathBuf,
     /// Plan catalog (TOML); built-in defaults when omitted.
