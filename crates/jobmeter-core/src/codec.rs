@@ -45,7 +45,9 @@ pub trait Binary: Sized {
 
 /// Encodes `v` after `prefix`.
 pub fn encode<T: Binary>(prefix: &[u8], v: &T) -> Vec<u8> {
-    let mut w = Vec::with_capacity(prefix.len() + 64);
+    // Room for a job with its start, a stop, two event ids and a charge
+    // without growing (growing copied most values two or three times).
+    let mut w = Vec::with_capacity(prefix.len() + 256);
     w.extend_from_slice(prefix);
     v.put(&mut w);
     w

@@ -115,7 +115,10 @@ impl BillingPeriod {
 
 impl Serialize for BillingPeriod {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.label())
+        match self.calendar_month() {
+            Some(p) => p.serialize(s),
+            None => s.serialize_str(&self.label()),
+        }
     }
 }
 
@@ -136,7 +139,10 @@ impl From<Period> for BillingPeriod {
 
 impl fmt::Display for BillingPeriod {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.label())
+        match self.calendar_month() {
+            Some(p) => p.fmt(f),
+            None => f.write_str(&self.label()),
+        }
     }
 }
 

@@ -341,8 +341,53 @@ fn optional(v: &Option<Cow<'_, str>>, field: &str) -> Result<Option<String>, Inv
 /// without state (`unknown_model` needs the rate card, so the meter checks it).
 pub fn parse_job_event(bytes: &[u8]) -> Result<JobEvent, Invalid> {
     match crate::fastjson::scan(bytes) {
-        Some(raw) => validate(raw),
+        Some(raw) => validate(raw, None),
         None => parse_job_event_reference(bytes),
+    }
+}
+
+/// [`parse_job_event`], sharing account ids through `ids`: the same event,
+/// without a new allocation for an account seen before.
+pub fn parse_job_event_with(bytes: &[u8], ids: &mut AccountIds) -> Result<JobEvent, Invalid> {
+    match crate::fastjson::scan(bytes) {
+        Some(raw) => validate(raw, Some(ids)),
+        None => parse_job_event_reference(bytes),
+    }
+}
+
+/// The account ids of recent events, shared: every event of an account
+/// parsed through one of these carries the same id (a reference count, not
+/// a copy; equal ids then compare by pointer first). Bounded: when
+/// [`AccountIds::MAX`] different ids are held it starts again empty, so
+/// events naming ever new accounts cost memory only up to that.
+#[derive(Debug, Default)]
+pub struct AccountIds(crate::fasthash::FastSet<AccountId>);
+
+impl AccountIds {
+    /// The most ids held at once.
+    pub const MAX: usize = 1 << 16;
+
+    /// The id spelled `s`.
+    pub fn get(&mut self, s: &str) -> AccountId {
+        if let Some(a) = self.0.get(s) {
+            return a.clone();
+        }
+        if self.0.len() >= Self::MAX {
+            self.0.clear();
+        }
+        let a = AccountId::from(s);
+        self.0.insert(a.clone());
+        a
+    }
+
+    /// How many ids are held.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when none is.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -362,10 +407,10 @@ pub fn parse_job_event_reference(bytes: &[u8]) -> Result<JobEvent, Invalid> {
             _ => Invalid::new(RejectReason::NotJson, e.to_string()),
         }
     })?;
-    validate(raw)
+    validate(raw, None)
 }
 
-fn validate(raw: RawEvent<'_>) -> Result<JobEvent, Invalid> {
+fn validate(raw: RawEvent<'_>, ids: Option<&mut AccountIds>) -> Result<JobEvent, Invalid> {
     match raw.specversion.as_deref() {
         Some("1.0") => {}
         Some(v) => {
@@ -454,7 +499,10 @@ fn validate(raw: RawEvent<'_>) -> Result<JobEvent, Invalid> {
         },
         time,
         job: JobId::from(subject),
-        account: AccountId::from(account),
+        account: match ids {
+            Some(ids) => ids.get(account),
+            None => AccountId::from(account),
+        },
         body,
     })
 }
@@ -469,6 +517,37 @@ mod tests {
 
     fn reason(s: &str) -> Option<RejectReason> {
         parse_job_event(s.as_bytes()).err().map(|e| e.reason)
+    }
+
+    #[test]
+    fn shared_account_ids_parse_the_same_events() {
+        let mut ids = AccountIds::default();
+        let a = parse_job_event_with(EXAMPLE.as_bytes(), &mut ids);
+        let b = parse_job_event_with(EXAMPLE.replace("w17-000042", "w17-000043").as_bytes(), &mut ids);
+        let (Ok(a), Ok(b)) = (a, b) else {
+            panic!("the example parses")
+        };
+        assert_eq!(Ok(a.clone()), parse_job_event(EXAMPLE.as_bytes()));
+        assert!(std::sync::Arc::ptr_eq(&a.account.0, &b.account.0));
+        assert_eq!(ids.len(), 1);
+        // Bad events are refused the same way.
+        for bad in ["{}", "[", r#"{"specversion":"1.0"}"#] {
+            assert_eq!(
+                parse_job_event_with(bad.as_bytes(), &mut ids).err(),
+                parse_job_event(bad.as_bytes()).err()
+            );
+        }
+    }
+
+    #[test]
+    fn shared_account_ids_are_bounded() {
+        let mut ids = AccountIds::default();
+        for i in 0..AccountIds::MAX + 10 {
+            let a = ids.get(&format!("acct-{i}"));
+            assert_eq!(a.as_str(), format!("acct-{i}"));
+        }
+        assert_eq!(ids.len(), 10);
+        assert!(ids.len() <= AccountIds::MAX);
     }
 
     #[test]

@@ -55,7 +55,7 @@ pub mod view;
 pub mod wire;
 
 pub use config_error::{ConfigError, Problem};
-pub use event::{parse_job_event, JobEvent, JobKind, JobStatus, RejectReason};
+pub use event::{parse_job_event, parse_job_event_with, AccountIds, JobEvent, JobKind, JobStatus, RejectReason};
 pub use meter::{ApplyError, Context, Meter, MeterConfig, Stats};
 pub use money::{AccountId, JobId, ModelId, Money};
 pub use output::{Charge, ChargeKind, Command, LimitEvent, Origin, Output, Rejected, Statement};

@@ -143,6 +143,14 @@ macro_rules! string_id {
             }
         }
 
+        // Hashes and compares as its text does (`Arc<str>` hashes as
+        // `str`), so a set of ids can be looked up by a `&str`.
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl From<String> for $name {
             fn from(s: String) -> Self {
                 $name(s.into())

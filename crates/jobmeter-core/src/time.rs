@@ -188,8 +188,41 @@ impl Timestamp {
     }
 }
 
+/// Writes `v` as `buf.len()` decimal digits, zero-padded (`v` fits).
+fn put_digits(buf: &mut [u8], mut v: u32) {
+    for b in buf.iter_mut().rev() {
+        *b = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+}
+
+impl Timestamp {
+    /// The text of this instant (`2024-05-01T12:00:00.250Z`) written into
+    /// `buf` without the formatting machinery (every charge carries two);
+    /// `None` for a year outside 0000–9999, which [`fmt::Display`] writes
+    /// the slow way.
+    fn text(self, buf: &mut [u8; 24]) -> Option<&str> {
+        let days = self.0.div_euclid(86_400_000);
+        let rem = self.0.rem_euclid(86_400_000) as u32;
+        let (y, m, d) = civil_from_days(days);
+        let y = u32::try_from(y).ok().filter(|y| *y <= 9999)?;
+        *buf = *b"0000-00-00T00:00:00.000Z";
+        put_digits(&mut buf[0..4], y);
+        put_digits(&mut buf[5..7], m);
+        put_digits(&mut buf[8..10], d);
+        put_digits(&mut buf[11..13], rem / 3_600_000);
+        put_digits(&mut buf[14..16], rem % 3_600_000 / 60_000);
+        put_digits(&mut buf[17..19], rem % 60_000 / 1000);
+        put_digits(&mut buf[20..23], rem % 1000);
+        std::str::from_utf8(buf).ok()
+    }
+}
+
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(s) = self.text(&mut [0; 24]) {
+            return f.write_str(s);
+        }
         let days = self.0.div_euclid(86_400_000);
         let rem = self.0.rem_euclid(86_400_000);
         let (y, m, d) = civil_from_days(days);
@@ -202,7 +235,10 @@ impl fmt::Display for Timestamp {
 
 impl Serialize for Timestamp {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        match self.text(&mut [0; 24]) {
+            Some(t) => s.serialize_str(t),
+            None => s.collect_str(self),
+        }
     }
 }
 
@@ -280,15 +316,32 @@ impl Period {
     }
 }
 
+impl Period {
+    /// `YYYY-MM` written into `buf`; `None` for a year outside 0000–9999.
+    fn text(self, buf: &mut [u8; 7]) -> Option<&str> {
+        let y = u32::try_from(self.year).ok().filter(|y| *y <= 9999)?;
+        *buf = *b"0000-00";
+        put_digits(&mut buf[0..4], y);
+        put_digits(&mut buf[5..7], self.month);
+        std::str::from_utf8(buf).ok()
+    }
+}
+
 impl fmt::Display for Period {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:04}-{:02}", self.year, self.month)
+        match self.text(&mut [0; 7]) {
+            Some(s) => f.write_str(s),
+            None => write!(f, "{:04}-{:02}", self.year, self.month),
+        }
     }
 }
 
 impl Serialize for Period {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        match self.text(&mut [0; 7]) {
+            Some(t) => s.serialize_str(t),
+            None => s.collect_str(self),
+        }
     }
 }
 
@@ -302,6 +355,47 @@ impl<'de> Deserialize<'de> for Period {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The text the formatting machinery writes, for comparison.
+    fn slow(t: Timestamp) -> String {
+        let days = t.0.div_euclid(86_400_000);
+        let rem = t.0.rem_euclid(86_400_000);
+        let (y, m, d) = civil_from_days(days);
+        let (h, rem) = (rem / 3_600_000, rem % 3_600_000);
+        let (mi, rem) = (rem / 60_000, rem % 60_000);
+        let (s, ms) = (rem / 1000, rem % 1000);
+        format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{ms:03}Z")
+    }
+
+    #[test]
+    fn the_direct_text_is_the_formatted_text() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut at = vec![
+            Timestamp::MIN,
+            Timestamp::MAX,
+            Timestamp(Timestamp::MAX.0 + 1),
+            Timestamp(Timestamp::MIN.0 - 1),
+            Timestamp(0),
+            Timestamp(-1),
+            Timestamp(i64::MAX / 4),
+            Timestamp(i64::MIN / 4),
+        ];
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let span = (Timestamp::MAX.0 - Timestamp::MIN.0) as u64;
+            at.push(Timestamp(Timestamp::MIN.0 + (x % span) as i64));
+        }
+        for t in at {
+            assert_eq!(t.to_string(), slow(t), "{}", t.0);
+            assert_eq!(serde_json::to_string(&t).ok(), Some(format!("\"{}\"", slow(t))));
+            let p = t.period();
+            let want = format!("{:04}-{:02}", p.year, p.month);
+            assert_eq!(p.to_string(), want);
+            assert_eq!(serde_json::to_string(&p).ok(), Some(format!("\"{want}\"")));
+        }
+    }
 
     #[test]
     fn parses_and_formats_round_trip() {

@@ -30,6 +30,7 @@
 //! `effective_from` is earlier than the newest event time the meter had
 //! seen when the record was forwarded.
 
+use jobmeter_core::fasthash::FastMap;
 use jobmeter_core::plans::FirstPro;
 use jobmeter_core::{AccountId, AccountRecord, Accounts, LookupError, Plan, Timestamp};
 use jobmeter_kafka::client::KafkaSettings;
@@ -156,8 +157,9 @@ impl ProTable {
 /// full, the old one is dropped. Unknown accounts are cached too (empty).
 #[derive(Debug, Default)]
 struct Cache {
-    young: HashMap<AccountId, Arc<[AccountRecord]>>,
-    old: HashMap<AccountId, Arc<[AccountRecord]>>,
+    // The meter's own hasher: looked up once or twice for every event.
+    young: FastMap<AccountId, Arc<[AccountRecord]>>,
+    old: FastMap<AccountId, Arc<[AccountRecord]>>,
     half: usize,
     /// Bumped by every invalidation: a value read from the store before a
     /// bump may be stale and is not cached.

@@ -239,6 +239,8 @@ pub struct Engine {
     progress_at: Instant,
     /// An error raised inside a rebalance callback, surfaced by the loop.
     pub failed: Option<EngineError>,
+    /// The account ids of the events read ahead, shared between events.
+    pub(crate) account_ids: jobmeter_core::AccountIds,
 }
 
 impl std::fmt::Debug for Engine {
@@ -293,6 +295,7 @@ impl Engine {
             records: Vec::new(),
             charges_by_kind: [0; 3],
             rerouted_by_cause: [0; 3],
+            account_ids: jobmeter_core::AccountIds::default(),
             reroute_logged: [None; 3],
             limits_by_label: BTreeMap::new(),
             out: Vec::new(),

@@ -76,7 +76,8 @@ impl<'q> ReadAhead<'q> {
             }
             match queue.poll(Duration::ZERO) {
                 Some(Ok(m)) => {
-                    let parsed = jobmeter_core::parse_job_event(m.payload().unwrap_or_default()).ok();
+                    let parsed =
+                        jobmeter_core::parse_job_event_with(m.payload().unwrap_or_default(), &mut e.account_ids).ok();
                     let key = e.read_key(&m, parsed.as_ref(), &mut self.watermark)?;
                     let forwarded = e.forward_ahead(&m, parsed.as_ref(), key)?;
                     let dest = if forwarded { None } else { e.dest(p, parsed.as_ref()) };
