@@ -45,8 +45,8 @@ pub trait Binary: Sized {
 
 /// Encodes `v` after `prefix`.
 pub fn encode<T: Binary>(prefix: &[u8], v: &T) -> Vec<u8> {
-    // Room for a job with its start, a stop, two event ids and a charge
-    // without growing (growing copied most values two or three times).
+    // Room for a typical job value (its start, stop, event ids and a
+    // charge), so that it is written without growing the buffer.
     let mut w = Vec::with_capacity(prefix.len() + 256);
     w.extend_from_slice(prefix);
     v.put(&mut w);

@@ -198,9 +198,9 @@ fn put_digits(buf: &mut [u8], mut v: u32) {
 
 impl Timestamp {
     /// The text of this instant (`2024-05-01T12:00:00.250Z`) written into
-    /// `buf` without the formatting machinery (every charge carries two);
-    /// `None` for a year outside 0000–9999, which [`fmt::Display`] writes
-    /// the slow way.
+    /// `buf` without the formatting machinery (every charge carries
+    /// several); `None` for a year outside 0000–9999, which
+    /// [`Timestamp::write_formatted`] writes.
     fn text(self, buf: &mut [u8; 24]) -> Option<&str> {
         let days = self.0.div_euclid(86_400_000);
         let rem = self.0.rem_euclid(86_400_000) as u32;
@@ -216,20 +216,8 @@ impl Timestamp {
         put_digits(&mut buf[20..23], rem % 1000);
         std::str::from_utf8(buf).ok()
     }
-}
 
-impl fmt::Display for Timestamp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.text(&mut [0; 24]) {
-            Some(s) => f.write_str(s),
-            None => self.write_formatted(f),
-        }
-    }
-}
-
-impl Timestamp {
-    /// The same text as [`Timestamp::text`], through the formatting
-    /// machinery: any year.
+    /// The same text through the formatting machinery: any year.
     fn write_formatted(self, f: &mut impl fmt::Write) -> fmt::Result {
         let days = self.0.div_euclid(86_400_000);
         let rem = self.0.rem_euclid(86_400_000);
@@ -238,6 +226,15 @@ impl Timestamp {
         let (mi, rem) = (rem / 60_000, rem % 60_000);
         let (s, ms) = (rem / 1000, rem % 1000);
         write!(f, "{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{ms:03}Z")
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.text(&mut [0; 24]) {
+            Some(s) => f.write_str(s),
+            None => self.write_formatted(f),
+        }
     }
 }
 
