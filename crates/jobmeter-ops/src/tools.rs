@@ -76,25 +76,34 @@ pub fn produce_fleet(
     events: &[SimEvent],
     rate: u64,
 ) -> anyhow::Result<()> {
-    produce_fleet_placed(brokers, topics, accounts, events, rate, Placement::Murmur2)
+    produce_fleet_placed(
+        &KafkaSettings::new(brokers),
+        topics,
+        accounts,
+        events,
+        rate,
+        Placement::Murmur2,
+    )
 }
 
 /// [`produce_fleet`], placing event records as `placement` says.
 pub fn produce_fleet_placed(
-    brokers: &str,
+    settings: &KafkaSettings,
     topics: &Topics,
     accounts: &[(String, String)],
     events: &[SimEvent],
     rate: u64,
     placement: Placement,
 ) -> anyhow::Result<()> {
-    let settings = KafkaSettings::new(brokers);
     for t in [&topics.accounts, &topics.job_events] {
-        if partition_count(&settings, t)? == 0 {
-            anyhow::bail!("topic {t} does not exist on {brokers}: start `jobmeter run` first (it creates its topics)");
+        if partition_count(settings, t)? == 0 {
+            anyhow::bail!(
+                "topic {t} does not exist on {}: start `jobmeter run` first (it creates its topics)",
+                settings.brokers
+            );
         }
     }
-    let partitions = partition_count(&settings, &topics.job_events)?;
+    let partitions = partition_count(settings, &topics.job_events)?;
     let mut config = settings.producer();
     if placement == Placement::ConsistentRandom {
         config.set("partitioner", "consistent_random");
@@ -142,7 +151,7 @@ pub fn produce_fleet_placed(
         "produced {} account records and {} events to {} in {:.1}s",
         accounts.len(),
         events.len(),
-        brokers,
+        settings.brokers,
         started.elapsed().as_secs_f64()
     );
     Ok(())
@@ -173,9 +182,12 @@ pub struct SimulateCmd {
     /// The fleet and the files it is written to.
     #[command(flatten)]
     pub fleet: jobmeter_offline::cli::FleetArgs,
-    /// Produce to Kafka instead (accounts first, then events, keyed by account).
-    #[arg(long)]
-    pub brokers: Option<String>,
+    /// Produce to Kafka instead (accounts first, then events, keyed by
+    /// account) when `--brokers` or `--config` is given: the client takes
+    /// the meter's Kafka settings (`kafka.properties.*` for SASL or TLS, by
+    /// `--set` or the file).
+    #[command(flatten)]
+    pub kafka: jobmeter_service::KafkaArgs,
     /// Topic prefix when producing to Kafka.
     #[arg(long, default_value = "jobmeter")]
     pub topic_prefix: String,
@@ -201,10 +213,11 @@ impl SimulateCmd {
     /// Writes the fleet to its files and/or produces it to Kafka.
     pub fn run(&self) -> anyhow::Result<()> {
         let fleet = self.fleet.generate()?;
-        if let Some(brokers) = &self.brokers {
+        if self.kafka.brokers.is_some() || self.kafka.config.is_some() {
+            let settings = self.kafka.load()?.kafka_settings();
             let topics = Topics::with_prefix(&self.topic_prefix);
             produce_fleet_placed(
-                brokers,
+                &settings,
                 &topics,
                 &fleet.accounts,
                 &fleet.events,

@@ -303,7 +303,14 @@ impl Bench<'_> {
         drop(meter);
         let topics = jobmeter_kafka::topics::Topics::with_prefix(prefix);
         let t0 = Instant::now();
-        jobmeter_ops::tools::produce_fleet_placed(&self.brokers, &topics, &accs, &evs, 0, args.placement)?;
+        jobmeter_ops::tools::produce_fleet_placed(
+            &jobmeter_kafka::client::KafkaSettings::new(&self.brokers),
+            &topics,
+            &accs,
+            &evs,
+            0,
+            args.placement,
+        )?;
         println!("produced {} events in {:.1}s", evs.len(), t0.elapsed().as_secs_f64());
         if args.overrides > 0 {
             self.overrides(&topics, &opts, &accs)?;
