@@ -313,6 +313,50 @@ pub fn dump(settings: &KafkaSettings, topic: &str, last: Option<usize>, timestam
 
 #[cfg(test)]
 mod tests {
+    #[derive(clap::Parser)]
+    struct Simulate {
+        #[command(flatten)]
+        cmd: super::SimulateCmd,
+    }
+
+    fn simulate(args: &[&str]) -> super::SimulateCmd {
+        use clap::Parser;
+        let argv = std::iter::once("simulate").chain(args.iter().copied());
+        Simulate::try_parse_from(argv).unwrap_or_else(|e| panic!("{e}")).cmd
+    }
+
+    #[test]
+    fn simulate_produces_with_the_meters_kafka_settings() {
+        let cmd = simulate(&[
+            "--jobs",
+            "5",
+            "--brokers",
+            "127.0.0.1:9094",
+            "--set",
+            "kafka.properties.security.protocol=SASL_PLAINTEXT",
+            "--set",
+            "kafka.properties.sasl.mechanism=SCRAM-SHA-512",
+        ]);
+        let s = cmd.kafka.load().unwrap_or_else(|e| panic!("{e:?}")).kafka_settings();
+        assert_eq!(s.brokers, "127.0.0.1:9094");
+        assert_eq!(
+            s.properties.get("security.protocol").map(String::as_str),
+            Some("SASL_PLAINTEXT")
+        );
+        assert_eq!(
+            s.properties.get("sasl.mechanism").map(String::as_str),
+            Some("SCRAM-SHA-512")
+        );
+        // A malformed setting is an error before anything is produced.
+        assert!(simulate(&["--brokers", "b:1", "--set", "no-equals-sign"])
+            .kafka
+            .load()
+            .is_err());
+        // Files only: no Kafka at all.
+        let files = simulate(&["--events-out", "e.jsonl"]);
+        assert!(files.kafka.brokers.is_none() && files.kafka.config.is_none());
+    }
+
     #[test]
     fn the_default_client_partitions_by_crc32_and_a_worker_keeps_its_client() {
         // The check value of CRC-32 (IEEE): 0xcbf43926.
