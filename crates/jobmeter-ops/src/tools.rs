@@ -225,7 +225,7 @@ impl SimulateCmd {
                 self.placement,
             )?;
         } else if self.fleet.events_out.is_none() {
-            anyhow::bail!("say where the fleet goes: --events-out FILE and/or --brokers HOST:PORT");
+            anyhow::bail!("say where the fleet goes: --events-out FILE and/or --brokers HOST:PORT (or --config FILE)");
         }
         Ok(())
     }
