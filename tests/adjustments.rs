@@ -19,7 +19,7 @@ use support::*;
 
 const PARTITIONS: i32 = 6;
 
-/// About 17,000 events of 150 accounts, none changing plan, over two days from Apr 29
+/// About 47,000 events of 150 accounts, none changing plan, over two days from Apr 29
 /// noon (April closes inside the backlog).
 fn fleet(seed: u64) -> FleetOptions {
     FleetOptions {
@@ -159,6 +159,25 @@ fn paid(charges: impl IntoIterator<Item = String>) -> BTreeMap<String, Decimal> 
     m
 }
 
+/// The accounts whose totals differ, with their charges: what a timeout
+/// shows.
+fn paid_difference(got: &BTreeMap<String, Decimal>, want: &BTreeMap<String, Decimal>, charges: &[String]) -> String {
+    let accounts: std::collections::BTreeSet<&String> = got.keys().chain(want.keys()).collect();
+    let mut out = format!("{} charges read; accounts whose totals differ:\n", charges.len());
+    for a in accounts.into_iter().filter(|a| got.get(*a) != want.get(*a)) {
+        out += &format!(
+            "  {a}: paid {:?}, expected {:?}\n",
+            got.get(a).map(Decimal::to_string),
+            want.get(a).map(Decimal::to_string)
+        );
+        let needle = format!("\"account_id\":\"{a}\"");
+        for c in charges.iter().filter(|c| c.contains(&needle)).take(80) {
+            out += &format!("    {c}\n");
+        }
+    }
+    out
+}
+
 fn produce_adjustments(prefix: &str, records: &[String]) {
     let p = producer_for(Placement::Murmur2);
     let topic = format!("{prefix}.adjustments");
@@ -174,6 +193,110 @@ fn produce_adjustments(prefix: &str, records: &[String]) {
         );
     }
     rdkafka::producer::Producer::flush(&p, Duration::from_secs(30)).expect("flush");
+}
+
+/// What each account pays when the meters of the workload's partitions
+/// take its events in order, with `round1` applied before event `at.0` and
+/// `round2` before event `at.1` (each record to its account's meter). With
+/// `batch`, every meter keeps finished jobs in an archive that, as in the
+/// service, holds every batch of `batch` events but the last one.
+fn paid_offline(
+    w: &Workload,
+    (round1, round2): (&[String], &[String]),
+    at: (usize, usize),
+    batch: Option<usize>,
+) -> BTreeMap<String, Decimal> {
+    use jobmeter_core::archive::SharedMemArchive;
+    use jobmeter_core::{Context, Meter, MeterConfig, Output};
+    let (rates, plans, book) = billing(w);
+    let config = MeterConfig::default();
+    let ctx = Context::new(&rates, &plans, &book, &config);
+    let mut meters: BTreeMap<i32, (Meter, SharedMemArchive, Vec<jobmeter_core::state::StateChange>)> = (0..w
+        .partitions)
+        .map(|p| {
+            let archive = SharedMemArchive::default();
+            let meter = match batch {
+                Some(_) => Meter::tracking_changes().with_archive(Box::new(archive.clone())),
+                None => Meter::default(),
+            };
+            (p, (meter, archive, Vec::new()))
+        })
+        .collect();
+    let mut out = Vec::new();
+    let ctx_of = |p: i32| ctx.with_partition(p, w.partitions, jobmeter_kafka::partitioner::partition_for_key);
+    let adjust =
+        |meters: &mut BTreeMap<i32, (Meter, SharedMemArchive, _)>, records: &[String], out: &mut Vec<Output>| {
+            for a in records {
+                let account = jobmeter_core::adjust::adjustment_account(a.as_bytes()).expect("an account");
+                let p = partition_of(account.as_str(), w.partitions);
+                let m = &mut meters.get_mut(&p).expect("meter").0;
+                m.apply_adjustment(&ctx_of(p), a.as_bytes(), None, out)
+                    .expect("apply an adjustment");
+            }
+        };
+    for (i, e) in w.events.iter().enumerate() {
+        if i == at.0 {
+            adjust(&mut meters, round1, &mut out);
+        }
+        if i == at.1 {
+            adjust(&mut meters, round2, &mut out);
+        }
+        let p = partition_of(&e.key, w.partitions);
+        let m = &mut meters.get_mut(&p).expect("meter").0;
+        m.apply(&ctx_of(p), e.json.as_bytes(), None, &mut out).expect("apply");
+        if batch.is_some_and(|b| (i + 1) % b == 0) {
+            for (m, archive, previous) in meters.values_mut() {
+                // The previous batch is durable now; this one is handed over.
+                archive.apply(previous);
+                *previous = m.take_changes().expect("changes");
+                m.release_stored();
+            }
+        }
+    }
+    if at.0 >= w.events.len() {
+        adjust(&mut meters, round1, &mut out);
+    }
+    if at.1 >= w.events.len() {
+        adjust(&mut meters, round2, &mut out);
+    }
+    let charges = out.into_iter().filter_map(|o| match o {
+        Output::Charge(c) => Some(serde_json::to_string(&c).expect("charge")),
+        _ => None,
+    });
+    paid(charges)
+}
+
+/// The rule the test below checks through Kafka, offline and everywhere:
+/// wherever the two rounds of adjustments fall in the stream, and whether
+/// finished jobs are in memory or archived, each account pays what it pays
+/// with the adjustments applied first.
+#[test]
+fn adjustments_cost_the_same_wherever_they_fall_in_the_stream() {
+    let w = workload(&fleet(91), PARTITIONS);
+    let (round1, round2) = adjustments(&w);
+    let rounds = (round1.as_slice(), round2.as_slice());
+    let want = paid_offline(&w, rounds, (0, 0), None);
+    let n = w.events.len();
+    let mut tried = 0;
+    for (k, batch) in [None, Some(1), Some(97)].into_iter().enumerate() {
+        for step in 0..=3 {
+            let first = (n * step / 3 + k * 131) % (n + 1);
+            for second in [(first + n / 10).min(n), n] {
+                let got = paid_offline(&w, rounds, (first, second), batch);
+                tried += 1;
+                if got != want {
+                    let accounts: std::collections::BTreeSet<&String> = want.keys().chain(got.keys()).collect();
+                    let diff: Vec<String> = accounts
+                        .into_iter()
+                        .filter(|a| got.get(*a) != want.get(*a))
+                        .map(|a| format!("{a}: {:?} instead of {:?}", got.get(a), want.get(a)))
+                        .collect();
+                    panic!("rounds at events {first} and {second} of {n}, archive batches {batch:?}: {diff:?}");
+                }
+            }
+        }
+    }
+    eprintln!("{tried} placements, each account paying the same");
 }
 
 #[test]
@@ -250,8 +373,14 @@ fn price_overrides_written_during_a_catch_up_bill_as_if_in_force_from_the_start_
     let mut want_reasons = want.reasons.clone();
     *want_reasons.entry("schema_violation".to_owned()).or_default() += 1;
     let refs: Vec<&MeterProc> = meters.iter().collect();
-    wait_until("every account's total", Duration::from_secs(900), &refs, || {
-        paid(read_all(&charges_topic)) == want_paid
+    wait_until_explained("every account's total", Duration::from_secs(900), &refs, || {
+        let charges = read_all(&charges_topic);
+        let got = paid(charges.iter().cloned());
+        if got == want_paid {
+            Ok(())
+        } else {
+            Err(paid_difference(&got, &want_paid, &charges))
+        }
     });
     let started = std::time::Instant::now();
     while read_outputs(&prefix).reasons != want_reasons && started.elapsed() < Duration::from_secs(60) {

@@ -733,10 +733,23 @@ pub fn collect(out: Vec<Output>) -> Outputs {
 
 /// Waits until `f` holds, or panics with `what` and the meter logs.
 pub fn wait_until(what: &str, timeout: Duration, logs: &[&MeterProc], mut f: impl FnMut() -> bool) {
+    wait_until_explained(what, timeout, logs, || if f() { Ok(()) } else { Err(String::new()) });
+}
+
+/// Waits until `f` is `Ok`, or panics with `what`, what `f` last said
+/// was still wrong, and the meter logs.
+pub fn wait_until_explained(
+    what: &str,
+    timeout: Duration,
+    logs: &[&MeterProc],
+    mut f: impl FnMut() -> Result<(), String>,
+) {
     let started = Instant::now();
+    let mut wrong = String::new();
     while started.elapsed() < timeout {
-        if f() {
-            return;
+        match f() {
+            Ok(()) => return,
+            Err(w) => wrong = w,
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -756,7 +769,7 @@ pub fn wait_until(what: &str, timeout: Duration, logs: &[&MeterProc], mut f: imp
         })
         .collect();
     panic!(
-        "timed out waiting for {what}\n--- meter logs ---\n{}",
+        "timed out waiting for {what}\n{wrong}\n--- meter logs ---\n{}",
         tails.join("\n---\n")
     );
 }
