@@ -227,6 +227,9 @@ impl MeterProc {
         let started = Instant::now();
         loop {
             if let Ok(Some(st)) = self.child.try_wait() {
+                // Its log is a file: plain text, no terminal colour codes.
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                assert!(!log.contains('\u{1b}'), "colour codes in {}", self.log.display());
                 return st.code();
             }
             if started.elapsed() > Duration::from_secs(60) {
@@ -731,6 +734,18 @@ pub fn collect(out: Vec<Output>) -> Outputs {
     o
 }
 
+/// The metrics a timed-out wait shows of each meter.
+const PROGRESS_METRICS: [&str; 8] = [
+    "jobmeter_assigned_partitions",
+    "jobmeter_records_consumed_total",
+    "jobmeter_events_total",
+    "jobmeter_adjustments_read_total",
+    "jobmeter_consumer_lag",
+    "jobmeter_merge_wait_seconds_total",
+    "jobmeter_pipeline_restarts_total",
+    "jobmeter_partition_failed",
+];
+
 /// Waits until `f` holds, or panics with `what` and the meter logs.
 pub fn wait_until(what: &str, timeout: Duration, logs: &[&MeterProc], mut f: impl FnMut() -> bool) {
     wait_until_explained(what, timeout, logs, || if f() { Ok(()) } else { Err(String::new()) });
@@ -765,7 +780,18 @@ pub fn wait_until_explained(
                 .map_or("gone".to_owned(), |c| c.to_string());
             let ready =
                 http_get(&m.http, "/readyz").map_or("not ready or unreachable".to_owned(), |b| b.trim().to_owned());
-            format!("pid {pid} state {state}; /readyz: {ready}\n{}", m.log_tail())
+            // Where its pipeline stands: what it read, applied and waits for.
+            let progress: Vec<String> = http_get(&m.http, "/metrics")
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| PROGRESS_METRICS.iter().any(|n| l.starts_with(n)))
+                .map(str::to_owned)
+                .collect();
+            format!(
+                "pid {pid} state {state}; /readyz: {ready}\n{}\n{}",
+                progress.join("\n"),
+                m.log_tail()
+            )
         })
         .collect();
     panic!(

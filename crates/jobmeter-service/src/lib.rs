@@ -144,14 +144,25 @@ pub fn run_until_signalled(cfg: Config) -> Result<(), ServiceError> {
     rt.block_on(run(cfg, shutdown))
 }
 
-/// Logs to stderr, filtered by `JOBMETER_LOG` (default `info`). Idempotent.
+/// Logs to stderr, filtered by `JOBMETER_LOG` (default `info`); in colour
+/// only on a terminal (a log file, `kubectl logs` or a log shipper gets
+/// plain text) and never with `NO_COLOR` set. Idempotent.
 pub fn init_tracing() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("JOBMETER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let colour = log_colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Whether log lines carry colour codes: on a terminal, unless `NO_COLOR`
+/// is set to anything but the empty string (no-color.org).
+fn log_colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(std::ffi::OsStr::is_empty)
 }
 
 /// Everything the pipeline thread needs.
@@ -420,5 +431,20 @@ async fn supervise(
                 metrics.instance.pro_subscribers.set(table.pro_subscribers() as i64);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_colour;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+        assert!(log_colour(true, None));
+        assert!(log_colour(true, Some(OsStr::new(""))), "an empty NO_COLOR is unset");
+        assert!(!log_colour(true, Some(OsStr::new("1"))));
+        assert!(!log_colour(false, None), "a file or a pipe gets plain text");
+        assert!(!log_colour(false, Some(OsStr::new("1"))));
     }
 }
