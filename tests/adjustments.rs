@@ -159,20 +159,33 @@ fn paid(charges: impl IntoIterator<Item = String>) -> BTreeMap<String, Decimal> 
     m
 }
 
-/// The accounts whose totals differ, with their charges: what a timeout
-/// shows.
+/// The accounts whose totals differ, then the charges of the first few of
+/// them: what a timeout shows.
 fn paid_difference(got: &BTreeMap<String, Decimal>, want: &BTreeMap<String, Decimal>, charges: &[String]) -> String {
     let accounts: std::collections::BTreeSet<&String> = got.keys().chain(want.keys()).collect();
-    let mut out = format!("{} charges read; accounts whose totals differ:\n", charges.len());
-    for a in accounts.into_iter().filter(|a| got.get(*a) != want.get(*a)) {
+    let differ: Vec<&String> = accounts.into_iter().filter(|a| got.get(*a) != want.get(*a)).collect();
+    let mut out = format!(
+        "{} charges read; {} accounts' totals differ:\n",
+        charges.len(),
+        differ.len()
+    );
+    for a in &differ {
         out += &format!(
             "  {a}: paid {:?}, expected {:?}\n",
-            got.get(a).map(Decimal::to_string),
-            want.get(a).map(Decimal::to_string)
+            got.get(*a).map(Decimal::to_string),
+            want.get(*a).map(Decimal::to_string)
         );
+    }
+    for a in differ.iter().take(3) {
         let needle = format!("\"account_id\":\"{a}\"");
-        for c in charges.iter().filter(|c| c.contains(&needle)).take(80) {
-            out += &format!("    {c}\n");
+        let of: Vec<&String> = charges.iter().filter(|c| c.contains(&needle)).collect();
+        out += &format!("charges of {a} ({}, the last 25):\n", of.len());
+        for c in &of[of.len().saturating_sub(25)..] {
+            let v: serde_json::Value = serde_json::from_str(c).unwrap_or_default();
+            out += &format!(
+                "    {} {} adjustment {} adjusts {}\n",
+                v["charge_id"], v["amount"], v["adjustment_id"], v["adjusts"]
+            );
         }
     }
     out

@@ -768,11 +768,13 @@ pub fn wait_until_explained(
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    let tails: Vec<String> = logs
+    // First where each meter stands (whether the process is still there,
+    // "Z": exited, not yet reaped; what /readyz says; what its pipeline
+    // read, applied and waits for), then the logs: a long output may be
+    // cut in the middle, and the states of all meters stay at its top.
+    let states: Vec<String> = logs
         .iter()
         .map(|m| {
-            // Whether the process is still there ("Z": it exited, not yet
-            // reaped), what /readyz says, and its log.
             let pid = m.child.id();
             let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .ok()
@@ -780,22 +782,19 @@ pub fn wait_until_explained(
                 .map_or("gone".to_owned(), |c| c.to_string());
             let ready =
                 http_get(&m.http, "/readyz").map_or("not ready or unreachable".to_owned(), |b| b.trim().to_owned());
-            // Where its pipeline stands: what it read, applied and waits for.
             let progress: Vec<String> = http_get(&m.http, "/metrics")
                 .unwrap_or_default()
                 .lines()
                 .filter(|l| PROGRESS_METRICS.iter().any(|n| l.starts_with(n)))
                 .map(str::to_owned)
                 .collect();
-            format!(
-                "pid {pid} state {state}; /readyz: {ready}\n{}\n{}",
-                progress.join("\n"),
-                m.log_tail()
-            )
+            format!("pid {pid} state {state}; /readyz: {ready}\n{}", progress.join("\n"))
         })
         .collect();
+    let tails: Vec<String> = logs.iter().map(|m| m.log_tail()).collect();
     panic!(
-        "timed out waiting for {what}\n{wrong}\n--- meter logs ---\n{}",
+        "timed out waiting for {what}\n{wrong}\n--- meters ---\n{}\n--- meter logs ---\n{}",
+        states.join("\n---\n"),
         tails.join("\n---\n")
     );
 }
