@@ -208,16 +208,27 @@ fn produce_adjustments(prefix: &str, records: &[String]) {
     rdkafka::producer::Producer::flush(&p, Duration::from_secs(30)).expect("flush");
 }
 
+/// How the meters of [`paid_offline`] keep their state.
+#[derive(Debug, Clone, Copy)]
+enum Keeping {
+    /// All in memory.
+    Memory,
+    /// All in memory, and every meter is rebuilt from its stored state
+    /// before the given event (a restart).
+    RestoredAt(usize),
+    /// Finished jobs in an archive that, as in the service, holds every
+    /// batch of the given number of events but the last one.
+    Archived(usize),
+}
+
 /// What each account pays when the meters of the workload's partitions
 /// take its events in order, with `round1` applied before event `at.0` and
-/// `round2` before event `at.1` (each record to its account's meter). With
-/// `batch`, every meter keeps finished jobs in an archive that, as in the
-/// service, holds every batch of `batch` events but the last one.
+/// `round2` before event `at.1` (each record to its account's meter).
 fn paid_offline(
     w: &Workload,
     (round1, round2): (&[String], &[String]),
     at: (usize, usize),
-    batch: Option<usize>,
+    keeping: Keeping,
 ) -> BTreeMap<String, Decimal> {
     use jobmeter_core::archive::SharedMemArchive;
     use jobmeter_core::{Context, Meter, MeterConfig, Output};
@@ -228,9 +239,9 @@ fn paid_offline(
         .partitions)
         .map(|p| {
             let archive = SharedMemArchive::default();
-            let meter = match batch {
-                Some(_) => Meter::tracking_changes().with_archive(Box::new(archive.clone())),
-                None => Meter::default(),
+            let meter = match keeping {
+                Keeping::Archived(_) => Meter::tracking_changes().with_archive(Box::new(archive.clone())),
+                _ => Meter::default(),
             };
             (p, (meter, archive, Vec::new()))
         })
@@ -248,6 +259,13 @@ fn paid_offline(
             }
         };
     for (i, e) in w.events.iter().enumerate() {
+        if matches!(keeping, Keeping::RestoredAt(r) if r == i) {
+            for (m, _, _) in meters.values_mut() {
+                let stored = m.snapshot().expect("snapshot");
+                let records = stored.into_iter().filter_map(|c| c.value.map(|v| (c.table, c.key, v)));
+                *m = Meter::restore(records, &config).expect("restore");
+            }
+        }
         if i == at.0 {
             adjust(&mut meters, round1, &mut out);
         }
@@ -257,7 +275,7 @@ fn paid_offline(
         let p = partition_of(&e.key, w.partitions);
         let m = &mut meters.get_mut(&p).expect("meter").0;
         m.apply(&ctx_of(p), e.json.as_bytes(), None, &mut out).expect("apply");
-        if batch.is_some_and(|b| (i + 1) % b == 0) {
+        if matches!(keeping, Keeping::Archived(b) if (i + 1) % b == 0) {
             for (m, archive, previous) in meters.values_mut() {
                 // The previous batch is durable now; this one is handed over.
                 archive.apply(previous);
@@ -280,22 +298,29 @@ fn paid_offline(
 }
 
 /// The rule the test below checks through Kafka, offline and everywhere:
-/// wherever the two rounds of adjustments fall in the stream, and whether
-/// finished jobs are in memory or archived, each account pays what it pays
-/// with the adjustments applied first.
+/// wherever the two rounds of adjustments fall in the stream, whether
+/// finished jobs are in memory or archived, and with a restart from stored
+/// state between the rounds, each account pays what it pays with the
+/// adjustments applied first.
 #[test]
 fn adjustments_cost_the_same_wherever_they_fall_in_the_stream() {
     let w = workload(&fleet(91), PARTITIONS);
     let (round1, round2) = adjustments(&w);
     let rounds = (round1.as_slice(), round2.as_slice());
-    let want = paid_offline(&w, rounds, (0, 0), None);
+    let want = paid_offline(&w, rounds, (0, 0), Keeping::Memory);
     let n = w.events.len();
     let mut tried = 0;
-    for (k, batch) in [None, Some(1), Some(97)].into_iter().enumerate() {
+    for k in 0..4 {
         for step in 0..=3 {
             let first = (n * step / 3 + k * 131) % (n + 1);
             for second in [(first + n / 10).min(n), n] {
-                let got = paid_offline(&w, rounds, (first, second), batch);
+                let keeping = match k {
+                    0 => Keeping::Memory,
+                    1 => Keeping::Archived(1),
+                    2 => Keeping::Archived(97),
+                    _ => Keeping::RestoredAt((first + second) / 2),
+                };
+                let got = paid_offline(&w, rounds, (first, second), keeping);
                 tried += 1;
                 if got != want {
                     let accounts: std::collections::BTreeSet<&String> = want.keys().chain(got.keys()).collect();
@@ -304,7 +329,7 @@ fn adjustments_cost_the_same_wherever_they_fall_in_the_stream() {
                         .filter(|a| got.get(*a) != want.get(*a))
                         .map(|a| format!("{a}: {:?} instead of {:?}", got.get(a), want.get(a)))
                         .collect();
-                    panic!("rounds at events {first} and {second} of {n}, archive batches {batch:?}: {diff:?}");
+                    panic!("rounds at events {first} and {second} of {n}, {keeping:?}: {diff:?}");
                 }
             }
         }
