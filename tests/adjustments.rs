@@ -217,8 +217,34 @@ enum Keeping {
     /// before the given event (a restart).
     RestoredAt(usize),
     /// Finished jobs in an archive that, as in the service, holds every
-    /// batch of the given number of events but the last one.
-    Archived(usize),
+    /// batch of `batch` events but the last one; with `restart`, every
+    /// meter is rebuilt from its durable state (the store caught up from
+    /// the changelog, as after a kill) at the first batch end from that
+    /// event on.
+    Archived { batch: usize, restart: Option<usize> },
+}
+
+/// One partition's meter of [`paid_offline`] and what it made durable.
+struct Part {
+    meter: jobmeter_core::Meter,
+    archive: jobmeter_core::archive::SharedMemArchive,
+    /// The batch taken last, not yet in the archive.
+    handed_over: Vec<jobmeter_core::state::StateChange>,
+    /// Every record of the batches in the archive, as a store holds them.
+    durable: BTreeMap<(jobmeter_core::state::Table, Vec<u8>), Vec<u8>>,
+}
+
+impl Part {
+    /// The batch handed over is durable: in the archive and the store.
+    fn store_handed_over(&mut self) {
+        self.archive.apply(&self.handed_over);
+        for c in self.handed_over.drain(..) {
+            match c.value {
+                Some(v) => self.durable.insert((c.table, c.key), v),
+                None => self.durable.remove(&(c.table, c.key)),
+            };
+        }
+    }
 }
 
 /// What each account pays when the meters of the workload's partitions
@@ -235,60 +261,82 @@ fn paid_offline(
     let (rates, plans, book) = billing(w);
     let config = MeterConfig::default();
     let ctx = Context::new(&rates, &plans, &book, &config);
-    let mut meters: BTreeMap<i32, (Meter, SharedMemArchive, Vec<jobmeter_core::state::StateChange>)> = (0..w
-        .partitions)
+    let mut parts: BTreeMap<i32, Part> = (0..w.partitions)
         .map(|p| {
             let archive = SharedMemArchive::default();
             let meter = match keeping {
-                Keeping::Archived(_) => Meter::tracking_changes().with_archive(Box::new(archive.clone())),
+                Keeping::Archived { .. } => Meter::tracking_changes().with_archive(Box::new(archive.clone())),
                 _ => Meter::default(),
             };
-            (p, (meter, archive, Vec::new()))
+            let part = Part {
+                meter,
+                archive,
+                handed_over: Vec::new(),
+                durable: BTreeMap::new(),
+            };
+            (p, part)
         })
         .collect();
+    let mut restarted = false;
     let mut out = Vec::new();
     let ctx_of = |p: i32| ctx.with_partition(p, w.partitions, jobmeter_kafka::partitioner::partition_for_key);
-    let adjust =
-        |meters: &mut BTreeMap<i32, (Meter, SharedMemArchive, _)>, records: &[String], out: &mut Vec<Output>| {
-            for a in records {
-                let account = jobmeter_core::adjust::adjustment_account(a.as_bytes()).expect("an account");
-                let p = partition_of(account.as_str(), w.partitions);
-                let m = &mut meters.get_mut(&p).expect("meter").0;
-                m.apply_adjustment(&ctx_of(p), a.as_bytes(), None, out)
-                    .expect("apply an adjustment");
-            }
-        };
+    let adjust = |parts: &mut BTreeMap<i32, Part>, records: &[String], out: &mut Vec<Output>| {
+        for a in records {
+            let account = jobmeter_core::adjust::adjustment_account(a.as_bytes()).expect("an account");
+            let p = partition_of(account.as_str(), w.partitions);
+            let m = &mut parts.get_mut(&p).expect("meter").meter;
+            m.apply_adjustment(&ctx_of(p), a.as_bytes(), None, out)
+                .expect("apply an adjustment");
+        }
+    };
     for (i, e) in w.events.iter().enumerate() {
         if matches!(keeping, Keeping::RestoredAt(r) if r == i) {
-            for (m, _, _) in meters.values_mut() {
-                let stored = m.snapshot().expect("snapshot");
+            for part in parts.values_mut() {
+                let stored = part.meter.snapshot().expect("snapshot");
                 let records = stored.into_iter().filter_map(|c| c.value.map(|v| (c.table, c.key, v)));
-                *m = Meter::restore(records, &config).expect("restore");
+                part.meter = Meter::restore(records, &config).expect("restore");
             }
         }
         if i == at.0 {
-            adjust(&mut meters, round1, &mut out);
+            adjust(&mut parts, round1, &mut out);
         }
         if i == at.1 {
-            adjust(&mut meters, round2, &mut out);
+            adjust(&mut parts, round2, &mut out);
         }
         let p = partition_of(&e.key, w.partitions);
-        let m = &mut meters.get_mut(&p).expect("meter").0;
+        let m = &mut parts.get_mut(&p).expect("meter").meter;
         m.apply(&ctx_of(p), e.json.as_bytes(), None, &mut out).expect("apply");
-        if matches!(keeping, Keeping::Archived(b) if (i + 1) % b == 0) {
-            for (m, archive, previous) in meters.values_mut() {
-                // The previous batch is durable now; this one is handed over.
-                archive.apply(previous);
-                *previous = m.take_changes().expect("changes");
-                m.release_stored();
+        let Keeping::Archived { batch, restart } = keeping else {
+            continue;
+        };
+        if (i + 1) % batch != 0 {
+            continue;
+        }
+        for part in parts.values_mut() {
+            // The previous batch is durable now; this one is handed over.
+            part.store_handed_over();
+            part.handed_over = part.meter.take_changes().expect("changes");
+            part.meter.release_stored();
+        }
+        if !restarted && restart.is_some_and(|r| i >= r) {
+            restarted = true;
+            for part in parts.values_mut() {
+                // Killed once the batch handed over was committed: the
+                // store is caught up from the changelog, and the meter
+                // rebuilt from it.
+                part.store_handed_over();
+                let records = part.durable.iter().map(|((t, k), v)| (*t, k.clone(), v.clone()));
+                part.meter = Meter::restore(records, &config)
+                    .expect("restore")
+                    .with_archive(Box::new(part.archive.clone()));
             }
         }
     }
     if at.0 >= w.events.len() {
-        adjust(&mut meters, round1, &mut out);
+        adjust(&mut parts, round1, &mut out);
     }
     if at.1 >= w.events.len() {
-        adjust(&mut meters, round2, &mut out);
+        adjust(&mut parts, round2, &mut out);
     }
     let charges = out.into_iter().filter_map(|o| match o {
         Output::Charge(c) => Some(serde_json::to_string(&c).expect("charge")),
@@ -300,8 +348,8 @@ fn paid_offline(
 /// The rule the test below checks through Kafka, offline and everywhere:
 /// wherever the two rounds of adjustments fall in the stream, whether
 /// finished jobs are in memory or archived, and with a restart from stored
-/// state between the rounds, each account pays what it pays with the
-/// adjustments applied first.
+/// or durable state between the rounds, each account pays what it pays
+/// with the adjustments applied first.
 #[test]
 fn adjustments_cost_the_same_wherever_they_fall_in_the_stream() {
     let w = workload(&fleet(91), PARTITIONS);
@@ -310,15 +358,26 @@ fn adjustments_cost_the_same_wherever_they_fall_in_the_stream() {
     let want = paid_offline(&w, rounds, (0, 0), Keeping::Memory);
     let n = w.events.len();
     let mut tried = 0;
-    for k in 0..4 {
-        for step in 0..=3 {
-            let first = (n * step / 3 + k * 131) % (n + 1);
+    for k in 0..5 {
+        for step in 0..=2 {
+            let first = (n * step / 2 + k * 131) % (n + 1);
             for second in [(first + n / 10).min(n), n] {
+                let between = (first + second) / 2;
                 let keeping = match k {
                     0 => Keeping::Memory,
-                    1 => Keeping::Archived(1),
-                    2 => Keeping::Archived(97),
-                    _ => Keeping::RestoredAt((first + second) / 2),
+                    1 => Keeping::Archived {
+                        batch: 1,
+                        restart: None,
+                    },
+                    2 => Keeping::Archived {
+                        batch: 97,
+                        restart: None,
+                    },
+                    3 => Keeping::RestoredAt(between),
+                    _ => Keeping::Archived {
+                        batch: 97,
+                        restart: Some(between),
+                    },
                 };
                 let got = paid_offline(&w, rounds, (first, second), keeping);
                 tried += 1;
