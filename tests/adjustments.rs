@@ -159,11 +159,16 @@ fn paid(charges: impl IntoIterator<Item = String>) -> BTreeMap<String, Decimal> 
     m
 }
 
+/// The accounts whose totals differ between `got` and `want`.
+fn differing<'a>(got: &'a BTreeMap<String, Decimal>, want: &'a BTreeMap<String, Decimal>) -> Vec<&'a String> {
+    let accounts: std::collections::BTreeSet<&String> = got.keys().chain(want.keys()).collect();
+    accounts.into_iter().filter(|a| got.get(*a) != want.get(*a)).collect()
+}
+
 /// The accounts whose totals differ, then the charges of the first few of
 /// them: what a timeout shows.
 fn paid_difference(got: &BTreeMap<String, Decimal>, want: &BTreeMap<String, Decimal>, charges: &[String]) -> String {
-    let accounts: std::collections::BTreeSet<&String> = got.keys().chain(want.keys()).collect();
-    let differ: Vec<&String> = accounts.into_iter().filter(|a| got.get(*a) != want.get(*a)).collect();
+    let differ = differing(got, want);
     let mut out = format!(
         "{} charges read; {} accounts' totals differ:\n",
         charges.len(),
@@ -382,10 +387,8 @@ fn adjustments_cost_the_same_wherever_they_fall_in_the_stream() {
                 let got = paid_offline(&w, rounds, (first, second), keeping);
                 tried += 1;
                 if got != want {
-                    let accounts: std::collections::BTreeSet<&String> = want.keys().chain(got.keys()).collect();
-                    let diff: Vec<String> = accounts
+                    let diff: Vec<String> = differing(&got, &want)
                         .into_iter()
-                        .filter(|a| got.get(*a) != want.get(*a))
                         .map(|a| format!("{a}: {:?} instead of {:?}", got.get(a), want.get(a)))
                         .collect();
                     panic!("rounds at events {first} and {second} of {n}, {keeping:?}: {diff:?}");
