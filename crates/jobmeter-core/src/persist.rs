@@ -27,7 +27,18 @@ impl Meter {
             meta,
             adjustments,
         } = d;
-        let mut out = Vec::with_capacity(jobs.len() + usage.len() + fired.len() + statements.len() + 1);
+        // Room for everything, the archive's index entries included (a
+        // finished job's: its open-jobs entry, two event ids, its expiry):
+        // a list this long regrown as it fills is copied and its memory
+        // faulted in anew at each doubling.
+        let index = if self.archive.is_some() {
+            self.cold.local.len() + 4 * jobs.len()
+        } else {
+            0
+        };
+        let mut out = Vec::with_capacity(
+            jobs.len() + index + usage.len() + fired.len() + statements.len() + adjustments.len() + closed.len() + 6,
+        );
         let mut jobs: Vec<_> = jobs.into_iter().collect();
         jobs.sort();
         for k in &jobs {
