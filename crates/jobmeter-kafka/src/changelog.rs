@@ -8,9 +8,16 @@ use jobmeter_core::state::Table;
 /// The changelog key of `key` in `table`.
 pub fn key(table: Table, key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + key.len());
-    k.push(table.tag());
-    k.extend_from_slice(key);
+    key_into(&mut k, table, key);
     k
+}
+
+/// [`key`] written into `out`, replacing what it held (one buffer for a
+/// whole batch of records: the producer copies each key).
+pub fn key_into(out: &mut Vec<u8>, table: Table, key: &[u8]) {
+    out.clear();
+    out.push(table.tag());
+    out.extend_from_slice(key);
 }
 
 /// The table and state key of a changelog key (`None` if malformed).

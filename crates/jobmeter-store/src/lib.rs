@@ -551,10 +551,14 @@ impl Store {
         // in the order their jobs finished) a search from the top, a cache
         // miss a level. The sort is stable, so a key changed twice in one
         // step still ends with its last change.
-        let mut rows: Vec<(Vec<u8>, &StateChange)> = changes.map(|ch| (prefixed(partition, &ch.key), ch)).collect();
-        rows.sort_by(|a, b| (a.1.table, &a.0).cmp(&(b.1.table, &b.0)));
+        // Every key of the step has the same partition prefix, so the
+        // order of the state keys is the order of the stored keys.
+        let mut rows: Vec<&StateChange> = changes.collect();
+        rows.sort_by(|a, b| (a.table, &a.key).cmp(&(b.table, &b.key)));
         let mut cf: Option<(Table, &rocksdb::ColumnFamily)> = None;
-        for (key, ch) in rows {
+        let mut key = prefix(partition).to_vec();
+        let at = key.len();
+        for ch in rows {
             let handle = match cf {
                 Some((t, h)) if t == ch.table => h,
                 _ => {
@@ -563,9 +567,12 @@ impl Store {
                     h
                 }
             };
+            // The batch copies the key: one buffer serves every row.
+            key.truncate(at);
+            key.extend_from_slice(&ch.key);
             match &ch.value {
-                Some(v) => batch.put_cf(handle, key, v),
-                None => batch.delete_cf(handle, key),
+                Some(v) => batch.put_cf(handle, &key, v),
+                None => batch.delete_cf(handle, &key),
             }
         }
         Ok(())

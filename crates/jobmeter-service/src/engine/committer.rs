@@ -296,9 +296,10 @@ fn send_records<T: Transactional>(
             tag: r.tag,
         })?;
     }
+    let mut key = Vec::new();
     for (p, ch) in changes {
         for c in ch.iter().filter(|c| !c.table.is_local()) {
-            let key = jobmeter_kafka::changelog::key(c.table, &c.key);
+            jobmeter_kafka::changelog::key_into(&mut key, c.table, &c.key);
             producer.send(Outgoing {
                 topic: changelog,
                 key: &key,
