@@ -548,11 +548,10 @@ impl Store {
         // column family's memtable (a skiplist) key after key, each search
         // starting where the previous key went: a key next to the previous
         // one costs a few steps, a key anywhere else (event ids, expiries:
-        // in the order their jobs finished) a search from the top, a cache
-        // miss a level. The sort is stable, so a key changed twice in one
-        // step still ends with its last change.
-        // Every key of the step has the same partition prefix, so the
-        // order of the state keys is the order of the stored keys.
+        // in the order their jobs finished) a longer search, a cache miss
+        // a level. Every key of the step has the same partition prefix, so
+        // the state keys' order is the stored keys'. The sort is stable: a
+        // key changed twice in one step still ends with its last change.
         let mut rows: Vec<&StateChange> = changes.collect();
         rows.sort_by(|a, b| (a.table, &a.key).cmp(&(b.table, &b.key)));
         let mut cf: Option<(Table, &rocksdb::ColumnFamily)> = None;
