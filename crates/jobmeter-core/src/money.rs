@@ -114,16 +114,11 @@ impl std::iter::Sum for Money {
     }
 }
 
-macro_rules! string_id {
-    ($(#[$doc:meta])* $name:ident) => {
-        $(#[$doc])*
-        ///
-        /// Shared (`Arc<str>`): cloning an id is a reference-count increment,
-        /// which keeps the meter's hot path free of string copies.
-        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-        #[serde(transparent)]
-        pub struct $name(pub std::sync::Arc<str>);
-
+/// What every id type has: its text as a `&str`, display, conversion from
+/// text, and lookups by `&str` (each id hashes and compares as its text
+/// does).
+macro_rules! id_text {
+    ($name:ident) => {
         impl $name {
             /// The id as a string slice.
             pub fn as_str(&self) -> &str {
@@ -143,19 +138,47 @@ macro_rules! string_id {
             }
         }
 
-        // Hashes and compares as its text does (`Arc<str>` hashes as
-        // `str`), so a set of ids can be looked up by a `&str`.
-        impl std::borrow::Borrow<str> for $name {
-            fn borrow(&self) -> &str {
-                &self.0
-            }
-        }
-
         impl From<String> for $name {
             fn from(s: String) -> Self {
                 $name(s.into())
             }
         }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        ///
+        /// Shared (`Arc<str>`): cloning an id is a reference-count increment,
+        /// which keeps the meter's hot path free of string copies.
+        #[derive(Debug, Clone, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub std::sync::Arc<str>);
+
+        // Equal as text; two clones of one id are equal without reading
+        // the text (ids read from the input are shared, so most
+        // comparisons are of clones).
+        impl PartialEq for $name {
+            fn eq(&self, other: &Self) -> bool {
+                std::sync::Arc::ptr_eq(&self.0, &other.0) || *self.0 == *other.0
+            }
+        }
+
+        // As `str` hashes, like `Arc<str>`.
+        impl std::hash::Hash for $name {
+            fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+                self.0.hash(h)
+            }
+        }
+
+        id_text!($name);
     };
 }
 
@@ -163,10 +186,19 @@ string_id!(
     /// The account a job is billed to (`data.account_id`); the Kafka key.
     AccountId
 );
-string_id!(
-    /// A job's id (the CloudEvent `subject`).
-    JobId
-);
+
+/// A job's id (the CloudEvent `subject`).
+///
+/// Held inline up to 23 bytes (longer ids are shared, `Arc<str>`): every
+/// event names its job, so an id made for each event allocates nothing, and
+/// comparing two ids in a hash probe reads no memory outside the table.
+/// Hashes, compares and serializes as its text does.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(smol_str::SmolStr);
+
+id_text!(JobId);
+
 string_id!(
     /// A model's id as named in the rate card (`sdxl-1.0`).
     ModelId
@@ -182,6 +214,48 @@ mod tests {
         assert_eq!(m("0.125").round_cents(), m("0.12"));
         assert_eq!(m("0.135").round_cents(), m("0.14"));
         assert_eq!(m("0.1251").round_cents(), m("0.13"));
+    }
+
+    #[test]
+    fn ids_hash_compare_and_serialize_as_their_text() {
+        use std::collections::{BTreeSet, HashSet};
+        // Job ids up to 23 bytes are held inline, longer ones shared: both
+        // must behave as their text, and alike across the boundary.
+        let short = "job-0001";
+        let long = "job-0001-a-very-long-identifier-✓";
+        let edge = "x".repeat(23);
+        let over = "x".repeat(24);
+        for s in [short, long, edge.as_str(), over.as_str(), ""] {
+            let a = JobId::from(s);
+            let b = JobId::from(s.to_owned());
+            assert_eq!(a, b);
+            assert_eq!(a.as_str(), s);
+            assert_eq!(a.to_string(), s);
+            let set: HashSet<JobId> = [a.clone()].into();
+            assert!(set.contains(s), "{s:?} is found by its text");
+            assert_eq!(serde_json::to_string(&a).ok(), serde_json::to_string(s).ok());
+            let back: Option<JobId> = serde_json::from_str(&serde_json::to_string(s).unwrap_or_default()).ok();
+            assert_eq!(back.as_ref(), Some(&a));
+        }
+        assert_ne!(JobId::from(edge.as_str()), JobId::from(over.as_str()));
+        let sorted: Vec<String> = [over.as_str(), short, long, edge.as_str()]
+            .into_iter()
+            .map(JobId::from)
+            .collect::<BTreeSet<_>>()
+            .iter()
+            .map(|j| j.to_string())
+            .collect();
+        let mut text = vec![over.clone(), short.to_owned(), long.to_owned(), edge.clone()];
+        text.sort();
+        assert_eq!(sorted, text, "ordered as text");
+
+        // Account ids: equal by text whether or not they share their text.
+        let a = AccountId::from("acct-1");
+        assert_eq!(a, a.clone());
+        assert_eq!(a, AccountId::from("acct-1"));
+        assert_ne!(a, AccountId::from("acct-2"));
+        let set: HashSet<AccountId> = [a].into();
+        assert!(set.contains(&AccountId::from("acct-1")) && set.contains("acct-1"));
     }
 
     #[test]

@@ -733,9 +733,9 @@ pub mod keys {
 
     /// Encodes a job key.
     pub fn job(k: &JobKey) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4 + k.0 .0.len() + k.1 .0.len());
+        let mut out = Vec::with_capacity(4 + k.0 .0.len() + k.1.as_str().len());
         put_str(&mut out, &k.0 .0);
-        put_str(&mut out, &k.1 .0);
+        put_str(&mut out, k.1.as_str());
         out
     }
 
