@@ -72,6 +72,7 @@ use super::metrics::Metrics;
 use committer::Committer;
 use committer::OutRecord;
 use jobmeter_core::archive::ArchiveError;
+use jobmeter_core::fasthash::FastMap;
 use jobmeter_core::{ApplyError, Context, Meter, MeterConfig, Origin, Output, PlanCatalog, RateCard, Stats};
 use jobmeter_kafka::client::KafkaSettings;
 use jobmeter_kafka::partitioner::partition_for_key;
@@ -187,7 +188,7 @@ pub struct Engine {
     committer: Committer<rdkafka::consumer::ConsumerGroupMetadata>,
     store: Arc<Store>,
     metrics: Metrics,
-    meters: HashMap<i32, PartitionMeter>,
+    meters: FastMap<i32, PartitionMeter>,
     assigned: BTreeSet<i32>,
     to_restore: BTreeSet<i32>,
     /// Changes at every assignment or revocation (the poll loop then
@@ -207,7 +208,7 @@ pub struct Engine {
     /// Repartition offsets to commit with the batch.
     next_rp_offsets: BTreeMap<i32, i64>,
     /// Per assigned partition: where its two inputs interleave.
-    lanes: HashMap<i32, Lane>,
+    lanes: FastMap<i32, Lane>,
     records: Vec<OutRecord>,
     charges_by_kind: [u64; 3],
     rerouted_by_cause: [u64; 3],
@@ -280,7 +281,7 @@ impl Engine {
             committer,
             store,
             metrics,
-            meters: HashMap::new(),
+            meters: FastMap::default(),
             assigned: BTreeSet::new(),
             to_restore: BTreeSet::new(),
             epoch: 0,
@@ -291,7 +292,7 @@ impl Engine {
             batch_events: 0,
             next_offsets: BTreeMap::new(),
             next_rp_offsets: BTreeMap::new(),
-            lanes: HashMap::new(),
+            lanes: FastMap::default(),
             records: Vec::new(),
             charges_by_kind: [0; 3],
             rerouted_by_cause: [0; 3],
