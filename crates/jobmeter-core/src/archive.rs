@@ -308,6 +308,41 @@ mod tests {
         assert_eq!(decode_expiry_key(&[1, 2, 3]), None);
     }
 
+    /// Job ids either side of the length held inline (23 bytes), in one-
+    /// and multi-byte text, survive the job key and its expiry key and are
+    /// found by the ids they decode to.
+    #[test]
+    fn job_keys_round_trip_either_side_of_the_inline_length() {
+        let ids = [
+            "x".repeat(22),
+            "x".repeat(23),
+            "x".repeat(24),
+            format!("{}é", "x".repeat(21)),
+            format!("{}é", "x".repeat(22)),
+            format!("{}🚀", "x".repeat(19)),
+            format!("{}🚀", "x".repeat(20)),
+            " job with spaces ".to_owned(),
+        ];
+        let mut table: crate::fasthash::FastMap<JobKey, usize> = Default::default();
+        for (i, id) in ids.iter().enumerate() {
+            table.insert((AccountId::from("acct-1"), JobId::from(id.as_str())), i);
+        }
+        assert_eq!(table.len(), ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            let jk: JobKey = (AccountId::from("acct-1"), JobId::from(id.as_str()));
+            let back = keys::decode_job(&keys::job(&jk));
+            assert_eq!(back.as_ref(), Some(&jk), "{id:?}");
+            assert_eq!(back.as_ref().map(|k| k.1.as_str()), Some(id.as_str()));
+            assert_eq!(
+                back.and_then(|k| table.get(&k).copied()),
+                Some(i),
+                "{id:?} is found by its decoded key"
+            );
+            let at = Timestamp(1_714_521_600_000);
+            assert_eq!(decode_expiry_key(&expiry_key(at, &jk)), Some((at, jk.clone())));
+        }
+    }
+
     /// The longest ids the parser lets through, in multi-byte text, at the
     /// edges of time, survive the index keys and the in-memory archive.
     #[test]
