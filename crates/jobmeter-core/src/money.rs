@@ -187,20 +187,30 @@ string_id!(
     AccountId
 );
 
-/// A job's id (the CloudEvent `subject`).
-///
-/// Held inline up to 23 bytes (longer ids are shared, `Arc<str>`): every
-/// event names its job, so an id made for each event allocates nothing, and
-/// comparing two ids in a hash probe reads no memory outside the table.
-/// Hashes, compares and serializes as its text does.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct JobId(smol_str::SmolStr);
+/// An id held inline up to 23 bytes (longer ones are shared, `Arc<str>`),
+/// for the ids every event carries: making one allocates nothing, cloning
+/// or dropping one touches no shared count, and comparing two reads no
+/// memory outside them. Hashes, compares, orders and serializes as its
+/// text does.
+macro_rules! inline_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(smol_str::SmolStr);
 
-id_text!(JobId);
+        id_text!($name);
+    };
+}
 
-string_id!(
-    /// A model's id as named in the rate card (`sdxl-1.0`).
+inline_id!(
+    /// A job's id (the CloudEvent `subject`): every event names one.
+    JobId
+);
+
+inline_id!(
+    /// A model's id as named in the rate card (`sdxl-1.0`): every start
+    /// names one, and each statement line is keyed by one.
     ModelId
 );
 
@@ -238,6 +248,12 @@ mod tests {
             assert_eq!(back.as_ref(), Some(&a));
         }
         assert_ne!(JobId::from(edge.as_str()), JobId::from(over.as_str()));
+        for s in [short, long, edge.as_str(), over.as_str(), ""] {
+            let m = ModelId::from(s);
+            assert_eq!((m.as_str(), &m), (s, &ModelId::from(s.to_owned())));
+            assert!(HashSet::from([m.clone()]).contains(s));
+            assert_eq!(serde_json::to_string(&m).ok(), serde_json::to_string(s).ok());
+        }
         let sorted: Vec<String> = [over.as_str(), short, long, edge.as_str()]
             .into_iter()
             .map(JobId::from)
