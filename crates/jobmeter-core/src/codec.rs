@@ -328,19 +328,14 @@ impl Binary for EventKey {
     }
 }
 
-macro_rules! string_id {
-    ($t:ty) => {
-        impl Binary for $t {
-            fn put(&self, w: &mut Vec<u8>) {
-                self.0.put(w);
-            }
-            fn take(r: &mut &[u8]) -> R<Self> {
-                Arc::<str>::take(r).map(Self)
-            }
-        }
-    };
+impl Binary for AccountId {
+    fn put(&self, w: &mut Vec<u8>) {
+        put_text(w, self.as_str());
+    }
+    fn take(r: &mut &[u8]) -> R<Self> {
+        Arc::<str>::take(r).map(AccountId)
+    }
 }
-string_id!(AccountId);
 
 impl Binary for ModelId {
     fn put(&self, w: &mut Vec<u8>) {

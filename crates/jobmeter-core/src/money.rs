@@ -152,40 +152,30 @@ macro_rules! id_text {
     };
 }
 
-macro_rules! string_id {
-    ($(#[$doc:meta])* $name:ident) => {
-        $(#[$doc])*
-        ///
-        /// Shared (`Arc<str>`): cloning an id is a reference-count increment,
-        /// which keeps the meter's hot path free of string copies.
-        #[derive(Debug, Clone, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(transparent)]
-        pub struct $name(pub std::sync::Arc<str>);
+/// The account a job is billed to (`data.account_id`); the Kafka key.
+///
+/// Shared (`Arc<str>`): cloning an id is a reference-count increment, and
+/// the ids read from the input are interned, so most comparisons are of
+/// two clones of one id and need no read of the text.
+#[derive(Debug, Clone, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AccountId(pub std::sync::Arc<str>);
 
-        // Equal as text; two clones of one id are equal without reading
-        // the text (ids read from the input are shared, so most
-        // comparisons are of clones).
-        impl PartialEq for $name {
-            fn eq(&self, other: &Self) -> bool {
-                std::sync::Arc::ptr_eq(&self.0, &other.0) || *self.0 == *other.0
-            }
-        }
-
-        // As `str` hashes, like `Arc<str>`.
-        impl std::hash::Hash for $name {
-            fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-                self.0.hash(h)
-            }
-        }
-
-        id_text!($name);
-    };
+// Equal as text; two clones of one id are equal without reading it.
+impl PartialEq for AccountId {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0) || *self.0 == *other.0
+    }
 }
 
-string_id!(
-    /// The account a job is billed to (`data.account_id`); the Kafka key.
-    AccountId
-);
+// As `str` hashes, like `Arc<str>`.
+impl std::hash::Hash for AccountId {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.hash(h)
+    }
+}
+
+id_text!(AccountId);
 
 /// An id held inline up to 23 bytes (longer ones are shared, `Arc<str>`),
 /// for the ids every event carries: making one allocates nothing, cloning
