@@ -150,3 +150,85 @@ async fn one_reader_reads_partitions_one_after_another() {
         );
     }
 }
+
+/// The benchmark's exactly-once pass-through is a measuring instrument:
+/// it must read every input record, publish the volume it is given in the
+/// transactions it is given, committed (a `read_committed` reader sees all
+/// of it), and, with a store of record, write every state change to
+/// RocksDB — or its figures measure less work than they claim.
+#[tokio::test]
+#[cfg_attr(
+    not(feature = "broker"),
+    ignore = "needs a local Kafka broker: ./dev test, or cargo test --features jobmeter-it/broker"
+)]
+async fn the_benchmark_pass_through_publishes_its_volume_and_stores_every_state_change() {
+    use jobmeter_bench::passthrough::{run, Volume};
+    use jobmeter_core::state::{StateChange, Table};
+    let settings = jobmeter_kafka::client::KafkaSettings::new(brokers());
+    let input = fresh_topic(&settings, "pt-in", 2).await;
+    let p = producer();
+    for i in 0..200 {
+        send(
+            &p,
+            &input,
+            &format!("k{i}"),
+            Some(format!("e{i}").as_bytes()),
+            Some(i % 2),
+        );
+    }
+    rdkafka::producer::Producer::flush(&p, Duration::from_secs(30)).expect("flush");
+    let volume = Volume {
+        events: 200,
+        records: 70,
+        bytes: 70 * 12,
+        transactions: 4,
+        sample: vec![b"a-value".to_vec(), b"another-value".to_vec()],
+    };
+    let state: Vec<(i32, StateChange)> = (0..30)
+        .map(|i| {
+            let change = StateChange {
+                table: if i % 3 == 0 { Table::Usage } else { Table::Jobs },
+                key: format!("key-{i:02}").into_bytes(),
+                value: Some(format!("value-{i}").into_bytes()),
+            };
+            (i % 2, change)
+        })
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = jobmeter_store::Store::open(dir.path()).expect("store");
+    for (name, with_store) in [("pt-out", false), ("pt-out-stored", true)] {
+        let output = fresh_topic(&settings, name, 2).await;
+        let ran = run(
+            &settings,
+            (&input, &output),
+            2,
+            (&format!("{}-group", &*output), &format!("{}-txn", &*output)),
+            volume.clone(),
+            with_store.then_some((&store, state.as_slice())),
+        )
+        .expect("pass-through");
+        assert_eq!(ran.records, 70, "{name}: records written");
+        // Four of 50 events, unless the consumer waited 100 ms for a fetch
+        // in the middle of one (it then commits early and goes on).
+        assert!(ran.transactions >= 4, "{name}: {} transactions", ran.transactions);
+        let written = read_all(&output);
+        assert_eq!(
+            written.len(),
+            70,
+            "{name}: committed records a read_committed reader sees"
+        );
+        assert!(
+            written.iter().all(|v| v == "a-value" || v == "another-value"),
+            "{name}: values come from the sample"
+        );
+        assert_eq!(
+            ran.state_rows,
+            if with_store { 30 } else { 0 },
+            "{name}: state changes stored"
+        );
+    }
+    for (partition, change) in &state {
+        let got = store.get(*partition, change.table, &change.key).expect("store read");
+        assert_eq!(got, change.value, "{:?} of partition {partition}", change.table);
+    }
+}

@@ -7,13 +7,19 @@
 //! many partitions), then commits them with the consumer's offsets in the
 //! same transaction — the I/O the meter does, with jobmeter's producer and
 //! consumer settings, and nothing else.
+//!
+//! Given the meter's state changes ([`Volume::state`]), it also writes each
+//! transaction's share of them to a RocksDB store after the commit, as the
+//! meter does (one synced batch through [`jobmeter_store::Store`]): the cost
+//! of exactly-once I/O plus a store of record, still with no billing.
 
+use jobmeter_core::state::StateChange;
 use jobmeter_kafka::client::KafkaSettings;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 /// What the meter published over a run, to be published again.
@@ -33,6 +39,10 @@ pub struct Volume {
     pub sample: Vec<Vec<u8>>,
 }
 
+/// A store of record for the pass-through: the store, and the state
+/// changes to write to it (by partition, in the order the meter made them).
+pub type StoreOfRecord<'a> = (&'a jobmeter_store::Store, &'a [(i32, StateChange)]);
+
 /// One pass-through run.
 #[derive(Debug, Clone, Copy)]
 pub struct Run {
@@ -46,17 +56,21 @@ pub struct Run {
     pub bytes: u64,
     /// Transactions committed.
     pub transactions: u64,
+    /// State changes written to the store.
+    pub state_rows: u64,
 }
 
 /// Reads `input` (partitions `0..partitions`) from the start and publishes
 /// `volume` to `output`, exactly once, as a transactional producer named
-/// `transactional_id` in the consumer group `group`.
+/// `transactional_id` in the consumer group `group`; with `store`, also
+/// writes its state changes, each transaction's share after its commit.
 pub fn run(
     settings: &KafkaSettings,
     (input, output): (&str, &str),
     partitions: i32,
     (group, transactional_id): (&str, &str),
     volume: Volume,
+    store: Option<StoreOfRecord<'_>>,
 ) -> anyhow::Result<Run> {
     let consumer: BaseConsumer = settings.group_consumer(group, "bench-passthrough").create()?;
     let mut tpl = TopicPartitionList::new();
@@ -79,6 +93,11 @@ pub fn run(
     let timeout = Duration::from_secs(60);
     let cpu0 = self_cpu_seconds();
     let (mut read, mut written, mut txns) = (0u64, 0u64, 0u64);
+    let (store, state) = match store {
+        Some((store, changes)) => (Some(store), changes),
+        None => (None, &[][..]),
+    };
+    let mut stored = 0usize;
     let mut started: Option<Instant> = None;
     let deadline = Instant::now() + Duration::from_secs(1800);
     while read < volume.events {
@@ -128,6 +147,21 @@ pub fn run(
         )?;
         producer.commit_transaction(timeout)?;
         txns += 1;
+        if let Some(store) = store {
+            // This transaction's share of the state changes, as one synced
+            // batch with each partition's progress, after the commit.
+            let due = usize::try_from(read * state.len() as u64 / volume.events.max(1))?;
+            let mut by_partition: BTreeMap<i32, Vec<StateChange>> = BTreeMap::new();
+            for (p, c) in &state[stored..due] {
+                by_partition.entry(*p).or_default().push(c.clone());
+            }
+            stored = due;
+            let steps: Vec<(i32, &[StateChange], Option<i64>)> = by_partition
+                .iter()
+                .map(|(p, c)| (*p, c.as_slice(), Some(i64::try_from(txns).unwrap_or(i64::MAX))))
+                .collect();
+            store.commit_many(&steps)?;
+        }
     }
     let secs = started.map_or(1e-3, |t| t.elapsed().as_secs_f64().max(1e-3));
     Ok(Run {
@@ -136,6 +170,7 @@ pub fn run(
         records: written,
         bytes,
         transactions: txns,
+        state_rows: stored as u64,
     })
 }
 

@@ -34,13 +34,14 @@
 
 use jobmeter_bench::passthrough::{self, Volume};
 use jobmeter_bench::process_cpu_seconds;
+use jobmeter_core::state::StateChange;
 use jobmeter_kafka::client::{brokers_from_env, KafkaSettings};
 use jobmeter_offline::simulate::{accounts, events, FleetOptions};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -439,7 +440,7 @@ impl Bench<'_> {
         };
         let t = Instant::now();
         let (c_broker, c_machine) = (self.broker_cpu(), MachineCpu::now());
-        let run = self.passthrough_run(prefix, "warmup", volume)?;
+        let run = self.passthrough_run(prefix, "warmup", volume, None)?;
         println!(
             "(w) broker warm-up (not measured): the pass-through over the backlog in {:.1}s, {:.0} events/s; {}",
             t.elapsed().as_secs_f64(),
@@ -451,7 +452,13 @@ impl Bench<'_> {
 
     /// One pass-through run over the backlog of `prefix` into
     /// `<prefix>.<name>` (created with the input's partitions).
-    fn passthrough_run(&self, prefix: &str, name: &str, volume: Volume) -> anyhow::Result<passthrough::Run> {
+    fn passthrough_run(
+        &self,
+        prefix: &str,
+        name: &str,
+        volume: Volume,
+        store: Option<passthrough::StoreOfRecord<'_>>,
+    ) -> anyhow::Result<passthrough::Run> {
         let output = format!("{prefix}.{name}");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(jobmeter_kafka::topics::create_topic(
@@ -466,6 +473,7 @@ impl Bench<'_> {
             self.args.partitions,
             (&format!("{prefix}-{name}"), &format!("{prefix}-{name}")),
             volume,
+            store,
         )
     }
 
@@ -478,6 +486,8 @@ impl Bench<'_> {
         let (mut records, mut bytes) = (0u64, 0u64);
         // Every 16th value, up to 65,536 of them, written again in turn.
         let mut sample = Vec::new();
+        // The changelog's state changes, for (f)'s store of record.
+        let mut state: Vec<(i32, i64, StateChange)> = Vec::new();
         for t in [
             &topics.charges,
             &topics.limits,
@@ -500,6 +510,16 @@ impl Bench<'_> {
                 |r| {
                     records += 1;
                     bytes += (r.key.as_ref().map_or(0, Vec::len) + r.value.as_ref().map_or(0, Vec::len)) as u64;
+                    if *t == topics.changelog {
+                        if let Some((table, key)) = r.key.as_deref().and_then(jobmeter_kafka::changelog::split) {
+                            let change = StateChange {
+                                table,
+                                key: key.to_vec(),
+                                value: r.value.clone(),
+                            };
+                            state.push((r.partition, r.offset, change));
+                        }
+                    }
                     if records % 16 == 0 && sample.len() < 65_536 {
                         sample.extend(r.value);
                     }
@@ -515,7 +535,7 @@ impl Bench<'_> {
         };
         let txns = volume.transactions;
         let (c_broker, c_machine) = (self.broker_cpu(), MachineCpu::now());
-        let run = self.passthrough_run(prefix, "passthrough", volume)?;
+        let run = self.passthrough_run(prefix, "passthrough", volume.clone(), None)?;
         let share = CpuShare::since(c_broker, self.broker_cpu(), &c_machine, tp.events);
         let pt_us = 1e6 * run.cpu_seconds / tp.events.max(1) as f64;
         println!(
@@ -532,6 +552,48 @@ impl Bench<'_> {
             tp.sustained / ceiling,
             tp.cpu_us_per_event / pt_us.max(1e-9),
             tp.cpu_us_per_event_after_first / pt_us.max(1e-9),
+        );
+        self.passthrough_with_store(prefix, tp, volume, state)
+    }
+
+    /// (f): (e) again, also writing the meter's state changes (its
+    /// changelog, read back) to a RocksDB store of record after each
+    /// commit, spread over the transactions as the meter made them.
+    fn passthrough_with_store(
+        &self,
+        prefix: &str,
+        tp: &Throughput,
+        volume: Volume,
+        mut state: Vec<(i32, i64, StateChange)>,
+    ) -> anyhow::Result<()> {
+        // Each partition's changes in order, the partitions interleaved as
+        // the meter's batches interleave them: by the share of the
+        // partition's changelog read so far.
+        let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+        for (p, o, _) in &state {
+            let e = ends.entry(*p).or_default();
+            *e = (*e).max(*o + 1);
+        }
+        state.sort_by_key(|(p, o, _)| {
+            let end = ends.get(p).copied().unwrap_or(1).max(1);
+            (i128::from(*o) * 1_000_000 / i128::from(end), *p, *o)
+        });
+        let rows = state.len();
+        let store = jobmeter_store::Store::open(&self.dir.join("passthrough-store"))?;
+        let state: Vec<(i32, StateChange)> = state.into_iter().map(|(p, _, c)| (p, c)).collect();
+        let (c_broker, c_machine) = (self.broker_cpu(), MachineCpu::now());
+        let run = self.passthrough_run(prefix, "passthrough-store", volume, Some((&store, &state)))?;
+        let share = CpuShare::since(c_broker, self.broker_cpu(), &c_machine, tp.events);
+        let us = 1e6 * run.cpu_seconds / tp.events.max(1) as f64;
+        println!(
+            "(f) exactly-once pass-through with a store of record: {:.0} events/s, {us:.1} µs CPU/event; (e)'s records and transactions, and {} of (a)'s {rows} changelog state changes written to RocksDB, one synced batch after each commit; {share}",
+            run.events_per_second, run.state_rows,
+        );
+        println!(
+            "(a)/(f) the meter: {:.2}× the pass-through with a store of record; meter CPU/event {:.2}× its CPU ({:.2}× after the first commit)",
+            tp.sustained / run.events_per_second,
+            tp.cpu_us_per_event / us.max(1e-9),
+            tp.cpu_us_per_event_after_first / us.max(1e-9),
         );
         Ok(())
     }
