@@ -25,6 +25,12 @@
 //!    partition from the changelog: records, seconds spent restoring, and
 //!    how long until it is ready (`--restore-runs` times, each on a new
 //!    directory).
+//! 5. **The exactly-once limits** (printed as (e) and (f), after the
+//!    throughput run): a pass-through reads the same backlog read_committed
+//!    and publishes what the meter published, in as many transactions,
+//!    with no billing (e); then again, also writing the meter's changelog
+//!    state changes to a RocksDB store after each commit (f). The meter's
+//!    rate and CPU an event are compared with both.
 //!
 //! `--placement` sets how the backlog's records sit on partitions (a fleet
 //! of murmur2, librdkafka-default, keyless or mixed clients);
@@ -129,7 +135,8 @@ struct Args {
     /// measured.
     #[arg(long)]
     warm_broker: bool,
-    /// Skip the exactly-once pass-through (e) after the throughput run.
+    /// Skip the exactly-once pass-throughs (e) and (f) after the
+    /// throughput run.
     #[arg(long)]
     no_passthrough: bool,
 }
