@@ -8,10 +8,10 @@
 //! same transaction — the I/O the meter does, with jobmeter's producer and
 //! consumer settings, and nothing else.
 //!
-//! Given the meter's state changes ([`Volume::state`]), it also writes each
-//! transaction's share of them to a RocksDB store after the commit, as the
-//! meter does (one synced batch through [`jobmeter_store::Store`]): the cost
-//! of exactly-once I/O plus a store of record, still with no billing.
+//! Given a [`StoreOfRecord`], it also writes each transaction's share of the
+//! meter's state changes to a RocksDB store after the commit, as the meter
+//! does (one synced batch through [`jobmeter_store::Store`]): the cost of
+//! exactly-once I/O plus a store of record, still with no billing.
 
 use jobmeter_core::state::StateChange;
 use jobmeter_kafka::client::KafkaSettings;
@@ -91,13 +91,23 @@ pub fn run(
     };
     let mut bytes = 0u64;
     let timeout = Duration::from_secs(60);
-    let cpu0 = self_cpu_seconds();
-    let (mut read, mut written, mut txns) = (0u64, 0u64, 0u64);
-    let (store, state) = match store {
-        Some((store, changes)) => (Some(store), changes),
-        None => (None, &[][..]),
+    // Each partition's changes apart, in order (a batch takes a slice of
+    // each), and which partition each change in turn belongs to: split
+    // here, before the clock starts, so that no change is copied while it
+    // runs.
+    let (store, order, mut by_partition) = match store {
+        Some((store, changes)) => {
+            let mut parts: BTreeMap<i32, (Vec<StateChange>, usize)> = BTreeMap::new();
+            for (p, c) in changes {
+                parts.entry(*p).or_default().0.push(c.clone());
+            }
+            (Some(store), changes.iter().map(|(p, _)| *p).collect(), parts)
+        }
+        None => (None, Vec::new(), BTreeMap::new()),
     };
     let mut stored = 0usize;
+    let cpu0 = self_cpu_seconds();
+    let (mut read, mut written, mut txns) = (0u64, 0u64, 0u64);
     let mut started: Option<Instant> = None;
     let deadline = Instant::now() + Duration::from_secs(1800);
     while read < volume.events {
@@ -150,16 +160,20 @@ pub fn run(
         if let Some(store) = store {
             // This transaction's share of the state changes, as one synced
             // batch with each partition's progress, after the commit.
-            let due = usize::try_from(read * state.len() as u64 / volume.events.max(1))?;
-            let mut by_partition: BTreeMap<i32, Vec<StateChange>> = BTreeMap::new();
-            for (p, c) in &state[stored..due] {
-                by_partition.entry(*p).or_default().push(c.clone());
+            let due = usize::try_from(read * order.len() as u64 / volume.events.max(1))?;
+            let mut take: BTreeMap<i32, usize> = BTreeMap::new();
+            for p in &order[stored..due] {
+                *take.entry(*p).or_default() += 1;
             }
             stored = due;
-            let steps: Vec<(i32, &[StateChange], Option<i64>)> = by_partition
-                .iter()
-                .map(|(p, c)| (*p, c.as_slice(), Some(i64::try_from(txns).unwrap_or(i64::MAX))))
-                .collect();
+            let mut steps: Vec<(i32, &[StateChange], Option<i64>)> = Vec::new();
+            for (p, (changes, from)) in &mut by_partition {
+                let n = take.get(p).copied().unwrap_or(0);
+                if n > 0 {
+                    steps.push((*p, &changes[*from..*from + n], Some(i64::try_from(txns)?)));
+                    *from += n;
+                }
+            }
             store.commit_many(&steps)?;
         }
     }
